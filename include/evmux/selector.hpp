@@ -1,0 +1,185 @@
+// evmux selector: "which of these fds are ready?", asked of one of several kernel
+// interfaces chosen at run time. Mirrors Python's `selectors` module.
+//
+// This header includes only the standard library.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace evmux {
+
+/// Interest and readiness flags. Interest uses only `read` and `write`; ready
+/// events may also carry `error` and `hangup`, which are reported whatever the
+/// interest (as epoll does).
+///
+/// Every backend reports the same flags for the same situation:
+///  - read:   a read will not block (data, end of file, or a pending error).
+///  - write:  a write will not block (or will fail at once).
+///  - error:  the socket has a pending error (POLLERR, EPOLLERR), e.g. after a reset.
+///  - hangup: the peer will send no more: it shut down its write side or the
+///            connection is gone (POLLHUP; POLLRDHUP while read interest is set).
+enum class Events : std::uint32_t {
+    none = 0,
+    read = 1u << 0,
+    write = 1u << 1,
+    error = 1u << 2,
+    hangup = 1u << 3,
+};
+
+constexpr Events operator|(Events a, Events b) {
+    return static_cast<Events>(static_cast<std::uint32_t>(a) | static_cast<std::uint32_t>(b));
+}
+constexpr Events operator&(Events a, Events b) {
+    return static_cast<Events>(static_cast<std::uint32_t>(a) & static_cast<std::uint32_t>(b));
+}
+constexpr Events operator~(Events a) {
+    return static_cast<Events>(~static_cast<std::uint32_t>(a) & 0xfu);
+}
+constexpr Events& operator|=(Events& a, Events b) { return a = a | b; }
+constexpr Events& operator&=(Events& a, Events b) { return a = a & b; }
+/// True when `set` has any of the flags in `flags`.
+constexpr bool any(Events set, Events flags) { return (set & flags) != Events::none; }
+
+/// "read|write|error|hangup" style text, for messages and tests.
+std::string to_string(Events events);
+
+/// One registration: the fd, what it is watched for, and the caller's data.
+/// `generation` is unique per registration within a selector, so that an event
+/// captured for an earlier registration of the same fd number can be told apart.
+struct SelectorKey {
+    int fd = -1;
+    Events interest = Events::none;
+    void* data = nullptr;
+    std::uint32_t generation = 0;
+};
+
+/// One ready fd: a copy of its key as it was when the wait returned, and what
+/// it is ready for (already masked to the interest, plus error/hangup).
+struct ReadyEvent {
+    SelectorKey key;
+    Events events = Events::none;
+};
+
+/// Timeout of a wait: std::nullopt waits forever, zero does not block, any
+/// other value is rounded *up* to the backend's resolution (a 0.3 ms wait on
+/// a millisecond backend waits 1 ms, it never busy-spins).
+using Timeout = std::optional<std::chrono::nanoseconds>;
+
+/// The selector interface. Not thread-safe: one thread uses a selector at a
+/// time. All bookkeeping and argument checks are done here once; a backend
+/// implements only the kernel calls (see `backend_*`).
+class Selector {
+public:
+    virtual ~Selector();
+    Selector(const Selector&) = delete;
+    Selector& operator=(const Selector&) = delete;
+
+    /// Start watching `fd` for `interest` (read, write or both).
+    /// Throws std::invalid_argument for a negative fd or an empty or unknown
+    /// interest, std::logic_error if `fd` is already registered, and
+    /// std::system_error (naming the call) if the kernel refuses, e.g. a
+    /// regular file on epoll. On failure nothing is registered.
+    const SelectorKey& add(int fd, Events interest, void* data = nullptr);
+
+    /// Change the interest and data of a registered fd. Throws like add(), and
+    /// std::out_of_range if `fd` is not registered. On failure the old
+    /// registration is kept.
+    const SelectorKey& modify(int fd, Events interest, void* data);
+    /// Change only the interest; keeps the data.
+    const SelectorKey& modify(int fd, Events interest);
+
+    /// Stop watching `fd` and return its key. Throws std::out_of_range if it
+    /// is not registered. An fd that was already closed is not an error.
+    SelectorKey remove(int fd);
+
+    /// Wait for readiness. Returns the ready fds; the span stays valid until
+    /// the next select() on this selector (the storage is reused, so a wait
+    /// allocates nothing). An interrupted wait (EINTR) resumes with the
+    /// remaining time. Events for fds removed since are never returned.
+    std::span<const ReadyEvent> select(Timeout timeout = std::nullopt);
+
+    /// The key of a registered fd, or nullptr.
+    const SelectorKey* get_key(int fd) const;
+    /// Number of registered fds.
+    std::size_t size() const { return count_; }
+    /// The backend name, e.g. "epoll" or "libevent (epoll)".
+    virtual std::string name() const = 0;
+
+protected:
+    Selector();
+
+    // ---- The backend's part: only kernel calls. -----------------------------
+    // The base class has already validated the arguments and updates its
+    // table only after these succeed. `key.generation` is the registration's
+    // generation, for backends that can carry a token through the kernel.
+
+    /// Register with the kernel; throw std::system_error on failure.
+    virtual void backend_add(const SelectorKey& key) = 0;
+    /// Change the interest; throw std::system_error on failure.
+    virtual void backend_modify(const SelectorKey& old_key, const SelectorKey& new_key) = 0;
+    /// Unregister; must not throw because the fd was closed already.
+    virtual void backend_remove(const SelectorKey& key) = 0;
+    /// Wait at most `timeout` (nullopt: forever) and call report() for each
+    /// ready fd. Return false if interrupted by a signal (EINTR), true
+    /// otherwise; throw std::system_error on any other failure.
+    virtual bool backend_wait(Timeout timeout) = 0;
+
+    /// Called by backend_wait() for each ready fd. `generation` 0 means "the
+    /// current registration" (backends that cannot carry a token). Masks
+    /// `events` to the key's interest plus error/hangup and drops the event if
+    /// nothing is left. Returns false, ignoring the event, if it belongs to no
+    /// current registration (the fd was removed, or it is an earlier
+    /// registration of a reused fd number).
+    bool report(int fd, Events events, std::uint32_t generation = 0);
+
+    /// The registered keys in no particular order, for backends that rebuild
+    /// their kernel arguments (select, poll). Entries with fd < 0 are free.
+    std::span<const SelectorKey> keys_by_fd() const { return keys_; }
+    /// Highest registered fd, or -1.
+    int max_fd() const;
+
+    /// Rounds a timeout up to whole milliseconds for the poll/epoll_wait
+    /// family: -1 for forever, clamped to INT_MAX.
+    static int timeout_ms(Timeout timeout);
+
+private:
+    std::vector<SelectorKey> keys_;  // indexed by fd; fd == -1 marks a free slot
+    std::vector<ReadyEvent> ready_;
+    std::size_t count_ = 0;
+    std::uint32_t next_generation_ = 1;  // never 0: 0 means "current" in report()
+    mutable int max_fd_hint_ = -1;
+
+    static void check_interest(Events interest);
+};
+
+/// What the registry knows about one backend.
+struct BackendInfo {
+    std::string name;          ///< "select", "poll", "epoll", "io_uring", "libevent"
+    bool compiled_in = false;  ///< built into this library
+    bool usable = false;       ///< works on this kernel, now
+    std::string reason;        ///< why not usable (empty when usable); details otherwise
+};
+
+/// Every backend in preference order (best first), with whether it can be used here.
+std::vector<BackendInfo> backends();
+
+/// Create a selector by name ("epoll", "poll", ...). Throws std::invalid_argument
+/// naming the usable backends if `name` is unknown, not compiled in, or not
+/// usable here (with the reason).
+std::unique_ptr<Selector> make_selector(std::string_view name);
+
+/// Create the default selector: the EVMUX_BACKEND environment variable if set
+/// and non-empty, else the best usable backend.
+std::unique_ptr<Selector> make_selector();
+
+/// The name make_selector() would use: EVMUX_BACKEND or the best usable backend.
+std::string default_backend_name();
+
+}  // namespace evmux

@@ -1,0 +1,133 @@
+// The backend-independent half of every selector: the fd -> key table, the
+// argument checks, and the EINTR/timeout handling around the backend's wait.
+#include "evmux/selector.hpp"
+
+#include <climits>
+#include <stdexcept>
+#include <string>
+
+namespace evmux {
+
+std::string to_string(Events events) {
+    static constexpr struct {
+        Events flag;
+        const char* name;
+    } names[] = {{Events::read, "read"},
+                 {Events::write, "write"},
+                 {Events::error, "error"},
+                 {Events::hangup, "hangup"}};
+    std::string text;
+    for (const auto& n : names) {
+        if (!any(events, n.flag)) continue;
+        if (!text.empty()) text += '|';
+        text += n.name;
+    }
+    return text.empty() ? "none" : text;
+}
+
+Selector::Selector() = default;
+Selector::~Selector() = default;
+
+void Selector::check_interest(Events interest) {
+    if (interest == Events::none)
+        throw std::invalid_argument("evmux: interest must include read or write");
+    if (any(interest, ~(Events::read | Events::write)))
+        throw std::invalid_argument("evmux: interest may only be read and/or write, not " +
+                                    to_string(interest));
+}
+
+const SelectorKey& Selector::add(int fd, Events interest, void* data) {
+    if (fd < 0) throw std::invalid_argument("evmux: negative fd " + std::to_string(fd));
+    check_interest(interest);
+    if (static_cast<std::size_t>(fd) < keys_.size() && keys_[fd].fd >= 0)
+        throw std::logic_error("evmux: fd " + std::to_string(fd) + " is already registered");
+    SelectorKey key{fd, interest, data, next_generation_};
+    backend_add(key);  // throws: nothing registered
+    if (++next_generation_ == 0) next_generation_ = 1;
+    if (static_cast<std::size_t>(fd) >= keys_.size()) {
+        std::size_t n = keys_.size() ? keys_.size() : 64;
+        while (n <= static_cast<std::size_t>(fd)) n *= 2;
+        keys_.resize(n);
+    }
+    keys_[fd] = key;
+    ++count_;
+    if (fd > max_fd_hint_) max_fd_hint_ = fd;
+    return keys_[fd];
+}
+
+const SelectorKey& Selector::modify(int fd, Events interest, void* data) {
+    const SelectorKey* old = get_key(fd);
+    if (!old) throw std::out_of_range("evmux: fd " + std::to_string(fd) + " is not registered");
+    check_interest(interest);
+    SelectorKey key{fd, interest, data, old->generation};
+    if (key.interest != old->interest) backend_modify(*old, key);  // throws: old kept
+    keys_[fd] = key;
+    return keys_[fd];
+}
+
+const SelectorKey& Selector::modify(int fd, Events interest) {
+    const SelectorKey* old = get_key(fd);
+    if (!old) throw std::out_of_range("evmux: fd " + std::to_string(fd) + " is not registered");
+    return modify(fd, interest, old->data);
+}
+
+SelectorKey Selector::remove(int fd) {
+    const SelectorKey* old = get_key(fd);
+    if (!old) throw std::out_of_range("evmux: fd " + std::to_string(fd) + " is not registered");
+    SelectorKey key = *old;
+    backend_remove(key);
+    keys_[fd] = SelectorKey{};
+    --count_;
+    return key;
+}
+
+const SelectorKey* Selector::get_key(int fd) const {
+    if (fd < 0 || static_cast<std::size_t>(fd) >= keys_.size() || keys_[fd].fd < 0) return nullptr;
+    return &keys_[fd];
+}
+
+int Selector::max_fd() const {
+    while (max_fd_hint_ >= 0 && keys_[max_fd_hint_].fd < 0) --max_fd_hint_;
+    return max_fd_hint_;
+}
+
+bool Selector::report(int fd, Events events, std::uint32_t generation) {
+    const SelectorKey* key = get_key(fd);
+    if (!key) return false;                                               // removed
+    if (generation != 0 && generation != key->generation) return false;  // earlier registration
+    events &= key->interest | Events::error | Events::hangup;
+    if (events != Events::none) ready_.push_back(ReadyEvent{*key, events});
+    return true;
+}
+
+std::span<const ReadyEvent> Selector::select(Timeout timeout) {
+    using clock = std::chrono::steady_clock;
+    ready_.clear();
+    if (timeout && timeout->count() < 0) timeout = std::chrono::nanoseconds::zero();
+    const bool finite = timeout.has_value() && timeout->count() > 0;
+    // A deadline far in the future would overflow the clock: treat it as forever.
+    if (finite && *timeout > std::chrono::hours(24 * 365 * 100)) timeout.reset();
+    const auto deadline = finite && timeout ? clock::now() + *timeout : clock::time_point{};
+    for (;;) {
+        if (backend_wait(timeout)) break;
+        // Interrupted by a signal: resume with what is left of the wait.
+        ready_.clear();
+        if (finite && timeout) {
+            auto left = deadline - clock::now();
+            if (left <= clock::duration::zero()) break;
+            timeout = std::chrono::duration_cast<std::chrono::nanoseconds>(left);
+        }
+    }
+    return ready_;
+}
+
+int Selector::timeout_ms(Timeout timeout) {
+    if (!timeout) return -1;
+    auto ns = timeout->count();
+    if (ns <= 0) return 0;
+    constexpr long long per_ms = 1'000'000;
+    long long ms = ns / per_ms + (ns % per_ms != 0);  // round up: never spin
+    return ms > INT_MAX ? INT_MAX : static_cast<int>(ms);
+}
+
+}  // namespace evmux
