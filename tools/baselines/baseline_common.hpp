@@ -1,0 +1,110 @@
+// What the baseline echo servers share: the command line, the listening socket
+// and the "NAME listening on HOST:PORT" line. Header-only so each baseline
+// stays one self-contained executable with nothing of evmux in it.
+#pragma once
+
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+namespace evmux::baseline {
+
+/// The flags every baseline takes.
+struct ServerOptions {
+    std::string host = "127.0.0.1";
+    int port = 0;  // 0: the kernel picks one; the line printed says which
+};
+
+/// Parses --port/--host. Exits 2 with a one-line error on bad flags, 0 after
+/// --help. `name` is the program name used in messages.
+inline ServerOptions parse_options(const char* name, const char* what, int argc, char** argv) {
+    ServerOptions opt;
+    CLI::App app{what, name};
+    app.add_option("--port", opt.port, "port to listen on (0: pick a free one)")
+        ->required()
+        ->check(CLI::Range(0, 65535));
+    app.add_option("--host", opt.host, "address to listen on (default 127.0.0.1)");
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+        if (e.get_exit_code() == 0) std::exit(app.exit(e));  // --help
+        std::fprintf(stderr, "%s: %s (see --help)\n", name, e.what());
+        std::exit(2);
+    }
+    return opt;
+}
+
+/// Prints "what: strerror(errno)" and exits 1.
+[[noreturn]] inline void die_errno(const char* name, const char* what) {
+    std::fprintf(stderr, "%s: %s: %s\n", name, what, std::strerror(errno));
+    std::exit(1);
+}
+
+/// Raises the soft RLIMIT_NOFILE to the hard limit: a server under a
+/// many-connection benchmark must not be capped at the default 1024.
+inline void raise_fd_limit() {
+    rlimit rl{};
+    if (::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        ::setrlimit(RLIMIT_NOFILE, &rl);
+    }
+}
+
+/// Sets TCP_NODELAY: an echo must leave at once, not wait for Nagle.
+inline void set_nodelay(int fd) {
+    const int one = 1;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
+
+/// Opens a listening TCP socket on host:port (SO_REUSEADDR, backlog SOMAXCONN)
+/// and returns it (the caller owns it). `flags` are added to the socket type
+/// (SOCK_NONBLOCK for event loops). Exits 2 if the host does not resolve,
+/// 1 if binding fails.
+inline int listen_on(const char* name, const ServerOptions& opt, int flags) {
+    addrinfo hints{};
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV | AI_PASSIVE;
+    addrinfo* res = nullptr;
+    const std::string port = std::to_string(opt.port);
+    if (const int rc = ::getaddrinfo(opt.host.c_str(), port.c_str(), &hints, &res); rc != 0) {
+        std::fprintf(stderr, "%s: --host %s: %s\n", name, opt.host.c_str(), ::gai_strerror(rc));
+        std::exit(2);
+    }
+    const int fd = ::socket(res->ai_family, res->ai_socktype | SOCK_CLOEXEC | flags, 0);
+    if (fd < 0) die_errno(name, "socket");
+    const int one = 1;
+    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (::bind(fd, res->ai_addr, res->ai_addrlen) < 0) die_errno(name, "bind");
+    ::freeaddrinfo(res);
+    if (::listen(fd, SOMAXCONN) < 0) die_errno(name, "listen");
+    return fd;
+}
+
+/// The port the kernel bound fd to.
+inline int bound_port(int fd) {
+    sockaddr_storage ss{};
+    socklen_t len = sizeof ss;
+    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &len) < 0) return -1;
+    if (ss.ss_family == AF_INET6) return ntohs(reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port);
+    return ntohs(reinterpret_cast<sockaddr_in*>(&ss)->sin_port);
+}
+
+/// Prints the one line a harness waits for: "NAME listening on HOST:PORT",
+/// HOST as given on the command line, PORT the real one (never 0).
+inline void announce(const char* name, const ServerOptions& opt, int listen_fd) {
+    std::fprintf(stderr, "%s listening on %s:%d\n", name, opt.host.c_str(), bound_port(listen_fd));
+    std::fflush(stderr);
+}
+
+}  // namespace evmux::baseline

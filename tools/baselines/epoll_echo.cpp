@@ -1,0 +1,156 @@
+// evmux-baseline-epoll: the smallest correct level-triggered epoll echo server,
+// with no abstraction at all. It is the floor evmux is measured against: what
+// the same machine does when nothing but the system calls stands between the
+// socket and the echo.
+//
+// Still correct, or the floor would be a lie: non-blocking sockets, a partial
+// write keeps the rest for that connection and switches it to write interest
+// (not reading it meanwhile, so a client that does not read cannot make us
+// buffer without bound), accept4 until EAGAIN, EMFILE does not spin.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/epoll.h>
+#include <sys/signalfd.h>
+
+#include <vector>
+
+#include "baseline_common.hpp"
+
+namespace {
+
+constexpr const char* kName = "evmux-baseline-epoll";
+
+/// The bytes of an echo the kernel did not take yet (empty when drained).
+struct Pending {
+    std::vector<char> bytes;
+    std::size_t offset = 0;
+};
+
+/// Registers or changes fd's interest; the data word is the fd itself.
+void set_interest(int epfd, int op, int fd, std::uint32_t events) {
+    epoll_event ev{};
+    ev.events = events;
+    ev.data.fd = fd;
+    if (::epoll_ctl(epfd, op, fd, &ev) < 0) evmux::baseline::die_errno(kName, "epoll_ctl");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    using namespace evmux::baseline;
+    const ServerOptions opt =
+        parse_options(kName, "Minimal level-triggered epoll echo server (the floor).", argc, argv);
+    raise_fd_limit();
+    ::signal(SIGPIPE, SIG_IGN);
+
+    // Signals arrive as a readable fd, so the loop ends between two events
+    // and never inside a half-done write.
+    sigset_t stop_signals;
+    sigemptyset(&stop_signals);
+    sigaddset(&stop_signals, SIGINT);
+    sigaddset(&stop_signals, SIGTERM);
+    if (::sigprocmask(SIG_BLOCK, &stop_signals, nullptr) < 0) die_errno(kName, "sigprocmask");
+    const int sigfd = ::signalfd(-1, &stop_signals, SFD_CLOEXEC | SFD_NONBLOCK);
+    if (sigfd < 0) die_errno(kName, "signalfd");
+
+    const int listen_fd = listen_on(kName, opt, SOCK_NONBLOCK);
+    const int epfd = ::epoll_create1(EPOLL_CLOEXEC);
+    if (epfd < 0) die_errno(kName, "epoll_create1");
+    set_interest(epfd, EPOLL_CTL_ADD, listen_fd, EPOLLIN);
+    set_interest(epfd, EPOLL_CTL_ADD, sigfd, EPOLLIN);
+    // A spare descriptor to give up when accept fails with EMFILE: closing
+    // it lets us accept and drop the waiting connection instead of being woken
+    // for it forever (level-triggered).
+    int spare_fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+
+    std::vector<Pending> pending(1024);  // indexed by fd
+    std::vector<char> buf(64 * 1024);
+    std::vector<epoll_event> events(256);
+    announce(kName, opt, listen_fd);
+
+    auto close_conn = [&](int fd) {
+        ::close(fd);
+        pending[fd] = Pending{};
+    };
+
+    bool running = true;
+    while (running) {
+        const int n = ::epoll_wait(epfd, events.data(), static_cast<int>(events.size()), -1);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            die_errno(kName, "epoll_wait");
+        }
+        for (int k = 0; k < n; ++k) {
+            const int fd = events[k].data.fd;
+            if (fd == sigfd) {
+                running = false;
+            } else if (fd == listen_fd) {
+                while (true) {
+                    const int c =
+                        ::accept4(listen_fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+                    if (c >= 0) {
+                        set_nodelay(c);
+                        if (static_cast<std::size_t>(c) >= pending.size())
+                            pending.resize(static_cast<std::size_t>(c) * 2);
+                        set_interest(epfd, EPOLL_CTL_ADD, c, EPOLLIN);
+                        continue;
+                    }
+                    if (errno == EINTR || errno == ECONNABORTED) continue;
+                    if ((errno == EMFILE || errno == ENFILE) && spare_fd >= 0) {
+                        ::close(spare_fd);
+                        const int drop = ::accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
+                        if (drop >= 0) ::close(drop);
+                        spare_fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+                        continue;
+                    }
+                    break;  // EAGAIN, or a failure that a later wake-up retries
+                }
+            } else if (events[k].events & EPOLLOUT) {
+                Pending& p = pending[fd];
+                const ssize_t w = ::write(fd, p.bytes.data() + p.offset, p.bytes.size() - p.offset);
+                if (w < 0) {
+                    if (errno != EAGAIN && errno != EINTR) close_conn(fd);
+                    continue;
+                }
+                p.offset += static_cast<std::size_t>(w);
+                if (p.offset == p.bytes.size()) {
+                    p.bytes.clear();
+                    p.offset = 0;
+                    set_interest(epfd, EPOLL_CTL_MOD, fd, EPOLLIN);  // drained: read again
+                }
+            } else {
+                // EPOLLIN, EPOLLERR or EPOLLHUP: read says which. With an echo
+                // still pending only an error or hang-up gets here (no read
+                // interest), and reading now would reorder the stream.
+                if (!pending[fd].bytes.empty()) {
+                    close_conn(fd);
+                    continue;
+                }
+                const ssize_t r = ::read(fd, buf.data(), buf.size());
+                if (r <= 0) {
+                    if (r == 0 || (errno != EAGAIN && errno != EINTR)) close_conn(fd);
+                    continue;
+                }
+                const ssize_t w = ::write(fd, buf.data(), static_cast<std::size_t>(r));
+                if (w == r) continue;
+                if (w < 0 && errno != EAGAIN && errno != EINTR) {
+                    close_conn(fd);
+                    continue;
+                }
+                // The kernel took only part: keep the rest, stop reading until
+                // it is out.
+                const std::size_t done = w > 0 ? static_cast<std::size_t>(w) : 0;
+                Pending& p = pending[fd];
+                p.bytes.assign(buf.begin() + static_cast<std::ptrdiff_t>(done), buf.begin() + r);
+                p.offset = 0;
+                set_interest(epfd, EPOLL_CTL_MOD, fd, EPOLLOUT);
+            }
+        }
+    }
+
+    ::close(epfd);  // the connections close with the process
+    ::close(listen_fd);
+    ::close(sigfd);
+    if (spare_fd >= 0) ::close(spare_fd);
+    return 0;
+}

@@ -1,0 +1,676 @@
+// evmux-load: a closed-loop TCP echo load client, the measuring instrument of
+// the benchmarks.
+//
+// It is deliberately written against raw epoll with no evmux code in it: an
+// instrument that shared the code under test could hide the very bug or cost
+// it is meant to show. It runs on the same (small) machine as the server, so it
+// must stay cheap: every buffer is allocated before the clock starts, nothing
+// is allocated per message, and replies are read with one large buffer.
+//
+// Model: C connections are opened (non-blocking connects, a bounded number in
+// flight so the server's accept backlog does not overflow), all before the
+// clock starts. A of them ping-pong: send one S-byte message, wait for all S
+// bytes back, verify them byte for byte, record the round-trip time, repeat
+// until the duration ends. The other C-A stay idle and must still be connected
+// at the end. Each active connection draws its payload from its own seeded
+// pseudo-random stream, and every round uses fresh bytes, so a reply routed to
+// the wrong connection, or a stale or repeated reply, is a mismatch.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <array>
+#include <bit>
+#include <cerrno>
+#include <chrono>
+#include <cinttypes>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+/// Connects in flight at once: well under the smallest common listen backlog
+/// (128), so a server that accepts slowly is never sent more SYNs than its
+/// accept queue holds (an overflowing queue silently drops handshakes, which
+/// turns into one-second SYN retransmits and distorted numbers).
+constexpr std::size_t kConnectWindow = 64;
+/// File descriptors kept free besides the connections (stdio, epoll, margin).
+constexpr long kFdMargin = 32;
+/// One read takes up to this much: large, so a 100 KB reply costs few calls.
+constexpr std::size_t kReadBufferSize = 256 * 1024;
+/// After the duration ends, round trips in flight get this long to finish;
+/// one that does not is counted as an error (the server stalled).
+constexpr auto kDrainBound = std::chrono::seconds(5);
+/// Error messages printed to stderr; the rest are only counted.
+constexpr int kMaxErrorMessages = 10;
+
+/// The command line, validated.
+struct Options {
+    std::string host = "127.0.0.1";
+    int port = 0;
+    std::size_t conns = 0;
+    std::size_t active = 0;  // 0 on the command line means "all"
+    std::size_t size = 0;
+    double duration_s = 0;
+    double connect_timeout_s = 10;
+    bool upper = false;
+    bool json = false;
+};
+
+/// A log-linear latency histogram (in the style of HdrHistogram): 128
+/// sub-buckets per power of two, so any recorded value is known to within
+/// 1/128 (< 0.8 %). Fixed size, allocated once: recording never allocates,
+/// however long the run.
+class LatencyHistogram {
+  public:
+    /// Records one sample in nanoseconds.
+    void record(std::uint64_t ns) {
+        ++counts_[index_of(ns)];
+        ++total_;
+        if (ns > max_) max_ = ns;
+    }
+    /// The number of samples recorded.
+    std::uint64_t total() const { return total_; }
+    /// The largest sample, exact.
+    std::uint64_t max() const { return max_; }
+    /// The value at quantile q (0..1]: the midpoint of the bucket holding the
+    /// ceil(q * total)-th smallest sample, capped at max(). 0 if empty.
+    std::uint64_t quantile(double q) const {
+        if (total_ == 0) return 0;
+        auto rank = static_cast<std::uint64_t>(q * static_cast<double>(total_) + 0.999999);
+        rank = std::clamp<std::uint64_t>(rank, 1, total_);
+        std::uint64_t seen = 0;
+        for (std::size_t i = 0; i < counts_.size(); ++i) {
+            seen += counts_[i];
+            if (seen >= rank) return std::min(midpoint_of(i), max_);
+        }
+        return max_;
+    }
+
+  private:
+    static constexpr int kSubBits = 7;
+    static constexpr std::uint64_t kSub = 1u << kSubBits;  // 128
+    // Values below 2*kSub are their own bucket; above, the top kSubBits+1
+    // bits select the bucket: shift * kSub + (v >> shift), shift <= 56.
+    static constexpr std::size_t kBuckets = 57 * kSub + 2 * kSub;
+
+    static std::size_t index_of(std::uint64_t v) {
+        if (v < 2 * kSub) return static_cast<std::size_t>(v);
+        const int shift = 63 - std::countl_zero(v) - kSubBits;
+        return static_cast<std::size_t>(shift) * kSub + static_cast<std::size_t>(v >> shift);
+    }
+    static std::uint64_t midpoint_of(std::size_t i) {
+        if (i < 2 * kSub) return i;
+        // Invert index_of: i = shift * kSub + sub with sub in [kSub, 2 * kSub).
+        const std::uint64_t shift = i / kSub - 1;
+        const std::uint64_t sub = i - shift * kSub;
+        const std::uint64_t low = sub << shift;
+        return low + ((std::uint64_t{1} << shift) >> 1);
+    }
+
+    std::array<std::uint64_t, kBuckets> counts_{};
+    std::uint64_t total_ = 0;
+    std::uint64_t max_ = 0;
+};
+
+/// splitmix64: a tiny, fast, well-mixed generator; one per connection.
+std::uint64_t next_random(std::uint64_t& state) {
+    std::uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/// Fills buf[0..n) with the connection's next n pseudo-random bytes.
+void fill_payload(std::uint64_t& state, unsigned char* buf, std::size_t n) {
+    std::size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const std::uint64_t r = next_random(state);
+        std::memcpy(buf + i, &r, 8);
+    }
+    if (i < n) {
+        const std::uint64_t r = next_random(state);
+        std::memcpy(buf + i, &r, n - i);
+    }
+}
+
+/// What the server must send back for byte c: c itself, or with --upper its
+/// ASCII uppercase (only 'a'..'z' change; no locale).
+inline unsigned char expected_byte(unsigned char c, bool upper) {
+    return (upper && c >= 'a' && c <= 'z') ? static_cast<unsigned char>(c - 32) : c;
+}
+
+/// One TCP connection to the server and its round-trip state.
+struct Conn {
+    enum class State : std::uint8_t {
+        unused,      // not yet connecting
+        connecting,  // connect() in progress
+        idle,        // connected, sends nothing, must stay connected
+        in_round,    // a message is being sent and/or its echo received
+        finished,    // active, no round in flight (after the duration ended)
+        closed,      // failed (error or mismatch) and closed
+    };
+    int fd = -1;
+    State state = State::unused;
+    bool active = false;
+    bool want_write = false;       // EPOLLOUT is in the registered interest
+    std::uint64_t rng = 0;         // this connection's payload stream
+    unsigned char* msg = nullptr;  // the message in flight (size bytes, preallocated)
+    std::size_t sent = 0;          // bytes of msg written so far
+    std::size_t received = 0;      // bytes of the echo received and verified
+    Clock::time_point started{};   // connect start, then round start
+};
+
+/// The counters the report is made of.
+struct Results {
+    std::uint64_t round_trips = 0;
+    std::uint64_t mismatches = 0;
+    std::uint64_t errors = 0;
+    double elapsed_s = 0;
+    LatencyHistogram latency;
+};
+
+/// The load run: owns the epoll fd, the connections and every buffer.
+/// Single-threaded; construct, then connect_all(), then run().
+class LoadClient {
+  public:
+    LoadClient(const Options& opt, const sockaddr_storage& addr, socklen_t addr_len)
+        : opt_(opt),
+          addr_(addr),
+          addr_len_(addr_len),
+          conns_(opt.conns),
+          payload_(opt.active * opt.size),
+          read_buf_(kReadBufferSize) {
+        epfd_ = epoll_create1(EPOLL_CLOEXEC);
+        if (epfd_ < 0) die_errno("epoll_create1");
+        for (std::size_t i = 0; i < conns_.size(); ++i) {
+            Conn& c = conns_[i];
+            c.active = i < opt.active;
+            if (c.active) {
+                c.msg = payload_.data() + i * opt.size;
+                // Distinct, reproducible streams: seed from the index.
+                c.rng = 0x5EED0000ull + i * 0x100000001B3ull;
+            }
+        }
+    }
+    ~LoadClient() {
+        for (Conn& c : conns_)
+            if (c.fd >= 0) ::close(c.fd);
+        if (epfd_ >= 0) ::close(epfd_);
+    }
+    LoadClient(const LoadClient&) = delete;
+    LoadClient& operator=(const LoadClient&) = delete;
+
+    /// Opens every connection, at most kConnectWindow in flight. Returns false
+    /// (errors counted) if any connect failed or timed out; it then stops
+    /// starting new ones.
+    bool connect_all();
+    /// Runs the ping-pong for the duration, drains, checks the idle ones.
+    void run();
+    /// The counters so far.
+    const Results& results() const { return res_; }
+
+  private:
+    [[noreturn]] static void die_errno(const char* what) {
+        std::fprintf(stderr, "evmux-load: %s: %s\n", what, std::strerror(errno));
+        std::exit(1);
+    }
+    void error(std::size_t i, const char* fmt, ...) __attribute__((format(printf, 3, 4)));
+    void mismatch(std::size_t i, std::size_t offset);
+    void close_conn(Conn& c);
+    void set_interest(std::size_t i, std::uint32_t events, int op = EPOLL_CTL_MOD);
+    bool start_connect(std::size_t i);
+    void finish_connect(std::size_t i);
+    void start_round(std::size_t i);
+    void on_writable(std::size_t i);
+    void on_readable(std::size_t i);
+    void check_idle(std::size_t i, bool at_end);
+
+    const Options& opt_;
+    sockaddr_storage addr_;
+    socklen_t addr_len_;
+    int epfd_ = -1;
+    std::vector<Conn> conns_;
+    std::vector<unsigned char> payload_;  // active * size bytes, one slice each
+    std::vector<unsigned char> read_buf_;
+    std::array<epoll_event, 1024> events_{};
+    Results res_;
+    bool stopping_ = false;      // the duration is over: start no new round
+    std::size_t in_flight_ = 0;  // conns in State::in_round
+    int messages_printed_ = 0;
+};
+
+void LoadClient::error(std::size_t i, const char* fmt, ...) {
+    ++res_.errors;
+    if (messages_printed_++ >= kMaxErrorMessages) return;
+    std::fprintf(stderr, "evmux-load: conn %zu: ", i);
+    va_list ap;
+    va_start(ap, fmt);
+    std::vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    std::fputc('\n', stderr);
+}
+
+void LoadClient::mismatch(std::size_t i, std::size_t offset) {
+    ++res_.mismatches;
+    if (messages_printed_++ < kMaxErrorMessages)
+        std::fprintf(stderr, "evmux-load: conn %zu: reply differs from the message at byte %zu\n",
+                     i, offset);
+    // The stream is out of step now; nothing more on it can be trusted.
+    close_conn(conns_[i]);
+}
+
+void LoadClient::close_conn(Conn& c) {
+    if (c.state == Conn::State::in_round) --in_flight_;
+    c.state = Conn::State::closed;
+    if (c.fd >= 0) ::close(c.fd);  // close() also removes it from the epoll set
+    c.fd = -1;
+}
+
+void LoadClient::set_interest(std::size_t i, std::uint32_t events, int op) {
+    epoll_event ev{};
+    ev.events = events;
+    ev.data.u64 = i;
+    if (epoll_ctl(epfd_, op, conns_[i].fd, &ev) < 0) die_errno("epoll_ctl");
+    conns_[i].want_write = (events & EPOLLOUT) != 0;
+}
+
+bool LoadClient::start_connect(std::size_t i) {
+    Conn& c = conns_[i];
+    c.fd = ::socket(addr_.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (c.fd < 0) {
+        error(i, "socket: %s", std::strerror(errno));
+        c.state = Conn::State::closed;
+        return false;
+    }
+    const int one = 1;
+    // Ping-pong of small messages: without NODELAY, Nagle + delayed ACK would
+    // add up to 40 ms to a round trip whose send was split.
+    ::setsockopt(c.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    c.started = Clock::now();
+    c.state = Conn::State::connecting;
+    if (::connect(c.fd, reinterpret_cast<const sockaddr*>(&addr_), addr_len_) == 0) {
+        set_interest(i, EPOLLOUT, EPOLL_CTL_ADD);
+        finish_connect(i);
+        return c.state != Conn::State::closed;
+    }
+    if (errno != EINPROGRESS) {
+        error(i, "connect: %s", std::strerror(errno));
+        close_conn(c);
+        return false;
+    }
+    set_interest(i, EPOLLOUT, EPOLL_CTL_ADD);
+    return true;
+}
+
+void LoadClient::finish_connect(std::size_t i) {
+    Conn& c = conns_[i];
+    int err = 0;
+    socklen_t len = sizeof err;
+    if (::getsockopt(c.fd, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
+    if (err != 0) {
+        error(i, "connect: %s", std::strerror(err));
+        close_conn(c);
+        return;
+    }
+    // Readable interest only: write interest is added while a send is blocked.
+    // RDHUP so that an idle connection the server drops is seen at once.
+    c.state = c.active ? Conn::State::finished : Conn::State::idle;
+    set_interest(i, c.active ? EPOLLIN : (EPOLLIN | EPOLLRDHUP));
+}
+
+bool LoadClient::connect_all() {
+    const auto timeout = std::chrono::duration_cast<Clock::duration>(
+        std::chrono::duration<double>(opt_.connect_timeout_s));
+    std::vector<std::size_t> pending;  // indices in State::connecting
+    pending.reserve(kConnectWindow);
+    std::size_t next = 0;
+    bool failed = false;
+    while (true) {
+        while (!failed && pending.size() < kConnectWindow && next < conns_.size()) {
+            const std::size_t i = next++;
+            if (!start_connect(i))
+                failed = true;
+            else if (conns_[i].state == Conn::State::connecting)
+                pending.push_back(i);
+        }
+        if (pending.empty() && (failed || next == conns_.size())) break;
+        const int n = epoll_wait(epfd_, events_.data(), static_cast<int>(events_.size()), 50);
+        if (n < 0 && errno != EINTR) die_errno("epoll_wait");
+        for (int k = 0; k < n; ++k) {
+            const std::size_t i = events_[k].data.u64;
+            if (conns_[i].state == Conn::State::connecting) {
+                finish_connect(i);
+                if (conns_[i].state == Conn::State::closed) failed = true;
+            } else if (conns_[i].state == Conn::State::idle) {
+                check_idle(i, false);
+            } else if (conns_[i].state == Conn::State::finished) {
+                error(i, "server sent data before any request");
+                close_conn(conns_[i]);
+            }
+        }
+        const auto now = Clock::now();
+        for (std::size_t k = 0; k < pending.size();) {
+            Conn& c = conns_[pending[k]];
+            if (c.state == Conn::State::connecting && now - c.started > timeout) {
+                error(pending[k], "connect: no answer within %.3g s", opt_.connect_timeout_s);
+                close_conn(c);
+                failed = true;
+            }
+            if (c.state != Conn::State::connecting) {
+                pending[k] = pending.back();
+                pending.pop_back();
+            } else {
+                ++k;
+            }
+        }
+    }
+    return !failed && res_.errors == 0;
+}
+
+void LoadClient::start_round(std::size_t i) {
+    Conn& c = conns_[i];
+    // Fresh bytes every round, generated before the clock starts for it.
+    fill_payload(c.rng, c.msg, opt_.size);
+    c.sent = 0;
+    c.received = 0;
+    c.state = Conn::State::in_round;
+    ++in_flight_;
+    c.started = Clock::now();
+    on_writable(i);
+}
+
+void LoadClient::on_writable(std::size_t i) {
+    Conn& c = conns_[i];
+    while (c.sent < opt_.size) {
+        const ssize_t n = ::send(c.fd, c.msg + c.sent, opt_.size - c.sent, MSG_NOSIGNAL);
+        if (n > 0) {
+            c.sent += static_cast<std::size_t>(n);
+            continue;
+        }
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            if (!c.want_write) set_interest(i, EPOLLIN | EPOLLOUT);
+            return;
+        }
+        error(i, "send: %s", std::strerror(errno));
+        close_conn(c);
+        return;
+    }
+    if (c.want_write) set_interest(i, EPOLLIN);
+}
+
+void LoadClient::on_readable(std::size_t i) {
+    Conn& c = conns_[i];
+    const std::size_t size = opt_.size;
+    while (c.state == Conn::State::in_round || c.state == Conn::State::finished) {
+        const ssize_t n = ::recv(c.fd, read_buf_.data(), read_buf_.size(), 0);
+        if (n == 0) {
+            error(i, "server closed the connection (%zu of %zu reply bytes received)", c.received,
+                  c.state == Conn::State::in_round ? size : std::size_t{0});
+            close_conn(c);
+            return;
+        }
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) return;
+            error(i, "recv: %s", std::strerror(errno));
+            close_conn(c);
+            return;
+        }
+        const auto got = static_cast<std::size_t>(n);
+        if (c.state != Conn::State::in_round || c.received + got > size) {
+            // More bytes than were sent: the server invented or duplicated some.
+            mismatch(i, c.state == Conn::State::in_round ? size : 0);
+            return;
+        }
+        const unsigned char* want = c.msg + c.received;
+        const unsigned char* have = read_buf_.data();
+        if (!opt_.upper) {
+            if (std::memcmp(want, have, got) != 0) {
+                const auto d = std::mismatch(have, have + got, want).first - have;
+                mismatch(i, c.received + static_cast<std::size_t>(d));
+                return;
+            }
+        } else {
+            for (std::size_t k = 0; k < got; ++k) {
+                if (have[k] != expected_byte(want[k], true)) {
+                    mismatch(i, c.received + k);
+                    return;
+                }
+            }
+        }
+        c.received += got;
+        if (c.received == size) {
+            const auto now = Clock::now();
+            res_.latency.record(static_cast<std::uint64_t>(
+                std::chrono::duration_cast<std::chrono::nanoseconds>(now - c.started).count()));
+            ++res_.round_trips;
+            --in_flight_;
+            c.state = Conn::State::finished;
+            if (!stopping_) start_round(i);
+        }
+        // A short read means the socket is empty: skip the EAGAIN round trip
+        // to the kernel; level-triggered epoll reports whatever comes later.
+        if (got < read_buf_.size()) return;
+    }
+}
+
+void LoadClient::check_idle(std::size_t i, bool at_end) {
+    Conn& c = conns_[i];
+    char byte;
+    const ssize_t n = ::recv(c.fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+        int err = 0;
+        socklen_t len = sizeof err;
+        ::getsockopt(c.fd, SOL_SOCKET, SO_ERROR, &err, &len);
+        if (err == 0) return;  // still connected and quiet, as it must be
+        errno = err;
+    }
+    const char* when = at_end ? "at the end" : "during the run";
+    if (n == 0)
+        error(i, "idle connection closed by the server %s", when);
+    else if (n > 0)
+        error(i, "idle connection received unexpected data %s", when);
+    else
+        error(i, "idle connection failed %s: %s", when, std::strerror(errno));
+    close_conn(c);
+}
+
+void LoadClient::run() {
+    const auto start = Clock::now();
+    const auto end = start + std::chrono::duration_cast<Clock::duration>(
+                                 std::chrono::duration<double>(opt_.duration_s));
+    const auto drain_deadline = end + kDrainBound;
+    for (std::size_t i = 0; i < conns_.size(); ++i)
+        if (conns_[i].active && conns_[i].state == Conn::State::finished) start_round(i);
+
+    auto now = Clock::now();
+    while (true) {
+        if (!stopping_ && now >= end) stopping_ = true;
+        if (stopping_ && (in_flight_ == 0 || now >= drain_deadline)) break;
+        const auto wait_until = stopping_ ? drain_deadline : end;
+        // Round the timeout up so the wait never returns just before the end.
+        const auto ms = std::chrono::ceil<std::chrono::milliseconds>(wait_until - now).count();
+        const int n = epoll_wait(epfd_, events_.data(), static_cast<int>(events_.size()),
+                                 static_cast<int>(std::max<long long>(ms, 0)));
+        if (n < 0 && errno != EINTR) die_errno("epoll_wait");
+        for (int k = 0; k < n; ++k) {
+            const std::size_t i = events_[k].data.u64;
+            Conn& c = conns_[i];
+            const std::uint32_t ev = events_[k].events;
+            if (c.state == Conn::State::idle) {
+                check_idle(i, false);
+                continue;
+            }
+            // Read first: an error or hang-up surfaces as a failed or empty read
+            // with its reason, after any reply bytes that arrived before it.
+            if (ev & (EPOLLIN | EPOLLERR | EPOLLHUP)) on_readable(i);
+            if ((ev & EPOLLOUT) && c.state == Conn::State::in_round) on_writable(i);
+        }
+        now = Clock::now();
+    }
+    res_.elapsed_s = std::chrono::duration<double>(now - start).count();
+
+    for (std::size_t i = 0; i < conns_.size(); ++i) {
+        Conn& c = conns_[i];
+        if (c.state == Conn::State::in_round) {
+            error(i, "round trip unfinished %lld s after the end (%zu of %zu bytes back)",
+                  static_cast<long long>(kDrainBound.count()), c.received, opt_.size);
+            close_conn(c);
+        } else if (c.state == Conn::State::idle) {
+            check_idle(i, true);
+        }
+    }
+}
+
+/// Raises RLIMIT_NOFILE so that `need` descriptors fit; exits 1 with the
+/// reason if the hard limit forbids it.
+void ensure_fd_limit(long need) {
+    rlimit rl{};
+    if (::getrlimit(RLIMIT_NOFILE, &rl) < 0) return;
+    if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur >= static_cast<rlim_t>(need)) return;
+    rlimit want = rl;
+    if (rl.rlim_max == RLIM_INFINITY || rl.rlim_max >= static_cast<rlim_t>(need)) {
+        want.rlim_cur = static_cast<rlim_t>(need);
+    } else {
+        want.rlim_cur = want.rlim_max = static_cast<rlim_t>(need);  // only root may
+    }
+    if (::setrlimit(RLIMIT_NOFILE, &want) == 0) return;
+    std::fprintf(stderr,
+                 "evmux-load: %ld file descriptors needed but RLIMIT_NOFILE is %llu (hard %llu) "
+                 "and cannot be raised: %s\n",
+                 need, static_cast<unsigned long long>(rl.rlim_cur),
+                 static_cast<unsigned long long>(rl.rlim_max), std::strerror(errno));
+    std::exit(1);
+}
+
+/// Resolves host:port to a socket address; false with a message if it cannot.
+bool resolve(const Options& opt, sockaddr_storage& out, socklen_t& len, std::string& why) {
+    addrinfo hints{};
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_NUMERICSERV;
+    addrinfo* res = nullptr;
+    const std::string port = std::to_string(opt.port);
+    const int rc = ::getaddrinfo(opt.host.c_str(), port.c_str(), &hints, &res);
+    if (rc != 0) {
+        why = ::gai_strerror(rc);
+        return false;
+    }
+    std::memcpy(&out, res->ai_addr, res->ai_addrlen);
+    len = res->ai_addrlen;
+    ::freeaddrinfo(res);
+    return true;
+}
+
+double to_us(std::uint64_t ns) {
+    return static_cast<double>(ns) / 1000.0;
+}
+
+void print_report(const Options& opt, const Results& r) {
+    const double rate = r.elapsed_s > 0 ? static_cast<double>(r.round_trips) / r.elapsed_s : 0;
+    // Payload both ways: each round trip moves size bytes out and size back.
+    const double mib = r.elapsed_s > 0
+                           ? 2.0 * static_cast<double>(r.round_trips) *
+                                 static_cast<double>(opt.size) / r.elapsed_s / (1024.0 * 1024.0)
+                           : 0;
+    const double p50 = to_us(r.latency.quantile(0.50));
+    const double p99 = to_us(r.latency.quantile(0.99));
+    const double max = to_us(r.latency.max());
+    if (opt.json) {
+        std::printf(
+            "{\"conns\":%zu,\"active\":%zu,\"size\":%zu,\"duration_s\":%.3f,"
+            "\"round_trips\":%" PRIu64
+            ",\"round_trips_per_s\":%.1f,\"mib_per_s\":%.3f,"
+            "\"mib_per_s_counts\":\"payload both directions\","
+            "\"latency_us\":{\"p50\":%.1f,\"p99\":%.1f,\"max\":%.1f},"
+            "\"mismatches\":%" PRIu64 ",\"errors\":%" PRIu64 "}\n",
+            opt.conns, opt.active, opt.size, r.elapsed_s, r.round_trips, rate, mib, p50, p99, max,
+            r.mismatches, r.errors);
+    } else {
+        std::printf("evmux-load: %s port %d, %zu connections (%zu active), %zu-byte messages%s\n",
+                    opt.host.c_str(), opt.port, opt.conns, opt.active, opt.size,
+                    opt.upper ? ", expecting uppercase" : "");
+        std::printf("  duration     %.3f s\n", r.elapsed_s);
+        std::printf("  round trips  %" PRIu64 " (%.1f/s)\n", r.round_trips, rate);
+        std::printf("  throughput   %.3f MiB/s (payload, both directions)\n", mib);
+        std::printf("  latency      p50 %.1f us, p99 %.1f us, max %.1f us\n", p50, p99, max);
+        std::printf("  mismatches   %" PRIu64 "\n", r.mismatches);
+        std::printf("  errors       %" PRIu64 "\n", r.errors);
+    }
+    std::fflush(stdout);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    Options opt;
+    CLI::App app{
+        "Closed-loop TCP echo load client: C connections, A of them ping-pong S-byte "
+        "messages for a duration; reports round trips, throughput and latency.",
+        "evmux-load"};
+    app.add_option("--port", opt.port, "server port")->required()->check(CLI::Range(1, 65535));
+    app.add_option("--host", opt.host, "server address or name (default 127.0.0.1)");
+    app.add_option("--conns", opt.conns, "connections to open")
+        ->required()
+        ->check(CLI::Range(1, 1000000));
+    app.add_option("--size", opt.size, "message size in bytes")
+        ->required()
+        ->check(CLI::Range(1, 64 * 1024 * 1024));
+    app.add_option("--duration", opt.duration_s, "seconds of load after all are connected")
+        ->required()
+        ->check(CLI::Range(0.001, 86400.0));
+    app.add_option("--active", opt.active, "connections that send (default: all)")
+        ->check(CLI::Range(1, 1000000));
+    app.add_flag("--upper", opt.upper, "expect the ASCII-uppercased payload back");
+    app.add_flag("--json", opt.json, "print one JSON object instead of text");
+    app.add_option("--connect-timeout", opt.connect_timeout_s,
+                   "seconds each connect may take (default 10)")
+        ->check(CLI::Range(0.001, 3600.0));
+    try {
+        app.parse(argc, argv);
+        if (opt.active > opt.conns)
+            throw CLI::ValidationError("--active", "must not exceed --conns");
+    } catch (const CLI::ParseError& e) {
+        if (e.get_exit_code() == 0) return app.exit(e);  // --help
+        std::fprintf(stderr, "evmux-load: %s (see --help)\n", e.what());
+        return 2;
+    }
+    if (opt.active == 0) opt.active = opt.conns;
+
+    sockaddr_storage addr{};
+    socklen_t addr_len = 0;
+    std::string why;
+    if (!resolve(opt, addr, addr_len, why)) {
+        std::fprintf(stderr, "evmux-load: --host %s: %s\n", opt.host.c_str(), why.c_str());
+        return 2;
+    }
+    ensure_fd_limit(static_cast<long>(opt.conns) + kFdMargin);
+    ::signal(SIGPIPE, SIG_IGN);  // belt and braces: every send uses MSG_NOSIGNAL
+
+    LoadClient client(opt, addr, addr_len);
+    if (client.connect_all()) {
+        client.run();
+    } else {
+        std::fprintf(stderr, "evmux-load: not all connections could be opened; no load sent\n");
+    }
+    const Results& r = client.results();
+    print_report(opt, r);
+    return (r.mismatches || r.errors) ? 1 : 0;
+}
