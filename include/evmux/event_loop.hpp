@@ -19,6 +19,11 @@ namespace evmux {
 /// in_loop_thread() may be called from another thread; everything else must
 /// be called on the loop's thread (the thread that calls run()/run_once(), or
 /// the constructing thread before that). Non-copyable, non-movable.
+///
+/// An exception thrown by a callback or task propagates out of run() or
+/// run_once(); the loop stays usable (tasks not yet run stay queued, a
+/// repeating timer stays armed, the rest of that ready batch is dropped: a
+/// level-triggered backend reports those fds again).
 class EventLoop {
 public:
     using Clock = std::chrono::steady_clock;
@@ -31,7 +36,9 @@ public:
 
     /// A loop on `selector`, by default make_selector() (EVMUX_BACKEND or the
     /// best backend here). Throws std::system_error if the wake-up eventfd
-    /// cannot be created.
+    /// cannot be created, std::invalid_argument if `selector` is null. The loop
+    /// registers its own fds (eventfd, signalfd) in the selector; do not add
+    /// fds to selector() directly, use watch().
     explicit EventLoop(std::unique_ptr<Selector> selector = make_selector());
     /// Destroys pending tasks, timers and watchers without calling them. The
     /// fds being watched are not closed (the loop does not own them).
@@ -44,7 +51,8 @@ public:
     /// own `fd`. A callback may watch, change or unwatch any fd, itself
     /// included: an fd unwatched during a ready batch gets no further call in
     /// that batch, even if a new fd has taken its number. Throws as
-    /// Selector::add() does.
+    /// Selector::add() does, and std::invalid_argument for an empty callback.
+    /// Unwatch before closing `fd`.
     void watch(int fd, Events interest, IoCallback callback);
     /// Change the interest of a watched fd (throws std::out_of_range if not watched).
     void change(int fd, Events interest);
@@ -56,21 +64,33 @@ public:
     Events interest(int fd) const;
 
     // ---- timers (monotonic clock; never early) --------------------------------
-    /// Run `fn` once, `delay` from now.
+    /// Run `fn` once, `delay` from now (a negative delay counts as zero).
+    /// Timers due at the same time run in the order they were scheduled; a
+    /// timer scheduled from a timer callback runs in a later iteration at the
+    /// earliest. Throws std::invalid_argument for an empty `fn`. O(log n).
     TimerId call_after(Duration delay, Task fn);
     /// Run `fn` every `interval` (first call one interval from now). An
-    /// interval of zero or less is treated as 1 ns.
+    /// interval of zero or less is treated as 1 ns. Each call is due one
+    /// interval after the previous *due* time (no drift); if the loop fell
+    /// more than an interval behind, the missed calls are skipped (it never
+    /// fires twice in one iteration to catch up).
     TimerId call_every(Duration interval, Task fn);
-    /// Cancel a timer; true if it was pending. Safe from inside any callback,
-    /// the timer's own included (a repeating timer then stops).
+    /// Cancel a timer; true if it was pending (a one-shot timer whose callback
+    /// has started is no longer pending). Safe from inside any callback, the
+    /// timer's own included (a repeating timer then stops). O(1) amortised.
     bool cancel(TimerId id);
 
     // ---- threads ----------------------------------------------------------------
     /// Run `fn` on the loop thread, soon, in post order. Any thread. Wakes the
     /// loop if it is waiting. Tasks posted before the loop is destroyed and
-    /// not yet run are destroyed without being run.
+    /// not yet run are destroyed without being run. Tasks posted by a task run
+    /// in the next iteration, after the next I/O wait. The eventfd is written
+    /// only when the loop is (about to be) waiting, at most once per wait.
+    /// Throws std::invalid_argument for an empty `fn`.
     void post(Task fn);
-    /// Make run() return after the current iteration. Any thread.
+    /// Make run() return after the current iteration. Any thread. run()
+    /// consumes the request; run_once() does not (but a stop() from another
+    /// thread wakes its wait).
     void stop();
     /// True on the thread that runs (or ran, or constructed) this loop.
     bool in_loop_thread() const;
@@ -79,16 +99,27 @@ public:
     /// Deliver `signo` as a callback on this loop (signalfd). The signal is
     /// blocked in the calling thread; block it in every thread (call before
     /// starting others) for reliable delivery. Replaces an earlier callback.
+    /// Throws std::invalid_argument for SIGKILL, SIGSTOP, a number out of range
+    /// or an empty callback; std::system_error if signalfd fails (nothing
+    /// changed then). The loop's destruction leaves the signal blocked.
     void on_signal(int signo, std::function<void(int signo)> callback);
-    /// Stop delivering `signo` and unblock it.
+    /// Stop delivering `signo` and unblock it in the calling thread; an
+    /// instance that arrived but was not delivered yet is discarded (it would
+    /// otherwise take its default action, usually termination, on unblock).
+    /// A no-op if `signo` is not delivered by this loop.
     void remove_signal(int signo);
 
     // ---- running ----------------------------------------------------------------
-    /// Run until stop(). Returns at once if stop() was called before.
+    /// Run until stop(). Returns at once if stop() was called before. Reads the
+    /// clock once per iteration, and only while timers exist. Throws
+    /// std::logic_error if called from a callback of this loop.
     void run();
     /// One iteration: wait at most `timeout` (nullopt: until something
-    /// happens), then run ready callbacks, due timers and posted tasks.
-    /// Returns the number of callbacks and tasks run.
+    /// happens; shorter if a timer is due sooner, zero if tasks are pending),
+    /// then run ready fd callbacks, due timers and posted tasks, in that
+    /// order. Returns the number of callbacks and tasks run (may be 0, e.g.
+    /// on timeout). Throws std::logic_error if called from a callback of this
+    /// loop.
     std::size_t run_once(Timeout timeout = std::nullopt);
 
     /// A buffer of the loop's own that read callbacks may read into; its
@@ -106,6 +137,8 @@ public:
 
 private:
     struct Impl;
+    std::size_t iterate(Timeout timeout, bool stoppable);
+
     std::unique_ptr<Selector> selector_;
     std::unique_ptr<char[]> scratch_;
     std::unique_ptr<Impl> impl_;

@@ -1,0 +1,584 @@
+// The event loop: fd watchers, a timer heap, a cross-thread task queue and
+// signals, on top of any Selector.
+//
+// One iteration (run_once):
+//   1. timeout = time to the nearest timer (0 if tasks are pending), capped by
+//      the caller's timeout;
+//   2. wait in the selector;
+//   3. call the fd callbacks of the ready batch;
+//   4. read the clock (only if timers exist) and run the due timers;
+//   5. run the tasks posted before step 5 began.
+// The clock read of step 4 is also what step 1 of the next iteration measures
+// from, as libevent's time cache does: one clock read per iteration. It is a
+// little stale by then (by the time timers and tasks took), which can only make
+// the wait longer, never a timer early.
+#include "evmux/event_loop.hpp"
+
+#include <pthread.h>
+#include <signal.h>
+#include <sys/eventfd.h>
+#include <sys/signalfd.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cerrno>
+#include <climits>
+#include <cstring>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+#include <thread>
+#include <utility>
+#include <vector>
+
+namespace evmux {
+namespace {
+
+[[noreturn]] void throw_errno(int err, const char* call) {
+    throw std::system_error(err, std::generic_category(), std::string("evmux: ") + call);
+}
+
+constexpr Events always_reported = Events::error | Events::hangup;
+
+// time + delay without overflowing the clock (a delay of hours::max() means "never").
+EventLoop::Clock::time_point saturating_add(EventLoop::Clock::time_point t, EventLoop::Duration d) {
+    using tp = EventLoop::Clock::time_point;
+    if (d <= EventLoop::Duration::zero()) return t;
+    if (d > tp::max() - t) return tp::max();
+    return t + d;
+}
+
+}  // namespace
+
+struct EventLoop::Impl {
+    // ---- fds ------------------------------------------------------------------
+    enum class Kind : std::uint8_t { user, wake, signal };
+
+    // One per watched fd; its address is the selector key's data. An event in
+    // the ready batch is delivered only if its watcher is still alive, and a
+    // watcher unwatched during the batch is kept (in `dead`) until the batch
+    // ends, so the address cannot be reused by a new watcher of the same fd
+    // number meanwhile and the running callback is not destroyed under itself.
+    struct Watcher {
+        int fd;
+        Events interest;
+        Kind kind;
+        bool alive = true;
+        IoCallback callback;
+    };
+    std::vector<std::unique_ptr<Watcher>> watchers;  // indexed by fd
+    std::vector<std::unique_ptr<Watcher>> dead;      // unwatched during the batch
+    bool dispatching = false;
+    bool running = false;  // inside run_once(): it must not be re-entered
+
+    Watcher* find(int fd) const {
+        if (fd < 0 || static_cast<std::size_t>(fd) >= watchers.size()) return nullptr;
+        return watchers[fd].get();
+    }
+    Watcher* find_user(int fd) const {
+        Watcher* w = find(fd);
+        return w && w->kind == Kind::user ? w : nullptr;
+    }
+
+    // ---- timers -------------------------------------------------------------------
+    // A binary min-heap of (due, seq) entries with lazy cancel: cancel() frees
+    // the slot and bumps its generation, which turns the heap entry stale; stale
+    // entries are dropped when they reach the top, and the heap is compacted
+    // when they outnumber the live ones. TimerId = generation << 32 | slot.
+    struct TimerSlot {
+        Task fn;
+        Duration interval{0};  // > 0: repeating
+        std::uint32_t generation = 1;
+        bool active = false;
+    };
+    struct HeapEntry {
+        Clock::time_point due;
+        std::uint64_t seq;  // ties: first scheduled runs first
+        std::uint32_t slot;
+        std::uint32_t generation;
+    };
+    // std::push_heap builds a max-heap; "later" as less-than makes it a min-heap.
+    static bool later(const HeapEntry& a, const HeapEntry& b) {
+        return a.due != b.due ? a.due > b.due : a.seq > b.seq;
+    }
+    std::vector<TimerSlot> slots;
+    std::vector<std::uint32_t> free_slots;
+    std::vector<HeapEntry> heap;
+    std::size_t live_timers = 0;
+    std::uint64_t next_seq = 0;
+    Clock::time_point now{};  // the iteration's clock read
+    bool now_valid = false;   // `now` was read in this run()'s previous iteration
+
+    bool live(const HeapEntry& e) const {
+        const TimerSlot& s = slots[e.slot];
+        return s.active && s.generation == e.generation;
+    }
+    void pop_top() {
+        std::pop_heap(heap.begin(), heap.end(), later);
+        heap.pop_back();
+    }
+    void drop_stale_top() {
+        while (!heap.empty() && !live(heap.front())) pop_top();
+    }
+    void push_entry(const HeapEntry& e) {
+        heap.push_back(e);
+        std::push_heap(heap.begin(), heap.end(), later);
+    }
+
+    TimerId add_timer(Duration delay, Duration interval, Task fn) {
+        if (!fn) throw std::invalid_argument("evmux: empty timer callback");
+        const Clock::time_point due = saturating_add(Clock::now(), delay);
+        std::uint32_t slot;
+        if (!free_slots.empty()) {
+            slot = free_slots.back();
+        } else {
+            if (slots.size() >= UINT32_MAX) throw std::length_error("evmux: too many timers");
+            slots.emplace_back();
+            free_slots.reserve(slots.capacity());  // release_slot() then never allocates
+            slot = static_cast<std::uint32_t>(slots.size() - 1);
+            free_slots.push_back(slot);
+        }
+        TimerSlot& s = slots[slot];
+        push_entry(HeapEntry{due, next_seq, slot, s.generation});  // may throw: nothing changed
+        free_slots.pop_back();
+        ++next_seq;
+        s.fn = std::move(fn);
+        s.interval = interval;
+        s.active = true;
+        ++live_timers;
+        return static_cast<TimerId>(s.generation) << 32 | slot;
+    }
+
+    void release_slot(std::uint32_t slot) {
+        TimerSlot& s = slots[slot];
+        s.active = false;
+        s.fn = nullptr;
+        if (++s.generation == 0) s.generation = 1;  // ids are never 0
+        free_slots.push_back(slot);
+        --live_timers;
+        // Lazy cancel must not let cancelled entries pile up (a connection
+        // that re-arms its idle timer on every read would grow the heap
+        // forever): compact when they are the majority. Amortised O(1).
+        if (heap.size() >= 64 && heap.size() > 2 * live_timers) {
+            std::erase_if(heap, [this](const HeapEntry& e) { return !live(e); });
+            std::make_heap(heap.begin(), heap.end(), later);
+        }
+    }
+
+    bool cancel(TimerId id) {
+        const auto slot = static_cast<std::uint32_t>(id);
+        const auto generation = static_cast<std::uint32_t>(id >> 32);
+        if (slot >= slots.size()) return false;
+        const TimerSlot& s = slots[slot];
+        if (!s.active || s.generation != generation) return false;
+        release_slot(slot);
+        return true;
+    }
+
+    // A repeating timer that was not cancelled in its callback runs again one
+    // interval after its due time (no drift). If the loop fell behind by more
+    // than one interval, the missed calls are skipped, keeping the phase: it
+    // never fires twice to catch up.
+    void rearm(const HeapEntry& e, Duration interval, Task&& fn) {
+        TimerSlot& s = slots[e.slot];
+        if (!s.active || s.generation != e.generation) return;  // cancelled meanwhile
+        s.fn = std::move(fn);
+        Clock::time_point next = saturating_add(e.due, interval);
+        if (next <= now) {
+            const auto missed = (now - e.due) / interval;
+            next = saturating_add(e.due, interval * (missed + 1));
+        }
+        // The entry was just popped, so the heap has room: no allocation.
+        push_entry(HeapEntry{next, next_seq++, e.slot, e.generation});
+    }
+
+    std::size_t run_timers() {
+        std::size_t ran = 0;
+        // Timers scheduled or re-armed by these callbacks wait for the next
+        // iteration, so a zero-delay timer that re-schedules itself cannot
+        // starve I/O.
+        const std::uint64_t seq_limit = next_seq;
+        while (!heap.empty()) {
+            const HeapEntry top = heap.front();
+            const bool is_live = live(top);
+            if (is_live && (top.due > now || top.seq >= seq_limit)) break;
+            pop_top();
+            if (!is_live) continue;
+            // Move the callback out: the slot table may grow (and move its
+            // elements) while it runs, and cancel() may clear the slot.
+            TimerSlot& s = slots[top.slot];
+            Task fn = std::move(s.fn);
+            const Duration interval = s.interval;
+            ++ran;
+            if (interval <= Duration::zero()) {
+                release_slot(top.slot);  // fired: cancel() now returns false
+                fn();
+                continue;
+            }
+            try {
+                fn();
+            } catch (...) {
+                rearm(top, interval, std::move(fn));
+                throw;
+            }
+            rearm(top, interval, std::move(fn));
+        }
+        return ran;
+    }
+
+    // ---- tasks and wake-up --------------------------------------------------------
+    // Another thread writes the eventfd only if the loop announced it is about
+    // to wait (`sleeping`) and no one else has written since (the exchange):
+    // a busy loop is never sent a syscall. Both sides store, then load, with
+    // seq_cst (the Dekker pattern): either the poster sees `sleeping` and
+    // writes, or the loop sees `has_tasks`/`stop_requested` and does not block.
+    std::mutex task_mutex;
+    std::vector<Task> pending;           // guarded by task_mutex
+    std::vector<Task> running_tasks;     // loop thread only; swapped with `pending`
+    std::atomic<bool> has_tasks{false};  // == !pending.empty(); written under task_mutex
+    std::atomic<bool> sleeping{false};
+    std::atomic<bool> stop_requested{false};
+    std::atomic<std::thread::id> owner{std::this_thread::get_id()};
+    int wake_fd = -1;
+
+    void wake_if_sleeping() {
+        if (!sleeping.load(std::memory_order_seq_cst)) return;
+        if (!sleeping.exchange(false, std::memory_order_seq_cst)) return;  // another thread woke it
+        const std::uint64_t one = 1;
+        // Fails only with EAGAIN when the counter is saturated: it is readable then anyway.
+        [[maybe_unused]] ssize_t n = ::write(wake_fd, &one, sizeof one);
+    }
+
+    void drain_wake_fd() {
+        std::uint64_t count;
+        [[maybe_unused]] ssize_t n = ::read(wake_fd, &count, sizeof count);
+    }
+
+    std::size_t run_tasks() {
+        {
+            std::lock_guard lock(task_mutex);
+            if (pending.empty()) return 0;
+            pending.swap(running_tasks);
+            has_tasks.store(false, std::memory_order_seq_cst);
+        }
+        // Tasks posted by these tasks go to `pending` and run next iteration,
+        // after the next I/O wait: no starvation.
+        std::size_t i = 0;
+        try {
+            for (; i < running_tasks.size(); ++i) running_tasks[i]();
+        } catch (...) {
+            // Keep the tasks not yet run, in order, ahead of newer ones.
+            std::lock_guard lock(task_mutex);
+            pending.insert(pending.begin(), std::make_move_iterator(running_tasks.begin() + i + 1),
+                           std::make_move_iterator(running_tasks.end()));
+            has_tasks.store(!pending.empty(), std::memory_order_seq_cst);
+            running_tasks.clear();
+            throw;
+        }
+        running_tasks.clear();  // keeps the capacity: no allocation next time
+        return i;
+    }
+
+    // ---- signals ------------------------------------------------------------------
+    int signal_fd = -1;
+    sigset_t signal_set{};
+    // shared_ptr: a callback that replaces or removes its own signal keeps
+    // running on the copy taken for the call (a refcount, not an allocation).
+    std::array<std::shared_ptr<std::function<void(int)>>, NSIG> signal_callbacks{};
+
+    std::size_t dispatch_signals() {
+        signalfd_siginfo infos[16];
+        std::size_t ran = 0;
+        for (;;) {
+            ssize_t n = ::read(signal_fd, infos, sizeof infos);
+            if (n <= 0) return ran;  // EAGAIN: all read
+            const std::size_t count = static_cast<std::size_t>(n) / sizeof infos[0];
+            for (std::size_t i = 0; i < count; ++i) {
+                const int signo = static_cast<int>(infos[i].ssi_signo);
+                if (signo <= 0 || signo >= NSIG) continue;
+                auto callback = signal_callbacks[signo];  // looked up now: may have been removed
+                if (!callback) continue;
+                ++ran;
+                (*callback)(signo);
+            }
+            if (count < std::size(infos)) return ran;
+        }
+    }
+
+    ~Impl() {
+        if (wake_fd >= 0) ::close(wake_fd);
+        if (signal_fd >= 0) ::close(signal_fd);
+    }
+};
+
+EventLoop::EventLoop(std::unique_ptr<Selector> selector)
+    : selector_(std::move(selector)),
+      scratch_(std::make_unique_for_overwrite<char[]>(scratch_size)),
+      impl_(std::make_unique<Impl>()) {
+    if (!selector_) throw std::invalid_argument("evmux: EventLoop needs a selector");
+    sigemptyset(&impl_->signal_set);
+    impl_->wake_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (impl_->wake_fd < 0) throw_errno(errno, "eventfd");
+    auto w = std::make_unique<Impl::Watcher>(
+        Impl::Watcher{impl_->wake_fd, Events::read, Impl::Kind::wake, true, nullptr});
+    impl_->watchers.resize(static_cast<std::size_t>(impl_->wake_fd) + 1);
+    selector_->add(impl_->wake_fd, Events::read, w.get());
+    impl_->watchers[impl_->wake_fd] = std::move(w);
+}
+
+EventLoop::~EventLoop() {
+    // Unregister the loop's own fds before Impl closes them (a backend may
+    // have a request in flight on them); user fds are simply forgotten with
+    // the selector.
+    for (int fd : {impl_->wake_fd, impl_->signal_fd}) {
+        if (fd < 0 || !selector_->get_key(fd)) continue;
+        try {
+            selector_->remove(fd);
+        } catch (...) {
+            // Nothing to do in a destructor; the fd is closed next.
+        }
+    }
+}
+
+// ---- fds ----------------------------------------------------------------------
+
+void EventLoop::watch(int fd, Events interest, IoCallback callback) {
+    if (!callback) throw std::invalid_argument("evmux: empty fd callback");
+    Impl& m = *impl_;
+    auto w = std::make_unique<Impl::Watcher>(
+        Impl::Watcher{fd, interest, Impl::Kind::user, true, std::move(callback)});
+    if (fd >= 0 && static_cast<std::size_t>(fd) >= m.watchers.size())
+        m.watchers.resize(
+            std::max<std::size_t>(static_cast<std::size_t>(fd) + 1, m.watchers.size() * 2));
+    selector_->add(fd, interest, w.get());  // checks fd and interest; throws: nothing watched
+    m.watchers[fd] = std::move(w);
+}
+
+void EventLoop::change(int fd, Events interest) {
+    Impl::Watcher* w = impl_->find_user(fd);
+    if (!w) throw std::out_of_range("evmux: fd " + std::to_string(fd) + " is not watched");
+    selector_->modify(fd, interest);  // throws: old interest kept
+    w->interest = interest;
+}
+
+void EventLoop::unwatch(int fd) {
+    Impl& m = *impl_;
+    if (!m.find_user(fd)) return;
+    selector_->remove(fd);
+    std::unique_ptr<Impl::Watcher> w = std::move(m.watchers[fd]);
+    w->alive = false;
+    if (m.dispatching) m.dead.push_back(std::move(w));
+}
+
+bool EventLoop::watching(int fd) const {
+    return impl_->find_user(fd) != nullptr;
+}
+
+Events EventLoop::interest(int fd) const {
+    const Impl::Watcher* w = impl_->find_user(fd);
+    return w ? w->interest : Events::none;
+}
+
+// ---- timers -------------------------------------------------------------------
+
+EventLoop::TimerId EventLoop::call_after(Duration delay, Task fn) {
+    return impl_->add_timer(delay, Duration::zero(), std::move(fn));
+}
+
+EventLoop::TimerId EventLoop::call_every(Duration interval, Task fn) {
+    if (interval <= Duration::zero()) interval = Duration(1);
+    return impl_->add_timer(interval, interval, std::move(fn));
+}
+
+bool EventLoop::cancel(TimerId id) {
+    return impl_->cancel(id);
+}
+
+// ---- threads ------------------------------------------------------------------
+
+void EventLoop::post(Task fn) {
+    if (!fn) throw std::invalid_argument("evmux: empty task");
+    Impl& m = *impl_;
+    {
+        std::lock_guard lock(m.task_mutex);
+        m.pending.push_back(std::move(fn));
+        m.has_tasks.store(true, std::memory_order_seq_cst);
+    }
+    m.wake_if_sleeping();
+}
+
+void EventLoop::stop() {
+    impl_->stop_requested.store(true, std::memory_order_seq_cst);
+    impl_->wake_if_sleeping();
+}
+
+bool EventLoop::in_loop_thread() const {
+    return impl_->owner.load(std::memory_order_relaxed) == std::this_thread::get_id();
+}
+
+// ---- signals ------------------------------------------------------------------
+
+void EventLoop::on_signal(int signo, std::function<void(int)> callback) {
+    if (signo <= 0 || signo >= NSIG || signo == SIGKILL || signo == SIGSTOP)
+        throw std::invalid_argument("evmux: cannot watch signal " + std::to_string(signo));
+    if (!callback) throw std::invalid_argument("evmux: empty signal callback");
+    Impl& m = *impl_;
+    auto shared = std::make_shared<std::function<void(int)>>(std::move(callback));
+
+    sigset_t one, old;
+    sigemptyset(&one);
+    sigaddset(&one, signo);
+    // Blocked first, so that no instance is delivered the default way between
+    // here and the signalfd taking it.
+    if (int err = ::pthread_sigmask(SIG_BLOCK, &one, &old)) throw_errno(err, "pthread_sigmask");
+    sigset_t wanted = m.signal_set;
+    sigaddset(&wanted, signo);
+    auto undo_block = [&] {
+        if (!sigismember(&old, signo)) ::pthread_sigmask(SIG_UNBLOCK, &one, nullptr);
+    };
+    const int fd = ::signalfd(m.signal_fd, &wanted, SFD_NONBLOCK | SFD_CLOEXEC);
+    if (fd < 0) {
+        const int err = errno;
+        undo_block();
+        throw_errno(err, "signalfd");
+    }
+    if (m.signal_fd < 0) {
+        try {
+            auto w = std::make_unique<Impl::Watcher>(
+                Impl::Watcher{fd, Events::read, Impl::Kind::signal, true, nullptr});
+            if (static_cast<std::size_t>(fd) >= m.watchers.size())
+                m.watchers.resize(static_cast<std::size_t>(fd) + 1);
+            selector_->add(fd, Events::read, w.get());
+            m.watchers[fd] = std::move(w);
+        } catch (...) {
+            ::close(fd);
+            undo_block();
+            throw;
+        }
+        m.signal_fd = fd;
+    }
+    m.signal_set = wanted;
+    m.signal_callbacks[signo] = std::move(shared);
+}
+
+void EventLoop::remove_signal(int signo) {
+    Impl& m = *impl_;
+    if (signo <= 0 || signo >= NSIG || !m.signal_callbacks[signo]) return;
+    sigdelset(&m.signal_set, signo);
+    ::signalfd(m.signal_fd, &m.signal_set, SFD_NONBLOCK | SFD_CLOEXEC);
+    m.signal_callbacks[signo].reset();
+    // An instance that arrived but was not read yet would be delivered the
+    // default way (for most signals: terminate) the moment it is unblocked:
+    // discard it first.
+    sigset_t one;
+    sigemptyset(&one);
+    sigaddset(&one, signo);
+    const timespec zero{0, 0};
+    while (::sigtimedwait(&one, nullptr, &zero) == signo) {
+    }
+    ::pthread_sigmask(SIG_UNBLOCK, &one, nullptr);
+}
+
+// ---- running ------------------------------------------------------------------
+
+void EventLoop::run() {
+    Impl& m = *impl_;
+    if (m.stop_requested.exchange(false)) return;
+    m.now_valid = false;  // the clock was last read in another run, if ever
+    for (;;) {
+        iterate(std::nullopt, true);
+        if (m.stop_requested.load(std::memory_order_relaxed) && m.stop_requested.exchange(false))
+            return;
+    }
+}
+
+std::size_t EventLoop::run_once(Timeout timeout) {
+    impl_->now_valid = false;
+    return iterate(timeout, false);
+}
+
+std::size_t EventLoop::iterate(Timeout timeout, bool stoppable) {
+    Impl& m = *impl_;
+    if (m.running) throw std::logic_error("evmux: run()/run_once() called from a loop callback");
+    m.running = true;
+    struct Running {
+        Impl& m;
+        ~Running() { m.running = false; }
+    } running{m};
+    const std::thread::id me = std::this_thread::get_id();
+    if (m.owner.load(std::memory_order_relaxed) != me) m.owner.store(me, std::memory_order_relaxed);
+
+    // 1. How long to wait: until the nearest timer, at most `timeout`.
+    m.drop_stale_top();
+    if (!m.heap.empty()) {
+        if (!m.now_valid) m.now = Clock::now();
+        const Duration left = std::max(m.heap.front().due - m.now, Clock::duration::zero());
+        if (!timeout || left < *timeout) timeout = left;
+    }
+    m.sleeping.store(true, std::memory_order_seq_cst);
+    if (m.has_tasks.load(std::memory_order_seq_cst) ||
+        (stoppable && m.stop_requested.load(std::memory_order_seq_cst)))
+        timeout = Duration::zero();
+
+    // 2. Wait.
+    std::span<const ReadyEvent> ready;
+    try {
+        ready = selector_->select(timeout);
+    } catch (...) {
+        m.sleeping.store(false, std::memory_order_relaxed);
+        throw;
+    }
+    // A poster that still sees `true` only sends one needless wake-up.
+    m.sleeping.store(false, std::memory_order_relaxed);
+
+    // 3. fd callbacks.
+    std::size_t ran = 0;
+    {
+        m.dispatching = true;
+        struct Dispatching {
+            Impl& m;
+            ~Dispatching() {
+                m.dispatching = false;
+                m.dead.clear();  // keeps the capacity
+            }
+        } dispatching{m};
+        for (const ReadyEvent& event : ready) {
+            auto* w = static_cast<Impl::Watcher*>(event.key.data);
+            if (!w || !w->alive) continue;  // unwatched earlier in this batch
+            // The interest may have been changed earlier in this batch.
+            const Events events = event.events & (w->interest | always_reported);
+            if (events == Events::none) continue;
+            switch (w->kind) {
+                case Impl::Kind::user:
+                    ++ran;
+                    w->callback(events);
+                    break;
+                case Impl::Kind::wake:
+                    m.drain_wake_fd();  // the tasks run in step 5
+                    break;
+                case Impl::Kind::signal:
+                    ran += m.dispatch_signals();
+                    break;
+            }
+        }
+    }
+
+    // 4. Due timers, against the iteration's one clock read.
+    if (!m.heap.empty()) {
+        m.now = Clock::now();
+        m.now_valid = true;
+        ran += m.run_timers();
+    } else {
+        m.now_valid = false;
+    }
+
+    // 5. Posted tasks. Acquire pairs with the poster's store so a task seen is
+    // a task run; one missed here is seen by the next iteration's check.
+    if (m.has_tasks.load(std::memory_order_acquire)) ran += m.run_tasks();
+    return ran;
+}
+
+}  // namespace evmux
