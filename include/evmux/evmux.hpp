@@ -1,0 +1,12 @@
+// evmux: the whole public API in one include.
+//
+//     #include <evmux/evmux.hpp>
+//
+// Includes every public header (tests/install_test.sh checks that none is
+// missing) and thus only evmux's public headers and the standard library.
+// Including the individual headers instead compiles faster.
+#pragma once
+
+#include "evmux/event_loop.hpp"
+#include "evmux/selector.hpp"
+#include "evmux/version.hpp"

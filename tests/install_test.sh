@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Use evmux the way a user would, from outside the build tree:
+#   install   meson install --destdir into a temp dir; the headers, libevmux.so
+#             (with its soname), libevmux.a and evmux.pc are there.
+#   headers   each installed header compiles alone with only -I<prefix>/include,
+#             pulls in no libevent/liburing/build-tree header, and evmux.hpp
+#             includes every one of them.
+#   pkgconfig examples/select_server.cpp built with `pkg-config --cflags --libs
+#             evmux` (shared) and `--static` (libevmux.a + Libs.private), both
+#             run their --self-test.
+#   subproject tests/subproject_consumer built with subprojects/evmux -> the
+#             source tree (meson's wrap-less subproject), and run.
+#
+# usage: install_test.sh SOURCE_ROOT BUILD_ROOT CXX B_SANITIZE [install|subproject]
+# Exit 77 (meson: skipped) in a sanitizer build: the installed library would
+# need the sanitizer runtime, which evmux.pc rightly does not carry.
+set -euo pipefail
+
+src=$1 build=$2 cxx=$3 sanitize=$4 part=${5:-install}
+if [ "$sanitize" != none ]; then
+    echo "skipped: b_sanitize=$sanitize (an installed sanitizer build is not for users)"
+    exit 77
+fi
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/evmux-install-test.XXXXXX")
+trap 'rm -rf "$tmp"' EXIT
+fail() {
+    echo "FAIL: $*" >&2
+    exit 1
+}
+step() { echo "== $*"; }
+
+# Backends come and go with the configure options; the self-tests run on the
+# default one (EVMUX_BACKEND from the environment is honoured, if any).
+cxxflags=(-std=c++20 -Wall -Wextra -Werror -O1)
+
+install_part() {
+    step "meson install --destdir $tmp"
+    # --no-rebuild: meson test has just built everything; a ninja run here
+    # could race another ninja on the same build dir.
+    meson install -C "$build" --destdir "$tmp/root" --no-rebuild --quiet >"$tmp/install.log" 2>&1 ||
+        {
+            cat "$tmp/install.log"
+            fail "meson install"
+        }
+
+    local pc
+    pc=$(find "$tmp/root" -name evmux.pc -print -quit)
+    [ -n "$pc" ] || fail "no evmux.pc installed"
+    export PKG_CONFIG_PATH=${pc%/*}
+    local prefix
+    prefix=$(pkg-config --variable=prefix evmux)
+    local root=$tmp/root$prefix
+    # pkg-config answers for the final prefix; point it at the staged copy.
+    pc_evmux() { pkg-config --define-variable=prefix="$root" "$@" evmux; }
+    local libdir incdir
+    libdir=$(pc_evmux --variable=libdir)
+    incdir=$(pc_evmux --variable=includedir)
+    echo "prefix $prefix, evmux $(pkg-config --modversion evmux)"
+
+    step "installed files"
+    [ -f "$incdir/evmux/evmux.hpp" ] || fail "headers not under include/evmux"
+    [ -f "$libdir/libevmux.a" ] || fail "no static libevmux.a"
+    local soname
+    soname=$(readelf -d "$libdir/libevmux.so" | sed -n 's/.*(SONAME).*\[\(.*\)\]/\1/p')
+    [ -n "$soname" ] || fail "libevmux.so has no soname"
+    [ -e "$libdir/$soname" ] || fail "no $soname symlink installed"
+    echo "soname $soname"
+    [ "$(pkg-config --modversion evmux)" = "$(sed -n 's/^#define EVMUX_VERSION_STRING "\(.*\)"/\1/p' "$incdir/evmux/version.hpp")" ] ||
+        fail "evmux.pc and version.hpp disagree on the version"
+    # No build-tree or private header may be installed.
+    if find "$incdir" -type f ! -name '*.hpp' | grep .; then fail "non-header files installed"; fi
+
+    step "each installed header alone, with only -I$incdir"
+    local h name headers=()
+    for h in "$incdir"/evmux/*.hpp; do headers+=("${h##*/}"); done
+    for name in "${headers[@]}"; do
+        # -H lists every header the compiler opens: a libevent, liburing or
+        # evmux_config.h there is a leak, whether it happens to compile or not.
+        echo "#include <evmux/$name>" >"$tmp/only_$name.cpp"
+        "$cxx" "${cxxflags[@]}" -fsyntax-only -H -I"$incdir" "$tmp/only_$name.cpp" 2>"$tmp/only_$name.log" ||
+            {
+                cat "$tmp/only_$name.log"
+                fail "$name does not compile on its own"
+            }
+        if grep -E 'event2/|/event\.h|liburing|linux/io_uring|evmux_config|gtest|CLI/' "$tmp/only_$name.log"; then
+            fail "$name leaks a private header (above)"
+        fi
+        if grep -E '^\.+ .*/evmux/' "$tmp/only_$name.log" | grep -v -F "$incdir/evmux/"; then
+            fail "$name picked up evmux headers outside the install (above)"
+        fi
+        [ "$name" = evmux.hpp ] && continue
+        grep -q "#include \"evmux/$name\"" "$incdir/evmux/evmux.hpp" || fail "evmux.hpp does not include $name"
+    done
+    echo "${#headers[@]} headers ok: ${headers[*]}"
+
+    step "select_server built with pkg-config"
+    # shellcheck disable=SC2046  # pkg-config output is meant to be split
+    "$cxx" "${cxxflags[@]}" -c "$src/examples/select_server.cpp" -o "$tmp/select_server.o" \
+        $(pc_evmux --cflags)
+    # shellcheck disable=SC2046
+    "$cxx" "$tmp/select_server.o" -o "$tmp/select_server_shared" $(pc_evmux --libs) -pthread
+    # -l:libevmux.a picks the static library although the .so sits beside it;
+    # everything else it needs must come from Libs.private/Requires.private.
+    # shellcheck disable=SC2046
+    "$cxx" "$tmp/select_server.o" -o "$tmp/select_server_static" \
+        $(pc_evmux --static --libs | sed 's/-levmux\b/-l:libevmux.a/')
+    if ldd "$tmp/select_server_static" | grep libevmux; then fail "static build links libevmux.so"; fi
+
+    LD_LIBRARY_PATH=$libdir ldd "$tmp/select_server_shared" | grep -F "$libdir/$soname" >/dev/null ||
+        fail "shared build does not load $libdir/$soname"
+    local version
+    version=$(LD_LIBRARY_PATH=$libdir "$tmp/select_server_shared" --version)
+    echo "$version"
+    [ "$version" = "select_server, evmux headers $(pkg-config --modversion evmux), library $(pkg-config --modversion evmux)" ] ||
+        fail "header and library versions differ"
+    LD_LIBRARY_PATH=$libdir timeout 60 "$tmp/select_server_shared" --self-test
+    timeout 60 "$tmp/select_server_static" --self-test
+}
+
+subproject_part() {
+    step "tests/subproject_consumer with subprojects/evmux -> $src"
+    cp -r "$src/tests/subproject_consumer" "$tmp/consumer"
+    mkdir "$tmp/consumer/subprojects"
+    ln -s "$src" "$tmp/consumer/subprojects/evmux"
+    # Only what the consumer needs is built (not evmux's tools or examples).
+    # buildtype=debug: this checks the build files, not the optimiser; -O0
+    # keeps it quick on two cores.
+    meson setup "$tmp/consumer/build" "$tmp/consumer" --force-fallback-for=evmux \
+        -Dbuildtype=debug >"$tmp/setup.log" 2>&1 || {
+        cat "$tmp/setup.log"
+        fail "meson setup of the consumer"
+    }
+    ninja -C "$tmp/consumer/build" consumer >"$tmp/ninja.log" 2>&1 || {
+        cat "$tmp/ninja.log"
+        fail "building the consumer"
+    }
+    timeout 60 "$tmp/consumer/build/consumer"
+}
+
+case "$part" in
+    install) install_part ;;
+    subproject) subproject_part ;;
+    *) fail "unknown part $part" ;;
+esac
+echo "PASS"
