@@ -1,0 +1,313 @@
+// See bench_processes.hpp.
+#include "bench_processes.hpp"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <system_error>
+#include <thread>
+
+namespace evmux::bench {
+namespace {
+
+// Live children's pids, for the signal handler: a fixed array of atomics, since
+// a handler may neither lock nor allocate. The bench has at most two children
+// at a time (a server and the load client).
+constexpr int max_children = 8;
+std::atomic<pid_t> live_children[max_children];
+
+void remember(pid_t pid) {
+    for (auto& slot : live_children) {
+        pid_t empty = 0;
+        if (slot.compare_exchange_strong(empty, pid)) return;
+    }
+}
+
+void forget(pid_t pid) {
+    for (auto& slot : live_children) {
+        pid_t expected = pid;
+        slot.compare_exchange_strong(expected, 0);
+    }
+}
+
+extern "C" void kill_children_and_exit(int) {
+    // Only async-signal-safe calls here: kill, write, _exit.
+    for (auto& slot : live_children) {
+        pid_t pid = slot.load();
+        if (pid > 0) ::kill(-pid, SIGKILL);
+    }
+    static const char msg[] = "evmux-bench: interrupted; children killed\n";
+    (void)!::write(STDERR_FILENO, msg, sizeof msg - 1);
+    ::_exit(130);
+}
+
+[[noreturn]] void throw_errno(const char* what) {
+    throw std::system_error(errno, std::generic_category(), what);
+}
+
+int status_code(int status) {
+    if (WIFEXITED(status)) return WEXITSTATUS(status);
+    if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+    return -1;
+}
+
+double ticks_to_us(unsigned long long ticks) {
+    static const long hz = ::sysconf(_SC_CLK_TCK);
+    return static_cast<double>(ticks) * 1e6 / static_cast<double>(hz > 0 ? hz : 100);
+}
+
+// utime, stime, cutime, cstime of /proc/PID/stat; false if it cannot be read.
+bool read_stat_times(pid_t pid, double out[4]) {
+    std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+    std::string text;
+    if (!std::getline(in, text)) return false;
+    // The command name (field 2) may hold spaces and parentheses: the fields we
+    // want are counted from the last ')'.
+    auto close = text.rfind(')');
+    if (close == std::string::npos) return false;
+    std::istringstream fields(text.substr(close + 1));
+    std::string field;
+    // After ')': state (3), ppid (4) ... utime is field 14, i.e. the 12th here.
+    for (int i = 3; i < 14; ++i) fields >> field;
+    unsigned long long t[4] = {};
+    for (auto& v : t) fields >> v;
+    if (!fields) return false;
+    for (int i = 0; i < 4; ++i) out[i] = ticks_to_us(t[i]);
+    return true;
+}
+
+}  // namespace
+
+void install_child_reaper() {
+    struct sigaction sa {};
+    sa.sa_handler = kill_children_and_exit;
+    sigemptyset(&sa.sa_mask);
+    for (int sig : {SIGINT, SIGTERM, SIGHUP}) ::sigaction(sig, &sa, nullptr);
+    ::signal(SIGPIPE, SIG_IGN);
+}
+
+ChildProcess::ChildProcess(const std::vector<std::string>& argv, int cpu, bool capture_stdout,
+                           bool capture_stderr) {
+    // Everything the child needs is prepared before fork: after it, only
+    // async-signal-safe calls (another thread may hold the allocator's lock).
+    std::vector<char*> args;
+    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    cpu_set_t cpus;
+    CPU_ZERO(&cpus);
+    if (cpu >= 0) CPU_SET(cpu, &cpus);
+
+    int out[2] = {-1, -1}, err[2] = {-1, -1};
+    if (capture_stdout && ::pipe2(out, O_CLOEXEC) < 0) throw_errno("pipe2");
+    if (capture_stderr && ::pipe2(err, O_CLOEXEC) < 0) {
+        int saved = errno;
+        if (out[0] >= 0) ::close(out[0]), ::close(out[1]);
+        errno = saved;
+        throw_errno("pipe2");
+    }
+    int devnull = capture_stdout ? -1 : ::open("/dev/null", O_WRONLY | O_CLOEXEC);
+
+    pid_t pid = ::fork();
+    if (pid < 0) {
+        int saved = errno;
+        for (int fd : {out[0], out[1], err[0], err[1], devnull})
+            if (fd >= 0) ::close(fd);
+        errno = saved;
+        throw_errno("fork");
+    }
+    if (pid == 0) {
+        ::setpgid(0, 0);
+        if (cpu >= 0) ::sched_setaffinity(0, sizeof cpus, &cpus);
+        // The bench ignores SIGPIPE and handles SIGINT; the child starts clean.
+        ::signal(SIGPIPE, SIG_DFL);
+        ::signal(SIGINT, SIG_DFL);
+        ::signal(SIGTERM, SIG_DFL);
+        ::signal(SIGHUP, SIG_DFL);
+        if (capture_stdout) ::dup2(out[1], STDOUT_FILENO);
+        if (devnull >= 0) ::dup2(devnull, STDOUT_FILENO);
+        if (capture_stderr) ::dup2(err[1], STDERR_FILENO);
+        ::execv(args[0], args.data());
+        static const char msg[] = "evmux-bench: exec failed\n";
+        (void)!::write(STDERR_FILENO, msg, sizeof msg - 1);
+        ::_exit(127);
+    }
+    // Also set the group from the parent, so that a kill(-pid) right after
+    // fork cannot miss a child that has not run setpgid yet.
+    ::setpgid(pid, pid);
+    pid_ = pid;
+    remember(pid);
+    if (devnull >= 0) ::close(devnull);
+    if (capture_stdout) {
+        ::close(out[1]);
+        out_fd_ = out[0];
+    }
+    if (capture_stderr) {
+        ::close(err[1]);
+        err_fd_ = err[0];
+    }
+}
+
+ChildProcess::~ChildProcess() {
+    if (status_ < 0 && pid_ > 0) stop(std::chrono::milliseconds(1000));
+    if (out_fd_ >= 0) ::close(out_fd_);
+    if (err_fd_ >= 0) ::close(err_fd_);
+}
+
+bool ChildProcess::read_some(int fd, std::string& into, Clock::time_point deadline) {
+    for (;;) {
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+        if (left.count() < 0) return false;
+        pollfd p{fd, POLLIN, 0};
+        int n = ::poll(&p, 1, static_cast<int>(std::min<long long>(left.count() + 1, 1000)));
+        if (n < 0 && errno != EINTR) throw_errno("poll");
+        if (n <= 0) continue;
+        char buf[4096];
+        ssize_t got = ::read(fd, buf, sizeof buf);
+        if (got < 0) {
+            if (errno == EINTR || errno == EAGAIN) continue;
+            throw_errno("read");
+        }
+        into.append(buf, static_cast<std::size_t>(got));
+        return true;  // got == 0: end of file, nothing appended
+    }
+}
+
+bool ChildProcess::read_stderr_line(std::string& line, Clock::time_point deadline) {
+    for (;;) {
+        auto nl = err_buf_.find('\n');
+        if (nl != std::string::npos) {
+            line = err_buf_.substr(0, nl);
+            err_buf_.erase(0, nl + 1);
+            return true;
+        }
+        std::size_t before = err_buf_.size();
+        if (err_fd_ < 0 || !read_some(err_fd_, err_buf_, deadline) || err_buf_.size() == before) {
+            line = err_buf_;
+            return false;
+        }
+    }
+}
+
+std::string ChildProcess::drain_stderr() {
+    if (err_fd_ >= 0) {
+        // A short deadline: only what is already in the pipe.
+        while (true) {
+            pollfd p{err_fd_, POLLIN, 0};
+            if (::poll(&p, 1, 0) <= 0) break;
+            std::size_t before = err_buf_.size();
+            if (!read_some(err_fd_, err_buf_, Clock::now() + std::chrono::milliseconds(10)) ||
+                err_buf_.size() == before)
+                break;
+        }
+    }
+    std::string text;
+    text.swap(err_buf_);
+    return text;
+}
+
+int ChildProcess::wait(Clock::time_point deadline) {
+    if (status_ >= 0) return status_;
+    for (;;) {
+        int status = 0;
+        pid_t r = ::waitpid(pid_, &status, WNOHANG);
+        if (r == pid_) {
+            status_ = status_code(status);
+            forget(pid_);
+            // Whatever the child left behind in its group (e.g. a forking
+            // server's children) goes with it.
+            ::kill(-pid_, SIGKILL);
+            return status_;
+        }
+        if (r < 0 && errno != EINTR) throw_errno("waitpid");
+        if (Clock::now() >= deadline) return -1;
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+}
+
+int ChildProcess::stop(std::chrono::milliseconds grace) {
+    if (status_ >= 0) return status_;
+    ::kill(-pid_, SIGTERM);
+    int status = wait(Clock::now() + grace);
+    if (status >= 0) return status;
+    ::kill(-pid_, SIGKILL);
+    return wait(Clock::now() + std::chrono::seconds(10));
+}
+
+ProcSample sample_process(pid_t pid) {
+    ProcSample s;
+    s.when = Clock::now();
+    double t[4];
+    if (!read_stat_times(pid, t)) return s;
+    s.user_us = t[0];
+    s.sys_us = t[1];
+    s.child_user_us = t[2];
+    s.child_sys_us = t[3];
+    std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+    std::string line;
+    while (std::getline(status, line)) {
+        if (line.rfind("VmRSS:", 0) == 0) {
+            s.rss_kib = std::strtol(line.c_str() + 6, nullptr, 10);
+            break;
+        }
+    }
+    s.ok = true;
+    return s;
+}
+
+std::pair<double, double> live_children_cpu(pid_t pid) {
+    double user = 0, sys = 0;
+    std::string task_dir = "/proc/" + std::to_string(pid) + "/task";
+    DIR* dir = ::opendir(task_dir.c_str());
+    if (!dir) return {0, 0};
+    while (dirent* entry = ::readdir(dir)) {
+        if (entry->d_name[0] == '.') continue;
+        std::ifstream children(task_dir + "/" + entry->d_name + "/children");
+        pid_t child;
+        while (children >> child) {
+            double t[4];
+            if (!read_stat_times(child, t)) continue;  // exited meanwhile
+            user += t[0] + t[2];
+            sys += t[1] + t[3];
+        }
+    }
+    ::closedir(dir);
+    return {user, sys};
+}
+
+int usable_cpus() {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (::sched_getaffinity(0, sizeof set, &set) < 0) return 1;
+    return CPU_COUNT(&set);
+}
+
+long raise_fd_limit(long wanted) {
+    rlimit lim{};
+    if (::getrlimit(RLIMIT_NOFILE, &lim) < 0) return 0;
+    if (lim.rlim_cur != RLIM_INFINITY && lim.rlim_cur >= static_cast<rlim_t>(wanted))
+        return static_cast<long>(lim.rlim_cur);
+    rlimit want = lim;
+    want.rlim_cur = static_cast<rlim_t>(wanted);
+    if (want.rlim_max != RLIM_INFINITY && want.rlim_max < want.rlim_cur)
+        want.rlim_max = want.rlim_cur;  // only a privileged process may do this
+    if (::setrlimit(RLIMIT_NOFILE, &want) == 0) return wanted;
+    // Not privileged: as far as the hard limit allows.
+    lim.rlim_cur = lim.rlim_max;
+    ::setrlimit(RLIMIT_NOFILE, &lim);
+    ::getrlimit(RLIMIT_NOFILE, &lim);
+    return lim.rlim_cur == RLIM_INFINITY ? wanted : static_cast<long>(lim.rlim_cur);
+}
+
+}  // namespace evmux::bench

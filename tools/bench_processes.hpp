@@ -1,0 +1,112 @@
+// evmux-bench's process handling: start a server or the load client as a child
+// process pinned to one CPU, read what it prints, sample its CPU time and RSS
+// from /proc, and make sure no child outlives the bench on any exit path.
+//
+// Internal to tools/; not installed.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace evmux::bench {
+
+using Clock = std::chrono::steady_clock;
+
+/// Installs SIGINT/SIGTERM/SIGHUP handlers that kill every live child's process
+/// group and exit 130, and ignores SIGPIPE. Call once, on the main thread, before
+/// starting any child.
+void install_child_reaper();
+
+/// A child process in its own process group (so that its own children, e.g.
+/// a forking server's, are killed with it). Owns the process: the destructor
+/// kills the group (SIGTERM, then SIGKILL after a grace period) and reaps it.
+/// Not thread-safe; used from the main thread only.
+class ChildProcess {
+  public:
+    /// Starts `argv[0]` with `argv`, pinned to `cpu` (no pinning if cpu < 0).
+    /// With `capture_stdout`/`capture_stderr` the stream is readable through
+    /// read_stdout()/read_stderr_line(); otherwise it is inherited (stdout) or
+    /// sent to /dev/null (stdout). Throws std::system_error if fork or a pipe
+    /// fails; if exec fails the child exits with status 127.
+    ChildProcess(const std::vector<std::string>& argv, int cpu, bool capture_stdout,
+                 bool capture_stderr);
+    ~ChildProcess();
+    ChildProcess(const ChildProcess&) = delete;
+    ChildProcess& operator=(const ChildProcess&) = delete;
+
+    /// The child's pid (also its process group id).
+    pid_t pid() const { return pid_; }
+
+    /// Reads one line of the child's stderr, waiting at most until `deadline`.
+    /// Returns false at end of file or timeout (line then holds what was read).
+    bool read_stderr_line(std::string& line, Clock::time_point deadline);
+    /// Everything the child printed on stderr so far that was not read as a
+    /// line, without blocking (for error messages).
+    std::string drain_stderr();
+
+    /// Reads the child's stdout until end of file or `deadline`. `on_first_byte`
+    /// is called once, as soon as the first byte arrives. Returns false on timeout.
+    template <class F>
+    bool read_stdout(std::string& out, Clock::time_point deadline, F&& on_first_byte);
+
+    /// Waits for the child to exit, at most until `deadline`; returns its exit
+    /// status (128+signal if killed) or -1 on timeout.
+    int wait(Clock::time_point deadline);
+    /// SIGTERM to the process group, wait up to `grace`, then SIGKILL; reaps.
+    /// Returns the exit status as wait() does.
+    int stop(std::chrono::milliseconds grace = std::chrono::milliseconds(2000));
+
+  private:
+    bool read_some(int fd, std::string& into, Clock::time_point deadline);
+    pid_t pid_ = -1;
+    int out_fd_ = -1;
+    int err_fd_ = -1;
+    int status_ = -1;  // set once reaped
+    std::string err_buf_;
+};
+
+/// CPU time and memory of one process, from /proc/PID/stat and /proc/PID/status.
+struct ProcSample {
+    Clock::time_point when;
+    double user_us = 0;        ///< utime
+    double sys_us = 0;         ///< stime
+    double child_user_us = 0;  ///< cutime: children already reaped
+    double child_sys_us = 0;   ///< cstime
+    long rss_kib = 0;          ///< VmRSS
+    bool ok = false;           ///< false if the process is gone
+};
+
+/// Reads the sample of `pid` now.
+ProcSample sample_process(pid_t pid);
+
+/// CPU time (user, sys in µs, each including the process's own reaped children)
+/// of the live children of `pid` (every thread's), e.g. a forking server's.
+std::pair<double, double> live_children_cpu(pid_t pid);
+
+/// Number of CPUs this process may run on.
+int usable_cpus();
+
+/// Raises RLIMIT_NOFILE (soft, and hard if allowed, e.g. as root) to at least
+/// `wanted` fds; children started afterwards inherit it. Returns the soft limit
+/// now in force, which may be lower than `wanted`.
+long raise_fd_limit(long wanted);
+
+template <class F>
+bool ChildProcess::read_stdout(std::string& out, Clock::time_point deadline, F&& on_first_byte) {
+    bool first = true;
+    for (;;) {
+        std::size_t before = out.size();
+        if (!read_some(out_fd_, out, deadline)) return false;  // timeout
+        if (out.size() == before) return true;                 // end of file
+        if (first) {
+            first = false;
+            on_first_byte();
+        }
+    }
+}
+
+}  // namespace evmux::bench

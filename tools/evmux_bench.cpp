@@ -1,0 +1,737 @@
+// evmux-bench: compares evmux's backends with each other and with other
+// concurrency models (a hand-written epoll loop, a libevent bufferevent server,
+// a thread per connection, a process per connection) by running each server
+// as its own process on one CPU and evmux-load on another, and reading the
+// server's CPU time and memory from /proc around the load window.
+//
+//   evmux-bench [--quick] [--out DIR] [--backends a,b] [--servers ...] ...
+//   evmux-bench dispatch -n N -a A -w W [--backend B]   (libevent's test/bench.c)
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "bench_dispatch.hpp"
+#include "bench_processes.hpp"
+#include "evmux/selector.hpp"
+
+namespace fs = std::filesystem;
+using namespace evmux::bench;
+
+namespace {
+
+constexpr const char* floor_server = "epoll-floor";
+
+/// One server under test: how to start it, and what it can take.
+struct Server {
+    std::string name;        // "evmux/epoll", "epoll-floor", ...
+    std::string kind;        // "evmux" or the baseline's name
+    std::string backend;     // evmux backend, empty for baselines
+    fs::path binary;         // executable
+    bool per_connection_os;  // a thread or process per connection: skips idle-heavy
+    bool forks;              // CPU of live children must be added
+};
+
+/// One load shape: message size, connections opened, connections in ping-pong.
+struct Point {
+    int size;
+    int conns;
+    int active;
+    bool idle_heavy;
+};
+
+/// What one (server, point) run measured.
+struct Result {
+    const Server* server;
+    Point point;
+    bool ok = false;
+    bool skipped = false;
+    std::string note;  // why skipped or failed
+    double round_trips = 0, msgs_per_s = 0, mib_per_s = 0;
+    double p50_us = 0, p99_us = 0, max_us = 0;
+    double mismatches = 0, errors = 0;
+    double user_us_per_msg = 0, sys_us_per_msg = 0;
+    double cpu_window_s = 0;
+    long rss_start_kib = 0, rss_peak_kib = 0;
+    double rss_per_idle_conn_bytes = 0;
+};
+
+std::string size_label(int size) {
+    if (size >= 1024 && size % 1024 == 0) return std::to_string(size / 1024) + "KiB";
+    return std::to_string(size) + "B";
+}
+
+std::string point_label(const Point& p) {
+    std::string s = size_label(p.size) + " x " + std::to_string(p.active);
+    if (p.conns != p.active) s += " (+" + std::to_string(p.conns - p.active) + " idle)";
+    return s;
+}
+
+// The value of "key": in flat-enough JSON (evmux-load's one-line output; each
+// key we read occurs once). NaN if absent.
+double json_number(const std::string& json, const std::string& key) {
+    auto at = json.find("\"" + key + "\"");
+    if (at == std::string::npos) return NAN;
+    at = json.find(':', at);
+    if (at == std::string::npos) return NAN;
+    char* end = nullptr;
+    double v = std::strtod(json.c_str() + at + 1, &end);
+    return end == json.c_str() + at + 1 ? NAN : v;
+}
+
+// "NAME listening on HOST:PORT ..." -> HOST, PORT; false if not such a line.
+bool parse_listening(const std::string& line, std::string& host, int& port) {
+    static const std::string marker = " listening on ";
+    auto at = line.find(marker);
+    if (at == std::string::npos) return false;
+    std::string addr = line.substr(at + marker.size());
+    addr = addr.substr(0, addr.find(' '));
+    auto colon = addr.rfind(':');
+    if (colon == std::string::npos) return false;
+    host = addr.substr(0, colon);
+    if (host.size() >= 2 && host.front() == '[' && host.back() == ']')
+        host = host.substr(1, host.size() - 2);
+    port = std::atoi(addr.c_str() + colon + 1);
+    return port > 0;
+}
+
+/// The first sample taken at or after `t` (or the last one).
+const ProcSample& sample_at(const std::vector<ProcSample>& samples, Clock::time_point t) {
+    for (const auto& s : samples)
+        if (s.when >= t) return s;
+    return samples.back();
+}
+
+struct Options {
+    std::vector<std::string> backends;
+    std::vector<std::string> servers;
+    std::vector<int> sizes;
+    std::vector<int> sessions;
+    double duration = 0;
+    bool quick = false;
+    std::string out_dir;
+    std::string json_file;
+    std::string csv_file;
+    int idle_conns = 0;
+    int idle_active = 100;
+    bool no_idle = false;
+    bool no_plots = false;
+    std::string tools_dir;
+    std::string host = "127.0.0.1";
+};
+
+class Runner {
+  public:
+    Runner(const Options& opt, fs::path load, int server_cpu, int client_cpu)
+        : opt_(opt), load_(std::move(load)), server_cpu_(server_cpu), client_cpu_(client_cpu) {}
+
+    Result run(const Server& server, const Point& point) {
+        Result r;
+        r.server = &server;
+        r.point = point;
+        if (point.idle_heavy && server.per_connection_os) {
+            r.skipped = true;
+            r.note = "idle-heavy case skipped: one " +
+                     std::string(server.forks ? "process" : "thread") +
+                     " per connection would need " + std::to_string(point.conns) + " of them";
+            return r;
+        }
+        std::vector<std::string> argv{server.binary.string(), "--port", "0", "--host", opt_.host};
+        if (!server.backend.empty()) argv.insert(argv.end(), {"--backend", server.backend});
+        ChildProcess srv(argv, server_cpu_, false, true);
+
+        std::string line, host;
+        int port = 0;
+        auto deadline = Clock::now() + std::chrono::seconds(10);
+        while (!parse_listening(line, host, port)) {
+            if (!srv.read_stderr_line(line, deadline)) {
+                r.note = "server did not report listening: " + line + srv.drain_stderr();
+                return r;
+            }
+        }
+
+        // The server's own figures, sampled every 20 ms on a thread of ours
+        // while the load runs; the load window is picked from them afterwards.
+        std::vector<ProcSample> samples;
+        samples.push_back(sample_process(srv.pid()));
+        r.rss_start_kib = samples.back().rss_kib;
+        std::atomic<bool> sampling{true};
+        std::thread sampler([&] {
+            while (sampling.load()) {
+                std::this_thread::sleep_for(std::chrono::milliseconds(20));
+                ProcSample s = sample_process(srv.pid());
+                if (s.ok) samples.push_back(s);
+            }
+        });
+
+        std::vector<std::string> largv{load_.string(),
+                                       "--port",
+                                       std::to_string(port),
+                                       "--host",
+                                       host,
+                                       "--conns",
+                                       std::to_string(point.conns),
+                                       "--active",
+                                       std::to_string(point.active),
+                                       "--size",
+                                       std::to_string(point.size),
+                                       "--duration",
+                                       fmt(opt_.duration, 3),
+                                       "--json"};
+        std::string json;
+        Clock::time_point reported{};
+        std::pair<double, double> children_at_end{0, 0};
+        int load_status = -1;
+        bool in_time = false;
+        {
+            ChildProcess load(largv, client_cpu_, true, false);
+            auto limit = Clock::now() +
+                         std::chrono::milliseconds(static_cast<long>(opt_.duration * 1000) + 60000);
+            in_time = load.read_stdout(json, limit, [&] {
+                reported = Clock::now();
+                if (server.forks) children_at_end = live_children_cpu(srv.pid());
+            });
+            load_status = in_time ? load.wait(limit) : -1;
+        }  // a load client that overran is killed here
+        sampling = false;
+        sampler.join();
+        srv.stop();
+
+        if (!in_time || load_status < 0) {
+            r.note = "evmux-load timed out";
+            return r;
+        }
+        r.round_trips = json_number(json, "round_trips");
+        r.msgs_per_s = json_number(json, "round_trips_per_s");
+        r.mib_per_s = json_number(json, "mib_per_s");
+        r.p50_us = json_number(json, "p50");
+        r.p99_us = json_number(json, "p99");
+        r.max_us = json_number(json, "max");
+        r.mismatches = json_number(json, "mismatches");
+        r.errors = json_number(json, "errors");
+        double duration_s = json_number(json, "duration_s");
+        if (load_status != 0 || std::isnan(r.msgs_per_s) || std::isnan(duration_s)) {
+            r.note = "evmux-load exit " + std::to_string(load_status) + ": " +
+                     json.substr(0, json.find('\n'));
+            return r;
+        }
+        if (r.mismatches > 0 || r.errors > 0) {
+            r.note = "evmux-load reported " + fmt(r.mismatches, 0) + " mismatches, " +
+                     fmt(r.errors, 0) + " errors";
+            return r;
+        }
+
+        // Load window: the duration_s that ended when the client printed its
+        // figures. Connection set-up before it and tear-down after it are left
+        // out (they would weigh heavily in the idle-heavy case).
+        auto end = reported;
+        auto start = end - std::chrono::microseconds(static_cast<long>(duration_s * 1e6));
+        const ProcSample& a = sample_at(samples, start);
+        const ProcSample& b = sample_at(samples, end);
+        double window_s = std::chrono::duration<double>(b.when - a.when).count();
+        double user = b.user_us - a.user_us + b.child_user_us - a.child_user_us;
+        double sys = b.sys_us - a.sys_us + b.child_sys_us - a.child_sys_us;
+        // A forking server's children live through the whole window: their
+        // CPU from birth to the end of the window counts (set-up included).
+        user += children_at_end.first;
+        sys += children_at_end.second;
+        for (const auto& s : samples)
+            if (s.when >= a.when && s.when <= b.when)
+                r.rss_peak_kib = std::max(r.rss_peak_kib, s.rss_kib);
+        r.cpu_window_s = window_s;
+        if (window_s > 0 && r.msgs_per_s > 0) {
+            // CPU per second of window divided by messages per second.
+            r.user_us_per_msg = user / window_s / r.msgs_per_s;
+            r.sys_us_per_msg = sys / window_s / r.msgs_per_s;
+        }
+        if (point.idle_heavy && r.rss_peak_kib > 0)
+            r.rss_per_idle_conn_bytes =
+                static_cast<double>(r.rss_peak_kib - r.rss_start_kib) * 1024.0 / point.conns;
+        r.ok = true;
+        return r;
+    }
+
+    static std::string fmt(double v, int decimals) {
+        if (std::isnan(v)) return "-";
+        char buf[64];
+        std::snprintf(buf, sizeof buf, "%.*f", decimals, v);
+        return buf;
+    }
+
+  private:
+    const Options& opt_;
+    fs::path load_;
+    int server_cpu_, client_cpu_;
+};
+
+// ---- output ---------------------------------------------------------------------
+
+const Result* floor_of(const std::vector<Result>& results, const Point& p) {
+    for (const auto& r : results)
+        if (r.ok && r.server->name == floor_server && r.point.size == p.size &&
+            r.point.conns == p.conns && r.point.active == p.active)
+            return &r;
+    return nullptr;
+}
+
+double ratio(double v, double floor) {
+    return floor > 0 ? v / floor : NAN;
+}
+
+std::string cell(double v, double floor, int decimals) {
+    std::string s = Runner::fmt(v, decimals);
+    double q = ratio(v, floor);
+    return s + " (" + (std::isnan(q) ? std::string("-") : Runner::fmt(q, 2)) + ")";
+}
+
+void print_table(std::ostream& os, const std::vector<Result>& results,
+                 const std::vector<Point>& points) {
+    char line[512];
+    for (const auto& p : points) {
+        const Result* fl = floor_of(results, p);
+        os << "\n== " << point_label(p) << " ping-pong"
+           << (fl ? "  (ratio to epoll-floor in parentheses)" : "  (no epoll-floor run: no ratios)")
+           << "\n";
+        std::snprintf(line, sizeof line, "%-22s %18s %16s %16s %16s %14s %14s\n", "server",
+                      "messages/s", "MiB/s", "p50 us", "p99 us", "user us/msg", "sys us/msg");
+        os << line;
+        for (const auto& r : results) {
+            if (r.point.size != p.size || r.point.conns != p.conns || r.point.active != p.active)
+                continue;
+            if (!r.ok) {
+                os << "  " << r.server->name << ": " << (r.skipped ? "" : "FAILED: ") << r.note
+                   << "\n";
+                continue;
+            }
+            auto f = [&](double v, double Result::*m, int d) {
+                return cell(v, fl ? fl->*m : NAN, d);
+            };
+            std::snprintf(line, sizeof line, "%-22s %18s %16s %16s %16s %14s %14s\n",
+                          r.server->name.c_str(), f(r.msgs_per_s, &Result::msgs_per_s, 0).c_str(),
+                          f(r.mib_per_s, &Result::mib_per_s, 1).c_str(),
+                          f(r.p50_us, &Result::p50_us, 0).c_str(),
+                          f(r.p99_us, &Result::p99_us, 0).c_str(),
+                          f(r.user_us_per_msg, &Result::user_us_per_msg, 2).c_str(),
+                          f(r.sys_us_per_msg, &Result::sys_us_per_msg, 2).c_str());
+            os << line;
+            if (p.idle_heavy)
+                os << "    rss " << r.rss_start_kib << " KiB -> " << r.rss_peak_kib
+                   << " KiB: " << Runner::fmt(r.rss_per_idle_conn_bytes, 0)
+                   << " B per idle connection\n";
+        }
+    }
+}
+
+std::string json_num(double v, int decimals = 3) {
+    return std::isnan(v) || std::isinf(v) ? "null" : Runner::fmt(v, decimals);
+}
+
+std::string json_str(const std::string& s) {
+    std::string out = "\"";
+    for (char c : s) {
+        if (c == '"' || c == '\\')
+            out += '\\', out += c;
+        else if (static_cast<unsigned char>(c) < 0x20)
+            out += ' ';
+        else
+            out += c;
+    }
+    return out + "\"";
+}
+
+void write_json(const fs::path& file, const std::vector<Result>& results, const Options& opt,
+                const std::vector<DispatchSweep>& sweeps, bool pinned, double total_s) {
+    std::ofstream os(file);
+    os << "{\n  \"tool\": \"evmux-bench\",\n  \"quick\": " << (opt.quick ? "true" : "false")
+       << ",\n  \"duration_s\": " << json_num(opt.duration) << ",\n  \"cpus\": " << usable_cpus()
+       << ",\n  \"pinned\": " << (pinned ? "true" : "false")
+       << ",\n  \"total_s\": " << json_num(total_s, 1) << ",\n  \"runs\": [";
+    bool first = true;
+    for (const auto& r : results) {
+        const Result* fl = floor_of(results, r.point);
+        auto q = [&](double v, double Result::*m) {
+            return json_num(fl && r.ok ? ratio(v, fl->*m) : NAN);
+        };
+        os << (first ? "\n" : ",\n") << "    {\"server\": " << json_str(r.server->name)
+           << ", \"kind\": " << json_str(r.server->kind)
+           << ", \"backend\": " << json_str(r.server->backend) << ", \"size\": " << r.point.size
+           << ", \"conns\": " << r.point.conns << ", \"active\": " << r.point.active
+           << ", \"idle_heavy\": " << (r.point.idle_heavy ? "true" : "false")
+           << ", \"ok\": " << (r.ok ? "true" : "false")
+           << ", \"skipped\": " << (r.skipped ? "true" : "false")
+           << ", \"note\": " << json_str(r.note);
+        if (r.ok) {
+            os << ", \"round_trips\": " << json_num(r.round_trips, 0)
+               << ", \"msgs_per_s\": " << json_num(r.msgs_per_s, 1)
+               << ", \"mib_per_s\": " << json_num(r.mib_per_s)
+               << ", \"p50_us\": " << json_num(r.p50_us, 1)
+               << ", \"p99_us\": " << json_num(r.p99_us, 1)
+               << ", \"max_us\": " << json_num(r.max_us, 1)
+               << ", \"user_us_per_msg\": " << json_num(r.user_us_per_msg, 4)
+               << ", \"sys_us_per_msg\": " << json_num(r.sys_us_per_msg, 4)
+               << ", \"cpu_window_s\": " << json_num(r.cpu_window_s)
+               << ", \"rss_start_kib\": " << r.rss_start_kib
+               << ", \"rss_peak_kib\": " << r.rss_peak_kib << ", \"rss_per_idle_conn_bytes\": "
+               << json_num(r.point.idle_heavy ? r.rss_per_idle_conn_bytes : NAN, 0)
+               << ", \"ratio_to_floor\": {\"msgs_per_s\": " << q(r.msgs_per_s, &Result::msgs_per_s)
+               << ", \"mib_per_s\": " << q(r.mib_per_s, &Result::mib_per_s)
+               << ", \"p50_us\": " << q(r.p50_us, &Result::p50_us)
+               << ", \"p99_us\": " << q(r.p99_us, &Result::p99_us)
+               << ", \"user_us_per_msg\": " << q(r.user_us_per_msg, &Result::user_us_per_msg)
+               << ", \"sys_us_per_msg\": " << q(r.sys_us_per_msg, &Result::sys_us_per_msg) << "}";
+        }
+        os << "}";
+        first = false;
+    }
+    os << "\n  ],\n  \"dispatch\": [";
+    first = true;
+    for (const auto& s : sweeps) {
+        os << (first ? "\n" : ",\n") << "    {\"backend\": " << json_str(s.backend)
+           << ", \"fds\": " << s.fds << ", \"active\": " << s.active << ", \"writes\": " << s.writes
+           << ", \"median_us\": " << json_num(s.median_us, 1)
+           << ", \"us_per_event\": " << json_num(s.us_per_event, 4) << "}";
+        first = false;
+    }
+    os << "\n  ]\n}\n";
+    if (!os) throw std::runtime_error("cannot write " + file.string());
+}
+
+void write_csv(const fs::path& file, const std::vector<Result>& results) {
+    std::ofstream os(file);
+    os << "server,kind,backend,size,conns,active,idle_heavy,ok,msgs_per_s,mib_per_s,p50_us,p99_us,"
+          "max_us,user_us_per_msg,sys_us_per_msg,rss_start_kib,rss_peak_kib,"
+          "rss_per_idle_conn_bytes,msgs_per_s_ratio,mib_per_s_ratio,p50_ratio,p99_ratio,"
+          "user_ratio,sys_ratio,note\n";
+    for (const auto& r : results) {
+        const Result* fl = floor_of(results, r.point);
+        auto q = [&](double v, double Result::*m) {
+            double x = fl && r.ok ? ratio(v, fl->*m) : NAN;
+            return std::isnan(x) ? std::string() : Runner::fmt(x, 3);
+        };
+        auto n = [&](double v, int d) { return r.ok ? Runner::fmt(v, d) : std::string(); };
+        std::string note = r.note;
+        std::replace(note.begin(), note.end(), ',', ';');
+        std::replace(note.begin(), note.end(), '\n', ' ');
+        os << r.server->name << ',' << r.server->kind << ',' << r.server->backend << ','
+           << r.point.size << ',' << r.point.conns << ',' << r.point.active << ','
+           << r.point.idle_heavy << ',' << r.ok << ',' << n(r.msgs_per_s, 1) << ','
+           << n(r.mib_per_s, 3) << ',' << n(r.p50_us, 1) << ',' << n(r.p99_us, 1) << ','
+           << n(r.max_us, 1) << ',' << n(r.user_us_per_msg, 4) << ',' << n(r.sys_us_per_msg, 4)
+           << ',' << (r.ok ? std::to_string(r.rss_start_kib) : "") << ','
+           << (r.ok ? std::to_string(r.rss_peak_kib) : "") << ','
+           << (r.ok && r.point.idle_heavy ? Runner::fmt(r.rss_per_idle_conn_bytes, 0) : "") << ','
+           << q(r.msgs_per_s, &Result::msgs_per_s) << ',' << q(r.mib_per_s, &Result::mib_per_s)
+           << ',' << q(r.p50_us, &Result::p50_us) << ',' << q(r.p99_us, &Result::p99_us) << ','
+           << q(r.user_us_per_msg, &Result::user_us_per_msg) << ','
+           << q(r.sys_us_per_msg, &Result::sys_us_per_msg) << ',' << note << '\n';
+    }
+    if (!os) throw std::runtime_error("cannot write " + file.string());
+}
+
+// ---- set-up ---------------------------------------------------------------------
+
+fs::path self_dir() {
+    std::error_code ec;
+    fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+    return ec ? fs::current_path() : exe.parent_path();
+}
+
+// plot_bench.py: beside the executable (build tree or a copy), installed data,
+// or the source tree this was built from.
+std::optional<fs::path> find_plot_script(const fs::path& dir) {
+    for (const fs::path& p :
+         {dir / "plot_bench.py", dir / ".." / "share" / "evmux" / "plot_bench.py",
+          fs::path(EVMUX_SOURCE_DIR) / "tools" / "plot_bench.py"})
+        if (fs::exists(p)) return p;
+    return std::nullopt;
+}
+
+[[noreturn]] void usage_error(const std::string& message) {
+    std::cerr << "evmux-bench: " << message << " (see --help)\n";
+    std::exit(2);
+}
+
+// Every usable backend, or the requested ones after checking each.
+std::vector<std::string> pick_backends(const std::vector<std::string>& requested) {
+    std::vector<std::string> usable, all;
+    for (const auto& b : evmux::backends()) {
+        all.push_back(b.name);
+        if (b.usable) usable.push_back(b.name);
+    }
+    if (requested.empty()) return usable;
+    std::string usable_list;
+    for (const auto& u : usable) usable_list += (usable_list.empty() ? "" : ", ") + u;
+    for (const auto& name : requested) {
+        if (std::find(usable.begin(), usable.end(), name) != usable.end()) continue;
+        if (std::find(all.begin(), all.end(), name) != all.end())
+            usage_error("backend '" + name +
+                        "' is not usable here; usable backends: " + usable_list);
+        usage_error("unknown backend '" + name + "'; usable backends: " + usable_list);
+    }
+    return requested;
+}
+
+int run_dispatch_command(int n, int a, int w, const std::string& backend, int iterations) {
+    pick_backends({backend});
+    raise_fd_limit(2 * n + 64);
+    for (double us : dispatch_iterations(backend, n, a, w, iterations)) std::printf("%.0f\n", us);
+    return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    Options opt;
+    CLI::App app{
+        "evmux-bench: evmux's backends against each other and against an epoll floor, a "
+        "libevent bufferevent server, thread-per-connection and fork-per-connection servers"};
+    app.add_option("--backends", opt.backends, "evmux backends (default: every usable one)")
+        ->delimiter(',');
+    app.add_option(
+           "--servers", opt.servers,
+           "servers: evmux, epoll-floor, libevent-bufferevent, threads, fork (default: all)")
+        ->delimiter(',');
+    app.add_option("--sizes", opt.sizes, "message sizes in bytes (default 64,1024,16384)")
+        ->delimiter(',')
+        ->check(CLI::Range(1, 1 << 24));
+    app.add_option("--sessions", opt.sessions,
+                   "concurrent ping-pong sessions (default 1,10,100,1000)")
+        ->delimiter(',')
+        ->check(CLI::Range(1, 100000));
+    app.add_option("--duration", opt.duration, "seconds per point (default 2; 1 with --quick)")
+        ->check(CLI::Range(0.05, 3600.0));
+    app.add_flag("--quick", opt.quick,
+                 "a subset that finishes in about a minute (1 s points, fewer idle connections)");
+    app.add_option("--out", opt.out_dir, "directory for bench.json, bench.csv and the plots");
+    app.add_option("--json", opt.json_file, "write the results as JSON to this file");
+    app.add_option("--csv", opt.csv_file, "write the results as CSV to this file");
+    app.add_option("--idle-conns", opt.idle_conns,
+                   "connections in the idle-heavy case (default 10000; 2000 with --quick)")
+        ->check(CLI::Range(1, 1000000));
+    app.add_option("--idle-active", opt.idle_active,
+                   "active connections in the idle-heavy case (default 100)")
+        ->check(CLI::Range(1, 1000000));
+    app.add_flag("--no-idle", opt.no_idle, "skip the idle-heavy case");
+    app.add_flag("--no-plots", opt.no_plots, "do not run plot_bench.py");
+    app.add_option("--tools-dir", opt.tools_dir,
+                   "where evmux-echo, evmux-load and the baselines are (default: beside this "
+                   "program)");
+    app.add_option("--host", opt.host, "address the servers listen on (default 127.0.0.1)");
+
+    int d_n = 100, d_a = 1, d_w = 100, d_iter = 25;
+    std::string d_backend = evmux::default_backend_name();
+    CLI::App* dispatch = app.add_subcommand(
+        "dispatch",
+        "libevent's test/bench.c on an evmux EventLoop: N socketpairs, A active, W writes; "
+        "prints the microseconds of each of 25 iterations");
+    dispatch->add_option("-n", d_n, "socketpairs (default 100)")->check(CLI::Range(1, 1000000));
+    dispatch->add_option("-a", d_a, "active chains (default 1)")->check(CLI::Range(1, 1000000));
+    dispatch->add_option("-w", d_w, "writes (default 100)")->check(CLI::Range(0, 100000000));
+    dispatch->add_option("--backend", d_backend, "evmux backend (default: EVMUX_BACKEND or best)");
+    dispatch->add_option("--iterations", d_iter, "iterations (default 25, as bench.c)")
+        ->check(CLI::Range(1, 100000));
+
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::CallForHelp& e) {
+        return app.exit(e);
+    } catch (const CLI::ParseError& e) {
+        std::string what = e.what();
+        usage_error(what.substr(0, what.find('\n')));
+    }
+
+    try {
+        if (dispatch->parsed()) {
+            if (d_a > d_n) usage_error("-a must not exceed -n");
+            return run_dispatch_command(d_n, d_a, d_w, d_backend, d_iter);
+        }
+
+        // ---- the plan -------------------------------------------------------------
+        static const std::vector<std::string> known_servers{
+            "evmux", "epoll-floor", "libevent-bufferevent", "threads", "fork"};
+        for (const auto& s : opt.servers)
+            if (std::find(known_servers.begin(), known_servers.end(), s) == known_servers.end())
+                usage_error("unknown server '" + s +
+                            "'; known: evmux, epoll-floor, libevent-bufferevent, threads, fork");
+        auto wanted = [&](const std::string& s) {
+            return opt.servers.empty() ||
+                   std::find(opt.servers.begin(), opt.servers.end(), s) != opt.servers.end();
+        };
+        std::vector<std::string> backends =
+            wanted("evmux") ? pick_backends(opt.backends) : std::vector<std::string>{};
+        if (!wanted("evmux") && !opt.backends.empty())
+            usage_error("--backends given but 'evmux' is not among --servers");
+
+        if (opt.duration <= 0) opt.duration = opt.quick ? 1.0 : 2.0;
+        if (opt.idle_conns <= 0) opt.idle_conns = opt.quick ? 2000 : 10000;
+        if (opt.idle_active > opt.idle_conns) usage_error("--idle-active exceeds --idle-conns");
+
+        std::vector<Point> points;
+        if (opt.quick && opt.sizes.empty() && opt.sessions.empty()) {
+            points = {{64, 100, 100, false},
+                      {1024, 100, 100, false},
+                      {16384, 100, 100, false},
+                      {1024, 10, 10, false},
+                      {1024, 1000, 1000, false}};
+        } else {
+            if (opt.sizes.empty()) opt.sizes = {64, 1024, 16384};
+            if (opt.sessions.empty()) opt.sessions = {1, 10, 100, 1000};
+            for (int size : opt.sizes)
+                for (int s : opt.sessions) points.push_back({size, s, s, false});
+        }
+        if (!opt.no_idle) points.push_back({64, opt.idle_conns, opt.idle_active, true});
+
+        fs::path tools = opt.tools_dir.empty() ? self_dir() : fs::path(opt.tools_dir);
+        fs::path load = tools / "evmux-load";
+        if (!fs::exists(load)) {
+            std::cerr << "evmux-bench: " << load.string()
+                      << " not found (build it, or point --tools-dir at it)\n";
+            return 1;
+        }
+        std::vector<Server> servers;
+        auto add_baseline = [&](const std::string& name, const std::string& exe, bool per_conn,
+                                bool forks) {
+            if (!wanted(name)) return;
+            fs::path bin = tools / exe;
+            if (!fs::exists(bin)) {
+                std::cerr << "evmux-bench: skipping " << name << ": " << bin.string()
+                          << " not found\n";
+                return;
+            }
+            servers.push_back({name, name, "", bin, per_conn, forks});
+        };
+        add_baseline(floor_server, "evmux-baseline-epoll", false, false);
+        if (!backends.empty()) {
+            fs::path echo = tools / "evmux-echo";
+            if (!fs::exists(echo))
+                std::cerr << "evmux-bench: skipping evmux: " << echo.string() << " not found\n";
+            else
+                for (const auto& b : backends)
+                    servers.push_back({"evmux/" + b, "evmux", b, echo, false, false});
+        }
+        add_baseline("libevent-bufferevent", "evmux-baseline-libevent", false, false);
+        add_baseline("threads", "evmux-baseline-threads", true, false);
+        add_baseline("fork", "evmux-baseline-fork", true, true);
+        if (servers.empty()) {
+            std::cerr << "evmux-bench: no server to run\n";
+            return 1;
+        }
+
+        // Both ends of 10 000 connections: raise the fd limit (children inherit it).
+        int max_conns = 0;
+        for (const auto& p : points) max_conns = std::max(max_conns, p.conns);
+        raise_fd_limit(max_conns + 256);
+
+        int cpus = usable_cpus();
+        int server_cpu = -1, client_cpu = -1;
+        if (cpus >= 2) {
+            cpu_set_t set;
+            CPU_ZERO(&set);
+            sched_getaffinity(0, sizeof set, &set);
+            for (int c = 0; c < CPU_SETSIZE && client_cpu < 0; ++c) {
+                if (!CPU_ISSET(c, &set)) continue;
+                (server_cpu < 0 ? server_cpu : client_cpu) = c;
+            }
+            std::cerr << "evmux-bench: servers on CPU " << server_cpu << ", evmux-load on CPU "
+                      << client_cpu << "\n";
+        } else {
+            std::cerr << "evmux-bench: only 1 CPU: server and client share it (not pinned); "
+                         "figures are not comparable with a 2-CPU run\n";
+        }
+
+        install_child_reaper();
+        auto t0 = Clock::now();
+        Runner runner(opt, load, server_cpu, client_cpu);
+        std::vector<Result> results;
+        std::size_t total = points.size() * servers.size(), done = 0;
+        bool all_ok = true;
+        for (const auto& p : points) {
+            for (const auto& s : servers) {
+                ++done;
+                std::fprintf(stderr, "[%zu/%zu] %s %s ...", done, total, s.name.c_str(),
+                             point_label(p).c_str());
+                std::fflush(stderr);
+                Result r = runner.run(s, p);
+                if (r.ok)
+                    std::fprintf(stderr, " %.0f msg/s, p99 %.0f us\n", r.msgs_per_s, r.p99_us);
+                else
+                    std::fprintf(stderr, " %s%s\n", r.skipped ? "" : "FAILED: ", r.note.c_str());
+                if (!r.ok && !r.skipped) all_ok = false;
+                results.push_back(std::move(r));
+            }
+        }
+
+        // Dispatch cost as idle fds grow, in this process, for each evmux backend.
+        std::vector<DispatchSweep> sweeps;
+        std::vector<int> fd_counts =
+            opt.quick ? std::vector<int>{100, 1000, 5000} : std::vector<int>{100, 1000, 10000};
+        for (const auto& b : backends) {
+            std::fprintf(stderr, "dispatch sweep %s ...", b.c_str());
+            std::fflush(stderr);
+            for (int n : fd_counts) sweeps.push_back(dispatch_sweep(b, n, opt.quick ? 5 : 10));
+            std::fprintf(stderr, " done\n");
+        }
+        double total_s = std::chrono::duration<double>(Clock::now() - t0).count();
+
+        print_table(std::cout, results, points);
+        if (!sweeps.empty()) {
+            std::cout << "\n== dispatch cost per ready event vs registered fds (bench.c shape, "
+                         "10 active chains, 1000 writes; median of iterations)\n";
+            std::printf("%-10s", "backend");
+            for (int n : fd_counts) std::printf(" %12s", (std::to_string(n) + " fds").c_str());
+            std::printf("\n");
+            for (const auto& b : backends) {
+                std::printf("%-10s", b.c_str());
+                for (const auto& s : sweeps)
+                    if (s.backend == b) std::printf(" %9.3f us", s.us_per_event);
+                std::printf("\n");
+            }
+        }
+        std::printf("\nevmux-bench: %zu runs in %.1f s\n", results.size(), total_s);
+        std::fflush(stdout);
+
+        std::optional<fs::path> json_path;
+        if (!opt.out_dir.empty()) {
+            fs::create_directories(opt.out_dir);
+            json_path = fs::path(opt.out_dir) / "bench.json";
+            write_json(*json_path, results, opt, sweeps, cpus >= 2, total_s);
+            write_csv(fs::path(opt.out_dir) / "bench.csv", results);
+        }
+        if (!opt.json_file.empty()) {
+            write_json(opt.json_file, results, opt, sweeps, cpus >= 2, total_s);
+            if (!json_path) json_path = opt.json_file;
+        }
+        if (!opt.csv_file.empty()) write_csv(opt.csv_file, results);
+
+        if (!opt.out_dir.empty() && !opt.no_plots) {
+            auto script = find_plot_script(self_dir());
+            if (!script) {
+                std::cerr << "evmux-bench: plot_bench.py not found; no plots\n";
+            } else {
+                std::string cmd = "/usr/bin/python3 '" + script->string() + "' '" +
+                                  json_path->string() + "' '" + opt.out_dir + "'";
+                if (std::system(cmd.c_str()) != 0)
+                    std::cerr << "evmux-bench: plot_bench.py failed (is python3-matplotlib "
+                                 "installed?); the data are in "
+                              << json_path->string() << "\n";
+            }
+        }
+        return all_ok ? 0 : 1;
+    } catch (const std::exception& e) {
+        std::cerr << "evmux-bench: " << e.what() << "\n";
+        return 1;
+    }
+}
