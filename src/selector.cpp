@@ -31,7 +31,10 @@ Selector::~Selector() = default;
 void Selector::check_interest(Events interest) {
     if (interest == Events::none)
         throw std::invalid_argument("evmux: interest must include read or write");
-    if (any(interest, ~(Events::read | Events::write)))
+    // Checked on the raw bits: operator~ keeps only the four known flags, so
+    // it would let unknown high bits through as a valid interest.
+    constexpr auto known = static_cast<std::uint32_t>(Events::read | Events::write);
+    if ((static_cast<std::uint32_t>(interest) & ~known) != 0)
         throw std::invalid_argument("evmux: interest may only be read and/or write, not " +
                                     to_string(interest));
 }
@@ -93,8 +96,14 @@ int Selector::max_fd() const {
 
 bool Selector::report(int fd, Events events, std::uint32_t generation) {
     const SelectorKey* key = get_key(fd);
-    if (!key) return false;                                               // removed
+    if (!key) return false;                                              // removed
     if (generation != 0 && generation != key->generation) return false;  // earlier registration
+    // The kernel flags describe the file; the contract on Events describes
+    // what a call will do. A pending error makes a read and a write return at
+    // once, and a hang-up makes a read return end-of-file: a pipe at EOF gives
+    // POLLHUP without POLLIN, a pipe without reader POLLERR without POLLOUT.
+    if (any(events, Events::error)) events |= Events::read | Events::write;
+    if (any(events, Events::hangup)) events |= Events::read;
     events &= key->interest | Events::error | Events::hangup;
     if (events != Events::none) ready_.push_back(ReadyEvent{*key, events});
     return true;
@@ -104,15 +113,20 @@ std::span<const ReadyEvent> Selector::select(Timeout timeout) {
     using clock = std::chrono::steady_clock;
     ready_.clear();
     if (timeout && timeout->count() < 0) timeout = std::chrono::nanoseconds::zero();
-    const bool finite = timeout.has_value() && timeout->count() > 0;
     // A deadline far in the future would overflow the clock: treat it as forever.
-    if (finite && *timeout > std::chrono::hours(24 * 365 * 100)) timeout.reset();
-    const auto deadline = finite && timeout ? clock::now() + *timeout : clock::time_point{};
+    if (timeout && *timeout > std::chrono::hours(24 * 365 * 100)) timeout.reset();
+    const bool finite = timeout && timeout->count() > 0;
+    const auto deadline = finite ? clock::now() + *timeout : clock::time_point{};
     for (;;) {
-        if (backend_wait(timeout)) break;
-        // Interrupted by a signal: resume with what is left of the wait.
+        const bool completed = backend_wait(timeout);
+        if (completed && !ready_.empty()) break;
+        if (completed && timeout && timeout->count() == 0) break;
+        // Interrupted by a signal (EINTR), or woken with nothing to report
+        // (poll's POLLNVAL, epoll's orphaned registration, a closed fd set
+        // aside by select): wait again for what is left of the timeout, so an
+        // empty result always means the timeout expired.
         ready_.clear();
-        if (finite && timeout) {
+        if (finite) {
             auto left = deadline - clock::now();
             if (left <= clock::duration::zero()) break;
             timeout = std::chrono::duration_cast<std::chrono::nanoseconds>(left);

@@ -25,6 +25,13 @@ namespace evmux {
 ///  - error:  the socket has a pending error (POLLERR, EPOLLERR), e.g. after a reset.
 ///  - hangup: the peer will send no more: it shut down its write side or the
 ///            connection is gone (POLLHUP; POLLRDHUP while read interest is set).
+/// error implies read and write, hangup implies read (each masked to the
+/// interest), so a pipe at end of file (POLLHUP alone) is read|hangup like a
+/// socket. What every backend reports, with read interest:
+///  - peer closed or shut down its write side: read|hangup
+///  - TCP peer reset (RST): read|error|hangup
+///  - fd closed while registered: nothing (remove() it; see README)
+/// A write-only watcher is not told about a half-close (no POLLRDHUP asked).
 enum class Events : std::uint32_t {
     none = 0,
     read = 1u << 0,
@@ -89,8 +96,9 @@ public:
     const SelectorKey& add(int fd, Events interest, void* data = nullptr);
 
     /// Change the interest and data of a registered fd. Throws like add(), and
-    /// std::out_of_range if `fd` is not registered. On failure the old
-    /// registration is kept.
+    /// std::out_of_range if `fd` is not registered (a negative fd never is).
+    /// On failure the old registration is kept. The returned reference (like
+    /// add()'s) is valid until the next add, modify or remove.
     const SelectorKey& modify(int fd, Events interest, void* data);
     /// Change only the interest; keeps the data.
     const SelectorKey& modify(int fd, Events interest);
@@ -102,7 +110,10 @@ public:
     /// Wait for readiness. Returns the ready fds; the span stays valid until
     /// the next select() on this selector (the storage is reused, so a wait
     /// allocates nothing). An interrupted wait (EINTR) resumes with the
-    /// remaining time. Events for fds removed since are never returned.
+    /// remaining time; an empty result means the timeout expired (never
+    /// earlier), and an infinite wait returns only with events. Events for
+    /// fds removed since are never returned. Throws std::system_error if the
+    /// kernel call fails for another reason.
     std::span<const ReadyEvent> select(Timeout timeout = std::nullopt);
 
     /// The key of a registered fd, or nullptr.
