@@ -26,10 +26,13 @@ namespace evmux {
 /// level-triggered backend reports those fds again).
 class EventLoop {
 public:
+    /// The clock of every timer: monotonic, unaffected by changes of the wall clock.
     using Clock = std::chrono::steady_clock;
+    /// Timer delays and intervals.
     using Duration = std::chrono::nanoseconds;
     /// Called with the ready events (read, write, error, hangup) of one fd.
     using IoCallback = std::function<void(Events)>;
+    /// A timer callback or a posted task.
     using Task = std::function<void()>;
     /// Identifies a timer for cancel(); never 0.
     using TimerId = std::uint64_t;
@@ -126,6 +129,7 @@ public:
     /// contents are valid until the next callback. Idle connections thus hold
     /// no read buffer of their own.
     std::span<char> scratch() { return {scratch_.get(), scratch_size}; }
+    /// Size of scratch() in bytes.
     static constexpr std::size_t scratch_size = 64 * 1024;
 
     /// The selector underneath (to read name() or size()).

@@ -10,3 +10,9 @@
 #include "evmux/event_loop.hpp"
 #include "evmux/selector.hpp"
 #include "evmux/version.hpp"
+
+/// Everything evmux offers. The layers, each using only the one below:
+/// Selector (which fds are ready, on a backend chosen at run time),
+/// EventLoop (callbacks per fd, timers, signals, cross-thread post),
+/// Connection (buffered I/O with a bounded message queue) and TcpServer.
+namespace evmux {}

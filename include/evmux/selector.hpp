@@ -40,16 +40,21 @@ enum class Events : std::uint32_t {
     hangup = 1u << 3,
 };
 
+/// The union of two flag sets.
 constexpr Events operator|(Events a, Events b) {
     return static_cast<Events>(static_cast<std::uint32_t>(a) | static_cast<std::uint32_t>(b));
 }
+/// The flags in both sets.
 constexpr Events operator&(Events a, Events b) {
     return static_cast<Events>(static_cast<std::uint32_t>(a) & static_cast<std::uint32_t>(b));
 }
+/// The defined flags (read, write, error, hangup) not in `a`.
 constexpr Events operator~(Events a) {
     return static_cast<Events>(~static_cast<std::uint32_t>(a) & 0xfu);
 }
+/// Adds the flags of `b` to `a`.
 constexpr Events& operator|=(Events& a, Events b) { return a = a | b; }
+/// Keeps in `a` only the flags also in `b`.
 constexpr Events& operator&=(Events& a, Events b) { return a = a & b; }
 /// True when `set` has any of the flags in `flags`.
 constexpr bool any(Events set, Events flags) { return (set & flags) != Events::none; }
@@ -61,17 +66,17 @@ std::string to_string(Events events);
 /// `generation` is unique per registration within a selector, so that an event
 /// captured for an earlier registration of the same fd number can be told apart.
 struct SelectorKey {
-    int fd = -1;
-    Events interest = Events::none;
-    void* data = nullptr;
-    std::uint32_t generation = 0;
+    int fd = -1;                     ///< the watched fd (not owned); -1 in an empty key
+    Events interest = Events::none;  ///< read, write or both
+    void* data = nullptr;            ///< the caller's pointer, never dereferenced by evmux
+    std::uint32_t generation = 0;    ///< unique per registration; never 0 once registered
 };
 
 /// One ready fd: a copy of its key as it was when the wait returned, and what
 /// it is ready for (already masked to the interest, plus error/hangup).
 struct ReadyEvent {
-    SelectorKey key;
-    Events events = Events::none;
+    SelectorKey key;               ///< the registration, as it was when the wait returned
+    Events events = Events::none;  ///< what the fd is ready for: never none
 };
 
 /// Timeout of a wait: std::nullopt waits forever, zero does not block, any
