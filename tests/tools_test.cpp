@@ -1,0 +1,575 @@
+// The load client and the baseline echo servers, run as the programs they are:
+// each baseline is started on port 0 and loaded by evmux-load; evmux-load is
+// run against small in-test servers that misbehave on purpose (corrupt a byte,
+// drop an idle connection, hang up mid-reply) and must say so with exit 1;
+// every program must reject bad flags with one line and exit 2.
+//
+// The paths of the programs come from the environment (set by meson):
+// EVMUX_LOAD and EVMUX_BASELINE_<NAME> (EPOLL, LIBEVENT, THREADS, FORK).
+// Not a per-backend suite: none of these programs uses the evmux selector.
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <regex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+extern char** environ;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using namespace std::chrono_literals;
+
+/// How long any child program may run before the test kills it and fails.
+constexpr auto kChildTimeout = 30s;
+
+/// The path of a program under test from the environment, or "" if unset.
+std::string program_path(const char* var) {
+    const char* p = std::getenv(var);
+    return p ? p : "";
+}
+
+/// A child process with its stdout and stderr on pipes. Killed (SIGKILL) and
+/// reaped on destruction if still running, so a failing test leaves nothing.
+class Child {
+  public:
+    /// Starts argv[0] with the given arguments. Fails the test (and leaves
+    /// pid() == -1) if it cannot.
+    explicit Child(const std::vector<std::string>& argv) {
+        int out[2], err[2];
+        if (::pipe2(out, O_CLOEXEC) < 0 || ::pipe2(err, O_CLOEXEC) < 0) {
+            ADD_FAILURE() << "pipe2: " << std::strerror(errno);
+            return;
+        }
+        posix_spawn_file_actions_t fa;
+        posix_spawn_file_actions_init(&fa);
+        posix_spawn_file_actions_adddup2(&fa, out[1], 1);
+        posix_spawn_file_actions_adddup2(&fa, err[1], 2);
+        std::vector<char*> args;
+        for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+        args.push_back(nullptr);
+        const int rc = ::posix_spawn(&pid_, args[0], &fa, nullptr, args.data(), environ);
+        posix_spawn_file_actions_destroy(&fa);
+        ::close(out[1]);
+        ::close(err[1]);
+        out_ = out[0];
+        err_ = err[0];
+        if (rc != 0) {
+            pid_ = -1;
+            ADD_FAILURE() << "posix_spawn " << argv[0] << ": " << std::strerror(rc);
+        }
+    }
+    ~Child() {
+        if (pid_ > 0) {
+            ::kill(pid_, SIGKILL);
+            ::waitpid(pid_, nullptr, 0);
+        }
+        if (out_ >= 0) ::close(out_);
+        if (err_ >= 0) ::close(err_);
+    }
+    Child(const Child&) = delete;
+    Child& operator=(const Child&) = delete;
+
+    pid_t pid() const { return pid_; }
+
+    /// Reads stderr up to the first newline (without it), or nullopt if none
+    /// comes within `timeout`.
+    std::optional<std::string> stderr_line(std::chrono::milliseconds timeout) {
+        const auto deadline = Clock::now() + timeout;
+        while (true) {
+            if (auto nl = err_text_.find('\n'); nl != std::string::npos) {
+                std::string line = err_text_.substr(0, nl);
+                err_text_.erase(0, nl + 1);
+                return line;
+            }
+            const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
+            if (left.count() <= 0 || !read_some(err_, err_text_, static_cast<int>(left.count())))
+                return std::nullopt;
+        }
+    }
+
+    /// Collects stdout and stderr until both close and waits for the exit.
+    /// Returns the exit code, or -1 (test failure) if it does not end in
+    /// `timeout` or dies of a signal.
+    int finish(std::chrono::milliseconds timeout = kChildTimeout) {
+        const auto deadline = Clock::now() + timeout;
+        bool out_open = true, err_open = true;
+        while ((out_open || err_open) && Clock::now() < deadline) {
+            pollfd fds[2] = {{out_open ? out_ : -1, POLLIN, 0}, {err_open ? err_ : -1, POLLIN, 0}};
+            if (::poll(fds, 2, 100) < 0 && errno != EINTR) break;
+            if (fds[0].revents) out_open = read_some(out_, out_text_, 0);
+            if (fds[1].revents) err_open = read_some(err_, err_text_, 0);
+        }
+        return wait(deadline);
+    }
+
+    /// Sends a signal and waits for the exit code (-1 as in finish()).
+    int signal_and_wait(int sig, std::chrono::milliseconds timeout = 10s) {
+        ::kill(pid_, sig);
+        return wait(Clock::now() + timeout);
+    }
+
+    const std::string& out() const { return out_text_; }
+    const std::string& err() const { return err_text_; }
+
+  private:
+    // Appends what fd has (waiting up to ms); false on EOF or error.
+    static bool read_some(int fd, std::string& to, int ms) {
+        pollfd p{fd, POLLIN, 0};
+        if (ms > 0 && ::poll(&p, 1, ms) <= 0) return ms <= 0;
+        char buf[4096];
+        const ssize_t n = ::read(fd, buf, sizeof buf);
+        if (n <= 0) return n < 0 && errno == EINTR;
+        to.append(buf, static_cast<std::size_t>(n));
+        return true;
+    }
+    int wait(Clock::time_point deadline) {
+        while (pid_ > 0) {
+            int status = 0;
+            const pid_t r = ::waitpid(pid_, &status, WNOHANG);
+            if (r == pid_) {
+                pid_ = -1;
+                if (WIFEXITED(status)) return WEXITSTATUS(status);
+                ADD_FAILURE() << "child killed by signal " << WTERMSIG(status);
+                return -1;
+            }
+            if (Clock::now() >= deadline) {
+                ADD_FAILURE() << "child did not exit in time; killing it";
+                return -1;  // the destructor kills and reaps it
+            }
+            std::this_thread::sleep_for(5ms);
+        }
+        return -1;
+    }
+
+    pid_t pid_ = -1;
+    int out_ = -1;
+    int err_ = -1;
+    std::string out_text_;
+    std::string err_text_;
+};
+
+/// The numbers of evmux-load's --json object (keys as documented).
+struct LoadReport {
+    std::map<std::string, double> values;
+    double operator[](const std::string& key) const {
+        auto it = values.find(key);
+        return it == values.end() ? -1 : it->second;
+    }
+};
+
+/// Parses the one-line JSON object; fails the test if it is not one.
+LoadReport parse_report(const std::string& out) {
+    LoadReport r;
+    EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << out;
+    EXPECT_TRUE(out.starts_with("{") && out.ends_with("}\n")) << out;
+    static const std::regex number(R"re("(\w+)":(-?[0-9.]+))re");
+    for (auto it = std::sregex_iterator(out.begin(), out.end(), number);
+         it != std::sregex_iterator(); ++it)
+        r.values[(*it)[1]] = std::stod((*it)[2]);
+    for (const char* key :
+         {"conns", "active", "size", "duration_s", "round_trips", "round_trips_per_s", "mib_per_s",
+          "p50", "p99", "max", "mismatches", "errors"})
+        EXPECT_TRUE(r.values.count(key)) << "no \"" << key << "\" in " << out;
+    EXPECT_NE(out.find("\"latency_us\":{"), std::string::npos) << out;
+    return r;
+}
+
+/// Runs evmux-load with args; returns the exit code and fills out/err.
+int run_load(const std::vector<std::string>& args, std::string* out = nullptr,
+             std::string* err = nullptr) {
+    std::vector<std::string> argv{program_path("EVMUX_LOAD")};
+    argv.insert(argv.end(), args.begin(), args.end());
+    Child c(argv);
+    const int rc = c.finish();
+    if (out) *out = c.out();
+    if (err) *err = c.err();
+    return rc;
+}
+
+/// A listening socket on 127.0.0.1 with a kernel-chosen port.
+struct Listener {
+    int fd = -1;
+    int port = 0;
+    Listener() {
+        fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        sockaddr_in a{};
+        a.sin_family = AF_INET;
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        socklen_t len = sizeof a;
+        if (::bind(fd, reinterpret_cast<sockaddr*>(&a), len) < 0 || ::listen(fd, 64) < 0 ||
+            ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len) < 0)
+            ADD_FAILURE() << "listener: " << std::strerror(errno);
+        port = ntohs(a.sin_port);
+    }
+    ~Listener() { ::close(fd); }
+};
+
+/// A small misbehaving server for the negative tests: accepts on a thread,
+/// runs handler(fd) on its own thread per connection (blocking socket), until
+/// destroyed. Every wait inside is bounded by `stop`.
+class TinyServer {
+  public:
+    using Handler = std::function<void(int fd, const std::atomic<bool>& stop)>;
+    explicit TinyServer(Handler h) : handler_(std::move(h)) {
+        acceptor_ = std::thread([this] {
+            while (!stop_) {
+                pollfd p{listener_.fd, POLLIN, 0};
+                if (::poll(&p, 1, 20) <= 0) continue;
+                const int c = ::accept4(listener_.fd, nullptr, nullptr, SOCK_CLOEXEC);
+                if (c < 0) continue;
+                std::lock_guard lock(mutex_);
+                fds_.push_back(c);
+                workers_.emplace_back([this, c] { handler_(c, stop_); });
+            }
+        });
+    }
+    ~TinyServer() {
+        stop_ = true;
+        acceptor_.join();
+        for (auto& w : workers_) w.join();
+        for (int fd : fds_) ::close(fd);
+    }
+    int port() const { return listener_.port; }
+
+    /// Reads up to n bytes, waiting at most `ms`; 0 on EOF/timeout/stop.
+    static ssize_t read_for(int fd, char* buf, std::size_t n, int ms,
+                            const std::atomic<bool>& stop) {
+        const auto deadline = Clock::now() + std::chrono::milliseconds(ms);
+        while (!stop && Clock::now() < deadline) {
+            pollfd p{fd, POLLIN, 0};
+            if (::poll(&p, 1, 20) <= 0) continue;
+            return ::recv(fd, buf, n, 0);
+        }
+        return 0;
+    }
+    /// Echoes, passing every byte through `transform(offset, byte)`.
+    static void echo(int fd, const std::atomic<bool>& stop,
+                     const std::function<char(std::size_t, char)>& transform) {
+        char buf[65536];
+        std::size_t offset = 0;
+        while (true) {
+            const ssize_t n = read_for(fd, buf, sizeof buf, 10000, stop);
+            if (n <= 0) return;
+            for (ssize_t i = 0; i < n; ++i) buf[i] = transform(offset++, buf[i]);
+            if (::send(fd, buf, static_cast<std::size_t>(n), MSG_NOSIGNAL) != n) return;
+        }
+    }
+
+  private:
+    Listener listener_;
+    Handler handler_;
+    std::atomic<bool> stop_{false};
+    std::mutex mutex_;
+    std::vector<int> fds_;
+    std::vector<std::thread> workers_;
+    std::thread acceptor_;
+};
+
+// ---------------------------------------------------------------------------
+// The baselines under evmux-load.
+
+struct Baseline {
+    const char* name;  // as in the program name evmux-baseline-NAME
+    const char* env;   // the variable holding its path
+};
+
+class BaselineTest : public ::testing::TestWithParam<Baseline> {
+  protected:
+    void SetUp() override {
+        path_ = program_path(GetParam().env);
+        if (path_.empty()) GTEST_SKIP() << GetParam().env << " not set (not built here)";
+        ASSERT_FALSE(program_path("EVMUX_LOAD").empty()) << "EVMUX_LOAD not set";
+    }
+    /// Starts the server on port 0 and returns its port from the line it prints.
+    int start(std::unique_ptr<Child>& server) {
+        server = std::make_unique<Child>(std::vector<std::string>{path_, "--port", "0"});
+        const auto line = server->stderr_line(10s);
+        if (!line) {
+            ADD_FAILURE() << "no 'listening' line from " << path_;
+            return 0;
+        }
+        const std::regex shape("evmux-baseline-" + std::string(GetParam().name) +
+                               R"( listening on 127\.0\.0\.1:([0-9]+))");
+        std::smatch m;
+        if (!std::regex_match(*line, m, shape)) {
+            ADD_FAILURE() << "unexpected line: " << *line;
+            return 0;
+        }
+        const int port = std::stoi(m[1]);
+        EXPECT_GT(port, 0);
+        return port;
+    }
+    std::string path_;
+};
+
+TEST_P(BaselineTest, EchoesEverySizeUnderLoadAndExitsCleanly) {
+    std::unique_ptr<Child> server;
+    const int port = start(server);
+    ASSERT_GT(port, 0);
+    for (const int size : {1, 1000, 100000}) {
+        SCOPED_TRACE("size " + std::to_string(size));
+        std::string out, err;
+        const int rc = run_load({"--port", std::to_string(port), "--conns", "6", "--active", "4",
+                                 "--size", std::to_string(size), "--duration", "0.3", "--json"},
+                                &out, &err);
+        EXPECT_EQ(rc, 0) << err;
+        const LoadReport r = parse_report(out);
+        EXPECT_EQ(r["conns"], 6);
+        EXPECT_EQ(r["active"], 4);
+        EXPECT_EQ(r["size"], size);
+        EXPECT_EQ(r["mismatches"], 0);
+        EXPECT_EQ(r["errors"], 0);
+        EXPECT_GE(r["duration_s"], 0.3);
+        EXPECT_LT(r["duration_s"], 10);
+        EXPECT_GE(r["round_trips"], 4);  // at least one per active connection
+        // The derived figures agree with the counts they come from.
+        EXPECT_NEAR(r["round_trips_per_s"], r["round_trips"] / r["duration_s"],
+                    0.01 * r["round_trips_per_s"] + 1);
+        EXPECT_NEAR(r["mib_per_s"], 2.0 * r["round_trips"] * size / r["duration_s"] / 1048576.0,
+                    0.01 * r["mib_per_s"] + 0.01);
+        EXPECT_GT(r["p50"], 0);
+        EXPECT_LE(r["p50"], r["p99"]);
+        EXPECT_LE(r["p99"], r["max"]);
+    }
+    EXPECT_EQ(server->signal_and_wait(SIGTERM), 0) << server->err();
+}
+
+TEST_P(BaselineTest, SigintWithOpenConnectionsExitsZero) {
+    std::unique_ptr<Child> server;
+    const int port = start(server);
+    ASSERT_GT(port, 0);
+    // An open connection that has echoed once, so a worker (thread, child)
+    // exists and is blocked in read when the signal comes.
+    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(static_cast<uint16_t>(port));
+    ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+    ASSERT_EQ(::send(fd, "ping", 4, 0), 4);
+    char buf[4];
+    std::size_t got = 0;
+    for (int i = 0; i < 100 && got < 4; ++i) {
+        pollfd p{fd, POLLIN, 0};
+        if (::poll(&p, 1, 100) == 1) {
+            const ssize_t n = ::recv(fd, buf + got, 4 - got, 0);
+            if (n <= 0) break;
+            got += static_cast<std::size_t>(n);
+        }
+    }
+    ASSERT_EQ(got, 4u);
+    EXPECT_EQ(std::memcmp(buf, "ping", 4), 0);
+
+    // For the fork server: remember the child serving us; it must be gone
+    // (terminated and reaped, not orphaned) once the parent has exited.
+    std::vector<pid_t> children;
+    {
+        std::ifstream f("/proc/" + std::to_string(server->pid()) + "/task/" +
+                        std::to_string(server->pid()) + "/children");
+        for (pid_t p; f >> p;) children.push_back(p);
+    }
+    if (std::string(GetParam().name) == "fork") {
+        EXPECT_EQ(children.size(), 1u);
+    }
+
+    EXPECT_EQ(server->signal_and_wait(SIGINT), 0) << server->err();
+    for (pid_t p : children) EXPECT_NE(::kill(p, 0), 0) << "child " << p << " outlived its parent";
+    // And the connection was closed by the server's exit, not left hanging.
+    pollfd p{fd, POLLIN, 0};
+    EXPECT_EQ(::poll(&p, 1, 2000), 1);
+    EXPECT_LE(::recv(fd, buf, sizeof buf, 0), 0);
+    ::close(fd);
+}
+
+TEST_P(BaselineTest, BadFlagsExitTwoWithOneLine) {
+    for (const std::vector<std::string>& args : std::vector<std::vector<std::string>>{
+             {}, {"--port"}, {"--port", "x"}, {"--port", "70000"}, {"--port", "0", "--bogus"}}) {
+        std::vector<std::string> argv{path_};
+        argv.insert(argv.end(), args.begin(), args.end());
+        Child c(argv);
+        EXPECT_EQ(c.finish(), 2) << "args: " << ::testing::PrintToString(args);
+        EXPECT_EQ(std::count(c.err().begin(), c.err().end(), '\n'), 1) << c.err();
+        EXPECT_TRUE(c.out().empty()) << c.out();
+    }
+}
+
+INSTANTIATE_TEST_SUITE_P(Baselines, BaselineTest,
+                         ::testing::Values(Baseline{"epoll", "EVMUX_BASELINE_EPOLL"},
+                                           Baseline{"libevent", "EVMUX_BASELINE_LIBEVENT"},
+                                           Baseline{"threads", "EVMUX_BASELINE_THREADS"},
+                                           Baseline{"fork", "EVMUX_BASELINE_FORK"}),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+// ---------------------------------------------------------------------------
+// evmux-load against servers that get it wrong: each must be caught.
+
+class LoadTest : public ::testing::Test {
+  protected:
+    void SetUp() override {
+        if (program_path("EVMUX_LOAD").empty()) GTEST_SKIP() << "EVMUX_LOAD not set";
+    }
+};
+
+TEST_F(LoadTest, DetectsOneCorruptedByte) {
+    // Flips one bit of the 1500th byte of the stream: in the second message.
+    TinyServer server([](int fd, const std::atomic<bool>& stop) {
+        TinyServer::echo(fd, stop, [](std::size_t off, char c) {
+            return off == 1500 ? static_cast<char>(c ^ 0x20) : c;
+        });
+    });
+    std::string out, err;
+    EXPECT_EQ(run_load({"--port", std::to_string(server.port()), "--conns", "1", "--size", "1000",
+                        "--duration", "0.3", "--json"},
+                       &out, &err),
+              1);
+    const LoadReport r = parse_report(out);
+    EXPECT_EQ(r["mismatches"], 1);
+    EXPECT_EQ(r["round_trips"], 1);  // the first message was fine; then it stopped
+    EXPECT_NE(err.find("at byte 500"), std::string::npos) << err;
+}
+
+TEST_F(LoadTest, UpperChecksTheUppercasedReply) {
+    TinyServer upper([](int fd, const std::atomic<bool>& stop) {
+        TinyServer::echo(fd, stop, [](std::size_t, char c) {
+            return (c >= 'a' && c <= 'z') ? static_cast<char>(c - 32) : c;
+        });
+    });
+    std::string out, err;
+    EXPECT_EQ(run_load({"--port", std::to_string(upper.port()), "--conns", "2", "--size", "3000",
+                        "--duration", "0.2", "--upper", "--json"},
+                       &out, &err),
+              0)
+        << err;
+    EXPECT_EQ(parse_report(out)["mismatches"], 0);
+    // The same client without --upper sees the uppercased letters as wrong.
+    EXPECT_EQ(run_load({"--port", std::to_string(upper.port()), "--conns", "2", "--size", "3000",
+                        "--duration", "0.2", "--json"},
+                       &out, &err),
+              1);
+    EXPECT_EQ(parse_report(out)["mismatches"], 2);
+}
+
+TEST_F(LoadTest, DetectsAnIdleConnectionDroppedByTheServer) {
+    // Echoes on connections that speak within 300 ms, closes the silent ones.
+    TinyServer server([](int fd, const std::atomic<bool>& stop) {
+        char buf[65536];
+        ssize_t n = TinyServer::read_for(fd, buf, sizeof buf, 300, stop);
+        if (n <= 0) {
+            ::shutdown(fd, SHUT_RDWR);
+            return;
+        }
+        if (::send(fd, buf, static_cast<std::size_t>(n), MSG_NOSIGNAL) != n) return;
+        TinyServer::echo(fd, stop, [](std::size_t, char c) { return c; });
+    });
+    std::string out, err;
+    EXPECT_EQ(run_load({"--port", std::to_string(server.port()), "--conns", "3", "--active", "1",
+                        "--size", "100", "--duration", "0.6", "--json"},
+                       &out, &err),
+              1);
+    const LoadReport r = parse_report(out);
+    EXPECT_EQ(r["errors"], 2) << err;  // both idle ones
+    EXPECT_EQ(r["mismatches"], 0);
+    EXPECT_GT(r["round_trips"], 0);
+    EXPECT_NE(err.find("idle connection closed by the server"), std::string::npos) << err;
+}
+
+TEST_F(LoadTest, DetectsAServerThatHangsUpMidReply) {
+    // Sends back half of the first message, then closes.
+    TinyServer server([](int fd, const std::atomic<bool>& stop) {
+        char buf[1000];
+        std::size_t got = 0;
+        while (got < sizeof buf) {
+            const ssize_t n = TinyServer::read_for(fd, buf + got, sizeof buf - got, 2000, stop);
+            if (n <= 0) return;
+            got += static_cast<std::size_t>(n);
+        }
+        (void)::send(fd, buf, 500, MSG_NOSIGNAL);
+        ::shutdown(fd, SHUT_RDWR);
+    });
+    std::string out, err;
+    EXPECT_EQ(run_load({"--port", std::to_string(server.port()), "--conns", "1", "--size", "1000",
+                        "--duration", "0.2", "--json"},
+                       &out, &err),
+              1);
+    const LoadReport r = parse_report(out);
+    EXPECT_EQ(r["errors"], 1);
+    EXPECT_EQ(r["round_trips"], 0);
+    EXPECT_NE(err.find("500 of 1000"), std::string::npos) << err;
+}
+
+TEST_F(LoadTest, DetectsARefusedConnection) {
+    int port;
+    {
+        Listener gone;  // a port that was free a moment ago, now closed
+        port = gone.port;
+    }
+    std::string out, err;
+    EXPECT_EQ(run_load({"--port", std::to_string(port), "--conns", "3", "--size", "10",
+                        "--duration", "0.2", "--json"},
+                       &out, &err),
+              1);
+    const LoadReport r = parse_report(out);
+    EXPECT_GE(r["errors"], 1);
+    EXPECT_EQ(r["round_trips"], 0);
+    EXPECT_NE(err.find("Connection refused"), std::string::npos) << err;
+}
+
+TEST_F(LoadTest, TextReportSaysHowThroughputIsCounted) {
+    TinyServer server([](int fd, const std::atomic<bool>& stop) {
+        TinyServer::echo(fd, stop, [](std::size_t, char c) { return c; });
+    });
+    std::string out, err;
+    EXPECT_EQ(run_load({"--port", std::to_string(server.port()), "--conns", "1", "--size", "10",
+                        "--duration", "0.1"},
+                       &out, &err),
+              0)
+        << err;
+    EXPECT_NE(out.find("MiB/s (payload, both directions)"), std::string::npos) << out;
+    EXPECT_NE(out.find("round trips"), std::string::npos) << out;
+}
+
+TEST_F(LoadTest, BadFlagsExitTwoWithOneLine) {
+    const std::vector<std::vector<std::string>> cases = {
+        {},
+        {"--port", "1"},                                                     // missing required
+        {"--port", "0", "--conns", "1", "--size", "1", "--duration", "1"},   // port 0
+        {"--port", "1", "--conns", "0", "--size", "1", "--duration", "1"},   // no connections
+        {"--port", "1", "--conns", "1", "--size", "0", "--duration", "1"},   // empty message
+        {"--port", "1", "--conns", "1", "--size", "1", "--duration", "-1"},  // negative time
+        {"--port", "1", "--conns", "2", "--size", "1", "--duration", "1", "--active", "3"},
+        {"--port", "x", "--conns", "1", "--size", "1", "--duration", "1"},
+        {"--port", "1", "--conns", "1", "--size", "1", "--duration", "1", "--bogus"},
+    };
+    for (const auto& args : cases) {
+        std::string out, err;
+        EXPECT_EQ(run_load(args, &out, &err), 2) << ::testing::PrintToString(args);
+        EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+        EXPECT_TRUE(out.empty()) << out;
+    }
+}
+
+}  // namespace
