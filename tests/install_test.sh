@@ -6,8 +6,9 @@
 #             pulls in no libevent/liburing/build-tree header, and evmux.hpp
 #             includes every one of them.
 #   pkgconfig examples/select_server.cpp built with `pkg-config --cflags --libs
-#             evmux` (shared) and `--static` (libevmux.a + Libs.private), both
-#             run their --self-test.
+#             evmux` (shared) and `--static` (libevmux.a + Libs.private), and
+#             the examples built with examples/Makefile and examples/
+#             CMakeLists.txt (the README's recipes); each runs its --self-test.
 #   subproject tests/subproject_consumer built with subprojects/evmux -> the
 #             source tree (meson's wrap-less subproject), and run.
 #
@@ -47,16 +48,15 @@ install_part() {
     local pc
     pc=$(find "$tmp/root" -name evmux.pc -print -quit)
     [ -n "$pc" ] || fail "no evmux.pc installed"
-    export PKG_CONFIG_PATH=${pc%/*}
-    local prefix
+    # pkg-config answers for the final prefix; the sysroot makes every path
+    # it prints point into the staged copy instead (make and cmake see it too).
+    export PKG_CONFIG_PATH=${pc%/*} PKG_CONFIG_SYSROOT_DIR=$tmp/root
+    local prefix libdir incdir
     prefix=$(pkg-config --variable=prefix evmux)
-    local root=$tmp/root$prefix
-    # pkg-config answers for the final prefix; point it at the staged copy.
-    pc_evmux() { pkg-config --define-variable=prefix="$root" "$@" evmux; }
-    local libdir incdir
-    libdir=$(pc_evmux --variable=libdir)
-    incdir=$(pc_evmux --variable=includedir)
-    echo "prefix $prefix, evmux $(pkg-config --modversion evmux)"
+    libdir=$(pkg-config --variable=libdir evmux)
+    incdir=$(pkg-config --variable=includedir evmux)
+    [ -d "$incdir" ] && [ -d "$libdir" ] || fail "pkg-config paths $incdir $libdir are not in $tmp/root"
+    echo "staged prefix $prefix, evmux $(pkg-config --modversion evmux)"
 
     step "installed files"
     [ -f "$incdir/evmux/evmux.hpp" ] || fail "headers not under include/evmux"
@@ -97,14 +97,14 @@ install_part() {
     step "select_server built with pkg-config"
     # shellcheck disable=SC2046  # pkg-config output is meant to be split
     "$cxx" "${cxxflags[@]}" -c "$src/examples/select_server.cpp" -o "$tmp/select_server.o" \
-        $(pc_evmux --cflags)
+        $(pkg-config --cflags evmux)
     # shellcheck disable=SC2046
-    "$cxx" "$tmp/select_server.o" -o "$tmp/select_server_shared" $(pc_evmux --libs) -pthread
+    "$cxx" "$tmp/select_server.o" -o "$tmp/select_server_shared" $(pkg-config --libs evmux) -pthread
     # -l:libevmux.a picks the static library although the .so sits beside it;
     # everything else it needs must come from Libs.private/Requires.private.
     # shellcheck disable=SC2046
     "$cxx" "$tmp/select_server.o" -o "$tmp/select_server_static" \
-        $(pc_evmux --static --libs | sed 's/-levmux\b/-l:libevmux.a/')
+        $(pkg-config --static --libs evmux | sed 's/-levmux\b/-l:libevmux.a/')
     if ldd "$tmp/select_server_static" | grep libevmux; then fail "static build links libevmux.so"; fi
 
     LD_LIBRARY_PATH=$libdir ldd "$tmp/select_server_shared" | grep -F "$libdir/$soname" >/dev/null ||
@@ -116,6 +116,32 @@ install_part() {
         fail "header and library versions differ"
     LD_LIBRARY_PATH=$libdir timeout 60 "$tmp/select_server_shared" --self-test
     timeout 60 "$tmp/select_server_static" --self-test
+
+    # The two recipes README.md shows, exactly as shipped in examples/.
+    step "examples/Makefile (plain make + pkg-config)"
+    mkdir "$tmp/make"
+    make -s -C "$tmp/make" -f "$src/examples/Makefile" VPATH="$src/examples" CXX="$cxx" \
+        CXXFLAGS="-O1 -Werror -Wall -Wextra" timers_and_signals
+    LD_LIBRARY_PATH=$libdir timeout 60 "$tmp/make/timers_and_signals" --self-test
+
+    if command -v cmake >/dev/null; then
+        step "examples/CMakeLists.txt (pkg_check_modules)"
+        cmake -S "$src/examples" -B "$tmp/cmake" -DCMAKE_CXX_COMPILER="$cxx" \
+            -DCMAKE_CXX_FLAGS="-O1 -Werror -Wall -Wextra" >"$tmp/cmake.log" 2>&1 ||
+            {
+                cat "$tmp/cmake.log"
+                fail "cmake configure"
+            }
+        cmake --build "$tmp/cmake" --target select_server >>"$tmp/cmake.log" 2>&1 ||
+            {
+                cat "$tmp/cmake.log"
+                fail "cmake build"
+            }
+        # CMake's build tree RPATH points at the staged libdir: no LD_LIBRARY_PATH.
+        timeout 60 "$tmp/cmake/select_server" --self-test
+    else
+        echo "cmake not installed: CMake recipe not checked"
+    fi
 }
 
 subproject_part() {
