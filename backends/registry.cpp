@@ -30,7 +30,8 @@ std::string epoll_unusable() {
     return {};
 }
 
-std::string not_compiled(const char* option, const char* package) {
+// Unused when every optional backend is compiled in.
+[[maybe_unused]] std::string not_compiled(const char* option, const char* package) {
     return std::string("not compiled in (needs ") + package + "; meson -D" + option + "=enabled)";
 }
 
