@@ -245,7 +245,7 @@ int ChildProcess::stop(std::chrono::milliseconds grace) {
     return wait(Clock::now() + std::chrono::seconds(10));
 }
 
-ProcSample sample_process(pid_t pid) {
+ProcSample sample_process(pid_t pid, bool with_run_time) {
     ProcSample s;
     s.when = Clock::now();
     double t[4];
@@ -260,6 +260,18 @@ ProcSample sample_process(pid_t pid) {
         if (line.rfind("VmRSS:", 0) == 0) {
             s.rss_kib = std::strtol(line.c_str() + 6, nullptr, 10);
             break;
+        }
+    }
+    if (with_run_time) {
+        std::string task_dir = "/proc/" + std::to_string(pid) + "/task";
+        if (DIR* dir = ::opendir(task_dir.c_str())) {
+            while (dirent* entry = ::readdir(dir)) {
+                if (entry->d_name[0] == '.') continue;
+                std::ifstream stat(task_dir + "/" + entry->d_name + "/schedstat");
+                unsigned long long ns = 0;
+                if (stat >> ns) s.run_us += static_cast<double>(ns) / 1000.0;
+            }
+            ::closedir(dir);
         }
     }
     s.ok = true;

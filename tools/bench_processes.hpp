@@ -77,11 +77,15 @@ struct ProcSample {
     double child_user_us = 0;  ///< cutime: children already reaped
     double child_sys_us = 0;   ///< cstime
     long rss_kib = 0;          ///< VmRSS
-    bool ok = false;           ///< false if the process is gone
+    /// Time on CPU of all live threads (schedstat, ns precision), when asked
+    /// for; utime/stime count 1/CLK_TCK ticks, too coarse for a 1 s window.
+    double run_us = 0;
+    bool ok = false;  ///< false if the process is gone
 };
 
-/// Reads the sample of `pid` now.
-ProcSample sample_process(pid_t pid);
+/// Reads the sample of `pid` now; with `with_run_time` also run_us (one file
+/// per thread: keep it for processes with few threads).
+ProcSample sample_process(pid_t pid, bool with_run_time);
 
 /// CPU time (user, sys in µs, each including the process's own reaped children)
 /// of the live children of `pid` (every thread's), e.g. a forking server's.
