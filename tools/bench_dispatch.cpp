@@ -13,7 +13,7 @@
 #include <chrono>
 #include <system_error>
 
-#include "evmux/selector.hpp"
+#include "evmux/event_loop.hpp"
 
 namespace evmux::bench {
 namespace {
@@ -44,7 +44,7 @@ struct Pairs {
 
 std::vector<double> dispatch_iterations(const std::string& backend, int n, int a, int w,
                                         int iterations) {
-    auto selector = make_selector(backend);
+    EventLoop loop(make_selector(backend));
     Pairs pairs(n);
     int count = 0, fired = 0, writes = 0;
     auto on_read = [&](int idx) {
@@ -64,11 +64,10 @@ std::vector<double> dispatch_iterations(const std::string& backend, int n, int a
     for (int it = 0; it < iterations; ++it) {
         // Re-arm every watcher, as bench.c does with event_del/event_add.
         for (int i = 0; i < n; ++i) {
-            if (selector->get_key(pairs.fds[2 * i])) selector->remove(pairs.fds[2 * i]);
-            selector->add(pairs.fds[2 * i], Events::read,
-                          reinterpret_cast<void*>(static_cast<std::intptr_t>(i)));
+            loop.unwatch(pairs.fds[2 * i]);
+            loop.watch(pairs.fds[2 * i], Events::read, [&on_read, i](Events) { on_read(i); });
         }
-        selector->select(std::chrono::nanoseconds::zero());
+        loop.run_once(std::chrono::nanoseconds::zero());
 
         fired = 0;
         int space = n / a;
@@ -78,8 +77,7 @@ std::vector<double> dispatch_iterations(const std::string& backend, int n, int a
         writes = w;
         auto start = std::chrono::steady_clock::now();
         do {
-            for (const auto& ev : selector->select(std::chrono::nanoseconds::zero()))
-                on_read(static_cast<int>(reinterpret_cast<std::intptr_t>(ev.key.data)));
+            loop.run_once(std::chrono::nanoseconds::zero());
         } while (count != fired);
         auto end = std::chrono::steady_clock::now();
         times.push_back(std::chrono::duration<double, std::micro>(end - start).count());

@@ -10,7 +10,7 @@
 
 namespace evmux::bench {
 
-/// The times, in microseconds, of `iterations` runs of bench.c on `backend`
+/// The times, in microseconds, of `iterations` runs of bench.c on an EventLoop over `backend`
 /// with `n` socketpairs, `a` active chains and `w` writes. Needs 2n+ fds (see
 /// raise_fd_limit). Main thread. Throws std::invalid_argument for an unusable
 /// backend, std::system_error if a socketpair cannot be made.
