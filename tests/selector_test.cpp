@@ -187,6 +187,31 @@ TEST(Selector, ArgumentErrors) {
     EXPECT_EQ(ready[0].key.data, &x);
 }
 
+// A modify the kernel refuses (epoll: the fd was closed) keeps the old key.
+TEST(Selector, FailedKernelModifyKeepsRegistration) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    auto [a, b] = socket_pair();
+    const int fd = a.get();
+    int x = 1, y = 2;
+    sel->add(fd, Events::read, &x);
+    a.reset();
+    try {
+        sel->modify(fd, Events::write, &y);
+        // poll and select keep no kernel state per fd: they accept it.
+        EXPECT_FALSE(is("epoll")) << "epoll_ctl(MOD) on a closed fd succeeded";
+        EXPECT_EQ(sel->get_key(fd)->interest, Events::write);
+    } catch (const std::system_error& e) {
+        EXPECT_NE(std::string(e.what()).find("fd " + std::to_string(fd)), std::string::npos)
+            << e.what();
+        ASSERT_NE(sel->get_key(fd), nullptr);
+        EXPECT_EQ(sel->get_key(fd)->interest, Events::read);
+        EXPECT_EQ(sel->get_key(fd)->data, &x);
+    }
+    EXPECT_EQ(sel->size(), 1u);
+    EXPECT_NO_THROW(sel->remove(fd));
+    EXPECT_EQ(sel->size(), 0u);
+}
+
 // ---- readiness ---------------------------------------------------------------
 
 TEST(Selector, ReadReadiness) {
