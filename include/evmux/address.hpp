@@ -1,0 +1,65 @@
+// evmux socket addresses: IPv4, IPv6 and Unix stream sockets, parsed from and
+// printed as text ("127.0.0.1:80", "[::1]:80", "unix:/run/app.sock").
+//
+// This header includes only the standard library.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+namespace evmux {
+
+/// A socket address of one of the families evmux serves on: AF_INET, AF_INET6
+/// or AF_UNIX (a filesystem path). A plain value: copyable, no resources.
+/// Any thread.
+class Address {
+  public:
+    /// The unspecified address (family() == 0); to_string() gives "(none)".
+    Address() = default;
+
+    /// Parses "1.2.3.4:port", "[v6]:port" (scope allowed: "[fe80::1%eth0]:80")
+    /// or "unix:/path". Hosts must be numeric (no DNS lookup: evmux never
+    /// blocks). Throws std::invalid_argument naming the text if it is not one
+    /// of these forms, the port is not 0..65535, or the Unix path is empty or
+    /// too long for sockaddr_un.
+    static Address parse(std::string_view text);
+    /// A numeric IPv4 or IPv6 host ("127.0.0.1", "::1", "[::1]") and a port.
+    /// Throws std::invalid_argument like parse().
+    static Address ip(std::string_view host, std::uint16_t port);
+    /// A Unix stream socket path. Throws std::invalid_argument if the path is
+    /// empty or longer than sockaddr_un allows.
+    static Address unix_path(std::string_view path);
+    /// Copies a kernel address (from accept, getsockname...). `addr` points to
+    /// a sockaddr of `len` bytes; an unsupported family gives Address().
+    static Address from_sockaddr(const void* addr, unsigned len);
+    /// The local (getsockname) or peer (getpeername) address of a socket, or
+    /// Address() if the call fails.
+    static Address local_of(int fd);
+    static Address peer_of(int fd);
+
+    /// AF_INET, AF_INET6, AF_UNIX, or 0 for Address().
+    int family() const;
+    /// True for a Unix stream socket address.
+    bool is_unix() const;
+    /// The port (host byte order) for IP addresses, 0 otherwise.
+    std::uint16_t port() const;
+    /// The filesystem path of a Unix address, empty otherwise (and for unnamed
+    /// or abstract Unix sockets).
+    std::string path() const;
+    /// "127.0.0.1:80", "[::1]:80", "unix:/path", "unix:(unnamed)" or "(none)".
+    std::string to_string() const;
+
+    /// The raw sockaddr and its length, for bind/connect.
+    const void* sockaddr_ptr() const { return storage_; }
+    unsigned sockaddr_len() const { return len_; }
+
+    friend bool operator==(const Address& a, const Address& b);
+
+  private:
+    // Large enough for sockaddr_storage (128 bytes); aligned like it.
+    alignas(8) unsigned char storage_[128] = {};
+    unsigned len_ = 0;
+};
+
+}  // namespace evmux

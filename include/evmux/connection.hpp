@@ -1,0 +1,214 @@
+// evmux connection: one connected stream socket (TCP over IPv4/IPv6, or Unix)
+// with its outgoing message queue, input buffer, backpressure and close /
+// half-close handling, driven by an EventLoop.
+//
+// This header includes only evmux's public headers and the standard library.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <system_error>
+
+#include "evmux/address.hpp"
+#include "evmux/buffer.hpp"
+#include "evmux/event_loop.hpp"
+
+namespace evmux {
+
+class Connection;
+/// Connections are shared: the loop keeps an open connection alive, and a
+/// callback's `conn` argument stays valid for the whole call even if the
+/// callback closes it.
+using ConnectionPtr = std::shared_ptr<Connection>;
+
+/// Why a connection closed (the `reason` of on_close).
+enum class CloseReason {
+    peer_closed,  ///< orderly: the peer shut down and our side finished too
+    reset,        ///< ECONNRESET or EPIPE: the peer is gone
+    error,        ///< any other socket error (err says which)
+    overflow,     ///< the outgoing queue or unconsumed input passed the hard cap
+    timeout,      ///< no I/O for the server's idle timeout
+    local,        ///< close() was called (or the owning server went away)
+};
+
+/// "peer_closed", "reset", ...
+const char* to_string(CloseReason reason);
+
+/// What a connection tells its user. Every member may be left empty. All run
+/// on the loop thread; each receives the connection, valid for the call.
+struct Callbacks {
+    /// The connection is established (accepted, or connect() completed).
+    std::function<void(const ConnectionPtr&)> on_connect;
+    /// New bytes arrived. Consume what you handle; the rest is kept and shown
+    /// again with the next bytes. Unset: input is discarded.
+    std::function<void(const ConnectionPtr&, Buffer& input)> on_message;
+    /// The outgoing queue, once non-empty, has been fully written.
+    std::function<void(const ConnectionPtr&)> on_drain;
+    /// The connection closed; called exactly once, after which the socket is
+    /// closed and sends are no-ops. `err` is the errno for reset/error, else 0.
+    std::function<void(const ConnectionPtr&, CloseReason reason, int err)> on_close;
+    /// The queue passed the high-water mark (reading from this peer is now
+    /// paused until it falls under the low-water mark). Once per crossing.
+    std::function<void(const ConnectionPtr&, std::size_t queued)> on_high_water;
+    /// The peer shut down its sending side; all data it sent before has been
+    /// delivered. Unset: the queue is sent, then our side is shut down too,
+    /// and the connection closes with peer_closed.
+    std::function<void(const ConnectionPtr&)> on_peer_shutdown;
+    /// connect() only: the connection could not be made (refused, timed out,
+    /// cancelled). `message` reads like "connect 127.0.0.1:1: Connection refused".
+    std::function<void(std::error_code ec, const std::string& message)> on_error;
+};
+
+/// Per-connection limits. The defaults are asyncio's water marks.
+struct ConnectionOptions {
+    /// Queue size at which reading from the peer pauses (and on_high_water fires).
+    std::size_t high_water = 64 * 1024;
+    /// Queue size at or under which reading resumes.
+    std::size_t low_water = 16 * 1024;
+    /// Queued output, or unconsumed input, beyond this closes with `overflow`.
+    std::size_t max_buffered = 16 * 1024 * 1024;
+    /// At most this many bytes read per wake-up, so one busy peer cannot
+    /// starve the others on the loop.
+    std::size_t read_budget = 256 * 1024;
+    /// TCP_NODELAY on TCP sockets (ignored for Unix sockets).
+    bool tcp_nodelay = true;
+};
+
+/// How close() treats the outgoing queue.
+enum class CloseMode {
+    immediate,  ///< drop the queue and close now
+    graceful,   ///< stop reading, send the queue, then close
+};
+
+/// One connected, non-blocking stream socket on one EventLoop; owns the fd.
+/// Create with Connection::adopt(), TcpServer or connect(). The loop keeps an
+/// open connection alive (it is released after on_close), so a user needs to
+/// hold a ConnectionPtr only to talk to it later. Thread rule: loop thread
+/// only, every member. Non-copyable.
+class Connection : public std::enable_shared_from_this<Connection> {
+    struct Private {};
+
+  public:
+    /// Take ownership of `fd`, a connected stream socket: make it
+    /// non-blocking, set TCP_NODELAY (per options), watch it for reading and
+    /// call on_connect before returning. If anything fails the fd is closed
+    /// and std::system_error is thrown naming the call.
+    static ConnectionPtr adopt(EventLoop& loop, int fd, Callbacks callbacks,
+                               ConnectionOptions options = {});
+
+    /// Use adopt(). (Public only for std::make_shared.)
+    Connection(Private, EventLoop& loop, int fd, Callbacks callbacks, ConnectionOptions options);
+    ~Connection();
+    Connection(const Connection&) = delete;
+    Connection& operator=(const Connection&) = delete;
+
+    // ---- sending ----------------------------------------------------------------
+    /// Send bytes: written at once if nothing is queued, the rest copied to
+    /// the queue and written when the socket is writable. A no-op once closed
+    /// or after shutdown_write(). A write error closes the connection
+    /// (on_close runs from the loop, never inside send()). May close with
+    /// `overflow` if the queue would pass max_buffered.
+    void send(const void* data, std::size_t len);
+    void send(std::string_view bytes) { send(bytes.data(), bytes.size()); }
+    /// A NUL-terminated text (without the NUL); as send(std::string_view).
+    void send(const char* text) { send(std::string_view(text)); }
+    /// As send(), but a queued remainder keeps `bytes`' storage: no copy.
+    void send(std::string&& bytes);
+
+    /// Send FIN once the queue has drained; later sends are no-ops. If the
+    /// peer has already shut down too, the connection then closes (peer_closed).
+    void shutdown_write();
+    /// Close (see CloseMode); reason `local`. Idempotent. on_close runs after
+    /// close() has returned, never inside it.
+    void close(CloseMode mode = CloseMode::immediate);
+
+    /// Stop / restart reading from the peer (user-level flow control; independent
+    /// of the automatic pause at the high-water mark).
+    void pause_reading();
+    void resume_reading();
+
+    // ---- state ------------------------------------------------------------------
+    /// False once closing has started (close(), error, peer gone).
+    bool is_open() const { return state_ == State::open; }
+    /// Bytes waiting in the outgoing queue.
+    std::size_t queued_bytes() const { return queued_; }
+    /// True while reading is paused by the high-water mark.
+    bool above_high_water() const { return above_high_; }
+    /// Bytes held for input not yet consumed (0 when idle).
+    std::size_t input_bytes() const { return input_.size(); }
+    /// Total bytes received from / sent to the kernel.
+    std::uint64_t bytes_in() const { return bytes_in_; }
+    std::uint64_t bytes_out() const { return bytes_out_; }
+    /// The socket, or -1 once closed.
+    int fd() const { return fd_; }
+    EventLoop& loop() const { return loop_; }
+    Address local_address() const;
+    Address peer_address() const;
+    /// When the last byte was read or written (only tracked when an idle
+    /// timeout is in use).
+    EventLoop::Clock::time_point last_activity() const { return last_activity_; }
+
+    // ---- for owners (TcpServer, connect) -----------------------------------------
+    /// Close with a given reason (e.g. `timeout` from a server's idle sweep);
+    /// otherwise as close(CloseMode::immediate).
+    void close_with(CloseReason reason, int err = 0);
+
+  private:
+    friend class TcpServer;
+    friend class Connector;
+    // Owner hooks, set between create() and start().
+    static ConnectionPtr create(EventLoop& loop, int fd, Callbacks callbacks,
+                                const ConnectionOptions& options);
+    enum class State { open, closed };
+    struct Chunk {
+        std::string bytes;
+        std::size_t offset = 0;  // written prefix
+    };
+
+    void start();  // watch, then on_connect
+    void handle(Events events);
+    void handle_read(Events events);
+    void handle_write();
+    void handle_peer_eof();
+    bool flush();  // false if the connection closed
+    void queue(const char* p, std::size_t len);
+    void after_queue_grew();
+    void update_interest();
+    void maybe_finish_shutdown();
+    void fail(int err);
+    void notify_closed();
+    void touch();
+
+    EventLoop& loop_;
+    int fd_;
+    Callbacks cb_;
+    ConnectionOptions opt_;
+    State state_ = State::open;
+    bool watching_ = false;
+    Events interest_ = Events::none;
+    bool above_high_ = false;      // queue passed high water; reading paused
+    bool user_paused_ = false;     // pause_reading()
+    bool peer_eof_ = false;        // the peer shut down its side
+    bool shut_requested_ = false;  // shutdown_write() called (FIN after drain)
+    bool shut_done_ = false;       // FIN sent
+    bool close_after_drain_ = false;
+    bool tracking_ = false;
+    int in_handler_ = 0;           // depth of our own callbacks on the stack
+    bool notify_pending_ = false;  // on_close due when the handler unwinds
+    CloseReason reason_ = CloseReason::local;
+    int err_ = 0;
+    std::deque<Chunk> queue_;
+    std::size_t queued_ = 0;
+    Buffer input_;
+    std::uint64_t bytes_in_ = 0, bytes_out_ = 0;
+    EventLoop::Clock::time_point last_activity_{};
+    ConnectionPtr self_;                           // the loop's reference while open
+    std::function<void(Connection&)> close_hook_;  // owner's bookkeeping, after on_close
+};
+
+}  // namespace evmux

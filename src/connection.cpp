@@ -1,0 +1,475 @@
+// Connection: the per-connection message queue. Reads go through the loop's
+// scratch buffer; writes go straight to the kernel while nothing is queued and
+// through a chunk queue drained with sendmsg (MSG_NOSIGNAL: never SIGPIPE)
+// otherwise.
+#include "evmux/connection.hpp"
+
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+namespace evmux {
+
+namespace {
+// iovecs per sendmsg: enough to fill a socket buffer with small chunks, small
+// enough to live on the stack (IOV_MAX is 1024).
+constexpr int max_iov = 64;
+// Small sends queued behind others are appended to the last chunk up to this
+// size, so a stream of tiny messages does not become a deque of tiny strings.
+constexpr std::size_t coalesce_limit = 16 * 1024;
+}  // namespace
+
+const char* to_string(CloseReason reason) {
+    switch (reason) {
+        case CloseReason::peer_closed:
+            return "peer_closed";
+        case CloseReason::reset:
+            return "reset";
+        case CloseReason::error:
+            return "error";
+        case CloseReason::overflow:
+            return "overflow";
+        case CloseReason::timeout:
+            return "timeout";
+        case CloseReason::local:
+            return "local";
+    }
+    return "unknown";
+}
+
+// ---- Buffer -------------------------------------------------------------------
+
+void Buffer::consume(std::size_t n) {
+    n = std::min(n, size());
+    if (ext_) {
+        ext_ += n;
+        ext_len_ -= n;
+        return;
+    }
+    start_ += n;
+    if (start_ == store_.size()) {
+        store_.clear();
+        start_ = 0;
+    }
+}
+
+std::string Buffer::take(std::size_t n) {
+    n = std::min(n, size());
+    std::string out(data(), n);
+    consume(n);
+    return out;
+}
+
+void Buffer::attach(const char* p, std::size_t len) {
+    ext_ = p;
+    ext_len_ = len;
+}
+
+void Buffer::append(const char* p, std::size_t len) {
+    if (ext_) keep_rest();
+    // Drop the consumed prefix before growing, so a framing user that keeps a
+    // partial message does not make the storage creep forward forever.
+    if (start_ > 0 && store_.size() + len > store_.capacity()) {
+        store_.erase(store_.begin(), store_.begin() + static_cast<std::ptrdiff_t>(start_));
+        start_ = 0;
+    }
+    store_.insert(store_.end(), p, p + len);
+}
+
+void Buffer::keep_rest() {
+    if (ext_) {
+        const char* p = ext_;
+        std::size_t len = ext_len_;
+        ext_ = nullptr;
+        ext_len_ = 0;
+        store_.insert(store_.end(), p, p + len);
+    }
+    if (start_ == store_.size()) {
+        std::vector<char>().swap(store_);  // idle: hold no memory
+        start_ = 0;
+    }
+}
+
+void Buffer::clear() {
+    ext_ = nullptr;
+    ext_len_ = 0;
+    std::vector<char>().swap(store_);
+    start_ = 0;
+}
+
+// ---- Connection: creation -------------------------------------------------------
+
+Connection::Connection(Private, EventLoop& loop, int fd, Callbacks callbacks,
+                       ConnectionOptions options)
+    : loop_(loop), fd_(fd), cb_(std::move(callbacks)), opt_(options) {
+    opt_.low_water = std::min(opt_.low_water, opt_.high_water);
+}
+
+Connection::~Connection() {
+    // Only reached open if start() failed or the loop died with us open.
+    if (fd_ >= 0) {
+        if (watching_) loop_.unwatch(fd_);
+        ::close(fd_);
+    }
+}
+
+ConnectionPtr Connection::create(EventLoop& loop, int fd, Callbacks callbacks,
+                                 const ConnectionOptions& options) {
+    int flags = ::fcntl(fd, F_GETFL);
+    if (flags < 0 || (!(flags & O_NONBLOCK) && ::fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0)) {
+        int err = errno;
+        ::close(fd);
+        throw std::system_error(err, std::generic_category(), "fcntl(O_NONBLOCK)");
+    }
+    if (options.tcp_nodelay) {
+        // Fails harmlessly (EOPNOTSUPP) on a Unix socket.
+        int one = 1;
+        ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    }
+    return std::make_shared<Connection>(Private{}, loop, fd, std::move(callbacks), options);
+}
+
+ConnectionPtr Connection::adopt(EventLoop& loop, int fd, Callbacks callbacks,
+                                ConnectionOptions options) {
+    ConnectionPtr conn = create(loop, fd, std::move(callbacks), options);
+    conn->start();
+    return conn;
+}
+
+void Connection::start() {
+    if (tracking_) last_activity_ = EventLoop::now();
+    update_interest();  // throws like EventLoop::watch(); ~Connection closes the fd
+    self_ = shared_from_this();
+    ConnectionPtr guard = self_;
+    ++in_handler_;
+    if (cb_.on_connect) cb_.on_connect(guard);
+    if (--in_handler_ == 0 && notify_pending_) notify_closed();
+}
+
+Address Connection::local_address() const {
+    return Address::local_of(fd_);
+}
+Address Connection::peer_address() const {
+    return Address::peer_of(fd_);
+}
+
+void Connection::touch() {
+    if (tracking_) last_activity_ = EventLoop::now();
+}
+
+// ---- events -------------------------------------------------------------------------
+
+void Connection::handle(Events events) {
+    // The loop's callback holds only `this`; keep us alive while user callbacks
+    // run, even if one of them closes us.
+    ConnectionPtr guard = shared_from_this();
+    ++in_handler_;
+    if (state_ == State::open && any(events, Events::write) && !queue_.empty()) handle_write();
+    if (state_ == State::open && any(events, Events::read | Events::hangup | Events::error)) {
+        if (any(interest_, Events::read)) {
+            handle_read(events);
+        } else if (any(events, Events::error)) {
+            // Not reading (paused), so no read() will report it: ask the socket.
+            int err = 0;
+            socklen_t len = sizeof err;
+            ::getsockopt(fd_, SOL_SOCKET, SO_ERROR, &err, &len);
+            fail(err != 0 ? err : ECONNRESET);
+        } else if (any(events, Events::hangup) && queue_.empty()) {
+            // Hang-up while only FIN bookkeeping is pending: nothing more can
+            // happen on this socket; do not let a level-triggered backend spin.
+            close_with(CloseReason::peer_closed);
+        }
+    }
+    if (--in_handler_ == 0 && notify_pending_) notify_closed();
+}
+
+void Connection::handle_read(Events events) {
+    std::span<char> scratch = loop_.scratch();
+    std::size_t budget = std::max<std::size_t>(opt_.read_budget, 1);
+    const bool more_signalled = any(events, Events::hangup | Events::error);
+    while (state_ == State::open && any(interest_, Events::read)) {
+        std::size_t want = std::min(scratch.size(), budget);
+        ssize_t n = ::recv(fd_, scratch.data(), want, 0);
+        if (n > 0) {
+            bytes_in_ += static_cast<std::uint64_t>(n);
+            budget -= static_cast<std::size_t>(n);
+            touch();
+            if (cb_.on_message) {
+                if (input_.empty())
+                    input_.attach(scratch.data(), static_cast<std::size_t>(n));
+                else
+                    input_.append(scratch.data(), static_cast<std::size_t>(n));
+                cb_.on_message(shared_from_this(), input_);
+                if (state_ != State::open) break;
+                input_.keep_rest();
+                if (input_.size() > opt_.max_buffered) {
+                    close_with(CloseReason::overflow);
+                    break;
+                }
+            }
+            if (budget == 0) break;
+            // A short read means the socket is drained; level-triggered
+            // readiness brings us back if more arrives, so skip the read that
+            // would return EAGAIN. With a hang-up pending, read on to the EOF
+            // so the half-close is delivered right after the data before it.
+            if (static_cast<std::size_t>(n) < want && !more_signalled) break;
+            continue;
+        }
+        if (n == 0) {
+            handle_peer_eof();
+            break;
+        }
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+        fail(errno);
+        break;
+    }
+}
+
+void Connection::handle_peer_eof() {
+    peer_eof_ = true;
+    update_interest();
+    if (cb_.on_peer_shutdown)
+        cb_.on_peer_shutdown(shared_from_this());
+    else
+        shutdown_write();
+    maybe_finish_shutdown();
+}
+
+void Connection::handle_write() {
+    if (!flush()) return;
+    if (!queue_.empty()) return;
+    if (close_after_drain_) {
+        close_with(CloseReason::local);
+        return;
+    }
+    if (shut_requested_ && !shut_done_) {
+        ::shutdown(fd_, SHUT_WR);
+        shut_done_ = true;
+        maybe_finish_shutdown();
+        if (state_ != State::open) return;
+    }
+    if (cb_.on_drain) cb_.on_drain(shared_from_this());
+}
+
+bool Connection::flush() {
+    while (!queue_.empty()) {
+        iovec iov[max_iov];
+        int count = 0;
+        std::size_t total = 0;
+        for (auto it = queue_.begin(); it != queue_.end() && count < max_iov; ++it, ++count) {
+            iov[count].iov_base = it->bytes.data() + it->offset;
+            iov[count].iov_len = it->bytes.size() - it->offset;
+            total += iov[count].iov_len;
+        }
+        msghdr msg{};
+        msg.msg_iov = iov;
+        msg.msg_iovlen = static_cast<std::size_t>(count);
+        // sendmsg rather than writev: only the socket calls take MSG_NOSIGNAL.
+        ssize_t n = ::sendmsg(fd_, &msg, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+            fail(errno);
+            return false;
+        }
+        std::size_t left = static_cast<std::size_t>(n);
+        bytes_out_ += left;
+        queued_ -= left;
+        touch();
+        while (left > 0) {
+            Chunk& front = queue_.front();
+            std::size_t rest = front.bytes.size() - front.offset;
+            if (left < rest) {
+                front.offset += left;
+                break;
+            }
+            left -= rest;
+            queue_.pop_front();
+        }
+        if (static_cast<std::size_t>(n) < total) break;  // socket buffer full
+    }
+    if (above_high_ && queued_ <= opt_.low_water) above_high_ = false;
+    update_interest();
+    return true;
+}
+
+// ---- sending --------------------------------------------------------------------------
+
+void Connection::send(const void* data, std::size_t len) {
+    if (state_ != State::open || shut_requested_ || close_after_drain_ || len == 0) return;
+    const char* p = static_cast<const char*>(data);
+    if (queue_.empty()) {
+        ssize_t n = ::send(fd_, p, len, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+                fail(errno);
+                return;
+            }
+            n = 0;
+        }
+        if (n > 0) {
+            bytes_out_ += static_cast<std::uint64_t>(n);
+            touch();
+        }
+        p += n;
+        len -= static_cast<std::size_t>(n);
+        if (len == 0) return;
+    }
+    if (queued_ + len > opt_.max_buffered) {
+        close_with(CloseReason::overflow);
+        return;
+    }
+    if (len <= coalesce_limit && !queue_.empty() &&
+        queue_.back().bytes.size() + len <= coalesce_limit) {
+        queue_.back().bytes.append(p, len);
+    } else {
+        queue_.push_back(Chunk{std::string(p, len), 0});
+    }
+    queued_ += len;
+    after_queue_grew();
+}
+
+void Connection::send(std::string&& bytes) {
+    if (state_ != State::open || shut_requested_ || close_after_drain_ || bytes.empty()) return;
+    std::size_t written = 0;
+    if (queue_.empty()) {
+        ssize_t n = ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+                fail(errno);
+                return;
+            }
+            n = 0;
+        }
+        written = static_cast<std::size_t>(n);
+        if (written > 0) {
+            bytes_out_ += written;
+            touch();
+        }
+        if (written == bytes.size()) return;
+    }
+    std::size_t len = bytes.size() - written;
+    if (queued_ + len > opt_.max_buffered) {
+        close_with(CloseReason::overflow);
+        return;
+    }
+    queue_.push_back(Chunk{std::move(bytes), written});  // keeps the caller's storage
+    queued_ += len;
+    after_queue_grew();
+}
+
+void Connection::after_queue_grew() {
+    if (!above_high_ && queued_ >= opt_.high_water) {
+        above_high_ = true;
+        update_interest();
+        if (cb_.on_high_water) cb_.on_high_water(shared_from_this(), queued_);
+        if (state_ != State::open) return;
+    }
+    update_interest();
+}
+
+void Connection::shutdown_write() {
+    if (state_ != State::open || shut_requested_) return;
+    shut_requested_ = true;
+    if (queue_.empty()) {
+        ::shutdown(fd_, SHUT_WR);
+        shut_done_ = true;
+        maybe_finish_shutdown();
+    }
+}
+
+void Connection::maybe_finish_shutdown() {
+    if (state_ == State::open && peer_eof_ && shut_done_) close_with(CloseReason::peer_closed);
+}
+
+void Connection::pause_reading() {
+    user_paused_ = true;
+    update_interest();
+}
+
+void Connection::resume_reading() {
+    user_paused_ = false;
+    update_interest();
+}
+
+// ---- interest and closing ---------------------------------------------------------------
+
+void Connection::update_interest() {
+    if (state_ != State::open) return;
+    Events want = Events::none;
+    if (!peer_eof_ && !above_high_ && !user_paused_ && !close_after_drain_) want |= Events::read;
+    if (!queue_.empty()) want |= Events::write;
+    if (watching_ && want == interest_) return;
+    if (want == Events::none) {
+        // No interest left (e.g. half-closed and drained): selectors take no
+        // empty interest, so stop watching until there is something to wait for.
+        if (watching_) loop_.unwatch(fd_);
+        watching_ = false;
+    } else if (!watching_) {
+        loop_.watch(fd_, want, [this](Events events) { handle(events); });
+        watching_ = true;
+    } else {
+        loop_.change(fd_, want);
+    }
+    interest_ = want;
+}
+
+void Connection::close(CloseMode mode) {
+    if (state_ != State::open) return;
+    if (mode == CloseMode::graceful && !queue_.empty()) {
+        close_after_drain_ = true;
+        update_interest();
+        return;
+    }
+    close_with(CloseReason::local);
+}
+
+void Connection::fail(int err) {
+    close_with(err == ECONNRESET || err == EPIPE ? CloseReason::reset : CloseReason::error, err);
+}
+
+void Connection::close_with(CloseReason reason, int err) {
+    if (state_ != State::open) return;
+    state_ = State::closed;
+    reason_ = reason;
+    err_ = err;
+    // Unwatch before close: a registration outliving its fd number confuses
+    // epoll (see the epoll backend's rebuild()).
+    if (watching_) loop_.unwatch(fd_);
+    watching_ = false;
+    interest_ = Events::none;
+    ::close(fd_);
+    fd_ = -1;
+    queue_.clear();
+    queued_ = 0;
+    if (in_handler_ > 0) {
+        // One of our callbacks is on the stack: report when it unwinds.
+        notify_pending_ = true;
+    } else {
+        // Called from outside our callbacks (another connection's, a timer, the
+        // user's send()): report from the loop, never re-entrantly. If the loop
+        // dies first, the task is dropped and with it our last reference.
+        loop_.post([self = std::move(self_)] {
+            if (self) self->notify_closed();
+        });
+    }
+}
+
+void Connection::notify_closed() {
+    notify_pending_ = false;
+    ConnectionPtr self = self_ ? std::move(self_) : shared_from_this();
+    input_.clear();
+    if (auto on_close = std::move(cb_.on_close)) on_close(self, reason_, err_);
+    if (auto hook = std::move(close_hook_)) hook(*this);
+    cb_ = Callbacks{};  // drop user captures (they may hold ConnectionPtrs)
+}
+
+}  // namespace evmux

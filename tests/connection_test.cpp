@@ -1,0 +1,915 @@
+// Connection, TcpServer and connect() on real loopback and Unix sockets, run
+// once per backend (EVMUX_BACKEND). Servers run either on the test thread
+// (pumped with run_once, for exact control over batches) or on a loop thread
+// with blocking clients on the test thread (ServerThread).
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <cstring>
+#include <future>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "evmux/address.hpp"
+#include "evmux/connection.hpp"
+#include "evmux/event_loop.hpp"
+#include "evmux/server.hpp"
+#include "test_support.hpp"
+
+namespace evmux {
+namespace {
+
+using namespace std::chrono_literals;
+using test::Fd;
+
+// ---- helpers ------------------------------------------------------------------
+
+/// Run `loop` until `done()` or `limit` passes; true if done.
+template <class Pred>
+bool pump(EventLoop& loop, Pred done, std::chrono::milliseconds limit = 5000ms) {
+    auto deadline = std::chrono::steady_clock::now() + limit;
+    while (!done()) {
+        if (std::chrono::steady_clock::now() >= deadline) return false;
+        loop.run_once(10ms);
+    }
+    return true;
+}
+
+/// Run `loop` for `span`, whatever happens.
+void pump_for(EventLoop& loop, std::chrono::milliseconds span) {
+    auto deadline = std::chrono::steady_clock::now() + span;
+    while (std::chrono::steady_clock::now() < deadline) loop.run_once(5ms);
+}
+
+std::string pattern(std::size_t n, unsigned seed = 7) {
+    std::string s(n, '\0');
+    for (std::size_t i = 0; i < n; ++i) s[i] = static_cast<char>((i * 31 + seed) % 251);
+    return s;
+}
+
+void set_timeouts(int fd, std::chrono::milliseconds t) {
+    timeval tv{static_cast<time_t>(t.count() / 1000),
+               static_cast<suseconds_t>(t.count() % 1000 * 1000)};
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
+/// A blocking client socket connected to `a`, with 10 s send/receive timeouts
+/// so a broken server fails the test instead of hanging it.
+Fd dial(const Address& a, int rcvbuf = 0) {
+    Fd fd(::socket(a.family(), SOCK_STREAM | SOCK_CLOEXEC, 0));
+    if (!fd) throw std::system_error(errno, std::generic_category(), "socket");
+    if (rcvbuf > 0) ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
+    set_timeouts(fd.get(), 10000ms);
+    if (::connect(fd.get(), static_cast<const sockaddr*>(a.sockaddr_ptr()), a.sockaddr_len()) < 0)
+        throw std::system_error(errno, std::generic_category(), "connect " + a.to_string());
+    return fd;
+}
+
+bool send_all(int fd, std::string_view data) {
+    while (!data.empty()) {
+        ssize_t n = ::send(fd, data.data(), data.size(), MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return false;
+        data.remove_prefix(static_cast<std::size_t>(n));
+    }
+    return true;
+}
+
+/// Read exactly n bytes (blocking with the socket's timeout); shorter on EOF/error.
+std::string recv_exact(int fd, std::size_t n, std::size_t chunk = 65536) {
+    std::string out;
+    std::vector<char> buf(chunk);
+    while (out.size() < n) {
+        ssize_t r = ::recv(fd, buf.data(), std::min(chunk, n - out.size()), 0);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) break;
+        out.append(buf.data(), static_cast<std::size_t>(r));
+    }
+    return out;
+}
+
+/// Blocking: read until EOF; returns what was read; *eof set if it ended in EOF/reset.
+std::string recv_to_eof(int fd, bool* eof) {
+    std::string out;
+    char buf[65536];
+    *eof = false;
+    for (;;) {
+        ssize_t r = ::recv(fd, buf, sizeof buf, 0);
+        if (r < 0 && errno == EINTR) continue;
+        if (r == 0 || (r < 0 && errno == ECONNRESET)) {
+            *eof = true;
+            return out;
+        }
+        if (r < 0) return out;  // timeout
+        out.append(buf, static_cast<std::size_t>(r));
+    }
+}
+
+Callbacks echo_callbacks() {
+    Callbacks cb;
+    cb.on_message = [](const ConnectionPtr& c, Buffer& in) {
+        c->send(in.data(), in.size());
+        in.consume_all();
+    };
+    return cb;
+}
+
+/// A server on its own loop thread; clients talk to it from the test thread.
+/// Server state is read with call(), which runs on the loop thread.
+class ServerThread {
+  public:
+    ServerThread(std::unique_ptr<Selector> sel, const Address& addr, Callbacks cb,
+                 ServerOptions opt = {})
+        : loop_(std::make_unique<EventLoop>(std::move(sel))) {
+        server_ = std::make_unique<TcpServer>(*loop_, addr, std::move(cb), opt);
+        address_ = server_->local_address();
+        thread_ = std::thread([this] { loop_->run(); });
+    }
+    ~ServerThread() { stop(); }
+    /// Stop the loop, destroy the server, run what it posted (on_close calls).
+    void stop() {
+        if (!thread_.joinable()) return;
+        loop_->stop();
+        thread_.join();
+        server_.reset();
+        loop_->run_once(0ms);
+    }
+    const Address& address() const { return address_; }
+    template <class F>
+    auto call(F f) -> decltype(f()) {
+        std::packaged_task<decltype(f())()> task(std::move(f));
+        auto result = task.get_future();
+        loop_->post([&task] { task(); });
+        if (result.wait_for(10s) != std::future_status::ready)
+            throw std::runtime_error("loop hung");
+        return result.get();
+    }
+    ServerStats stats() {
+        return call([this] { return server_->stats(); });
+    }
+    /// Poll `pred` (on the loop thread) until true or 5 s.
+    template <class Pred>
+    bool wait_until(Pred pred, std::chrono::milliseconds limit = 5000ms) {
+        auto deadline = std::chrono::steady_clock::now() + limit;
+        while (!call(pred)) {
+            if (std::chrono::steady_clock::now() >= deadline) return false;
+            std::this_thread::sleep_for(5ms);
+        }
+        return true;
+    }
+    TcpServer& server() { return *server_; }
+
+  private:
+    std::unique_ptr<EventLoop> loop_;
+    std::unique_ptr<TcpServer> server_;
+    Address address_;
+    std::thread thread_;
+};
+
+const Address loopback4 = Address::parse("127.0.0.1:0");
+
+ConnectOptions timeout(std::chrono::milliseconds t) {
+    ConnectOptions o;
+    o.timeout = t;
+    return o;
+}
+
+// ---- Address --------------------------------------------------------------------
+
+TEST(Address, ParsesAndPrints) {
+    EXPECT_EQ(Address::parse("127.0.0.1:80").to_string(), "127.0.0.1:80");
+    EXPECT_EQ(Address::parse("127.0.0.1:80").port(), 80);
+    EXPECT_EQ(Address::parse("[::1]:8080").to_string(), "[::1]:8080");
+    EXPECT_EQ(Address::parse("[::1]:8080").family(), AF_INET6);
+    EXPECT_EQ(Address::parse("unix:/tmp/x.sock").to_string(), "unix:/tmp/x.sock");
+    EXPECT_EQ(Address::parse("unix:/tmp/x.sock").path(), "/tmp/x.sock");
+    EXPECT_TRUE(Address::parse("unix:/tmp/x.sock").is_unix());
+    EXPECT_EQ(Address().to_string(), "(none)");
+    EXPECT_EQ(Address::parse("0.0.0.0:0"), Address::ip("0.0.0.0", 0));
+    for (const char* bad : {"127.0.0.1", "127.0.0.1:", "127.0.0.1:65536", "127.0.0.1:x", "::1:80",
+                            "[::1:80", "host.example:80", "unix:", ":80"})
+        EXPECT_THROW(Address::parse(bad), std::invalid_argument) << bad;
+    EXPECT_THROW(Address::unix_path(std::string(200, 'a')), std::invalid_argument);
+}
+
+// ---- Connection on an adopted pair (single thread, exact batches) -------------
+
+struct Recorder {
+    std::string order;  // M<n> per on_message, S for peer shutdown, C<reason> for close
+    int closes = 0;
+    CloseReason reason = CloseReason::local;
+    int err = 0;
+    std::size_t messages = 0;
+    std::string received;
+    int high_water = 0;
+    int drains = 0;
+
+    Callbacks callbacks(bool echo) {
+        Callbacks cb;
+        cb.on_message = [this, echo](const ConnectionPtr& c, Buffer& in) {
+            ++messages;
+            order += "M" + std::to_string(in.size()) + ",";
+            received.append(in.data(), in.size());
+            if (echo) c->send(in.data(), in.size());
+            in.consume_all();
+        };
+        cb.on_close = [this](const ConnectionPtr& c, CloseReason r, int e) {
+            ++closes;
+            reason = r;
+            err = e;
+            order += std::string("C") + to_string(r);
+            EXPECT_FALSE(c->is_open());
+        };
+        cb.on_high_water = [this](const ConnectionPtr&, std::size_t) { ++high_water; };
+        cb.on_drain = [this](const ConnectionPtr&) { ++drains; };
+        return cb;
+    }
+};
+
+TEST(Connection, DataAndFinInOneWakeupArriveInOrder) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    auto [client, server] = test::tcp_pair();
+    Recorder rec;
+    Callbacks cb = rec.callbacks(true);
+    cb.on_peer_shutdown = [&](const ConnectionPtr& c) {
+        rec.order += "S,";
+        c->shutdown_write();
+    };
+    ConnectionPtr conn = Connection::adopt(loop, server.release(), cb);
+    // Data and FIN are both in the kernel before the loop looks.
+    ASSERT_TRUE(send_all(client.get(), "abc"));
+    ASSERT_EQ(::shutdown(client.get(), SHUT_WR), 0);
+    ASSERT_TRUE(pump(loop, [&] { return rec.closes > 0; }));
+    EXPECT_EQ(rec.order, "M3,S,Cpeer_closed");
+    EXPECT_EQ(rec.closes, 1);
+    set_timeouts(client.get(), 5000ms);
+    ::fcntl(client.get(), F_SETFL, 0);
+    bool eof = false;
+    EXPECT_EQ(recv_to_eof(client.get(), &eof), "abc");
+    EXPECT_TRUE(eof);
+    pump_for(loop, 20ms);
+    EXPECT_EQ(rec.closes, 1);
+}
+
+TEST(Connection, DefaultPeerShutdownFinishesQueueThenCloses) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    auto [client, server] = test::tcp_pair();
+    int small = 4096;
+    ::setsockopt(server.get(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
+    Recorder rec;
+    ConnectionPtr conn = Connection::adopt(loop, server.release(), rec.callbacks(false));
+    const std::string big = pattern(1 << 20);
+    conn->send(big);
+    EXPECT_GT(conn->queued_bytes(), 0u) << "a 4 KiB send buffer cannot take 1 MiB at once";
+    ASSERT_EQ(::shutdown(client.get(), SHUT_WR), 0);
+    // The client reads on a thread while the loop drains the queue.
+    std::string got;
+    bool eof = false;
+    std::thread reader([&, fd = client.get()] {
+        ::fcntl(fd, F_SETFL, 0);
+        set_timeouts(fd, 10000ms);
+        got = recv_to_eof(fd, &eof);
+    });
+    bool closed = pump(
+        loop, [&] { return rec.closes > 0; }, 10000ms);
+    reader.join();
+    ASSERT_TRUE(closed);
+    EXPECT_EQ(rec.reason, CloseReason::peer_closed);
+    EXPECT_TRUE(eof);
+    EXPECT_TRUE(got == big) << "got " << got.size() << " bytes";
+    EXPECT_GE(rec.drains, 1);
+}
+
+TEST(Connection, FramingKeepsUnconsumedInput) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    auto [client, server] = test::tcp_pair();
+    std::vector<std::string> frames;
+    Callbacks cb;
+    cb.on_message = [&](const ConnectionPtr&, Buffer& in) {
+        while (in.size() >= 10) frames.push_back(in.take(10));
+    };
+    ConnectionPtr conn = Connection::adopt(loop, server.release(), cb);
+    const std::string stream = pattern(95);
+    for (std::size_t at = 0; at < stream.size(); at += 7) {
+        ASSERT_TRUE(send_all(client.get(), stream.substr(at, 7)));
+        std::size_t before = conn->bytes_in();
+        ASSERT_TRUE(pump(loop, [&] { return conn->bytes_in() > before; }));
+    }
+    ASSERT_EQ(frames.size(), 9u);
+    for (std::size_t i = 0; i < frames.size(); ++i) EXPECT_EQ(frames[i], stream.substr(i * 10, 10));
+    EXPECT_EQ(conn->input_bytes(), 5u);
+    conn->close();
+}
+
+TEST(Connection, IdleConnectionHoldsNoInput) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    auto [client, server] = test::tcp_pair();
+    Recorder rec;
+    ConnectionPtr conn = Connection::adopt(loop, server.release(), rec.callbacks(true));
+    ASSERT_TRUE(send_all(client.get(), pattern(50000)));
+    ASSERT_TRUE(pump(loop, [&] { return rec.received.size() == 50000; }));
+    EXPECT_EQ(conn->input_bytes(), 0u);
+    EXPECT_EQ(conn->queued_bytes(), 0u);
+    conn->close();
+    ASSERT_TRUE(pump(loop, [&] { return rec.closes == 1; }));
+    EXPECT_EQ(rec.reason, CloseReason::local);
+}
+
+TEST(Connection, PeerResetWithQueuedDataIsAReasonNotASignal) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    // The default disposition: a write to a reset socket without
+    // MSG_NOSIGNAL would kill this process.
+    auto old = std::signal(SIGPIPE, SIG_DFL);
+    EventLoop loop(std::move(sel));
+    auto [client, server] = test::tcp_pair();
+    int small = 4096;
+    ::setsockopt(server.get(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
+    Recorder rec;
+    ConnectionPtr conn = Connection::adopt(loop, server.release(), rec.callbacks(false));
+    conn->send(pattern(2 << 20));
+    ASSERT_GT(conn->queued_bytes(), 0u);
+    linger lg{1, 0};  // close with RST
+    ::setsockopt(client.get(), SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    client.reset();
+    ASSERT_TRUE(pump(loop, [&] { return rec.closes > 0; }));
+    EXPECT_EQ(rec.reason, CloseReason::reset);
+    EXPECT_TRUE(rec.err == ECONNRESET || rec.err == EPIPE) << std::strerror(rec.err);
+    EXPECT_FALSE(conn->is_open());
+    conn->send("ignored");  // a no-op, not a crash or a second on_close
+    conn->close();
+    pump_for(loop, 20ms);
+    EXPECT_EQ(rec.closes, 1);
+    std::signal(SIGPIPE, old);
+}
+
+TEST(Connection, SendToResetPeerReportsOnceFromTheLoop) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    auto old = std::signal(SIGPIPE, SIG_DFL);
+    EventLoop loop(std::move(sel));
+    auto [client, server] = test::tcp_pair();
+    Recorder rec;
+    ConnectionPtr conn = Connection::adopt(loop, server.release(), rec.callbacks(false));
+    linger lg{1, 0};
+    ::setsockopt(client.get(), SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    client.reset();
+    // Sends from outside the connection's callbacks until one fails.
+    for (int i = 0; i < 100 && conn->is_open(); ++i) {
+        conn->send("x");
+        std::this_thread::sleep_for(1ms);
+    }
+    EXPECT_FALSE(conn->is_open());
+    EXPECT_EQ(rec.closes, 0) << "on_close must not run inside send()";
+    ASSERT_TRUE(pump(loop, [&] { return rec.closes > 0; }));
+    EXPECT_EQ(rec.reason, CloseReason::reset);
+    pump_for(loop, 20ms);
+    EXPECT_EQ(rec.closes, 1);
+    std::signal(SIGPIPE, old);
+}
+
+TEST(Connection, OverflowClosesAtTheCap) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    auto [client, server] = test::tcp_pair();
+    int small = 4096;
+    ::setsockopt(server.get(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
+    Recorder rec;
+    ConnectionOptions opt;
+    opt.max_buffered = 256 * 1024;
+    ConnectionPtr conn = Connection::adopt(loop, server.release(), rec.callbacks(false), opt);
+    for (int i = 0; i < 64 && conn->is_open(); ++i) {
+        conn->send(pattern(16 * 1024));
+        EXPECT_LE(conn->queued_bytes(), opt.max_buffered);
+    }
+    EXPECT_FALSE(conn->is_open());
+    ASSERT_TRUE(pump(loop, [&] { return rec.closes > 0; }));
+    EXPECT_EQ(rec.reason, CloseReason::overflow);
+    EXPECT_EQ(rec.high_water, 1);
+}
+
+TEST(Connection, GracefulCloseSendsTheQueueFirst) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    auto [client, server] = test::tcp_pair();
+    int small = 4096;
+    ::setsockopt(server.get(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
+    Recorder rec;
+    ConnectionPtr conn = Connection::adopt(loop, server.release(), rec.callbacks(false));
+    const std::string big = pattern(512 * 1024, 3);
+    conn->send(std::string(big));  // the rvalue overload
+    conn->close(CloseMode::graceful);
+    EXPECT_EQ(rec.closes, 0);
+    std::string got;
+    bool eof = false;
+    std::thread reader([&, fd = client.get()] {
+        ::fcntl(fd, F_SETFL, 0);
+        set_timeouts(fd, 10000ms);
+        got = recv_to_eof(fd, &eof);
+    });
+    bool closed = pump(
+        loop, [&] { return rec.closes > 0; }, 10000ms);
+    reader.join();
+    ASSERT_TRUE(closed);
+    EXPECT_EQ(rec.reason, CloseReason::local);
+    EXPECT_TRUE(eof);
+    EXPECT_TRUE(got == big) << got.size();
+}
+
+TEST(Connection, CallbackClosesAnotherInTheSameBatch) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    auto [c1, s1] = test::tcp_pair();
+    auto [c2, s2] = test::tcp_pair();
+    std::vector<ConnectionPtr> conns;
+    int messages = 0;
+    std::vector<CloseReason> reasons;
+    Callbacks cb;
+    cb.on_message = [&](const ConnectionPtr& self, Buffer& in) {
+        ++messages;
+        in.consume_all();
+        for (auto& other : conns)
+            if (other != self) other->close();
+    };
+    cb.on_close = [&](const ConnectionPtr&, CloseReason r, int) { reasons.push_back(r); };
+    conns.push_back(Connection::adopt(loop, s1.release(), cb));
+    conns.push_back(Connection::adopt(loop, s2.release(), cb));
+    ASSERT_TRUE(send_all(c1.get(), "a"));
+    ASSERT_TRUE(send_all(c2.get(), "b"));
+    std::this_thread::sleep_for(20ms);  // both readable before the one wait
+    loop.run_once(1000ms);
+    pump_for(loop, 50ms);
+    EXPECT_EQ(messages, 1) << "the closed connection must get no callback";
+    ASSERT_EQ(reasons.size(), 1u);
+    EXPECT_EQ(reasons[0], CloseReason::local);
+    for (auto& c : conns) c->close();
+    pump_for(loop, 20ms);
+    EXPECT_EQ(reasons.size(), 2u);
+}
+
+// ---- TcpServer ---------------------------------------------------------------------
+
+TEST(TcpServer, PingPongOneByteToFourMiB) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    ServerThread srv(std::move(sel), loopback4, echo_callbacks());
+    Fd c = dial(srv.address());
+    for (std::size_t size : {std::size_t{1}, std::size_t{100}, std::size_t{65536},
+                             std::size_t{1} << 20, std::size_t{4} << 20}) {
+        for (int round = 0; round < (size < 65536 ? 5 : 1); ++round) {
+            const std::string msg = pattern(size, static_cast<unsigned>(round));
+            // Write on a thread: a 4 MiB echo does not fit in the socket buffers.
+            bool sent = false;
+            std::thread writer([&] { sent = send_all(c.get(), msg); });
+            std::string got = recv_exact(c.get(), size);
+            writer.join();
+            ASSERT_TRUE(sent);
+            ASSERT_EQ(got.size(), size);
+            ASSERT_TRUE(got == msg) << "bytes differ at size " << size;
+        }
+    }
+    ServerStats s = srv.stats();
+    EXPECT_EQ(s.connections_now, 1u);
+    EXPECT_EQ(s.bytes_in, s.bytes_out);
+}
+
+TEST(TcpServer, ThousandConnections) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    constexpr int n = 1000;
+    if (test::raise_fd_limit(2 * n + 200) < 2 * n + 100) GTEST_SKIP() << "RLIMIT_NOFILE too low";
+    ServerThread srv(std::move(sel), loopback4, echo_callbacks());
+    std::vector<Fd> clients;
+    for (int i = 0; i < n; ++i) clients.push_back(dial(srv.address()));
+    for (int i = 0; i < n; ++i)
+        ASSERT_TRUE(send_all(clients[i].get(), "c" + std::to_string(10000 + i)));
+    for (int i = 0; i < n; ++i)
+        ASSERT_EQ(recv_exact(clients[i].get(), 6), "c" + std::to_string(10000 + i));
+    EXPECT_TRUE(srv.wait_until([&] { return srv.server().connection_count() == n; }));
+    clients.clear();
+    EXPECT_TRUE(srv.wait_until([&] { return srv.server().connection_count() == 0; }));
+    EXPECT_EQ(srv.stats().connections_total, static_cast<std::uint64_t>(n));
+}
+
+TEST(TcpServer, PartialWritesWithSmallBuffers) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    std::atomic<std::size_t> max_queued{0};
+    std::atomic<int> drains{0};
+    Callbacks cb;
+    cb.on_connect = [](const ConnectionPtr& c) {
+        int small = 4096;
+        ::setsockopt(c->fd(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
+    };
+    cb.on_message = [&](const ConnectionPtr& c, Buffer& in) {
+        c->send(in.take_all());  // the std::string&& overload
+        if (c->queued_bytes() > max_queued) max_queued = c->queued_bytes();
+    };
+    cb.on_drain = [&](const ConnectionPtr&) { ++drains; };
+    ServerThread srv(std::move(sel), loopback4, cb);
+    Fd c = dial(srv.address(), 4096);
+    const std::string msg = pattern(2 << 20, 11);
+    bool sent = false;
+    std::thread writer([&] { sent = send_all(c.get(), msg); });
+    std::string got = recv_exact(c.get(), msg.size(), 1000);  // small reads
+    writer.join();
+    ASSERT_TRUE(sent);
+    ASSERT_EQ(got.size(), msg.size());
+    EXPECT_TRUE(got == msg);
+    EXPECT_GT(max_queued.load(), 0u) << "the small buffers should have forced queueing";
+    EXPECT_GE(drains.load(), 1);
+}
+
+TEST(TcpServer, ClientThatNeverReadsIsBounded) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    ServerOptions opt;
+    opt.connection.max_buffered = 1 << 20;
+    std::atomic<std::size_t> max_queued{0};
+    std::atomic<int> high_water{0};
+    std::atomic<int> closes{0};
+    Callbacks cb;
+    cb.on_message = [&](const ConnectionPtr& c, Buffer& in) {
+        c->send(in.data(), in.size());
+        in.consume_all();
+        if (c->queued_bytes() > max_queued) max_queued = c->queued_bytes();
+    };
+    cb.on_high_water = [&](const ConnectionPtr&, std::size_t) { ++high_water; };
+    cb.on_close = [&](const ConnectionPtr&, CloseReason, int) { ++closes; };
+    ServerThread srv(std::move(sel), loopback4, cb, opt);
+
+    Fd greedy = dial(srv.address());
+    ::fcntl(greedy.get(), F_SETFL, O_NONBLOCK);
+    const std::string chunk = pattern(64 * 1024);
+    std::size_t sent = 0;
+    auto deadline = std::chrono::steady_clock::now() + 5s;
+    auto last_progress = std::chrono::steady_clock::now();
+    // Send until the kernel buffers on both sides are full and stay full.
+    while (std::chrono::steady_clock::now() < deadline && sent < (256u << 20)) {
+        ssize_t n = ::send(greedy.get(), chunk.data(), chunk.size(), MSG_NOSIGNAL);
+        if (n > 0) {
+            sent += static_cast<std::size_t>(n);
+            last_progress = std::chrono::steady_clock::now();
+        } else if (std::chrono::steady_clock::now() - last_progress > 300ms) {
+            break;
+        } else {
+            std::this_thread::sleep_for(1ms);
+        }
+    }
+    EXPECT_LT(sent, 256u << 20) << "the server never stopped reading";
+    // Another client is served meanwhile.
+    Fd polite = dial(srv.address());
+    for (int i = 0; i < 10; ++i) {
+        std::string msg = "ping" + std::to_string(i);
+        ASSERT_TRUE(send_all(polite.get(), msg));
+        ASSERT_EQ(recv_exact(polite.get(), msg.size()), msg);
+    }
+    EXPECT_LE(max_queued.load(), opt.connection.max_buffered);
+    EXPECT_LE(max_queued.load(), opt.connection.high_water + EventLoop::scratch_size);
+    EXPECT_EQ(high_water.load(), 1);
+    EXPECT_EQ(closes.load(), 0) << "backpressure, not overflow, should hold it";
+}
+
+TEST(TcpServer, HalfCloseWithDataInFlight) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    std::atomic<int> peer_closed{0};
+    Callbacks cb = echo_callbacks();
+    cb.on_close = [&](const ConnectionPtr&, CloseReason r, int) {
+        if (r == CloseReason::peer_closed) ++peer_closed;
+    };
+    ServerThread srv(std::move(sel), loopback4, cb);
+    Fd c = dial(srv.address());
+    const std::string msg = pattern(300 * 1000, 5);
+    std::thread writer([&] {
+        send_all(c.get(), msg);
+        ::shutdown(c.get(), SHUT_WR);
+    });
+    bool eof = false;
+    std::string got = recv_to_eof(c.get(), &eof);
+    writer.join();
+    EXPECT_TRUE(eof);
+    EXPECT_EQ(got.size(), msg.size());
+    EXPECT_TRUE(got == msg);
+    EXPECT_TRUE(srv.wait_until([&] { return peer_closed.load() == 1; }));
+}
+
+TEST(TcpServer, BindErrorNamesTheAddress) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    TcpServer first(loop, loopback4, {});
+    try {
+        TcpServer second(loop, first.local_address(), {});
+        FAIL() << "second bind succeeded";
+    } catch (const std::system_error& e) {
+        EXPECT_EQ(std::string(e.what()),
+                  "bind " + first.local_address().to_string() + ": Address already in use");
+        EXPECT_EQ(e.code().value(), EADDRINUSE);
+    }
+}
+
+TEST(TcpServer, EmfileOnAcceptDoesNotSpinAndRecovers) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    TcpServer server(loop, loopback4, echo_callbacks());
+    const Address addr = server.local_address();
+    constexpr int n = 5;
+    std::vector<Fd> clients;
+    for (int i = 0; i < n; ++i)
+        clients.emplace_back(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+
+    // Use up every fd number under a lowered limit.
+    rlimit old{};
+    ::getrlimit(RLIMIT_NOFILE, &old);
+    std::vector<Fd> filler;
+    {
+        Fd probe(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+        rlimit low = old;
+        low.rlim_cur = static_cast<rlim_t>(probe.get() + 16);
+        ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+    }
+    for (int i = 0; i < 100000; ++i) {
+        int fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+        if (fd < 0) break;
+        filler.emplace_back(fd);
+    }
+    ASSERT_EQ(errno, EMFILE);
+    for (auto& c : clients)
+        ::connect(c.get(), static_cast<const sockaddr*>(addr.sockaddr_ptr()), addr.sockaddr_len());
+
+    const auto before = server.stats();
+    pump_for(loop, 1000ms);
+    const auto after = server.stats();
+    // A spinning server makes hundreds of thousands of calls in a second.
+    EXPECT_LT(after.accept_calls - before.accept_calls, 200u);
+    EXPECT_GE(after.rejected, static_cast<std::uint64_t>(n)) << "shed, not left hanging";
+    EXPECT_EQ(after.connections_now, 0u);
+
+    filler.clear();
+    ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
+    // The shed clients were closed by the server.
+    for (auto& c : clients) {
+        pollfd p{c.get(), POLLIN, 0};
+        ASSERT_EQ(::poll(&p, 1, 2000), 1);
+        char b;
+        EXPECT_LE(::recv(c.get(), &b, 1, 0), 0);
+    }
+    // Recovered: a new client is served.
+    Fd fresh(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    ::connect(fresh.get(), static_cast<const sockaddr*>(addr.sockaddr_ptr()), addr.sockaddr_len());
+    std::string got;
+    bool sent = false;
+    ASSERT_TRUE(pump(loop, [&] {
+        if (!sent) sent = ::send(fresh.get(), "ok", 2, MSG_NOSIGNAL) == 2;
+        char b[8];
+        ssize_t r = ::recv(fresh.get(), b, sizeof b, 0);
+        if (r > 0) got.append(b, static_cast<std::size_t>(r));
+        return got == "ok";
+    }));
+    EXPECT_EQ(server.stats().connections_now, 1u);
+}
+
+TEST(TcpServer, MaxConnections) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    ServerOptions opt;
+    opt.max_connections = 2;
+    ServerThread srv(std::move(sel), loopback4, echo_callbacks(), opt);
+    Fd a = dial(srv.address());
+    Fd b = dial(srv.address());
+    for (Fd* c : {&a, &b}) {
+        ASSERT_TRUE(send_all(c->get(), "hi"));
+        ASSERT_EQ(recv_exact(c->get(), 2), "hi");
+    }
+    Fd third = dial(srv.address());
+    bool eof = false;
+    EXPECT_EQ(recv_to_eof(third.get(), &eof), "");
+    EXPECT_TRUE(eof) << "over the limit: accepted and closed";
+    a.reset();
+    ASSERT_TRUE(srv.wait_until([&] { return srv.server().connection_count() == 1; }));
+    Fd fourth = dial(srv.address());
+    ASSERT_TRUE(send_all(fourth.get(), "yo"));
+    EXPECT_EQ(recv_exact(fourth.get(), 2), "yo");
+    EXPECT_EQ(srv.stats().rejected, 1u);
+}
+
+TEST(TcpServer, IdleTimeoutClosesOnlyIdleConnections) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    ServerOptions opt;
+    opt.idle_timeout = 300ms;
+    std::atomic<int> timeouts{0};
+    Callbacks cb = echo_callbacks();
+    cb.on_close = [&](const ConnectionPtr&, CloseReason r, int) {
+        if (r == CloseReason::timeout) ++timeouts;
+    };
+    ServerThread srv(std::move(sel), loopback4, cb, opt);
+    Fd idle = dial(srv.address());
+    Fd busy = dial(srv.address());
+    auto start = std::chrono::steady_clock::now();
+    // The busy client talks every 30 ms for 900 ms: three idle periods.
+    for (int i = 0; i < 30; ++i) {
+        ASSERT_TRUE(send_all(busy.get(), "k"));
+        ASSERT_EQ(recv_exact(busy.get(), 1), "k") << "busy connection closed at round " << i;
+        std::this_thread::sleep_for(30ms);
+    }
+    bool eof = false;
+    recv_to_eof(idle.get(), &eof);
+    EXPECT_TRUE(eof);
+    EXPECT_GE(std::chrono::steady_clock::now() - start, 300ms) << "never early";
+    EXPECT_TRUE(srv.wait_until([&] { return timeouts.load() == 1; }));
+    EXPECT_EQ(srv.stats().connections_now, 1u);
+}
+
+TEST(TcpServer, UnixSocket) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    char dir[] = "/tmp/evmux-conn-XXXXXX";
+    ASSERT_NE(::mkdtemp(dir), nullptr);
+    const std::string path = std::string(dir) + "/echo.sock";
+    {
+        ServerThread srv(std::move(sel), Address::parse("unix:" + path), echo_callbacks());
+        EXPECT_EQ(srv.address().to_string(), "unix:" + path);
+        Fd c = dial(srv.address());
+        const std::string msg = pattern(200000);
+        bool sent = false;
+        std::thread writer([&] { sent = send_all(c.get(), msg); });
+        std::string got = recv_exact(c.get(), msg.size());
+        writer.join();
+        EXPECT_TRUE(sent);
+        EXPECT_TRUE(got == msg);
+        srv.stop();
+        struct stat st {};
+        EXPECT_NE(::lstat(path.c_str(), &st), 0) << "socket file left behind";
+    }
+    ::rmdir(dir);
+}
+
+TEST(TcpServer, UnixSocketStaleFileIsReplacedLiveOneIsNot) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    char dir[] = "/tmp/evmux-conn-XXXXXX";
+    ASSERT_NE(::mkdtemp(dir), nullptr);
+    const Address addr = Address::unix_path(std::string(dir) + "/s");
+    {
+        // A stale socket file: bound, never listening, closed.
+        Fd stale(::socket(AF_UNIX, SOCK_STREAM, 0));
+        ASSERT_EQ(::bind(stale.get(), static_cast<const sockaddr*>(addr.sockaddr_ptr()),
+                         addr.sockaddr_len()),
+                  0);
+    }
+    {
+        TcpServer live(loop, addr, {});
+        EXPECT_THROW(TcpServer(loop, addr, {}), std::system_error);
+    }
+    ::rmdir(dir);
+}
+
+TEST(TcpServer, Ipv6) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    {
+        Fd probe(::socket(AF_INET6, SOCK_STREAM | SOCK_CLOEXEC, 0));
+        Address a = Address::parse("[::1]:0");
+        if (!probe || ::bind(probe.get(), static_cast<const sockaddr*>(a.sockaddr_ptr()),
+                             a.sockaddr_len()) != 0)
+            GTEST_SKIP() << "::1 unavailable";
+    }
+    ServerThread srv(std::move(sel), Address::parse("[::1]:0"), echo_callbacks());
+    EXPECT_EQ(srv.address().family(), AF_INET6);
+    EXPECT_TRUE(srv.address().to_string().starts_with("[::1]:"));
+    Fd c = dial(srv.address());
+    ASSERT_TRUE(send_all(c.get(), "six"));
+    EXPECT_EQ(recv_exact(c.get(), 3), "six");
+}
+
+// ---- connect ----------------------------------------------------------------------
+
+struct ConnectResult {
+    int connects = 0;
+    int errors = 0;
+    std::error_code ec;
+    std::string message;
+    std::string echoed;
+    ConnectionPtr conn;
+
+    Callbacks callbacks(std::string hello = "") {
+        Callbacks cb;
+        cb.on_connect = [this, hello](const ConnectionPtr& c) {
+            ++connects;
+            conn = c;
+            if (!hello.empty()) c->send(hello);
+        };
+        cb.on_message = [this](const ConnectionPtr&, Buffer& in) { echoed += in.take_all(); };
+        cb.on_error = [this](std::error_code e, const std::string& m) {
+            ++errors;
+            ec = e;
+            message = m;
+        };
+        return cb;
+    }
+};
+
+TEST(Connect, ToServerOnTheSameLoopTcpAndUnix) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    char dir[] = "/tmp/evmux-conn-XXXXXX";
+    ASSERT_NE(::mkdtemp(dir), nullptr);
+    for (const Address& where : {loopback4, Address::unix_path(std::string(dir) + "/c.sock")}) {
+        TcpServer server(loop, where, echo_callbacks());
+        ConnectResult r;
+        auto handle = connect(loop, server.local_address(), r.callbacks("hello"), timeout(5s));
+        EXPECT_EQ(r.connects + r.errors, 0) << "no callback inside connect()";
+        ASSERT_TRUE(pump(loop, [&] { return r.echoed == "hello" || r.errors > 0; }))
+            << where.to_string();
+        EXPECT_EQ(r.errors, 0) << r.message;
+        EXPECT_FALSE(handle->connecting());
+        r.conn->close();
+        pump_for(loop, 20ms);
+    }
+    ::rmdir(dir);
+}
+
+TEST(Connect, RefusedIsAClearError) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    // Bound but not listening: the port stays ours, and connects are refused.
+    Fd holder(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    Address a = loopback4;
+    ASSERT_EQ(
+        ::bind(holder.get(), static_cast<const sockaddr*>(a.sockaddr_ptr()), a.sockaddr_len()), 0);
+    a = Address::local_of(holder.get());
+    ConnectResult r;
+    connect(loop, a, r.callbacks());
+    ASSERT_TRUE(pump(loop, [&] { return r.errors > 0 || r.connects > 0; }));
+    EXPECT_EQ(r.connects, 0);
+    EXPECT_EQ(r.ec.value(), ECONNREFUSED);
+    EXPECT_EQ(r.message, "connect " + a.to_string() + ": Connection refused");
+    pump_for(loop, 20ms);
+    EXPECT_EQ(r.errors, 1);
+}
+
+/// A listener whose accept queue is full: further connects stay pending
+/// (Linux drops their SYNs), all on 127.0.0.1.
+struct FullBacklog {
+    Fd listener;
+    std::vector<Fd> fillers;
+    Address address;
+    FullBacklog() {
+        listener = Fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+        Address a = loopback4;
+        ::bind(listener.get(), static_cast<const sockaddr*>(a.sockaddr_ptr()), a.sockaddr_len());
+        ::listen(listener.get(), 0);
+        address = Address::local_of(listener.get());
+        for (int i = 0; i < 3; ++i) {
+            fillers.emplace_back(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+            ::connect(fillers.back().get(), static_cast<const sockaddr*>(address.sockaddr_ptr()),
+                      address.sockaddr_len());
+        }
+        std::this_thread::sleep_for(50ms);
+    }
+};
+
+TEST(Connect, TimesOut) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    FullBacklog full;
+    ConnectResult r;
+    auto start = std::chrono::steady_clock::now();
+    auto handle = connect(loop, full.address, r.callbacks(), timeout(200ms));
+    EXPECT_TRUE(handle->connecting());
+    ASSERT_TRUE(pump(loop, [&] { return r.errors > 0 || r.connects > 0; }));
+    EXPECT_GE(std::chrono::steady_clock::now() - start, 200ms);
+    EXPECT_EQ(r.connects, 0);
+    EXPECT_EQ(r.ec.value(), ETIMEDOUT);
+    EXPECT_EQ(r.message, "connect " + full.address.to_string() + ": Connection timed out");
+    EXPECT_FALSE(handle->connecting());
+    handle->cancel();  // finished: a no-op
+    pump_for(loop, 50ms);
+    EXPECT_EQ(r.errors, 1);
+}
+
+TEST(Connect, CancelWhileConnectingRunsTheCallbackOnce) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    FullBacklog full;
+    ConnectResult r;
+    auto handle = connect(loop, full.address, r.callbacks(), timeout(100ms));
+    loop.run_once(0ms);
+    handle->cancel();
+    handle->cancel();
+    EXPECT_EQ(r.errors, 0) << "not inside cancel()";
+    pump_for(loop, 300ms);  // past the timeout: it must not fire
+    EXPECT_EQ(r.errors, 1);
+    EXPECT_EQ(r.ec.value(), ECANCELED);
+    EXPECT_EQ(r.connects, 0);
+}
+
+}  // namespace
+}  // namespace evmux
