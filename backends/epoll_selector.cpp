@@ -15,7 +15,7 @@ namespace evmux::detail {
 namespace {
 
 class EpollSelector final : public Selector {
-public:
+  public:
     explicit EpollSelector(bool edge_triggered) : edge_(edge_triggered) {
         epfd_ = ::epoll_create1(EPOLL_CLOEXEC);
         if (epfd_ < 0) throw std::system_error(errno, std::generic_category(), "epoll_create1");
@@ -24,7 +24,7 @@ public:
     ~EpollSelector() override { ::close(epfd_); }
     std::string name() const override { return edge_ ? "epoll (edge-triggered)" : "epoll"; }
 
-protected:
+  protected:
     void backend_add(const SelectorKey& key) override { ctl(EPOLL_CTL_ADD, key, "epoll_ctl(ADD)"); }
     void backend_modify(const SelectorKey&, const SelectorKey& key) override {
         ctl(EPOLL_CTL_MOD, key, "epoll_ctl(MOD)");
@@ -55,7 +55,7 @@ protected:
         return true;
     }
 
-private:
+  private:
     // An event for no current registration means the kernel still holds one we
     // removed: the fd was closed before remove() while a dup() kept the file
     // open, so EPOLL_CTL_DEL could not name it. Level-triggered, it would wake

@@ -10,10 +10,10 @@ namespace evmux::detail {
 namespace {
 
 class PollSelector final : public Selector {
-public:
+  public:
     std::string name() const override { return "poll"; }
 
-protected:
+  protected:
     void backend_add(const SelectorKey& key) override {
         if (static_cast<std::size_t>(key.fd) >= index_.size()) index_.resize(key.fd * 2 + 64, -1);
         index_[key.fd] = static_cast<int>(fds_.size());
@@ -52,13 +52,15 @@ protected:
         return true;
     }
 
-private:
+  private:
     std::vector<pollfd> fds_;
     std::vector<int> index_;  // fd -> position in fds_
 };
 
 }  // namespace
 
-std::unique_ptr<Selector> make_poll_selector() { return std::make_unique<PollSelector>(); }
+std::unique_ptr<Selector> make_poll_selector() {
+    return std::make_unique<PollSelector>();
+}
 
 }  // namespace evmux::detail

@@ -24,10 +24,10 @@ using Word = unsigned long;
 constexpr int word_bits = sizeof(Word) * CHAR_BIT;
 
 class SelectSelector final : public Selector {
-public:
+  public:
     std::string name() const override { return "select"; }
 
-protected:
+  protected:
     void backend_add(const SelectorKey& key) override { set_bad(key.fd, false); }
     void backend_modify(const SelectorKey&, const SelectorKey& key) override {
         set_bad(key.fd, false);
@@ -82,8 +82,10 @@ protected:
         return true;
     }
 
-private:
-    static void set(std::vector<Word>& s, int fd) { s[fd / word_bits] |= Word{1} << (fd % word_bits); }
+  private:
+    static void set(std::vector<Word>& s, int fd) {
+        s[fd / word_bits] |= Word{1} << (fd % word_bits);
+    }
     // The kernel reads and writes nfds bits as an array of longs: the same
     // layout as glibc's fd_set, without its fixed size.
     static fd_set* as_set(std::vector<Word>& s) { return reinterpret_cast<fd_set*>(s.data()); }
@@ -115,6 +117,8 @@ private:
 
 }  // namespace
 
-std::unique_ptr<Selector> make_select_selector() { return std::make_unique<SelectSelector>(); }
+std::unique_ptr<Selector> make_select_selector() {
+    return std::make_unique<SelectSelector>();
+}
 
 }  // namespace evmux::detail
