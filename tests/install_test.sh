@@ -48,15 +48,19 @@ install_part() {
     local pc
     pc=$(find "$tmp/root" -name evmux.pc -print -quit)
     [ -n "$pc" ] || fail "no evmux.pc installed"
-    # pkg-config answers for the final prefix; the sysroot makes every path
-    # it prints point into the staged copy instead (make and cmake see it too).
-    export PKG_CONFIG_PATH=${pc%/*} PKG_CONFIG_SYSROOT_DIR=$tmp/root
-    local prefix libdir incdir
-    prefix=$(pkg-config --variable=prefix evmux)
+    # evmux.pc names the final prefix; a copy naming the staged one makes the
+    # temp dir look like a real install there (make and cmake see it too).
+    # (PKG_CONFIG_SYSROOT_DIR would also move liburing's and libevent's paths.)
+    local final_prefix prefix libdir incdir
+    final_prefix=$(sed -n 's/^prefix=//p' "$pc")
+    prefix=$tmp/root$final_prefix
+    mkdir "$tmp/pkgconfig"
+    sed "s|^prefix=.*|prefix=$prefix|" "$pc" >"$tmp/pkgconfig/evmux.pc"
+    export PKG_CONFIG_PATH=$tmp/pkgconfig
     libdir=$(pkg-config --variable=libdir evmux)
     incdir=$(pkg-config --variable=includedir evmux)
     [ -d "$incdir" ] && [ -d "$libdir" ] || fail "pkg-config paths $incdir $libdir are not in $tmp/root"
-    echo "staged prefix $prefix, evmux $(pkg-config --modversion evmux)"
+    echo "prefix $final_prefix staged in $prefix, evmux $(pkg-config --modversion evmux)"
 
     step "installed files"
     [ -f "$incdir/evmux/evmux.hpp" ] || fail "headers not under include/evmux"
@@ -68,6 +72,19 @@ install_part() {
     echo "soname $soname"
     [ "$(pkg-config --modversion evmux)" = "$(sed -n 's/^#define EVMUX_VERSION_STRING "\(.*\)"/\1/p' "$incdir/evmux/version.hpp")" ] ||
         fail "evmux.pc and version.hpp disagree on the version"
+    # Everything meson plans to install is there (the tools included).
+    meson introspect "$build" --installed |
+        python3 -c 'import json, sys; print("\n".join(json.load(sys.stdin).values()))' |
+        while read -r path; do
+            [ -e "$tmp/root$path" ] || fail "not installed: $path"
+        done
+    # The installed tools start: they find libevmux.so.
+    local tool
+    for tool in "$prefix"/bin/*; do
+        [ -x "$tool" ] || continue
+        LD_LIBRARY_PATH=$libdir "$tool" --help >/dev/null || fail "${tool##*/} --help"
+        echo "tool ${tool##*/} ok"
+    done
     # No build-tree or private header may be installed.
     if find "$incdir" -type f ! -name '*.hpp' | grep .; then fail "non-header files installed"; fi
 
@@ -105,6 +122,7 @@ install_part() {
     # shellcheck disable=SC2046
     "$cxx" "$tmp/select_server.o" -o "$tmp/select_server_static" \
         $(pkg-config --static --libs evmux | sed 's/-levmux\b/-l:libevmux.a/')
+    echo "static link: $(pkg-config --static --libs evmux)"
     if ldd "$tmp/select_server_static" | grep libevmux; then fail "static build links libevmux.so"; fi
 
     LD_LIBRARY_PATH=$libdir ldd "$tmp/select_server_shared" | grep -F "$libdir/$soname" >/dev/null ||
