@@ -435,10 +435,11 @@ class LoadTest : public ::testing::Test {
 };
 
 TEST_F(LoadTest, DetectsOneCorruptedByte) {
-    // Flips one bit of the 1500th byte of the stream: in the second message.
+    // Flips one bit of byte 2500 of the stream: in the third message (the
+    // first is the unrecorded warm-up, the second the first one counted).
     TinyServer server([](int fd, const std::atomic<bool>& stop) {
         TinyServer::echo(fd, stop, [](std::size_t off, char c) {
-            return off == 1500 ? static_cast<char>(c ^ 0x20) : c;
+            return off == 2500 ? static_cast<char>(c ^ 0x20) : c;
         });
     });
     std::string out, err;
@@ -448,7 +449,7 @@ TEST_F(LoadTest, DetectsOneCorruptedByte) {
               1);
     const LoadReport r = parse_report(out);
     EXPECT_EQ(r["mismatches"], 1);
-    EXPECT_EQ(r["round_trips"], 1);  // the first message was fine; then it stopped
+    EXPECT_EQ(r["round_trips"], 1);  // one good counted round trip; then it stopped
     EXPECT_NE(err.find("at byte 500"), std::string::npos) << err;
 }
 
@@ -498,27 +499,33 @@ TEST_F(LoadTest, DetectsAnIdleConnectionDroppedByTheServer) {
 }
 
 TEST_F(LoadTest, DetectsAServerThatHangsUpMidReply) {
-    // Sends back half of the first message, then closes.
-    TinyServer server([](int fd, const std::atomic<bool>& stop) {
-        char buf[1000];
-        std::size_t got = 0;
-        while (got < sizeof buf) {
-            const ssize_t n = TinyServer::read_for(fd, buf + got, sizeof buf - got, 2000, stop);
-            if (n <= 0) return;
-            got += static_cast<std::size_t>(n);
-        }
-        (void)::send(fd, buf, 500, MSG_NOSIGNAL);
-        ::shutdown(fd, SHUT_RDWR);
-    });
-    std::string out, err;
-    EXPECT_EQ(run_load({"--port", std::to_string(server.port()), "--conns", "1", "--size", "1000",
-                        "--duration", "0.2", "--json"},
-                       &out, &err),
-              1);
-    const LoadReport r = parse_report(out);
-    EXPECT_EQ(r["errors"], 1);
-    EXPECT_EQ(r["round_trips"], 0);
-    EXPECT_NE(err.find("500 of 1000"), std::string::npos) << err;
+    // Echoes the stream up to byte `cut`, then hangs up: in the warm-up
+    // message (cut 500) and in the second counted one (cut 2500).
+    for (const std::size_t cut : {500u, 2500u}) {
+        SCOPED_TRACE("cut at " + std::to_string(cut));
+        TinyServer server([cut](int fd, const std::atomic<bool>& stop) {
+            char buf[1000];
+            std::size_t echoed = 0;
+            while (echoed < cut) {
+                ssize_t n = TinyServer::read_for(fd, buf, sizeof buf, 2000, stop);
+                if (n <= 0) return;
+                n = std::min<ssize_t>(n, static_cast<ssize_t>(cut - echoed));
+                if (::send(fd, buf, static_cast<std::size_t>(n), MSG_NOSIGNAL) != n) return;
+                echoed += static_cast<std::size_t>(n);
+            }
+            ::shutdown(fd, SHUT_RDWR);
+        });
+        std::string out, err;
+        EXPECT_EQ(run_load({"--port", std::to_string(server.port()), "--conns", "1", "--size",
+                            "1000", "--duration", "0.2", "--json"},
+                           &out, &err),
+                  1);
+        const LoadReport r = parse_report(out);
+        EXPECT_EQ(r["errors"], 1);
+        EXPECT_EQ(r["mismatches"], 0);
+        EXPECT_EQ(r["round_trips"], cut / 1000 == 0 ? 0 : cut / 1000 - 1);
+        EXPECT_NE(err.find("500 of 1000"), std::string::npos) << err;
+    }
 }
 
 TEST_F(LoadTest, DetectsARefusedConnection) {

@@ -11,7 +11,9 @@
 // flight so the server's accept backlog does not overflow), all before the
 // clock starts. A of them ping-pong: send one S-byte message, wait for all S
 // bytes back, verify them byte for byte, record the round-trip time, repeat
-// until the duration ends. The other C-A stay idle and must still be connected
+// until the duration ends. One unrecorded warm-up round trip per active
+// connection precedes the clock, so it starts with every active connection
+// accepted by the server. The other C-A stay idle and must still be connected
 // at the end. Each active connection draws its payload from its own seeded
 // pseudo-random stream, and every round uses fresh bytes, so a reply routed to
 // the wrong connection, or a stale or repeated reply, is a mismatch.
@@ -220,6 +222,10 @@ class LoadClient {
     /// (errors counted) if any connect failed or timed out; it then stops
     /// starting new ones.
     bool connect_all();
+    /// One unrecorded round trip on every active connection, so the clock
+    /// starts with every active connection accepted and served. Returns false
+    /// (errors counted) if any failed or got no reply within --connect-timeout.
+    bool warm_up();
     /// Runs the ping-pong for the duration, drains, checks the idle ones.
     void run();
     /// The counters so far.
@@ -240,6 +246,9 @@ class LoadClient {
     void on_writable(std::size_t i);
     void on_readable(std::size_t i);
     void check_idle(std::size_t i, bool at_end);
+    // Waits for events until `until` at the latest, handles them; returns the
+    // time after.
+    Clock::time_point poll_once(Clock::time_point now, Clock::time_point until);
 
     const Options& opt_;
     sockaddr_storage addr_;
@@ -251,6 +260,7 @@ class LoadClient {
     std::array<epoll_event, 1024> events_{};
     Results res_;
     bool stopping_ = false;      // the duration is over: start no new round
+    bool warming_ = false;       // in warm_up(): record nothing
     std::size_t in_flight_ = 0;  // conns in State::in_round
     int messages_printed_ = 0;
 };
@@ -457,10 +467,12 @@ void LoadClient::on_readable(std::size_t i) {
         }
         c.received += got;
         if (c.received == size) {
-            const auto now = Clock::now();
-            res_.latency.record(static_cast<std::uint64_t>(
-                std::chrono::duration_cast<std::chrono::nanoseconds>(now - c.started).count()));
-            ++res_.round_trips;
+            if (!warming_) {
+                const auto now = Clock::now();
+                res_.latency.record(static_cast<std::uint64_t>(
+                    std::chrono::duration_cast<std::chrono::nanoseconds>(now - c.started).count()));
+                ++res_.round_trips;
+            }
             --in_flight_;
             c.state = Conn::State::finished;
             if (!stopping_) start_round(i);
@@ -492,6 +504,50 @@ void LoadClient::check_idle(std::size_t i, bool at_end) {
     close_conn(c);
 }
 
+Clock::time_point LoadClient::poll_once(Clock::time_point now, Clock::time_point until) {
+    // Round the timeout up so the wait never returns just before `until`.
+    const auto ms = std::chrono::ceil<std::chrono::milliseconds>(until - now).count();
+    const int n = epoll_wait(epfd_, events_.data(), static_cast<int>(events_.size()),
+                             static_cast<int>(std::max<long long>(ms, 0)));
+    if (n < 0 && errno != EINTR) die_errno("epoll_wait");
+    for (int k = 0; k < n; ++k) {
+        const std::size_t i = events_[k].data.u64;
+        Conn& c = conns_[i];
+        const std::uint32_t ev = events_[k].events;
+        if (c.state == Conn::State::idle) {
+            check_idle(i, false);
+            continue;
+        }
+        // Read first: an error or hang-up surfaces as a failed or empty read
+        // with its reason, after any reply bytes that arrived before it.
+        if (ev & (EPOLLIN | EPOLLERR | EPOLLHUP)) on_readable(i);
+        if ((ev & EPOLLOUT) && c.state == Conn::State::in_round) on_writable(i);
+    }
+    return Clock::now();
+}
+
+bool LoadClient::warm_up() {
+    // One verified, unrecorded round trip per active connection. A connect
+    // completes in the kernel before the server has accepted the connection;
+    // a server slow to accept thousands of them (threads, fork) would
+    // otherwise have its accept backlog counted as round-trip latency.
+    warming_ = stopping_ = true;  // no second round, no sample
+    for (std::size_t i = 0; i < conns_.size(); ++i)
+        if (conns_[i].active && conns_[i].state == Conn::State::finished) start_round(i);
+    const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                             std::chrono::duration<double>(opt_.connect_timeout_s));
+    auto now = Clock::now();
+    while (in_flight_ > 0 && now < deadline) now = poll_once(now, deadline);
+    for (std::size_t i = 0; i < conns_.size(); ++i) {
+        if (conns_[i].state != Conn::State::in_round) continue;
+        error(i, "no full reply to the warm-up message within %.3g s (%zu of %zu bytes back)",
+              opt_.connect_timeout_s, conns_[i].received, opt_.size);
+        close_conn(conns_[i]);
+    }
+    warming_ = stopping_ = false;
+    return res_.errors == 0 && res_.mismatches == 0;
+}
+
 void LoadClient::run() {
     const auto start = Clock::now();
     const auto end = start + std::chrono::duration_cast<Clock::duration>(
@@ -504,26 +560,7 @@ void LoadClient::run() {
     while (true) {
         if (!stopping_ && now >= end) stopping_ = true;
         if (stopping_ && (in_flight_ == 0 || now >= drain_deadline)) break;
-        const auto wait_until = stopping_ ? drain_deadline : end;
-        // Round the timeout up so the wait never returns just before the end.
-        const auto ms = std::chrono::ceil<std::chrono::milliseconds>(wait_until - now).count();
-        const int n = epoll_wait(epfd_, events_.data(), static_cast<int>(events_.size()),
-                                 static_cast<int>(std::max<long long>(ms, 0)));
-        if (n < 0 && errno != EINTR) die_errno("epoll_wait");
-        for (int k = 0; k < n; ++k) {
-            const std::size_t i = events_[k].data.u64;
-            Conn& c = conns_[i];
-            const std::uint32_t ev = events_[k].events;
-            if (c.state == Conn::State::idle) {
-                check_idle(i, false);
-                continue;
-            }
-            // Read first: an error or hang-up surfaces as a failed or empty read
-            // with its reason, after any reply bytes that arrived before it.
-            if (ev & (EPOLLIN | EPOLLERR | EPOLLHUP)) on_readable(i);
-            if ((ev & EPOLLOUT) && c.state == Conn::State::in_round) on_writable(i);
-        }
-        now = Clock::now();
+        now = poll_once(now, stopping_ ? drain_deadline : end);
     }
     res_.elapsed_s = std::chrono::duration<double>(now - start).count();
 
@@ -665,10 +702,12 @@ int main(int argc, char** argv) {
     ::signal(SIGPIPE, SIG_IGN);  // belt and braces: every send uses MSG_NOSIGNAL
 
     LoadClient client(opt, addr, addr_len);
-    if (client.connect_all()) {
-        client.run();
-    } else {
+    if (!client.connect_all()) {
         std::fprintf(stderr, "evmux-load: not all connections could be opened; no load sent\n");
+    } else if (!client.warm_up()) {
+        std::fprintf(stderr, "evmux-load: the warm-up round trips failed; no load sent\n");
+    } else {
+        client.run();
     }
     const Results& r = client.results();
     print_report(opt, r);
