@@ -1,0 +1,244 @@
+// evmux-echo end to end: start the binary (path in EVMUX_ECHO) on the backend
+// under test, parse its "listening on" line, talk to it, stop it with SIGTERM
+// and check the exit code and summary; bad command lines exit 2.
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "evmux/address.hpp"
+#include "test_support.hpp"
+
+extern char** environ;
+
+namespace evmux {
+namespace {
+
+using namespace std::chrono_literals;
+using test::Fd;
+
+std::string echo_binary() {
+    const char* p = std::getenv("EVMUX_ECHO");
+    return p ? p : "";
+}
+
+/// A running evmux-echo with its stderr on a pipe.
+class EchoProcess {
+  public:
+    /// Run evmux-echo with `args`; its stderr (and stdout too if
+    /// `with_stdout`) is read with line().
+    explicit EchoProcess(std::vector<std::string> args, bool with_stdout = false) {
+        int p[2];
+        if (::pipe2(p, O_CLOEXEC) != 0)
+            throw std::system_error(errno, std::generic_category(), "pipe2");
+        err_ = Fd(p[0]);
+        posix_spawn_file_actions_t fa;
+        posix_spawn_file_actions_init(&fa);
+        posix_spawn_file_actions_adddup2(&fa, p[1], 2);
+        if (with_stdout)
+            posix_spawn_file_actions_adddup2(&fa, p[1], 1);
+        else
+            posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+        args.insert(args.begin(), echo_binary());
+        std::vector<char*> argv;
+        for (auto& a : args) argv.push_back(a.data());
+        argv.push_back(nullptr);
+        int rc = ::posix_spawn(&pid_, argv[0], &fa, nullptr, argv.data(), environ);
+        posix_spawn_file_actions_destroy(&fa);
+        ::close(p[1]);
+        if (rc != 0) throw std::system_error(rc, std::generic_category(), "posix_spawn");
+    }
+    ~EchoProcess() {
+        if (pid_ > 0) {
+            ::kill(pid_, SIGKILL);
+            ::waitpid(pid_, nullptr, 0);
+        }
+    }
+    /// Next stderr line, or "" after `limit` / EOF.
+    std::string line(std::chrono::milliseconds limit = 10000ms) {
+        auto deadline = std::chrono::steady_clock::now() + limit;
+        for (;;) {
+            if (auto nl = buf_.find('\n'); nl != std::string::npos) {
+                std::string l = buf_.substr(0, nl);
+                buf_.erase(0, nl + 1);
+                return l;
+            }
+            auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                deadline - std::chrono::steady_clock::now());
+            if (left.count() <= 0) return "";
+            pollfd pfd{err_.get(), POLLIN, 0};
+            if (::poll(&pfd, 1, static_cast<int>(left.count())) <= 0) return "";
+            char b[4096];
+            ssize_t n = ::read(err_.get(), b, sizeof b);
+            if (n <= 0) return std::exchange(buf_, std::string());
+            buf_.append(b, static_cast<std::size_t>(n));
+        }
+    }
+    /// Wait (at most 10 s) for exit; the exit code, or -signal, or -1000 on timeout.
+    int wait() {
+        for (int i = 0; i < 1000; ++i) {
+            int status = 0;
+            pid_t r = ::waitpid(pid_, &status, WNOHANG);
+            if (r == pid_) {
+                pid_ = -1;
+                return WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
+            }
+            std::this_thread::sleep_for(10ms);
+        }
+        return -1000;
+    }
+    pid_t pid() const { return pid_; }
+
+  private:
+    pid_t pid_ = -1;
+    Fd err_;
+    std::string buf_;
+};
+
+class EvmuxEcho : public ::testing::Test {
+  protected:
+    void SetUp() override {
+        if (echo_binary().empty()) GTEST_SKIP() << "EVMUX_ECHO not set";
+        std::string why;
+        if (!test::selector_or_null(&why)) GTEST_SKIP() << why;
+    }
+};
+
+/// "evmux-echo listening on ADDR backend=NAME" -> ADDR ("" if not that form).
+std::string listening_address(const std::string& line, std::string* backend) {
+    const std::string head = "evmux-echo listening on ";
+    if (line.rfind(head, 0) != 0) return "";
+    std::string rest = line.substr(head.size());
+    auto sp = rest.find(" backend=");
+    if (sp == std::string::npos) return "";
+    *backend = rest.substr(sp + 9);
+    return rest.substr(0, sp);
+}
+
+Fd dial(const Address& a) {
+    Fd fd(::socket(a.family(), SOCK_STREAM | SOCK_CLOEXEC, 0));
+    timeval tv{5, 0};
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    if (::connect(fd.get(), static_cast<const sockaddr*>(a.sockaddr_ptr()), a.sockaddr_len()) != 0)
+        ADD_FAILURE() << "connect " << a.to_string() << ": " << std::strerror(errno);
+    return fd;
+}
+
+std::string roundtrip(int fd, const std::string& msg) {
+    if (::send(fd, msg.data(), msg.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(msg.size()))
+        return "(send failed)";
+    std::string got;
+    char b[4096];
+    while (got.size() < msg.size()) {
+        ssize_t n = ::recv(fd, b, sizeof b, 0);
+        if (n <= 0) break;
+        got.append(b, static_cast<std::size_t>(n));
+    }
+    return got;
+}
+
+TEST_F(EvmuxEcho, EchoesAndStopsCleanlyOnSigterm) {
+    EchoProcess echo({"--port", "0", "--backend", test::backend_name()});
+    std::string backend;
+    std::string addr = listening_address(echo.line(), &backend);
+    ASSERT_FALSE(addr.empty());
+    EXPECT_TRUE(backend.starts_with(test::backend_name())) << backend;
+    Address a = Address::parse(addr);
+    EXPECT_EQ(a.to_string().rfind("127.0.0.1:", 0), 0u);
+    {
+        Fd c1 = dial(a);
+        Fd c2 = dial(a);
+        EXPECT_EQ(roundtrip(c1.get(), "hello, echo"), "hello, echo");
+        EXPECT_EQ(roundtrip(c2.get(), std::string(10000, 'z')), std::string(10000, 'z'));
+    }
+    ASSERT_EQ(::kill(echo.pid(), SIGTERM), 0);
+    std::string summary = echo.line();
+    EXPECT_EQ(echo.wait(), 0);
+    EXPECT_NE(summary.find("connections=2"), std::string::npos) << summary;
+    EXPECT_NE(summary.find("bytes_in=10011"), std::string::npos) << summary;
+    EXPECT_NE(summary.find("bytes_out=10011"), std::string::npos) << summary;
+}
+
+TEST_F(EvmuxEcho, UpperOverUnixSocketAndSigint) {
+    char dir[] = "/tmp/evmux-echo-XXXXXX";
+    ASSERT_NE(::mkdtemp(dir), nullptr);
+    const std::string path = std::string(dir) + "/e.sock";
+    {
+        EchoProcess echo({"--unix", path, "--upper", "--backend", test::backend_name()});
+        std::string backend;
+        std::string addr = listening_address(echo.line(), &backend);
+        ASSERT_EQ(addr, "unix:" + path);
+        Fd c = dial(Address::parse(addr));
+        EXPECT_EQ(roundtrip(c.get(), "Mixed case 123 xyz!"), "MIXED CASE 123 XYZ!");
+        ASSERT_EQ(::kill(echo.pid(), SIGINT), 0);
+        EXPECT_EQ(echo.wait(), 0);
+        struct stat st {};
+        EXPECT_NE(::lstat(path.c_str(), &st), 0) << "socket file left behind";
+    }
+    ::rmdir(dir);
+}
+
+TEST_F(EvmuxEcho, ErrorsAreOneLineAndExitTwo) {
+    // Port in use: a listener of ours holds it.
+    Fd holder(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    Address any = Address::parse("127.0.0.1:0");
+    ASSERT_EQ(
+        ::bind(holder.get(), static_cast<const sockaddr*>(any.sockaddr_ptr()), any.sockaddr_len()),
+        0);
+    ASSERT_EQ(::listen(holder.get(), 1), 0);
+    const std::string port = std::to_string(Address::local_of(holder.get()).port());
+
+    struct Case {
+        std::vector<std::string> args;
+        std::string expect;  // a substring of the one line
+    };
+    const std::vector<Case> cases = {
+        {{"--port", port}, "Address already in use"},
+        {{"--bogus"}, "--bogus"},
+        {{"--port", "70000"}, "70000"},
+        {{"--port", "0", "--backend", "no-such-backend"}, "no-such-backend"},
+        {{"--unix", "/nonexistent-evmux-dir/x.sock"}, "No such file or directory"},
+        {{}, "--port"},
+    };
+    for (const Case& c : cases) {
+        EchoProcess echo(c.args);
+        std::string first = echo.line();
+        std::string second = echo.line(2000ms);
+        EXPECT_EQ(echo.wait(), 2) << first;
+        EXPECT_NE(first.find(c.expect), std::string::npos) << first;
+        EXPECT_EQ(first.rfind("evmux-echo: ", 0), 0u) << first;
+        EXPECT_EQ(second, "") << "more than one line";
+    }
+}
+
+TEST_F(EvmuxEcho, ListBackends) {
+    EchoProcess echo({"--list-backends"}, true);
+    std::vector<std::string> lines;
+    for (std::string l = echo.line(); !l.empty(); l = echo.line()) lines.push_back(l);
+    EXPECT_EQ(echo.wait(), 0);
+    ASSERT_GE(lines.size(), 3u);  // select, poll and epoll are always compiled in
+    bool saw_current = false;
+    for (const std::string& l : lines) {
+        auto sp = l.find(' ');
+        ASSERT_NE(sp, std::string::npos) << l;
+        std::string rest = l.substr(sp + 1);
+        EXPECT_TRUE(rest.starts_with("usable") || rest.starts_with("unusable: ")) << l;
+        if (l.substr(0, sp) == test::backend_name()) saw_current = rest.starts_with("usable");
+    }
+    EXPECT_TRUE(saw_current) << "the backend under test is listed as usable";
+}
+
+}  // namespace
+}  // namespace evmux
