@@ -22,13 +22,13 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-// SIGUSR2 is blocked before main(), hence before any thread exists, so that
+// SIGUSR1 is blocked before main(), hence before any thread exists, so that
 // every thread inherits the block and signalfd is the only way it is
-// delivered. (SIGUSR1 is left alone: the selector suite uses it for EINTR.)
-const bool sigusr2_blocked = [] {
+// delivered (a thread that had it unblocked could take a process-directed one).
+const bool sigusr1_blocked = [] {
     sigset_t set;
     sigemptyset(&set);
-    sigaddset(&set, SIGUSR2);
+    sigaddset(&set, SIGUSR1);
     return ::pthread_sigmask(SIG_BLOCK, &set, nullptr) == 0;
 }();
 
@@ -720,58 +720,83 @@ TEST(EventLoop, InLoopThread) {
 // ---- signals ------------------------------------------------------------------
 
 TEST(EventLoop, SignalDelivery) {
-    ASSERT_TRUE(sigusr2_blocked);
+    ASSERT_TRUE(sigusr1_blocked);
     EVMUX_LOOP_OR_SKIP(loop);
     std::vector<int> seen;
-    loop.on_signal(SIGUSR2, [&](int signo) {
+    loop.on_signal(SIGUSR1, [&](int signo) {
         EXPECT_TRUE(loop.in_loop_thread());
         seen.push_back(signo);
     });
-    ASSERT_EQ(::raise(SIGUSR2), 0);
+    ASSERT_EQ(::raise(SIGUSR1), 0);
     ASSERT_TRUE(run_until(loop, [&] { return !seen.empty(); }));
-    EXPECT_EQ(seen, (std::vector<int>{SIGUSR2}));
+    EXPECT_EQ(seen, (std::vector<int>{SIGUSR1}));
 
     // Process-directed, and a replaced callback.
     int replaced = 0;
-    loop.on_signal(SIGUSR2, [&](int) { ++replaced; });
-    ASSERT_EQ(::kill(::getpid(), SIGUSR2), 0);
+    loop.on_signal(SIGUSR1, [&](int) { ++replaced; });
+    ASSERT_EQ(::kill(::getpid(), SIGUSR1), 0);
     ASSERT_TRUE(run_until(loop, [&] { return replaced == 1; }));
     EXPECT_EQ(seen.size(), 1u);
 
     // Removing discards a pending instance instead of dying of it on unblock.
-    ASSERT_EQ(::raise(SIGUSR2), 0);
-    loop.remove_signal(SIGUSR2);
+    ASSERT_EQ(::raise(SIGUSR1), 0);
+    loop.remove_signal(SIGUSR1);
     sigset_t mask;
     ::pthread_sigmask(SIG_BLOCK, nullptr, &mask);
-    EXPECT_FALSE(sigismember(&mask, SIGUSR2));
+    EXPECT_FALSE(sigismember(&mask, SIGUSR1));
     loop.run_once(0ns);
     EXPECT_EQ(replaced, 1);
     // Back to the suite's state.
-    sigaddset(&mask, SIGUSR2);
+    sigaddset(&mask, SIGUSR1);
     ::pthread_sigmask(SIG_SETMASK, &mask, nullptr);
 
     EXPECT_THROW(loop.on_signal(SIGKILL, [](int) {}), std::invalid_argument);
     EXPECT_THROW(loop.on_signal(0, [](int) {}), std::invalid_argument);
-    EXPECT_THROW(loop.on_signal(SIGUSR2, nullptr), std::invalid_argument);
-    loop.remove_signal(SIGUSR2);  // not delivered: a no-op
+    EXPECT_THROW(loop.on_signal(SIGUSR1, nullptr), std::invalid_argument);
+    loop.remove_signal(SIGUSR1);  // not delivered: a no-op
+}
+
+TEST(EventLoop, SignalFromAnotherThreadWhileRunning) {
+    ASSERT_TRUE(sigusr1_blocked);
+    EVMUX_LOOP_OR_SKIP(loop);
+    int seen = 0;
+    bool watchdog = false;
+    loop.on_signal(SIGUSR1, [&](int) {
+        ++seen;
+        loop.stop();
+    });
+    loop.call_after(10s, [&] {
+        watchdog = true;
+        loop.stop();
+    });
+    // Process-directed, from a thread that inherited the block: only the
+    // loop's signalfd can take it.
+    std::thread sender([] {
+        std::this_thread::sleep_for(20ms);
+        ::kill(::getpid(), SIGUSR1);
+    });
+    loop.run();
+    sender.join();
+    EXPECT_EQ(seen, 1);
+    EXPECT_FALSE(watchdog);
 }
 
 TEST(EventLoop, SignalCallbackRemovesItself) {
-    ASSERT_TRUE(sigusr2_blocked);
+    ASSERT_TRUE(sigusr1_blocked);
     EVMUX_LOOP_OR_SKIP(loop);
     int calls = 0;
     auto capture = std::make_shared<int>(5);
-    loop.on_signal(SIGUSR2, [&, capture](int) {
+    loop.on_signal(SIGUSR1, [&, capture](int) {
         ++calls;
-        loop.remove_signal(SIGUSR2);
+        loop.remove_signal(SIGUSR1);
         EXPECT_EQ(*capture, 5);  // still alive while it runs
     });
-    ASSERT_EQ(::raise(SIGUSR2), 0);
+    ASSERT_EQ(::raise(SIGUSR1), 0);
     ASSERT_TRUE(run_until(loop, [&] { return calls == 1; }));
     EXPECT_EQ(capture.use_count(), 1);
     sigset_t set;
     sigemptyset(&set);
-    sigaddset(&set, SIGUSR2);
+    sigaddset(&set, SIGUSR1);
     ::pthread_sigmask(SIG_BLOCK, &set, nullptr);
 }
 
@@ -788,7 +813,7 @@ TEST(EventLoop, DestroyWithPendingWorkLeaksNothing) {
         for (int i = 0; i < 100; ++i) loop.call_after(1h, [capture, &called] { ++called; });
         loop.call_every(1h, [capture, &called] { ++called; });
         for (int i = 0; i < 100; ++i) loop.post([capture, &called] { ++called; });
-        loop.on_signal(SIGUSR2, [capture, &called](int) { ++called; });
+        loop.on_signal(SIGUSR1, [capture, &called](int) { ++called; });
         EXPECT_GT(capture.use_count(), 200);
     }
     EXPECT_EQ(capture.use_count(), 1);  // every callback destroyed (LSan checks the rest)
