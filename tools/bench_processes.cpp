@@ -279,7 +279,7 @@ ProcSample sample_process(pid_t pid, bool with_run_time) {
 }
 
 std::pair<double, double> live_children_cpu(pid_t pid) {
-    double user = 0, sys = 0;
+    double user = 0, sys = 0, run = 0;
     std::string task_dir = "/proc/" + std::to_string(pid) + "/task";
     DIR* dir = ::opendir(task_dir.c_str());
     if (!dir) return {0, 0};
@@ -292,10 +292,15 @@ std::pair<double, double> live_children_cpu(pid_t pid) {
             if (!read_stat_times(child, t)) continue;  // exited meanwhile
             user += t[0] + t[2];
             sys += t[1] + t[3];
+            std::ifstream sched("/proc/" + std::to_string(child) + "/schedstat");
+            unsigned long long ns = 0;
+            if (sched >> ns) run += static_cast<double>(ns) / 1000.0;
         }
     }
     ::closedir(dir);
-    return {user, sys};
+    if (run <= 0) return {user, sys};
+    double share = user + sys > 0 ? user / (user + sys) : 0.5;
+    return {run * share, run * (1 - share)};
 }
 
 int usable_cpus() {

@@ -87,8 +87,10 @@ struct ProcSample {
 /// per thread: keep it for processes with few threads).
 ProcSample sample_process(pid_t pid, bool with_run_time);
 
-/// CPU time (user, sys in µs, each including the process's own reaped children)
-/// of the live children of `pid` (every thread's), e.g. a forking server's.
+/// CPU time (in µs) of the live children of `pid` (every thread's), e.g. a
+/// forking server's: the total, ns-precise from schedstat, split into user and
+/// sys as the summed utime/stime ticks split it (each child alone has too few
+/// ticks to split by).
 std::pair<double, double> live_children_cpu(pid_t pid);
 
 /// Number of CPUs this process may run on.

@@ -249,10 +249,12 @@ class Runner {
         double sys = b.sys_us - a.sys_us + b.child_sys_us - a.child_sys_us;
         if (precise && b.run_us > a.run_us) {
             // Total from the ns-precise run time, split as the ticks split it
-            // (the kernel scales utime/stime the same way); over the whole
-            // life if the window caught no tick.
+            // (the kernel scales utime/stime the same way). A window with
+            // under 200 ms of ticks splits too coarsely: then the process's
+            // whole life (mostly this window) splits it.
+            constexpr double min_split_us = 200000;
             double run = b.run_us - a.run_us;
-            double share = user + sys > 0             ? user / (user + sys)
+            double share = user + sys >= min_split_us ? user / (user + sys)
                            : b.user_us + b.sys_us > 0 ? b.user_us / (b.user_us + b.sys_us)
                                                       : 0.5;
             user = run * share;
