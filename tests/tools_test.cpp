@@ -46,10 +46,24 @@ using namespace std::chrono_literals;
 /// How long any child program may run before the test kills it and fails.
 constexpr auto kChildTimeout = 30s;
 
-/// The path of a program under test from the environment, or "" if unset.
+/// The path of a program under test: from the environment (meson sets it),
+/// else the program of that name beside this test binary (both are built into
+/// tools/), else "" (the test skips: e.g. libevent not found at build time).
 std::string program_path(const char* var) {
-    const char* p = std::getenv(var);
-    return p ? p : "";
+    if (const char* p = std::getenv(var)) return p;
+    static const std::map<std::string, std::string> names = {
+        {"EVMUX_LOAD", "evmux-load"},
+        {"EVMUX_BASELINE_EPOLL", "evmux-baseline-epoll"},
+        {"EVMUX_BASELINE_LIBEVENT", "evmux-baseline-libevent"},
+        {"EVMUX_BASELINE_THREADS", "evmux-baseline-threads"},
+        {"EVMUX_BASELINE_FORK", "evmux-baseline-fork"}};
+    auto it = names.find(var);
+    char self[4096];
+    const ssize_t n = ::readlink("/proc/self/exe", self, sizeof self - 1);
+    if (it == names.end() || n <= 0) return "";
+    std::string path(self, static_cast<std::size_t>(n));
+    path = path.substr(0, path.rfind('/') + 1) + it->second;
+    return ::access(path.c_str(), X_OK) == 0 ? path : "";
 }
 
 /// A child process with its stdout and stderr on pipes. Killed (SIGKILL) and
