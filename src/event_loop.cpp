@@ -330,6 +330,31 @@ EventLoop::EventLoop(std::unique_ptr<Selector> selector)
 }
 
 EventLoop::~EventLoop() {
+    Impl& m = *impl_;
+    // Destroy the callbacks first, while the loop is still whole: what they
+    // captured may reach for the loop from its destructor (an owner that
+    // unwatches its fd or cancels its timer, as ~Connection does); those
+    // calls then find nothing to do. Destroyed as members of Impl instead,
+    // they would run against half-destroyed containers. Whatever such a
+    // destructor posts or schedules is destroyed in a further (bounded) round.
+    for (int round = 0; round < 4; ++round) {
+        std::vector<std::unique_ptr<Impl::Watcher>> watchers;
+        for (auto& w : m.watchers)
+            if (w && w->kind == Impl::Kind::user) watchers.push_back(std::move(w));
+        std::vector<Task> tasks;
+        {
+            std::lock_guard lock(m.task_mutex);
+            tasks.swap(m.pending);
+            m.has_tasks.store(false, std::memory_order_relaxed);
+        }
+        std::vector<Task> timers;
+        for (Impl::TimerSlot& slot : m.slots)
+            if (slot.fn) timers.push_back(std::exchange(slot.fn, nullptr));
+        std::vector<std::shared_ptr<std::function<void(int)>>> signals;
+        for (auto& callback : m.signal_callbacks)
+            if (callback) signals.push_back(std::move(callback));
+        if (watchers.empty() && tasks.empty() && timers.empty() && signals.empty()) break;
+    }
     // Unregister the loop's own fds before Impl closes them (a backend may
     // have a request in flight on them); user fds are simply forgotten with
     // the selector.

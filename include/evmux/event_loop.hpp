@@ -10,6 +10,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
 
 #include "evmux/selector.hpp"
 
@@ -72,12 +73,23 @@ public:
     /// timer scheduled from a timer callback runs in a later iteration at the
     /// earliest. Throws std::invalid_argument for an empty `fn`. O(log n).
     TimerId call_after(Duration delay, Task fn);
+    /// call_after() with any std::chrono duration, clamped rather than
+    /// overflowed: call_after(hours(24 * 365 * 1000), f) never fires.
+    template <class Rep, class Period>
+    TimerId call_after(std::chrono::duration<Rep, Period> delay, Task fn) {
+        return call_after(saturating_nanoseconds(delay), std::move(fn));
+    }
     /// Run `fn` every `interval` (first call one interval from now). An
     /// interval of zero or less is treated as 1 ns. Each call is due one
     /// interval after the previous *due* time (no drift); if the loop fell
     /// more than an interval behind, the missed calls are skipped (it never
     /// fires twice in one iteration to catch up).
     TimerId call_every(Duration interval, Task fn);
+    /// call_every() with any std::chrono duration, clamped rather than overflowed.
+    template <class Rep, class Period>
+    TimerId call_every(std::chrono::duration<Rep, Period> interval, Task fn) {
+        return call_every(saturating_nanoseconds(interval), std::move(fn));
+    }
     /// Cancel a timer; true if it was pending (a one-shot timer whose callback
     /// has started is no longer pending). Safe from inside any callback, the
     /// timer's own included (a repeating timer then stops). O(1) amortised.
@@ -124,6 +136,12 @@ public:
     /// on timeout). Throws std::logic_error if called from a callback of this
     /// loop.
     std::size_t run_once(Timeout timeout = std::nullopt);
+    /// run_once() with any std::chrono duration, clamped rather than
+    /// overflowed: run_once(hours(24 * 365 * 1000)) waits (until woken).
+    template <class Rep, class Period>
+    std::size_t run_once(std::chrono::duration<Rep, Period> timeout) {
+        return run_once(Timeout(saturating_nanoseconds(timeout)));
+    }
 
     /// A buffer of the loop's own that read callbacks may read into; its
     /// contents are valid until the next callback. Idle connections thus hold

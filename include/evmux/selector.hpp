@@ -84,6 +84,19 @@ struct ReadyEvent {
 /// a millisecond backend waits 1 ms, it never busy-spins).
 using Timeout = std::optional<std::chrono::nanoseconds>;
 
+/// `d` in nanoseconds, clamped to nanoseconds::min()/max() instead of
+/// overflowing. Plain conversion wraps beyond ~292 years (hours(24*365*1000)
+/// becomes a negative count, i.e. "now"); the duration overloads of the
+/// waiting and timer functions go through this. Thread-safe, never throws.
+template <class Rep, class Period>
+constexpr std::chrono::nanoseconds saturating_nanoseconds(std::chrono::duration<Rep, Period> d) {
+    using ns = std::chrono::nanoseconds;
+    const long double x = std::chrono::duration<long double, std::nano>(d).count();
+    if (x >= static_cast<long double>(ns::max().count())) return ns::max();
+    if (x <= static_cast<long double>(ns::min().count())) return ns::min();
+    return ns(static_cast<ns::rep>(x));
+}
+
 /// The selector interface. Not thread-safe: one thread uses a selector at a
 /// time. All bookkeeping and argument checks are done here once; a backend
 /// implements only the kernel calls (see `backend_*`).
@@ -120,6 +133,12 @@ public:
     /// fds removed since are never returned. Throws std::system_error if the
     /// kernel call fails for another reason.
     std::span<const ReadyEvent> select(Timeout timeout = std::nullopt);
+    /// select() with any std::chrono duration, clamped rather than overflowed
+    /// (see saturating_nanoseconds()).
+    template <class Rep, class Period>
+    std::span<const ReadyEvent> select(std::chrono::duration<Rep, Period> timeout) {
+        return select(Timeout(saturating_nanoseconds(timeout)));
+    }
 
     /// The key of a registered fd, or nullptr.
     const SelectorKey* get_key(int fd) const;
