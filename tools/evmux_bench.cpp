@@ -711,7 +711,7 @@ int main(int argc, char** argv) {
             std::fprintf(stderr, "dispatch sweep %s ...", b.c_str());
             std::fflush(stderr);
             try {
-                for (int n : fd_counts) sweeps.push_back(dispatch_sweep(b, n, opt.quick ? 5 : 10));
+                for (int n : fd_counts) sweeps.push_back(dispatch_sweep(b, n, opt.quick ? 3 : 10));
                 std::fprintf(stderr, " done\n");
             } catch (const std::exception& e) {
                 std::fprintf(stderr, " FAILED: %s\n", e.what());
