@@ -1,0 +1,457 @@
+// LoopGroup: one EventLoop per thread; GroupServer: connections spread over
+// those loops by SO_REUSEPORT listeners or by one acceptor handing fds out
+// round-robin.
+#include "evmux/loop_group.hpp"
+
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <stdexcept>
+#include <system_error>
+#include <unordered_map>
+#include <utility>
+
+namespace evmux {
+
+namespace {
+
+[[noreturn]] void throw_errno(int err, const std::string& what) {
+    throw std::system_error(err, std::generic_category(), what);
+}
+
+int open_spare() {
+    return ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+}
+
+// A Unix socket file left by a dead server would make bind() fail although
+// nobody listens; remove it only if a connect is refused (never steal a live one).
+void remove_stale_unix_socket(const Address& address) {
+    struct stat st {};
+    const std::string path = address.path();
+    if (path.empty() || ::lstat(path.c_str(), &st) != 0 || !S_ISSOCK(st.st_mode)) return;
+    int probe = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (probe < 0) return;
+    int r = ::connect(probe, static_cast<const sockaddr*>(address.sockaddr_ptr()),
+                      address.sockaddr_len());
+    int err = errno;
+    ::close(probe);
+    if (r < 0 && err == ECONNREFUSED) ::unlink(path.c_str());
+}
+
+// A bound, listening, non-blocking socket; throws naming the failing call.
+int open_listener(const Address& address, bool reuse_port, int backlog) {
+    int fd = ::socket(address.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) throw_errno(errno, "socket " + address.to_string());
+    try {
+        if (address.is_unix()) {
+            remove_stale_unix_socket(address);
+        } else {
+            int one = 1;
+            if (::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0)
+                throw_errno(errno, "setsockopt(SO_REUSEADDR)");
+            if (reuse_port && ::setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) < 0)
+                throw_errno(errno, "setsockopt(SO_REUSEPORT)");
+        }
+        if (::bind(fd, static_cast<const sockaddr*>(address.sockaddr_ptr()),
+                   address.sockaddr_len()) < 0)
+            throw_errno(errno, "bind " + address.to_string());
+        if (::listen(fd, backlog) < 0) throw_errno(errno, "listen " + address.to_string());
+    } catch (...) {
+        ::close(fd);
+        throw;
+    }
+    return fd;
+}
+
+// An accepted fd travelling to another loop inside a posted task: closed if
+// the task is destroyed unrun (the target loop stopped first).
+struct TravellingFd {
+    int fd;
+    explicit TravellingFd(int f) : fd(f) {}
+    ~TravellingFd() {
+        if (fd >= 0) ::close(fd);
+    }
+    TravellingFd(const TravellingFd&) = delete;
+    TravellingFd& operator=(const TravellingFd&) = delete;
+    int release() { return std::exchange(fd, -1); }
+};
+
+}  // namespace
+
+const char* to_string(Distribution distribution) {
+    switch (distribution) {
+        case Distribution::reuse_port:
+            return "reuse_port";
+        case Distribution::round_robin:
+            return "round_robin";
+    }
+    return "unknown";
+}
+
+// ---- GroupServer::Shard: one server's part on one loop ------------------------------
+
+// Thread rule: loop thread only, except the atomic counters (read anywhere)
+// and the constructor/destructor (run while the loop is not running it:
+// before the start task is posted, after the thread is joined).
+struct GroupServer::Shard {
+    GroupServer& server;
+    EventLoop& loop;
+    std::size_t index;
+    int listen_fd = -1;  // reuse_port: every shard; round_robin: shard 0 only
+    int spare_fd = -1;   // given up to shed one connection on EMFILE
+    bool accepting = false;
+    bool stopping = false;
+    EventLoop::TimerId resume_timer = 0;
+    std::size_t turn = 0;  // round_robin acceptor: the next loop to receive an fd
+    Callbacks callbacks;   // the user's, wrapped to track our connections
+    GroupServerOptions options;
+    std::unordered_map<Connection*, ConnectionPtr> conns;
+    std::atomic<std::uint64_t> total{0};
+    std::atomic<std::size_t> open{0};
+
+    Shard(GroupServer& s, EventLoop& l, std::size_t i, const Callbacks& user,
+          const GroupServerOptions& opt)
+        : server(s), loop(l), index(i), options(opt) {
+        callbacks = user;
+        callbacks.on_connect = [this, user_cb = user.on_connect](const ConnectionPtr& c) {
+            conns.emplace(c.get(), c);
+            total.fetch_add(1, std::memory_order_relaxed);
+            open.fetch_add(1, std::memory_order_relaxed);
+            if (user_cb) user_cb(c);
+        };
+        callbacks.on_close = [this, user_cb = user.on_close](const ConnectionPtr& c, CloseReason r,
+                                                             int err) {
+            if (user_cb) user_cb(c, r, err);
+            if (conns.erase(c.get()) != 0) open.fetch_sub(1, std::memory_order_relaxed);
+        };
+    }
+
+    ~Shard() {
+        if (listen_fd >= 0) ::close(listen_fd);
+        if (spare_fd >= 0) ::close(spare_fd);
+    }
+
+    void start() {
+        if (listen_fd < 0 || stopping) return;
+        spare_fd = open_spare();
+        watch_listener();
+    }
+
+    void watch_listener() {
+        loop.watch(listen_fd, Events::read, [this](Events) { on_acceptable(); });
+        accepting = true;
+    }
+
+    void on_acceptable() {
+        for (std::size_t i = 0; i < std::max<std::size_t>(options.accept_budget, 1); ++i) {
+            int fd = ::accept4(listen_fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+            if (fd >= 0) {
+                dispatch(fd);
+                continue;
+            }
+            const int err = errno;
+            if (err == EAGAIN || err == EWOULDBLOCK) return;
+            if (err == EINTR) continue;
+            if (err == EMFILE || err == ENFILE) {
+                // The pending connection stays in the backlog and a
+                // level-triggered listener would wake us forever: give up the
+                // spare fd, take the connection and close it (the peer sees
+                // EOF), reserve the spare again (muduo's Acceptor trick).
+                if (spare_fd >= 0) {
+                    ::close(spare_fd);
+                    int shed = ::accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
+                    if (shed >= 0) ::close(shed);
+                    spare_fd = open_spare();
+                    if (spare_fd >= 0 && shed >= 0) continue;
+                }
+                pause_accepting();
+                return;
+            }
+            if (err == ENOBUFS || err == ENOMEM) {
+                pause_accepting();
+                return;
+            }
+            // ECONNABORTED, EPROTO, EPERM...: only that one connection failed.
+        }
+    }
+
+    void pause_accepting() {
+        if (!accepting) return;
+        loop.unwatch(listen_fd);
+        accepting = false;
+        resume_timer = loop.call_after(options.accept_pause, [this] {
+            resume_timer = 0;
+            if (stopping) return;
+            if (spare_fd < 0) spare_fd = open_spare();
+            watch_listener();
+        });
+    }
+
+    // Where an accepted fd goes: here, or (round_robin) the next loop in turn.
+    void dispatch(int fd) {
+        const std::size_t n = server.shards_.size();
+        if (server.distribution_ == Distribution::reuse_port || n == 1) {
+            adopt(fd);
+            return;
+        }
+        const std::size_t target = turn;
+        turn = (turn + 1) % n;
+        if (target == index) {
+            adopt(fd);
+            return;
+        }
+        Shard* to = server.shards_[target].get();
+        // std::function needs a copyable task; the shared holder closes the
+        // fd if the target loop is destroyed before running it.
+        auto holder = std::make_shared<TravellingFd>(fd);
+        to->loop.post([to, holder] { to->adopt(holder->release()); });
+    }
+
+    void adopt(int fd) {
+        if (stopping) {  // accepted just before the stop: not served
+            ::close(fd);
+            return;
+        }
+        try {
+            Connection::adopt(loop, fd, callbacks, options.connection);
+        } catch (const std::system_error&) {
+            // adopt() closed the fd (e.g. beyond select's fd limit): drop it.
+        }
+    }
+
+    // Stop accepting and close every connection gracefully.
+    void begin_stop() {
+        stopping = true;
+        if (resume_timer != 0) loop.cancel(resume_timer);
+        resume_timer = 0;
+        if (accepting) loop.unwatch(listen_fd);
+        accepting = false;
+        if (listen_fd >= 0) ::close(listen_fd);
+        listen_fd = -1;
+        std::vector<ConnectionPtr> all;
+        all.reserve(conns.size());
+        for (auto& [raw, c] : conns) all.push_back(c);
+        // close() never runs on_close inside itself, so `conns` is not
+        // changed under us; a connection with an empty queue closes now.
+        for (auto& c : all) c->close(CloseMode::graceful);
+    }
+
+    // The grace is over: close what is left at once.
+    void force_close() {
+        std::vector<ConnectionPtr> all;
+        all.reserve(conns.size());
+        for (auto& [raw, c] : conns) all.push_back(c);
+        for (auto& c : all) c->close(CloseMode::immediate);
+    }
+};
+
+GroupServer::GroupServer(LoopGroup& group, const Address& address, Callbacks callbacks,
+                         GroupServerOptions options)
+    : group_(group),
+      distribution_(address.is_unix() ? Distribution::round_robin : options.distribution) {
+    if (address.family() == 0) throw std::invalid_argument("listen: address has no family");
+    const std::size_t n = group.size();
+    shards_.reserve(n);
+    for (std::size_t i = 0; i < n; ++i)
+        shards_.push_back(std::make_unique<Shard>(*this, group.loop(i), i, callbacks, options));
+    const bool reuse = distribution_ == Distribution::reuse_port;
+    // Bind the first listener alone: with port 0 it picks the port, which the
+    // other SO_REUSEPORT listeners then join.
+    shards_[0]->listen_fd = open_listener(address, reuse, options.backlog);
+    if (address.is_unix()) unix_path_ = address.path();
+    local_ = Address::local_of(shards_[0]->listen_fd);
+    if (reuse) {
+        for (std::size_t i = 1; i < n; ++i)
+            shards_[i]->listen_fd = open_listener(local_, true, options.backlog);
+    }
+}
+
+GroupServer::~GroupServer() {
+    shards_.clear();  // closes the listeners
+    if (!unix_path_.empty()) ::unlink(unix_path_.c_str());
+}
+
+std::vector<std::uint64_t> GroupServer::connections_per_loop() const {
+    std::vector<std::uint64_t> out;
+    out.reserve(shards_.size());
+    for (const auto& s : shards_) out.push_back(s->total.load(std::memory_order_relaxed));
+    return out;
+}
+
+std::uint64_t GroupServer::connections_total() const {
+    std::uint64_t sum = 0;
+    for (const auto& s : shards_) sum += s->total.load(std::memory_order_relaxed);
+    return sum;
+}
+
+std::size_t GroupServer::connections_now() const {
+    std::size_t sum = 0;
+    for (const auto& s : shards_) sum += s->open.load(std::memory_order_relaxed);
+    return sum;
+}
+
+// ---- LoopGroup ------------------------------------------------------------------------
+
+LoopGroup::LoopGroup(std::size_t threads, const std::string& backend) {
+    if (threads == 0) throw std::invalid_argument("LoopGroup: at least one thread");
+    loops_.reserve(threads);
+    // Built here so a bad backend name throws from the constructor; each
+    // loop's owning thread becomes its runner when run() starts.
+    for (std::size_t i = 0; i < threads; ++i)
+        loops_.push_back(std::make_unique<EventLoop>(backend.empty() ? make_selector()
+                                                                     : make_selector(backend)));
+    threads_.reserve(threads);
+    try {
+        for (std::size_t i = 0; i < threads; ++i) {
+            threads_.emplace_back([this, i] { run_loop(i); });
+            thread_ids_.push_back(threads_.back().get_id());
+        }
+    } catch (...) {
+        for (auto& loop : loops_) loop->stop();
+        for (auto& t : threads_) t.join();
+        throw;
+    }
+}
+
+LoopGroup::~LoopGroup() {
+    try {
+        stop();
+    } catch (...) {
+        // A callback's exception (already reported to nobody): nothing to do
+        // in a destructor.
+    }
+    // The servers hold connections and timers of the loops: destroy them first.
+    servers_.clear();
+    loops_.clear();
+}
+
+EventLoop& LoopGroup::loop(std::size_t index) const {
+    if (index >= loops_.size())
+        throw std::out_of_range("LoopGroup: no loop " + std::to_string(index) + " (size " +
+                                std::to_string(loops_.size()) + ")");
+    return *loops_[index];
+}
+
+void LoopGroup::post(std::size_t index, EventLoop::Task fn) {
+    loop(index).post(std::move(fn));
+}
+
+std::size_t LoopGroup::post(EventLoop::Task fn) {
+    const std::size_t index = next_.fetch_add(1, std::memory_order_relaxed) % loops_.size();
+    loops_[index]->post(std::move(fn));
+    return index;
+}
+
+GroupServer& LoopGroup::listen(const Address& address, Callbacks callbacks,
+                               GroupServerOptions options) {
+    std::lock_guard lock(mutex_);
+    if (stopping_.load()) throw std::logic_error("LoopGroup::listen after stop()");
+    std::unique_ptr<GroupServer> server(
+        new GroupServer(*this, address, std::move(callbacks), options));
+    GroupServer& ref = *server;
+    servers_.push_back(std::move(server));
+    // Posted under the lock, so every loop runs its start task before the
+    // stop task that a concurrent stop() posts.
+    for (std::size_t i = 0; i < loops_.size(); ++i) {
+        GroupServer::Shard* shard = ref.shards_[i].get();
+        loops_[i]->post([shard] { shard->start(); });
+    }
+    return ref;
+}
+
+std::vector<GroupServer::Shard*> LoopGroup::shards_of(std::size_t index) {
+    std::lock_guard lock(mutex_);
+    std::vector<GroupServer::Shard*> out;
+    out.reserve(servers_.size());
+    for (auto& s : servers_) out.push_back(s->shards_[index].get());
+    return out;
+}
+
+void LoopGroup::run_loop(std::size_t index) {
+    EventLoop& loop = *loops_[index];
+    for (;;) {
+        try {
+            loop.run();
+            break;
+        } catch (...) {
+            // The loop stays usable (EventLoop's rule); keep serving the
+            // others and report the first failure from stop().
+            std::lock_guard lock(mutex_);
+            if (!first_error_) first_error_ = std::current_exception();
+        }
+    }
+    finish_loop(index);
+}
+
+void LoopGroup::begin_stop(std::size_t index) {
+    for (GroupServer::Shard* s : shards_of(index)) s->begin_stop();
+    check_drained(index);
+}
+
+void LoopGroup::check_drained(std::size_t index) {
+    EventLoop& loop = *loops_[index];
+    bool drained = true;
+    for (GroupServer::Shard* s : shards_of(index)) drained = drained && s->conns.empty();
+    if (drained || EventLoop::now() >= deadline_) {
+        loop.stop();
+        return;
+    }
+    // Poll: a connection closes when its queue drains (or its peer goes), with
+    // no single event to wait on for "all of them".
+    loop.call_after(std::chrono::milliseconds(1), [this, index] { check_drained(index); });
+}
+
+// On the loop thread, after run() returned: close what is left (grace over),
+// and let their on_close run, so the user sees each connection end.
+void LoopGroup::finish_loop(std::size_t index) {
+    EventLoop& loop = *loops_[index];
+    for (int round = 0; round < 4; ++round) {
+        bool any = false;
+        for (GroupServer::Shard* s : shards_of(index)) {
+            if (s->conns.empty()) continue;
+            any = true;
+            s->force_close();
+        }
+        if (!any) break;
+        try {
+            loop.run_once(std::chrono::nanoseconds(0));  // runs the posted on_close tasks
+        } catch (...) {
+            std::lock_guard lock(mutex_);
+            if (!first_error_) first_error_ = std::current_exception();
+        }
+    }
+    // Whatever is still referenced now is dropped here, on this thread.
+    for (GroupServer::Shard* s : shards_of(index)) s->conns.clear();
+}
+
+void LoopGroup::stop(std::chrono::milliseconds grace) {
+    const auto me = std::this_thread::get_id();
+    if (std::find(thread_ids_.begin(), thread_ids_.end(), me) != thread_ids_.end())
+        throw std::logic_error("LoopGroup::stop from one of its own loop threads");
+    std::lock_guard stop_lock(stop_mutex_);
+    {
+        std::lock_guard lock(mutex_);
+        if (!stopping_.load()) {
+            deadline_ = EventLoop::now() + grace;
+            stopping_.store(true);
+            for (std::size_t i = 0; i < loops_.size(); ++i)
+                loops_[i]->post([this, i] { begin_stop(i); });
+        }
+    }
+    if (!joined_) {
+        for (auto& t : threads_) t.join();
+        joined_ = true;
+    }
+    std::exception_ptr error;
+    {
+        std::lock_guard lock(mutex_);
+        error = std::exchange(first_error_, nullptr);
+    }
+    if (error) std::rethrow_exception(error);
+}
+
+}  // namespace evmux

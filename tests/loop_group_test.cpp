@@ -1,0 +1,357 @@
+// LoopGroup and GroupServer on real loopback and Unix sockets, run once per
+// backend (EVMUX_BACKEND). The group's loops run on their own threads; the
+// clients are blocking sockets on the test thread, each read bounded by
+// SO_RCVTIMEO so a broken server fails the test instead of hanging it.
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <future>
+#include <mutex>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "evmux/address.hpp"
+#include "evmux/connection.hpp"
+#include "evmux/loop_group.hpp"
+#include "test_support.hpp"
+
+namespace evmux {
+namespace {
+
+using namespace std::chrono_literals;
+using test::Fd;
+
+constexpr std::size_t reply_chunk = 64 * 1024;
+
+// A blocking client socket connected to `address`, reads bounded by 5 s.
+Fd connect_blocking(const Address& address, int rcvbuf = 0) {
+    Fd fd(::socket(address.family(), SOCK_STREAM | SOCK_CLOEXEC, 0));
+    if (!fd) throw std::system_error(errno, std::generic_category(), "socket");
+    timeval tv{5, 0};
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    // Before connect, so the window is small from the start.
+    if (rcvbuf > 0) ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
+    if (::connect(fd.get(), static_cast<const sockaddr*>(address.sockaddr_ptr()),
+                  address.sockaddr_len()) < 0)
+        throw std::system_error(errno, std::generic_category(), "connect");
+    return fd;
+}
+
+void send_all(int fd, const std::string& s) {
+    std::size_t off = 0;
+    while (off < s.size()) {
+        ssize_t n = ::send(fd, s.data() + off, s.size() - off, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR) continue;
+        ASSERT_GT(n, 0) << std::strerror(errno);
+        off += static_cast<std::size_t>(n);
+    }
+}
+
+// Read exactly `n` bytes (fewer on EOF, error or the 5 s receive timeout).
+std::string read_n(int fd, std::size_t n) {
+    std::string out;
+    char buf[4096];
+    while (out.size() < n) {
+        ssize_t r = ::recv(fd, buf, std::min(sizeof buf, n - out.size()), 0);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) break;
+        out.append(buf, static_cast<std::size_t>(r));
+    }
+    return out;
+}
+
+// Read until EOF, an error or `limit` bytes; *err gets errno of a failed read.
+std::string read_to_eof(int fd, std::size_t limit, int* err) {
+    std::string out;
+    char buf[16384];
+    *err = 0;
+    while (out.size() < limit) {
+        ssize_t r = ::recv(fd, buf, sizeof buf, 0);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) *err = errno;
+        if (r <= 0) break;
+        out.append(buf, static_cast<std::size_t>(r));
+    }
+    return out;
+}
+
+// Echo server callbacks that also record which loop thread served each message.
+struct EchoRecorder {
+    std::mutex mutex;
+    std::set<std::thread::id> threads;
+    std::atomic<int> wrong_thread{0};
+    std::atomic<int> closed{0};
+
+    Callbacks callbacks() {
+        Callbacks cb;
+        cb.on_message = [this](const ConnectionPtr& conn, Buffer& in) {
+            if (!conn->loop().in_loop_thread()) ++wrong_thread;
+            {
+                std::lock_guard lock(mutex);
+                threads.insert(std::this_thread::get_id());
+            }
+            conn->send(in.data(), in.size());
+            in.consume_all();
+        };
+        cb.on_close = [this](const ConnectionPtr&, CloseReason, int) { ++closed; };
+        return cb;
+    }
+};
+
+class LoopGroupTest : public ::testing::TestWithParam<Distribution> {};
+
+// Every connection is served, and more than one loop serves: with
+// round_robin exactly evenly, with reuse_port as the kernel's hash spreads
+// them (32 connections all hashed to one of 2 listeners: odds 2^-31).
+TEST_P(LoopGroupTest, ServesEveryConnectionOnSeveralLoops) {
+    EVMUX_SELECTOR_OR_SKIP(probe);
+    LoopGroup group(2, test::backend_name());
+    EchoRecorder rec;
+    GroupServerOptions opt;
+    opt.distribution = GetParam();
+    GroupServer& server = group.listen(Address::ip("127.0.0.1", 0), rec.callbacks(), opt);
+    ASSERT_EQ(server.distribution(), GetParam());
+    ASSERT_NE(server.local_address().port(), 0);
+
+    constexpr int n = 32;
+    std::vector<Fd> clients;
+    for (int i = 0; i < n; ++i) {
+        clients.push_back(connect_blocking(server.local_address()));
+        std::string msg = "hello " + std::to_string(i) + "\n";
+        send_all(clients.back().get(), msg);
+        ASSERT_EQ(read_n(clients.back().get(), msg.size()), msg) << "connection " << i;
+    }
+    // Every connection is registered before its first message is served.
+    EXPECT_EQ(server.connections_total(), static_cast<std::uint64_t>(n));
+    EXPECT_EQ(server.connections_now(), static_cast<std::size_t>(n));
+    std::vector<std::uint64_t> per_loop = server.connections_per_loop();
+    ASSERT_EQ(per_loop.size(), 2u);
+    EXPECT_EQ(per_loop[0] + per_loop[1], static_cast<std::uint64_t>(n));
+    if (GetParam() == Distribution::round_robin) {
+        EXPECT_EQ(per_loop[0], static_cast<std::uint64_t>(n / 2));
+        EXPECT_EQ(per_loop[1], static_cast<std::uint64_t>(n / 2));
+    } else {
+        EXPECT_GT(per_loop[0], 0u);
+        EXPECT_GT(per_loop[1], 0u);
+    }
+    EXPECT_EQ(rec.wrong_thread.load(), 0);
+    {
+        std::lock_guard lock(rec.mutex);
+        EXPECT_EQ(rec.threads.size(), 2u);
+        EXPECT_EQ(rec.threads.count(std::this_thread::get_id()), 0u);
+    }
+    group.stop();
+    // Idle connections are closed by stop(), each on_close run once.
+    EXPECT_EQ(rec.closed.load(), n);
+    EXPECT_EQ(server.connections_now(), 0u);
+    for (auto& c : clients) {
+        int err = 0;
+        EXPECT_EQ(read_to_eof(c.get(), 1, &err), "");
+        EXPECT_EQ(err, 0) << std::strerror(err);
+    }
+}
+
+// The graceful stop: replies already queued (behind a small SO_SNDBUF and a
+// client that has not read yet) all reach the client before the close.
+TEST_P(LoopGroupTest, GracefulStopDeliversQueuedReplies) {
+    EVMUX_SELECTOR_OR_SKIP(probe);
+    LoopGroup group(2, test::backend_name());
+    std::atomic<std::size_t> queued{0};
+    std::atomic<int> requests{0};
+    Callbacks cb;
+    cb.on_connect = [](const ConnectionPtr& conn) {
+        int small = 4096;
+        ::setsockopt(conn->fd(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
+    };
+    // Each request byte asks for a 64 KiB reply, so the server's input is
+    // fully read (no unread input to turn the close into a reset) while its
+    // queue grows far beyond what the socket buffers hold.
+    cb.on_message = [&](const ConnectionPtr& conn, Buffer& in) {
+        for (std::size_t i = 0; i < in.size(); ++i) {
+            conn->send(std::string(reply_chunk, static_cast<char>('a' + requests.load() % 26)));
+            ++requests;
+        }
+        in.consume_all();
+        queued.store(conn->queued_bytes());
+    };
+    GroupServerOptions opt;
+    opt.distribution = GetParam();
+    opt.connection.high_water = 8 * 1024 * 1024;
+    GroupServer& server = group.listen(Address::ip("127.0.0.1", 0), cb, opt);
+
+    constexpr int n_requests = 8;
+    Fd client = connect_blocking(server.local_address(), 4096);
+    send_all(client.get(), std::string(n_requests, 'r'));
+    auto until = std::chrono::steady_clock::now() + 5s;
+    while ((requests.load() < n_requests || queued.load() == 0) &&
+           std::chrono::steady_clock::now() < until)
+        std::this_thread::sleep_for(1ms);
+    ASSERT_EQ(requests.load(), n_requests);
+    ASSERT_GT(queued.load(), 0u) << "the replies were not queued: the test proves nothing";
+
+    std::thread stopper([&] { group.stop(10s); });
+    int err = 0;
+    std::string got = read_to_eof(client.get(), 2 * n_requests * reply_chunk, &err);
+    stopper.join();
+    EXPECT_EQ(err, 0) << std::strerror(err);
+    ASSERT_EQ(got.size(), n_requests * reply_chunk);
+    for (int i = 0; i < n_requests; ++i)
+        EXPECT_EQ(got.find_first_not_of(static_cast<char>('a' + i % 26), i * reply_chunk),
+                  i + 1 == n_requests ? std::string::npos : (i + 1) * reply_chunk)
+            << "reply " << i;
+    EXPECT_EQ(server.connections_now(), 0u);
+}
+
+// A peer that never reads cannot hold stop() past its grace: the rest is
+// closed at once and stop() returns.
+TEST_P(LoopGroupTest, StopIsBoundedByGrace) {
+    EVMUX_SELECTOR_OR_SKIP(probe);
+    LoopGroup group(2, test::backend_name());
+    std::atomic<std::size_t> queued{0};
+    std::atomic<int> closes{0};
+    Callbacks cb;
+    cb.on_message = [&](const ConnectionPtr& conn, Buffer& in) {
+        in.consume_all();
+        conn->send(std::string(4 * 1024 * 1024, 'z'));  // more than any socket buffer
+        queued.store(conn->queued_bytes());
+    };
+    cb.on_close = [&](const ConnectionPtr&, CloseReason reason, int) {
+        if (reason == CloseReason::local) ++closes;
+    };
+    GroupServerOptions opt;
+    opt.distribution = GetParam();
+    opt.connection.high_water = 8 * 1024 * 1024;
+    GroupServer& server = group.listen(Address::ip("127.0.0.1", 0), cb, opt);
+    Fd client = connect_blocking(server.local_address(), 4096);
+    send_all(client.get(), "x");
+    auto until = std::chrono::steady_clock::now() + 5s;
+    while (queued.load() == 0 && std::chrono::steady_clock::now() < until)
+        std::this_thread::sleep_for(1ms);
+    ASSERT_GT(queued.load(), 0u);
+    group.stop(50ms);  // would hang here (and the test time out) without the bound
+    EXPECT_EQ(closes.load(), 1);
+    EXPECT_EQ(server.connections_now(), 0u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Distributions, LoopGroupTest,
+                         ::testing::Values(Distribution::reuse_port, Distribution::round_robin),
+                         [](const auto& info) { return std::string(to_string(info.param)); });
+
+TEST(LoopGroup, PostRunsOnTheChosenLoopThread) {
+    EVMUX_SELECTOR_OR_SKIP(probe);
+    LoopGroup group(3, test::backend_name());
+    ASSERT_EQ(group.size(), 3u);
+    // libevent names its method too: "libevent (epoll)".
+    EXPECT_EQ(group.backend_name().rfind(test::backend_name(), 0), 0u) << group.backend_name();
+    std::vector<std::thread::id> ids(3);
+    for (std::size_t i = 0; i < 3; ++i) {
+        std::promise<std::pair<std::thread::id, bool>> where;
+        group.post(i, [&, i] {
+            where.set_value({std::this_thread::get_id(), group.loop(i).in_loop_thread()});
+        });
+        auto f = where.get_future();
+        ASSERT_EQ(f.wait_for(5s), std::future_status::ready);
+        auto [id, in_loop] = f.get();
+        EXPECT_TRUE(in_loop) << "loop " << i;
+        EXPECT_NE(id, std::this_thread::get_id());
+        ids[i] = id;
+    }
+    EXPECT_EQ(std::set<std::thread::id>(ids.begin(), ids.end()).size(), 3u);
+    // Round-robin: indexes cycle, and each task runs on the loop it names.
+    for (std::size_t k = 0; k < 6; ++k) {
+        std::promise<std::thread::id> where;
+        std::size_t index = group.post([&] { where.set_value(std::this_thread::get_id()); });
+        EXPECT_EQ(index, k % 3);
+        auto f = where.get_future();
+        ASSERT_EQ(f.wait_for(5s), std::future_status::ready);
+        EXPECT_EQ(f.get(), ids[index]);
+    }
+    EXPECT_THROW(group.post(3, [] {}), std::out_of_range);
+    group.stop();
+    group.stop();  // idempotent
+}
+
+TEST(LoopGroup, UnixSocketIsSpreadRoundRobin) {
+    EVMUX_SELECTOR_OR_SKIP(probe);
+    std::string path = "/tmp/evmux-loop-group-" + std::to_string(::getpid()) + ".sock";
+    {
+        LoopGroup group(2, test::backend_name());
+        EchoRecorder rec;
+        GroupServer& server = group.listen(Address::unix_path(path), rec.callbacks());
+        EXPECT_EQ(server.distribution(), Distribution::round_robin);
+        std::vector<Fd> clients;
+        for (int i = 0; i < 8; ++i) {
+            clients.push_back(connect_blocking(Address::unix_path(path)));
+            send_all(clients.back().get(), "ping");
+            ASSERT_EQ(read_n(clients.back().get(), 4), "ping");
+        }
+        EXPECT_EQ(server.connections_per_loop(), (std::vector<std::uint64_t>{4, 4}));
+    }
+    struct stat st {};
+    EXPECT_NE(::lstat(path.c_str(), &st), 0) << "socket file left behind";
+}
+
+TEST(LoopGroup, Errors) {
+    EVMUX_SELECTOR_OR_SKIP(probe);
+    EXPECT_THROW(LoopGroup(0, test::backend_name()), std::invalid_argument);
+    EXPECT_THROW(LoopGroup(1, "no-such-backend"), std::invalid_argument);
+    LoopGroup group(2, test::backend_name());
+    GroupServer& first = group.listen(Address::ip("127.0.0.1", 0), Callbacks{});
+    // The port is held by our SO_REUSEPORT listeners: a plain bind is refused.
+    GroupServerOptions rr;
+    rr.distribution = Distribution::round_robin;
+    try {
+        group.listen(first.local_address(), Callbacks{}, rr);
+        ADD_FAILURE() << "bind to a port in use succeeded";
+    } catch (const std::system_error& e) {
+        EXPECT_EQ(e.code().value(), EADDRINUSE);
+        EXPECT_NE(std::string(e.what()).find("bind 127.0.0.1:"), std::string::npos) << e.what();
+    }
+    // stop() from a loop thread would join itself.
+    std::promise<bool> threw;
+    group.post(1, [&] {
+        try {
+            group.stop();
+            threw.set_value(false);
+        } catch (const std::logic_error&) {
+            threw.set_value(true);
+        }
+    });
+    auto f = threw.get_future();
+    ASSERT_EQ(f.wait_for(5s), std::future_status::ready);
+    EXPECT_TRUE(f.get());
+    group.stop();
+    EXPECT_TRUE(group.stopping());
+    EXPECT_THROW(group.listen(Address::ip("127.0.0.1", 0), Callbacks{}), std::logic_error);
+}
+
+// A task that throws does not end its loop; stop() reports it.
+TEST(LoopGroup, ExceptionInATaskIsReportedByStop) {
+    EVMUX_SELECTOR_OR_SKIP(probe);
+    LoopGroup group(2, test::backend_name());
+    group.post(0, [] { throw std::runtime_error("task failed"); });
+    std::promise<void> after;
+    group.post(0, [&] { after.set_value(); });
+    auto f = after.get_future();
+    ASSERT_EQ(f.wait_for(5s), std::future_status::ready) << "the loop died with the exception";
+    try {
+        group.stop();
+        ADD_FAILURE() << "stop() did not rethrow";
+    } catch (const std::runtime_error& e) {
+        EXPECT_STREQ(e.what(), "task failed");
+    }
+    group.stop();  // reported once
+}
+
+}  // namespace
+}  // namespace evmux
