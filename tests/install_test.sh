@@ -139,8 +139,8 @@ install_part() {
     step "examples/Makefile (plain make + pkg-config)"
     mkdir "$tmp/make"
     make -s -C "$tmp/make" -f "$src/examples/Makefile" VPATH="$src/examples" CXX="$cxx" \
-        CXXFLAGS="-O1 -Werror -Wall -Wextra" timers_and_signals
-    LD_LIBRARY_PATH=$libdir timeout 60 "$tmp/make/timers_and_signals" --self-test
+        CXXFLAGS="-O1 -Werror -Wall -Wextra" chat_server
+    LD_LIBRARY_PATH=$libdir timeout 60 "$tmp/make/chat_server" --self-test
 
     if command -v cmake >/dev/null; then
         step "examples/CMakeLists.txt (pkg_check_modules)"
@@ -150,13 +150,13 @@ install_part() {
                 cat "$tmp/cmake.log"
                 fail "cmake configure"
             }
-        cmake --build "$tmp/cmake" --target select_server >>"$tmp/cmake.log" 2>&1 ||
+        cmake --build "$tmp/cmake" --target uppercase_server >>"$tmp/cmake.log" 2>&1 ||
             {
                 cat "$tmp/cmake.log"
                 fail "cmake build"
             }
         # CMake's build tree RPATH points at the staged libdir: no LD_LIBRARY_PATH.
-        timeout 60 "$tmp/cmake/select_server" --self-test
+        timeout 60 "$tmp/cmake/uppercase_server" --self-test
     else
         echo "cmake not installed: CMake recipe not checked"
     fi

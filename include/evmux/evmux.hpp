@@ -7,8 +7,12 @@
 // Including the individual headers instead compiles faster.
 #pragma once
 
+#include "evmux/address.hpp"
+#include "evmux/buffer.hpp"
+#include "evmux/connection.hpp"
 #include "evmux/event_loop.hpp"
 #include "evmux/selector.hpp"
+#include "evmux/server.hpp"
 #include "evmux/version.hpp"
 
 /// Everything evmux offers. The layers, each using only the one below:
