@@ -1,0 +1,226 @@
+// Edge cases that the io_uring and libevent backends handle in their own way,
+// checked on every backend (EVMUX_BACKEND) so that they all agree:
+//  - a remove() really lets go of the file (io_uring: a pending poll request
+//    holds a reference, so close() would not close the socket otherwise);
+//  - readiness is level-triggered (io_uring's multishot polls are not);
+//  - after a write-only watcher sat out its peer's half-close (io_uring waits
+//    that out with a multishot poll), it is level-triggered again;
+//  - more ready fds than io_uring's completion queue holds;
+//  - io_uring refused by the kernel: backends() says why, the default skips
+//    it, make_selector("io_uring") throws with the reason.
+#include <gtest/gtest.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstddef>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "test_support.hpp"
+
+using namespace evmux;
+using namespace evmux::test;
+using namespace std::chrono_literals;
+
+namespace {
+
+/// Fills `fd`'s send buffer until a write would block.
+void fill(int fd) {
+    static char junk[65536];
+    for (int i = 0; i < 10000; ++i)
+        if (::write(fd, junk, sizeof junk) < 0) return;
+    FAIL() << "send buffer never filled";
+}
+
+}  // namespace
+
+TEST(BackendEdges, RemoveThenCloseReallyCloses) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    auto [a, b] = socket_pair();
+    sel->add(a.get(), Events::read);
+    // A wait arms the kernel-side registration (io_uring's poll request).
+    EXPECT_TRUE(sel->select(0ns).empty());
+    sel->remove(a.get());
+    a.reset();
+    // Without another wait on the selector, the peer must see end of file.
+    pollfd p{b.get(), POLLIN, 0};
+    ASSERT_EQ(::poll(&p, 1, 2000), 1) << "the closed socket is still held open";
+    char c;
+    EXPECT_EQ(::read(b.get(), &c, 1), 0);
+}
+
+TEST(BackendEdges, UnreadDataIsReportedAtEveryWait) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    auto [a, b] = socket_pair();
+    sel->add(a.get(), Events::read);
+    write_byte(b.get());
+    for (int i = 0; i < 4; ++i) {
+        auto ready = sel->select(1s);
+        ASSERT_EQ(ready.size(), 1u) << "wait " << i;
+        EXPECT_EQ(ready[0].events, Events::read);
+    }
+    drain(a.get());
+    EXPECT_TRUE(sel->select(0ns).empty());
+    // New data after the fd went quiet is reported again.
+    write_byte(b.get());
+    auto ready = sel->select(1s);
+    ASSERT_EQ(ready.size(), 1u);
+    EXPECT_EQ(ready[0].events, Events::read);
+}
+
+TEST(BackendEdges, WriteOnlyWatcherLevelTriggeredAfterPeerHalfClose) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    auto [a, b] = socket_pair();
+    ASSERT_NO_FATAL_FAILURE(fill(a.get()));
+    sel->add(a.get(), Events::write);
+    ASSERT_EQ(::shutdown(b.get(), SHUT_WR), 0);
+    EXPECT_TRUE(sel->select(20ms).empty());
+    EXPECT_GT(drain(b.get()), 0u);
+    // Writable now, and at every wait while it stays writable.
+    for (int i = 0; i < 3; ++i) {
+        auto ready = sel->select(1s);
+        ASSERT_EQ(ready.size(), 1u) << "wait " << i;
+        EXPECT_EQ(ready[0].events, Events::write);
+    }
+    // Full again: quiet again.
+    ASSERT_NO_FATAL_FAILURE(fill(a.get()));
+    EXPECT_TRUE(sel->select(20ms).empty());
+    // Read interest added: the half-close shows as read (EOF) and hangup.
+    sel->modify(a.get(), Events::read | Events::write);
+    auto ready = sel->select(1s);
+    ASSERT_EQ(ready.size(), 1u);
+    EXPECT_EQ(ready[0].events, Events::read | Events::hangup);
+}
+
+TEST(BackendEdges, ModifyWhileArmedTakesEffect) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    auto [a, b] = socket_pair();
+    sel->add(a.get(), Events::read);
+    EXPECT_TRUE(sel->select(0ns).empty());  // armed for read
+    sel->modify(a.get(), Events::write);
+    auto ready = sel->select(1s);
+    ASSERT_EQ(ready.size(), 1u);
+    EXPECT_EQ(ready[0].events, Events::write);
+    sel->modify(a.get(), Events::read);
+    EXPECT_TRUE(sel->select(10ms).empty());
+    write_byte(b.get());
+    ready = sel->select(1s);
+    ASSERT_EQ(ready.size(), 1u);
+    EXPECT_EQ(ready[0].events, Events::read);
+}
+
+// io_uring's completion queue has 4096 entries; more ready fds than that
+// overflow into the kernel's backlog and must all be reported.
+TEST(BackendEdges, MoreReadyFdsThanCompletionQueue) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    constexpr int n = 5000;
+    if (raise_fd_limit(2 * n + 200) < 2 * n + 200) GTEST_SKIP() << "RLIMIT_NOFILE too low";
+    std::vector<Fd> fds;
+    fds.reserve(2 * n);
+    for (int i = 0; i < n; ++i) {
+        auto [a, b] = socket_pair();
+        sel->add(a.get(), Events::write);
+        fds.push_back(std::move(a));
+        fds.push_back(std::move(b));
+    }
+    std::vector<char> seen(static_cast<std::size_t>(fds.back().get()) + 1, 0);
+    std::size_t distinct = 0;
+    // Some backends hand out a bounded batch per wait; a few waits must do.
+    for (int round = 0; round < 50 && distinct < n; ++round) {
+        for (const ReadyEvent& r : sel->select(1s)) {
+            EXPECT_EQ(r.events, Events::write);
+            if (!seen[r.key.fd]) ++distinct;
+            seen[r.key.fd] = 1;
+        }
+    }
+    EXPECT_EQ(distinct, static_cast<std::size_t>(n));
+}
+
+// ---- io_uring refused by the kernel ------------------------------------------
+// A child process forbids io_uring_setup with a seccomp filter (as container
+// runtimes do) and runs IoUringRefused.Child in a fresh exec of this binary, so
+// that no probe result cached in this process is inherited.
+
+TEST(IoUringRefused, Child) {
+    if (!std::getenv("EVMUX_TEST_IO_URING_REFUSED")) GTEST_SKIP() << "run by IoUringRefused.Parent";
+    ::unsetenv("EVMUX_BACKEND");
+    bool listed = false;
+    for (const BackendInfo& b : backends()) {
+        if (b.name != "io_uring") continue;
+        listed = true;
+        EXPECT_FALSE(b.usable);
+        EXPECT_EQ(b.reason, "io_uring_setup: Operation not permitted");
+    }
+    EXPECT_TRUE(listed);
+    EXPECT_NE(default_backend_name(), "io_uring");
+    EXPECT_NE(make_selector()->name(), "io_uring");
+    try {
+        make_selector("io_uring");
+        ADD_FAILURE() << "make_selector(\"io_uring\") did not throw";
+    } catch (const std::invalid_argument& e) {
+        EXPECT_NE(std::string(e.what()).find("io_uring_setup: Operation not permitted"),
+                  std::string::npos)
+            << e.what();
+    }
+}
+
+TEST(IoUringRefused, Parent) {
+    if (backend_name() != "io_uring") GTEST_SKIP() << "runs once, in the io_uring suite";
+#ifndef __NR_io_uring_setup
+    GTEST_SKIP() << "no io_uring_setup system call number here";
+#else
+    int out[2];
+    ASSERT_EQ(::pipe(out), 0);
+    pid_t pid = ::fork();
+    ASSERT_GE(pid, 0);
+    if (pid == 0) {
+        ::dup2(out[1], 1);
+        ::dup2(out[1], 2);
+        sock_filter filter[] = {
+            BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
+            BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_io_uring_setup, 0, 1),
+            BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+            BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+        };
+        sock_fprog prog{static_cast<unsigned short>(sizeof filter / sizeof filter[0]), filter};
+        if (::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 ||
+            ::prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) != 0)
+            ::_exit(3);
+        ::setenv("EVMUX_TEST_IO_URING_REFUSED", "1", 1);
+        ::execl("/proc/self/exe", "backend_edges_test", "--gtest_filter=IoUringRefused.Child",
+                static_cast<char*>(nullptr));
+        ::_exit(4);
+    }
+    ::close(out[1]);
+    std::string output;
+    char buf[4096];
+    // Bounded: the child runs a handful of checks; 30 s is a hang.
+    bool eof = false;
+    for (int i = 0; i < 300 && !eof; ++i) {
+        pollfd p{out[0], POLLIN, 0};
+        if (::poll(&p, 1, 100) == 0) continue;
+        ssize_t n = ::read(out[0], buf, sizeof buf);
+        if (n <= 0) eof = true;
+        if (n > 0) output.append(buf, static_cast<std::size_t>(n));
+    }
+    ::close(out[0]);
+    int status = 0;
+    if (!eof) ::kill(pid, SIGKILL);
+    ::waitpid(pid, &status, 0);
+    ASSERT_TRUE(eof) << "child hung:\n" << output;
+    ASSERT_TRUE(WIFEXITED(status)) << output;
+    EXPECT_EQ(WEXITSTATUS(status), 0) << output;
+    EXPECT_NE(output.find("[  PASSED  ] 1 test"), std::string::npos) << output;
+    EXPECT_EQ(output.find("SKIPPED"), std::string::npos) << output;
+#endif
+}
