@@ -129,6 +129,7 @@ struct Options {
     int idle_active = 100;
     bool no_idle = false;
     bool no_plots = false;
+    std::vector<int> sweep_fds;
     std::string tools_dir;
     std::string host = "127.0.0.1";
 };
@@ -542,6 +543,11 @@ int main(int argc, char** argv) {
         ->check(CLI::Range(1, 1000000));
     app.add_flag("--no-idle", opt.no_idle, "skip the idle-heavy case");
     app.add_flag("--no-plots", opt.no_plots, "do not run plot_bench.py");
+    app.add_option("--sweep-fds", opt.sweep_fds,
+                   "socketpair counts of the dispatch sweep (default 100,1000,10000; "
+                   "100,1000,5000 with --quick)")
+        ->delimiter(',')
+        ->check(CLI::Range(1, 1000000));
     app.add_option("--tools-dir", opt.tools_dir,
                    "where evmux-echo, evmux-load and the baselines are (default: beside this "
                    "program)");
@@ -692,8 +698,11 @@ int main(int argc, char** argv) {
 
         // Dispatch cost as idle fds grow, in this process, for each evmux backend.
         std::vector<DispatchSweep> sweeps;
-        std::vector<int> fd_counts =
-            opt.quick ? std::vector<int>{100, 1000, 5000} : std::vector<int>{100, 1000, 10000};
+        std::vector<int> fd_counts = opt.sweep_fds;
+        if (fd_counts.empty())
+            fd_counts =
+                opt.quick ? std::vector<int>{100, 1000, 5000} : std::vector<int>{100, 1000, 10000};
+        std::sort(fd_counts.begin(), fd_counts.end());
         if (!backends.empty()) {
             // Two fds per socketpair; as many pairs as the fd limit allows.
             long limit = raise_fd_limit(2L * fd_counts.back() + 64);
