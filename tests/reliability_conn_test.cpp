@@ -1,0 +1,486 @@
+// Reliability of Connection and TcpServer, run once per backend
+// (EVMUX_BACKEND), on real loopback sockets. The numbers are the failure list
+// in README.md ("Reliability"); the cases connection_test.cpp already covers
+// (EMFILE on accept, same-batch close and reuse, reset with queued data,
+// half-close, max_connections, idle timeout, cancel while connecting) are not
+// repeated here.
+//  3. fd churn: RLIMIT_NOFILE 64 and 5 000 sequential 1-byte echo connections.
+//  7. a callback closes its own connection while a write or error event of the
+//     same wake-up is pending: no further callback, on_close once.
+// 13. fairness: one flooding connection beside 100 ping-pong ones.
+// 17. write-queue order across many sends, and 100 MB through one connection
+//     (byte count and checksum). EVMUX_RELIABILITY_MB overrides the size;
+//     sanitizer builds default to 16 MB.
+// 18. (connection half) a loop destroyed with open connections: no leak.
+// Everything is pumped on the test thread (run_once), except the churn test's
+// blocking client thread.
+#include <netinet/in.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "evmux/address.hpp"
+#include "evmux/connection.hpp"
+#include "evmux/event_loop.hpp"
+#include "evmux/server.hpp"
+#include "test_support.hpp"
+
+using namespace evmux;
+using namespace evmux::test;
+using namespace std::chrono_literals;
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+#define EVMUX_LOOP_OR_SKIP(var)                                         \
+    EVMUX_SELECTOR_OR_SKIP(var##_sel);                                  \
+    auto var##_ptr = std::make_unique<EventLoop>(std::move(var##_sel)); \
+    EventLoop& var = *var##_ptr
+
+template <class F>
+bool pump(EventLoop& loop, F done, std::chrono::milliseconds limit = 10s) {
+    const auto end = Clock::now() + limit;
+    while (!done()) {
+        if (Clock::now() >= end) return false;
+        loop.run_once(5ms);
+    }
+    return true;
+}
+
+// A blocking client socket connected to `a`, 10 s timeouts so a broken server
+// fails the test instead of hanging it.
+Fd dial(const Address& a) {
+    Fd fd(::socket(a.family(), SOCK_STREAM | SOCK_CLOEXEC, 0));
+    if (!fd) return fd;
+    timeval tv{10, 0};
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    if (::connect(fd.get(), static_cast<const sockaddr*>(a.sockaddr_ptr()), a.sockaddr_len()) < 0)
+        return Fd();
+    return fd;
+}
+
+Callbacks echo() {
+    Callbacks cb;
+    cb.on_message = [](const ConnectionPtr& c, Buffer& in) {
+        c->send(in.data(), in.size());
+        in.consume_all();
+    };
+    return cb;
+}
+
+std::size_t open_fds() {
+    std::size_t n = 0;
+    for ([[maybe_unused]] auto& e : std::filesystem::directory_iterator("/proc/self/fd")) ++n;
+    return n;
+}
+
+// Sets RLIMIT_NOFILE's soft limit for the scope.
+class FdLimit {
+  public:
+    explicit FdLimit(rlim_t soft) {
+        ::getrlimit(RLIMIT_NOFILE, &old_);
+        rlimit rl = old_;
+        rl.rlim_cur = soft;
+        ok_ = ::setrlimit(RLIMIT_NOFILE, &rl) == 0;
+    }
+    ~FdLimit() { ::setrlimit(RLIMIT_NOFILE, &old_); }
+    bool ok() const { return ok_; }
+
+  private:
+    rlimit old_{};
+    bool ok_ = false;
+};
+
+bool sanitized() {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+    return true;
+#else
+    return false;
+#endif
+}
+
+}  // namespace
+
+// ---- 3. fd churn under a low fd limit ------------------------------------------
+
+TEST(ReliabilityConn, FdChurnUnderLowLimit) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    constexpr int kConnections = 5000;
+    TcpServer server(loop, Address::ip("127.0.0.1", 0), echo());
+    const Address addr = server.local_address();
+    // Only now the limit: the test binary and the loop already hold their fds.
+    if (open_fds() > 40) GTEST_SKIP() << "too many fds open already for a limit of 64";
+    const std::size_t fds_before = open_fds();
+    FdLimit limit(64);
+    ASSERT_TRUE(limit.ok());
+    std::atomic<int> done{0}, failures{0};
+    std::thread client([&] {
+        for (int i = 0; i < kConnections && failures < 10; ++i) {
+            Fd fd = dial(addr);
+            char c = static_cast<char>('a' + i % 26), back = 0;
+            if (!fd || ::send(fd.get(), &c, 1, MSG_NOSIGNAL) != 1 ||
+                ::recv(fd.get(), &back, 1, 0) != 1 || back != c) {
+                ++failures;
+                continue;
+            }
+            ++done;
+        }
+    });
+    const bool finished = pump(
+        loop, [&] { return done + failures >= kConnections || failures >= 10; }, 120s);
+    client.join();
+    EXPECT_TRUE(finished);
+    EXPECT_EQ(failures.load(), 0);
+    EXPECT_EQ(done.load(), kConnections);
+    // Every server-side connection goes away once its client has closed.
+    EXPECT_TRUE(pump(
+        loop, [&] { return server.stats().connections_now == 0; }, 10s))
+        << server.stats().connections_now << " still open";
+    EXPECT_EQ(server.stats().connections_total, static_cast<std::uint64_t>(kConnections));
+    EXPECT_EQ(server.stats().rejected, 0u);
+    EXPECT_LE(open_fds(), fds_before) << "fds leaked";
+}
+
+// ---- 7. closing one's own connection with another event pending ---------------------
+
+namespace {
+
+// A server on the test thread with one accepted connection, and its raw client.
+struct OnePair {
+    std::unique_ptr<TcpServer> server;
+    ConnectionPtr conn;
+    Fd client;
+};
+
+OnePair one_pair(EventLoop& loop, Callbacks cb, ServerOptions opt = {}) {
+    OnePair p;
+    auto user_connect = cb.on_connect;
+    cb.on_connect = [&p, user_connect](const ConnectionPtr& c) {
+        p.conn = c;
+        if (user_connect) user_connect(c);
+    };
+    p.server = std::make_unique<TcpServer>(loop, Address::ip("127.0.0.1", 0), std::move(cb), opt);
+    p.client = dial(p.server->local_address());
+    EXPECT_TRUE(p.client);
+    EXPECT_TRUE(pump(loop, [&] { return p.conn != nullptr; }));
+    return p;
+}
+
+// Counts every callback of a connection, and those after on_close.
+struct Recorder {
+    int messages = 0, drains = 0, closes = 0, after_close = 0;
+    CloseReason reason = CloseReason::local;
+    void note() {
+        if (closes) ++after_close;
+    }
+};
+
+}  // namespace
+
+// The server's connection has a queue (the client is not reading) and write
+// interest. In one wake-up the socket becomes readable (new data) and
+// writable (the client drained); on_message closes the connection. The
+// pending write must not be handled, on_drain must not run, on_close once.
+TEST(ReliabilityConn, CloseSelfWithWritePending) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Recorder rec;
+    const std::string big(4 << 20, 'x');
+    Callbacks cb;
+    cb.on_message = [&](const ConnectionPtr& c, Buffer& in) {
+        rec.note();
+        ++rec.messages;
+        const bool first = rec.messages == 1;
+        in.consume_all();
+        if (first)
+            c->send(big);  // more than the socket buffers take: queued
+        else
+            c->close();
+    };
+    cb.on_drain = [&](const ConnectionPtr&) {
+        rec.note();
+        ++rec.drains;
+    };
+    cb.on_close = [&](const ConnectionPtr&, CloseReason r, int) {
+        rec.note();
+        ++rec.closes;
+        rec.reason = r;
+    };
+    // Reading must not pause at the high-water mark: the read and the write
+    // are to arrive in one wake-up.
+    ServerOptions opt;
+    opt.connection.high_water = 32u << 20;
+    opt.connection.low_water = 16u << 20;
+    opt.connection.max_buffered = 64u << 20;
+    auto p = one_pair(loop, cb, opt);
+    ASSERT_TRUE(p.conn);
+    ASSERT_EQ(::send(p.client.get(), "a", 1, MSG_NOSIGNAL), 1);
+    ASSERT_TRUE(pump(loop, [&] { return rec.messages == 1; }));
+    ASSERT_GT(p.conn->queued_bytes(), 0u) << "the queue must be non-empty for this test";
+    // Without running the loop: free some socket space (not all 4 MiB), then
+    // send more data.
+    char buf[65536];
+    std::size_t got = 0;
+    for (int i = 0; i < 4; ++i) {
+        ssize_t n = ::recv(p.client.get(), buf, sizeof buf, MSG_DONTWAIT);
+        if (n <= 0) break;
+        got += static_cast<std::size_t>(n);
+    }
+    ASSERT_GT(got, 0u);
+    ASSERT_EQ(::send(p.client.get(), "b", 1, MSG_NOSIGNAL), 1);
+    std::this_thread::sleep_for(5ms);  // loopback: both are already visible
+    ASSERT_GT(p.conn->queued_bytes(), 0u);
+    ASSERT_TRUE(pump(loop, [&] { return rec.closes > 0; }));
+    for (int i = 0; i < 5; ++i) loop.run_once(5ms);
+    EXPECT_EQ(rec.messages, 2);
+    EXPECT_EQ(rec.drains, 0);
+    EXPECT_EQ(rec.closes, 1);
+    EXPECT_EQ(rec.reason, CloseReason::local);
+    EXPECT_EQ(rec.after_close, 0);
+    EXPECT_FALSE(p.conn->is_open());
+    EXPECT_EQ(p.conn->fd(), -1);
+    p.conn->send("ignored");  // a no-op now
+    EXPECT_EQ(p.conn->queued_bytes(), 0u);
+}
+
+// The same with an error pending: the client sends data and resets, so one
+// wake-up carries read|error|hangup (and write: the queue is non-empty).
+// on_message closes; the error must not produce a second on_close.
+TEST(ReliabilityConn, CloseSelfWithErrorPending) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Recorder rec;
+    const std::string big(4 << 20, 'y');
+    Callbacks cb;
+    cb.on_message = [&](const ConnectionPtr& c, Buffer& in) {
+        rec.note();
+        ++rec.messages;
+        in.consume_all();
+        if (rec.messages == 1)
+            c->send(big);
+        else
+            c->close();
+    };
+    cb.on_drain = [&](const ConnectionPtr&) {
+        rec.note();
+        ++rec.drains;
+    };
+    cb.on_close = [&](const ConnectionPtr&, CloseReason r, int) {
+        rec.note();
+        ++rec.closes;
+        rec.reason = r;
+    };
+    ServerOptions opt;
+    opt.connection.high_water = 32u << 20;
+    opt.connection.low_water = 16u << 20;
+    opt.connection.max_buffered = 64u << 20;
+    auto p = one_pair(loop, cb, opt);
+    ASSERT_TRUE(p.conn);
+    ASSERT_EQ(::send(p.client.get(), "a", 1, MSG_NOSIGNAL), 1);
+    ASSERT_TRUE(pump(loop, [&] { return rec.messages == 1; }));
+    ASSERT_GT(p.conn->queued_bytes(), 0u);
+    ASSERT_EQ(::send(p.client.get(), "b", 1, MSG_NOSIGNAL), 1);
+    linger lg{1, 0};
+    ASSERT_EQ(::setsockopt(p.client.get(), SOL_SOCKET, SO_LINGER, &lg, sizeof lg), 0);
+    p.client.reset();  // RST (unread data pending on the client too)
+    std::this_thread::sleep_for(5ms);
+    ASSERT_TRUE(pump(loop, [&] { return rec.closes > 0; }));
+    for (int i = 0; i < 5; ++i) loop.run_once(5ms);
+    EXPECT_EQ(rec.closes, 1);
+    EXPECT_EQ(rec.after_close, 0);
+    EXPECT_EQ(rec.drains, 0);
+    // Either the data was read first (then our close() wins: local) or the
+    // reset was seen first (reset, and no second message).
+    if (rec.messages == 2)
+        EXPECT_EQ(rec.reason, CloseReason::local);
+    else
+        EXPECT_EQ(rec.reason, CloseReason::reset);
+    EXPECT_EQ(p.conn->queued_bytes(), 0u);
+}
+
+// ---- 13. fairness ------------------------------------------------------------------
+
+// One client floods the echo server as fast as it can; 100 others play
+// ping-pong, 20 rounds each. All of them finish while the flood goes on.
+TEST(ReliabilityConn, FloodDoesNotStarvePingPong) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    TcpServer server(loop, Address::ip("127.0.0.1", 0), echo());
+    const Address addr = server.local_address();
+    constexpr int kPingers = 100, kRounds = 20;
+    const std::size_t flood_chunk = 64 * 1024;
+    const std::string chunk(flood_chunk, 'f');
+    std::uint64_t flood_back = 0;
+    bool flood_on = true;
+
+    Callbacks flood;
+    // Send until something is queued, so on_drain (which fires only for a
+    // queue that was non-empty) keeps the flood going.
+    auto more = [&](const ConnectionPtr& c) {
+        for (int i = 0; i < 64 && flood_on && c->is_open() && c->queued_bytes() == 0; ++i)
+            c->send(chunk);
+    };
+    flood.on_connect = more;
+    flood.on_drain = more;
+    flood.on_message = [&](const ConnectionPtr&, Buffer& in) {
+        flood_back += in.size();
+        in.consume_all();
+    };
+    auto flooder = connect(loop, addr, flood);
+
+    std::vector<int> rounds(kPingers, 0);
+    int finished = 0;
+    std::vector<std::shared_ptr<Connector>> pingers;
+    for (int i = 0; i < kPingers; ++i) {
+        Callbacks cb;
+        cb.on_connect = [](const ConnectionPtr& c) { c->send("p"); };
+        cb.on_message = [&, i](const ConnectionPtr& c, Buffer& in) {
+            in.consume_all();
+            if (++rounds[i] == kRounds) {
+                ++finished;
+                c->close();
+            } else {
+                c->send("p");
+            }
+        };
+        pingers.push_back(connect(loop, addr, cb));
+    }
+    // Generous: 2 000 round trips on loopback take milliseconds when fair.
+    EXPECT_TRUE(pump(
+        loop, [&] { return finished == kPingers; }, 30s))
+        << finished << " of " << kPingers << " finished";
+    EXPECT_GT(flood_back, 4 * flood_chunk) << "the flood did not flow";
+    flood_on = false;
+}
+
+// ---- 17. order across many sends; a large transfer ------------------------------------
+
+// Many sends of varied sizes (1 B .. 1 MiB, both send() overloads) through one
+// connection to a server that checks every byte's position and counts.
+TEST(ReliabilityConn, LargeTransferOrderCountAndChecksum) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    std::uint64_t total_mb = sanitized() ? 16 : 100;
+    if (const char* env = std::getenv("EVMUX_RELIABILITY_MB"))
+        total_mb = std::strtoull(env, nullptr, 10);
+    const std::uint64_t total = total_mb << 20;
+
+    // The stream repeats a pseudo-random block of prime length, so a byte's
+    // value depends on its position (loss, doubling, reordering show) and
+    // neither side generates bytes one at a time.
+    constexpr std::size_t kPeriod = 65521;
+    constexpr std::size_t kMaxSend = 1 << 20;
+    std::string block(kPeriod + kMaxSend, '\0');
+    std::uint32_t x = 12345;
+    for (std::size_t i = 0; i < kPeriod; ++i) {
+        x = x * 1103515245u + 12345u;
+        block[i] = static_cast<char>(x >> 24);
+    }
+    for (std::size_t i = kPeriod; i < block.size(); ++i) block[i] = block[i - kPeriod];
+    auto fnv = [](std::uint64_t h, const char* p, std::size_t n) {
+        for (std::size_t i = 0; i < n; ++i)
+            h = (h ^ static_cast<unsigned char>(p[i])) * 1099511628211ull;
+        return h;
+    };
+
+    std::uint64_t received = 0, sum_in = 14695981039346656037ull, sum_out = sum_in, bad = 0;
+    Callbacks server_cb;
+    server_cb.on_message = [&](const ConnectionPtr&, Buffer& in) {
+        const char* d = in.data();
+        std::size_t n = in.size();
+        sum_in = fnv(sum_in, d, n);
+        while (n > 0) {
+            const std::size_t k = std::min(n, kMaxSend);
+            if (std::memcmp(d, block.data() + received % kPeriod, k) != 0) ++bad;
+            d += k;
+            n -= k;
+            received += k;
+        }
+        in.consume_all();
+    };
+    TcpServer server(loop, Address::ip("127.0.0.1", 0), server_cb);
+
+    std::uint64_t sent = 0;
+    std::size_t which = 0;
+    const std::size_t sizes[] = {1, 7, 100, 1500, 4096, 65536, 3, kMaxSend, 17, 250000};
+    ConnectionPtr client;
+    auto fill = [&](const ConnectionPtr& c) {
+        // Keep about 2 MiB queued: many sends, queue order matters.
+        while (sent < total && c->queued_bytes() < (2u << 20) && c->is_open()) {
+            const std::size_t n = static_cast<std::size_t>(
+                std::min<std::uint64_t>(sizes[which++ % std::size(sizes)], total - sent));
+            const char* p = block.data() + sent % kPeriod;
+            sum_out = fnv(sum_out, p, n);
+            if (which % 2)
+                c->send(std::string(p, n));
+            else
+                c->send(p, n);
+            sent += n;
+        }
+    };
+    Callbacks cb;
+    cb.on_connect = [&](const ConnectionPtr& c) {
+        client = c;
+        fill(c);
+    };
+    cb.on_drain = fill;
+    ConnectOptions copt;
+    copt.connection.max_buffered = 64u << 20;
+    connect(loop, server.local_address(), cb, copt);
+    ASSERT_TRUE(pump(
+        loop, [&] { return received >= total; }, 120s))
+        << received << " of " << total;
+    EXPECT_EQ(received, total);
+    EXPECT_EQ(sent, total);
+    EXPECT_EQ(bad, 0u);
+    EXPECT_EQ(sum_in, sum_out);
+    ASSERT_TRUE(client);
+    EXPECT_EQ(client->bytes_out(), total);
+    EXPECT_EQ(client->queued_bytes(), 0u);
+}
+
+// ---- 18. a loop destroyed with open connections ----------------------------------------
+
+// Nobody but the loop holds the connections (as with a server's accepted
+// ones after the server object is gone). Destroying the loop must free them
+// and their fds: no leak (and LSan in the ASan build).
+// DISABLED: fails today. An open Connection keeps itself alive (its `self_`
+// reference) until on_close, which a destroyed loop never delivers, so the
+// Connection objects and their fds leak (8 of 8 alive here). Run with
+// --gtest_also_run_disabled_tests. Reported; the fix belongs in Connection
+// (let the loop's watcher own the reference, so ~EventLoop releases it).
+TEST(ReliabilityConn, DISABLED_LoopDestroyedWithOpenConnections) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    std::vector<std::weak_ptr<Connection>> weak;
+    std::vector<Fd> peers;
+    int closes = 0;
+    const std::size_t fds_before = open_fds();
+    {
+        EventLoop loop(std::move(sel));
+        for (int i = 0; i < 8; ++i) {
+            auto [a, b] = socket_pair();
+            Callbacks cb;
+            cb.on_close = [&](const ConnectionPtr&, CloseReason, int) { ++closes; };
+            auto c = Connection::adopt(loop, a.release(), cb);
+            c->send(std::string(1 << 20, 'q'));  // a queue too
+            weak.push_back(c);
+            peers.push_back(std::move(b));
+        }
+        loop.run_once(0ns);
+    }
+    int alive = 0;
+    for (auto& w : weak) alive += !w.expired();
+    EXPECT_EQ(alive, 0) << "connections outlived their loop (leaked)";
+    peers.clear();
+    EXPECT_LE(open_fds(), fds_before) << "connection fds leaked";
+    (void)closes;  // on_close need not run: the loop is gone
+}
