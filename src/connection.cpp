@@ -171,10 +171,10 @@ void Connection::handle(Events events) {
     // run, even if one of them closes us.
     ConnectionPtr guard = shared_from_this();
     ++in_handler_;
-    if (state_ == State::open && any(events, Events::write) && !queue_.empty()) handle_write();
+    if (state_ == State::open && any(events, Events::write) && !queue_.empty()) handle_write(guard);
     if (state_ == State::open && any(events, Events::read | Events::hangup | Events::error)) {
         if (any(interest_, Events::read)) {
-            handle_read(events);
+            handle_read(guard, events);
         } else if (any(events, Events::error)) {
             // Not reading (paused), so no read() will report it: ask the socket.
             int err = 0;
@@ -190,7 +190,7 @@ void Connection::handle(Events events) {
     if (--in_handler_ == 0 && notify_pending_) notify_closed();
 }
 
-void Connection::handle_read(Events events) {
+void Connection::handle_read(const ConnectionPtr& self, Events events) {
     std::span<char> scratch = loop_.scratch();
     std::size_t budget = std::max<std::size_t>(opt_.read_budget, 1);
     const bool more_signalled = any(events, Events::hangup | Events::error);
@@ -206,7 +206,7 @@ void Connection::handle_read(Events events) {
                     input_.attach(scratch.data(), static_cast<std::size_t>(n));
                 else
                     input_.append(scratch.data(), static_cast<std::size_t>(n));
-                cb_.on_message(shared_from_this(), input_);
+                cb_.on_message(self, input_);
                 if (state_ != State::open) break;
                 input_.keep_rest();
                 if (input_.size() > opt_.max_buffered) {
@@ -223,7 +223,7 @@ void Connection::handle_read(Events events) {
             continue;
         }
         if (n == 0) {
-            handle_peer_eof();
+            handle_peer_eof(self);
             break;
         }
         if (errno == EINTR) continue;
@@ -233,17 +233,17 @@ void Connection::handle_read(Events events) {
     }
 }
 
-void Connection::handle_peer_eof() {
+void Connection::handle_peer_eof(const ConnectionPtr& self) {
     peer_eof_ = true;
     update_interest();
     if (cb_.on_peer_shutdown)
-        cb_.on_peer_shutdown(shared_from_this());
+        cb_.on_peer_shutdown(self);
     else
         shutdown_write();
     maybe_finish_shutdown();
 }
 
-void Connection::handle_write() {
+void Connection::handle_write(const ConnectionPtr& self) {
     if (!flush()) return;
     if (!queue_.empty()) return;
     if (close_after_drain_) {
@@ -256,7 +256,7 @@ void Connection::handle_write() {
         maybe_finish_shutdown();
         if (state_ != State::open) return;
     }
-    if (cb_.on_drain) cb_.on_drain(shared_from_this());
+    if (cb_.on_drain) cb_.on_drain(self);
 }
 
 bool Connection::flush() {

@@ -172,9 +172,10 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
     void start();  // watch, then on_connect
     void handle(Events events);
-    void handle_read(Events events);
-    void handle_write();
-    void handle_peer_eof();
+    // `self` is handle()'s guard, passed down to save reference-count traffic.
+    void handle_read(const ConnectionPtr& self, Events events);
+    void handle_write(const ConnectionPtr& self);
+    void handle_peer_eof(const ConnectionPtr& self);
     bool flush();  // false if the connection closed
     void queue(const char* p, std::size_t len);
     void after_queue_grew();
