@@ -1,6 +1,7 @@
 // evmux-echo: a TCP / Unix echo server on evmux, on any backend.
 //
 //   evmux-echo --port P [--host H] [--backend NAME] [--upper] [--unix PATH]
+//              [--threads N [--distribution reuse_port|round_robin]]
 //   evmux-echo --list-backends
 //
 // Prints "evmux-echo listening on HOST:PORT backend=NAME" to stderr once it
@@ -8,6 +9,7 @@
 // command line or the setup (port in use, unknown backend, missing Unix
 // socket directory) are one line on stderr and exit code 2.
 #include <netdb.h>
+#include <pthread.h>
 #include <sys/socket.h>
 
 #include <CLI/CLI.hpp>
@@ -22,6 +24,7 @@
 #include "evmux/address.hpp"
 #include "evmux/connection.hpp"
 #include "evmux/event_loop.hpp"
+#include "evmux/loop_group.hpp"
 #include "evmux/selector.hpp"
 #include "evmux/server.hpp"
 
@@ -64,6 +67,37 @@ evmux::Address resolve(const std::string& host, std::uint16_t port) {
     return a;
 }
 
+// --threads N > 1: one loop per thread (LoopGroup). SIGINT/SIGTERM are
+// blocked before the loop threads start (they inherit the mask) and taken
+// here with sigwait, so no loop thread is interrupted by them.
+int run_group(std::size_t threads, const std::string& backend, const evmux::Address& address,
+              evmux::Callbacks callbacks, evmux::Distribution distribution) {
+    sigset_t stop_signals;
+    sigemptyset(&stop_signals);
+    sigaddset(&stop_signals, SIGINT);
+    sigaddset(&stop_signals, SIGTERM);
+    ::pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+    evmux::LoopGroup group(threads, backend);
+    evmux::GroupServerOptions options;
+    options.distribution = distribution;
+    evmux::GroupServer& server = group.listen(address, std::move(callbacks), options);
+    std::fprintf(stderr, "evmux-echo listening on %s backend=%s threads=%zu distribution=%s\n",
+                 server.local_address().to_string().c_str(), group.backend_name().c_str(), threads,
+                 evmux::to_string(server.distribution()));
+    std::fflush(stderr);
+    int signo = 0;
+    while (::sigwait(&stop_signals, &signo) != 0) {
+    }
+    group.stop();
+    std::string per_loop;
+    for (std::uint64_t n : server.connections_per_loop())
+        per_loop += (per_loop.empty() ? "" : ",") + std::to_string(n);
+    std::fprintf(stderr, "evmux-echo: stopped: connections=%llu open=%zu per_loop=%s\n",
+                 static_cast<unsigned long long>(server.connections_total()),
+                 server.connections_now(), per_loop.c_str());
+    return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -74,11 +108,19 @@ int main(int argc, char** argv) {
     std::string unix_path;
     bool upper = false;
     bool list = false;
+    std::size_t threads = 1;
+    std::string distribution = evmux::to_string(evmux::GroupServerOptions{}.distribution);
     app.add_option("--port", port, "TCP port (0: any free port)")->check(CLI::Range(0, 65535));
     app.add_option("--host", host, "numeric address or name to bind (default 127.0.0.1)");
     app.add_option("--backend", backend, "selector backend (default: EVMUX_BACKEND or the best)");
     app.add_flag("--upper", upper, "echo ASCII letters uppercased");
     app.add_option("--unix", unix_path, "listen on this Unix socket path instead of TCP");
+    app.add_option("--threads", threads, "event loops, one per thread (default 1)")
+        ->check(CLI::Range(1, 1024));
+    app.add_option("--distribution", distribution,
+                   "with --threads > 1: reuse_port (a listener per loop) or round_robin "
+                   "(one acceptor hands connections out)")
+        ->check(CLI::IsMember({"reuse_port", "round_robin"}));
     app.add_flag("--list-backends", list, "list the backends and whether they are usable here");
     try {
         app.parse(argc, argv);
@@ -98,10 +140,11 @@ int main(int argc, char** argv) {
                                      : evmux::Address::unix_path(unix_path);
 
         evmux::Callbacks callbacks;
-        std::string upper_buf;  // reused: --upper copies once per read, plain echo never
         if (upper) {
-            callbacks.on_message = [&upper_buf](const evmux::ConnectionPtr& conn,
-                                                evmux::Buffer& in) {
+            callbacks.on_message = [](const evmux::ConnectionPtr& conn, evmux::Buffer& in) {
+                // Reused: --upper copies once per read, plain echo never; one
+                // per thread, as --threads runs this on several at once.
+                thread_local std::string upper_buf;
                 upper_buf.assign(in.data(), in.size());
                 for (char& c : upper_buf)
                     if (c >= 'a' && c <= 'z') c = static_cast<char>(c - 'a' + 'A');
@@ -116,6 +159,11 @@ int main(int argc, char** argv) {
                 in.consume_all();
             };
         }
+
+        if (threads > 1)
+            return run_group(threads, backend, address, std::move(callbacks),
+                             distribution == "round_robin" ? evmux::Distribution::round_robin
+                                                           : evmux::Distribution::reuse_port);
 
         auto server = std::make_unique<evmux::TcpServer>(loop, address, std::move(callbacks));
         auto stop = [&loop](int) { loop.stop(); };
