@@ -43,6 +43,7 @@ struct Server {
     fs::path binary;         // executable
     bool per_connection_os;  // a thread or process per connection: skips idle-heavy
     bool forks;              // CPU of live children must be added
+    int threads = 1;         // evmux-echo --threads (>1: the server is not pinned)
 };
 
 /// One load shape: message size, connections opened, connections in ping-pong.
@@ -132,6 +133,7 @@ struct Options {
     std::vector<int> sweep_fds;
     std::string tools_dir;
     std::string host = "127.0.0.1";
+    std::vector<int> threads{1};  // evmux-echo --threads, one server entry per value
 };
 
 class Runner {
@@ -152,7 +154,11 @@ class Runner {
         }
         std::vector<std::string> argv{server.binary.string(), "--port", "0", "--host", opt_.host};
         if (!server.backend.empty()) argv.insert(argv.end(), {"--backend", server.backend});
-        ChildProcess srv(argv, server_cpu_, false, true);
+        // Several loops pinned to one CPU would take turns on it: leave a
+        // multi-loop server unpinned (it then shares the client's CPU too).
+        if (server.threads > 1)
+            argv.insert(argv.end(), {"--threads", std::to_string(server.threads)});
+        ChildProcess srv(argv, server.threads > 1 ? -1 : server_cpu_, false, true);
 
         std::string line, host;
         int port = 0;
@@ -551,6 +557,11 @@ int main(int argc, char** argv) {
     app.add_option("--tools-dir", opt.tools_dir,
                    "where evmux-echo, evmux-load and the baselines are (default: beside this "
                    "program)");
+    app.add_option("--threads", opt.threads,
+                   "evmux-echo loop threads, e.g. 1,2 for throughput vs threads (default 1; "
+                   "a server with more than 1 is not pinned)")
+        ->delimiter(',')
+        ->check(CLI::Range(1, 1024));
     app.add_option("--host", opt.host, "address the servers listen on (default 127.0.0.1)");
 
     int d_n = 100, d_a = 1, d_w = 100, d_iter = 25;
@@ -642,7 +653,10 @@ int main(int argc, char** argv) {
                 std::cerr << "evmux-bench: skipping evmux: " << echo.string() << " not found\n";
             else
                 for (const auto& b : backends)
-                    servers.push_back({"evmux/" + b, "evmux", b, echo, false, false});
+                    for (int t : opt.threads)
+                        servers.push_back(
+                            {t == 1 ? "evmux/" + b : "evmux/" + b + "/threads" + std::to_string(t),
+                             "evmux", b, echo, false, false, t});
         }
         add_baseline("libevent-bufferevent", "evmux-baseline-libevent", false, false);
         add_baseline("threads", "evmux-baseline-threads", true, false);
