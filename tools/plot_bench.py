@@ -78,8 +78,15 @@ def main(argv):
             ax.set_xlabel("sessions")
             ax.set_ylabel("messages/s")
             ax.grid(True, alpha=0.3)
-        axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
+        # One legend for all panels, under them: it would hide points inside.
+        handles, labels = {}, []
+        for ax in axes[0]:
+            for h, l in zip(*ax.get_legend_handles_labels()):
+                if l not in handles:
+                    handles[l] = h
+                    labels.append(l)
+        fig.legend([handles[l] for l in labels], labels, loc="lower center", ncol=5, fontsize=7)
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
         path = os.path.join(out, "throughput.png")
         fig.savefig(path, dpi=72)
         plt.close(fig)
