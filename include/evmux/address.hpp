@@ -36,6 +36,7 @@ class Address {
     /// The local (getsockname) or peer (getpeername) address of a socket, or
     /// Address() if the call fails.
     static Address local_of(int fd);
+    /// The peer address of a socket (getpeername), or Address() if the call fails.
     static Address peer_of(int fd);
 
     /// AF_INET, AF_INET6, AF_UNIX, or 0 for Address().
@@ -52,8 +53,10 @@ class Address {
 
     /// The raw sockaddr and its length, for bind/connect.
     const void* sockaddr_ptr() const { return storage_; }
+    /// Length in bytes of the sockaddr at sockaddr_ptr(); 0 for Address().
     unsigned sockaddr_len() const { return len_; }
 
+    /// Byte-for-byte the same kernel address (family, host, port or path).
     friend bool operator==(const Address& a, const Address& b);
 
   private:

@@ -27,8 +27,11 @@ class Buffer {
 
     /// The unconsumed bytes.
     const char* data() const { return ext_ ? ext_ : store_.data() + start_; }
+    /// Number of unconsumed bytes.
     std::size_t size() const { return ext_ ? ext_len_ : store_.size() - start_; }
+    /// True when there is nothing left to consume.
     bool empty() const { return size() == 0; }
+    /// The unconsumed bytes as one view (valid as long as data()).
     std::string_view view() const { return {data(), size()}; }
     /// Mark the first `n` bytes as handled (clamped to size()).
     void consume(std::size_t n);

@@ -114,6 +114,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
     /// (on_close runs from the loop, never inside send()). May close with
     /// `overflow` if the queue would pass max_buffered.
     void send(const void* data, std::size_t len);
+    /// As send(const void*, std::size_t).
     void send(std::string_view bytes) { send(bytes.data(), bytes.size()); }
     /// A NUL-terminated text (without the NUL); as send(std::string_view).
     void send(const char* text) { send(std::string_view(text)); }
@@ -130,6 +131,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
     /// Stop / restart reading from the peer (user-level flow control; independent
     /// of the automatic pause at the high-water mark).
     void pause_reading();
+    /// Undo pause_reading(); reading stays paused while the queue is above the
+    /// high-water mark.
     void resume_reading();
 
     // ---- state ------------------------------------------------------------------
@@ -143,11 +146,15 @@ class Connection : public std::enable_shared_from_this<Connection> {
     std::size_t input_bytes() const { return input_.size(); }
     /// Total bytes received from / sent to the kernel.
     std::uint64_t bytes_in() const { return bytes_in_; }
+    /// Total bytes sent to the kernel.
     std::uint64_t bytes_out() const { return bytes_out_; }
     /// The socket, or -1 once closed.
     int fd() const { return fd_; }
+    /// The loop this connection runs on.
     EventLoop& loop() const { return loop_; }
+    /// The socket's local address (getsockname); Address() once closed.
     Address local_address() const;
+    /// The peer's address (getpeername); Address() once closed.
     Address peer_address() const;
     /// When the last byte was read or written (only tracked when an idle
     /// timeout is in use).

@@ -11,6 +11,7 @@
 #include "evmux/buffer.hpp"
 #include "evmux/connection.hpp"
 #include "evmux/event_loop.hpp"
+#include "evmux/loop_group.hpp"
 #include "evmux/selector.hpp"
 #include "evmux/server.hpp"
 #include "evmux/version.hpp"

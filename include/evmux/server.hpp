@@ -77,6 +77,7 @@ class TcpServer {
     std::size_t connection_count() const { return conns_.size(); }
     /// Close every open connection (mode as Connection::close); keep listening.
     void close_all(CloseMode mode = CloseMode::immediate);
+    /// The loop the server accepts on and its connections run on.
     EventLoop& loop() const { return loop_; }
 
   private:
