@@ -11,6 +11,7 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -186,6 +187,16 @@ class Runner {
                 if (s.ok) samples.push_back(s);
             }
         });
+        // Stops and joins the sampler on every path out, exceptions included
+        // (a joinable std::thread would terminate the program).
+        struct SamplerStop {
+            std::atomic<bool>& flag;
+            std::thread& thread;
+            ~SamplerStop() {
+                flag = false;
+                if (thread.joinable()) thread.join();
+            }
+        } sampler_stop{sampling, sampler};
 
         std::vector<std::string> largv{load_.string(),
                                        "--port",
@@ -217,7 +228,7 @@ class Runner {
             load_status = in_time ? load.wait(limit) : -1;
         }  // a load client that overran is killed here
         sampling = false;
-        sampler.join();
+        sampler.join();  // before reading `samples`
         srv.stop();
 
         if (!in_time || load_status < 0) {
