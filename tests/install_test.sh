@@ -11,8 +11,9 @@
 #             CMakeLists.txt (the README's recipes); each runs its --self-test.
 #   subproject tests/subproject_consumer built with subprojects/evmux -> the
 #             source tree (meson's wrap-less subproject), and run.
+#   docs      the doxygen API reference builds without a single warning.
 #
-# usage: install_test.sh SOURCE_ROOT BUILD_ROOT CXX B_SANITIZE [install|subproject]
+# usage: install_test.sh SOURCE_ROOT BUILD_ROOT CXX B_SANITIZE [install|subproject|docs]
 # Exit 77 (meson: skipped) in a sanitizer build: the installed library would
 # need the sanitizer runtime, which evmux.pc rightly does not carry.
 set -euo pipefail
@@ -182,9 +183,26 @@ subproject_part() {
     timeout 60 "$tmp/consumer/build/consumer"
 }
 
+# The API reference as `./run docs` makes it, into the temp dir: any doxygen
+# warning (e.g. a public declaration without a doc comment) fails.
+docs_part() {
+    if ! command -v doxygen >/dev/null; then
+        echo "skipped: doxygen not installed (./run setup installs it)"
+        exit 77
+    fi
+    step "doxygen (Doxyfile, FAIL_ON_WARNINGS)"
+    local version
+    version=$(sed -n "s/^ *version: '\([^']*\)',$/\1/p" "$src/meson.build" | head -n 1)
+    (cd "$src" && { cat Doxyfile; echo "PROJECT_NUMBER = $version"; echo "OUTPUT_DIRECTORY = $tmp"; } |
+        doxygen -) || fail "doxygen warnings (above)"
+    [ -f "$tmp/html/index.html" ] || fail "no html/index.html"
+    grep -q "$version" "$tmp/html/index.html" || fail "version $version not in the docs"
+}
+
 case "$part" in
     install) install_part ;;
     subproject) subproject_part ;;
+    docs) docs_part ;;
     *) fail "unknown part $part" ;;
 esac
 echo "PASS"
