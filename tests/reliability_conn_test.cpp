@@ -619,3 +619,74 @@ TEST(ReliabilityConn, SlowReaderBoundedAndOthersUnaffected) {
     for (auto& c : pingers) c->close();
     for (int i = 0; i < 3; ++i) loop.run_once(0ns);
 }
+
+// ---- 19. max_connections and the idle timeout against slow-loris clients ----------------
+
+// Five clients each trickle one byte every 50 ms: they are not idle, so the
+// idle timeout (300 ms) keeps them, and with max_connections 5 a sixth client
+// is turned away (it sees the close at once, and is counted). When the
+// trickle stops, the idle timeout frees the slots and a new client is served.
+TEST(ReliabilityConn, SlowLorisHoldsSlotsUntilIdle) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    ServerOptions opt;
+    opt.max_connections = 5;
+    opt.idle_timeout = 300ms;
+    int timeouts = 0;
+    Callbacks cb = echo();
+    cb.on_close = [&](const ConnectionPtr&, CloseReason r, int) {
+        timeouts += r == CloseReason::timeout;
+    };
+    TcpServer server(loop, Address::ip("127.0.0.1", 0), cb, opt);
+    const Address addr = server.local_address();
+    std::vector<Fd> loris;
+    for (int i = 0; i < 5; ++i) {
+        loris.push_back(dial(addr));
+        ASSERT_TRUE(loris.back());
+    }
+    ASSERT_TRUE(pump(loop, [&] { return server.stats().connections_now == 5; }));
+    auto trickle_for = [&](std::chrono::milliseconds span) {
+        const auto end = Clock::now() + span;
+        auto next = Clock::now();
+        while (Clock::now() < end) {
+            loop.run_once(5ms);
+            if (Clock::now() < next) continue;
+            next += 50ms;
+            char buf[64];
+            for (auto& l : loris) {
+                (void)::send(l.get(), "x", 1, MSG_NOSIGNAL | MSG_DONTWAIT);
+                (void)::recv(l.get(), buf, sizeof buf, MSG_DONTWAIT);
+            }
+        }
+    };
+    trickle_for(200ms);
+    Fd sixth = dial(addr);
+    ASSERT_TRUE(sixth);
+    // The sixth is accepted and closed: EOF (or reset) within the trickle.
+    bool turned_away = false;
+    for (int i = 0; i < 40 && !turned_away; ++i) {
+        trickle_for(25ms);
+        char b;
+        ssize_t n = ::recv(sixth.get(), &b, 1, MSG_DONTWAIT);
+        turned_away = n == 0 || (n < 0 && errno == ECONNRESET);
+    }
+    EXPECT_TRUE(turned_away);
+    EXPECT_GE(server.stats().rejected, 1u);
+    trickle_for(400ms);  // longer than the idle timeout: still held, being active
+    EXPECT_EQ(server.stats().connections_now, 5u);
+    EXPECT_EQ(timeouts, 0);
+    // The trickle stops: all five time out (within 300 ms + a quarter + slack).
+    EXPECT_TRUE(pump(
+        loop, [&] { return timeouts == 5; }, 3s))
+        << timeouts << " timed out";
+    EXPECT_EQ(server.stats().connections_now, 0u);
+    Fd fresh = dial(addr);
+    ASSERT_TRUE(fresh);
+    ASSERT_EQ(::send(fresh.get(), "ok", 2, MSG_NOSIGNAL), 2);
+    std::string got;
+    EXPECT_TRUE(pump(loop, [&] {
+        char b[8];
+        ssize_t n = ::recv(fresh.get(), b, sizeof b, MSG_DONTWAIT);
+        if (n > 0) got.append(b, static_cast<std::size_t>(n));
+        return got == "ok";
+    }));
+}
