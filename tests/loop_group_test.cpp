@@ -13,6 +13,7 @@
 #include <cstring>
 #include <future>
 #include <mutex>
+#include <ostream>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -109,6 +110,15 @@ struct EchoRecorder {
 };
 
 class LoopGroupTest : public ::testing::TestWithParam<Distribution> {};
+
+}  // namespace
+
+// Test names and failure messages show "round_robin", not the enum's bytes.
+void PrintTo(Distribution d, std::ostream* os) {
+    *os << to_string(d);
+}
+
+namespace {
 
 // Every connection is served, and more than one loop serves: with
 // round_robin exactly evenly, with reuse_port as the kernel's hash spreads
