@@ -272,6 +272,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     if (run.conn->is_open() && run.received != run.accepted)
         fail("open connection did not deliver everything", run.received, run.accepted);
     if (!run.conn->is_open() && run.closes != 1) fail("closed without exactly one on_close");
+    // Nothing but the injected EPIPE, the graceful close or the cap may close it
+    // (EINTR, EAGAIN and partial writes are no reason to).
+    if (run.closes == 1 && !(run.reason == CloseReason::reset && g_epipe) &&
+        !(run.reason == CloseReason::local && closed_gracefully) &&
+        run.reason != CloseReason::overflow)
+        fail("closed for no reason", static_cast<int>(run.reason), g_epipe);
     if (g_epipe && (run.closes != 1 || run.reason != CloseReason::reset))
         fail("EPIPE did not close with reason reset", run.closes, static_cast<int>(run.reason));
     if (closed_gracefully && run.closes == 1 && run.reason == CloseReason::local &&
