@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <future>
 #include <stdexcept>
 #include <system_error>
 #include <unordered_map>
@@ -298,22 +299,45 @@ std::size_t GroupServer::connections_now() const {
 
 LoopGroup::LoopGroup(std::size_t threads, const std::string& backend) {
     if (threads == 0) throw std::invalid_argument("LoopGroup: at least one thread");
-    loops_.reserve(threads);
-    // Built here so a bad backend name throws from the constructor; each
-    // loop's owning thread becomes its runner when run() starts.
-    for (std::size_t i = 0; i < threads; ++i)
-        loops_.push_back(std::make_unique<EventLoop>(backend.empty() ? make_selector()
-                                                                     : make_selector(backend)));
+    loops_.resize(threads);
+    // Each loop (and its selector) is built on the thread that runs it: a
+    // kernel object may belong to its creating thread (io_uring queues its
+    // completion work to the submitter, which then sees EINTR in blocking
+    // calls), and the user's thread must not be that one. Shared, so no
+    // thread touches a promise the constructor has already destroyed.
+    auto ready = std::make_shared<std::vector<std::promise<void>>>(threads);
     threads_.reserve(threads);
+    std::exception_ptr error;
     try {
         for (std::size_t i = 0; i < threads; ++i) {
-            threads_.emplace_back([this, i] { run_loop(i); });
+            threads_.emplace_back([this, i, ready, backend] {
+                try {
+                    loops_[i] = std::make_unique<EventLoop>(
+                        backend.empty() ? make_selector() : make_selector(backend));
+                } catch (...) {
+                    (*ready)[i].set_exception(std::current_exception());
+                    return;
+                }
+                (*ready)[i].set_value();
+                run_loop(i);
+            });
             thread_ids_.push_back(threads_.back().get_id());
         }
     } catch (...) {
-        for (auto& loop : loops_) loop->stop();
+        error = std::current_exception();
+    }
+    for (std::size_t i = 0; i < threads_.size(); ++i) {
+        try {
+            (*ready)[i].get_future().get();
+        } catch (...) {
+            if (!error) error = std::current_exception();
+        }
+    }
+    if (error) {
+        for (auto& loop : loops_)
+            if (loop) loop->stop();
         for (auto& t : threads_) t.join();
-        throw;
+        std::rethrow_exception(error);
     }
 }
 

@@ -37,14 +37,18 @@ constexpr std::size_t reply_chunk = 64 * 1024;
 Fd connect_blocking(const Address& address, int rcvbuf = 0) {
     Fd fd(::socket(address.family(), SOCK_STREAM | SOCK_CLOEXEC, 0));
     if (!fd) throw std::system_error(errno, std::generic_category(), "socket");
-    timeval tv{5, 0};
-    ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
     // Before connect, so the window is small from the start.
     if (rcvbuf > 0) ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
+    // The timeouts only after connect: a connect with SO_SNDTIMEO fails with
+    // EINTR when kernel task work interrupts it, where an untimed connect is
+    // restarted. Seen with io_uring only, after an earlier group (whose rings
+    // are closed on this thread by ~LoopGroup) was destroyed.
     if (::connect(fd.get(), static_cast<const sockaddr*>(address.sockaddr_ptr()),
                   address.sockaddr_len()) < 0)
         throw std::system_error(errno, std::generic_category(), "connect");
+    timeval tv{5, 0};
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
     return fd;
 }
 

@@ -101,7 +101,11 @@ class LoopGroup {
     /// backend (as make_selector() does), std::system_error if a loop or a
     /// thread cannot be created (no thread is left running then).
     explicit LoopGroup(std::size_t threads, const std::string& backend = {});
-    /// stop() with the default grace, swallowing what stop() would rethrow.
+    /// stop() with the default grace, swallowing what stop() would rethrow;
+    /// then destroys the servers and loops on the calling thread. (With
+    /// io_uring, closing the rings here may make this thread's next blocking
+    /// call that has a timeout, e.g. connect() with SO_SNDTIMEO, fail with
+    /// EINTR once: observed in the tests, which connect before setting it.)
     ~LoopGroup();
     LoopGroup(const LoopGroup&) = delete;
     LoopGroup& operator=(const LoopGroup&) = delete;
