@@ -168,6 +168,10 @@ int self_test(evmux::EventLoop& loop, evmux::TcpServer& server, const ChatRoom& 
     evmux::connect(loop, server.local_address(), fast_cb);
     loop.call_after(20s, [&] { loop.stop(); });  // bound the test
     loop.run();
+    // Close the clients while the loop is alive, and let their on_close run.
+    for (const evmux::ConnectionPtr& c : {talker, fast, slow})
+        if (c) c->close();
+    for (int i = 0; i < 3; ++i) loop.run_once(std::chrono::milliseconds(0));
 
     const bool ok = in_order && fast_got == lines && slow_dropped > 0 &&
                     slow_got + slow_dropped == lines &&
