@@ -145,9 +145,8 @@ ConnectionPtr Connection::adopt(EventLoop& loop, int fd, Callbacks callbacks,
 
 void Connection::start() {
     if (tracking_) last_activity_ = EventLoop::now();
+    ConnectionPtr guard = shared_from_this();
     update_interest();  // throws like EventLoop::watch(); ~Connection closes the fd
-    self_ = shared_from_this();
-    ConnectionPtr guard = self_;
     ++in_handler_;
     if (cb_.on_connect) cb_.on_connect(guard);
     if (--in_handler_ == 0 && notify_pending_) notify_closed();
@@ -166,10 +165,10 @@ void Connection::touch() {
 
 // ---- events -------------------------------------------------------------------------
 
-void Connection::handle(Events events) {
-    // The loop's callback holds only `this`; keep us alive while user callbacks
-    // run, even if one of them closes us.
-    ConnectionPtr guard = shared_from_this();
+void Connection::handle(const ConnectionPtr& guard, Events events) {
+    // `guard` is the reference held by the loop's watcher: it stays alive for
+    // the whole ready batch even if a callback here unwatches or closes us (the
+    // loop frees unwatched watchers only after the batch).
     ++in_handler_;
     if (state_ == State::open && any(events, Events::write) && !queue_.empty()) handle_write(guard);
     if (state_ == State::open && any(events, Events::read | Events::hangup | Events::error)) {
@@ -413,9 +412,14 @@ void Connection::update_interest() {
         // empty interest, so stop watching until there is something to wait for.
         if (watching_) loop_.unwatch(fd_);
         watching_ = false;
+        self_ = shared_from_this();  // open but unwatched: keep ourselves alive
     } else if (!watching_) {
-        loop_.watch(fd_, want, [this](Events events) { handle(events); });
+        // The watcher owns the open connection, so a loop destroyed with
+        // connections still open frees them with its watchers (no cycle).
+        loop_.watch(fd_, want,
+                    [self = shared_from_this()](Events events) { self->handle(self, events); });
         watching_ = true;
+        self_.reset();
     } else {
         loop_.change(fd_, want);
     }
@@ -438,6 +442,8 @@ void Connection::fail(int err) {
 
 void Connection::close_with(CloseReason reason, int err) {
     if (state_ != State::open) return;
+    // Unwatching below may drop the watcher's reference, maybe the last one.
+    ConnectionPtr keep = self_ ? std::move(self_) : shared_from_this();
     state_ = State::closed;
     reason_ = reason;
     err_ = err;
@@ -457,15 +463,13 @@ void Connection::close_with(CloseReason reason, int err) {
         // Called from outside our callbacks (another connection's, a timer, the
         // user's send()): report from the loop, never re-entrantly. If the loop
         // dies first, the task is dropped and with it our last reference.
-        loop_.post([self = std::move(self_)] {
-            if (self) self->notify_closed();
-        });
+        loop_.post([self = std::move(keep)] { self->notify_closed(); });
     }
 }
 
 void Connection::notify_closed() {
     notify_pending_ = false;
-    ConnectionPtr self = self_ ? std::move(self_) : shared_from_this();
+    ConnectionPtr self = shared_from_this();
     input_.clear();
     if (auto on_close = std::move(cb_.on_close)) on_close(self, reason_, err_);
     if (auto hook = std::move(close_hook_)) hook(*this);

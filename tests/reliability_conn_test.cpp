@@ -389,8 +389,7 @@ TEST(ReliabilityConn, FloodDoesNotStarvePingPong) {
         << finished << " of " << kPingers << " finished";
     EXPECT_GT(flood_back, 4 * flood_chunk) << "the flood did not flow";
     flood_on = false;
-    // Close the clients before the loop goes: an open Connection outlives a
-    // destroyed loop (see DISABLED_LoopDestroyedWithOpenConnections).
+    // Close the clients before the loop goes, so their on_close runs.
     if (flood_conn) flood_conn->close();
     for (auto& c : pinger_conns) c->close();
     for (int i = 0; i < 3; ++i) loop.run_once(0ns);
@@ -487,13 +486,9 @@ TEST(ReliabilityConn, LargeTransferOrderCountAndChecksum) {
 
 // Nobody but the loop holds the connections (as with a server's accepted
 // ones after the server object is gone). Destroying the loop must free them
-// and their fds: no leak (and LSan in the ASan build).
-// DISABLED: fails today. An open Connection keeps itself alive (its `self_`
-// reference) until on_close, which a destroyed loop never delivers, so the
-// Connection objects and their fds leak (8 of 8 alive here). Run with
-// --gtest_also_run_disabled_tests. Reported; the fix belongs in Connection
-// (let the loop's watcher own the reference, so ~EventLoop releases it).
-TEST(ReliabilityConn, DISABLED_LoopDestroyedWithOpenConnections) {
+// and their fds: no leak (and LSan in the ASan build). The loop's watcher owns
+// an open connection's reference, so ~EventLoop releases it.
+TEST(ReliabilityConn, LoopDestroyedWithOpenConnections) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     std::vector<std::weak_ptr<Connection>> weak;
     std::vector<Fd> peers;

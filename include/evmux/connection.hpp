@@ -178,7 +178,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
     };
 
     void start();  // watch, then on_connect
-    void handle(Events events);
+    void handle(const ConnectionPtr& guard, Events events);
     // `self` is handle()'s guard, passed down to save reference-count traffic.
     void handle_read(const ConnectionPtr& self, Events events);
     void handle_write(const ConnectionPtr& self);
@@ -215,7 +215,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
     Buffer input_;
     std::uint64_t bytes_in_ = 0, bytes_out_ = 0;
     EventLoop::Clock::time_point last_activity_{};
-    ConnectionPtr self_;                           // the loop's reference while open
+    ConnectionPtr self_;  // keeps an open connection alive while its fd is not watched
     std::function<void(Connection&)> close_hook_;  // owner's bookkeeping, after on_close
 };
 
