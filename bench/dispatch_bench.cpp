@@ -25,6 +25,8 @@
 
 #include "evmux/selector.hpp"
 
+#include "bench_support.hpp"
+
 namespace {
 
 constexpr int writes_per_iteration = 100;  // bench.c's default -w
@@ -42,26 +44,7 @@ long raise_fd_limit() {
     return rl.rlim_cur == RLIM_INFINITY ? 1L << 20 : static_cast<long>(rl.rlim_cur);
 }
 
-/// n non-blocking AF_UNIX socketpairs, closed on destruction. fds[2i] is
-/// pair i's read end (registered), fds[2i+1] its write end.
-struct Pairs {
-    std::vector<int> fds;
-    explicit Pairs(int n) {
-        fds.reserve(2 * static_cast<std::size_t>(n));
-        for (int i = 0; i < n; ++i) {
-            int sv[2];
-            if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0)
-                throw std::system_error(errno, std::generic_category(), "socketpair");
-            fds.push_back(sv[0]);
-            fds.push_back(sv[1]);
-        }
-    }
-    ~Pairs() {
-        for (int fd : fds) ::close(fd);
-    }
-    Pairs(const Pairs&) = delete;
-    Pairs& operator=(const Pairs&) = delete;
-};
+using evmux::bench::Pairs;
 
 /// One benchmark: `backend` with `n` pairs, `active` of them primed.
 void dispatch(benchmark::State& state, const std::string& backend, int n, int active,

@@ -24,28 +24,13 @@
 #include "evmux/event_loop.hpp"
 #include "evmux/selector.hpp"
 
+#include "bench_support.hpp"
+
 namespace {
 
 using namespace std::chrono_literals;
 
-/// n non-blocking AF_UNIX socketpairs, closed on destruction.
-struct Pairs {
-    std::vector<int> fds;  // [2i] and [2i+1] are the two ends of pair i
-    explicit Pairs(int n) {
-        for (int i = 0; i < n; ++i) {
-            int sv[2];
-            if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0)
-                throw std::system_error(errno, std::generic_category(), "socketpair");
-            fds.push_back(sv[0]);
-            fds.push_back(sv[1]);
-        }
-    }
-    ~Pairs() {
-        for (int fd : fds) ::close(fd);
-    }
-    Pairs(const Pairs&) = delete;
-    Pairs& operator=(const Pairs&) = delete;
-};
+using evmux::bench::Pairs;
 
 /// Registers the first end of each of `others` pairs for read, so that the
 /// measured operation happens in a populated selector.
