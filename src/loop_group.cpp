@@ -3,70 +3,21 @@
 // round-robin.
 #include "evmux/loop_group.hpp"
 
-#include <fcntl.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <future>
+#include <optional>
 #include <stdexcept>
 #include <system_error>
 #include <unordered_map>
 #include <utility>
 
+#include "listener.hpp"
+
 namespace evmux {
 
 namespace {
-
-[[noreturn]] void throw_errno(int err, const std::string& what) {
-    throw std::system_error(err, std::generic_category(), what);
-}
-
-int open_spare() {
-    return ::open("/dev/null", O_RDONLY | O_CLOEXEC);
-}
-
-// A Unix socket file left by a dead server would make bind() fail although
-// nobody listens; remove it only if a connect is refused (never steal a live one).
-void remove_stale_unix_socket(const Address& address) {
-    struct stat st {};
-    const std::string path = address.path();
-    if (path.empty() || ::lstat(path.c_str(), &st) != 0 || !S_ISSOCK(st.st_mode)) return;
-    int probe = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    if (probe < 0) return;
-    int r = ::connect(probe, static_cast<const sockaddr*>(address.sockaddr_ptr()),
-                      address.sockaddr_len());
-    int err = errno;
-    ::close(probe);
-    if (r < 0 && err == ECONNREFUSED) ::unlink(path.c_str());
-}
-
-// A bound, listening, non-blocking socket; throws naming the failing call.
-int open_listener(const Address& address, bool reuse_port, int backlog) {
-    int fd = ::socket(address.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) throw_errno(errno, "socket " + address.to_string());
-    try {
-        if (address.is_unix()) {
-            remove_stale_unix_socket(address);
-        } else {
-            int one = 1;
-            if (::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0)
-                throw_errno(errno, "setsockopt(SO_REUSEADDR)");
-            if (reuse_port && ::setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) < 0)
-                throw_errno(errno, "setsockopt(SO_REUSEPORT)");
-        }
-        if (::bind(fd, static_cast<const sockaddr*>(address.sockaddr_ptr()),
-                   address.sockaddr_len()) < 0)
-            throw_errno(errno, "bind " + address.to_string());
-        if (::listen(fd, backlog) < 0) throw_errno(errno, "listen " + address.to_string());
-    } catch (...) {
-        ::close(fd);
-        throw;
-    }
-    return fd;
-}
 
 // An accepted fd travelling to another loop inside a posted task: closed if
 // the task is destroyed unrun (the target loop stopped first).
@@ -102,11 +53,9 @@ struct GroupServer::Shard {
     GroupServer& server;
     EventLoop& loop;
     std::size_t index;
-    int listen_fd = -1;  // reuse_port: every shard; round_robin: shard 0 only
-    int spare_fd = -1;   // given up to shed one connection on EMFILE
-    bool accepting = false;
+    ServerStats accept_counters;               // the acceptor's; nobody reads them yet
+    std::optional<detail::Acceptor> acceptor;  // reuse_port: every shard; round_robin: shard 0
     bool stopping = false;
-    EventLoop::TimerId resume_timer = 0;
     std::size_t turn = 0;  // round_robin acceptor: the next loop to receive an fd
     Callbacks callbacks;   // the user's, wrapped to track our connections
     GroupServerOptions options;
@@ -131,65 +80,15 @@ struct GroupServer::Shard {
         };
     }
 
-    ~Shard() {
-        if (listen_fd >= 0) ::close(listen_fd);
-        if (spare_fd >= 0) ::close(spare_fd);
+    // Opens the listener; accepting starts with start() on the loop.
+    void listen_on(const Address& address, bool reuse_port) {
+        acceptor.emplace(loop, address, reuse_port, options.backlog, options.accept_budget,
+                         options.accept_pause, accept_counters,
+                         [this](int accepted) { dispatch(accepted); });
     }
 
     void start() {
-        if (listen_fd < 0 || stopping) return;
-        spare_fd = open_spare();
-        watch_listener();
-    }
-
-    void watch_listener() {
-        loop.watch(listen_fd, Events::read, [this](Events) { on_acceptable(); });
-        accepting = true;
-    }
-
-    void on_acceptable() {
-        for (std::size_t i = 0; i < std::max<std::size_t>(options.accept_budget, 1); ++i) {
-            int fd = ::accept4(listen_fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-            if (fd >= 0) {
-                dispatch(fd);
-                continue;
-            }
-            const int err = errno;
-            if (err == EAGAIN || err == EWOULDBLOCK) return;
-            if (err == EINTR) continue;
-            if (err == EMFILE || err == ENFILE) {
-                // The pending connection stays in the backlog and a
-                // level-triggered listener would wake us forever: give up the
-                // spare fd, take the connection and close it (the peer sees
-                // EOF), reserve the spare again (muduo's Acceptor trick).
-                if (spare_fd >= 0) {
-                    ::close(spare_fd);
-                    int shed = ::accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC);
-                    if (shed >= 0) ::close(shed);
-                    spare_fd = open_spare();
-                    if (spare_fd >= 0 && shed >= 0) continue;
-                }
-                pause_accepting();
-                return;
-            }
-            if (err == ENOBUFS || err == ENOMEM) {
-                pause_accepting();
-                return;
-            }
-            // ECONNABORTED, EPROTO, EPERM...: only that one connection failed.
-        }
-    }
-
-    void pause_accepting() {
-        if (!accepting) return;
-        loop.unwatch(listen_fd);
-        accepting = false;
-        resume_timer = loop.call_after(options.accept_pause, [this] {
-            resume_timer = 0;
-            if (stopping) return;
-            if (spare_fd < 0) spare_fd = open_spare();
-            watch_listener();
-        });
+        if (acceptor && !stopping) acceptor->start();
     }
 
     // Where an accepted fd goes: here, or (round_robin) the next loop in turn.
@@ -227,12 +126,7 @@ struct GroupServer::Shard {
     // Stop accepting and close every connection gracefully.
     void begin_stop() {
         stopping = true;
-        if (resume_timer != 0) loop.cancel(resume_timer);
-        resume_timer = 0;
-        if (accepting) loop.unwatch(listen_fd);
-        accepting = false;
-        if (listen_fd >= 0) ::close(listen_fd);
-        listen_fd = -1;
+        if (acceptor) acceptor->stop();
         std::vector<ConnectionPtr> all;
         all.reserve(conns.size());
         for (auto& [raw, c] : conns) all.push_back(c);
@@ -262,19 +156,14 @@ GroupServer::GroupServer(LoopGroup& group, const Address& address, Callbacks cal
     const bool reuse = distribution_ == Distribution::reuse_port;
     // Bind the first listener alone: with port 0 it picks the port, which the
     // other SO_REUSEPORT listeners then join.
-    shards_[0]->listen_fd = open_listener(address, reuse, options.backlog);
-    if (address.is_unix()) unix_path_ = address.path();
-    local_ = Address::local_of(shards_[0]->listen_fd);
+    shards_[0]->listen_on(address, reuse);
+    local_ = Address::local_of(shards_[0]->acceptor->fd());
     if (reuse) {
-        for (std::size_t i = 1; i < n; ++i)
-            shards_[i]->listen_fd = open_listener(local_, true, options.backlog);
+        for (std::size_t i = 1; i < n; ++i) shards_[i]->listen_on(local_, true);
     }
 }
 
-GroupServer::~GroupServer() {
-    shards_.clear();  // closes the listeners
-    if (!unix_path_.empty()) ::unlink(unix_path_.c_str());
-}
+GroupServer::~GroupServer() = default;  // the acceptors close and unlink
 
 std::vector<std::uint64_t> GroupServer::connections_per_loop() const {
     std::vector<std::uint64_t> out;

@@ -2,10 +2,7 @@
 // connect() (non-blocking connect with timeout and cancel).
 #include "evmux/server.hpp"
 
-#include <fcntl.h>
-#include <netinet/in.h>
 #include <sys/socket.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -14,85 +11,31 @@
 #include <system_error>
 #include <vector>
 
+#include "listener.hpp"
+
 namespace evmux {
-
-namespace {
-
-[[noreturn]] void throw_errno(int err, const std::string& what) {
-    throw std::system_error(err, std::generic_category(), what);
-}
-
-int open_spare() {
-    return ::open("/dev/null", O_RDONLY | O_CLOEXEC);
-}
-
-// A Unix socket file left by a server that died: bind() would fail with
-// EADDRINUSE although nobody listens. Remove it only if a connect is refused,
-// so a live server's socket is never stolen.
-void remove_stale_unix_socket(const Address& address) {
-    struct stat st {};
-    std::string path = address.path();
-    if (path.empty() || ::lstat(path.c_str(), &st) != 0 || !S_ISSOCK(st.st_mode)) return;
-    int probe = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    if (probe < 0) return;
-    int r = ::connect(probe, static_cast<const sockaddr*>(address.sockaddr_ptr()),
-                      address.sockaddr_len());
-    int err = errno;
-    ::close(probe);
-    if (r < 0 && err == ECONNREFUSED) ::unlink(path.c_str());
-}
-
-}  // namespace
 
 // ---- TcpServer --------------------------------------------------------------------
 
 TcpServer::TcpServer(EventLoop& loop, const Address& address, Callbacks callbacks,
                      ServerOptions options)
     : loop_(loop), cb_(std::move(callbacks)), opt_(options) {
-    const int family = address.family();
-    if (family == 0) throw std::invalid_argument("TcpServer: address has no family");
-    listen_fd_ = ::socket(family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (listen_fd_ < 0) throw_errno(errno, "socket " + address.to_string());
-    try {
-        if (address.is_unix()) {
-            remove_stale_unix_socket(address);
-        } else {
-            int one = 1;
-            if (::setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0)
-                throw_errno(errno, "setsockopt(SO_REUSEADDR)");
-            if (opt_.reuse_port &&
-                ::setsockopt(listen_fd_, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) < 0)
-                throw_errno(errno, "setsockopt(SO_REUSEPORT)");
-        }
-        if (::bind(listen_fd_, static_cast<const sockaddr*>(address.sockaddr_ptr()),
-                   address.sockaddr_len()) < 0)
-            throw_errno(errno, "bind " + address.to_string());
-        if (address.is_unix()) unix_path_ = address.path();
-        if (::listen(listen_fd_, opt_.backlog) < 0)
-            throw_errno(errno, "listen " + address.to_string());
-        local_ = Address::local_of(listen_fd_);
-        spare_fd_ = open_spare();
-        loop_.watch(listen_fd_, Events::read, [this](Events) { on_acceptable(); });
-        accepting_ = true;
-        if (opt_.idle_timeout.count() > 0) {
-            auto period = std::max(opt_.idle_timeout / 4, std::chrono::milliseconds(1));
-            sweep_timer_ = loop_.call_every(period, [this] { sweep_idle(); });
-        }
-    } catch (...) {
-        if (spare_fd_ >= 0) ::close(spare_fd_);
-        ::close(listen_fd_);
-        if (!unix_path_.empty()) ::unlink(unix_path_.c_str());
-        throw;
+    if (address.family() == 0) throw std::invalid_argument("TcpServer: address has no family");
+    acceptor_ = std::make_unique<detail::Acceptor>(loop_, address, opt_.reuse_port, opt_.backlog,
+                                                   opt_.accept_budget, opt_.accept_pause, closed_,
+                                                   [this](int fd) { accept_one(fd); });
+    // On a throw from here on, acceptor_'s destructor closes and unlinks.
+    local_ = Address::local_of(acceptor_->fd());
+    acceptor_->start();
+    if (opt_.idle_timeout.count() > 0) {
+        auto period = std::max(opt_.idle_timeout / 4, std::chrono::milliseconds(1));
+        sweep_timer_ = loop_.call_every(period, [this] { sweep_idle(); });
     }
 }
 
 TcpServer::~TcpServer() {
     if (sweep_timer_ != 0) loop_.cancel(sweep_timer_);
-    if (resume_timer_ != 0) loop_.cancel(resume_timer_);
-    if (accepting_) loop_.unwatch(listen_fd_);
-    ::close(listen_fd_);
-    if (spare_fd_ >= 0) ::close(spare_fd_);
-    if (!unix_path_.empty()) ::unlink(unix_path_.c_str());
+    acceptor_.reset();  // stops accepting, closes the listener, unlinks a Unix path
     auto conns = std::move(conns_);
     for (auto& [raw, conn] : conns) {
         conn->close_hook_ = nullptr;  // we are gone by the time on_close runs
@@ -115,49 +58,6 @@ void TcpServer::close_all(CloseMode mode) {
     all.reserve(conns_.size());
     for (auto& [raw, conn] : conns_) all.push_back(conn);
     for (auto& conn : all) conn->close(mode);
-}
-
-void TcpServer::on_acceptable() {
-    for (std::size_t i = 0; i < std::max<std::size_t>(opt_.accept_budget, 1); ++i) {
-        ++closed_.accept_calls;
-        int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd >= 0) {
-            accept_one(fd);
-            continue;
-        }
-        const int err = errno;
-        if (err == EAGAIN || err == EWOULDBLOCK) return;
-        if (err == EINTR) continue;
-        ++closed_.accept_errors;
-        if (err == EMFILE || err == ENFILE) {
-            // Out of fds: the pending connection stays in the backlog and a
-            // level-triggered listener would wake us forever. Give up the
-            // spare fd, take the connection and close it (the peer sees EOF
-            // rather than hanging), then reserve the spare again (muduo's trick).
-            if (spare_fd_ >= 0) {
-                ::close(spare_fd_);
-                ++closed_.accept_calls;
-                int shed = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-                const int shed_err = errno;
-                if (shed >= 0) {
-                    ::close(shed);
-                    ++closed_.rejected;
-                }
-                spare_fd_ = open_spare();
-                if (spare_fd_ >= 0) {
-                    if (shed >= 0) continue;
-                    if (shed_err == EAGAIN || shed_err == EWOULDBLOCK) return;  // backlog empty
-                }
-            }
-            pause_accepting();  // still failing: wait for fds to free up
-            return;
-        }
-        if (err == ENOBUFS || err == ENOMEM) {
-            pause_accepting();
-            return;
-        }
-        // ECONNABORTED, EPROTO, EPERM (firewall)...: that one connection failed.
-    }
 }
 
 void TcpServer::accept_one(int fd) {
@@ -192,18 +92,6 @@ void TcpServer::forget(Connection& conn) {
     closed_.bytes_in += conn.bytes_in();
     closed_.bytes_out += conn.bytes_out();
     conns_.erase(&conn);
-}
-
-void TcpServer::pause_accepting() {
-    if (!accepting_) return;
-    loop_.unwatch(listen_fd_);
-    accepting_ = false;
-    resume_timer_ = loop_.call_after(opt_.accept_pause, [this] {
-        resume_timer_ = 0;
-        if (spare_fd_ < 0) spare_fd_ = open_spare();
-        loop_.watch(listen_fd_, Events::read, [this](Events) { on_acceptable(); });
-        accepting_ = true;
-    });
 }
 
 void TcpServer::sweep_idle() {

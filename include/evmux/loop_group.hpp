@@ -84,7 +84,6 @@ class GroupServer {
     LoopGroup& group_;
     Distribution distribution_;
     Address local_;
-    std::string unix_path_;  // unlinked on destruction
     std::vector<std::unique_ptr<Shard>> shards_;
 };
 

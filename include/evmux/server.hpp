@@ -17,6 +17,10 @@
 
 namespace evmux {
 
+namespace detail {
+class Acceptor;  // src/listener.hpp, not installed
+}
+
 /// How a TcpServer listens and what it allows.
 struct ServerOptions {
     /// listen() backlog.
@@ -81,21 +85,15 @@ class TcpServer {
     EventLoop& loop() const { return loop_; }
 
   private:
-    void on_acceptable();
     void accept_one(int fd);
-    void pause_accepting();
     void sweep_idle();
     void forget(Connection& conn);
 
     EventLoop& loop_;
     Callbacks cb_;
     ServerOptions opt_;
-    int listen_fd_ = -1;
-    int spare_fd_ = -1;  // reserved fd, given up to shed a connection on EMFILE
+    std::unique_ptr<detail::Acceptor> acceptor_;  // the listener and its accept loop
     Address local_;
-    std::string unix_path_;  // unlinked on destruction
-    bool accepting_ = false;
-    EventLoop::TimerId resume_timer_ = 0;
     EventLoop::TimerId sweep_timer_ = 0;
     std::unordered_map<Connection*, ConnectionPtr> conns_;
     ServerStats closed_;  // bytes of connections already closed, and the counters

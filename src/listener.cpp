@@ -1,0 +1,157 @@
+// The listening socket and accept loop shared by TcpServer and GroupServer.
+#include "listener.hpp"
+
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <string>
+#include <system_error>
+#include <utility>
+
+namespace evmux::detail {
+
+namespace {
+
+[[noreturn]] void throw_errno(int err, const std::string& what) {
+    throw std::system_error(err, std::generic_category(), what);
+}
+
+int open_spare() {
+    return ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+}
+
+// A Unix socket file left by a server that died: bind() would fail with
+// EADDRINUSE although nobody listens. Remove it only if a connect is refused,
+// so a live server's socket is never stolen.
+void remove_stale_unix_socket(const Address& address) {
+    struct stat st {};
+    const std::string path = address.path();
+    if (path.empty() || ::lstat(path.c_str(), &st) != 0 || !S_ISSOCK(st.st_mode)) return;
+    int probe = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    if (probe < 0) return;
+    int r = ::connect(probe, static_cast<const sockaddr*>(address.sockaddr_ptr()),
+                      address.sockaddr_len());
+    int err = errno;
+    ::close(probe);
+    if (r < 0 && err == ECONNREFUSED) ::unlink(path.c_str());
+}
+
+// A bound, listening, non-blocking socket (see Acceptor's constructor).
+int open_listener(const Address& address, bool reuse_port, int backlog) {
+    int fd = ::socket(address.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0) throw_errno(errno, "socket " + address.to_string());
+    bool bound = false;
+    try {
+        if (address.is_unix()) {
+            remove_stale_unix_socket(address);
+        } else {
+            int one = 1;
+            if (::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0)
+                throw_errno(errno, "setsockopt(SO_REUSEADDR)");
+            if (reuse_port && ::setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one) < 0)
+                throw_errno(errno, "setsockopt(SO_REUSEPORT)");
+        }
+        if (::bind(fd, static_cast<const sockaddr*>(address.sockaddr_ptr()),
+                   address.sockaddr_len()) < 0)
+            throw_errno(errno, "bind " + address.to_string());
+        bound = true;
+        if (::listen(fd, backlog) < 0) throw_errno(errno, "listen " + address.to_string());
+    } catch (...) {
+        ::close(fd);
+        // The file bind() made would block the next bind of this path.
+        if (bound && address.is_unix()) ::unlink(address.path().c_str());
+        throw;
+    }
+    return fd;
+}
+
+}  // namespace
+
+Acceptor::Acceptor(EventLoop& loop, const Address& address, bool reuse_port, int backlog,
+                   std::size_t budget, std::chrono::milliseconds pause, ServerStats& counters,
+                   std::function<void(int fd)> on_accept)
+    : loop_(loop),
+      listen_fd_(open_listener(address, reuse_port, backlog)),
+      unix_path_(address.is_unix() ? address.path() : std::string()),
+      budget_(std::max<std::size_t>(budget, 1)),
+      pause_(pause),
+      counters_(counters),
+      on_accept_(std::move(on_accept)) {}
+
+Acceptor::~Acceptor() {
+    stop();
+    if (spare_fd_ >= 0) ::close(spare_fd_);
+    if (!unix_path_.empty()) ::unlink(unix_path_.c_str());
+}
+
+void Acceptor::start() {
+    if (listen_fd_ < 0) return;
+    if (spare_fd_ < 0) spare_fd_ = open_spare();
+    loop_.watch(listen_fd_, Events::read, [this](Events) { on_acceptable(); });
+    accepting_ = true;
+}
+
+void Acceptor::stop() {
+    if (resume_timer_ != 0) loop_.cancel(std::exchange(resume_timer_, 0));
+    if (std::exchange(accepting_, false)) loop_.unwatch(listen_fd_);
+    if (listen_fd_ >= 0) ::close(std::exchange(listen_fd_, -1));
+}
+
+void Acceptor::on_acceptable() {
+    for (std::size_t i = 0; i < budget_; ++i) {
+        ++counters_.accept_calls;
+        int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd >= 0) {
+            on_accept_(fd);
+            continue;
+        }
+        const int err = errno;
+        if (err == EAGAIN || err == EWOULDBLOCK) return;
+        if (err == EINTR) continue;
+        ++counters_.accept_errors;
+        if (err == EMFILE || err == ENFILE) {
+            // Out of fds: the pending connection stays in the backlog and a
+            // level-triggered listener would wake us forever. Give up the
+            // spare fd, take the connection and close it (the peer sees EOF
+            // rather than hanging), then reserve the spare again.
+            if (spare_fd_ >= 0) {
+                ::close(spare_fd_);
+                ++counters_.accept_calls;
+                int shed = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+                const int shed_err = errno;
+                if (shed >= 0) {
+                    ::close(shed);
+                    ++counters_.rejected;
+                }
+                spare_fd_ = open_spare();
+                if (spare_fd_ >= 0) {
+                    if (shed >= 0) continue;
+                    if (shed_err == EAGAIN || shed_err == EWOULDBLOCK) return;  // backlog empty
+                }
+            }
+            pause_accepting();  // still failing: wait for fds to free up
+            return;
+        }
+        if (err == ENOBUFS || err == ENOMEM) {
+            pause_accepting();
+            return;
+        }
+        // ECONNABORTED, EPROTO, EPERM (firewall)...: that one connection failed.
+    }
+}
+
+void Acceptor::pause_accepting() {
+    if (!accepting_) return;
+    loop_.unwatch(listen_fd_);
+    accepting_ = false;
+    resume_timer_ = loop_.call_after(pause_, [this] {
+        resume_timer_ = 0;
+        start();  // and reserve the spare again if that failed
+    });
+}
+
+}  // namespace evmux::detail

@@ -1,0 +1,65 @@
+// Internal (not installed): the listener and accept loop of TcpServer and GroupServer.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <functional>
+#include <string>
+
+#include "evmux/server.hpp"
+
+namespace evmux::detail {
+
+/// A listening socket and its accept loop on one loop: at most `budget` accept4()
+/// calls per wake-up, handing each fd to the callback (which owns it). On
+/// EMFILE/ENFILE it gives up a reserved spare fd to take and close one
+/// pending connection (the peer sees EOF, not a hang: muduo's trick); when
+/// that cannot help, or on ENOBUFS/ENOMEM, it stops watching for `pause`
+/// rather than spin. Owns the listening fd, the spare fd and a Unix socket
+/// file (unlinked on destruction). Thread rule:
+/// loop thread only; built and destroyed while not watching (before start(),
+/// after stop()) on any thread. Non-copyable, non-movable.
+class Acceptor {
+  public:
+    /// Opens a bound, listening, non-blocking socket for `address`. TCP:
+    /// SO_REUSEADDR, and SO_REUSEPORT if `reuse_port`. Unix: a socket file
+    /// left by a dead server (a connect is refused) is removed first, and the
+    /// file bound here is unlinked if listen() fails. Counts accept_calls,
+    /// accept_errors and rejected (shed) into `counters`, which must outlive
+    /// it. Watches nothing yet. Throws std::system_error naming the call
+    /// ("bind 127.0.0.1:5555: Address already in use").
+    Acceptor(EventLoop& loop, const Address& address, bool reuse_port, int backlog,
+             std::size_t budget, std::chrono::milliseconds pause, ServerStats& counters,
+             std::function<void(int fd)> on_accept);
+    /// stop(), then closes the spare fd and unlinks the Unix socket file.
+    ~Acceptor();
+    Acceptor(const Acceptor&) = delete;
+    Acceptor& operator=(const Acceptor&) = delete;
+
+    /// Reserves the spare fd (unless held) and watches the listener; a no-op
+    /// after stop().
+    /// Throws what EventLoop::watch throws.
+    void start();
+    /// Cancels a pending resume, stops watching, closes the listening fd (the
+    /// spare stays until destruction). Idempotent.
+    void stop();
+    /// The listening fd (-1 after stop()).
+    int fd() const { return listen_fd_; }
+
+  private:
+    void on_acceptable();
+    void pause_accepting();
+
+    EventLoop& loop_;
+    int listen_fd_;
+    int spare_fd_ = -1;
+    std::string unix_path_;
+    std::size_t budget_;
+    std::chrono::milliseconds pause_;
+    ServerStats& counters_;
+    std::function<void(int fd)> on_accept_;
+    bool accepting_ = false;
+    EventLoop::TimerId resume_timer_ = 0;
+};
+
+}  // namespace evmux::detail
