@@ -246,6 +246,11 @@ TEST(ReliabilityConn, CloseSelfWithWritePending) {
     opt.connection.max_buffered = 64u << 20;
     auto p = one_pair(loop, cb, opt);
     ASSERT_TRUE(p.conn);
+    // Fixed, small socket buffers: with loopback autotuning (up to 4 MiB send
+    // + 6 MiB receive) the kernel could take all of `big` and the queue drain.
+    const int small = 64 << 10;
+    ASSERT_EQ(::setsockopt(p.conn->fd(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small), 0);
+    ASSERT_EQ(::setsockopt(p.client.get(), SOL_SOCKET, SO_RCVBUF, &small, sizeof small), 0);
     ASSERT_EQ(::send(p.client.get(), "a", 1, MSG_NOSIGNAL), 1);
     ASSERT_TRUE(pump(loop, [&] { return rec.messages == 1; }));
     ASSERT_GT(p.conn->queued_bytes(), 0u) << "the queue must be non-empty for this test";
@@ -307,6 +312,11 @@ TEST(ReliabilityConn, CloseSelfWithErrorPending) {
     opt.connection.max_buffered = 64u << 20;
     auto p = one_pair(loop, cb, opt);
     ASSERT_TRUE(p.conn);
+    // Fixed, small socket buffers: with loopback autotuning (up to 4 MiB send
+    // + 6 MiB receive) the kernel could take all of `big` and the queue drain.
+    const int small = 64 << 10;
+    ASSERT_EQ(::setsockopt(p.conn->fd(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small), 0);
+    ASSERT_EQ(::setsockopt(p.client.get(), SOL_SOCKET, SO_RCVBUF, &small, sizeof small), 0);
     ASSERT_EQ(::send(p.client.get(), "a", 1, MSG_NOSIGNAL), 1);
     ASSERT_TRUE(pump(loop, [&] { return rec.messages == 1; }));
     ASSERT_GT(p.conn->queued_bytes(), 0u);
