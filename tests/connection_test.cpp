@@ -33,19 +33,9 @@ namespace {
 
 using namespace std::chrono_literals;
 using test::Fd;
+using test::run_until;
 
 // ---- helpers ------------------------------------------------------------------
-
-/// Run `loop` until `done()` or `limit` passes; true if done.
-template <class Pred>
-bool pump(EventLoop& loop, Pred done, std::chrono::milliseconds limit = 5000ms) {
-    auto deadline = std::chrono::steady_clock::now() + limit;
-    while (!done()) {
-        if (std::chrono::steady_clock::now() >= deadline) return false;
-        loop.run_once(10ms);
-    }
-    return true;
-}
 
 /// Run `loop` for `span`, whatever happens.
 void pump_for(EventLoop& loop, std::chrono::milliseconds span) {
@@ -253,7 +243,7 @@ TEST(Connection, DataAndFinInOneWakeupArriveInOrder) {
     // Data and FIN are both in the kernel before the loop looks.
     ASSERT_TRUE(send_all(client.get(), "abc"));
     ASSERT_EQ(::shutdown(client.get(), SHUT_WR), 0);
-    ASSERT_TRUE(pump(loop, [&] { return rec.closes > 0; }));
+    ASSERT_TRUE(run_until(loop, [&] { return rec.closes > 0; }));
     EXPECT_EQ(rec.order, "M3,S,Cpeer_closed");
     EXPECT_EQ(rec.closes, 1);
     set_timeouts(client.get(), 5000ms);
@@ -285,7 +275,7 @@ TEST(Connection, DefaultPeerShutdownFinishesQueueThenCloses) {
         set_timeouts(fd, 10000ms);
         got = recv_to_eof(fd, &eof);
     });
-    bool closed = pump(
+    bool closed = run_until(
         loop, [&] { return rec.closes > 0; }, 10000ms);
     reader.join();
     ASSERT_TRUE(closed);
@@ -309,7 +299,7 @@ TEST(Connection, FramingKeepsUnconsumedInput) {
     for (std::size_t at = 0; at < stream.size(); at += 7) {
         ASSERT_TRUE(send_all(client.get(), stream.substr(at, 7)));
         std::size_t before = conn->bytes_in();
-        ASSERT_TRUE(pump(loop, [&] { return conn->bytes_in() > before; }));
+        ASSERT_TRUE(run_until(loop, [&] { return conn->bytes_in() > before; }));
     }
     ASSERT_EQ(frames.size(), 9u);
     for (std::size_t i = 0; i < frames.size(); ++i) EXPECT_EQ(frames[i], stream.substr(i * 10, 10));
@@ -324,11 +314,11 @@ TEST(Connection, IdleConnectionHoldsNoInput) {
     Recorder rec;
     ConnectionPtr conn = Connection::adopt(loop, server.release(), rec.callbacks(true));
     ASSERT_TRUE(send_all(client.get(), pattern(50000)));
-    ASSERT_TRUE(pump(loop, [&] { return rec.received.size() == 50000; }));
+    ASSERT_TRUE(run_until(loop, [&] { return rec.received.size() == 50000; }));
     EXPECT_EQ(conn->input_bytes(), 0u);
     EXPECT_EQ(conn->queued_bytes(), 0u);
     conn->close();
-    ASSERT_TRUE(pump(loop, [&] { return rec.closes == 1; }));
+    ASSERT_TRUE(run_until(loop, [&] { return rec.closes == 1; }));
     EXPECT_EQ(rec.reason, CloseReason::local);
 }
 
@@ -348,7 +338,7 @@ TEST(Connection, PeerResetWithQueuedDataIsAReasonNotASignal) {
     linger lg{1, 0};  // close with RST
     ::setsockopt(client.get(), SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
     client.reset();
-    ASSERT_TRUE(pump(loop, [&] { return rec.closes > 0; }));
+    ASSERT_TRUE(run_until(loop, [&] { return rec.closes > 0; }));
     EXPECT_EQ(rec.reason, CloseReason::reset);
     EXPECT_TRUE(rec.err == ECONNRESET || rec.err == EPIPE) << std::strerror(rec.err);
     EXPECT_FALSE(conn->is_open());
@@ -376,7 +366,7 @@ TEST(Connection, SendToResetPeerReportsOnceFromTheLoop) {
     }
     EXPECT_FALSE(conn->is_open());
     EXPECT_EQ(rec.closes, 0) << "on_close must not run inside send()";
-    ASSERT_TRUE(pump(loop, [&] { return rec.closes > 0; }));
+    ASSERT_TRUE(run_until(loop, [&] { return rec.closes > 0; }));
     EXPECT_EQ(rec.reason, CloseReason::reset);
     pump_for(loop, 20ms);
     EXPECT_EQ(rec.closes, 1);
@@ -398,7 +388,7 @@ TEST(Connection, OverflowClosesAtTheCap) {
         EXPECT_LE(conn->queued_bytes(), opt.max_buffered);
     }
     EXPECT_FALSE(conn->is_open());
-    ASSERT_TRUE(pump(loop, [&] { return rec.closes > 0; }));
+    ASSERT_TRUE(run_until(loop, [&] { return rec.closes > 0; }));
     EXPECT_EQ(rec.reason, CloseReason::overflow);
     EXPECT_EQ(rec.high_water, 1);
 }
@@ -422,7 +412,7 @@ TEST(Connection, GracefulCloseSendsTheQueueFirst) {
         set_timeouts(fd, 10000ms);
         got = recv_to_eof(fd, &eof);
     });
-    bool closed = pump(
+    bool closed = run_until(
         loop, [&] { return rec.closes > 0; }, 10000ms);
     reader.join();
     ASSERT_TRUE(closed);
@@ -670,7 +660,7 @@ TEST(TcpServer, EmfileOnAcceptDoesNotSpinAndRecovers) {
     ::connect(fresh.get(), static_cast<const sockaddr*>(addr.sockaddr_ptr()), addr.sockaddr_len());
     std::string got;
     bool sent = false;
-    ASSERT_TRUE(pump(loop, [&] {
+    ASSERT_TRUE(run_until(loop, [&] {
         if (!sent) sent = ::send(fresh.get(), "ok", 2, MSG_NOSIGNAL) == 2;
         char b[8];
         ssize_t r = ::recv(fresh.get(), b, sizeof b, 0);
@@ -827,7 +817,7 @@ TEST(Connect, ToServerOnTheSameLoopTcpAndUnix) {
         ConnectResult r;
         auto handle = connect(loop, server.local_address(), r.callbacks("hello"), timeout(5s));
         EXPECT_EQ(r.connects + r.errors, 0) << "no callback inside connect()";
-        ASSERT_TRUE(pump(loop, [&] { return r.echoed == "hello" || r.errors > 0; }))
+        ASSERT_TRUE(run_until(loop, [&] { return r.echoed == "hello" || r.errors > 0; }))
             << where.to_string();
         EXPECT_EQ(r.errors, 0) << r.message;
         EXPECT_FALSE(handle->connecting());
@@ -848,7 +838,7 @@ TEST(Connect, RefusedIsAClearError) {
     a = Address::local_of(holder.get());
     ConnectResult r;
     connect(loop, a, r.callbacks());
-    ASSERT_TRUE(pump(loop, [&] { return r.errors > 0 || r.connects > 0; }));
+    ASSERT_TRUE(run_until(loop, [&] { return r.errors > 0 || r.connects > 0; }));
     EXPECT_EQ(r.connects, 0);
     EXPECT_EQ(r.ec.value(), ECONNREFUSED);
     EXPECT_EQ(r.message, "connect " + a.to_string() + ": Connection refused");
@@ -885,7 +875,7 @@ TEST(Connect, TimesOut) {
     auto start = std::chrono::steady_clock::now();
     auto handle = connect(loop, full.address, r.callbacks(), timeout(200ms));
     EXPECT_TRUE(handle->connecting());
-    ASSERT_TRUE(pump(loop, [&] { return r.errors > 0 || r.connects > 0; }));
+    ASSERT_TRUE(run_until(loop, [&] { return r.errors > 0 || r.connects > 0; }));
     EXPECT_GE(std::chrono::steady_clock::now() - start, 200ms);
     EXPECT_EQ(r.connects, 0);
     EXPECT_EQ(r.ec.value(), ETIMEDOUT);

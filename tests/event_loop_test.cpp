@@ -32,10 +32,6 @@ const bool sigusr1_blocked = [] {
     return ::pthread_sigmask(SIG_BLOCK, &set, nullptr) == 0;
 }();
 
-#define EVMUX_LOOP_OR_SKIP(var)        \
-    EVMUX_SELECTOR_OR_SKIP(var##_sel); \
-    EventLoop var(std::move(var##_sel))
-
 // A selector that forwards to another one and records the size of each ready
 // batch, so a test can check that the events it built really arrived in one
 // batch (a test of same-batch behaviour must not pass by never building one).
@@ -61,17 +57,6 @@ class RecordingSelector : public Selector {
   private:
     std::unique_ptr<Selector> inner_;
 };
-
-// Runs the loop until `done()` or `limit` passes; false on time-out.
-template <class F>
-bool run_until(EventLoop& loop, F done, std::chrono::milliseconds limit = 3s) {
-    const auto end = Clock::now() + limit;
-    while (!done()) {
-        if (Clock::now() >= end) return false;
-        loop.run_once(10ms);
-    }
-    return true;
-}
 
 }  // namespace
 

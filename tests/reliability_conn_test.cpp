@@ -46,21 +46,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-#define EVMUX_LOOP_OR_SKIP(var)                                         \
-    EVMUX_SELECTOR_OR_SKIP(var##_sel);                                  \
-    auto var##_ptr = std::make_unique<EventLoop>(std::move(var##_sel)); \
-    EventLoop& var = *var##_ptr
-
-template <class F>
-bool pump(EventLoop& loop, F done, std::chrono::milliseconds limit = 10s) {
-    const auto end = Clock::now() + limit;
-    while (!done()) {
-        if (Clock::now() >= end) return false;
-        loop.run_once(5ms);
-    }
-    return true;
-}
-
 // A blocking client socket connected to `a`, 10 s timeouts so a broken server
 // fails the test instead of hanging it.
 Fd dial(const Address& a) {
@@ -159,14 +144,14 @@ TEST(ReliabilityConn, FdChurnUnderLowLimit) {
             ++done;
         }
     });
-    const bool finished = pump(
+    const bool finished = run_until(
         loop, [&] { return done + failures >= kConnections || failures >= 10; }, 120s);
     client.join();
     EXPECT_TRUE(finished);
     EXPECT_EQ(failures.load(), 0);
     EXPECT_EQ(done.load(), kConnections);
     // Every server-side connection goes away once its client has closed.
-    EXPECT_TRUE(pump(
+    EXPECT_TRUE(run_until(
         loop, [&] { return server.stats().connections_now == 0; }, 10s))
         << server.stats().connections_now << " still open";
     EXPECT_EQ(server.stats().connections_total, static_cast<std::uint64_t>(kConnections));
@@ -195,8 +180,17 @@ OnePair one_pair(EventLoop& loop, Callbacks cb, ServerOptions opt = {}) {
     p.server = std::make_unique<TcpServer>(loop, Address::ip("127.0.0.1", 0), std::move(cb), opt);
     p.client = dial(p.server->local_address());
     EXPECT_TRUE(p.client);
-    EXPECT_TRUE(pump(loop, [&] { return p.conn != nullptr; }));
+    EXPECT_TRUE(run_until(loop, [&] { return p.conn != nullptr; }));
     return p;
+}
+
+// Fixed, small socket buffers between the server's connection and the
+// client: with loopback autotuning (up to 4 MiB send + 6 MiB receive) the
+// kernel could take a whole multi-MiB reply, and the queue would drain.
+bool small_socket_buffers(const OnePair& p) {
+    const int small = 64 << 10;
+    return ::setsockopt(p.conn->fd(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small) == 0 &&
+           ::setsockopt(p.client.get(), SOL_SOCKET, SO_RCVBUF, &small, sizeof small) == 0;
 }
 
 // Counts every callback of a connection, and those after on_close.
@@ -246,13 +240,9 @@ TEST(ReliabilityConn, CloseSelfWithWritePending) {
     opt.connection.max_buffered = 64u << 20;
     auto p = one_pair(loop, cb, opt);
     ASSERT_TRUE(p.conn);
-    // Fixed, small socket buffers: with loopback autotuning (up to 4 MiB send
-    // + 6 MiB receive) the kernel could take all of `big` and the queue drain.
-    const int small = 64 << 10;
-    ASSERT_EQ(::setsockopt(p.conn->fd(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small), 0);
-    ASSERT_EQ(::setsockopt(p.client.get(), SOL_SOCKET, SO_RCVBUF, &small, sizeof small), 0);
+    ASSERT_TRUE(small_socket_buffers(p));
     ASSERT_EQ(::send(p.client.get(), "a", 1, MSG_NOSIGNAL), 1);
-    ASSERT_TRUE(pump(loop, [&] { return rec.messages == 1; }));
+    ASSERT_TRUE(run_until(loop, [&] { return rec.messages == 1; }));
     ASSERT_GT(p.conn->queued_bytes(), 0u) << "the queue must be non-empty for this test";
     // Without running the loop: free some socket space (not all 4 MiB), then
     // send more data.
@@ -267,7 +257,7 @@ TEST(ReliabilityConn, CloseSelfWithWritePending) {
     ASSERT_EQ(::send(p.client.get(), "b", 1, MSG_NOSIGNAL), 1);
     std::this_thread::sleep_for(5ms);  // loopback: both are already visible
     ASSERT_GT(p.conn->queued_bytes(), 0u);
-    ASSERT_TRUE(pump(loop, [&] { return rec.closes > 0; }));
+    ASSERT_TRUE(run_until(loop, [&] { return rec.closes > 0; }));
     for (int i = 0; i < 5; ++i) loop.run_once(5ms);
     EXPECT_EQ(rec.messages, 2);
     EXPECT_EQ(rec.drains, 0);
@@ -312,20 +302,16 @@ TEST(ReliabilityConn, CloseSelfWithErrorPending) {
     opt.connection.max_buffered = 64u << 20;
     auto p = one_pair(loop, cb, opt);
     ASSERT_TRUE(p.conn);
-    // Fixed, small socket buffers: with loopback autotuning (up to 4 MiB send
-    // + 6 MiB receive) the kernel could take all of `big` and the queue drain.
-    const int small = 64 << 10;
-    ASSERT_EQ(::setsockopt(p.conn->fd(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small), 0);
-    ASSERT_EQ(::setsockopt(p.client.get(), SOL_SOCKET, SO_RCVBUF, &small, sizeof small), 0);
+    ASSERT_TRUE(small_socket_buffers(p));
     ASSERT_EQ(::send(p.client.get(), "a", 1, MSG_NOSIGNAL), 1);
-    ASSERT_TRUE(pump(loop, [&] { return rec.messages == 1; }));
+    ASSERT_TRUE(run_until(loop, [&] { return rec.messages == 1; }));
     ASSERT_GT(p.conn->queued_bytes(), 0u);
     ASSERT_EQ(::send(p.client.get(), "b", 1, MSG_NOSIGNAL), 1);
     linger lg{1, 0};
     ASSERT_EQ(::setsockopt(p.client.get(), SOL_SOCKET, SO_LINGER, &lg, sizeof lg), 0);
     p.client.reset();  // RST (unread data pending on the client too)
     std::this_thread::sleep_for(5ms);
-    ASSERT_TRUE(pump(loop, [&] { return rec.closes > 0; }));
+    ASSERT_TRUE(run_until(loop, [&] { return rec.closes > 0; }));
     for (int i = 0; i < 5; ++i) loop.run_once(5ms);
     EXPECT_EQ(rec.closes, 1);
     EXPECT_EQ(rec.after_close, 0);
@@ -394,7 +380,7 @@ TEST(ReliabilityConn, FloodDoesNotStarvePingPong) {
         pingers.push_back(connect(loop, addr, cb));
     }
     // Generous: 2 000 round trips on loopback take milliseconds when fair.
-    EXPECT_TRUE(pump(
+    EXPECT_TRUE(run_until(
         loop, [&] { return finished == kPingers; }, 30s))
         << finished << " of " << kPingers << " finished";
     EXPECT_GT(flood_back, 4 * flood_chunk) << "the flood did not flow";
@@ -478,7 +464,7 @@ TEST(ReliabilityConn, LargeTransferOrderCountAndChecksum) {
     ConnectOptions copt;
     copt.connection.max_buffered = 64u << 20;
     connect(loop, server.local_address(), cb, copt);
-    ASSERT_TRUE(pump(
+    ASSERT_TRUE(run_until(
         loop, [&] { return received >= total; }, 120s))
         << received << " of " << total;
     EXPECT_EQ(received, total);
@@ -576,7 +562,7 @@ TEST(ReliabilityConn, SlowReaderBoundedAndOthersUnaffected) {
         };
         connect(loop, addr, cb);
     }
-    ASSERT_TRUE(pump(loop, [&] { return pingers.size() == kPingers; }));
+    ASSERT_TRUE(run_until(loop, [&] { return pingers.size() == kPingers; }));
     auto phase = [&](std::chrono::milliseconds span, auto&& tick) {
         rtts.clear();
         measuring = true;
@@ -648,7 +634,7 @@ TEST(ReliabilityConn, SlowLorisHoldsSlotsUntilIdle) {
         loris.push_back(dial(addr));
         ASSERT_TRUE(loris.back());
     }
-    ASSERT_TRUE(pump(loop, [&] { return server.stats().connections_now == 5; }));
+    ASSERT_TRUE(run_until(loop, [&] { return server.stats().connections_now == 5; }));
     auto trickle_for = [&](std::chrono::milliseconds span) {
         const auto end = Clock::now() + span;
         auto next = Clock::now();
@@ -680,7 +666,7 @@ TEST(ReliabilityConn, SlowLorisHoldsSlotsUntilIdle) {
     EXPECT_EQ(server.stats().connections_now, 5u);
     EXPECT_EQ(timeouts, 0);
     // The trickle stops: all five time out (within 300 ms + a quarter + slack).
-    EXPECT_TRUE(pump(
+    EXPECT_TRUE(run_until(
         loop, [&] { return timeouts == 5; }, 3s))
         << timeouts << " timed out";
     EXPECT_EQ(server.stats().connections_now, 0u);
@@ -688,7 +674,7 @@ TEST(ReliabilityConn, SlowLorisHoldsSlotsUntilIdle) {
     ASSERT_TRUE(fresh);
     ASSERT_EQ(::send(fresh.get(), "ok", 2, MSG_NOSIGNAL), 2);
     std::string got;
-    EXPECT_TRUE(pump(loop, [&] {
+    EXPECT_TRUE(run_until(loop, [&] {
         char b[8];
         ssize_t n = ::recv(fresh.get(), b, sizeof b, MSG_DONTWAIT);
         if (n > 0) got.append(b, static_cast<std::size_t>(n));

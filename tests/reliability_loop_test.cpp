@@ -38,22 +38,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-#define EVMUX_LOOP_OR_SKIP(var)                                         \
-    EVMUX_SELECTOR_OR_SKIP(var##_sel);                                  \
-    auto var##_ptr = std::make_unique<EventLoop>(std::move(var##_sel)); \
-    EventLoop& var = *var##_ptr
-
-// Runs the loop until `done()` or `limit` passes; false on time-out.
-template <class F>
-bool run_until(EventLoop& loop, F done, std::chrono::milliseconds limit = 3s) {
-    const auto end = Clock::now() + limit;
-    while (!done()) {
-        if (Clock::now() >= end) return false;
-        loop.run_once(10ms);
-    }
-    return true;
-}
-
 // `n` iterations of run_once(step); returns callbacks run and the time taken.
 struct Spin {
     std::size_t callbacks = 0;

@@ -3,10 +3,12 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <memory>
 #include <string>
 #include <utility>
 
+#include "evmux/event_loop.hpp"
 #include "evmux/selector.hpp"
 
 namespace evmux::test {
@@ -23,9 +25,29 @@ std::unique_ptr<Selector> selector_or_null(std::string* why);
     auto var = ::evmux::test::selector_or_null(&var##_why); \
     if (!var) GTEST_SKIP() << var##_why
 
+/// An EventLoop on the backend under test, or skip the test (as
+/// EVMUX_SELECTOR_OR_SKIP). `var` names an EventLoop&.
+#define EVMUX_LOOP_OR_SKIP(var)                                         \
+    EVMUX_SELECTOR_OR_SKIP(var##_sel);                                  \
+    auto var##_ptr = std::make_unique<EventLoop>(std::move(var##_sel)); \
+    EventLoop& var = *var##_ptr
+
+/// Run `loop` (run_once(step) a turn) until `done()` or `limit` passes;
+/// false on time-out.
+template <class F>
+bool run_until(EventLoop& loop, F done, std::chrono::milliseconds limit = std::chrono::seconds(10),
+               std::chrono::milliseconds step = std::chrono::milliseconds(5)) {
+    const auto end = std::chrono::steady_clock::now() + limit;
+    while (!done()) {
+        if (std::chrono::steady_clock::now() >= end) return false;
+        loop.run_once(step);
+    }
+    return true;
+}
+
 /// An owned fd, closed on destruction.
 class Fd {
-public:
+  public:
     Fd() = default;
     explicit Fd(int fd) : fd_(fd) {}
     Fd(Fd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
@@ -39,7 +61,7 @@ public:
     void reset(int fd = -1);
     explicit operator bool() const { return fd_ >= 0; }
 
-private:
+  private:
     int fd_ = -1;
 };
 
