@@ -84,29 +84,9 @@ SelectorKey Selector::remove(int fd) {
     return key;
 }
 
-const SelectorKey* Selector::get_key(int fd) const {
-    if (fd < 0 || static_cast<std::size_t>(fd) >= keys_.size() || keys_[fd].fd < 0) return nullptr;
-    return &keys_[fd];
-}
-
 int Selector::max_fd() const {
     while (max_fd_hint_ >= 0 && keys_[max_fd_hint_].fd < 0) --max_fd_hint_;
     return max_fd_hint_;
-}
-
-bool Selector::report(int fd, Events events, std::uint32_t generation) {
-    const SelectorKey* key = get_key(fd);
-    if (!key) return false;                                              // removed
-    if (generation != 0 && generation != key->generation) return false;  // earlier registration
-    // The kernel flags describe the file; the contract on Events describes
-    // what a call will do. A pending error makes a read and a write return at
-    // once, and a hang-up makes a read return end-of-file: a pipe at EOF gives
-    // POLLHUP without POLLIN, a pipe without reader POLLERR without POLLOUT.
-    if (any(events, Events::error)) events |= Events::read | Events::write;
-    if (any(events, Events::hangup)) events |= Events::read;
-    events &= key->interest | Events::error | Events::hangup;
-    if (events != Events::none) ready_.push_back(ReadyEvent{*key, events});
-    return true;
 }
 
 std::span<const ReadyEvent> Selector::select(Timeout timeout) {

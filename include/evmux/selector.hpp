@@ -141,7 +141,11 @@ public:
     }
 
     /// The key of a registered fd, or nullptr.
-    const SelectorKey* get_key(int fd) const;
+    const SelectorKey* get_key(int fd) const {
+        // A negative fd becomes a huge index: one comparison rejects both.
+        const auto i = static_cast<std::size_t>(fd);
+        return i < keys_.size() && keys_[i].fd >= 0 ? &keys_[i] : nullptr;
+    }
     /// Number of registered fds.
     std::size_t size() const { return count_; }
     /// The backend name, e.g. "epoll" or "libevent (epoll)".
@@ -172,7 +176,24 @@ protected:
     /// nothing is left. Returns false, ignoring the event, if it belongs to no
     /// current registration (the fd was removed, or it is an earlier
     /// registration of a reused fd number).
-    bool report(int fd, Events events, std::uint32_t generation = 0);
+    /// A hint that report(fd) follows soon: start loading its key.
+    void prefetch_key(int fd) const {
+        const auto i = static_cast<std::size_t>(fd);
+        if (i < keys_.size()) __builtin_prefetch(&keys_[i]);
+    }
+    /// Inline: it runs once per ready fd.
+    bool report(int fd, Events events, std::uint32_t generation = 0) {
+        const SelectorKey* key = get_key(fd);
+        if (!key) return false;                                              // removed
+        if (generation != 0 && generation != key->generation) return false;  // earlier registration
+        events = widen(events) & (key->interest | Events::error | Events::hangup);
+        if (events == Events::none) return true;
+        ready_.push_back(ReadyEvent{*key, events});
+        // The caller will look at its data soon (the event loop's watcher):
+        // start loading it now, beside the rest of the wait's work.
+        __builtin_prefetch(key->data);
+        return true;
+    }
 
     /// The registered keys in no particular order, for backends that rebuild
     /// their kernel arguments (select, poll). Entries with fd < 0 are free.
@@ -185,6 +206,16 @@ protected:
     static int timeout_ms(Timeout timeout);
 
 private:
+    // The kernel flags describe the file; the contract on Events describes
+    // what a call will do. A pending error makes a read and a write return at
+    // once, and a hang-up makes a read return end-of-file: a pipe at EOF gives
+    // POLLHUP without POLLIN, a pipe without reader POLLERR without POLLOUT.
+    static constexpr Events widen(Events events) {
+        if (any(events, Events::error)) events |= Events::read | Events::write;
+        if (any(events, Events::hangup)) events |= Events::read;
+        return events;
+    }
+
     std::vector<SelectorKey> keys_;  // indexed by fd; fd == -1 marks a free slot
     std::vector<ReadyEvent> ready_;
     std::size_t count_ = 0;
