@@ -46,13 +46,8 @@ const char* to_string(CloseReason reason) {
 
 // ---- Buffer -------------------------------------------------------------------
 
-void Buffer::consume(std::size_t n) {
+void Buffer::consume_stored(std::size_t n) {
     n = std::min(n, size());
-    if (ext_) {
-        ext_ += n;
-        ext_len_ -= n;
-        return;
-    }
     start_ += n;
     if (start_ == store_.size()) {
         store_.clear();
@@ -67,11 +62,6 @@ std::string Buffer::take(std::size_t n) {
     return out;
 }
 
-void Buffer::attach(const char* p, std::size_t len) {
-    ext_ = p;
-    ext_len_ = len;
-}
-
 void Buffer::append(const char* p, std::size_t len) {
     if (ext_) keep_rest();
     // Drop the consumed prefix before growing, so a framing user that keeps a
@@ -83,7 +73,7 @@ void Buffer::append(const char* p, std::size_t len) {
     store_.insert(store_.end(), p, p + len);
 }
 
-void Buffer::keep_rest() {
+void Buffer::keep_rest_slow() {
     if (ext_) {
         const char* p = ext_;
         std::size_t len = ext_len_;
@@ -159,10 +149,6 @@ Address Connection::peer_address() const {
     return Address::peer_of(fd_);
 }
 
-void Connection::touch() {
-    if (tracking_) last_activity_ = EventLoop::now();
-}
-
 // ---- events -------------------------------------------------------------------------
 
 void Connection::handle(const ConnectionPtr& guard, Events events) {
@@ -170,7 +156,7 @@ void Connection::handle(const ConnectionPtr& guard, Events events) {
     // the whole ready batch even if a callback here unwatches or closes us (the
     // loop frees unwatched watchers only after the batch).
     ++in_handler_;
-    if (state_ == State::open && any(events, Events::write) && !queue_.empty()) handle_write(guard);
+    if (state_ == State::open && any(events, Events::write) && queued_ != 0) handle_write(guard);
     if (state_ == State::open && any(events, Events::read | Events::hangup | Events::error)) {
         if (any(interest_, Events::read)) {
             handle_read(guard, events);
@@ -305,23 +291,24 @@ bool Connection::flush() {
 void Connection::send(const void* data, std::size_t len) {
     if (state_ != State::open || shut_requested_ || close_after_drain_ || len == 0) return;
     const char* p = static_cast<const char*>(data);
-    if (queue_.empty()) {
+    if (queued_ == 0) {
         ssize_t n = ::send(fd_, p, len, MSG_NOSIGNAL);
-        if (n < 0) {
-            if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
-                fail(errno);
-                return;
-            }
-            n = 0;
-        }
         if (n > 0) {
             bytes_out_ += static_cast<std::uint64_t>(n);
             touch();
+            if (static_cast<std::size_t>(n) == len) return;  // the usual case
+            p += n;
+            len -= static_cast<std::size_t>(n);
+        } else if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+            fail(errno);
+            return;
         }
-        p += n;
-        len -= static_cast<std::size_t>(n);
-        if (len == 0) return;
     }
+    send_rest(p, len);
+}
+
+// Queue what the kernel did not take (kept out of send() so its fast path stays small).
+void Connection::send_rest(const char* p, std::size_t len) {
     if (queued_ + len > opt_.max_buffered) {
         close_with(CloseReason::overflow);
         return;

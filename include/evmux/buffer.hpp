@@ -34,7 +34,13 @@ class Buffer {
     /// The unconsumed bytes as one view (valid as long as data()).
     std::string_view view() const { return {data(), size()}; }
     /// Mark the first `n` bytes as handled (clamped to size()).
-    void consume(std::size_t n);
+    void consume(std::size_t n) {
+        if (!ext_) return consume_stored(n);
+        n = n < ext_len_ ? n : ext_len_;
+        ext_ += n;
+        ext_len_ -= n;
+        if (ext_len_ == 0) ext_ = nullptr;  // all handled: nothing left to keep
+    }
     /// Consume everything.
     void consume_all() { consume(size()); }
     /// Copy out and consume the first `n` bytes (clamped to size()).
@@ -45,19 +51,27 @@ class Buffer {
     // ---- for Connection (not for on_message) -------------------------------
     /// Show `len` bytes at `p` (the loop's scratch) without copying; only
     /// valid while nothing is stored.
-    void attach(const char* p, std::size_t len);
+    void attach(const char* p, std::size_t len) {
+        ext_ = p;
+        ext_len_ = len;
+    }
     /// Append bytes to the own storage (after moving attached bytes there).
     void append(const char* p, std::size_t len);
     /// After on_message: copy attached bytes that were not consumed into own
     /// storage, and free the storage once it is empty, so an idle connection
     /// holds no input memory.
-    void keep_rest();
+    void keep_rest() {
+        if (ext_ || store_.capacity() != 0) keep_rest_slow();  // else: idle, nothing to do
+    }
     /// Drop everything and free the storage.
     void clear();
     /// Bytes of memory held (0 for an idle connection), for tests and stats.
     std::size_t capacity() const { return store_.capacity(); }
 
   private:
+    void consume_stored(std::size_t n);
+    void keep_rest_slow();
+
     std::vector<char> store_;
     std::size_t start_ = 0;  // consumed prefix of store_
     const char* ext_ = nullptr;
