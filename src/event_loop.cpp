@@ -242,6 +242,12 @@ struct EventLoop::Impl {
     std::atomic<bool> sleeping{false};
     std::atomic<bool> stop_requested{false};
     std::atomic<std::thread::id> owner{std::this_thread::get_id()};
+    // The thread that runs the loop owns it (in_loop_thread()); set on entry
+    // to run()/run_once(), not per iteration.
+    void claim() {
+        const std::thread::id me = std::this_thread::get_id();
+        if (owner.load(std::memory_order_relaxed) != me) owner.store(me, std::memory_order_relaxed);
+    }
     int wake_fd = -1;
 
     void wake_if_sleeping() {
@@ -513,6 +519,7 @@ void EventLoop::run() {
     Impl& m = *impl_;
     if (m.stop_requested.exchange(false)) return;
     m.now_valid = false;  // the clock was last read in another run, if ever
+    m.claim();
     for (;;) {
         iterate(std::nullopt, true);
         if (m.stop_requested.load(std::memory_order_relaxed) && m.stop_requested.exchange(false))
@@ -522,6 +529,7 @@ void EventLoop::run() {
 
 std::size_t EventLoop::run_once(Timeout timeout) {
     impl_->now_valid = false;
+    impl_->claim();
     return iterate(timeout, false);
 }
 
@@ -533,8 +541,6 @@ std::size_t EventLoop::iterate(Timeout timeout, bool stoppable) {
         Impl& m;
         ~Running() { m.running = false; }
     } running{m};
-    const std::thread::id me = std::this_thread::get_id();
-    if (m.owner.load(std::memory_order_relaxed) != me) m.owner.store(me, std::memory_order_relaxed);
 
     // 1. How long to wait: until the nearest timer, at most `timeout`.
     m.drop_stale_top();
