@@ -5,6 +5,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -13,6 +14,8 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -221,6 +224,39 @@ TEST_F(EvmuxEcho, ErrorsAreOneLineAndExitTwo) {
         EXPECT_EQ(first.rfind("evmux-echo: ", 0), 0u) << first;
         EXPECT_EQ(second, "") << "more than one line";
     }
+}
+
+/// The soft and hard "Max open files" of a process, from /proc/PID/limits.
+std::pair<std::string, std::string> open_files_limits(pid_t pid) {
+    std::ifstream in("/proc/" + std::to_string(pid) + "/limits");
+    for (std::string l; std::getline(in, l);) {
+        if (!l.starts_with("Max open files")) continue;
+        std::istringstream fields(l.substr(std::strlen("Max open files")));
+        std::string soft, hard;
+        fields >> soft >> hard;
+        return {soft, hard};
+    }
+    return {};
+}
+
+TEST_F(EvmuxEcho, RaisesItsSoftFdLimitToTheHardLimit) {
+    rlimit ours{};
+    ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &ours), 0);
+    if (ours.rlim_max != RLIM_INFINITY && ours.rlim_max <= 256)
+        GTEST_SKIP() << "hard RLIMIT_NOFILE " << ours.rlim_max << ": nothing to raise";
+    // Started with a soft limit of 256 (inherited), it must run with the hard one.
+    rlimit low = ours;
+    low.rlim_cur = 256;
+    ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+    EchoProcess echo({"--port", "0", "--backend", test::backend_name()});
+    ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &ours), 0);
+    std::string backend;
+    ASSERT_FALSE(listening_address(echo.line(), &backend).empty());
+    auto [soft, hard] = open_files_limits(echo.pid());
+    EXPECT_FALSE(hard.empty());
+    EXPECT_EQ(soft, hard);
+    ASSERT_EQ(::kill(echo.pid(), SIGTERM), 0);
+    EXPECT_EQ(echo.wait(), 0);
 }
 
 TEST_F(EvmuxEcho, ListBackends) {

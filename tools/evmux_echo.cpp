@@ -7,9 +7,12 @@
 // Prints "evmux-echo listening on HOST:PORT backend=NAME" to stderr once it
 // accepts; SIGINT/SIGTERM stop it with a one-line summary. Errors in the
 // command line or the setup (port in use, unknown backend, missing Unix
-// socket directory) are one line on stderr and exit code 2.
+// socket directory) are one line on stderr and exit code 2. It raises its soft
+// RLIMIT_NOFILE to the hard limit at start: a server for thousands of
+// connections must not stop at the usual soft 1024.
 #include <netdb.h>
 #include <pthread.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 
 #include <CLI/CLI.hpp>
@@ -47,6 +50,15 @@ int list_backends() {
         std::printf("%s\n", line.c_str());
     }
     return 0;
+}
+
+// The soft RLIMIT_NOFILE up to the hard limit (unprivileged processes may).
+void raise_fd_limit() {
+    rlimit rl{};
+    if (::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        ::setrlimit(RLIMIT_NOFILE, &rl);
+    }
 }
 
 // A numeric host directly; a name ("localhost") through the resolver, once,
@@ -131,6 +143,7 @@ int main(int argc, char** argv) {
     if (list) return list_backends();
     if (!port && unix_path.empty()) return fail("--port or --unix is required (see --help)");
     if (port && !unix_path.empty()) return fail("--port and --unix exclude each other");
+    raise_fd_limit();
 
     try {
         evmux::EventLoop loop(backend.empty() ? evmux::make_selector()
