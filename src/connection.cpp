@@ -98,7 +98,11 @@ void Buffer::clear() {
 
 Connection::Connection(Private, EventLoop& loop, int fd, Callbacks callbacks,
                        ConnectionOptions options)
-    : loop_(loop), fd_(fd), cb_(std::move(callbacks)), opt_(options) {
+    : loop_(loop),
+      fd_(fd),
+      on_message_(std::move(callbacks.on_message)),
+      cb_(std::move(callbacks)),
+      opt_(options) {
     opt_.low_water = std::min(opt_.low_water, opt_.high_water);
 }
 
@@ -186,12 +190,12 @@ void Connection::handle_read(const ConnectionPtr& self, Events events) {
             bytes_in_ += static_cast<std::uint64_t>(n);
             budget -= static_cast<std::size_t>(n);
             touch();
-            if (cb_.on_message) {
+            if (on_message_) {
                 if (input_.empty())
                     input_.attach(scratch.data(), static_cast<std::size_t>(n));
                 else
                     input_.append(scratch.data(), static_cast<std::size_t>(n));
-                cb_.on_message(self, input_);
+                on_message_(self, input_);
                 if (state_ != State::open) break;
                 input_.keep_rest();
                 if (input_.size() > opt_.max_buffered) {
@@ -461,6 +465,7 @@ void Connection::notify_closed() {
     if (auto on_close = std::move(cb_.on_close)) on_close(self, reason_, err_);
     if (auto hook = std::move(close_hook_)) hook(*this);
     cb_ = Callbacks{};  // drop user captures (they may hold ConnectionPtrs)
+    on_message_ = nullptr;
 }
 
 }  // namespace evmux

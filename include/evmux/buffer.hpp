@@ -72,10 +72,11 @@ class Buffer {
     void consume_stored(std::size_t n);
     void keep_rest_slow();
 
-    std::vector<char> store_;
-    std::size_t start_ = 0;  // consumed prefix of store_
+    // The attached view first: the usual read touches only it.
     const char* ext_ = nullptr;
     std::size_t ext_len_ = 0;
+    std::vector<char> store_;
+    std::size_t start_ = 0;  // consumed prefix of store_
 };
 
 }  // namespace evmux
