@@ -44,6 +44,8 @@ std::string io_uring_unusable_reason();
 #endif
 #ifdef EVMUX_HAVE_LIBEVENT
 std::unique_ptr<Selector> make_libevent_selector();
+/// Empty when libevent has a method evmux takes here, else why not.
+std::string libevent_unusable_reason();
 /// The method libevent picks here, e.g. "epoll".
 std::string libevent_method();
 #endif

@@ -47,7 +47,12 @@ event_base* new_base() {
     event_base* base = event_base_new_with_config(cfg);
     event_config_free(cfg);
     if (!base)
-        throw std::system_error(ENOSYS, std::generic_category(), "event_base_new_with_config");
+        // Every method left was disabled, e.g. by EVENT_NOEPOLL and EVENT_NOPOLL
+        // in the environment: select alone is not taken (see the top).
+        throw std::system_error(ENOSYS, std::generic_category(),
+                                "libevent: no method but select left (EVENT_NOEPOLL and "
+                                "EVENT_NOPOLL set?); evmux does not use libevent's select, "
+                                "which cannot take fds >= FD_SETSIZE");
     return base;
 }
 
@@ -212,6 +217,15 @@ class LibeventSelector final : public Selector {
 
 std::unique_ptr<Selector> make_libevent_selector() {
     return std::make_unique<LibeventSelector>();
+}
+
+std::string libevent_unusable_reason() {
+    try {
+        event_base_free(new_base());
+        return {};
+    } catch (const std::system_error& e) {
+        return e.what();
+    }
 }
 
 std::string libevent_method() {

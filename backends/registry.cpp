@@ -48,7 +48,7 @@ const Entry registry[] = {
     {"poll", true, always_usable, detail::make_poll_selector},
     {"select", true, always_usable, detail::make_select_selector},
 #ifdef EVMUX_HAVE_LIBEVENT
-    {"libevent", true, always_usable, detail::make_libevent_selector},
+    {"libevent", true, detail::libevent_unusable_reason, detail::make_libevent_selector},
 #else
     {"libevent", false, [] { return not_compiled("libevent", "libevent-dev"); }, nullptr},
 #endif

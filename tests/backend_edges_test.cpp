@@ -22,6 +22,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdlib>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -144,6 +145,49 @@ TEST(BackendEdges, MoreReadyFdsThanCompletionQueue) {
         }
     }
     EXPECT_EQ(distinct, static_cast<std::size_t>(n));
+}
+
+// ---- libevent left with no method but select ------------------------------------
+// EVENT_NOEPOLL and EVENT_NOPOLL leave libevent only select, which evmux does
+// not take: backends() must say libevent is unusable, and why, rather than
+// list it as usable and fail on use.
+
+TEST(LibeventWithoutMethods, ListedUnusableWithTheReason) {
+    if (backend_name() != "libevent") GTEST_SKIP() << "runs once, in the libevent suite";
+    struct Env {
+        const char* name;
+        std::optional<std::string> old;
+    } env[] = {{"EVENT_NOEPOLL", {}}, {"EVENT_NOPOLL", {}}};
+    for (Env& e : env) {
+        if (const char* v = std::getenv(e.name)) e.old = v;
+        ::setenv(e.name, "1", 1);
+    }
+    bool listed = false;
+    for (const BackendInfo& b : backends()) {
+        if (b.name != "libevent") continue;
+        listed = true;
+        EXPECT_FALSE(b.usable);
+        EXPECT_NE(b.reason.find("no method but select"), std::string::npos) << b.reason;
+    }
+    EXPECT_TRUE(listed);
+    try {
+        make_selector("libevent");
+        ADD_FAILURE() << "make_selector(\"libevent\") did not throw";
+    } catch (const std::invalid_argument& e) {
+        EXPECT_NE(std::string(e.what()).find("no method but select"), std::string::npos)
+            << e.what();
+    }
+    for (Env& e : env) {
+        if (e.old)
+            ::setenv(e.name, e.old->c_str(), 1);
+        else
+            ::unsetenv(e.name);
+    }
+    for (const BackendInfo& b : backends()) {
+        if (b.name == "libevent") {
+            EXPECT_TRUE(b.usable) << b.reason;
+        }
+    }
 }
 
 // ---- io_uring refused by the kernel ------------------------------------------
