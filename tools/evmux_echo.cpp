@@ -146,8 +146,6 @@ int main(int argc, char** argv) {
     raise_fd_limit();
 
     try {
-        evmux::EventLoop loop(backend.empty() ? evmux::make_selector()
-                                              : evmux::make_selector(backend));
         evmux::Address address = unix_path.empty()
                                      ? resolve(host, static_cast<std::uint16_t>(*port))
                                      : evmux::Address::unix_path(unix_path);
@@ -178,6 +176,8 @@ int main(int argc, char** argv) {
                              distribution == "round_robin" ? evmux::Distribution::round_robin
                                                            : evmux::Distribution::reuse_port);
 
+        evmux::EventLoop loop(backend.empty() ? evmux::make_selector()
+                                              : evmux::make_selector(backend));
         auto server = std::make_unique<evmux::TcpServer>(loop, address, std::move(callbacks));
         auto stop = [&loop](int) { loop.stop(); };
         loop.on_signal(SIGINT, stop);
