@@ -3,10 +3,13 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <linux/perf_event.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -14,6 +17,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <fstream>
 #include <sstream>
 #include <system_error>
@@ -301,6 +305,150 @@ std::pair<double, double> live_children_cpu(pid_t pid) {
     if (run <= 0) return {user, sys};
     double share = user + sys > 0 ? user / (user + sys) : 0.5;
     return {run * share, run * (1 - share)};
+}
+
+namespace {
+
+std::string perf_refusal(int err) {
+    std::string text = "perf_event_open: " + std::string(std::strerror(err));
+    if (err == EACCES || err == EPERM) {
+        std::ifstream in("/proc/sys/kernel/perf_event_paranoid");
+        int level = 0;
+        if (in >> level) text += " (kernel.perf_event_paranoid = " + std::to_string(level) + ")";
+    }
+    return text;
+}
+
+}  // namespace
+
+CpuModeSampler::CpuModeSampler(pid_t pid) {
+    perf_event_attr attr{};
+    attr.size = sizeof attr;
+    attr.type = PERF_TYPE_SOFTWARE;
+    attr.config = PERF_COUNT_SW_CPU_CLOCK;
+    attr.sample_period = period_ns;
+    attr.sample_type = PERF_SAMPLE_TIME;
+    attr.use_clockid = 1;
+    attr.clockid = CLOCK_MONOTONIC;  // std::chrono::steady_clock's clock
+    attr.exclude_hv = 1;
+    attr.disabled = 0;
+    attr.inherit = 0;  // see the class comment: threads made later are not sampled
+
+    std::string task_dir = "/proc/" + std::to_string(pid) + "/task";
+    std::vector<pid_t> tids;
+    if (DIR* dir = ::opendir(task_dir.c_str())) {
+        while (dirent* entry = ::readdir(dir))
+            if (entry->d_name[0] != '.') tids.push_back(std::atoi(entry->d_name));
+        ::closedir(dir);
+    }
+    if (tids.empty()) {
+        reason_ = "no threads in " + task_dir;
+        return;
+    }
+    const std::size_t page = static_cast<std::size_t>(::sysconf(_SC_PAGESIZE));
+    for (pid_t tid : tids) {
+        int fd = static_cast<int>(
+            ::syscall(SYS_perf_event_open, &attr, tid, -1, -1, PERF_FLAG_FD_CLOEXEC));
+        if (fd < 0) {
+            if (errno == ESRCH) continue;  // the thread ended meanwhile
+            reason_ = perf_refusal(errno);
+            break;
+        }
+        // 1 + 2^k pages: 32 data pages hold about 0.8 s of one busy thread's
+        // 16-byte samples. Fewer if the mlock allowance for perf buffers
+        // (kernel.perf_event_mlock_kb) refuses that many.
+        Ring ring;
+        ring.fd = fd;
+        for (std::size_t pages = 32; pages >= 2 && !ring.base; pages /= 2) {
+            std::size_t size = (1 + pages) * page;
+            void* base = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+            if (base == MAP_FAILED) continue;
+            ring.base = base;
+            ring.map_size = size;
+            ring.data_size = pages * page;
+        }
+        if (!ring.base) {
+            reason_ = "mmap of the perf ring: " + std::string(std::strerror(errno));
+            ::close(fd);
+            break;
+        }
+        rings_.push_back(ring);
+    }
+    if (rings_.empty() && reason_.empty()) reason_ = "every thread of " + task_dir + " ended";
+    if (!reason_.empty()) {
+        // All threads or none: a split from some threads only would be biased.
+        for (auto& ring : rings_) {
+            ::munmap(ring.base, ring.map_size);
+            ::close(ring.fd);
+        }
+        rings_.clear();
+    }
+}
+
+CpuModeSampler::~CpuModeSampler() {
+    for (auto& ring : rings_) {
+        ::munmap(ring.base, ring.map_size);
+        ::close(ring.fd);
+    }
+}
+
+void CpuModeSampler::drain() {
+    for (auto& ring : rings_) drain(ring);
+}
+
+void CpuModeSampler::drain(Ring& ring) {
+    auto* meta = static_cast<perf_event_mmap_page*>(ring.base);
+    // The kernel's data_offset/data_size (set since Linux 4.1), else the
+    // older layout: the data right after the first page.
+    const std::uint64_t offset =
+        meta->data_offset ? meta->data_offset : ring.map_size - ring.data_size;
+    const std::uint64_t size = meta->data_size ? meta->data_size : ring.data_size;
+    const auto* data = static_cast<const unsigned char*>(ring.base) + offset;
+    // Acquire: the records up to data_head are visible once we see it.
+    const std::uint64_t head = __atomic_load_n(&meta->data_head, __ATOMIC_ACQUIRE);
+    std::uint64_t tail = meta->data_tail;  // only we write it
+    // Copies `len` bytes at ring offset `at` (which may wrap around the end).
+    auto copy = [&](void* to, std::uint64_t at, std::size_t len) {
+        const std::size_t off = static_cast<std::size_t>(at % size);
+        const std::size_t first = std::min<std::size_t>(len, static_cast<std::size_t>(size) - off);
+        std::memcpy(to, data + off, first);
+        std::memcpy(static_cast<unsigned char*>(to) + first, data, len - first);
+    };
+    while (head - tail >= sizeof(perf_event_header)) {
+        perf_event_header header;
+        copy(&header, tail, sizeof header);
+        if (header.size < sizeof header || head - tail < header.size) {
+            tail = head;  // a torn record cannot happen; resynchronise if it does
+            break;
+        }
+        if (header.type == PERF_RECORD_SAMPLE && header.size >= sizeof header + 8) {
+            std::uint64_t time = 0;
+            copy(&time, tail + sizeof header, sizeof time);
+            const unsigned mode = header.misc & PERF_RECORD_MISC_CPUMODE_MASK;
+            samples_.push_back({static_cast<std::int64_t>(time), mode == PERF_RECORD_MISC_USER});
+        } else if (header.type == PERF_RECORD_LOST && header.size >= sizeof header + 16) {
+            std::uint64_t lost = 0;  // after the u64 id
+            copy(&lost, tail + sizeof header + 8, sizeof lost);
+            lost_ += lost;
+        } else if (header.type == PERF_RECORD_THROTTLE) {
+            ++throttled_;
+        }
+        tail += header.size;
+    }
+    // Release: our reads of the records are done before the kernel may
+    // overwrite them.
+    __atomic_store_n(&meta->data_tail, tail, __ATOMIC_RELEASE);
+}
+
+CpuModeSampler::Split CpuModeSampler::split(Clock::time_point t0, Clock::time_point t1) const {
+    const auto ns = [](Clock::time_point t) {
+        return std::chrono::duration_cast<std::chrono::nanoseconds>(t.time_since_epoch()).count();
+    };
+    const std::int64_t from = ns(t0), to = ns(t1);
+    Split s;
+    for (const auto& sample : samples_)
+        if (sample.ns >= from && sample.ns <= to) ++(sample.user ? s.user : s.kernel);
+    return s;
 }
 
 int usable_cpus() {
