@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -23,6 +24,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "bench_dispatch.hpp"
@@ -67,6 +69,8 @@ struct Result {
     double mismatches = 0, errors = 0;
     double user_us_per_msg = 0, sys_us_per_msg = 0;
     double cpu_window_s = 0;
+    // How user and sys were told apart: "perf 10 kHz: N samples" or "ticks ...".
+    std::string cpu_split;
     long rss_start_kib = 0, rss_peak_kib = 0;
     double rss_per_idle_conn_bytes = 0;
 };
@@ -131,6 +135,7 @@ struct Options {
     int idle_active = 100;
     bool no_idle = false;
     bool no_plots = false;
+    bool tick_split = false;  // user/sys split by ticks even if perf sampling works
     std::vector<int> sweep_fds;
     std::string tools_dir;
     std::string host = "127.0.0.1";
@@ -176,6 +181,18 @@ class Runner {
         // Threads that come and go (one per connection) would make the
         // per-thread schedstat reads heavy and miss the exited ones.
         const bool precise = !server.per_connection_os;
+        // Their user/sys split from perf samples of the mode each thread runs
+        // in (see CpuModeSampler), drained by the same thread; if the kernel
+        // refuses perf_event_open, from the ticks as below.
+        std::optional<CpuModeSampler> modes;
+        if (precise && !opt_.tick_split) {
+            modes.emplace(srv.pid());
+            static bool told = false;
+            if (!modes->available() && !std::exchange(told, true))
+                std::fprintf(stderr,
+                             "\nevmux-bench: no perf sampling (%s): user/sys split by ticks\n",
+                             modes->reason().c_str());
+        }
         std::vector<ProcSample> samples;
         samples.push_back(sample_process(srv.pid(), precise));
         r.rss_start_kib = samples.back().rss_kib;
@@ -185,6 +202,7 @@ class Runner {
                 std::this_thread::sleep_for(std::chrono::milliseconds(20));
                 ProcSample s = sample_process(srv.pid(), precise);
                 if (s.ok) samples.push_back(s);
+                if (modes) modes->drain();
             }
         });
         // Stops and joins the sampler on every path out, exceptions included
@@ -229,6 +247,7 @@ class Runner {
         }  // a load client that overran is killed here
         sampling = false;
         sampler.join();  // before reading `samples`
+        if (modes) modes->drain();
         srv.stop();
 
         if (!in_time || load_status < 0) {
@@ -265,16 +284,38 @@ class Runner {
         double window_s = std::chrono::duration<double>(b.when - a.when).count();
         double user = b.user_us - a.user_us + b.child_user_us - a.child_user_us;
         double sys = b.sys_us - a.sys_us + b.child_sys_us - a.child_sys_us;
+        r.cpu_split = "ticks";
         if (precise && b.run_us > a.run_us) {
-            // Total from the ns-precise run time, split as the ticks split it
-            // (the kernel scales utime/stime the same way). A window with
-            // under 200 ms of ticks splits too coarsely: then the process's
-            // whole life (mostly this window) splits it.
+            // Total from the ns-precise run time, split by the perf samples
+            // taken in the same window if there are enough of them (1000: the
+            // user share then within about +-1.5 points); else as the ticks
+            // split it (the kernel scales utime/stime the same way). The
+            // ticks come 1/CONFIG_HZ apart, a few hundred in a 1 s window: a
+            // server 5 % in user mode gets a dozen, +-30 %. A window with
+            // under 200 ms of ticks splits too coarsely even for that: then
+            // the process's whole life (mostly this window) splits it.
+            constexpr std::uint64_t min_perf_samples = 1000;
             constexpr double min_split_us = 200000;
             double run = b.run_us - a.run_us;
-            double share = user + sys >= min_split_us ? user / (user + sys)
-                           : b.user_us + b.sys_us > 0 ? b.user_us / (b.user_us + b.sys_us)
-                                                      : 0.5;
+            double share = 0;
+            CpuModeSampler::Split split;
+            if (modes && modes->available()) split = modes->split(a.when, b.when);
+            if (split.total() >= min_perf_samples) {
+                share = split.user_share();
+                r.cpu_split = "perf " + fmt(1e6 / CpuModeSampler::period_ns, 0) +
+                              " kHz: " + std::to_string(split.total()) + " samples";
+                if (modes->lost() > 0)
+                    r.cpu_split += ", " + std::to_string(modes->lost()) + " lost";
+            } else {
+                share = user + sys >= min_split_us ? user / (user + sys)
+                        : b.user_us + b.sys_us > 0 ? b.user_us / (b.user_us + b.sys_us)
+                                                   : 0.5;
+                r.cpu_split =
+                    !modes ? "ticks (--tick-split)"
+                    : modes->available()
+                        ? "ticks (only " + std::to_string(split.total()) + " perf samples)"
+                        : "ticks (" + modes->reason() + ")";
+            }
             user = run * share;
             sys = run - user;
         }
@@ -331,6 +372,30 @@ std::string cell(double v, double floor, int decimals) {
     return s + " (" + (std::isnan(q) ? std::string("-") : Runner::fmt(q, 2)) + ")";
 }
 
+// The footnote of a point's table: how its rows' user/sys columns were split.
+std::string split_legend(const std::vector<Result>& results, const Point& p) {
+    std::string perf, ticks;
+    std::uint64_t fewest = 0;
+    for (const auto& r : results) {
+        if (!r.ok || r.point.size != p.size || r.point.conns != p.conns ||
+            r.point.active != p.active)
+            continue;
+        std::string& names = r.cpu_split.starts_with("perf") ? perf : ticks;
+        names += (names.empty() ? "" : ", ") + r.server->name;
+        if (r.cpu_split.starts_with("perf")) {
+            auto n = std::strtoull(r.cpu_split.c_str() + r.cpu_split.find(':') + 1, nullptr, 10);
+            fewest = fewest == 0 ? n : std::min<std::uint64_t>(fewest, n);
+        }
+    }
+    std::string text;
+    if (!perf.empty())
+        text += "perf cpu-clock samples at 10 kHz in the load window (at least " +
+                std::to_string(fewest) + " a run) for " + perf;
+    if (!ticks.empty())
+        text += (text.empty() ? "" : "; ") + std::string("utime/stime ticks for ") + ticks;
+    return text.empty() ? "" : "  user/sys split: " + text + "\n";
+}
+
 void print_table(std::ostream& os, const std::vector<Result>& results,
                  const std::vector<Point>& points) {
     char line[512];
@@ -366,6 +431,7 @@ void print_table(std::ostream& os, const std::vector<Result>& results,
                    << " KiB: " << Runner::fmt(r.rss_per_idle_conn_bytes, 0)
                    << " B per idle connection\n";
         }
+        os << split_legend(results, p);
     }
 }
 
@@ -417,6 +483,7 @@ void write_json(const fs::path& file, const std::vector<Result>& results, const 
                << ", \"user_us_per_msg\": " << json_num(r.user_us_per_msg, 4)
                << ", \"sys_us_per_msg\": " << json_num(r.sys_us_per_msg, 4)
                << ", \"cpu_window_s\": " << json_num(r.cpu_window_s)
+               << ", \"cpu_split\": " << json_str(r.cpu_split)
                << ", \"rss_start_kib\": " << r.rss_start_kib
                << ", \"rss_peak_kib\": " << r.rss_peak_kib << ", \"rss_per_idle_conn_bytes\": "
                << json_num(r.point.idle_heavy ? r.rss_per_idle_conn_bytes : NAN, 0)
@@ -448,7 +515,7 @@ void write_csv(const fs::path& file, const std::vector<Result>& results) {
     os << "server,kind,backend,size,conns,active,idle_heavy,ok,msgs_per_s,mib_per_s,p50_us,p99_us,"
           "max_us,user_us_per_msg,sys_us_per_msg,rss_start_kib,rss_peak_kib,"
           "rss_per_idle_conn_bytes,msgs_per_s_ratio,mib_per_s_ratio,p50_ratio,p99_ratio,"
-          "user_ratio,sys_ratio,note\n";
+          "user_ratio,sys_ratio,cpu_split,note\n";
     for (const auto& r : results) {
         const Result* fl = floor_of(results, r.point);
         auto q = [&](double v, double Result::*m) {
@@ -459,6 +526,8 @@ void write_csv(const fs::path& file, const std::vector<Result>& results) {
         std::string note = r.note;
         std::replace(note.begin(), note.end(), ',', ';');
         std::replace(note.begin(), note.end(), '\n', ' ');
+        std::string split = r.cpu_split;
+        std::replace(split.begin(), split.end(), ',', ';');
         os << r.server->name << ',' << r.server->kind << ',' << r.server->backend << ','
            << r.point.size << ',' << r.point.conns << ',' << r.point.active << ','
            << r.point.idle_heavy << ',' << r.ok << ',' << n(r.msgs_per_s, 1) << ','
@@ -470,7 +539,7 @@ void write_csv(const fs::path& file, const std::vector<Result>& results) {
            << q(r.msgs_per_s, &Result::msgs_per_s) << ',' << q(r.mib_per_s, &Result::mib_per_s)
            << ',' << q(r.p50_us, &Result::p50_us) << ',' << q(r.p99_us, &Result::p99_us) << ','
            << q(r.user_us_per_msg, &Result::user_us_per_msg) << ','
-           << q(r.sys_us_per_msg, &Result::sys_us_per_msg) << ',' << note << '\n';
+           << q(r.sys_us_per_msg, &Result::sys_us_per_msg) << ',' << split << ',' << note << '\n';
     }
     if (!os) throw std::runtime_error("cannot write " + file.string());
 }
@@ -560,6 +629,8 @@ int main(int argc, char** argv) {
         ->check(CLI::Range(1, 1000000));
     app.add_flag("--no-idle", opt.no_idle, "skip the idle-heavy case");
     app.add_flag("--no-plots", opt.no_plots, "do not run plot_bench.py");
+    app.add_flag("--tick-split", opt.tick_split,
+                 "split user/sys CPU by the utime/stime ticks, not by perf samples (to compare)");
     app.add_option("--sweep-fds", opt.sweep_fds,
                    "socketpair counts of the dispatch sweep (default 100,1000,10000; "
                    "100,1000,5000 with --quick)")
@@ -713,7 +784,8 @@ int main(int argc, char** argv) {
                 std::fflush(stderr);
                 Result r = runner.run(s, p);
                 if (r.ok)
-                    std::fprintf(stderr, " %.0f msg/s, p99 %.0f us\n", r.msgs_per_s, r.p99_us);
+                    std::fprintf(stderr, " %.0f msg/s, p99 %.0f us, user/sys split: %s\n",
+                                 r.msgs_per_s, r.p99_us, r.cpu_split.c_str());
                 else
                     std::fprintf(stderr, " %s%s\n", r.skipped ? "" : "FAILED: ", r.note.c_str());
                 if (!r.ok && !r.skipped) all_ok = false;
