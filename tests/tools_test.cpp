@@ -5,7 +5,9 @@
 // every program must reject bad flags with one line and exit 2.
 //
 // The paths of the programs come from the environment (set by meson):
-// EVMUX_LOAD and EVMUX_BASELINE_<NAME> (EPOLL, LIBEVENT, THREADS, FORK).
+// EVMUX_LOAD, EVMUX_BENCH and EVMUX_BASELINE_<NAME> (EPOLL, LIBEVENT, THREADS,
+// FORK). evmux-bench's CpuModeSampler (tools/bench_processes.cpp, linked in)
+// is tested on its own too.
 // Not a per-backend suite: none of these programs uses the evmux selector.
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -36,6 +38,8 @@
 #include <thread>
 #include <vector>
 
+#include "../tools/bench_processes.hpp"
+
 extern char** environ;
 
 namespace {
@@ -53,6 +57,7 @@ std::string program_path(const char* var) {
     if (const char* p = std::getenv(var)) return p;
     static const std::map<std::string, std::string> names = {
         {"EVMUX_LOAD", "evmux-load"},
+        {"EVMUX_BENCH", "evmux-bench"},
         {"EVMUX_BASELINE_EPOLL", "evmux-baseline-epoll"},
         {"EVMUX_BASELINE_LIBEVENT", "evmux-baseline-libevent"},
         {"EVMUX_BASELINE_THREADS", "evmux-baseline-threads"},
@@ -591,6 +596,117 @@ TEST_F(LoadTest, BadFlagsExitTwoWithOneLine) {
         EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
         EXPECT_TRUE(out.empty()) << out;
     }
+}
+
+// ---------------------------------------------------------------------------
+// evmux-bench's user/sys split: perf samples of the mode a thread runs in.
+
+/// Samples `child` for about `seconds`, draining as evmux-bench does.
+evmux::bench::CpuModeSampler::Split sample_for(evmux::bench::CpuModeSampler& sampler,
+                                               double seconds) {
+    const auto t0 = Clock::now();
+    const auto end =
+        t0 + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(seconds));
+    while (Clock::now() < end) {
+        std::this_thread::sleep_for(20ms);
+        sampler.drain();
+    }
+    const auto t1 = Clock::now();
+    std::this_thread::sleep_for(20ms);
+    sampler.drain();
+    // Samples after t1 are left out; so are samples before t0 (none here).
+    EXPECT_EQ(sampler.split(t1 + 1h, t1 + 2h).total(), 0u);
+    return sampler.split(t0, t1);
+}
+
+/// Whether perf_event_open sampling works here (else the reason, for a skip).
+std::optional<std::string> perf_refused() {
+    Child sleeper({"/bin/sleep", "5"});
+    evmux::bench::CpuModeSampler probe(sleeper.pid());
+    if (probe.available()) return std::nullopt;
+    return probe.reason();
+}
+
+TEST(CpuModeSampler, AProcessSpinningInUserSpaceIsSampledInUserMode) {
+    Child spinner({"/bin/sh", "-c", "while :; do :; done"});
+    ASSERT_GT(spinner.pid(), 0);
+    std::this_thread::sleep_for(100ms);  // past exec, dynamic linking, first page faults
+    evmux::bench::CpuModeSampler sampler(spinner.pid());
+    if (!sampler.available()) GTEST_SKIP() << "no perf sampling here: " << sampler.reason();
+    EXPECT_EQ(sampler.threads(), 1u);
+    const auto split = sample_for(sampler, 0.3);
+    // 3000 samples if it had a CPU to itself; generous for a loaded machine.
+    EXPECT_GE(split.total(), 200u) << "lost " << sampler.lost();
+    // Not 1: interrupts and softirqs (e.g. a concurrent test's loopback
+    // traffic) run in kernel mode on whatever thread they interrupt.
+    EXPECT_GT(split.user_share(), 0.8) << split.user << " user, " << split.kernel << " kernel";
+}
+
+TEST(CpuModeSampler, AProcessCopyingInTheKernelIsSampledInKernelMode) {
+    // 1 MiB reads of zeroes: the time goes to the kernel's copies (about 99 %
+    // here; with bs=1 it would be about 60 %, the rest dd's own loop).
+    Child dd({"/bin/dd", "if=/dev/zero", "of=/dev/null", "bs=1M", "count=100000000"});
+    ASSERT_GT(dd.pid(), 0);
+    evmux::bench::CpuModeSampler sampler(dd.pid());
+    if (!sampler.available()) GTEST_SKIP() << "no perf sampling here: " << sampler.reason();
+    const auto split = sample_for(sampler, 0.3);
+    EXPECT_GE(split.total(), 200u) << "lost " << sampler.lost();
+    EXPECT_LT(split.user_share(), 0.2) << split.user << " user, " << split.kernel << " kernel";
+}
+
+TEST(CpuModeSampler, AGoneProcessIsUnavailableWithAReason) {
+    pid_t pid;
+    {
+        Child gone({"/bin/true"});
+        pid = gone.pid();
+        gone.finish();  // reaped: the pid names no process now
+    }
+    evmux::bench::CpuModeSampler sampler(pid);
+    EXPECT_FALSE(sampler.available());
+    EXPECT_FALSE(sampler.reason().empty());
+    sampler.drain();  // harmless
+    EXPECT_EQ(sampler.split(Clock::now() - 1h, Clock::now()).total(), 0u);
+}
+
+TEST(EvmuxBench, JsonSaysHowUserAndSysWereSplitAndUsesPerfWhenAvailable) {
+    const std::string bench = program_path("EVMUX_BENCH");
+    if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";
+    char dir_template[] = "/tmp/evmux-tools-test-XXXXXX";
+    ASSERT_NE(::mkdtemp(dir_template), nullptr) << std::strerror(errno);
+    const std::string json_file = std::string(dir_template) + "/bench.json";
+    // epoll-floor (a single loop: sampled) and threads (a thread per
+    // connection: ticks), one 1 s point each.
+    Child c({bench, "--servers", "epoll-floor,threads", "--sizes", "1024", "--sessions", "50",
+             "--duration", "1", "--no-idle", "--no-plots", "--json", json_file});
+    const int rc = c.finish(60s);
+    std::ifstream in(json_file);
+    std::stringstream text;
+    text << in.rdbuf();
+    const std::string json = text.str();
+    std::remove(json_file.c_str());
+    ::rmdir(dir_template);
+    ASSERT_EQ(rc, 0) << c.err();
+
+    std::map<std::string, std::string> split;  // server -> cpu_split
+    static const std::regex run(R"re("server": "([^"]+)"[^}]*"cpu_split": "([^"]*)")re");
+    for (auto it = std::sregex_iterator(json.begin(), json.end(), run);
+         it != std::sregex_iterator(); ++it)
+        split[(*it)[1]] = (*it)[2];
+    ASSERT_EQ(split.size(), 2u) << json;
+    EXPECT_TRUE(split["threads"].starts_with("ticks")) << split["threads"];
+    // The table's footnote says it too.
+    EXPECT_NE(c.out().find("user/sys split: "), std::string::npos) << c.out();
+    if (const auto refused = perf_refused()) {
+        EXPECT_TRUE(split["epoll-floor"].starts_with("ticks")) << split["epoll-floor"];
+        GTEST_SKIP() << "no perf sampling here (" << *refused << "): the tick split was used";
+    }
+    EXPECT_TRUE(std::regex_match(split["epoll-floor"],
+                                 std::regex("perf 10 kHz: [0-9]+ samples(, [0-9]+ lost)?")))
+        << split["epoll-floor"] << "\n"
+        << c.err();
+    EXPECT_NE(c.out().find("perf cpu-clock samples at 10 kHz in the load window"),
+              std::string::npos)
+        << c.out();
 }
 
 }  // namespace
