@@ -100,6 +100,11 @@ std::pair<double, double> live_children_cpu(pid_t pid);
 /// ticks: 250 a second here), enough samples in a 1 s window to split the
 /// CPU time precisely.
 ///
+/// Each sample is a timer interrupt taken by the sampled thread: about 18 µs
+/// in this VM, i.e. about 19 % more CPU time at 10 kHz (all of the split's
+/// inputs grow by the same factor, so a ratio of two sampled processes is not
+/// biased; their absolute CPU time is).
+///
 /// The threads are the ones listed in /proc/PID/task when the sampler starts
 /// (inherit=0): threads created later are not sampled, which is fine for the
 /// single-loop servers it is used for (not for a thread per connection).

@@ -69,7 +69,8 @@ struct Result {
     double mismatches = 0, errors = 0;
     double user_us_per_msg = 0, sys_us_per_msg = 0;
     double cpu_window_s = 0;
-    // How user and sys were told apart: "perf 10 kHz: N samples" or "ticks ...".
+    // How user and sys were told apart: "perf 10 kHz: N samples, U user" (the
+    // user share's own noise is then about 1/sqrt(U) of it) or "ticks ...".
     std::string cpu_split;
     long rss_start_kib = 0, rss_peak_kib = 0;
     double rss_per_idle_conn_bytes = 0;
@@ -303,7 +304,8 @@ class Runner {
             if (split.total() >= min_perf_samples) {
                 share = split.user_share();
                 r.cpu_split = "perf " + fmt(1e6 / CpuModeSampler::period_ns, 0) +
-                              " kHz: " + std::to_string(split.total()) + " samples";
+                              " kHz: " + std::to_string(split.total()) + " samples, " +
+                              std::to_string(split.user) + " user";
                 if (modes->lost() > 0)
                     r.cpu_split += ", " + std::to_string(modes->lost()) + " lost";
             } else {
