@@ -403,14 +403,16 @@ void Connection::update_interest() {
         // empty interest, so stop watching until there is something to wait for.
         if (watching_) loop_.unwatch(fd_);
         watching_ = false;
-        self_ = shared_from_this();  // open but unwatched: keep ourselves alive
+        loop_.hold(this, shared_from_this());  // open but unwatched: the loop keeps us
+        held_ = true;
     } else if (!watching_) {
         // The watcher owns the open connection, so a loop destroyed with
         // connections still open frees them with its watchers (no cycle).
         loop_.watch(fd_, want,
                     [self = shared_from_this()](Events events) { self->handle(self, events); });
         watching_ = true;
-        self_.reset();
+        if (held_) loop_.release(this);  // the watcher holds us now
+        held_ = false;
     } else {
         loop_.change(fd_, want);
     }
@@ -434,7 +436,9 @@ void Connection::fail(int err) {
 void Connection::close_with(CloseReason reason, int err) {
     if (state_ != State::open) return;
     // Unwatching below may drop the watcher's reference, maybe the last one.
-    ConnectionPtr keep = self_ ? std::move(self_) : shared_from_this();
+    ConnectionPtr keep = shared_from_this();
+    if (held_) loop_.release(this);
+    held_ = false;
     state_ = State::closed;
     reason_ = reason;
     err_ = err;

@@ -31,6 +31,7 @@
 #include <string>
 #include <system_error>
 #include <thread>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -71,6 +72,7 @@ struct EventLoop::Impl {
     };
     std::vector<std::unique_ptr<Watcher>> watchers;  // indexed by fd
     std::vector<std::unique_ptr<Watcher>> dead;      // unwatched during the batch
+    std::unordered_map<const void*, std::shared_ptr<void>> held;  // see EventLoop::hold()
     bool dispatching = false;
     bool running = false;  // inside run_once(): it must not be re-entered
 
@@ -359,7 +361,11 @@ EventLoop::~EventLoop() {
         std::vector<std::shared_ptr<std::function<void(int)>>> signals;
         for (auto& callback : m.signal_callbacks)
             if (callback) signals.push_back(std::move(callback));
-        if (watchers.empty() && tasks.empty() && timers.empty() && signals.empty()) break;
+        auto held = std::move(m.held);
+        m.held.clear();
+        if (watchers.empty() && tasks.empty() && timers.empty() && signals.empty() &&
+            held.empty())
+            break;
     }
     // Unregister the loop's own fds before Impl closes them (a backend may
     // have a request in flight on them); user fds are simply forgotten with
@@ -402,6 +408,18 @@ void EventLoop::unwatch(int fd) {
     std::unique_ptr<Impl::Watcher> w = std::move(m.watchers[fd]);
     w->alive = false;
     if (m.dispatching) m.dead.push_back(std::move(w));
+}
+
+void EventLoop::hold(const void* key, std::shared_ptr<void> owner) {
+    impl_->held[key] = std::move(owner);
+}
+
+void EventLoop::release(const void* key) {
+    // Moved out first: the owner's destructor may reach for the loop.
+    auto it = impl_->held.find(key);
+    if (it == impl_->held.end()) return;
+    std::shared_ptr<void> owner = std::move(it->second);
+    impl_->held.erase(it);
 }
 
 bool EventLoop::watching(int fd) const {

@@ -511,6 +511,37 @@ TEST(ReliabilityConn, LoopDestroyedWithOpenConnections) {
     (void)closes;  // on_close need not run: the loop is gone
 }
 
+// A connection open with nothing to watch (the peer shut down its side, the
+// user keeps ours open, nothing queued) has no watcher to own it: the loop
+// holds it instead, so destroying the loop frees it too.
+TEST(ReliabilityConn, LoopDestroyedWithHalfOpenUnwatchedConnection) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    std::weak_ptr<Connection> weak;
+    Fd peer;
+    const std::size_t fds_before = open_fds();
+    {
+        EventLoop loop(std::move(sel));
+        auto [a, b] = socket_pair();
+        bool peer_shut = false;
+        Callbacks cb;
+        cb.on_peer_shutdown = [&](const ConnectionPtr&) { peer_shut = true; };  // stay half-open
+        auto c = Connection::adopt(loop, a.release(), cb);
+        weak = c;
+        c.reset();
+        peer = std::move(b);
+        ASSERT_EQ(::shutdown(peer.get(), SHUT_WR), 0);
+        ASSERT_TRUE(run_until(loop, [&] { return peer_shut; }));
+        auto open = weak.lock();
+        ASSERT_TRUE(open && open->is_open());
+        EXPECT_FALSE(loop.watching(open->fd())) << "nothing to wait for, yet watched";
+        open.reset();
+        EXPECT_FALSE(weak.expired()) << "the loop must keep the open connection alive";
+    }
+    EXPECT_TRUE(weak.expired()) << "the half-open connection outlived its loop (leaked)";
+    peer = Fd();
+    EXPECT_LE(open_fds(), fds_before) << "connection fd leaked";
+}
+
 // ---- 10. a slow reader beside ping-pong clients -------------------------------------
 
 namespace {

@@ -159,7 +159,13 @@ public:
 
 private:
     struct Impl;
+    friend class Connection;
     std::size_t iterate(Timeout timeout, bool stoppable);
+    // Keep `owner` alive for as long as the loop, or until release(key): an
+    // open connection with nothing to watch (no watcher holds it) is held
+    // here, so destroying the loop frees it like a watched one.
+    void hold(const void* key, std::shared_ptr<void> owner);
+    void release(const void* key);
 
     std::unique_ptr<Selector> selector_;
     std::unique_ptr<char[]> scratch_;
