@@ -95,13 +95,14 @@ std::pair<double, double> live_children_cpu(pid_t pid);
 
 /// Which mode (user or kernel) a process's threads run in, sampled with
 /// perf_event_open(2): one cpu-clock software event per thread, a sample every
-/// 100 µs of the thread's time on a CPU (10 kHz), each sample tagged user or
+/// 250 µs of the thread's time on a CPU (4 kHz), each sample tagged user or
 /// kernel by the mode the thread was interrupted in. Unlike utime/stime (timer
 /// ticks: 250 a second here), enough samples in a 1 s window to split the
 /// CPU time precisely.
 ///
 /// Each sample is a timer interrupt taken by the sampled thread: about 18 µs
-/// in this VM, i.e. about 19 % more CPU time at 10 kHz (all of the split's
+/// in this VM, i.e. about 7 % more CPU time at 4 kHz (19 % at 10 kHz, which is
+/// why not faster; all of the split's
 /// inputs grow by the same factor, so a ratio of two sampled processes is not
 /// biased; their absolute CPU time is).
 ///
@@ -111,7 +112,7 @@ std::pair<double, double> live_children_cpu(pid_t pid);
 /// Not thread-safe: drain() and split() from one thread at a time.
 class CpuModeSampler {
   public:
-    static constexpr std::uint64_t period_ns = 100000;  ///< 10 kHz of CPU time
+    static constexpr std::uint64_t period_ns = 250000;  ///< 4 kHz of CPU time
 
     /// Starts sampling every thread of `pid`. If perf_event_open (or the
     /// ring's mmap) is refused, available() is false and reason() says why.

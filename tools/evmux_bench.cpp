@@ -69,7 +69,7 @@ struct Result {
     double mismatches = 0, errors = 0;
     double user_us_per_msg = 0, sys_us_per_msg = 0;
     double cpu_window_s = 0;
-    // How user and sys were told apart: "perf 10 kHz: N samples, U user" (the
+    // How user and sys were told apart: "perf 4 kHz: N samples, U user" (the
     // user share's own noise is then about 1/sqrt(U) of it) or "ticks ...".
     std::string cpu_split;
     long rss_start_kib = 0, rss_peak_kib = 0;
@@ -391,7 +391,9 @@ std::string split_legend(const std::vector<Result>& results, const Point& p) {
     }
     std::string text;
     if (!perf.empty())
-        text += "perf cpu-clock samples at 10 kHz in the load window (at least " +
+        text += "perf cpu-clock samples at " +
+                std::to_string(1000000 / CpuModeSampler::period_ns) +
+                " kHz in the load window (at least " +
                 std::to_string(fewest) + " a run) for " + perf;
     if (!ticks.empty())
         text += (text.empty() ? "" : "; ") + std::string("utime/stime ticks for ") + ticks;
