@@ -7,7 +7,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
+#include <cstdint>
 #include <string>
 #include <system_error>
 #include <utility>
@@ -15,6 +17,12 @@
 namespace evmux::detail {
 
 namespace {
+
+// The counters are plain fields of a ServerStats, bumped atomically so that
+// GroupServer::stats() may read them from another thread (std::atomic_ref).
+void bump(std::uint64_t& counter) {
+    std::atomic_ref<std::uint64_t>(counter).fetch_add(1, std::memory_order_relaxed);
+}
 
 [[noreturn]] void throw_errno(int err, const std::string& what) {
     throw std::system_error(err, std::generic_category(), what);
@@ -103,7 +111,7 @@ void Acceptor::stop() {
 
 void Acceptor::on_acceptable() {
     for (std::size_t i = 0; i < budget_; ++i) {
-        ++counters_.accept_calls;
+        bump(counters_.accept_calls);
         int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd >= 0) {
             on_accept_(fd);
@@ -112,7 +120,7 @@ void Acceptor::on_acceptable() {
         const int err = errno;
         if (err == EAGAIN || err == EWOULDBLOCK) return;
         if (err == EINTR) continue;
-        ++counters_.accept_errors;
+        bump(counters_.accept_errors);
         if (err == EMFILE || err == ENFILE) {
             // Out of fds: the pending connection stays in the backlog and a
             // level-triggered listener would wake us forever. Give up the
@@ -120,12 +128,12 @@ void Acceptor::on_acceptable() {
             // rather than hanging), then reserve the spare again.
             if (spare_fd_ >= 0) {
                 ::close(spare_fd_);
-                ++counters_.accept_calls;
+                bump(counters_.accept_calls);
                 int shed = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
                 const int shed_err = errno;
                 if (shed >= 0) {
                     ::close(shed);
-                    ++counters_.rejected;
+                    bump(counters_.rejected);
                 }
                 spare_fd_ = open_spare();
                 if (spare_fd_ >= 0) {

@@ -26,8 +26,10 @@ class Acceptor {
     /// left by a dead server (a connect is refused) is removed first, and the
     /// file bound here is unlinked if listen() fails. Counts accept_calls,
     /// accept_errors and rejected (shed) into `counters`, which must outlive
-    /// it. Watches nothing yet. Throws std::system_error naming the call
-    /// ("bind 127.0.0.1:5555: Address already in use").
+    /// it; each update is a relaxed std::atomic_ref increment, so another
+    /// thread may read them through std::atomic_ref. Watches nothing yet.
+    /// Throws std::system_error naming the call ("bind 127.0.0.1:5555:
+    /// Address already in use").
     Acceptor(EventLoop& loop, const Address& address, bool reuse_port, int backlog,
              std::size_t budget, std::chrono::milliseconds pause, ServerStats& counters,
              std::function<void(int fd)> on_accept);
