@@ -46,39 +46,31 @@ const char* to_string(Distribution distribution) {
 
 // ---- GroupServer::Shard: one server's part on one loop ------------------------------
 
-// Thread rule: loop thread only, except the atomic counters (read anywhere)
-// and the constructor/destructor (run while the loop is not running it:
-// before the start task is posted, after the thread is joined).
+// Thread rule: loop thread only, except the atomic counters and
+// accept_counters (read anywhere, the latter through std::atomic_ref) and the
+// constructor/destructor (run while the loop is not running it: before the
+// start task is posted, after the thread is joined).
 struct GroupServer::Shard {
     GroupServer& server;
     EventLoop& loop;
     std::size_t index;
-    ServerStats accept_counters;               // the acceptor's; nobody reads them yet
+    ServerStats accept_counters;  // the acceptor's: accept_calls, accept_errors, rejected (shed)
     std::optional<detail::Acceptor> acceptor;  // reuse_port: every shard; round_robin: shard 0
     bool stopping = false;
     std::size_t turn = 0;  // round_robin acceptor: the next loop to receive an fd
-    Callbacks callbacks;   // the user's, wrapped to track our connections
+    Callbacks callbacks;   // the user's
     GroupServerOptions options;
+    EventLoop::TimerId sweep_timer = 0;
     std::unordered_map<Connection*, ConnectionPtr> conns;
-    std::atomic<std::uint64_t> total{0};
-    std::atomic<std::size_t> open{0};
+    std::atomic<std::uint64_t> total{0};     // connections served by this loop
+    std::atomic<std::uint64_t> rejected{0};  // over max_connections, or refused by the selector
+    std::atomic<std::uint64_t> errors{0};    // Connection::create()/start() failed
+    std::atomic<std::uint64_t> bytes_in{0};  // of the connections closed so far
+    std::atomic<std::uint64_t> bytes_out{0};
 
     Shard(GroupServer& s, EventLoop& l, std::size_t i, const Callbacks& user,
           const GroupServerOptions& opt)
-        : server(s), loop(l), index(i), options(opt) {
-        callbacks = user;
-        callbacks.on_connect = [this, user_cb = user.on_connect](const ConnectionPtr& c) {
-            conns.emplace(c.get(), c);
-            total.fetch_add(1, std::memory_order_relaxed);
-            open.fetch_add(1, std::memory_order_relaxed);
-            if (user_cb) user_cb(c);
-        };
-        callbacks.on_close = [this, user_cb = user.on_close](const ConnectionPtr& c, CloseReason r,
-                                                             int err) {
-            if (user_cb) user_cb(c, r, err);
-            if (conns.erase(c.get()) != 0) open.fetch_sub(1, std::memory_order_relaxed);
-        };
-    }
+        : server(s), loop(l), index(i), callbacks(user), options(opt) {}
 
     // Opens the listener; accepting starts with start() on the loop.
     void listen_on(const Address& address, bool reuse_port) {
@@ -88,7 +80,12 @@ struct GroupServer::Shard {
     }
 
     void start() {
-        if (acceptor && !stopping) acceptor->start();
+        if (stopping) return;
+        if (acceptor) acceptor->start();
+        if (options.idle_timeout.count() > 0) {
+            auto period = std::max(options.idle_timeout / 4, std::chrono::milliseconds(1));
+            sweep_timer = loop.call_every(period, [this] { sweep_idle(); });
+        }
     }
 
     // Where an accepted fd goes: here, or (round_robin) the next loop in turn.
@@ -111,28 +108,78 @@ struct GroupServer::Shard {
         to->loop.post([to, holder] { to->adopt(holder->release()); });
     }
 
+    // As TcpServer::accept_one, with the open count shared by all shards.
     void adopt(int fd) {
         if (stopping) {  // accepted just before the stop: not served
             ::close(fd);
             return;
         }
-        try {
-            Connection::adopt(loop, fd, callbacks, options.connection);
-        } catch (const std::system_error&) {
-            // adopt() closed the fd (e.g. beyond select's fd limit): drop it.
+        if (!server.reserve_slot()) {
+            ::close(fd);
+            rejected.fetch_add(1, std::memory_order_relaxed);
+            return;
         }
+        ConnectionPtr conn;
+        try {
+            conn = Connection::create(loop, fd, callbacks, options.connection);
+        } catch (const std::system_error&) {
+            server.release_slot();  // create() closed the fd
+            errors.fetch_add(1, std::memory_order_relaxed);
+            return;
+        }
+        conn->tracking_ = options.idle_timeout.count() > 0;
+        conn->close_hook_ = [this](Connection& c) { forget(c); };
+        Connection* raw = conn.get();
+        conns.emplace(raw, conn);
+        total.fetch_add(1, std::memory_order_relaxed);
+        try {
+            conn->start();
+        } catch (const std::system_error&) {
+            // The selector refused the fd (e.g. beyond select's limit): drop it.
+            conns.erase(raw);
+            server.release_slot();
+            errors.fetch_add(1, std::memory_order_relaxed);
+            rejected.fetch_add(1, std::memory_order_relaxed);
+        }
+    }
+
+    // After on_close: count the connection's bytes, then free its slot (in
+    // that order, so a reader that sees the slot free sees the bytes).
+    void forget(Connection& conn) {
+        bytes_in.fetch_add(conn.bytes_in(), std::memory_order_relaxed);
+        bytes_out.fetch_add(conn.bytes_out(), std::memory_order_relaxed);
+        if (conns.erase(&conn) != 0) server.release_slot();
+    }
+
+    void sweep_idle() {
+        const auto deadline = EventLoop::now() - options.idle_timeout;
+        std::vector<ConnectionPtr> idle;
+        for (auto& [raw, conn] : conns)
+            if (conn->is_open() && conn->last_activity() <= deadline) idle.push_back(conn);
+        for (auto& conn : idle) conn->close_with(CloseReason::timeout);
     }
 
     // Stop accepting and close every connection gracefully.
     void begin_stop() {
         stopping = true;
         if (acceptor) acceptor->stop();
+        if (sweep_timer != 0) loop.cancel(std::exchange(sweep_timer, 0));
         std::vector<ConnectionPtr> all;
         all.reserve(conns.size());
         for (auto& [raw, c] : conns) all.push_back(c);
         // close() never runs on_close inside itself, so `conns` is not
         // changed under us; a connection with an empty queue closes now.
         for (auto& c : all) c->close(CloseMode::graceful);
+    }
+
+    // The loop has finished: forget what is left (its on_close never ran),
+    // freeing its slots.
+    void drop_all() {
+        for (auto& [raw, c] : conns) {
+            c->close_hook_ = nullptr;
+            server.release_slot();
+        }
+        conns.clear();
     }
 
     // The grace is over: close what is left at once.
@@ -147,7 +194,8 @@ struct GroupServer::Shard {
 GroupServer::GroupServer(LoopGroup& group, const Address& address, Callbacks callbacks,
                          GroupServerOptions options)
     : group_(group),
-      distribution_(address.is_unix() ? Distribution::round_robin : options.distribution) {
+      distribution_(address.is_unix() ? Distribution::round_robin : options.distribution),
+      max_connections_(options.max_connections) {
     if (address.family() == 0) throw std::invalid_argument("listen: address has no family");
     const std::size_t n = group.size();
     shards_.reserve(n);
@@ -179,9 +227,38 @@ std::uint64_t GroupServer::connections_total() const {
 }
 
 std::size_t GroupServer::connections_now() const {
-    std::size_t sum = 0;
-    for (const auto& s : shards_) sum += s->open.load(std::memory_order_relaxed);
-    return sum;
+    return open_.load(std::memory_order_acquire);
+}
+
+ServerStats GroupServer::stats() const {
+    ServerStats out;
+    out.connections_now = connections_now();
+    for (const auto& s : shards_) {
+        out.connections_total += s->total.load(std::memory_order_relaxed);
+        out.rejected += s->rejected.load(std::memory_order_relaxed);
+        out.accept_errors += s->errors.load(std::memory_order_relaxed);
+        out.bytes_in += s->bytes_in.load(std::memory_order_relaxed);
+        out.bytes_out += s->bytes_out.load(std::memory_order_relaxed);
+        // The acceptor's, bumped through std::atomic_ref on the loop thread.
+        auto& acc = const_cast<ServerStats&>(s->accept_counters);
+        out.accept_calls += std::atomic_ref(acc.accept_calls).load(std::memory_order_relaxed);
+        out.accept_errors += std::atomic_ref(acc.accept_errors).load(std::memory_order_relaxed);
+        out.rejected += std::atomic_ref(acc.rejected).load(std::memory_order_relaxed);
+    }
+    return out;
+}
+
+// A slot under max_connections for a new connection (always, with no limit).
+bool GroupServer::reserve_slot() {
+    std::size_t n = open_.load(std::memory_order_relaxed);
+    do {
+        if (max_connections_ != 0 && n >= max_connections_) return false;
+    } while (!open_.compare_exchange_weak(n, n + 1, std::memory_order_relaxed));
+    return true;
+}
+
+void GroupServer::release_slot() {
+    open_.fetch_sub(1, std::memory_order_release);
 }
 
 // ---- LoopGroup ------------------------------------------------------------------------
@@ -338,7 +415,7 @@ void LoopGroup::finish_loop(std::size_t index) {
         }
     }
     // Whatever is still referenced now is dropped here, on this thread.
-    for (GroupServer::Shard* s : shards_of(index)) s->conns.clear();
+    for (GroupServer::Shard* s : shards_of(index)) s->drop_all();
 }
 
 void LoopGroup::stop(std::chrono::milliseconds grace) {

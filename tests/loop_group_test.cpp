@@ -13,6 +13,7 @@
 #include <cstring>
 #include <future>
 #include <mutex>
+#include <optional>
 #include <ostream>
 #include <set>
 #include <stdexcept>
@@ -255,6 +256,194 @@ TEST_P(LoopGroupTest, StopIsBoundedByGrace) {
     group.stop(50ms);  // would hang here (and the test time out) without the bound
     EXPECT_EQ(closes.load(), 1);
     EXPECT_EQ(server.connections_now(), 0u);
+}
+
+// Polls `done` every millisecond for up to 5 s; true once it holds.
+template <class F>
+bool eventually(F done) {
+    const auto until = std::chrono::steady_clock::now() + 5s;
+    while (!done()) {
+        if (std::chrono::steady_clock::now() >= until) return false;
+        std::this_thread::sleep_for(1ms);
+    }
+    return true;
+}
+
+// max_connections limits the whole group, not each loop: of n + k clients
+// exactly n are served and k see EOF (and are counted as rejected); once some
+// served ones close, new ones are served again.
+TEST_P(LoopGroupTest, MaxConnectionsLimitsTheWholeGroup) {
+    EVMUX_SELECTOR_OR_SKIP(probe);
+    LoopGroup group(2, test::backend_name());
+    EchoRecorder rec;
+    GroupServerOptions opt;
+    opt.distribution = GetParam();
+    constexpr std::size_t n = 6, k = 3;
+    opt.max_connections = n;
+    GroupServer& server = group.listen(Address::ip("127.0.0.1", 0), rec.callbacks(), opt);
+
+    auto served = [&](const Fd& c, const std::string& msg) {
+        send_all(c.get(), msg);
+        return read_n(c.get(), msg.size()) == msg;
+    };
+    auto sees_eof = [](const Fd& c) {
+        int err = 0;
+        return read_to_eof(c.get(), 1, &err).empty() && err == 0;
+    };
+    std::vector<Fd> clients;
+    for (std::size_t i = 0; i < n; ++i) {
+        clients.push_back(connect_blocking(server.local_address()));
+        ASSERT_TRUE(served(clients.back(), "hi " + std::to_string(i))) << "client " << i;
+    }
+    EXPECT_EQ(server.connections_now(), n);
+    if (GetParam() == Distribution::round_robin)  // reuse_port: as the kernel hashes
+        EXPECT_EQ(server.connections_per_loop(), (std::vector<std::uint64_t>{n / 2, n / 2}));
+    for (std::size_t i = 0; i < k; ++i) {
+        // Nothing sent: the server closes an unread socket, so EOF, not a reset.
+        Fd extra = connect_blocking(server.local_address());
+        EXPECT_TRUE(sees_eof(extra)) << "extra client " << i << " was served";
+    }
+    // Counted just after the close the client saw.
+    EXPECT_TRUE(eventually([&] { return server.stats().rejected == k; }))
+        << server.stats().rejected;
+    EXPECT_EQ(server.connections_now(), n);
+    EXPECT_EQ(server.connections_total(), n);
+
+    // Close two served clients: two new ones are served, the next is refused.
+    clients[0].reset();
+    clients[1].reset();
+    ASSERT_TRUE(eventually([&] { return server.connections_now() == n - 2; }))
+        << server.connections_now();
+    for (int i = 0; i < 2; ++i) {
+        clients.push_back(connect_blocking(server.local_address()));
+        EXPECT_TRUE(served(clients.back(), "again " + std::to_string(i))) << "new client " << i;
+    }
+    Fd extra = connect_blocking(server.local_address());
+    EXPECT_TRUE(sees_eof(extra));
+    EXPECT_TRUE(eventually([&] { return server.stats().rejected == k + 1; }))
+        << server.stats().rejected;
+    ServerStats st = server.stats();
+    EXPECT_EQ(st.connections_now, n);
+    EXPECT_EQ(st.connections_total, n + 2);
+    EXPECT_EQ(st.accept_errors, 0u);
+    EXPECT_GE(st.accept_calls, n + 2 + k + 1);
+    group.stop();
+    EXPECT_EQ(rec.closed.load(), static_cast<int>(n + 2));
+    EXPECT_EQ(server.connections_now(), 0u);
+}
+
+// The idle sweep runs on every loop: idle connections on both loops close
+// with reason timeout, while one that keeps talking stays open.
+TEST_P(LoopGroupTest, IdleTimeoutClosesIdleConnectionsOnEveryLoop) {
+    EVMUX_SELECTOR_OR_SKIP(probe);
+    LoopGroup group(2, test::backend_name());
+    std::mutex mutex;
+    std::set<std::thread::id> timeout_threads;
+    std::atomic<int> timeouts{0}, other_closes{0};
+    Callbacks cb;
+    cb.on_message = [](const ConnectionPtr& conn, Buffer& in) {
+        conn->send(in.data(), in.size());
+        in.consume_all();
+    };
+    cb.on_close = [&](const ConnectionPtr&, CloseReason reason, int) {
+        if (reason != CloseReason::timeout) {
+            ++other_closes;
+            return;
+        }
+        std::lock_guard lock(mutex);
+        timeout_threads.insert(std::this_thread::get_id());
+        ++timeouts;
+    };
+    GroupServerOptions opt;
+    opt.distribution = GetParam();
+    opt.idle_timeout = 200ms;
+    GroupServer& server = group.listen(Address::ip("127.0.0.1", 0), cb, opt);
+
+    // round_robin puts the idle ones on both loops; the odds that reuse_port
+    // hashes all 16 to one listener: 2^-15.
+    const auto start = std::chrono::steady_clock::now();
+    constexpr int idle_n = 16;
+    std::vector<Fd> idle;
+    for (int i = 0; i < idle_n; ++i) idle.push_back(connect_blocking(server.local_address()));
+    Fd active = connect_blocking(server.local_address());
+    // Talk every 20 ms until the idle ones are gone, and 300 ms more (longer
+    // than the timeout since they went).
+    auto until = std::chrono::steady_clock::now() + 10s;
+    std::optional<std::chrono::steady_clock::time_point> all_closed;
+    int pings = 0;
+    while (std::chrono::steady_clock::now() < until) {
+        send_all(active.get(), "p");
+        ASSERT_EQ(read_n(active.get(), 1), "p") << "the active connection was closed";
+        ++pings;
+        if (!all_closed && timeouts.load() == idle_n) {
+            all_closed = std::chrono::steady_clock::now();
+            until = *all_closed + 300ms;
+        }
+        std::this_thread::sleep_for(20ms);
+    }
+    ASSERT_TRUE(all_closed) << timeouts.load() << " of " << idle_n << " closed for idleness";
+    EXPECT_GE(*all_closed - start, 200ms) << "closed before the timeout";
+    EXPECT_EQ(other_closes.load(), 0);
+    {
+        std::lock_guard lock(mutex);
+        EXPECT_EQ(timeout_threads.size(), 2u) << "not every loop swept";
+    }
+    for (auto& c : idle) {
+        int err = 0;
+        EXPECT_EQ(read_to_eof(c.get(), 1, &err), "");
+        EXPECT_EQ(err, 0) << std::strerror(err);
+    }
+    EXPECT_EQ(server.connections_now(), 1u);
+    send_all(active.get(), "still here");
+    EXPECT_EQ(read_n(active.get(), 10), "still here");
+    group.stop();
+    EXPECT_EQ(other_closes.load(), 1);  // the active one, by stop()
+    EXPECT_EQ(timeouts.load(), idle_n);
+}
+
+// stats() from the test thread: the bytes of connections count once they
+// have closed, and then equal what the clients sent and received.
+TEST_P(LoopGroupTest, StatsCountTheBytesOfClosedConnections) {
+    EVMUX_SELECTOR_OR_SKIP(probe);
+    LoopGroup group(2, test::backend_name());
+    Callbacks cb;
+    cb.on_message = [](const ConnectionPtr& conn, Buffer& in) {
+        conn->send(in.data(), in.size());  // twice: bytes_out = 2 * bytes_in
+        conn->send(in.data(), in.size());
+        in.consume_all();
+    };
+    GroupServerOptions opt;
+    opt.distribution = GetParam();
+    GroupServer& server = group.listen(Address::ip("127.0.0.1", 0), cb, opt);
+
+    constexpr int n = 8;
+    std::uint64_t sent = 0, received = 0;
+    std::vector<Fd> clients;
+    for (int i = 0; i < n; ++i) {
+        clients.push_back(connect_blocking(server.local_address()));
+        std::string msg(1000 * static_cast<std::size_t>(i + 1), static_cast<char>('a' + i));
+        send_all(clients.back().get(), msg);
+        sent += msg.size();
+        std::string got = read_n(clients.back().get(), 2 * msg.size());
+        ASSERT_EQ(got, msg + msg) << "client " << i;
+        received += got.size();
+    }
+    ServerStats open = server.stats();
+    EXPECT_EQ(open.connections_now, static_cast<std::size_t>(n));
+    EXPECT_EQ(open.connections_total, static_cast<std::uint64_t>(n));
+    EXPECT_EQ(open.bytes_in, 0u) << "open connections' bytes are documented as not counted";
+    EXPECT_EQ(open.bytes_out, 0u);
+    clients.clear();
+    ASSERT_TRUE(eventually([&] { return server.connections_now() == 0; }));
+    ServerStats st = server.stats();
+    EXPECT_EQ(st.bytes_in, sent);
+    EXPECT_EQ(st.bytes_out, received);
+    EXPECT_EQ(st.connections_total, static_cast<std::uint64_t>(n));
+    EXPECT_EQ(st.rejected, 0u);
+    EXPECT_EQ(st.accept_errors, 0u);
+    EXPECT_GE(st.accept_calls, static_cast<std::uint64_t>(n));
+    group.stop();
+    EXPECT_EQ(server.stats().bytes_in, sent);
 }
 
 INSTANTIATE_TEST_SUITE_P(Distributions, LoopGroupTest,

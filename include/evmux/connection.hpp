@@ -168,6 +168,7 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
   private:
     friend class TcpServer;
     friend class Connector;
+    friend class GroupServer;
     // Owner hooks, set between create() and start().
     static ConnectionPtr create(EventLoop& loop, int fd, Callbacks callbacks,
                                 const ConnectionOptions& options);

@@ -18,6 +18,7 @@
 #include "evmux/address.hpp"
 #include "evmux/connection.hpp"
 #include "evmux/event_loop.hpp"
+#include "evmux/server.hpp"
 
 namespace evmux {
 
@@ -41,8 +42,16 @@ struct GroupServerOptions {
     Distribution distribution = Distribution::reuse_port;
     /// listen() backlog of each listener.
     int backlog = 1024;
+    /// Connections open at once in the whole group (all loops together); 0 =
+    /// no limit. Beyond it a new connection is accepted and closed at once
+    /// (the peer sees EOF), and counted as rejected: as TcpServer.
+    std::size_t max_connections = 0;
     /// accept4() calls per wake-up of a listener.
     std::size_t accept_budget = 64;
+    /// Close connections with no I/O for this long (reason `timeout`);
+    /// zero = never. Checked by a periodic sweep on each loop (every quarter
+    /// of this), so a connection may live up to a quarter of this longer.
+    std::chrono::milliseconds idle_timeout{0};
     /// After EMFILE/ENFILE/ENOBUFS/ENOMEM that the spare fd cannot absorb,
     /// stop accepting for this long instead of spinning.
     std::chrono::milliseconds accept_pause{100};
@@ -74,16 +83,28 @@ class GroupServer {
     std::uint64_t connections_total() const;
     /// Connections open right now, all loops.
     std::size_t connections_now() const;
+    /// Counters summed over all loops, as TcpServer::stats(), read without
+    /// stopping the loops (each loop keeps its counters in atomics). One
+    /// difference: bytes_in and bytes_out count the bytes of connections that
+    /// have closed (added when each one closes, after its on_close); the bytes
+    /// of connections still open are not included, since only their own loop
+    /// may read them. The counters are read one by one, so a snapshot taken
+    /// while connections come and go need not be consistent across fields.
+    ServerStats stats() const;
 
   private:
     friend class LoopGroup;
     struct Shard;
     GroupServer(LoopGroup& group, const Address& address, Callbacks callbacks,
                 GroupServerOptions options);
+    bool reserve_slot();
+    void release_slot();
 
     LoopGroup& group_;
     Distribution distribution_;
     Address local_;
+    std::size_t max_connections_;
+    std::atomic<std::size_t> open_{0};  // all loops: the max_connections count
     std::vector<std::unique_ptr<Shard>> shards_;
 };
 
