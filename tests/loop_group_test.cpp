@@ -296,8 +296,9 @@ TEST_P(LoopGroupTest, MaxConnectionsLimitsTheWholeGroup) {
         ASSERT_TRUE(served(clients.back(), "hi " + std::to_string(i))) << "client " << i;
     }
     EXPECT_EQ(server.connections_now(), n);
-    if (GetParam() == Distribution::round_robin)  // reuse_port: as the kernel hashes
+    if (GetParam() == Distribution::round_robin) {  // reuse_port: as the kernel hashes
         EXPECT_EQ(server.connections_per_loop(), (std::vector<std::uint64_t>{n / 2, n / 2}));
+    }
     for (std::size_t i = 0; i < k; ++i) {
         // Nothing sent: the server closes an unread socket, so EOF, not a reset.
         Fd extra = connect_blocking(server.local_address());
