@@ -183,13 +183,13 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     // `self` is handle()'s guard, passed down to save reference-count traffic.
     void handle_read(const ConnectionPtr& self, Events events);
     void handle_write(const ConnectionPtr& self);
-    void handle_peer_eof(const ConnectionPtr& self);
+    [[gnu::cold]] void handle_peer_eof(const ConnectionPtr& self);
     bool flush();  // false if the connection closed
     void after_queue_grew();
     void update_interest();
     void maybe_finish_shutdown();
-    void fail(int err);
-    void notify_closed();
+    [[gnu::cold]] void fail(int err);  // cold: keeps it out of the read/send paths
+    [[gnu::cold]] void notify_closed();
     void touch() {
         if (tracking_) last_activity_ = EventLoop::now();
     }
