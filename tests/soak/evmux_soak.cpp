@@ -137,6 +137,14 @@ std::uint64_t uniform(std::uint64_t& state, std::uint64_t lo, std::uint64_t hi) 
     return lo + next_random(state) % (hi - lo + 1);
 }
 
+/// The socket's pending error (SO_ERROR), 0 if none.
+int socket_error(int fd) {
+    int err = 0;
+    socklen_t len = sizeof err;
+    ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
+    return err;
+}
+
 /// A log-uniform integer in [1, max]: every power of two equally likely.
 std::uint64_t log_uniform(std::uint64_t& state, std::uint64_t max) {
     const double e = std::log2(static_cast<double>(max) + 1) *
@@ -534,9 +542,7 @@ void Client::start_conn(std::uint64_t id, bool faults, std::uint64_t max_stream)
 }
 
 void Client::finish_connect(Conn& c) {
-    int err = 0;
-    socklen_t len = sizeof err;
-    ::getsockopt(c.fd, SOL_SOCKET, SO_ERROR, &err, &len);
+    const int err = socket_error(c.fd);
     c.connecting = false;
     --connecting_;
     ++wave_settled_;
@@ -689,16 +695,12 @@ void Client::on_event(Conn& c, std::uint32_t events) {
         return;
     }
     if (c.waiting) {
-        int err = 0;
-        socklen_t len = sizeof err;
-        ::getsockopt(c.fd, SOL_SOCKET, SO_ERROR, &err, &len);
+        const int err = socket_error(c.fd);
         return failure(c, "event 0x%x on a connection that has sent nothing yet: %s", events,
                        std::strerror(err));
     }
     if (c.holding) {
-        int err = 0;
-        socklen_t len = sizeof err;
-        ::getsockopt(c.fd, SOL_SOCKET, SO_ERROR, &err, &len);
+        const int err = socket_error(c.fd);
         return failure(c, "the server dropped a never-reading client (events 0x%x): %s", events,
                        std::strerror(err));
     }
@@ -707,9 +709,7 @@ void Client::on_event(Conn& c, std::uint32_t events) {
         pump_read(c, gone);
         if (c.fd < 0 || c.paused) return;
     } else if (gone) {
-        int err = 0;
-        socklen_t len = sizeof err;
-        ::getsockopt(c.fd, SOL_SOCKET, SO_ERROR, &err, &len);
+        const int err = socket_error(c.fd);
         return failure(c, "error/hang-up while sending (events 0x%x): %s", events,
                        std::strerror(err));
     }
