@@ -166,9 +166,17 @@ std::string Address::to_string() const {
             sockaddr_in6 v6;
             std::memcpy(&v6, storage_, sizeof v6);
             ::inet_ntop(AF_INET6, &v6.sin6_addr, host, sizeof host);
-            std::string s = "[" + std::string(host);
-            if (v6.sin6_scope_id != 0) s += "%" + std::to_string(v6.sin6_scope_id);
-            return s + "]:" + std::to_string(ntohs(v6.sin6_port));
+            // Appended piece by piece: GCC 12 at -O3 warns falsely
+            // (-Wrestrict, its bug 105651) on "literal" + std::string.
+            std::string s = "[";
+            s += host;
+            if (v6.sin6_scope_id != 0) {
+                s += '%';
+                s += std::to_string(v6.sin6_scope_id);
+            }
+            s += "]:";
+            s += std::to_string(ntohs(v6.sin6_port));
+            return s;
         }
         case AF_UNIX: {
             std::string p = path();

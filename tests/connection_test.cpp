@@ -485,9 +485,9 @@ TEST(TcpServer, ThousandConnections) {
     std::vector<Fd> clients;
     for (int i = 0; i < n; ++i) clients.push_back(dial(srv.address()));
     for (int i = 0; i < n; ++i)
-        ASSERT_TRUE(send_all(clients[i].get(), "c" + std::to_string(10000 + i)));
+        ASSERT_TRUE(send_all(clients[i].get(), std::string("c").append(std::to_string(10000 + i))));
     for (int i = 0; i < n; ++i)
-        ASSERT_EQ(recv_exact(clients[i].get(), 6), "c" + std::to_string(10000 + i));
+        ASSERT_EQ(recv_exact(clients[i].get(), 6), std::string("c").append(std::to_string(10000 + i)));
     EXPECT_TRUE(srv.wait_until([&] { return srv.server().connection_count() == n; }));
     clients.clear();
     EXPECT_TRUE(srv.wait_until([&] { return srv.server().connection_count() == 0; }));
