@@ -193,8 +193,7 @@ struct GroupServer::Shard {
 
 GroupServer::GroupServer(LoopGroup& group, const Address& address, Callbacks callbacks,
                          GroupServerOptions options)
-    : group_(group),
-      distribution_(address.is_unix() ? Distribution::round_robin : options.distribution),
+    : distribution_(address.is_unix() ? Distribution::round_robin : options.distribution),
       max_connections_(options.max_connections) {
     if (address.family() == 0) throw std::invalid_argument("listen: address has no family");
     const std::size_t n = group.size();

@@ -100,7 +100,6 @@ class GroupServer {
     bool reserve_slot();
     void release_slot();
 
-    LoopGroup& group_;
     Distribution distribution_;
     Address local_;
     std::size_t max_connections_;
