@@ -134,19 +134,40 @@ Fd dial(const Address& a) {
     timeval tv{5, 0};
     ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     ::setsockopt(fd.get(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    if (::connect(fd.get(), static_cast<const sockaddr*>(a.sockaddr_ptr()), a.sockaddr_len()) != 0)
-        ADD_FAILURE() << "connect " << a.to_string() << ": " << std::strerror(errno);
+    int rc = ::connect(fd.get(), static_cast<const sockaddr*>(a.sockaddr_ptr()), a.sockaddr_len());
+    if (rc != 0 && errno == EINTR) {
+        // Interrupted (with io_uring in this process, task work can do that
+        // without a signal): the connect goes on; wait for its outcome.
+        pollfd p{fd.get(), POLLOUT, 0};
+        int err = ::poll(&p, 1, 5000) == 1 ? 0 : ETIMEDOUT;
+        socklen_t len = sizeof err;
+        if (err == 0) ::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &len);
+        errno = err;
+        rc = err == 0 ? 0 : -1;
+    }
+    if (rc != 0) ADD_FAILURE() << "connect " << a.to_string() << ": " << std::strerror(errno);
     return fd;
 }
 
+// Send `msg`, read as many bytes back. Blocking calls with SO_RCVTIMEO /
+// SO_SNDTIMEO are not restarted after an interruption, and io_uring's task
+// work in this process (the SetUp probes the backend) interrupts them now and
+// then without a signal: EINTR is retried. Other failures say what happened.
 std::string roundtrip(int fd, const std::string& msg) {
-    if (::send(fd, msg.data(), msg.size(), MSG_NOSIGNAL) != static_cast<ssize_t>(msg.size()))
-        return "(send failed)";
+    std::size_t sent = 0;
+    while (sent < msg.size()) {
+        ssize_t n = ::send(fd, msg.data() + sent, msg.size() - sent, MSG_NOSIGNAL);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return std::string("(send failed: ") + std::strerror(errno) + ")";
+        sent += static_cast<std::size_t>(n);
+    }
     std::string got;
     char b[4096];
     while (got.size() < msg.size()) {
         ssize_t n = ::recv(fd, b, sizeof b, 0);
-        if (n <= 0) break;
+        if (n < 0 && errno == EINTR) continue;
+        if (n == 0) return got + "(EOF)";
+        if (n < 0) return got + "(recv: " + std::strerror(errno) + ")";
         got.append(b, static_cast<std::size_t>(n));
     }
     return got;
