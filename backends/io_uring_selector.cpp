@@ -125,39 +125,31 @@ class IoUringSelector final : public Selector {
         }
     }
 
+    // One wait. Completions that report nothing (stale tokens, cancels, a
+    // closed fd) leave ready_ empty; Selector::select() then waits again for
+    // what is left of the timeout, as after EINTR.
     bool backend_wait(Timeout timeout) override {
-        using clock = std::chrono::steady_clock;
-        const bool forever = !timeout;
-        const bool no_wait = timeout && timeout->count() <= 0;
-        const auto deadline = forever || no_wait ? clock::time_point{} : clock::now() + *timeout;
-        for (;;) {
-            arm_queued();
-            int ret;
-            if (no_wait) {
-                ret = io_uring_submit_and_get_events(&ring_);
-            } else {
-                __kernel_timespec ts{};
-                if (!forever) {
-                    auto left = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline -
-                                                                                     clock::now());
-                    if (left.count() < 0) left = left.zero();
-                    ts.tv_sec = left.count() / 1'000'000'000;
-                    ts.tv_nsec = left.count() % 1'000'000'000;  // ns: no rounding needed
-                }
-                io_uring_cqe* cqe = nullptr;
-                ret = io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, forever ? nullptr : &ts,
-                                                       nullptr);
+        arm_queued();
+        int ret;
+        if (timeout && timeout->count() <= 0) {
+            ret = io_uring_submit_and_get_events(&ring_);
+        } else {
+            __kernel_timespec ts{};
+            if (timeout) {
+                ts.tv_sec = timeout->count() / 1'000'000'000;
+                ts.tv_nsec = timeout->count() % 1'000'000'000;  // ns: no rounding needed
             }
-            if (ret == -EINTR) return false;
-            // ETIME: the wait timed out. EBUSY/EAGAIN: completions back up in
-            // the kernel (CQ overflow); reaping them below makes room.
-            if (ret < 0 && ret != -ETIME && ret != -EBUSY && ret != -EAGAIN)
-                fail(ret, "io_uring_enter");
-            // Completions that report nothing (stale tokens, cancels, a closed
-            // fd) must not end a finite wait early: wait again for the rest.
-            if (reap() > 0 || no_wait) return true;
-            if (!forever && clock::now() >= deadline) return true;
+            io_uring_cqe* cqe = nullptr;
+            ret =
+                io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, timeout ? &ts : nullptr, nullptr);
         }
+        if (ret == -EINTR) return false;
+        // ETIME: the wait timed out. EBUSY/EAGAIN: completions back up in
+        // the kernel (CQ overflow); reaping them below makes room.
+        if (ret < 0 && ret != -ETIME && ret != -EBUSY && ret != -EAGAIN)
+            fail(ret, "io_uring_enter");
+        reap();
+        return true;
     }
 
   private:
@@ -242,17 +234,16 @@ class IoUringSelector final : public Selector {
         if (io_uring_cq_has_overflow(&ring_)) io_uring_get_events(&ring_);
     }
 
-    // Handles every completion there is; returns how many fds it reported.
-    int reap() {
-        int reported = 0;
-        for (const Completion& c : stashed_) reported += handle(c.user_data, c.res, c.flags);
+    // Handles every completion there is.
+    void reap() {
+        for (const Completion& c : stashed_) handle(c.user_data, c.res, c.flags);
         stashed_.clear();
         for (;;) {
             unsigned head;
             unsigned n = 0;
             io_uring_cqe* cqe;
             io_uring_for_each_cqe(&ring_, head, cqe) {
-                reported += handle(cqe->user_data, cqe->res, cqe->flags);
+                handle(cqe->user_data, cqe->res, cqe->flags);
                 ++n;
             }
             io_uring_cq_advance(&ring_, n);
@@ -261,27 +252,26 @@ class IoUringSelector final : public Selector {
             if (!io_uring_cq_has_overflow(&ring_)) break;
             io_uring_get_events(&ring_);
         }
-        return reported;
     }
 
-    int handle(std::uint64_t user_data, std::int32_t res, std::uint32_t flags) {
+    void handle(std::uint64_t user_data, std::int32_t res, std::uint32_t flags) {
         const auto token = static_cast<std::uint32_t>(user_data >> 32);
         const auto fd32 = static_cast<std::uint32_t>(user_data);
         // Cancels (and liburing's own timeout, user_data ~0) report nothing.
-        if (token & control_bit || fd32 >= slots_.size()) return 0;
+        if (token & control_bit || fd32 >= slots_.size()) return;
         const int fd = static_cast<int>(fd32);
         Slot& s = slots_[fd];
-        if (!s.registered || token != s.token) return 0;  // an earlier request
+        if (!s.registered || token != s.token) return;  // an earlier request
         if (!(flags & IORING_CQE_F_MORE)) s.armed = false;
         if (res == -EBADF) {
             // Closed without remove(): report nothing and stop asking, as the
             // poll backend does on POLLNVAL, so the wait does not spin.
             s.closed = true;
-            return 0;
+            return;
         }
         if (res < 0) {  // e.g. ECANCELED, ENOMEM: ask again
             queue_arm(fd);
-            return 0;
+            return;
         }
         // io_uring always listens for POLLRDHUP, POLLERR and POLLHUP whatever
         // was asked; poll(2) reports POLLRDHUP only when asked (read interest).
@@ -297,7 +287,7 @@ class IoUringSelector final : public Selector {
                 s.multishot = true;
                 queue_arm(fd);
             }
-            return 0;
+            return;
         }
         if (s.multishot) {
             // Back to one-shot polls: level-triggered from here. The cancel
@@ -309,7 +299,7 @@ class IoUringSelector final : public Selector {
             s.token = (s.token + 1) & token_mask;
         }
         queue_arm(fd);  // level-triggered: ask again at the next wait
-        return report(fd, from_poll(mask), s.generation) ? 1 : 0;
+        report(fd, from_poll(mask), s.generation);
     }
 
     io_uring ring_{};

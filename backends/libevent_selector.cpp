@@ -120,43 +120,31 @@ class LibeventSelector final : public Selector {
         s = Slot{};
     }
 
+    // One round of the base. libevent's coarse clock may fire the timer a
+    // little early, and a fired fd may have nothing left: ready_ is then
+    // empty and Selector::select() waits again for the rest of the timeout.
     bool backend_wait(Timeout timeout) override {
-        using clock = std::chrono::steady_clock;
-        const bool forever = !timeout;
+        // EVLOOP_NONBLOCK alone keeps looping while a persistent event stays
+        // active (a writable socket): EVLOOP_ONCE makes it one round.
+        int flags = EVLOOP_ONCE | EVLOOP_NONBLOCK;
         const bool no_wait = timeout && timeout->count() <= 0;
-        const auto deadline = forever || no_wait ? clock::time_point{} : clock::now() + *timeout;
-        for (;;) {
-            // EVLOOP_NONBLOCK alone keeps looping while a persistent event stays
-            // active (a writable socket): EVLOOP_ONCE makes it one round.
-            int flags = EVLOOP_ONCE | EVLOOP_NONBLOCK;
-            if (!no_wait) {
-                // EVLOOP_ONCE returns at once when no event is pending, so an
-                // endless wait also gets a timer (an hour, then wait again).
-                long long us = 3600LL * 1'000'000;
-                if (!forever) {
-                    auto left = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline -
-                                                                                     clock::now())
-                                    .count();
-                    us = left <= 0 ? 0 : (left + 999) / 1000;  // round up: never spin
-                }
-                timeval tv{};
-                tv.tv_sec = static_cast<time_t>(us / 1'000'000);
-                tv.tv_usec = static_cast<suseconds_t>(us % 1'000'000);
-                evtimer_add(timer_, &tv);
-                flags = EVLOOP_ONCE;
-            }
-            // libevent retries its own EINTR, so the loop runs until an fd
-            // fires or the timer does.
-            int ret = event_base_loop(base_, flags);
-            if (!no_wait) evtimer_del(timer_);
-            if (ret < 0) throw std::system_error(errno, std::generic_category(), "event_base_loop");
-            int reported = refine();
-            if (reported < 0) return false;  // EINTR in poll(): the base resumes
-            // libevent's coarse clock may fire the timer a little early, and a
-            // fired fd may have nothing left: finite waits last their full time.
-            if (reported > 0 || no_wait) return true;
-            if (!forever && clock::now() >= deadline) return true;
+        if (!no_wait) {
+            // EVLOOP_ONCE returns at once when no event is pending, so an
+            // endless wait also gets a timer (an hour, then wait again).
+            long long us = 3600LL * 1'000'000;
+            if (timeout) us = (timeout->count() + 999) / 1000;  // round up: never spin
+            timeval tv{};
+            tv.tv_sec = static_cast<time_t>(us / 1'000'000);
+            tv.tv_usec = static_cast<suseconds_t>(us % 1'000'000);
+            evtimer_add(timer_, &tv);
+            flags = EVLOOP_ONCE;
         }
+        // libevent retries its own EINTR, so the loop runs until an fd
+        // fires or the timer does.
+        int ret = event_base_loop(base_, flags);
+        if (!no_wait) evtimer_del(timer_);
+        if (ret < 0) throw std::system_error(errno, std::generic_category(), "event_base_loop");
+        return refine();  // false: EINTR in poll(), the base resumes
     }
 
   private:
@@ -176,8 +164,8 @@ class LibeventSelector final : public Selector {
     static void on_timer(evutil_socket_t, short, void*) {}
 
     // Asks the fds libevent reported for their exact events and reports them.
-    // Returns how many it reported, or -1 if poll() was interrupted.
-    int refine() {
+    // Returns false if poll() was interrupted (EINTR).
+    bool refine() {
         pollfds_.clear();
         for (int fd : fired_) {
             slots_[fd].fired = false;
@@ -185,12 +173,11 @@ class LibeventSelector final : public Selector {
                 pollfds_.push_back(pollfd{fd, poll_mask(key->interest), 0});
         }
         fired_.clear();
-        if (pollfds_.empty()) return 0;
+        if (pollfds_.empty()) return true;
         if (::poll(pollfds_.data(), pollfds_.size(), 0) < 0) {
-            if (errno == EINTR) return -1;
+            if (errno == EINTR) return false;
             throw std::system_error(errno, std::generic_category(), "poll");
         }
-        int reported = 0;
         for (const pollfd& p : pollfds_) {
             if (p.revents & POLLNVAL) {
                 // Closed without remove(). libevent's poll method would call
@@ -199,11 +186,11 @@ class LibeventSelector final : public Selector {
                 Slot& s = slots_[p.fd];
                 if (!s.set_aside) event_del(s.ev);
                 s.set_aside = true;
-            } else if (p.revents && report(p.fd, from_poll(p.revents))) {
-                ++reported;
+            } else if (p.revents) {
+                report(p.fd, from_poll(p.revents));
             }
         }
-        return reported;
+        return true;
     }
 
     event_base* base_;
