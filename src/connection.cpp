@@ -233,8 +233,13 @@ void Connection::handle_peer_eof(const ConnectionPtr& self) {
 }
 
 void Connection::handle_write(const ConnectionPtr& self) {
-    if (!flush()) return;
-    if (!queue_.empty()) return;
+    if (!flush() || queued_ != 0) return;
+    // Drained. on_drain first, whatever follows (the contract is "the queue
+    // has been fully written"); then a graceful close or a pending FIN.
+    if (cb_.on_drain) {
+        cb_.on_drain(self);
+        if (state_ != State::open || queued_ != 0) return;  // it closed, or sent more
+    }
     if (close_after_drain_) {
         close_with(CloseReason::local);
         return;
@@ -243,9 +248,7 @@ void Connection::handle_write(const ConnectionPtr& self) {
         ::shutdown(fd_, SHUT_WR);
         shut_done_ = true;
         maybe_finish_shutdown();
-        if (state_ != State::open) return;
     }
-    if (cb_.on_drain) cb_.on_drain(self);
 }
 
 bool Connection::flush() {

@@ -108,6 +108,28 @@ std::string recv_to_eof(int fd, bool* eof) {
     }
 }
 
+/// What a client read while its server-side connection was closing.
+struct ReadToClose {
+    bool closed = false;  // `closed()` became true within 10 s
+    bool eof = false;
+    std::string got;
+};
+
+/// Reads `fd` (made blocking, 10 s timeouts) to EOF on a thread while `loop`
+/// runs until `closed()` holds: the loop drains a queue the reader empties.
+template <class Pred>
+ReadToClose read_while_closing(EventLoop& loop, int fd, Pred closed) {
+    ReadToClose r;
+    std::thread reader([&r, fd] {
+        ::fcntl(fd, F_SETFL, 0);
+        set_timeouts(fd, 10000ms);
+        r.got = recv_to_eof(fd, &r.eof);
+    });
+    r.closed = run_until(loop, closed, 10000ms);
+    reader.join();
+    return r;
+}
+
 Callbacks echo_callbacks() {
     Callbacks cb;
     cb.on_message = [](const ConnectionPtr& c, Buffer& in) {
@@ -268,21 +290,12 @@ TEST(Connection, DefaultPeerShutdownFinishesQueueThenCloses) {
     EXPECT_GT(conn->queued_bytes(), 0u) << "a 4 KiB send buffer cannot take 1 MiB at once";
     ASSERT_EQ(::shutdown(client.get(), SHUT_WR), 0);
     // The client reads on a thread while the loop drains the queue.
-    std::string got;
-    bool eof = false;
-    std::thread reader([&, fd = client.get()] {
-        ::fcntl(fd, F_SETFL, 0);
-        set_timeouts(fd, 10000ms);
-        got = recv_to_eof(fd, &eof);
-    });
-    bool closed = run_until(
-        loop, [&] { return rec.closes > 0; }, 10000ms);
-    reader.join();
-    ASSERT_TRUE(closed);
+    ReadToClose r = read_while_closing(loop, client.get(), [&] { return rec.closes > 0; });
+    ASSERT_TRUE(r.closed);
     EXPECT_EQ(rec.reason, CloseReason::peer_closed);
-    EXPECT_TRUE(eof);
-    EXPECT_TRUE(got == big) << "got " << got.size() << " bytes";
-    EXPECT_GE(rec.drains, 1);
+    EXPECT_TRUE(r.eof);
+    EXPECT_TRUE(r.got == big) << "got " << r.got.size() << " bytes";
+    EXPECT_GE(rec.drains, 1) << "on_drain comes before the FIN that follows the drained queue";
 }
 
 TEST(Connection, FramingKeepsUnconsumedInput) {
@@ -405,20 +418,12 @@ TEST(Connection, GracefulCloseSendsTheQueueFirst) {
     conn->send(std::string(big));  // the rvalue overload
     conn->close(CloseMode::graceful);
     EXPECT_EQ(rec.closes, 0);
-    std::string got;
-    bool eof = false;
-    std::thread reader([&, fd = client.get()] {
-        ::fcntl(fd, F_SETFL, 0);
-        set_timeouts(fd, 10000ms);
-        got = recv_to_eof(fd, &eof);
-    });
-    bool closed = run_until(
-        loop, [&] { return rec.closes > 0; }, 10000ms);
-    reader.join();
-    ASSERT_TRUE(closed);
+    ReadToClose r = read_while_closing(loop, client.get(), [&] { return rec.closes > 0; });
+    ASSERT_TRUE(r.closed);
     EXPECT_EQ(rec.reason, CloseReason::local);
-    EXPECT_TRUE(eof);
-    EXPECT_TRUE(got == big) << got.size();
+    EXPECT_TRUE(r.eof);
+    EXPECT_TRUE(r.got == big) << r.got.size();
+    EXPECT_EQ(rec.drains, 1) << "the queue was fully written: on_drain, then the close";
 }
 
 TEST(Connection, CallbackClosesAnotherInTheSameBatch) {
