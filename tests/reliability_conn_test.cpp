@@ -202,23 +202,18 @@ struct Recorder {
     }
 };
 
-}  // namespace
-
-// The server's connection has a queue (the client is not reading) and write
-// interest. In one wake-up the socket becomes readable (new data) and
-// writable (the client drained); on_message closes the connection. The
-// pending write must not be handled, on_drain must not run, on_close once.
-TEST(ReliabilityConn, CloseSelfWithWritePending) {
-    EVMUX_LOOP_OR_SKIP(loop);
-    Recorder rec;
-    const std::string big(4 << 20, 'x');
+// The two CloseSelf tests' start: a server connection that answers the
+// client's first byte with `big` (queued: small socket buffers, and water
+// marks too high for reading to pause, so a later read and write can arrive
+// in one wake-up) and closes itself on the next message. `rec` counts its
+// callbacks; `rec` and `big` must outlive the connection.
+OnePair queued_reply_then_close_self(EventLoop& loop, Recorder& rec, const std::string& big) {
     Callbacks cb;
     cb.on_message = [&](const ConnectionPtr& c, Buffer& in) {
         rec.note();
         ++rec.messages;
-        const bool first = rec.messages == 1;
         in.consume_all();
-        if (first)
+        if (rec.messages == 1)
             c->send(big);  // more than the socket buffers take: queued
         else
             c->close();
@@ -232,17 +227,31 @@ TEST(ReliabilityConn, CloseSelfWithWritePending) {
         ++rec.closes;
         rec.reason = r;
     };
-    // Reading must not pause at the high-water mark: the read and the write
-    // are to arrive in one wake-up.
     ServerOptions opt;
     opt.connection.high_water = 32u << 20;
     opt.connection.low_water = 16u << 20;
     opt.connection.max_buffered = 64u << 20;
-    auto p = one_pair(loop, cb, opt);
+    OnePair p = one_pair(loop, cb, opt);
+    if (!p.conn) return p;
+    EXPECT_TRUE(small_socket_buffers(p));
+    EXPECT_EQ(::send(p.client.get(), "a", 1, MSG_NOSIGNAL), 1);
+    EXPECT_TRUE(run_until(loop, [&] { return rec.messages == 1; }));
+    return p;
+}
+
+}  // namespace
+
+// The server's connection has a queue (the client is not reading) and write
+// interest. In one wake-up the socket becomes readable (new data) and
+// writable (the client drained); on_message closes the connection. The
+// pending write must not be handled, on_drain must not run, on_close once.
+TEST(ReliabilityConn, CloseSelfWithWritePending) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Recorder rec;
+    const std::string big(4 << 20, 'x');
+    auto p = queued_reply_then_close_self(loop, rec, big);
     ASSERT_TRUE(p.conn);
-    ASSERT_TRUE(small_socket_buffers(p));
-    ASSERT_EQ(::send(p.client.get(), "a", 1, MSG_NOSIGNAL), 1);
-    ASSERT_TRUE(run_until(loop, [&] { return rec.messages == 1; }));
+    ASSERT_EQ(rec.messages, 1);
     ASSERT_GT(p.conn->queued_bytes(), 0u) << "the queue must be non-empty for this test";
     // Without running the loop: free some socket space (not all 4 MiB), then
     // send more data.
@@ -277,34 +286,9 @@ TEST(ReliabilityConn, CloseSelfWithErrorPending) {
     EVMUX_LOOP_OR_SKIP(loop);
     Recorder rec;
     const std::string big(4 << 20, 'y');
-    Callbacks cb;
-    cb.on_message = [&](const ConnectionPtr& c, Buffer& in) {
-        rec.note();
-        ++rec.messages;
-        in.consume_all();
-        if (rec.messages == 1)
-            c->send(big);
-        else
-            c->close();
-    };
-    cb.on_drain = [&](const ConnectionPtr&) {
-        rec.note();
-        ++rec.drains;
-    };
-    cb.on_close = [&](const ConnectionPtr&, CloseReason r, int) {
-        rec.note();
-        ++rec.closes;
-        rec.reason = r;
-    };
-    ServerOptions opt;
-    opt.connection.high_water = 32u << 20;
-    opt.connection.low_water = 16u << 20;
-    opt.connection.max_buffered = 64u << 20;
-    auto p = one_pair(loop, cb, opt);
+    auto p = queued_reply_then_close_self(loop, rec, big);
     ASSERT_TRUE(p.conn);
-    ASSERT_TRUE(small_socket_buffers(p));
-    ASSERT_EQ(::send(p.client.get(), "a", 1, MSG_NOSIGNAL), 1);
-    ASSERT_TRUE(run_until(loop, [&] { return rec.messages == 1; }));
+    ASSERT_EQ(rec.messages, 1);
     ASSERT_GT(p.conn->queued_bytes(), 0u);
     ASSERT_EQ(::send(p.client.get(), "b", 1, MSG_NOSIGNAL), 1);
     linger lg{1, 0};
