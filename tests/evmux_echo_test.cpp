@@ -14,6 +14,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -276,6 +277,25 @@ TEST_F(EvmuxEcho, RaisesItsSoftFdLimitToTheHardLimit) {
     auto [soft, hard] = open_files_limits(echo.pid());
     EXPECT_FALSE(hard.empty());
     EXPECT_EQ(soft, hard);
+    ASSERT_EQ(::kill(echo.pid(), SIGTERM), 0);
+    EXPECT_EQ(echo.wait(), 0);
+}
+
+// --threads N runs N loops and no other: N epoll instances in the process
+// (there was once an unused one on the main thread as well).
+TEST_F(EvmuxEcho, ThreadsMakeOneLoopEach) {
+    if (test::backend_name() != "epoll") GTEST_SKIP() << "counts epoll instances: epoll suite";
+    EchoProcess echo({"--port", "0", "--backend", "epoll", "--threads", "2"});
+    std::string backend;
+    ASSERT_FALSE(listening_address(echo.line(), &backend).empty());
+    int epolls = 0;
+    const std::string dir = "/proc/" + std::to_string(echo.pid()) + "/fd";
+    for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+        std::error_code ec;
+        if (std::filesystem::read_symlink(entry.path(), ec).string() == "anon_inode:[eventpoll]")
+            ++epolls;
+    }
+    EXPECT_EQ(epolls, 2);
     ASSERT_EQ(::kill(echo.pid(), SIGTERM), 0);
     EXPECT_EQ(echo.wait(), 0);
 }
