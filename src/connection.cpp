@@ -407,15 +407,13 @@ void Connection::update_interest() {
         if (watching_) loop_.unwatch(fd_);
         watching_ = false;
         loop_.hold(this, shared_from_this());  // open but unwatched: the loop keeps us
-        held_ = true;
     } else if (!watching_) {
         // The watcher owns the open connection, so a loop destroyed with
         // connections still open frees them with its watchers (no cycle).
         loop_.watch(fd_, want,
                     [self = shared_from_this()](Events events) { self->handle(self, events); });
         watching_ = true;
-        if (held_) loop_.release(this);  // the watcher holds us now
-        held_ = false;
+        loop_.release(this);  // if the loop held us: the watcher does now
     } else {
         loop_.change(fd_, want);
     }
@@ -440,8 +438,7 @@ void Connection::close_with(CloseReason reason, int err) {
     if (state_ != State::open) return;
     // Unwatching below may drop the watcher's reference, maybe the last one.
     ConnectionPtr keep = shared_from_this();
-    if (held_) loop_.release(this);
-    held_ = false;
+    if (!watching_) loop_.release(this);  // held by the loop while unwatched
     state_ = State::closed;
     reason_ = reason;
     err_ = err;

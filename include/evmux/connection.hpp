@@ -222,7 +222,6 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     CloseReason reason_ = CloseReason::local;
     int err_ = 0;
     EventLoop::Clock::time_point last_activity_{};
-    bool held_ = false;  // the loop holds us (open, fd not watched): EventLoop::hold()
     std::function<void(Connection&)> close_hook_;  // owner's bookkeeping, after on_close
 };
 
