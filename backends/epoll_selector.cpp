@@ -44,7 +44,6 @@ class EpollSelector final : public Selector {
         }
         bool orphan = false;
         for (int i = 0; i < n; ++i) {
-            if (i + 2 < n) prefetch_key(static_cast<int>(events_[i + 2].data.u64 & 0xffffffffu));
             std::uint64_t token = events_[i].data.u64;
             orphan |= !report(static_cast<int>(token & 0xffffffffu), from_poll(events_[i].events),
                               static_cast<std::uint32_t>(token >> 32));

@@ -176,11 +176,6 @@ protected:
     /// nothing is left. Returns false, ignoring the event, if it belongs to no
     /// current registration (the fd was removed, or it is an earlier
     /// registration of a reused fd number).
-    /// A hint that report(fd) follows soon: start loading its key.
-    void prefetch_key(int fd) const {
-        const auto i = static_cast<std::size_t>(fd);
-        if (i < keys_.size()) __builtin_prefetch(&keys_[i]);
-    }
     /// Inline: it runs once per ready fd.
     bool report(int fd, Events events, std::uint32_t generation = 0) {
         const SelectorKey* key = get_key(fd);
