@@ -8,6 +8,11 @@
 
 namespace evmux {
 
+namespace {
+// Longer timeouts wait forever (a deadline that far ahead could overflow the clock).
+constexpr std::chrono::nanoseconds max_finite_timeout = std::chrono::hours(24 * 365 * 100);
+}  // namespace
+
 std::string to_string(Events events) {
     static constexpr struct {
         Events flag;
@@ -90,13 +95,20 @@ int Selector::max_fd() const {
 }
 
 std::span<const ReadyEvent> Selector::select(Timeout timeout) {
+    const bool finite = timeout && timeout->count() > 0 && *timeout <= max_finite_timeout;
+    return select(timeout, finite ? std::chrono::steady_clock::now()
+                                  : std::chrono::steady_clock::time_point{});
+}
+
+std::span<const ReadyEvent> Selector::select(Timeout timeout,
+                                             std::chrono::steady_clock::time_point start) {
     using clock = std::chrono::steady_clock;
     ready_.clear();
     if (timeout && timeout->count() < 0) timeout = std::chrono::nanoseconds::zero();
     // A deadline far in the future would overflow the clock: treat it as forever.
-    if (timeout && *timeout > std::chrono::hours(24 * 365 * 100)) timeout.reset();
+    if (timeout && *timeout > max_finite_timeout) timeout.reset();
     const bool finite = timeout && timeout->count() > 0;
-    const auto deadline = finite ? clock::now() + *timeout : clock::time_point{};
+    const auto deadline = finite ? start + *timeout : clock::time_point{};
     for (;;) {
         const bool completed = backend_wait(timeout);
         if (completed && !ready_.empty()) break;

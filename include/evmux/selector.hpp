@@ -53,11 +53,17 @@ constexpr Events operator~(Events a) {
     return static_cast<Events>(~static_cast<std::uint32_t>(a) & 0xfu);
 }
 /// Adds the flags of `b` to `a`.
-constexpr Events& operator|=(Events& a, Events b) { return a = a | b; }
+constexpr Events& operator|=(Events& a, Events b) {
+    return a = a | b;
+}
 /// Keeps in `a` only the flags also in `b`.
-constexpr Events& operator&=(Events& a, Events b) { return a = a & b; }
+constexpr Events& operator&=(Events& a, Events b) {
+    return a = a & b;
+}
 /// True when `set` has any of the flags in `flags`.
-constexpr bool any(Events set, Events flags) { return (set & flags) != Events::none; }
+constexpr bool any(Events set, Events flags) {
+    return (set & flags) != Events::none;
+}
 
 /// "read|write|error|hangup" style text, for messages and tests.
 std::string to_string(Events events);
@@ -101,7 +107,7 @@ constexpr std::chrono::nanoseconds saturating_nanoseconds(std::chrono::duration<
 /// time. All bookkeeping and argument checks are done here once; a backend
 /// implements only the kernel calls (see `backend_*`).
 class Selector {
-public:
+  public:
     virtual ~Selector();
     Selector(const Selector&) = delete;
     Selector& operator=(const Selector&) = delete;
@@ -133,6 +139,12 @@ public:
     /// fds removed since are never returned. Throws std::system_error if the
     /// kernel call fails for another reason.
     std::span<const ReadyEvent> select(Timeout timeout = std::nullopt);
+    /// select() for a caller that has just read the clock: `timeout` counts
+    /// from `start` (a std::chrono::steady_clock reading), so the selector
+    /// reads the clock itself only if a wait is interrupted and must resume.
+    /// The event loop uses this to read the clock once per iteration.
+    std::span<const ReadyEvent> select(Timeout timeout,
+                                       std::chrono::steady_clock::time_point start);
     /// select() with any std::chrono duration, clamped rather than overflowed
     /// (see saturating_nanoseconds()).
     template <class Rep, class Period>
@@ -151,7 +163,7 @@ public:
     /// The backend name, e.g. "epoll" or "libevent (epoll)".
     virtual std::string name() const = 0;
 
-protected:
+  protected:
     Selector();
 
     // ---- The backend's part: only kernel calls. -----------------------------
@@ -200,7 +212,7 @@ protected:
     /// family: -1 for forever, clamped to INT_MAX.
     static int timeout_ms(Timeout timeout);
 
-private:
+  private:
     // The kernel flags describe the file; the contract on Events describes
     // what a call will do. A pending error makes a read and a write return at
     // once, and a hang-up makes a read return end-of-file: a pipe at EOF gives
