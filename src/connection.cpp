@@ -40,6 +40,8 @@ const char* to_string(CloseReason reason) {
             return "timeout";
         case CloseReason::local:
             return "local";
+        case CloseReason::exception:
+            return "exception";
     }
     return "unknown";
 }
@@ -100,6 +102,7 @@ Connection::Connection(Private, EventLoop& loop, int fd, Callbacks callbacks,
                        ConnectionOptions options)
     : loop_(loop),
       fd_(fd),
+      wants_drain_(static_cast<bool>(callbacks.on_drain)),
       on_message_(std::move(callbacks.on_message)),
       cb_(std::move(callbacks)),
       opt_(options) {
@@ -107,7 +110,7 @@ Connection::Connection(Private, EventLoop& loop, int fd, Callbacks callbacks,
 }
 
 Connection::~Connection() {
-    // Only reached open if start() failed or the loop died with us open.
+    // Only reached with the fd open if start() failed.
     if (fd_ >= 0) {
         if (watching_) loop_.unwatch(fd_);
         ::close(fd_);
@@ -115,7 +118,7 @@ Connection::~Connection() {
 }
 
 ConnectionPtr Connection::create(EventLoop& loop, int fd, Callbacks callbacks,
-                                 const ConnectionOptions& options) {
+                                 const ConnectionOptions& options, const Address& peer) {
     int flags = ::fcntl(fd, F_GETFL);
     if (flags < 0 || (!(flags & O_NONBLOCK) && ::fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0)) {
         int err = errno;
@@ -127,7 +130,10 @@ ConnectionPtr Connection::create(EventLoop& loop, int fd, Callbacks callbacks,
         int one = 1;
         ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     }
-    return std::make_shared<Connection>(Private{}, loop, fd, std::move(callbacks), options);
+    auto conn = std::make_shared<Connection>(Private{}, loop, fd, std::move(callbacks), options);
+    // Kept, not asked at close: after a reset getpeername() fails (ENOTCONN).
+    conn->peer_ = peer.family() != 0 ? peer : Address::peer_of(fd);
+    return conn;
 }
 
 ConnectionPtr Connection::adopt(EventLoop& loop, int fd, Callbacks callbacks,
@@ -138,19 +144,30 @@ ConnectionPtr Connection::adopt(EventLoop& loop, int fd, Callbacks callbacks,
 }
 
 void Connection::start() {
-    if (tracking_) last_activity_ = EventLoop::now();
+    if (tracking_) last_read_ = last_write_ = loop_.iteration_time();
     ConnectionPtr guard = shared_from_this();
-    update_interest();  // throws like EventLoop::watch(); ~Connection closes the fd
+    // The loop holds us from here until on_close has run; if the loop goes
+    // first, it closes us (on_close, reason `local`).
+    tie_ = loop_.tie(guard, [this] { close_now(CloseReason::local); });
+    try {
+        update_interest();  // throws like EventLoop::watch(); ~Connection closes the fd
+    } catch (...) {
+        loop_.untie(std::exchange(tie_, 0));
+        throw;
+    }
     ++in_handler_;
-    if (cb_.on_connect) cb_.on_connect(guard);
+    if (cb_.on_connect) {
+        try {
+            cb_.on_connect(guard);
+        } catch (...) {
+            callback_threw(std::current_exception());
+        }
+    }
     if (--in_handler_ == 0 && notify_pending_) notify_closed();
 }
 
 Address Connection::local_address() const {
-    return Address::local_of(fd_);
-}
-Address Connection::peer_address() const {
-    return Address::peer_of(fd_);
+    return fd_ >= 0 ? Address::local_of(fd_) : Address();  // closed after on_close
 }
 
 // ---- events -------------------------------------------------------------------------
@@ -160,21 +177,30 @@ void Connection::handle(const ConnectionPtr& guard, Events events) {
     // the whole ready batch even if a callback here unwatches or closes us (the
     // loop frees unwatched watchers only after the batch).
     ++in_handler_;
-    if (state_ == State::open && any(events, Events::write) && queued_ != 0) handle_write(guard);
-    if (state_ == State::open && any(events, Events::read | Events::hangup | Events::error)) {
-        if (any(interest_, Events::read)) {
-            handle_read(guard, events);
-        } else if (any(events, Events::error)) {
-            // Not reading (paused), so no read() will report it: ask the socket.
-            int err = 0;
-            socklen_t len = sizeof err;
-            ::getsockopt(fd_, SOL_SOCKET, SO_ERROR, &err, &len);
-            fail(err != 0 ? err : ECONNRESET);
-        } else if (any(events, Events::hangup) && queue_.empty()) {
-            // Hang-up while only FIN bookkeeping is pending: nothing more can
-            // happen on this socket; do not let a level-triggered backend spin.
-            close_with(CloseReason::peer_closed);
+    try {
+        if (state_ == State::open && any(events, Events::write) && queued_ != 0)
+            handle_write(guard);
+        if (state_ == State::open && any(events, Events::read | Events::hangup | Events::error)) {
+            if (any(interest_, Events::read)) {
+                handle_read(guard, events);
+            } else if (any(events, Events::error)) {
+                // Not reading (paused), so no read() will report it: ask the socket.
+                int err = 0;
+                socklen_t len = sizeof err;
+                ::getsockopt(fd_, SOL_SOCKET, SO_ERROR, &err, &len);
+                fail(err != 0 ? err : ECONNRESET);
+            } else if (any(events, Events::hangup) && queue_.empty()) {
+                // Hang-up while only FIN bookkeeping is pending: nothing more can
+                // happen on this socket; do not let a level-triggered backend spin.
+                close_with(CloseReason::peer_closed);
+            }
         }
+    } catch (...) {
+        // A callback threw (on_message, on_drain, on_peer_shutdown; or the
+        // kernel refused a watch change): whatever it left half done, such as
+        // input still pointing into the loop's scratch buffer, dies with this
+        // connection.
+        callback_threw(std::current_exception());
     }
     if (--in_handler_ == 0 && notify_pending_) notify_closed();
 }
@@ -189,7 +215,7 @@ void Connection::handle_read(const ConnectionPtr& self, Events events) {
         if (n > 0) {
             bytes_in_ += static_cast<std::uint64_t>(n);
             budget -= static_cast<std::size_t>(n);
-            touch();
+            touch_read();
             if (on_message_) {
                 if (input_.empty())
                     input_.attach(scratch.data(), static_cast<std::size_t>(n));
@@ -275,7 +301,7 @@ bool Connection::flush() {
         std::size_t left = static_cast<std::size_t>(n);
         bytes_out_ += left;
         queued_ -= left;
-        touch();
+        touch_write();
         while (left > 0) {
             Chunk& front = queue_.front();
             std::size_t rest = front.bytes.size() - front.offset;
@@ -302,8 +328,11 @@ void Connection::send(const void* data, std::size_t len) {
         ssize_t n = ::send(fd_, p, len, MSG_NOSIGNAL);
         if (n > 0) {
             bytes_out_ += static_cast<std::uint64_t>(n);
-            touch();
-            if (static_cast<std::size_t>(n) == len) return;  // the usual case
+            touch_write();
+            if (static_cast<std::size_t>(n) == len) {  // the usual case
+                if (wants_drain_) drain_soon();
+                return;
+            }
             p += n;
             len -= static_cast<std::size_t>(n);
         } else if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
@@ -345,9 +374,12 @@ void Connection::send(std::string&& bytes) {
         written = static_cast<std::size_t>(n);
         if (written > 0) {
             bytes_out_ += written;
-            touch();
+            touch_write();
         }
-        if (written == bytes.size()) return;
+        if (written == bytes.size()) {
+            if (wants_drain_) drain_soon();
+            return;
+        }
     }
     std::size_t len = bytes.size() - written;
     if (queued_ + len > opt_.max_buffered) {
@@ -363,10 +395,39 @@ void Connection::after_queue_grew() {
     if (!above_high_ && queued_ >= opt_.high_water) {
         above_high_ = true;
         update_interest();
-        if (cb_.on_high_water) cb_.on_high_water(shared_from_this(), queued_);
+        if (cb_.on_high_water) {
+            // Maybe inside send() from elsewhere (a timer, another
+            // connection): the exception is ours, not that caller's.
+            try {
+                cb_.on_high_water(shared_from_this(), queued_);
+            } catch (...) {
+                callback_threw(std::current_exception());
+            }
+        }
         if (state_ != State::open) return;
     }
     update_interest();
+}
+
+// A send() gave all its bytes to the kernel: on_drain from the loop, once
+// however many sends follow before it runs.
+void Connection::drain_soon() {
+    if (drain_posted_) return;
+    drain_posted_ = true;
+    loop_.post([self = shared_from_this()] { self->deliver_drain(); });
+}
+
+void Connection::deliver_drain() {
+    drain_posted_ = false;
+    // Queued since (then handle_write reports the drain) or closed: nothing to say.
+    if (state_ != State::open || queued_ != 0 || !cb_.on_drain) return;
+    ++in_handler_;
+    try {
+        cb_.on_drain(shared_from_this());
+    } catch (...) {
+        callback_threw(std::current_exception());
+    }
+    if (--in_handler_ == 0 && notify_pending_) notify_closed();
 }
 
 void Connection::shutdown_write() {
@@ -406,14 +467,12 @@ void Connection::update_interest() {
         // empty interest, so stop watching until there is something to wait for.
         if (watching_) loop_.unwatch(fd_);
         watching_ = false;
-        loop_.hold(this, shared_from_this());  // open but unwatched: the loop keeps us
     } else if (!watching_) {
-        // The watcher owns the open connection, so a loop destroyed with
-        // connections still open frees them with its watchers (no cycle).
+        // The watcher's own reference is what handle() passes to callbacks
+        // (no reference-count traffic per event); the tie keeps us alive too.
         loop_.watch(fd_, want,
                     [self = shared_from_this()](Events events) { self->handle(self, events); });
         watching_ = true;
-        loop_.release(this);  // if the loop held us: the watcher does now
     } else {
         loop_.change(fd_, want);
     }
@@ -435,41 +494,68 @@ void Connection::fail(int err) {
 }
 
 void Connection::close_with(CloseReason reason, int err) {
-    if (state_ != State::open) return;
-    // Unwatching below may drop the watcher's reference, maybe the last one.
-    ConnectionPtr keep = shared_from_this();
-    if (!watching_) loop_.release(this);  // held by the loop while unwatched
-    state_ = State::closed;
-    reason_ = reason;
-    err_ = err;
-    // Unwatch before close: a registration outliving its fd number confuses
-    // epoll (see the epoll backend's rebuild()).
-    if (watching_) loop_.unwatch(fd_);
-    watching_ = false;
-    interest_ = Events::none;
-    ::close(fd_);
-    fd_ = -1;
-    queue_.clear();
-    queued_ = 0;
+    if (!close_quietly(reason, err)) return;
     if (in_handler_ > 0) {
         // One of our callbacks is on the stack: report when it unwinds.
         notify_pending_ = true;
     } else {
         // Called from outside our callbacks (another connection's, a timer, the
         // user's send()): report from the loop, never re-entrantly. If the loop
-        // dies first, the task is dropped and with it our last reference.
-        loop_.post([self = std::move(keep)] { self->notify_closed(); });
+        // is destroyed first, its tie runs close_now(), which reports instead.
+        loop_.post([self = shared_from_this()] { self->notify_closed(); });
     }
 }
 
-void Connection::notify_closed() {
+void Connection::close_now(CloseReason reason) {
+    close_quietly(reason, 0);
+    if (state_ != State::closing) return;  // on_close has run already
+    if (in_handler_ > 0)
+        notify_pending_ = true;
+    else
+        notify_closed();
+}
+
+// Stops all I/O; the fd itself stays open until on_close has run, so that
+// local_address() still answers there.
+bool Connection::close_quietly(CloseReason reason, int err) {
+    if (state_ != State::open) return false;
+    state_ = State::closing;
+    reason_ = reason;
+    err_ = err;
+    // The watcher's reference may be the last but the tie's; the tie stays
+    // until on_close has run.
+    if (watching_) loop_.unwatch(fd_);
+    watching_ = false;
+    interest_ = Events::none;
+    queue_.clear();
+    queued_ = 0;
+    return true;
+}
+
+void Connection::callback_threw(std::exception_ptr error) noexcept {
+    close_with(CloseReason::exception);  // a no-op if already closing (e.g. on_close threw)
+    loop_.handle_exception(std::move(error));
+}
+
+void Connection::notify_closed() noexcept {
+    if (state_ != State::closing) return;  // already reported (close_now ran first)
+    state_ = State::closed;
     notify_pending_ = false;
     ConnectionPtr self = shared_from_this();
-    input_.clear();
-    if (auto on_close = std::move(cb_.on_close)) on_close(self, reason_, err_);
+    input_.clear();  // drops a view into the loop's scratch buffer, if a throw left one
+    if (auto on_close = std::move(cb_.on_close)) {
+        try {
+            on_close(self, reason_, err_);
+        } catch (...) {
+            loop_.handle_exception(std::current_exception());
+        }
+    }
     if (auto hook = std::move(close_hook_)) hook(*this);
     cb_ = Callbacks{};  // drop user captures (they may hold ConnectionPtrs)
     on_message_ = nullptr;
+    ::close(fd_);
+    fd_ = -1;
+    loop_.untie(std::exchange(tie_, 0));  // `self` keeps us to the end of this call
 }
 
 }  // namespace evmux

@@ -4,14 +4,17 @@
 // One iteration (run_once):
 //   1. timeout = time to the nearest timer (0 if tasks are pending), capped by
 //      the caller's timeout;
-//   2. wait in the selector;
+//   2. wait in the selector, then read the clock (only if timers exist);
 //   3. call the fd callbacks of the ready batch;
-//   4. read the clock (only if timers exist) and run the due timers;
+//   4. run the due timers, against the clock read of step 2;
 //   5. run the tasks posted before step 5 began.
-// The clock read of step 4 is also what step 1 of the next iteration measures
-// from, as libevent's time cache does: one clock read per iteration. It is a
-// little stale by then (by the time timers and tasks took), which can only make
-// the wait longer, never a timer early.
+// The clock read of step 2 is also what step 1 of the next iteration and the
+// selector's own timeout measure from, as libevent's time cache does: one
+// clock read per iteration. It is a little stale by then (by the time the
+// callbacks took), which can only make a wait longer, never a timer early.
+//
+// Every callback runs inside its own try block: an exception ends that call
+// only, goes to the exception handler, and the iteration goes on.
 #include "evmux/event_loop.hpp"
 
 #include <pthread.h>
@@ -25,6 +28,7 @@
 #include <atomic>
 #include <cerrno>
 #include <climits>
+#include <cstdio>
 #include <cstring>
 #include <mutex>
 #include <stdexcept>
@@ -71,7 +75,51 @@ struct EventLoop::Impl {
         IoCallback callback;
     };
     std::vector<std::unique_ptr<Watcher>> watchers;  // indexed by fd
-    std::unordered_map<const void*, std::shared_ptr<void>> held;  // see EventLoop::hold()
+
+    // ---- ties (see EventLoop::tie) -----------------------------------------------
+    // A slot table: TieId = generation << 32 | slot, so a stale id finds a
+    // slot of another generation and does nothing.
+    struct Tie {
+        std::shared_ptr<void> owner;
+        Task on_loop_end;
+        std::uint32_t generation = 1;
+    };
+    std::vector<Tie> ties;
+    std::vector<std::uint32_t> free_ties;
+
+    // ---- exceptions ---------------------------------------------------------------
+    ExceptionHandler exception_handler;  // empty: the default (rethrow from run)
+    std::exception_ptr pending_error;    // the default's: rethrown after the iteration
+
+    // The default handler: keep the first exception for run() to rethrow, and
+    // say something of any further one rather than lose it silently.
+    void keep_for_run(std::exception_ptr error) noexcept {
+        if (!pending_error) {
+            pending_error = std::move(error);
+            return;
+        }
+        report_to_stderr("evmux: a further exception in the same loop iteration", error);
+    }
+    static void report_to_stderr(const char* what, const std::exception_ptr& error) noexcept {
+        try {
+            std::rethrow_exception(error);
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, "%s: %s\n", what, e.what());
+        } catch (...) {
+            std::fprintf(stderr, "%s (not a std::exception)\n", what);
+        }
+    }
+    void handle_exception(std::exception_ptr error) noexcept {
+        if (!exception_handler) return keep_for_run(std::move(error));
+        try {
+            exception_handler(std::move(error));
+        } catch (...) {
+            keep_for_run(std::current_exception());
+        }
+    }
+    void rethrow_pending() {
+        if (pending_error) std::rethrow_exception(std::exchange(pending_error, nullptr));
+    }
 
     Watcher* find(int fd) const {
         if (fd < 0 || static_cast<std::size_t>(fd) >= watchers.size()) return nullptr;
@@ -107,9 +155,9 @@ struct EventLoop::Impl {
     // ---- what every iteration reads, side by side --------------------------------
     // (Declared together so that a wake-up after a long sleep, with cold
     // caches, touches one or two lines of the loop's state, not six.)
-    bool running = false;      // inside run_once(): it must not be re-entered
-    bool dispatching = false;  // in step 3 of iterate()
-    bool now_valid = false;    // `now` was read in this run()'s previous iteration
+    bool running = false;                // inside run_once(): it must not be re-entered
+    bool dispatching = false;            // in step 3 of iterate()
+    bool now_valid = false;              // `now` was read in this run (see iteration_time())
     std::atomic<bool> has_tasks{false};  // == !pending.empty(); written under task_mutex
     std::atomic<bool> sleeping{false};   // see wake_if_sleeping()
     std::atomic<bool> stop_requested{false};
@@ -222,18 +270,13 @@ struct EventLoop::Impl {
             Task fn = std::move(s.fn);
             const Duration interval = s.interval;
             ++ran;
-            if (interval <= Duration::zero()) {
-                release_slot(top.slot);  // fired: cancel() now returns false
-                fn();
-                continue;
-            }
+            if (interval <= Duration::zero()) release_slot(top.slot);  // fired: cancel() is false
             try {
                 fn();
             } catch (...) {
-                rearm(top, interval, std::move(fn));
-                throw;
+                handle_exception(std::current_exception());
             }
-            rearm(top, interval, std::move(fn));
+            if (interval > Duration::zero()) rearm(top, interval, std::move(fn));
         }
         return ran;
     }
@@ -245,8 +288,8 @@ struct EventLoop::Impl {
     // seq_cst (the Dekker pattern): either the poster sees `sleeping` and
     // writes, or the loop sees `has_tasks`/`stop_requested` and does not block.
     std::mutex task_mutex;
-    std::vector<Task> pending;           // guarded by task_mutex
-    std::vector<Task> running_tasks;     // loop thread only; swapped with `pending`
+    std::vector<Task> pending;        // guarded by task_mutex
+    std::vector<Task> running_tasks;  // loop thread only; swapped with `pending`
     std::atomic<std::thread::id> owner{std::this_thread::get_id()};
     // The thread that runs the loop owns it (in_loop_thread()); set on entry
     // to run()/run_once(), not per iteration.
@@ -278,20 +321,16 @@ struct EventLoop::Impl {
         }
         // Tasks posted by these tasks go to `pending` and run next iteration,
         // after the next I/O wait: no starvation.
-        std::size_t i = 0;
-        try {
-            for (; i < running_tasks.size(); ++i) running_tasks[i]();
-        } catch (...) {
-            // Keep the tasks not yet run, in order, ahead of newer ones.
-            std::lock_guard lock(task_mutex);
-            pending.insert(pending.begin(), std::make_move_iterator(running_tasks.begin() + i + 1),
-                           std::make_move_iterator(running_tasks.end()));
-            has_tasks.store(!pending.empty(), std::memory_order_seq_cst);
-            running_tasks.clear();
-            throw;
+        for (Task& task : running_tasks) {
+            try {
+                task();
+            } catch (...) {
+                handle_exception(std::current_exception());
+            }
         }
+        const std::size_t ran = running_tasks.size();
         running_tasks.clear();  // keeps the capacity: no allocation next time
-        return i;
+        return ran;
     }
 
     // ---- signals ------------------------------------------------------------------
@@ -314,7 +353,11 @@ struct EventLoop::Impl {
                 auto callback = signal_callbacks[signo];  // looked up now: may have been removed
                 if (!callback) continue;
                 ++ran;
-                (*callback)(signo);
+                try {
+                    (*callback)(signo);
+                } catch (...) {
+                    handle_exception(std::current_exception());
+                }
             }
             if (count < std::size(infos)) return ran;
         }
@@ -343,6 +386,25 @@ EventLoop::EventLoop(std::unique_ptr<Selector> selector)
 
 EventLoop::~EventLoop() {
     Impl& m = *impl_;
+    // Owners first, while the loop is whole: a connection still open closes
+    // and runs its on_close here. What they tie anew meanwhile gets its turn
+    // in a further (bounded) round.
+    for (int round = 0; round < 4 && !m.ties.empty(); ++round) {
+        std::vector<Impl::Tie> ties = std::move(m.ties);
+        m.ties.clear();
+        m.free_ties.clear();
+        for (Impl::Tie& t : ties) {
+            if (!t.owner || !t.on_loop_end) continue;
+            try {
+                t.on_loop_end();
+            } catch (...) {
+                m.handle_exception(std::current_exception());
+            }
+        }
+    }
+    if (m.pending_error)
+        Impl::report_to_stderr("evmux: an exception while the loop was destroyed",
+                               std::exchange(m.pending_error, nullptr));
     // Destroy the callbacks first, while the loop is still whole: what they
     // captured may reach for the loop from its destructor (an owner that
     // unwatches its fd or cancels its timer, as ~Connection does); those
@@ -365,10 +427,9 @@ EventLoop::~EventLoop() {
         std::vector<std::shared_ptr<std::function<void(int)>>> signals;
         for (auto& callback : m.signal_callbacks)
             if (callback) signals.push_back(std::move(callback));
-        auto held = std::move(m.held);
-        m.held.clear();
-        if (watchers.empty() && tasks.empty() && timers.empty() && signals.empty() &&
-            held.empty())
+        auto ties = std::move(m.ties);
+        m.ties.clear();
+        if (watchers.empty() && tasks.empty() && timers.empty() && signals.empty() && ties.empty())
             break;
     }
     // Unregister the loop's own fds before Impl closes them (a backend may
@@ -414,16 +475,55 @@ void EventLoop::unwatch(int fd) {
     if (m.dispatching) m.dead.push_back(std::move(w));
 }
 
-void EventLoop::hold(const void* key, std::shared_ptr<void> owner) {
-    impl_->held[key] = std::move(owner);
+// ---- owners and exceptions ---------------------------------------------------------
+
+EventLoop::TieId EventLoop::tie(std::shared_ptr<void> owner, Task on_loop_end) {
+    Impl& m = *impl_;
+    std::uint32_t slot;
+    if (!m.free_ties.empty()) {
+        slot = m.free_ties.back();
+        m.free_ties.pop_back();
+    } else {
+        if (m.ties.size() >= UINT32_MAX) throw std::length_error("evmux: too many ties");
+        m.ties.emplace_back();
+        slot = static_cast<std::uint32_t>(m.ties.size() - 1);
+        m.free_ties.reserve(m.ties.capacity());  // untie() then never allocates
+    }
+    Impl::Tie& t = m.ties[slot];
+    t.owner = std::move(owner);
+    t.on_loop_end = std::move(on_loop_end);
+    return static_cast<TieId>(t.generation) << 32 | slot;
 }
 
-void EventLoop::release(const void* key) {
+void EventLoop::untie(TieId id) {
+    Impl& m = *impl_;
+    const auto slot = static_cast<std::uint32_t>(id);
+    const auto generation = static_cast<std::uint32_t>(id >> 32);
+    if (slot >= m.ties.size() || m.ties[slot].generation != generation || !m.ties[slot].owner)
+        return;
+    Impl::Tie& t = m.ties[slot];
+    if (++t.generation == 0) t.generation = 1;  // ids are never 0
     // Moved out first: the owner's destructor may reach for the loop.
-    auto it = impl_->held.find(key);
-    if (it == impl_->held.end()) return;
-    std::shared_ptr<void> owner = std::move(it->second);
-    impl_->held.erase(it);
+    std::shared_ptr<void> owner = std::move(t.owner);
+    Task on_loop_end = std::move(t.on_loop_end);
+    m.free_ties.push_back(slot);
+}
+
+void EventLoop::set_exception_handler(ExceptionHandler handler) {
+    impl_->exception_handler = std::move(handler);
+}
+
+void EventLoop::handle_exception(std::exception_ptr error) noexcept {
+    impl_->handle_exception(std::move(error));
+}
+
+EventLoop::Clock::time_point EventLoop::iteration_time() {
+    Impl& m = *impl_;
+    if (!m.now_valid) {
+        m.now = Clock::now();
+        m.now_valid = true;
+    }
+    return m.now;
 }
 
 bool EventLoop::watching(int fd) const {
@@ -566,8 +666,9 @@ std::size_t EventLoop::iterate(Timeout timeout, bool stoppable) {
 
     // 1. How long to wait: until the nearest timer, at most `timeout`.
     m.drop_stale_top();
-    if (!m.heap.empty()) {
-        if (!m.now_valid) m.now = Clock::now();
+    const bool timers = !m.heap.empty();
+    if (timers) {
+        if (!m.now_valid) m.now = Clock::now();  // first iteration of this run
         const Duration left = std::max(m.heap.front().due - m.now, Clock::duration::zero());
         if (!timeout || left < *timeout) timeout = left;
     }
@@ -576,16 +677,20 @@ std::size_t EventLoop::iterate(Timeout timeout, bool stoppable) {
         (stoppable && m.stop_requested.load(std::memory_order_seq_cst)))
         timeout = Duration::zero();
 
-    // 2. Wait.
+    // 2. Wait (the timeout counts from `now` when there is one), then read the
+    // clock: the iteration's one reading, while timers exist.
     std::span<const ReadyEvent> ready;
     try {
-        ready = selector_->select(timeout);
+        ready = timers ? selector_->select(timeout, m.now) : selector_->select(timeout);
     } catch (...) {
         m.sleeping.store(false, std::memory_order_relaxed);
+        m.now_valid = false;
         throw;
     }
     // A poster that still sees `true` only sends one needless wake-up.
     m.sleeping.store(false, std::memory_order_relaxed);
+    if (timers) m.now = Clock::now();
+    m.now_valid = timers;  // else iteration_time() reads it if asked
 
     // 3. fd callbacks.
     std::size_t ran = 0;
@@ -607,7 +712,11 @@ std::size_t EventLoop::iterate(Timeout timeout, bool stoppable) {
             switch (w->kind) {
                 case Impl::Kind::user:
                     ++ran;
-                    w->callback(events);
+                    try {
+                        w->callback(events);
+                    } catch (...) {
+                        m.handle_exception(std::current_exception());
+                    }
                     break;
                 case Impl::Kind::wake:
                     m.drain_wake_fd();  // the tasks run in step 5
@@ -619,18 +728,18 @@ std::size_t EventLoop::iterate(Timeout timeout, bool stoppable) {
         }
     }
 
-    // 4. Due timers, against the iteration's one clock read.
+    // 4. Due timers, against the iteration's one clock read (read now only
+    // if the fd callbacks created the first timer).
     if (!m.heap.empty()) {
-        m.now = Clock::now();
-        m.now_valid = true;
+        iteration_time();
         ran += m.run_timers();
-    } else {
-        m.now_valid = false;
     }
 
     // 5. Posted tasks. Acquire pairs with the poster's store so a task seen is
     // a task run; one missed here is seen by the next iteration's check.
     if (m.has_tasks.load(std::memory_order_acquire)) ran += m.run_tasks();
+    // With the default handler, the iteration's first escaped exception.
+    m.rethrow_pending();
     return ran;
 }
 

@@ -81,7 +81,7 @@ int open_listener(const Address& address, bool reuse_port, int backlog) {
 
 Acceptor::Acceptor(EventLoop& loop, const Address& address, bool reuse_port, int backlog,
                    std::size_t budget, std::chrono::milliseconds pause, ServerStats& counters,
-                   std::function<void(int fd)> on_accept)
+                   std::function<void(int fd, const Address& peer)> on_accept)
     : loop_(loop),
       listen_fd_(open_listener(address, reuse_port, backlog)),
       unix_path_(address.is_unix() ? address.path() : std::string()),
@@ -112,9 +112,12 @@ void Acceptor::stop() {
 void Acceptor::on_acceptable() {
     for (std::size_t i = 0; i < budget_; ++i) {
         bump(counters_.accept_calls);
-        int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        sockaddr_storage peer;
+        socklen_t peer_len = sizeof peer;
+        int fd = ::accept4(listen_fd_, reinterpret_cast<sockaddr*>(&peer), &peer_len,
+                           SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd >= 0) {
-            on_accept_(fd);
+            on_accept_(fd, Address::from_sockaddr(&peer, peer_len));
             continue;
         }
         const int err = errno;
@@ -160,6 +163,23 @@ void Acceptor::pause_accepting() {
         resume_timer_ = 0;
         start();  // and reserve the spare again if that failed
     });
+}
+
+// ---- IdleLimits ------------------------------------------------------------------
+
+std::chrono::milliseconds IdleLimits::sweep_period() const {
+    std::chrono::milliseconds shortest = std::chrono::milliseconds::max();
+    for (auto limit : {all, read, write})
+        if (limit.count() > 0) shortest = std::min(shortest, limit);
+    return std::max(shortest / 4, std::chrono::milliseconds(1));
+}
+
+bool IdleLimits::expired(const Connection& conn, EventLoop::Clock::time_point now) const {
+    auto passed = [&](std::chrono::milliseconds limit, EventLoop::Clock::time_point last) {
+        return limit.count() > 0 && now - last >= limit;
+    };
+    return passed(read, conn.last_read()) || passed(write, conn.last_write()) ||
+           passed(all, conn.last_activity());
 }
 
 }  // namespace evmux::detail

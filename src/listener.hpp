@@ -11,7 +11,8 @@
 namespace evmux::detail {
 
 /// A listening socket and its accept loop on one loop: at most `budget` accept4()
-/// calls per wake-up, handing each fd to the callback (which owns it). On
+/// calls per wake-up, handing each fd and its peer's address (from accept4
+/// itself: no getpeername) to the callback, which owns the fd. On
 /// EMFILE/ENFILE it gives up a reserved spare fd to take and close one
 /// pending connection (the peer sees EOF, not a hang: muduo's trick); when
 /// that cannot help, or on ENOBUFS/ENOMEM, it stops watching for `pause`
@@ -32,7 +33,7 @@ class Acceptor {
     /// Address already in use").
     Acceptor(EventLoop& loop, const Address& address, bool reuse_port, int backlog,
              std::size_t budget, std::chrono::milliseconds pause, ServerStats& counters,
-             std::function<void(int fd)> on_accept);
+             std::function<void(int fd, const Address& peer)> on_accept);
     /// stop(), then closes the spare fd and unlinks the Unix socket file.
     ~Acceptor();
     Acceptor(const Acceptor&) = delete;
@@ -59,9 +60,23 @@ class Acceptor {
     std::size_t budget_;
     std::chrono::milliseconds pause_;
     ServerStats& counters_;
-    std::function<void(int fd)> on_accept_;
+    std::function<void(int fd, const Address& peer)> on_accept_;
     bool accepting_ = false;
     EventLoop::TimerId resume_timer_ = 0;
+};
+
+/// A server's idle timeouts (Netty's IdleStateHandler: reader, writer, all),
+/// checked by one periodic sweep per loop.
+struct IdleLimits {
+    std::chrono::milliseconds all{0}, read{0}, write{0};  // zero: not checked
+
+    /// True if any is set (then connections track their last read and write).
+    bool any() const { return all.count() > 0 || read.count() > 0 || write.count() > 0; }
+    /// How often to sweep: a quarter of the shortest limit (at least 1 ms), so
+    /// a connection lives at most that much past its limit.
+    std::chrono::milliseconds sweep_period() const;
+    /// True if `conn` has passed a limit at `now`.
+    bool expired(const Connection& conn, EventLoop::Clock::time_point now) const;
 };
 
 }  // namespace evmux::detail

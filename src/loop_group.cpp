@@ -76,40 +76,42 @@ struct GroupServer::Shard {
     void listen_on(const Address& address, bool reuse_port) {
         acceptor.emplace(loop, address, reuse_port, options.backlog, options.accept_budget,
                          options.accept_pause, accept_counters,
-                         [this](int accepted) { dispatch(accepted); });
+                         [this](int accepted, const Address& peer) { dispatch(accepted, peer); });
+    }
+
+    detail::IdleLimits idle_limits() const {
+        return {options.idle_timeout, options.read_idle_timeout, options.write_idle_timeout};
     }
 
     void start() {
         if (stopping) return;
         if (acceptor) acceptor->start();
-        if (options.idle_timeout.count() > 0) {
-            auto period = std::max(options.idle_timeout / 4, std::chrono::milliseconds(1));
-            sweep_timer = loop.call_every(period, [this] { sweep_idle(); });
-        }
+        if (idle_limits().any())
+            sweep_timer = loop.call_every(idle_limits().sweep_period(), [this] { sweep_idle(); });
     }
 
     // Where an accepted fd goes: here, or (round_robin) the next loop in turn.
-    void dispatch(int fd) {
+    void dispatch(int fd, const Address& peer) {
         const std::size_t n = server.shards_.size();
         if (server.distribution_ == Distribution::reuse_port || n == 1) {
-            adopt(fd);
+            adopt(fd, peer);
             return;
         }
         const std::size_t target = turn;
         turn = (turn + 1) % n;
         if (target == index) {
-            adopt(fd);
+            adopt(fd, peer);
             return;
         }
         Shard* to = server.shards_[target].get();
         // std::function needs a copyable task; the shared holder closes the
         // fd if the target loop is destroyed before running it.
         auto holder = std::make_shared<TravellingFd>(fd);
-        to->loop.post([to, holder] { to->adopt(holder->release()); });
+        to->loop.post([to, holder, peer] { to->adopt(holder->release(), peer); });
     }
 
     // As TcpServer::accept_one, with the open count shared by all shards.
-    void adopt(int fd) {
+    void adopt(int fd, const Address& peer) {
         if (stopping) {  // accepted just before the stop: not served
             ::close(fd);
             return;
@@ -121,13 +123,13 @@ struct GroupServer::Shard {
         }
         ConnectionPtr conn;
         try {
-            conn = Connection::create(loop, fd, callbacks, options.connection);
+            conn = Connection::create(loop, fd, callbacks, options.connection, peer);
         } catch (const std::system_error&) {
             server.release_slot();  // create() closed the fd
             errors.fetch_add(1, std::memory_order_relaxed);
             return;
         }
-        conn->tracking_ = options.idle_timeout.count() > 0;
+        conn->tracking_ = idle_limits().any();
         conn->close_hook_ = [this](Connection& c) { forget(c); };
         Connection* raw = conn.get();
         conns.emplace(raw, conn);
@@ -152,10 +154,11 @@ struct GroupServer::Shard {
     }
 
     void sweep_idle() {
-        const auto deadline = EventLoop::now() - options.idle_timeout;
+        const auto now = loop.iteration_time();
+        const detail::IdleLimits limits = idle_limits();
         std::vector<ConnectionPtr> idle;
         for (auto& [raw, conn] : conns)
-            if (conn->is_open() && conn->last_activity() <= deadline) idle.push_back(conn);
+            if (conn->is_open() && limits.expired(*conn, now)) idle.push_back(conn);
         for (auto& conn : idle) conn->close_with(CloseReason::timeout);
     }
 
@@ -172,22 +175,13 @@ struct GroupServer::Shard {
         for (auto& c : all) c->close(CloseMode::graceful);
     }
 
-    // The loop has finished: forget what is left (its on_close never ran),
-    // freeing its slots.
-    void drop_all() {
-        for (auto& [raw, c] : conns) {
-            c->close_hook_ = nullptr;
-            server.release_slot();
-        }
-        conns.clear();
-    }
-
-    // The grace is over: close what is left at once.
-    void force_close() {
+    // The grace is over and the loop has stopped: close what is left now,
+    // each on_close running here (reason `local`); forget() frees the slots.
+    void close_rest() {
         std::vector<ConnectionPtr> all;
         all.reserve(conns.size());
         for (auto& [raw, c] : conns) all.push_back(c);
-        for (auto& c : all) c->close(CloseMode::immediate);
+        for (auto& c : all) c->close_now(CloseReason::local);
     }
 };
 
@@ -395,26 +389,17 @@ void LoopGroup::check_drained(std::size_t index) {
 }
 
 // On the loop thread, after run() returned: close what is left (grace over),
-// and let their on_close run, so the user sees each connection end.
+// running each on_close here, so the user sees every connection end on its
+// own loop's thread.
 void LoopGroup::finish_loop(std::size_t index) {
     EventLoop& loop = *loops_[index];
-    for (int round = 0; round < 4; ++round) {
-        bool any = false;
-        for (GroupServer::Shard* s : shards_of(index)) {
-            if (s->conns.empty()) continue;
-            any = true;
-            s->force_close();
-        }
-        if (!any) break;
-        try {
-            loop.run_once(std::chrono::nanoseconds(0));  // runs the posted on_close tasks
-        } catch (...) {
-            std::lock_guard lock(mutex_);
-            if (!first_error_) first_error_ = std::current_exception();
-        }
+    for (GroupServer::Shard* s : shards_of(index)) s->close_rest();
+    try {
+        loop.run_once(std::chrono::nanoseconds(0));  // and the tasks those on_close posted
+    } catch (...) {
+        std::lock_guard lock(mutex_);
+        if (!first_error_) first_error_ = std::current_exception();
     }
-    // Whatever is still referenced now is dropped here, on this thread.
-    for (GroupServer::Shard* s : shards_of(index)) s->drop_all();
 }
 
 void LoopGroup::stop(std::chrono::milliseconds grace) {

@@ -21,25 +21,29 @@ TcpServer::TcpServer(EventLoop& loop, const Address& address, Callbacks callback
                      ServerOptions options)
     : loop_(loop), cb_(std::move(callbacks)), opt_(options) {
     if (address.family() == 0) throw std::invalid_argument("TcpServer: address has no family");
-    acceptor_ = std::make_unique<detail::Acceptor>(loop_, address, opt_.reuse_port, opt_.backlog,
-                                                   opt_.accept_budget, opt_.accept_pause, closed_,
-                                                   [this](int fd) { accept_one(fd); });
+    acceptor_ = std::make_unique<detail::Acceptor>(
+        loop_, address, opt_.reuse_port, opt_.backlog, opt_.accept_budget, opt_.accept_pause,
+        closed_, [this](int fd, const Address& peer) { accept_one(fd, peer); });
     // On a throw from here on, acceptor_'s destructor closes and unlinks.
     local_ = Address::local_of(acceptor_->fd());
     acceptor_->start();
-    if (opt_.idle_timeout.count() > 0) {
-        auto period = std::max(opt_.idle_timeout / 4, std::chrono::milliseconds(1));
-        sweep_timer_ = loop_.call_every(period, [this] { sweep_idle(); });
-    }
+    if (idle_limits().any())
+        sweep_timer_ = loop_.call_every(idle_limits().sweep_period(), [this] { sweep_idle(); });
+}
+
+detail::IdleLimits TcpServer::idle_limits() const {
+    return {opt_.idle_timeout, opt_.read_idle_timeout, opt_.write_idle_timeout};
 }
 
 TcpServer::~TcpServer() {
     if (sweep_timer_ != 0) loop_.cancel(sweep_timer_);
     acceptor_.reset();  // stops accepting, closes the listener, unlinks a Unix path
+    // Each on_close runs here, before we return (or, for a connection whose
+    // own callback is destroying us, when that callback returns).
     auto conns = std::move(conns_);
     for (auto& [raw, conn] : conns) {
-        conn->close_hook_ = nullptr;  // we are gone by the time on_close runs
-        conn->close_with(CloseReason::local);
+        conn->close_hook_ = nullptr;  // nothing to forget: we are going
+        conn->close_now(CloseReason::local);
     }
 }
 
@@ -60,7 +64,7 @@ void TcpServer::close_all(CloseMode mode) {
     for (auto& conn : all) conn->close(mode);
 }
 
-void TcpServer::accept_one(int fd) {
+void TcpServer::accept_one(int fd, const Address& peer) {
     if (opt_.max_connections != 0 && conns_.size() >= opt_.max_connections) {
         ::close(fd);
         ++closed_.rejected;
@@ -68,12 +72,12 @@ void TcpServer::accept_one(int fd) {
     }
     ConnectionPtr conn;
     try {
-        conn = Connection::create(loop_, fd, cb_, opt_.connection);
+        conn = Connection::create(loop_, fd, cb_, opt_.connection, peer);
     } catch (const std::system_error&) {
         ++closed_.accept_errors;  // create() closed the fd
         return;
     }
-    conn->tracking_ = opt_.idle_timeout.count() > 0;
+    conn->tracking_ = sweep_timer_ != 0;
     conn->close_hook_ = [this](Connection& c) { forget(c); };
     Connection* raw = conn.get();
     conns_.emplace(raw, conn);
@@ -95,10 +99,11 @@ void TcpServer::forget(Connection& conn) {
 }
 
 void TcpServer::sweep_idle() {
-    const auto deadline = EventLoop::now() - opt_.idle_timeout;
+    const auto now = loop_.iteration_time();
+    const detail::IdleLimits limits = idle_limits();
     std::vector<ConnectionPtr> idle;
     for (auto& [raw, conn] : conns_)
-        if (conn->is_open() && conn->last_activity() <= deadline) idle.push_back(conn);
+        if (conn->is_open() && limits.expired(*conn, now)) idle.push_back(conn);
     for (auto& conn : idle) conn->close_with(CloseReason::timeout);
 }
 
@@ -198,7 +203,8 @@ void Connector::finish() {
     auto self = std::move(self_);
     auto on_error = cb_.on_error;
     try {
-        ConnectionPtr conn = Connection::create(loop_, fd, std::move(cb_), opt_.connection);
+        ConnectionPtr conn =
+            Connection::create(loop_, fd, std::move(cb_), opt_.connection, address_);
         conn->start();
     } catch (const std::system_error& e) {
         if (on_error) on_error(e.code(), "connect " + address_.to_string() + ": " + e.what());

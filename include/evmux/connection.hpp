@@ -5,9 +5,11 @@
 // This header includes only evmux's public headers and the standard library.
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <string>
@@ -32,8 +34,10 @@ enum class CloseReason {
     reset,        ///< ECONNRESET or EPIPE: the peer is gone
     error,        ///< any other socket error (err says which)
     overflow,     ///< the outgoing queue or unconsumed input passed the hard cap
-    timeout,      ///< no I/O for the server's idle timeout
-    local,        ///< close() was called (or the owning server went away)
+    timeout,      ///< idle for one of the server's idle timeouts (read, write or both)
+    local,        ///< close() was called, or the owning server or loop went away
+    exception,    ///< one of this connection's callbacks threw (the loop's exception
+                  ///< handler received the exception)
 };
 
 /// "peer_closed", "reset", ...
@@ -41,16 +45,33 @@ const char* to_string(CloseReason reason);
 
 /// What a connection tells its user. Every member may be left empty. All run
 /// on the loop thread; each receives the connection, valid for the call.
+///
+/// Any of them may throw. The exception closes only this connection (reason
+/// `exception`; no byte of its input is handed to anyone afterwards), its
+/// on_close still runs exactly once, its server forgets it (counters, the
+/// max_connections slot), and the exception goes to the loop's exception
+/// handler (EventLoop::set_exception_handler(); by default run() rethrows it
+/// after the iteration). Other connections are not touched. An exception from
+/// on_close itself goes to the handler too.
 struct Callbacks {
     /// The connection is established (accepted, or connect() completed).
     std::function<void(const ConnectionPtr&)> on_connect;
     /// New bytes arrived. Consume what you handle; the rest is kept and shown
     /// again with the next bytes. Unset: input is discarded.
     std::function<void(const ConnectionPtr&, Buffer& input)> on_message;
-    /// The outgoing queue, once non-empty, has been fully written.
+    /// Write complete (muduo's writeCompleteCallback): everything sent so far
+    /// has gone to the kernel. Runs when the queue, once non-empty, has been
+    /// fully written; and after a send() whose bytes all went to the kernel
+    /// at once, from the loop (never inside send()), at most once per
+    /// iteration however many such sends there were. Sending the next chunk
+    /// from here never stalls.
     std::function<void(const ConnectionPtr&)> on_drain;
-    /// The connection closed; called exactly once, after which the socket is
-    /// closed and sends are no-ops. `err` is the errno for reset/error, else 0.
+    /// The connection closed; called exactly once for every connection that
+    /// was started, whatever ends it: the peer, an error, close(), a throwing
+    /// callback, or the destruction of its server, LoopGroup or loop (then
+    /// before that destructor returns, reason `local`). Sends are no-ops by
+    /// now; peer_address() and local_address() still answer, and the socket
+    /// is closed when this returns. `err` is the errno for reset/error, else 0.
     std::function<void(const ConnectionPtr&, CloseReason reason, int err)> on_close;
     /// The queue passed the high-water mark (reading from this peer is now
     /// paused until it falls under the low-water mark). Once per crossing.
@@ -86,10 +107,11 @@ enum class CloseMode {
 };
 
 /// One connected, non-blocking stream socket on one EventLoop; owns the fd.
-/// Create with Connection::adopt(), TcpServer or connect(). The loop keeps an
-/// open connection alive (it is released after on_close), so a user needs to
-/// hold a ConnectionPtr only to talk to it later. Thread rule: loop thread
-/// only, every member. Non-copyable.
+/// Create with Connection::adopt(), TcpServer or connect(). The loop keeps a
+/// connection alive (EventLoop::tie) from its start until its on_close has
+/// run, so a user needs to hold a ConnectionPtr only to talk to it later; a
+/// loop destroyed first closes it (on_close, reason `local`). Thread rule:
+/// loop thread only, every member. Non-copyable.
 class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     struct Private {};
 
@@ -148,17 +170,24 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     std::uint64_t bytes_in() const { return bytes_in_; }
     /// Total bytes sent to the kernel.
     std::uint64_t bytes_out() const { return bytes_out_; }
-    /// The socket, or -1 once closed.
-    int fd() const { return fd_; }
+    /// The socket, or -1 once closing has started.
+    int fd() const { return state_ == State::open ? fd_ : -1; }
     /// The loop this connection runs on.
     EventLoop& loop() const { return loop_; }
-    /// The socket's local address (getsockname); Address() once closed.
+    /// The socket's local address (getsockname); also inside on_close,
+    /// Address() after it.
     Address local_address() const;
-    /// The peer's address (getpeername); Address() once closed.
-    Address peer_address() const;
-    /// When the last byte was read or written (only tracked when an idle
-    /// timeout is in use).
-    EventLoop::Clock::time_point last_activity() const { return last_activity_; }
+    /// The peer's address, as accept() or connect() had it (getpeername for
+    /// an adopted fd, once, at adoption); unchanged by closing, so also
+    /// inside and after on_close.
+    const Address& peer_address() const { return peer_; }
+    /// When the last byte was read (only tracked when an idle timeout is in
+    /// use; the loop's EventLoop::iteration_time(), no clock read per byte).
+    EventLoop::Clock::time_point last_read() const { return last_read_; }
+    /// When the last byte was written to the kernel (as last_read()).
+    EventLoop::Clock::time_point last_write() const { return last_write_; }
+    /// The later of last_read() and last_write().
+    EventLoop::Clock::time_point last_activity() const { return std::max(last_read_, last_write_); }
 
     // ---- for owners (TcpServer, connect) -----------------------------------------
     /// Close with a given reason (e.g. `timeout` from a server's idle sweep);
@@ -169,10 +198,16 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     friend class TcpServer;
     friend class Connector;
     friend class GroupServer;
-    // Owner hooks, set between create() and start().
+    // Owner hooks, set between create() and start(). `peer`: the address
+    // accept() or connect() had; family 0: ask getpeername().
     static ConnectionPtr create(EventLoop& loop, int fd, Callbacks callbacks,
-                                const ConnectionOptions& options);
-    enum class State : std::uint8_t { open, closed };
+                                const ConnectionOptions& options, const Address& peer = {});
+    // For owners going away (a server, the loop): close now and run on_close
+    // before returning (after our own callback unwinds, if one is on the
+    // stack); also delivers an on_close that close() had posted.
+    void close_now(CloseReason reason);
+    // open -> closing (on_close owed; the fd still open, unwatched) -> closed.
+    enum class State : std::uint8_t { open, closing, closed };
     struct Chunk {
         std::string bytes;
         std::size_t offset = 0;  // written prefix
@@ -188,10 +223,17 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     void after_queue_grew();
     void update_interest();
     void maybe_finish_shutdown();
-    [[gnu::cold]] void fail(int err);  // cold: keeps it out of the read/send paths
-    [[gnu::cold]] void notify_closed();
-    void touch() {
-        if (tracking_) last_activity_ = EventLoop::now();
+    [[gnu::cold]] void fail(int err);                 // cold: keeps it out of the read/send paths
+    bool close_quietly(CloseReason reason, int err);  // false if already closing
+    [[gnu::cold]] void notify_closed() noexcept;
+    [[gnu::cold]] void callback_threw(std::exception_ptr error) noexcept;
+    [[gnu::cold]] void drain_soon();
+    void deliver_drain();
+    void touch_read() {
+        if (tracking_) last_read_ = loop_.iteration_time();
+    }
+    void touch_write() {
+        if (tracking_) last_write_ = loop_.iteration_time();
     }
     void send_rest(const char* p, std::size_t len);
 
@@ -211,6 +253,8 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     bool close_after_drain_ = false;
     bool tracking_ = false;
     bool notify_pending_ = false;  // on_close due when the handler unwinds
+    bool wants_drain_ = false;     // cb_.on_drain is set: a complete send() schedules it
+    bool drain_posted_ = false;    // deliver_drain() is posted
     int in_handler_ = 0;           // depth of our own callbacks on the stack
     std::size_t queued_ = 0;       // bytes in queue_; 0 exactly when it is empty
     std::uint64_t bytes_in_ = 0, bytes_out_ = 0;
@@ -221,8 +265,10 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     std::deque<Chunk> queue_;
     CloseReason reason_ = CloseReason::local;
     int err_ = 0;
-    EventLoop::Clock::time_point last_activity_{};
+    EventLoop::Clock::time_point last_read_{}, last_write_{};
+    EventLoop::TieId tie_ = 0;                     // the loop's reference, from start() to on_close
     std::function<void(Connection&)> close_hook_;  // owner's bookkeeping, after on_close
+    Address peer_;
 };
 
 }  // namespace evmux

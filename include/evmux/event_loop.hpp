@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <memory>
 #include <span>
@@ -21,12 +22,15 @@ namespace evmux {
 /// be called on the loop's thread (the thread that calls run()/run_once(), or
 /// the constructing thread before that). Non-copyable, non-movable.
 ///
-/// An exception thrown by a callback or task propagates out of run() or
-/// run_once(); the loop stays usable (tasks not yet run stay queued, a
-/// repeating timer stays armed, the rest of that ready batch is dropped: a
-/// level-triggered backend reports those fds again).
+/// An exception that escapes a callback (fd watcher, timer, posted task,
+/// signal) ends only that call: the rest of the iteration runs (the other
+/// ready fds, due timers and tasks; a repeating timer stays armed) and the
+/// exception goes to the exception handler (see set_exception_handler(); by
+/// default run()/run_once() rethrows it once the iteration has finished). A
+/// Connection catches its own callbacks' exceptions, closes itself (reason
+/// `exception`) and hands the exception to the same handler.
 class EventLoop {
-public:
+  public:
     /// The clock of every timer: monotonic, unaffected by changes of the wall clock.
     using Clock = std::chrono::steady_clock;
     /// Timer delays and intervals.
@@ -37,6 +41,10 @@ public:
     using Task = std::function<void()>;
     /// Identifies a timer for cancel(); never 0.
     using TimerId = std::uint64_t;
+    /// Identifies a tie() for untie(); never 0.
+    using TieId = std::uint64_t;
+    /// Receives an exception that escaped a callback; see set_exception_handler().
+    using ExceptionHandler = std::function<void(std::exception_ptr)>;
 
     /// A loop on `selector`, by default make_selector() (EVMUX_BACKEND or the
     /// best backend here). Throws std::system_error if the wake-up eventfd
@@ -44,8 +52,13 @@ public:
     /// registers its own fds (eventfd, signalfd) in the selector; do not add
     /// fds to selector() directly, use watch().
     explicit EventLoop(std::unique_ptr<Selector> selector = make_selector());
-    /// Destroys pending tasks, timers and watchers without calling them. The
-    /// fds being watched are not closed (the loop does not own them).
+    /// First runs the `on_loop_end` of every tie() still in place (so
+    /// connections still open close and run their on_close, reason `local`,
+    /// before this returns), then destroys pending tasks, timers and
+    /// watchers without calling them. The fds being watched are not closed
+    /// (the loop does not own them). An exception from an `on_loop_end` goes
+    /// to the exception handler; with the default one it is written to stderr
+    /// (there is no run() left to rethrow it from).
     ~EventLoop();
     EventLoop(const EventLoop&) = delete;
     EventLoop& operator=(const EventLoop&) = delete;
@@ -66,6 +79,33 @@ public:
     bool watching(int fd) const;
     /// The interest `fd` is watched for, or Events::none.
     Events interest(int fd) const;
+
+    // ---- owners ---------------------------------------------------------------
+    /// Keep `owner` alive until untie(id) or the loop's destruction (as
+    /// muduo's Channel::tie): an object that serves an fd on this loop (a
+    /// Connection) holds itself here while it is open, so the user need not.
+    /// When the loop is destroyed with the tie in place, `on_loop_end` (if
+    /// set) runs first, while the loop is still whole: the owner's chance to
+    /// close and tell its user. The loop knows nothing else of its owners.
+    /// O(1), no allocation once the table has grown.
+    TieId tie(std::shared_ptr<void> owner, Task on_loop_end = {});
+    /// Drop a tie (the owner may be destroyed inside this call). A no-op for
+    /// an id that is not tied (already untied, or 0).
+    void untie(TieId id);
+
+    // ---- exceptions -----------------------------------------------------------
+    /// Who receives an exception that escaped a callback of this loop, or that
+    /// an owner handed over with handle_exception() (a Connection does so when
+    /// its own callback throws, after closing itself). Empty (the default):
+    /// the first such exception of an iteration is rethrown from run() or
+    /// run_once() once that iteration has finished, and any further ones of
+    /// the same iteration are written to stderr. asyncio's
+    /// loop.set_exception_handler() is the model. A handler that throws is
+    /// treated as the default would treat its exception. Loop thread only.
+    void set_exception_handler(ExceptionHandler handler);
+    /// Hand `error` to the exception handler (see set_exception_handler()).
+    /// For owners that catch their user's exceptions. Loop thread only.
+    void handle_exception(std::exception_ptr error) noexcept;
 
     // ---- timers (monotonic clock; never early) --------------------------------
     /// Run `fn` once, `delay` from now (a negative delay counts as zero).
@@ -126,15 +166,18 @@ public:
 
     // ---- running ----------------------------------------------------------------
     /// Run until stop(). Returns at once if stop() was called before. Reads the
-    /// clock once per iteration, and only while timers exist. Throws
-    /// std::logic_error if called from a callback of this loop.
+    /// clock once per iteration, right after the wait, and only while timers
+    /// exist. Throws std::logic_error if called from a callback of this loop,
+    /// and what the default exception handler rethrows (the loop stays usable:
+    /// call run() again to go on).
     void run();
     /// One iteration: wait at most `timeout` (nullopt: until something
     /// happens; shorter if a timer is due sooner, zero if tasks are pending),
     /// then run ready fd callbacks, due timers and posted tasks, in that
     /// order. Returns the number of callbacks and tasks run (may be 0, e.g.
     /// on timeout). Throws std::logic_error if called from a callback of this
-    /// loop.
+    /// loop, and as run(). While timers exist it reads the clock twice: on
+    /// entry (it cannot know how old the last reading is) and after the wait.
     std::size_t run_once(Timeout timeout = std::nullopt);
     /// run_once() with any std::chrono duration, clamped rather than
     /// overflowed: run_once(hours(24 * 365 * 1000)) waits (until woken).
@@ -154,18 +197,18 @@ public:
     Selector& selector() { return *selector_; }
     /// The backend name, e.g. "epoll".
     std::string backend_name() const { return selector_->name(); }
-    /// The loop's idea of now (cached per iteration is not guaranteed: reads the clock).
+    /// Reads the clock (no caching).
     static Clock::time_point now() { return Clock::now(); }
+    /// The time of this iteration: the clock as the loop read it right after
+    /// this iteration's wait, without reading it again. Where the loop did
+    /// not read it (no timers existed), the first call of the iteration reads
+    /// it. Late by at most the iteration's own work, never ahead: for cheap
+    /// timestamps such as a connection's last activity. Loop thread only.
+    Clock::time_point iteration_time();
 
-private:
+  private:
     struct Impl;
-    friend class Connection;
     std::size_t iterate(Timeout timeout, bool stoppable);
-    // Keep `owner` alive for as long as the loop, or until release(key): an
-    // open connection with nothing to watch (no watcher holds it) is held
-    // here, so destroying the loop frees it like a watched one.
-    void hold(const void* key, std::shared_ptr<void> owner);
-    void release(const void* key);
 
     std::unique_ptr<Selector> selector_;
     std::unique_ptr<char[]> scratch_;

@@ -48,10 +48,16 @@ struct GroupServerOptions {
     std::size_t max_connections = 0;
     /// accept4() calls per wake-up of a listener.
     std::size_t accept_budget = 64;
-    /// Close connections with no I/O for this long (reason `timeout`);
-    /// zero = never. Checked by a periodic sweep on each loop (every quarter
-    /// of this), so a connection may live up to a quarter of this longer.
+    /// Close connections with no I/O either way for this long (reason
+    /// `timeout`); zero = never. As ServerOptions::idle_timeout, with one
+    /// sweep per loop.
     std::chrono::milliseconds idle_timeout{0};
+    /// Close connections that have read nothing for this long; as
+    /// ServerOptions::read_idle_timeout.
+    std::chrono::milliseconds read_idle_timeout{0};
+    /// Close connections that have written nothing for this long; as
+    /// ServerOptions::write_idle_timeout.
+    std::chrono::milliseconds write_idle_timeout{0};
     /// After EMFILE/ENFILE/ENOBUFS/ENOMEM that the spare fd cannot absorb,
     /// stop accepting for this long instead of spinning.
     std::chrono::milliseconds accept_pause{100};
@@ -121,7 +127,10 @@ class LoopGroup {
     /// thread cannot be created (no thread is left running then).
     explicit LoopGroup(std::size_t threads, const std::string& backend = {});
     /// stop() with the default grace, swallowing what stop() would rethrow;
-    /// then destroys the servers and loops on the calling thread. (With
+    /// then destroys the servers and loops on the calling thread. Every
+    /// connection of a server has had its on_close by then (on its loop's
+    /// thread); one made otherwise on a loop (connect(), adopt()) and still
+    /// open gets it here, on the calling thread, from ~EventLoop. (With
     /// io_uring, closing the rings here may make this thread's next blocking
     /// call that has a timeout, e.g. connect() with SO_SNDTIMEO, fail with
     /// EINTR once: observed in the tests, which connect before setting it.)
@@ -156,8 +165,8 @@ class LoopGroup {
     /// Stop every loop and join its thread. Each loop first stops accepting
     /// and closes its connections gracefully (CloseMode::graceful: a queued
     /// reply is still sent), waits until they have closed or `grace` has
-    /// passed (then closes the rest immediately), runs their on_close, and
-    /// exits. Idempotent; concurrent calls wait for the first. Throws
+    /// passed (then closes the rest immediately, reason `local`), runs every
+    /// on_close, and exits. Idempotent; concurrent calls wait for the first. Throws
     /// std::logic_error from a loop thread of this group; after joining,
     /// rethrows the first exception that escaped a callback on any loop (that
     /// loop went on running).

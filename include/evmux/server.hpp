@@ -18,8 +18,9 @@
 namespace evmux {
 
 namespace detail {
-class Acceptor;  // src/listener.hpp, not installed
-}
+class Acceptor;     // src/listener.hpp, not installed
+struct IdleLimits;  // likewise
+}  // namespace detail
 
 /// How a TcpServer listens and what it allows.
 struct ServerOptions {
@@ -33,10 +34,20 @@ struct ServerOptions {
     /// accept4() calls per wake-up of the listener, so a connection storm
     /// cannot starve established connections.
     std::size_t accept_budget = 64;
-    /// Close connections with no I/O for this long (reason `timeout`);
-    /// zero = never. Checked by one periodic sweep, so a connection may live up
-    /// to a quarter of this longer.
+    /// Close connections that have neither read nor written anything for this
+    /// long (reason `timeout`; Netty's all-idle); zero = never. Writing to a
+    /// peer that never sends counts as activity: see read_idle_timeout.
+    /// The three idle timeouts are checked by one periodic sweep (every
+    /// quarter of the shortest), so a connection may live up to a quarter of
+    /// its limit longer.
     std::chrono::milliseconds idle_timeout{0};
+    /// Close connections that have read nothing for this long (reader-idle),
+    /// however much we write to them; zero = never.
+    std::chrono::milliseconds read_idle_timeout{0};
+    /// Close connections that have written nothing to the kernel for this long
+    /// (writer-idle): one with nothing to send, or whose peer stopped reading
+    /// so its queue cannot drain; zero = never.
+    std::chrono::milliseconds write_idle_timeout{0};
     /// After EMFILE/ENFILE/ENOBUFS/ENOMEM that the spare-fd trick cannot
     /// absorb, stop accepting for this long instead of spinning.
     std::chrono::milliseconds accept_pause{100};
@@ -58,9 +69,9 @@ struct ServerStats {
 /// A listening socket on a loop and the connections accepted from it. Binds
 /// and listens in the constructor; each accepted connection gets the given
 /// callbacks. Owns the listener and its connections: destroying the server
-/// stops accepting, closes every connection (reason `local`; on_close runs
-/// from the loop afterwards) and unlinks a Unix socket path. Thread rule:
-/// loop thread only. Non-copyable, non-movable.
+/// stops accepting, closes every connection and runs its on_close (reason
+/// `local`) before the destructor returns, and unlinks a Unix socket path.
+/// Thread rule: loop thread only. Non-copyable, non-movable.
 class TcpServer {
   public:
     /// Bind `address` (SO_REUSEADDR; SO_REUSEPORT per options) and listen.
@@ -85,8 +96,9 @@ class TcpServer {
     EventLoop& loop() const { return loop_; }
 
   private:
-    void accept_one(int fd);
+    void accept_one(int fd, const Address& peer);
     void sweep_idle();
+    detail::IdleLimits idle_limits() const;
     void forget(Connection& conn);
 
     EventLoop& loop_;
