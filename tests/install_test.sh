@@ -140,8 +140,11 @@ install_part() {
     step "examples/Makefile (plain make + pkg-config)"
     mkdir "$tmp/make"
     make -s -C "$tmp/make" -f "$src/examples/Makefile" VPATH="$src/examples" CXX="$cxx" \
-        CXXFLAGS="-O1 -Werror -Wall -Wextra" chat_server
+        CXXFLAGS="-O1 -Werror -Wall -Wextra" chat_server contracts
     LD_LIBRARY_PATH=$libdir timeout 60 "$tmp/make/chat_server" --self-test
+    # The contracts (README "Connections and servers": exceptions, on_close at
+    # shutdown, addresses in on_close, write-complete) against the installed library.
+    LD_LIBRARY_PATH=$libdir timeout 60 "$tmp/make/contracts" --self-test
 
     if command -v cmake >/dev/null; then
         step "examples/CMakeLists.txt (pkg_check_modules)"
