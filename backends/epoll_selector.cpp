@@ -16,7 +16,9 @@ namespace {
 
 class EpollSelector final : public Selector {
   public:
-    explicit EpollSelector(bool edge_triggered) : edge_(edge_triggered) {
+    // epoll_ctl(ADD) refuses a closed fd (EBADF) and a file without poll
+    // (EPERM) by itself: the base class need not check first.
+    explicit EpollSelector(bool edge_triggered) : Selector(true), edge_(edge_triggered) {
         epfd_ = ::epoll_create1(EPOLL_CLOEXEC);
         if (epfd_ < 0) throw std::system_error(errno, std::generic_category(), "epoll_create1");
         events_.resize(64);

@@ -2,11 +2,57 @@
 // argument checks, and the EINTR/timeout handling around the backend's wait.
 #include "evmux/selector.hpp"
 
+#include <sys/epoll.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <climits>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 
 namespace evmux {
+namespace {
+
+// The two refusals add() makes alike on every backend.
+[[noreturn]] void throw_not_open(int fd) {
+    throw std::system_error(
+        EBADF, std::generic_category(),
+        "evmux: add fd " + std::to_string(fd) + ": not an open file descriptor");
+}
+[[noreturn]] void throw_not_pollable(int fd) {
+    throw std::system_error(
+        EPERM, std::generic_category(),
+        "evmux: add fd " + std::to_string(fd) +
+            ": the file cannot be polled (a regular file, a directory or a device without "
+            "poll is always ready; epoll refuses it too)");
+}
+
+// 0 if `fd` can be watched, else EBADF (not open) or EPERM (cannot be polled).
+int pollable(int fd) {
+    struct stat st {};
+    if (::fstat(fd, &st) < 0) return errno;
+    // The common case, answered by the fstat alone.
+    if (S_ISSOCK(st.st_mode) || S_ISFIFO(st.st_mode)) return 0;
+    // Anything else may or may not have a poll operation: a regular file on
+    // disk has none, /proc/self/mounts and sysfs attributes have one; an
+    // eventfd or timerfd (no file type at all) has one, /dev/null has none.
+    // Only the kernel knows, and epoll_ctl says: EPERM for a file without poll
+    // (EBADF for an O_PATH fd). A throwaway epoll set asks it, so the rule is
+    // the epoll backend's exactly.
+    const int probe = ::epoll_create1(EPOLL_CLOEXEC);
+    if (probe < 0) {
+        // Cannot ask (EMFILE, say): decide by type, as epoll does for files on disk.
+        return S_ISREG(st.st_mode) || S_ISDIR(st.st_mode) || S_ISBLK(st.st_mode) ? EPERM : 0;
+    }
+    epoll_event ev{};
+    const int err = ::epoll_ctl(probe, EPOLL_CTL_ADD, fd, &ev) < 0 ? errno : 0;
+    ::close(probe);
+    return err == EBADF || err == EPERM ? err : 0;  // others (ENOMEM...): the backend's to say
+}
+
+}  // namespace
 
 namespace {
 // Longer timeouts wait forever (a deadline that far ahead could overflow the clock).
@@ -31,6 +77,7 @@ std::string to_string(Events events) {
 }
 
 Selector::Selector() = default;
+Selector::Selector(bool kernel_checks_fds) : kernel_checks_fds_(kernel_checks_fds) {}
 Selector::~Selector() = default;
 
 void Selector::check_interest(Events interest) {
@@ -50,7 +97,21 @@ const SelectorKey& Selector::add(int fd, Events interest, void* data) {
     if (static_cast<std::size_t>(fd) < keys_.size() && keys_[fd].fd >= 0)
         throw std::logic_error("evmux: fd " + std::to_string(fd) + " is already registered");
     SelectorKey key{fd, interest, data, next_generation_};
-    backend_add(key);  // throws: nothing registered
+    if (kernel_checks_fds_) {
+        try {
+            backend_add(key);  // throws: nothing registered
+        } catch (const std::system_error& e) {
+            if (e.code() == std::errc::bad_file_descriptor) throw_not_open(fd);
+            if (e.code() == std::errc::operation_not_permitted) throw_not_pollable(fd);
+            throw;
+        }
+    } else {
+        if (int err = pollable(fd); err == EBADF)
+            throw_not_open(fd);
+        else if (err == EPERM)
+            throw_not_pollable(fd);
+        backend_add(key);  // throws: nothing registered
+    }
     if (++next_generation_ == 0) next_generation_ = 1;
     if (static_cast<std::size_t>(fd) >= keys_.size()) {
         std::size_t n = keys_.size() ? keys_.size() : 64;

@@ -5,7 +5,10 @@
 // early") plus generous upper bounds ("did not hang"), never speed claims.
 #include <fcntl.h>
 #include <pthread.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/timerfd.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -804,43 +807,138 @@ TEST(Selector, DupClosedBeforeRemoveNoReuse) {
     EXPECT_EQ(ready[0].key.fd, c.get());
 }
 
-// ---- files the kernel cannot poll --------------------------------------------------
+// ---- fds add() refuses, alike on every backend -------------------------------------
 
-TEST(Selector, RegularFile) {
-    EVMUX_SELECTOR_OR_SKIP(sel);
+namespace {
+
+/// add(fd) must throw std::system_error with `err` and a message naming the fd
+/// and containing `text`, and register nothing: the selector is as before
+/// (one other fd registered, `other`, still reported).
+void expect_add_refused(Selector& sel, int fd, int err, const std::string& text) {
+    // Above `fd`, so that these two cannot take its number (a huge `fd`
+    // is out of reach anyway).
+    const int above = fd < 512 ? fd + 1 : 0;
+    auto [low_other, low_peer] = socket_pair();
+    Fd other = move_above(std::move(low_other), above);
+    Fd peer = move_above(std::move(low_peer), above);
+    sel.add(other.get(), Events::read);
+    try {
+        sel.add(fd, Events::read);
+        ADD_FAILURE() << sel.name() << " accepted fd " << fd;
+    } catch (const std::system_error& e) {
+        EXPECT_EQ(e.code().value(), err) << e.what();
+        EXPECT_NE(std::string(e.what()).find("fd " + std::to_string(fd)), std::string::npos)
+            << e.what();
+        EXPECT_NE(std::string(e.what()).find(text), std::string::npos) << e.what();
+    }
+    EXPECT_EQ(sel.size(), 1u);
+    EXPECT_EQ(sel.get_key(fd), nullptr);
+    write_byte(peer.get());
+    auto ready = sel.select(1s);
+    ASSERT_EQ(ready.size(), 1u) << describe(ready);
+    EXPECT_EQ(ready[0].key.fd, other.get());
+    sel.remove(other.get());
+}
+
+/// An fd number that is not open: one just closed, so nothing else has it.
+int closed_fd_number() {
+    auto [a, b] = socket_pair();
+    return a.get();  // both closed on return
+}
+
+Fd temp_file() {
     char path[] = "/tmp/evmux-selector-XXXXXX";
     Fd file(::mkstemp(path));
+    if (file) ::unlink(path);
+    return file;
+}
+
+const std::string not_pollable = "cannot be polled";
+
+}  // namespace
+
+TEST(Selector, AddOfAnFdThatIsNotOpenIsEbadf) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    const int fd = closed_fd_number();
+    ASSERT_NO_FATAL_FAILURE(expect_add_refused(*sel, fd, EBADF, "not an open file descriptor"));
+    // Far beyond any fd ever registered (the key table is not grown for it).
+    ASSERT_NO_FATAL_FAILURE(
+        expect_add_refused(*sel, 1 << 20, EBADF, "not an open file descriptor"));
+    // Once the number is open, the same selector takes it.
+    auto [a, b] = socket_pair();
+    EXPECT_NO_THROW(sel->add(a.get(), Events::read));
+}
+
+TEST(Selector, RegularFileIsRefused) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    Fd file = temp_file();
     ASSERT_TRUE(file);
-    ::unlink(path);
-    if (is("epoll")) {
+    ASSERT_NO_FATAL_FAILURE(expect_add_refused(*sel, file.get(), EPERM, not_pollable));
+}
+
+TEST(Selector, DirectoryIsRefused) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    Fd dir(::open("/tmp", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    ASSERT_TRUE(dir);
+    ASSERT_NO_FATAL_FAILURE(expect_add_refused(*sel, dir.get(), EPERM, not_pollable));
+}
+
+// A character device is refused when its driver has no poll, as epoll does.
+TEST(Selector, DevNullIsRefused) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    Fd null(::open("/dev/null", O_RDWR | O_CLOEXEC));
+    ASSERT_TRUE(null);
+    ASSERT_NO_FATAL_FAILURE(expect_add_refused(*sel, null.get(), EPERM, not_pollable));
+}
+
+// Files that are not sockets or pipes but can be polled are taken everywhere:
+// eventfd and timerfd (no file type at all) and a /proc file whose driver
+// implements poll although fstat calls it a regular file.
+TEST(Selector, PollableFilesAreAccepted) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    Fd event(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+    Fd timer(::timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC));
+    Fd mounts(::open("/proc/self/mounts", O_RDONLY | O_CLOEXEC));
+    ASSERT_TRUE(event && timer && mounts);
+    struct stat st {};
+    ASSERT_EQ(::fstat(mounts.get(), &st), 0);
+    ASSERT_TRUE(S_ISREG(st.st_mode)) << "the point of this case: a regular file that polls";
+    for (int fd : {event.get(), timer.get(), mounts.get()})
+        EXPECT_NO_THROW(sel->add(fd, Events::read)) << "fd " << fd;
+    EXPECT_EQ(sel->size(), 3u);
+    // They work: the eventfd, once written, is readable.
+    const std::uint64_t one = 1;
+    ASSERT_EQ(::write(event.get(), &one, sizeof one), 8);
+    EXPECT_TRUE(any(wait_for(*sel, event.get()), Events::read));
+    for (int fd : {event.get(), timer.get(), mounts.get()}) EXPECT_NO_THROW(sel->remove(fd));
+}
+
+// The event loop passes add()'s refusal on: nothing watched.
+TEST(Selector, EventLoopWatchRefusesTheSame) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Fd file = temp_file();
+    ASSERT_TRUE(file);
+    const int closed = closed_fd_number();
+    struct Case {
+        int fd;
+        int err;
+    };
+    for (Case c : {Case{closed, EBADF}, Case{file.get(), EPERM}}) {
         try {
-            sel->add(file.get(), Events::read);
-            ADD_FAILURE() << "epoll accepted a regular file";
+            loop.watch(c.fd, Events::read, [](Events) {});
+            ADD_FAILURE() << "watch(" << c.fd << ") accepted";
         } catch (const std::system_error& e) {
-            EXPECT_EQ(e.code().value(), EPERM);
-            EXPECT_NE(std::string(e.what()).find("epoll_ctl"), std::string::npos) << e.what();
+            EXPECT_EQ(e.code().value(), c.err) << e.what();
         }
-        EXPECT_EQ(sel->size(), 0u);
-        EXPECT_EQ(sel->get_key(file.get()), nullptr);
-        return;
+        EXPECT_FALSE(loop.watching(c.fd));
     }
-    // Other backends may accept it (a regular file is always ready) or refuse
-    // it with a system_error; either way cleanly.
-    try {
-        sel->add(file.get(), rw);
-    } catch (const std::system_error& e) {
-        EXPECT_EQ(sel->size(), 0u) << e.what();
-        return;
-    }
-    EXPECT_EQ(sel->size(), 1u);
-    std::span<const ReadyEvent> ready;
-    ASSERT_NO_THROW(ready = sel->select(100ms));
-    EXPECT_LE(ready.size(), 1u);
-    if (is("poll") || is("select")) {
-        ASSERT_EQ(ready.size(), 1u);
-        EXPECT_EQ(ready[0].events, rw);
-    }
-    EXPECT_NO_THROW(sel->remove(file.get()));
+    // The loop still runs and watches what it can.
+    auto [a, b] = socket_pair();
+    bool called = false;
+    loop.watch(a.get(), Events::read, [&](Events) { called = true; });
+    write_byte(b.get());
+    EXPECT_TRUE(run_until(loop, [&] { return called; }));
+    loop.unwatch(a.get());
 }
 
 // ---- the registry ------------------------------------------------------------------

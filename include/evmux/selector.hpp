@@ -113,10 +113,20 @@ class Selector {
     Selector& operator=(const Selector&) = delete;
 
     /// Start watching `fd` for `interest` (read, write or both).
-    /// Throws std::invalid_argument for a negative fd or an empty or unknown
-    /// interest, std::logic_error if `fd` is already registered, and
-    /// std::system_error (naming the call) if the kernel refuses, e.g. a
-    /// regular file on epoll. On failure nothing is registered.
+    ///
+    /// The same fds are refused on every backend, with a std::system_error:
+    ///  - EBADF if `fd` is not an open file descriptor;
+    ///  - EPERM if its file cannot be polled: a regular file on disk, a
+    ///    directory, a device whose driver has no poll (/dev/null, /dev/zero).
+    ///    Such a file is always "ready", so watching it would spin; epoll
+    ///    refuses exactly these, and the rule is epoll's: a file whose driver
+    ///    implements poll is accepted even if it looks like a file
+    ///    (/proc/self/mounts, sysfs attributes, a tty, eventfd, timerfd).
+    /// Pipes, sockets, eventfd, signalfd, timerfd, ttys are accepted.
+    /// Also throws std::invalid_argument for a negative fd or an empty or
+    /// unknown interest, std::logic_error if `fd` is already registered, and
+    /// std::system_error (naming the call) if the kernel refuses for another
+    /// reason. On failure nothing is registered.
     const SelectorKey& add(int fd, Events interest, void* data = nullptr);
 
     /// Change the interest and data of a registered fd. Throws like add(), and
@@ -164,7 +174,14 @@ class Selector {
     virtual std::string name() const = 0;
 
   protected:
+    /// A backend whose backend_add() would accept any fd: add() checks first
+    /// (one fstat per add, plus a probe for files that are not sockets or pipes).
     Selector();
+    /// `kernel_checks_fds`: backend_add() itself fails with EBADF for an fd that
+    /// is not open and EPERM for one that cannot be polled (epoll_ctl does), so
+    /// add() makes no check of its own and only words those two errors alike
+    /// on every backend.
+    explicit Selector(bool kernel_checks_fds);
 
     // ---- The backend's part: only kernel calls. -----------------------------
     // The base class has already validated the arguments and updates its
@@ -228,6 +245,7 @@ class Selector {
     std::size_t count_ = 0;
     std::uint32_t next_generation_ = 1;  // never 0: 0 means "current" in report()
     mutable int max_fd_hint_ = -1;
+    bool kernel_checks_fds_ = false;
 
     static void check_interest(Events interest);
 };
