@@ -14,9 +14,14 @@
 // Each request's user_data carries the fd and a per-fd token that changes with
 // every new request; a completion whose token is not the fd's current one
 // belongs to an earlier registration (or an interest since changed) and is
-// dropped. Adds and re-arms are batched into the next wait's submission; a
-// remove cancels the pending poll at once, since that poll holds a reference
-// to the file and close() would otherwise not close the socket.
+// dropped. Adds and re-arms are batched into the next wait's submission.
+//
+// A pending poll request holds a reference to its file: while it is in the
+// kernel, close() does not close the socket (a listener keeps its port). So
+// a remove cancels every request on the fd and reaps their completions before
+// it returns, and the destructor does the same for all fds before it tears the
+// ring down (the kernel's own teardown of a ring is asynchronous: its requests,
+// and the files they hold, go some milliseconds later, from a worker).
 #include <liburing.h>
 
 #include <cerrno>
@@ -73,7 +78,19 @@ class IoUringSelector final : public Selector {
     IoUringSelector() {
         if (int ret = init_ring(&ring_); ret < 0) fail(ret, "io_uring_setup");
     }
-    ~IoUringSelector() override { io_uring_queue_exit(&ring_); }
+    ~IoUringSelector() override {
+        // io_uring_queue_exit() only starts the ring's teardown; pending polls
+        // would hold their files for a few more milliseconds. Let go of them now.
+        try {
+            for (std::size_t fd = 0; fd < slots_.size(); ++fd)
+                if (slots_[fd].armed) cancel(static_cast<int>(fd), slots_[fd].token);
+            queue_cancels();
+            settle([this] { return in_flight_ == 0; });
+        } catch (const std::system_error&) {
+            // The ring still drops them, a little later.
+        }
+        io_uring_queue_exit(&ring_);
+    }
     std::string name() const override { return "io_uring"; }
 
   protected:
@@ -108,18 +125,22 @@ class IoUringSelector final : public Selector {
     }
 
     void backend_remove(const SelectorKey& key) override {
-        Slot& s = slots_[key.fd];
+        const int fd = key.fd;
+        Slot& s = slots_[fd];
         const bool armed = s.armed;
         const std::uint32_t token = s.token;
         s.registered = false;
         s.armed = false;
         s.token = (s.token + 1) & token_mask;  // whatever is still in the CQ is stale
-        if (!armed) return;
-        // The pending poll holds a reference to the file: cancel it now, not at
-        // the next wait, so that a close() right after this really closes.
+        if (s.in_flight == 0) return;          // no request holds the file: no system call
+        // A pending poll holds a reference to the file: cancel it now and wait
+        // for its completion, so that a close() right after this really closes.
+        // Older requests on the fd (replaced by a modify, or a multishot poll
+        // given up) have their cancel queued already: it goes out with this one.
         try {
-            cancel(key.fd, token);
-            io_uring_submit(&ring_);
+            if (armed) cancel(fd, token);
+            queue_cancels();
+            settle([this, fd] { return slots_[fd].in_flight == 0; });
         } catch (const std::system_error&) {
             // Must not throw; the ring drops the request when it is destroyed.
         }
@@ -162,6 +183,10 @@ class IoUringSelector final : public Selector {
         bool queued = false;     // in to_arm_
         bool closed = false;     // the kernel said EBADF: set aside until modify
         bool multishot = false;  // the request is (or will be) a multishot poll
+        // Poll requests on this fd, of any token, prepared and not yet
+        // finished (their last completion not yet taken from the ring): each
+        // holds a reference to the file.
+        std::uint32_t in_flight = 0;
     };
     struct Completion {
         std::uint64_t user_data;
@@ -176,7 +201,8 @@ class IoUringSelector final : public Selector {
         to_arm_.push_back(fd);
     }
 
-    void arm_queued() {
+    // The cancels handle() queued (it cannot take SQEs while walking the CQ).
+    void queue_cancels() {
         for (std::uint64_t user_data : to_cancel_) {
             io_uring_sqe* sqe = get_sqe();
             io_uring_prep_poll_remove(sqe, user_data);
@@ -184,6 +210,10 @@ class IoUringSelector final : public Selector {
                                     (std::uint64_t{control_bit} << 32) | (user_data & 0xffffffffu));
         }
         to_cancel_.clear();
+    }
+
+    void arm_queued() {
+        queue_cancels();
         for (int fd : to_arm_) {
             Slot& s = slots_[fd];
             s.queued = false;
@@ -196,6 +226,8 @@ class IoUringSelector final : public Selector {
                 io_uring_prep_poll_add(sqe, fd, mask);
             io_uring_sqe_set_data64(sqe, encode(s.token, fd));
             s.armed = true;
+            ++s.in_flight;
+            ++in_flight_;
         }
         to_arm_.clear();
     }
@@ -222,11 +254,40 @@ class IoUringSelector final : public Selector {
         }
     }
 
+    // Submits what is queued and takes completions from the ring (kept for
+    // the next wait) until done(). Usually one system call: a cancelled poll
+    // completes in the task work that runs before io_uring_enter() returns.
+    // Bounded (100 waits of 10 ms): a remove() or a destructor must not hang.
+    template <class Done>
+    void settle(Done done) {
+        for (int round = 0; !done() && round < 100; ++round) {
+            if (round == 0) {
+                io_uring_submit_and_get_events(&ring_);
+            } else {
+                __kernel_timespec ts{0, 10'000'000};
+                io_uring_cqe* cqe = nullptr;
+                io_uring_submit_and_wait_timeout(&ring_, &cqe, 1, &ts, nullptr);
+            }
+            stash_completions();
+        }
+    }
+
+    // Counts a completion taken from the ring: the last one of a poll request
+    // means the kernel let go of it, and of its file.
+    void finished(const io_uring_cqe* cqe) {
+        const auto token = static_cast<std::uint32_t>(cqe->user_data >> 32);
+        const auto fd32 = static_cast<std::uint32_t>(cqe->user_data);
+        if (token & control_bit || cqe->flags & IORING_CQE_F_MORE || fd32 >= slots_.size()) return;
+        --slots_[fd32].in_flight;
+        --in_flight_;
+    }
+
     void stash_completions() {
         unsigned head;
         unsigned n = 0;
         io_uring_cqe* cqe;
         io_uring_for_each_cqe(&ring_, head, cqe) {
+            finished(cqe);
             stashed_.push_back(Completion{cqe->user_data, cqe->res, cqe->flags});
             ++n;
         }
@@ -243,6 +304,7 @@ class IoUringSelector final : public Selector {
             unsigned n = 0;
             io_uring_cqe* cqe;
             io_uring_for_each_cqe(&ring_, head, cqe) {
+                finished(cqe);
                 handle(cqe->user_data, cqe->res, cqe->flags);
                 ++n;
             }
@@ -307,6 +369,7 @@ class IoUringSelector final : public Selector {
     std::vector<int> to_arm_;  // fds whose poll request goes out with the next submission
     std::vector<std::uint64_t> to_cancel_;  // requests to cancel with the next submission
     std::vector<Completion> stashed_;
+    std::size_t in_flight_ = 0;  // the sum of the slots' in_flight
 };
 
 std::string read_sysctl(const char* path) {
