@@ -24,6 +24,12 @@ constexpr int max_iov = 64;
 // Small sends queued behind others are appended to the last chunk up to this
 // size, so a stream of tiny messages does not become a deque of tiny strings.
 constexpr std::size_t coalesce_limit = 16 * 1024;
+
+// One writer (the loop thread), readers anywhere: a relaxed load and store,
+// no locked read-modify-write on the message path.
+inline void add(std::atomic<std::uint64_t>& counter, std::uint64_t n) {
+    counter.store(counter.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+}
 }  // namespace
 
 const char* to_string(CloseReason reason) {
@@ -214,6 +220,7 @@ void Connection::handle_read(const ConnectionPtr& self, Events events) {
         ssize_t n = ::recv(fd_, scratch.data(), want, 0);
         if (n > 0) {
             bytes_in_ += static_cast<std::uint64_t>(n);
+            if (counters_) add(counters_->in, static_cast<std::uint64_t>(n));
             budget -= static_cast<std::size_t>(n);
             touch_read();
             if (on_message_) {
@@ -300,6 +307,7 @@ bool Connection::flush() {
         }
         std::size_t left = static_cast<std::size_t>(n);
         bytes_out_ += left;
+        if (counters_) add(counters_->out, left);
         queued_ -= left;
         touch_write();
         while (left > 0) {
@@ -328,6 +336,7 @@ void Connection::send(const void* data, std::size_t len) {
         ssize_t n = ::send(fd_, p, len, MSG_NOSIGNAL);
         if (n > 0) {
             bytes_out_ += static_cast<std::uint64_t>(n);
+            if (counters_) add(counters_->out, static_cast<std::uint64_t>(n));
             touch_write();
             if (static_cast<std::size_t>(n) == len) {  // the usual case
                 if (wants_drain_) drain_soon();
@@ -374,6 +383,7 @@ void Connection::send(std::string&& bytes) {
         written = static_cast<std::size_t>(n);
         if (written > 0) {
             bytes_out_ += written;
+            if (counters_) add(counters_->out, written);
             touch_write();
         }
         if (written == bytes.size()) {

@@ -1,4 +1,4 @@
-// The listening socket and accept loop shared by TcpServer and GroupServer.
+// The listening socket and accept loop of TcpServer, and its idle limits.
 #include "listener.hpp"
 
 #include <fcntl.h>
@@ -19,7 +19,7 @@ namespace evmux::detail {
 namespace {
 
 // The counters are plain fields of a ServerStats, bumped atomically so that
-// GroupServer::stats() may read them from another thread (std::atomic_ref).
+// TcpServer::stats() may read them from another thread (std::atomic_ref).
 void bump(std::uint64_t& counter) {
     std::atomic_ref<std::uint64_t>(counter).fetch_add(1, std::memory_order_relaxed);
 }

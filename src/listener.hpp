@@ -1,4 +1,4 @@
-// Internal (not installed): the listener and accept loop of TcpServer and GroupServer.
+// Internal (not installed): the listener and accept loop of TcpServer, and its idle limits.
 #pragma once
 
 #include <chrono>

@@ -1,5 +1,6 @@
-// TcpServer (listen/accept with fd-exhaustion handling and an idle sweep) and
-// connect() (non-blocking connect with timeout and cancel).
+// TcpServer (listen/accept on one loop or over a LoopGroup's loops, with
+// fd-exhaustion handling, limits, an idle sweep and counters) and connect()
+// (non-blocking connect with timeout and cancel).
 #include "evmux/server.hpp"
 
 #include <sys/socket.h>
@@ -7,104 +8,316 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <optional>
 #include <stdexcept>
 #include <system_error>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
+#include "evmux/loop_group.hpp"
 #include "listener.hpp"
 
 namespace evmux {
 
-// ---- TcpServer --------------------------------------------------------------------
+namespace {
+
+// An accepted fd travelling to another loop inside a posted task: closed if
+// the task is destroyed unrun (the target loop stopped first).
+struct TravellingFd {
+    int fd;
+    explicit TravellingFd(int f) : fd(f) {}
+    ~TravellingFd() {
+        if (fd >= 0) ::close(fd);
+    }
+    TravellingFd(const TravellingFd&) = delete;
+    TravellingFd& operator=(const TravellingFd&) = delete;
+    int release() { return std::exchange(fd, -1); }
+};
+
+// One writer, readers anywhere (see ByteCounters).
+void bump(std::atomic<std::uint64_t>& counter) {
+    counter.store(counter.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+}
+
+}  // namespace
+
+const char* to_string(Distribution distribution) {
+    switch (distribution) {
+        case Distribution::reuse_port:
+            return "reuse_port";
+        case Distribution::round_robin:
+            return "round_robin";
+    }
+    return "unknown";
+}
+
+// ---- TcpServer::Shard: the server's part on one loop --------------------------------
+
+// The one implementation of accepting, adopting, forgetting and sweeping, for
+// one loop of the server (a one-loop server has one shard). Thread rule: its
+// loop's thread only, except the atomic counters and accept_counters (read
+// anywhere, the latter through std::atomic_ref) and construction/destruction
+// (while the loop does not run it).
+struct TcpServer::Shard {
+    TcpServer& server;
+    EventLoop& loop;
+    std::size_t index;
+    ServerStats accept_counters;  // the acceptor's: accept_calls, accept_errors, rejected (shed)
+    std::optional<detail::Acceptor> acceptor;  // reuse_port: every shard; else shard 0
+    bool stopping = false;
+    std::size_t turn = 0;  // round_robin acceptor: the next loop to receive an fd
+    EventLoop::TimerId sweep_timer = 0;
+    std::unordered_map<Connection*, ConnectionPtr> conns;
+    ByteCounters bytes;                      // every connection's, open or closed
+    std::atomic<std::uint64_t> total{0};     // connections served by this loop
+    std::atomic<std::uint64_t> rejected{0};  // over max_connections, or refused by the selector
+    std::atomic<std::uint64_t> errors{0};    // Connection::create()/start() failed
+
+    Shard(TcpServer& s, EventLoop& l, std::size_t i) : server(s), loop(l), index(i) {}
+
+    // Opens the listener; accepting starts with start().
+    void listen_on(const Address& address, bool reuse_port) {
+        const ServerOptions& o = server.opt_;
+        acceptor.emplace(loop, address, reuse_port, o.backlog, o.accept_budget, o.accept_pause,
+                         accept_counters,
+                         [this](int fd, const Address& peer) { dispatch(fd, peer); });
+    }
+
+    void start() {
+        if (stopping) return;
+        if (acceptor) acceptor->start();
+        const detail::IdleLimits limits = server.idle_limits();
+        if (limits.any())
+            sweep_timer = loop.call_every(limits.sweep_period(), [this] { sweep_idle(); });
+    }
+
+    // Where an accepted fd goes: here, or (round_robin) the next loop in turn.
+    void dispatch(int fd, const Address& peer) {
+        const std::size_t n = server.shards_.size();
+        const std::size_t target = server.distribution_ == Distribution::round_robin ? turn : index;
+        turn = (turn + 1) % n;
+        if (target == index) {
+            adopt(fd, peer);
+            return;
+        }
+        Shard* to = server.shards_[target].get();
+        // std::function needs a copyable task; the shared holder closes the
+        // fd if the target loop is destroyed before running it.
+        auto holder = std::make_shared<TravellingFd>(fd);
+        to->loop.post([to, holder, peer] { to->adopt(holder->release(), peer); });
+    }
+
+    void adopt(int fd, const Address& peer) {
+        if (stopping) {  // accepted just before the stop: not served
+            ::close(fd);
+            return;
+        }
+        if (!server.reserve_slot()) {
+            ::close(fd);
+            bump(rejected);
+            return;
+        }
+        ConnectionPtr conn;
+        try {
+            conn = Connection::create(loop, fd, server.cb_, server.opt_.connection, peer);
+        } catch (const std::system_error&) {
+            server.release_slot();  // create() closed the fd
+            bump(errors);
+            return;
+        }
+        conn->track_activity(sweep_timer != 0);
+        conn->count_bytes_into(&bytes);
+        conn->set_close_hook([this](Connection& c) { forget(c); });
+        Connection* raw = conn.get();
+        conns.emplace(raw, conn);
+        bump(total);
+        try {
+            conn->start();
+        } catch (const std::system_error&) {
+            // The selector refused the fd (e.g. beyond select's limit): drop it.
+            conns.erase(raw);
+            server.release_slot();
+            bump(errors);
+            bump(rejected);
+        }
+    }
+
+    // After on_close: free its slot.
+    void forget(Connection& conn) {
+        if (conns.erase(&conn) != 0) server.release_slot();
+    }
+
+    void sweep_idle() {
+        const auto now = loop.iteration_time();
+        const detail::IdleLimits limits = server.idle_limits();
+        std::vector<ConnectionPtr> idle;
+        for (auto& [raw, conn] : conns)
+            if (conn->is_open() && limits.expired(*conn, now)) idle.push_back(conn);
+        for (auto& conn : idle) conn->close_with(CloseReason::timeout);
+    }
+
+    std::vector<ConnectionPtr> snapshot() const {
+        std::vector<ConnectionPtr> all;
+        all.reserve(conns.size());
+        for (const auto& [raw, c] : conns) all.push_back(c);
+        return all;
+    }
+
+    // close() never runs on_close inside itself, so `conns` is not changed
+    // under us; a connection with an empty queue closes now.
+    void close_all(CloseMode mode) {
+        for (auto& c : snapshot()) c->close(mode);
+    }
+
+    // Stop accepting and close every connection gracefully.
+    void begin_stop() {
+        stopping = true;
+        if (acceptor) acceptor->stop();
+        if (sweep_timer != 0) loop.cancel(std::exchange(sweep_timer, 0));
+        close_all(CloseMode::graceful);
+    }
+
+    // Close what is left now, each on_close running here (reason `local`);
+    // forget() frees the slots.
+    void close_rest() {
+        stopping = true;
+        if (acceptor) acceptor->stop();
+        if (sweep_timer != 0) loop.cancel(std::exchange(sweep_timer, 0));
+        for (auto& c : snapshot()) c->close_now(CloseReason::local);
+    }
+};
+
+// ---- TcpServer ------------------------------------------------------------------------
 
 TcpServer::TcpServer(EventLoop& loop, const Address& address, Callbacks callbacks,
                      ServerOptions options)
-    : loop_(loop), cb_(std::move(callbacks)), opt_(options) {
+    : cb_(std::move(callbacks)), opt_(options), distribution_(Distribution::reuse_port) {
     if (address.family() == 0) throw std::invalid_argument("TcpServer: address has no family");
-    acceptor_ = std::make_unique<detail::Acceptor>(
-        loop_, address, opt_.reuse_port, opt_.backlog, opt_.accept_budget, opt_.accept_pause,
-        closed_, [this](int fd, const Address& peer) { accept_one(fd, peer); });
-    // On a throw from here on, acceptor_'s destructor closes and unlinks.
-    local_ = Address::local_of(acceptor_->fd());
-    acceptor_->start();
-    if (idle_limits().any())
-        sweep_timer_ = loop_.call_every(idle_limits().sweep_period(), [this] { sweep_idle(); });
+    shards_.push_back(std::make_unique<Shard>(*this, loop, 0));
+    bind_listeners(address, opt_.reuse_port);
+    shards_[0]->start();
+}
+
+TcpServer::TcpServer(GroupTag, LoopGroup& group, const Address& address, Callbacks callbacks,
+                     ServerOptions options)
+    : cb_(std::move(callbacks)),
+      opt_(options),
+      distribution_(address.is_unix() ? Distribution::round_robin : options.distribution),
+      on_group_(true) {
+    if (address.family() == 0) throw std::invalid_argument("listen: address has no family");
+    for (std::size_t i = 0; i < group.size(); ++i)
+        shards_.push_back(std::make_unique<Shard>(*this, group.loop(i), i));
+    bind_listeners(address, distribution_ == Distribution::reuse_port);
+}
+
+// The first listener alone: with port 0 it picks the port, which the other
+// SO_REUSEPORT listeners (reuse_port over a LoopGroup) then join. On a throw
+// the acceptors made so far close (and unlink) as the shards are destroyed.
+void TcpServer::bind_listeners(const Address& address, bool reuse_port) {
+    shards_[0]->listen_on(address, reuse_port);
+    local_ = Address::local_of(shards_[0]->acceptor->fd());
+    if (distribution_ == Distribution::reuse_port)
+        for (std::size_t i = 1; i < shards_.size(); ++i) shards_[i]->listen_on(local_, true);
+}
+
+TcpServer::~TcpServer() {
+    // One loop: on its thread, each on_close here (or, for a connection whose
+    // own callback is destroying us, when that callback returns). Over a
+    // LoopGroup the loops have closed theirs before joining; anything left is
+    // closed here, safely, since those threads are gone.
+    for (auto& shard : shards_) {
+        shard->stopping = true;
+        shard->acceptor.reset();  // stops accepting, closes the listener, unlinks a Unix path
+        if (shard->sweep_timer != 0) shard->loop.cancel(std::exchange(shard->sweep_timer, 0));
+        for (auto& [raw, conn] : shard->conns) conn->set_close_hook(nullptr);
+        auto conns = std::move(shard->conns);
+        shard->conns.clear();
+        for (auto& [raw, conn] : conns) {
+            conn->count_bytes_into(nullptr);  // the shard goes first
+            conn->close_now(CloseReason::local);
+        }
+    }
+}
+
+EventLoop& TcpServer::loop() const {
+    return shards_.front()->loop;
 }
 
 detail::IdleLimits TcpServer::idle_limits() const {
     return {opt_.idle_timeout, opt_.read_idle_timeout, opt_.write_idle_timeout};
 }
 
-TcpServer::~TcpServer() {
-    if (sweep_timer_ != 0) loop_.cancel(sweep_timer_);
-    acceptor_.reset();  // stops accepting, closes the listener, unlinks a Unix path
-    // Each on_close runs here, before we return (or, for a connection whose
-    // own callback is destroying us, when that callback returns).
-    auto conns = std::move(conns_);
-    for (auto& [raw, conn] : conns) {
-        conn->close_hook_ = nullptr;  // nothing to forget: we are going
-        conn->close_now(CloseReason::local);
+ServerStats TcpServer::stats() const {
+    ServerStats out;
+    out.connections_now = connections_now();
+    constexpr auto relaxed = std::memory_order_relaxed;
+    for (const auto& s : shards_) {
+        out.connections_total += s->total.load(relaxed);
+        out.rejected += s->rejected.load(relaxed);
+        out.accept_errors += s->errors.load(relaxed);
+        out.bytes_in += s->bytes.in.load(relaxed);
+        out.bytes_out += s->bytes.out.load(relaxed);
+        // The acceptor's, bumped through std::atomic_ref on the loop thread.
+        auto& acc = const_cast<ServerStats&>(s->accept_counters);
+        out.accept_calls += std::atomic_ref(acc.accept_calls).load(relaxed);
+        out.accept_errors += std::atomic_ref(acc.accept_errors).load(relaxed);
+        out.rejected += std::atomic_ref(acc.rejected).load(relaxed);
     }
+    return out;
 }
 
-ServerStats TcpServer::stats() const {
-    ServerStats s = closed_;
-    s.connections_now = conns_.size();
-    for (const auto& [raw, conn] : conns_) {
-        s.bytes_in += conn->bytes_in();
-        s.bytes_out += conn->bytes_out();
-    }
-    return s;
+std::vector<std::uint64_t> TcpServer::connections_per_loop() const {
+    std::vector<std::uint64_t> out;
+    out.reserve(shards_.size());
+    for (const auto& s : shards_) out.push_back(s->total.load(std::memory_order_relaxed));
+    return out;
+}
+
+std::uint64_t TcpServer::connections_total() const {
+    std::uint64_t sum = 0;
+    for (const auto& s : shards_) sum += s->total.load(std::memory_order_relaxed);
+    return sum;
 }
 
 void TcpServer::close_all(CloseMode mode) {
-    std::vector<ConnectionPtr> all;
-    all.reserve(conns_.size());
-    for (auto& [raw, conn] : conns_) all.push_back(conn);
-    for (auto& conn : all) conn->close(mode);
-}
-
-void TcpServer::accept_one(int fd, const Address& peer) {
-    if (opt_.max_connections != 0 && conns_.size() >= opt_.max_connections) {
-        ::close(fd);
-        ++closed_.rejected;
+    if (!on_group_) {
+        shards_[0]->close_all(mode);
         return;
     }
-    ConnectionPtr conn;
-    try {
-        conn = Connection::create(loop_, fd, cb_, opt_.connection, peer);
-    } catch (const std::system_error&) {
-        ++closed_.accept_errors;  // create() closed the fd
-        return;
-    }
-    conn->tracking_ = sweep_timer_ != 0;
-    conn->close_hook_ = [this](Connection& c) { forget(c); };
-    Connection* raw = conn.get();
-    conns_.emplace(raw, conn);
-    ++closed_.connections_total;
-    try {
-        conn->start();
-    } catch (const std::system_error&) {
-        // The selector refused the fd (e.g. beyond select's limit): drop it.
-        conns_.erase(raw);
-        ++closed_.accept_errors;
-        ++closed_.rejected;
+    for (auto& shard : shards_) {
+        Shard* s = shard.get();
+        s->loop.post([s, mode] { s->close_all(mode); });
     }
 }
 
-void TcpServer::forget(Connection& conn) {
-    closed_.bytes_in += conn.bytes_in();
-    closed_.bytes_out += conn.bytes_out();
-    conns_.erase(&conn);
+// A slot under max_connections for a new connection (always, with no limit).
+bool TcpServer::reserve_slot() {
+    std::size_t n = open_.load(std::memory_order_relaxed);
+    do {
+        if (opt_.max_connections != 0 && n >= opt_.max_connections) return false;
+    } while (!open_.compare_exchange_weak(n, n + 1, std::memory_order_relaxed));
+    return true;
 }
 
-void TcpServer::sweep_idle() {
-    const auto now = loop_.iteration_time();
-    const detail::IdleLimits limits = idle_limits();
-    std::vector<ConnectionPtr> idle;
-    for (auto& [raw, conn] : conns_)
-        if (conn->is_open() && limits.expired(*conn, now)) idle.push_back(conn);
-    for (auto& conn : idle) conn->close_with(CloseReason::timeout);
+void TcpServer::release_slot() {
+    open_.fetch_sub(1, std::memory_order_release);
+}
+
+void TcpServer::start_shard(std::size_t index) {
+    shards_[index]->start();
+}
+
+void TcpServer::begin_stop(std::size_t index) {
+    shards_[index]->begin_stop();
+}
+
+bool TcpServer::drained(std::size_t index) const {
+    return shards_[index]->conns.empty();
+}
+
+void TcpServer::close_rest(std::size_t index) {
+    shards_[index]->close_rest();
 }
 
 // ---- connect ----------------------------------------------------------------------

@@ -441,10 +441,10 @@ TEST(Exceptions, LoopGroupClosesOnlyTheThrowerAndStopRethrows) {
         if (r == CloseReason::exception) ++exception_closes;
     };
     auto group = std::make_unique<LoopGroup>(2, test::backend_name());
-    GroupServerOptions opt;
+    ServerOptions opt;
     opt.max_connections = 2;
     opt.distribution = Distribution::round_robin;
-    GroupServer& server = group->listen(loopback, cb, opt);
+    TcpServer& server = group->listen(loopback, cb, opt);
     auto blocking_roundtrip = [](int fd, const std::string& msg) {
         ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) & ~O_NONBLOCK);
         timeval tv{5, 0};
@@ -603,7 +603,7 @@ TEST(OnClose, LoopGroupDestroyedRunsEachOnItsLoop) {
         if (!c->loop().in_loop_thread()) ++wrong_thread;
     };
     auto group = std::make_unique<LoopGroup>(2, test::backend_name());
-    GroupServer& server = group->listen(loopback, cb);
+    TcpServer& server = group->listen(loopback, cb);
     std::vector<Fd> clients;
     for (int i = 0; i < 4; ++i) clients.push_back(dial(server.local_address()));
     const auto end = std::chrono::steady_clock::now() + 10s;

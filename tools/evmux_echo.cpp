@@ -20,13 +20,11 @@
 #include <csignal>
 #include <cstdio>
 #include <exception>
-#include <memory>
 #include <optional>
 #include <string>
 
 #include "evmux/address.hpp"
 #include "evmux/connection.hpp"
-#include "evmux/event_loop.hpp"
 #include "evmux/loop_group.hpp"
 #include "evmux/selector.hpp"
 #include "evmux/server.hpp"
@@ -79,20 +77,20 @@ evmux::Address resolve(const std::string& host, std::uint16_t port) {
     return a;
 }
 
-// --threads N > 1: one loop per thread (LoopGroup). SIGINT/SIGTERM are
-// blocked before the loop threads start (they inherit the mask) and taken
-// here with sigwait, so no loop thread is interrupted by them.
-int run_group(std::size_t threads, const std::string& backend, const evmux::Address& address,
-              evmux::Callbacks callbacks, evmux::Distribution distribution) {
+// One loop per thread (a LoopGroup, also for --threads 1): the one code path.
+// SIGINT/SIGTERM are blocked before the loop threads start (they inherit the
+// mask) and taken here with sigwait, so no loop thread is interrupted by them.
+int serve(std::size_t threads, const std::string& backend, const evmux::Address& address,
+          evmux::Callbacks callbacks, evmux::Distribution distribution) {
     sigset_t stop_signals;
     sigemptyset(&stop_signals);
     sigaddset(&stop_signals, SIGINT);
     sigaddset(&stop_signals, SIGTERM);
     ::pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
     evmux::LoopGroup group(threads, backend);
-    evmux::GroupServerOptions options;
+    evmux::ServerOptions options;
     options.distribution = distribution;
-    evmux::GroupServer& server = group.listen(address, std::move(callbacks), options);
+    evmux::TcpServer& server = group.listen(address, std::move(callbacks), options);
     std::fprintf(stderr, "evmux-echo listening on %s backend=%s threads=%zu distribution=%s\n",
                  server.local_address().to_string().c_str(), group.backend_name().c_str(), threads,
                  evmux::to_string(server.distribution()));
@@ -101,12 +99,16 @@ int run_group(std::size_t threads, const std::string& backend, const evmux::Addr
     while (::sigwait(&stop_signals, &signo) != 0) {
     }
     group.stop();
+    const evmux::ServerStats s = server.stats();
     std::string per_loop;
     for (std::uint64_t n : server.connections_per_loop())
         per_loop += (per_loop.empty() ? "" : ",") + std::to_string(n);
-    std::fprintf(stderr, "evmux-echo: stopped: connections=%llu open=%zu per_loop=%s\n",
-                 static_cast<unsigned long long>(server.connections_total()),
-                 server.connections_now(), per_loop.c_str());
+    std::fprintf(stderr,
+                 "evmux-echo: stopped: connections=%llu open=%zu bytes_in=%llu bytes_out=%llu "
+                 "per_loop=%s\n",
+                 static_cast<unsigned long long>(s.connections_total), s.connections_now,
+                 static_cast<unsigned long long>(s.bytes_in),
+                 static_cast<unsigned long long>(s.bytes_out), per_loop.c_str());
     return 0;
 }
 
@@ -121,7 +123,7 @@ int main(int argc, char** argv) {
     bool upper = false;
     bool list = false;
     std::size_t threads = 1;
-    std::string distribution = evmux::to_string(evmux::GroupServerOptions{}.distribution);
+    std::string distribution = evmux::to_string(evmux::ServerOptions{}.distribution);
     app.add_option("--port", port, "TCP port (0: any free port)")->check(CLI::Range(0, 65535));
     app.add_option("--host", host, "numeric address or name to bind (default 127.0.0.1)");
     app.add_option("--backend", backend, "selector backend (default: EVMUX_BACKEND or the best)");
@@ -130,8 +132,8 @@ int main(int argc, char** argv) {
     app.add_option("--threads", threads, "event loops, one per thread (default 1)")
         ->check(CLI::Range(1, 1024));
     app.add_option("--distribution", distribution,
-                   "with --threads > 1: reuse_port (a listener per loop) or round_robin "
-                   "(one acceptor hands connections out)")
+                   "how connections are spread over the threads: reuse_port (a listener "
+                   "per loop) or round_robin (one acceptor hands connections out)")
         ->check(CLI::IsMember({"reuse_port", "round_robin"}));
     app.add_flag("--list-backends", list, "list the backends and whether they are usable here");
     try {
@@ -171,32 +173,9 @@ int main(int argc, char** argv) {
             };
         }
 
-        if (threads > 1)
-            return run_group(threads, backend, address, std::move(callbacks),
-                             distribution == "round_robin" ? evmux::Distribution::round_robin
-                                                           : evmux::Distribution::reuse_port);
-
-        evmux::EventLoop loop(backend.empty() ? evmux::make_selector()
-                                              : evmux::make_selector(backend));
-        auto server = std::make_unique<evmux::TcpServer>(loop, address, std::move(callbacks));
-        auto stop = [&loop](int) { loop.stop(); };
-        loop.on_signal(SIGINT, stop);
-        loop.on_signal(SIGTERM, stop);
-        std::fprintf(stderr, "evmux-echo listening on %s backend=%s\n",
-                     server->local_address().to_string().c_str(), loop.backend_name().c_str());
-        std::fflush(stderr);
-
-        loop.run();
-
-        evmux::ServerStats s = server->stats();
-        server.reset();
-        std::fprintf(stderr,
-                     "evmux-echo: stopped: connections=%llu open=%zu bytes_in=%llu "
-                     "bytes_out=%llu\n",
-                     static_cast<unsigned long long>(s.connections_total), s.connections_now,
-                     static_cast<unsigned long long>(s.bytes_in),
-                     static_cast<unsigned long long>(s.bytes_out));
-        return 0;
+        return serve(threads, backend, address, std::move(callbacks),
+                     distribution == "round_robin" ? evmux::Distribution::round_robin
+                                                   : evmux::Distribution::reuse_port);
     } catch (const std::exception& e) {
         return fail(e.what());
     }

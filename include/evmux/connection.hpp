@@ -6,6 +6,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
@@ -83,6 +84,14 @@ struct Callbacks {
     /// connect() only: the connection could not be made (refused, timed out,
     /// cancelled). `message` reads like "connect 127.0.0.1:1: Connection refused".
     std::function<void(std::error_code ec, const std::string& message)> on_error;
+};
+
+/// Byte totals that an owner collects over many connections
+/// (Connection::count_bytes_into): written by the connections' loop thread
+/// only, read from any thread.
+struct ByteCounters {
+    std::atomic<std::uint64_t> in{0};   ///< bytes read
+    std::atomic<std::uint64_t> out{0};  ///< bytes written to the kernel
 };
 
 /// Per-connection limits. The defaults are asyncio's water marks.
@@ -189,23 +198,38 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     /// The later of last_read() and last_write().
     EventLoop::Clock::time_point last_activity() const { return std::max(last_read_, last_write_); }
 
-    // ---- for owners (TcpServer, connect) -----------------------------------------
+    // ---- for owners (a server, connect()): muduo's connectEstablished and
+    // setCloseCallback. The owner sets its hooks between create() and start().
+    /// As adopt() without start(): takes ownership of `fd` (non-blocking,
+    /// TCP_NODELAY per options) and returns the connection unstarted, for an
+    /// owner to set its hooks first. `peer`: the address accept() or connect()
+    /// had (family 0: getpeername() here, once). On failure the fd is closed
+    /// and std::system_error is thrown naming the call.
+    static ConnectionPtr create(EventLoop& loop, int fd, Callbacks callbacks,
+                                const ConnectionOptions& options, const Address& peer = {});
+    /// Watch the socket and run on_connect; call once, after create(). Throws
+    /// what EventLoop::watch() throws (then the connection was never open to
+    /// its user: no on_close; destroying it closes the fd).
+    void start();
+    /// Run `hook` right after on_close, for the owner's bookkeeping (forget
+    /// the connection, free its slot). Empty: none.
+    void set_close_hook(std::function<void(Connection&)> hook) { close_hook_ = std::move(hook); }
+    /// Keep last_read() and last_write() (for idle timeouts); off by default.
+    void track_activity(bool on) { tracking_ = on; }
+    /// Also add every byte read and written to `counters` (an owner's totals
+    /// over many connections, readable from any thread); nullptr: stop. They
+    /// must outlive the connection or be unset first.
+    void count_bytes_into(ByteCounters* counters) { counters_ = counters; }
     /// Close with a given reason (e.g. `timeout` from a server's idle sweep);
     /// otherwise as close(CloseMode::immediate).
     void close_with(CloseReason reason, int err = 0);
+    /// For an owner going away (a server, the loop): close now (if still open)
+    /// and run on_close before returning, or, if one of this connection's own
+    /// callbacks is on the stack, as soon as it returns. Also delivers an
+    /// on_close that close() had posted and the loop has not run yet.
+    void close_now(CloseReason reason);
 
   private:
-    friend class TcpServer;
-    friend class Connector;
-    friend class GroupServer;
-    // Owner hooks, set between create() and start(). `peer`: the address
-    // accept() or connect() had; family 0: ask getpeername().
-    static ConnectionPtr create(EventLoop& loop, int fd, Callbacks callbacks,
-                                const ConnectionOptions& options, const Address& peer = {});
-    // For owners going away (a server, the loop): close now and run on_close
-    // before returning (after our own callback unwinds, if one is on the
-    // stack); also delivers an on_close that close() had posted.
-    void close_now(CloseReason reason);
     // open -> closing (on_close owed; the fd still open, unwatched) -> closed.
     enum class State : std::uint8_t { open, closing, closed };
     struct Chunk {
@@ -213,7 +237,6 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
         std::size_t offset = 0;  // written prefix
     };
 
-    void start();  // watch, then on_connect
     void handle(const ConnectionPtr& guard, Events events);
     // `self` is handle()'s guard, passed down to save reference-count traffic.
     void handle_read(const ConnectionPtr& self, Events events);
@@ -266,7 +289,8 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     CloseReason reason_ = CloseReason::local;
     int err_ = 0;
     EventLoop::Clock::time_point last_read_{}, last_write_{};
-    EventLoop::TieId tie_ = 0;                     // the loop's reference, from start() to on_close
+    EventLoop::TieId tie_ = 0;  // the loop's reference, from start() to on_close
+    ByteCounters* counters_ = nullptr;
     std::function<void(Connection&)> close_hook_;  // owner's bookkeeping, after on_close
     Address peer_;
 };

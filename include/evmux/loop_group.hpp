@@ -1,5 +1,6 @@
 // evmux loop group: one EventLoop per thread (muduo's one-loop-per-thread
-// model), and servers whose connections are spread over those loops.
+// model, its EventLoopThreadPool), and the TcpServers whose connections are
+// spread over those loops.
 //
 // This header includes only evmux's public headers and the standard library.
 #pragma once
@@ -21,97 +22,6 @@
 #include "evmux/server.hpp"
 
 namespace evmux {
-
-/// How a GroupServer spreads accepted connections over the loops of a group.
-enum class Distribution {
-    /// One SO_REUSEPORT listener per loop; the kernel picks the listener (by a
-    /// hash of the connection's addresses), so no thread hands anything over.
-    reuse_port,
-    /// One listener on loop 0, which accepts and hands each fd to the next
-    /// loop in turn (itself included), exactly round-robin.
-    round_robin,
-};
-
-/// "reuse_port" or "round_robin".
-const char* to_string(Distribution distribution);
-
-/// How a GroupServer listens. The default distribution was chosen by
-/// measurement (see README "Many cores").
-struct GroupServerOptions {
-    /// How connections are spread; a Unix socket address always uses round_robin.
-    Distribution distribution = Distribution::reuse_port;
-    /// listen() backlog of each listener.
-    int backlog = 1024;
-    /// Connections open at once in the whole group (all loops together); 0 =
-    /// no limit. Beyond it a new connection is accepted and closed at once
-    /// (the peer sees EOF), and counted as rejected: as TcpServer.
-    std::size_t max_connections = 0;
-    /// accept4() calls per wake-up of a listener.
-    std::size_t accept_budget = 64;
-    /// Close connections with no I/O either way for this long (reason
-    /// `timeout`); zero = never. As ServerOptions::idle_timeout, with one
-    /// sweep per loop.
-    std::chrono::milliseconds idle_timeout{0};
-    /// Close connections that have read nothing for this long; as
-    /// ServerOptions::read_idle_timeout.
-    std::chrono::milliseconds read_idle_timeout{0};
-    /// Close connections that have written nothing for this long; as
-    /// ServerOptions::write_idle_timeout.
-    std::chrono::milliseconds write_idle_timeout{0};
-    /// After EMFILE/ENFILE/ENOBUFS/ENOMEM that the spare fd cannot absorb,
-    /// stop accepting for this long instead of spinning.
-    std::chrono::milliseconds accept_pause{100};
-    /// Limits for each accepted connection.
-    ConnectionOptions connection;
-};
-
-class LoopGroup;
-
-/// A server whose connections live on the loops of a LoopGroup: each accepted
-/// connection is a Connection on one loop for its whole life. Created by
-/// LoopGroup::listen() and owned by the group. The user's callbacks run on
-/// every loop's thread, concurrently: they must be safe to call from several
-/// threads at once (each call only for connections of the calling thread's
-/// loop). Thread rule: every member may be called from any thread.
-class GroupServer {
-  public:
-    ~GroupServer();
-    GroupServer(const GroupServer&) = delete;
-    GroupServer& operator=(const GroupServer&) = delete;
-
-    /// The address bound (with the chosen port when 0 was asked).
-    const Address& local_address() const { return local_; }
-    /// The distribution in use (round_robin for a Unix socket).
-    Distribution distribution() const { return distribution_; }
-    /// Connections served so far by each loop (index = loop index).
-    std::vector<std::uint64_t> connections_per_loop() const;
-    /// Connections served so far, all loops.
-    std::uint64_t connections_total() const;
-    /// Connections open right now, all loops.
-    std::size_t connections_now() const;
-    /// Counters summed over all loops, as TcpServer::stats(), read without
-    /// stopping the loops (each loop keeps its counters in atomics). One
-    /// difference: bytes_in and bytes_out count the bytes of connections that
-    /// have closed (added when each one closes, after its on_close); the bytes
-    /// of connections still open are not included, since only their own loop
-    /// may read them. The counters are read one by one, so a snapshot taken
-    /// while connections come and go need not be consistent across fields.
-    ServerStats stats() const;
-
-  private:
-    friend class LoopGroup;
-    struct Shard;
-    GroupServer(LoopGroup& group, const Address& address, Callbacks callbacks,
-                GroupServerOptions options);
-    bool reserve_slot();
-    void release_slot();
-
-    Distribution distribution_;
-    Address local_;
-    std::size_t max_connections_;
-    std::atomic<std::size_t> open_{0};  // all loops: the max_connections count
-    std::vector<std::unique_ptr<Shard>> shards_;
-};
 
 /// N threads, each running its own EventLoop on its own selector (same
 /// backend on all). The threads start in the constructor and run until stop().
@@ -153,14 +63,14 @@ class LoopGroup {
     /// Run `fn` on the next loop in round-robin order; returns its index.
     std::size_t post(EventLoop::Task fn);
 
-    /// Listen on `address` and serve each accepted connection with
-    /// `callbacks` on one of the loops (see GroupServer for the thread rules
-    /// of the callbacks). Sockets are bound here, so errors are thrown here:
-    /// std::system_error reading like "bind 127.0.0.1:5555: Address already
-    /// in use"; std::logic_error once stop() has begun. The server is owned
-    /// by the group and lives until the group is destroyed.
-    GroupServer& listen(const Address& address, Callbacks callbacks,
-                        GroupServerOptions options = {});
+    /// A TcpServer on `address` whose connections are spread over the loops
+    /// (options.distribution), each served with `callbacks` on its loop (see
+    /// TcpServer for the thread rules of the callbacks). Sockets are bound
+    /// here, so errors are thrown here: std::system_error reading like "bind
+    /// 127.0.0.1:5555: Address already in use"; std::logic_error once stop()
+    /// has begun. The server is owned by the group and lives until the group
+    /// is destroyed.
+    TcpServer& listen(const Address& address, Callbacks callbacks, ServerOptions options = {});
 
     /// Stop every loop and join its thread. Each loop first stops accepting
     /// and closes its connections gracefully (CloseMode::graceful: a queued
@@ -175,12 +85,11 @@ class LoopGroup {
     bool stopping() const { return stopping_.load(); }
 
   private:
-    friend class GroupServer;
     void run_loop(std::size_t index);
     void begin_stop(std::size_t index);
     void check_drained(std::size_t index);
     void finish_loop(std::size_t index);
-    std::vector<GroupServer::Shard*> shards_of(std::size_t index);
+    std::vector<TcpServer*> servers();
 
     std::vector<std::unique_ptr<EventLoop>> loops_;
     std::vector<std::thread> threads_;
@@ -192,7 +101,7 @@ class LoopGroup {
     std::mutex stop_mutex_;                    // one stop() at a time; guards joined_
     bool joined_ = false;
     std::exception_ptr first_error_;
-    std::vector<std::unique_ptr<GroupServer>> servers_;
+    std::vector<std::unique_ptr<TcpServer>> servers_;
 };
 
 }  // namespace evmux

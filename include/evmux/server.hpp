@@ -1,15 +1,17 @@
 // evmux servers and clients: TcpServer (listen/accept over IPv4, IPv6 or a
-// Unix path) and connect() (non-blocking connect with a timeout).
+// Unix path, on one loop or spread over the loops of a LoopGroup) and
+// connect() (non-blocking connect with a timeout).
 //
 // This header includes only evmux's public headers and the standard library.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
-#include <unordered_map>
+#include <vector>
 
 #include "evmux/address.hpp"
 #include "evmux/connection.hpp"
@@ -18,28 +20,49 @@
 namespace evmux {
 
 namespace detail {
-class Acceptor;     // src/listener.hpp, not installed
-struct IdleLimits;  // likewise
+struct IdleLimits;  // src/listener.hpp, not installed
 }  // namespace detail
 
-/// How a TcpServer listens and what it allows.
+class LoopGroup;
+
+/// How a TcpServer over a LoopGroup spreads accepted connections over its loops.
+enum class Distribution {
+    /// One SO_REUSEPORT listener per loop; the kernel picks the listener (by a
+    /// hash of the connection's addresses), so no thread hands anything over.
+    reuse_port,
+    /// One listener on loop 0, which accepts and hands each fd to the next
+    /// loop in turn (itself included), exactly round-robin.
+    round_robin,
+};
+
+/// "reuse_port" or "round_robin".
+const char* to_string(Distribution distribution);
+
+/// How a TcpServer listens and what it allows; the same for one loop and for
+/// a LoopGroup.
 struct ServerOptions {
-    /// listen() backlog.
+    /// listen() backlog (of each listener).
     int backlog = 1024;
-    /// SO_REUSEPORT, so several loops/processes can share one port.
+    /// SO_REUSEPORT on a one-loop server's listener, so several processes can
+    /// share one port. (A LoopGroup server: see `distribution`.)
     bool reuse_port = false;
-    /// Connections open at once; 0 = no limit. Beyond it a new connection is
-    /// accepted and closed at once (the peer sees EOF), and counted as rejected.
+    /// Over a LoopGroup: how connections are spread (a Unix socket address
+    /// always uses round_robin). Ignored on one loop. The default was chosen
+    /// by measurement (README "Many cores").
+    Distribution distribution = Distribution::reuse_port;
+    /// Connections open at once (over all loops); 0 = no limit. Beyond it a
+    /// new connection is accepted and closed at once (the peer sees EOF), and
+    /// counted as rejected.
     std::size_t max_connections = 0;
-    /// accept4() calls per wake-up of the listener, so a connection storm
+    /// accept4() calls per wake-up of a listener, so a connection storm
     /// cannot starve established connections.
     std::size_t accept_budget = 64;
     /// Close connections that have neither read nor written anything for this
     /// long (reason `timeout`; Netty's all-idle); zero = never. Writing to a
     /// peer that never sends counts as activity: see read_idle_timeout.
-    /// The three idle timeouts are checked by one periodic sweep (every
-    /// quarter of the shortest), so a connection may live up to a quarter of
-    /// its limit longer.
+    /// The three idle timeouts are checked by one periodic sweep per loop
+    /// (every quarter of the shortest), so a connection may live up to a
+    /// quarter of its limit longer.
     std::chrono::milliseconds idle_timeout{0};
     /// Close connections that have read nothing for this long (reader-idle),
     /// however much we write to them; zero = never.
@@ -55,60 +78,97 @@ struct ServerOptions {
     ConnectionOptions connection;
 };
 
-/// Counters of one server. Cheap to read (O(open connections)).
+/// Counters of one server, over all its loops. Each is read atomically from
+/// any thread; read one by one, so a snapshot taken while connections come
+/// and go need not be consistent across fields.
 struct ServerStats {
     std::size_t connections_now = 0;      ///< open right now
     std::uint64_t connections_total = 0;  ///< accepted and served since start
     std::uint64_t rejected = 0;           ///< accepted and closed: over max_connections or no fds
-    std::uint64_t bytes_in = 0;           ///< read from all connections
-    std::uint64_t bytes_out = 0;          ///< written to all connections
+    std::uint64_t bytes_in = 0;           ///< read from all connections, open ones included
+    std::uint64_t bytes_out = 0;          ///< written to all connections, open ones included
     std::uint64_t accept_calls = 0;       ///< accept4() calls made (to spot spinning)
-    std::uint64_t accept_errors = 0;      ///< accept4() failures other than EAGAIN
+    std::uint64_t accept_errors = 0;      ///< accept4() or set-up failures other than EAGAIN
 };
 
-/// A listening socket on a loop and the connections accepted from it. Binds
-/// and listens in the constructor; each accepted connection gets the given
-/// callbacks. Owns the listener and its connections: destroying the server
-/// stops accepting, closes every connection and runs its on_close (reason
-/// `local`) before the destructor returns, and unlinks a Unix socket path.
-/// Thread rule: loop thread only. Non-copyable, non-movable.
+/// A listening socket and the connections accepted from it, on one loop or
+/// spread over the loops of a LoopGroup (muduo's TcpServer with its thread
+/// pool): the same accept loop, limits, idle sweep, counters and shutdown
+/// either way. Each accepted connection gets the given callbacks and lives on
+/// one loop for its whole life. Binds and listens in the constructor (errors
+/// are thrown there). Non-copyable, non-movable.
+///
+/// On one loop: built, used and destroyed on that loop's thread (stats() and
+/// connections_now() from any thread). Destroying it stops accepting, closes
+/// every connection and runs its on_close (reason `local`) before the
+/// destructor returns, and unlinks a Unix socket path.
+///
+/// Over a LoopGroup (LoopGroup::listen()): owned by the group; every member
+/// may be called from any thread. The callbacks run on every loop's thread,
+/// concurrently (each call only for connections of the calling thread's
+/// loop), so they must be safe to call from several threads at once.
+/// LoopGroup::stop() closes the connections gracefully and runs each
+/// on_close on its loop's thread.
 class TcpServer {
   public:
-    /// Bind `address` (SO_REUSEADDR; SO_REUSEPORT per options) and listen.
-    /// Port 0 picks a free port (see local_address()). A stale Unix socket
-    /// file (nobody listening) is replaced. Throws std::system_error whose
-    /// what() reads like "bind 127.0.0.1:5555: Address already in use".
+    /// Bind `address` (SO_REUSEADDR; SO_REUSEPORT per options) and listen on
+    /// `loop`. Port 0 picks a free port (see local_address()). A stale Unix
+    /// socket file (nobody listening) is replaced. Throws std::system_error
+    /// whose what() reads like "bind 127.0.0.1:5555: Address already in use",
+    /// std::invalid_argument for an address without a family.
     TcpServer(EventLoop& loop, const Address& address, Callbacks callbacks,
               ServerOptions options = {});
     ~TcpServer();
     TcpServer(const TcpServer&) = delete;
     TcpServer& operator=(const TcpServer&) = delete;
 
-    /// The address actually bound (with the chosen port when 0 was asked).
+    /// The address bound (with the chosen port when 0 was asked).
     const Address& local_address() const { return local_; }
-    /// Counters; see ServerStats.
+    /// Counters over all loops; see ServerStats. Any thread.
     ServerStats stats() const;
-    /// Open connections right now.
-    std::size_t connection_count() const { return conns_.size(); }
-    /// Close every open connection (mode as Connection::close); keep listening.
+    /// Connections open right now, all loops. Any thread.
+    std::size_t connections_now() const { return open_.load(std::memory_order_acquire); }
+    /// As connections_now().
+    std::size_t connection_count() const { return connections_now(); }
+    /// Connections served so far by each loop (index = loop index). Any thread.
+    std::vector<std::uint64_t> connections_per_loop() const;
+    /// Connections served so far, all loops. Any thread.
+    std::uint64_t connections_total() const;
+    /// The distribution in use: round_robin for a Unix socket over a
+    /// LoopGroup; reuse_port on one loop (trivially).
+    Distribution distribution() const { return distribution_; }
+    /// Close every open connection (mode as Connection::close); keep
+    /// listening. On one loop: on its thread, at once. Over a LoopGroup: from
+    /// any thread; each loop does its part when it next runs.
     void close_all(CloseMode mode = CloseMode::immediate);
-    /// The loop the server accepts on and its connections run on.
-    EventLoop& loop() const { return loop_; }
+    /// The loop a one-loop server runs on (over a LoopGroup: loop 0).
+    EventLoop& loop() const;
 
   private:
-    void accept_one(int fd, const Address& peer);
-    void sweep_idle();
+    friend class LoopGroup;
+    struct Shard;
+    struct GroupTag {};
+    // Over the loops of `group` (LoopGroup::listen()); accepting starts when
+    // the group runs start_shard() on each loop.
+    TcpServer(GroupTag, LoopGroup& group, const Address& address, Callbacks callbacks,
+              ServerOptions options);
+    void bind_listeners(const Address& address, bool reuse_port);
+    bool reserve_slot();
+    void release_slot();
     detail::IdleLimits idle_limits() const;
-    void forget(Connection& conn);
+    // For LoopGroup, each on loop `index`'s thread.
+    void start_shard(std::size_t index);
+    void begin_stop(std::size_t index);  // stop accepting, close gracefully
+    bool drained(std::size_t index) const;
+    void close_rest(std::size_t index);  // close now, on_close here
 
-    EventLoop& loop_;
     Callbacks cb_;
     ServerOptions opt_;
-    std::unique_ptr<detail::Acceptor> acceptor_;  // the listener and its accept loop
+    Distribution distribution_;
     Address local_;
-    EventLoop::TimerId sweep_timer_ = 0;
-    std::unordered_map<Connection*, ConnectionPtr> conns_;
-    ServerStats closed_;  // bytes of connections already closed, and the counters
+    bool on_group_ = false;
+    std::atomic<std::size_t> open_{0};  // all loops: the max_connections count
+    std::vector<std::unique_ptr<Shard>> shards_;
 };
 
 /// Options of connect().
