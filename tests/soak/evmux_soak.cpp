@@ -904,7 +904,10 @@ int main(int argc, char** argv) {
     Client warm(server, cmd);
     if (!warm.run(0, kWarmup, kWarmup, false, 64 * 1024, deadline)) return 1;
     if (warm.totals().failures != 0) {
-        std::fprintf(stderr, "evmux-soak: the warm-up failed\n");
+        std::fprintf(stderr,
+                     "evmux-soak: FAIL: the warm-up failed: %" PRIu64 " mismatches, %" PRIu64
+                     " failed connections of %" PRIu64 "\n",
+                     warm.totals().mismatches, warm.totals().failures, warm.totals().done);
         return 1;
     }
     // The server closes its side a moment after ours: wait for its fds to settle.
