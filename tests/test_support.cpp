@@ -23,14 +23,17 @@ void set_nonblock(int fd) {
 
 std::string backend_name() { return default_backend_name(); }
 
+std::string backend_unusable_reason() {
+    const std::string name = backend_name();
+    for (const BackendInfo& b : backends())
+        if (b.name == name && (!b.compiled_in || !b.usable))
+            return "backend " + b.name + " unusable here: " + b.reason;
+    return {};
+}
+
 std::unique_ptr<Selector> selector_or_null(std::string* why) {
-    for (const BackendInfo& b : backends()) {
-        if (b.name != backend_name()) continue;
-        if (!b.compiled_in || !b.usable) {
-            *why = "backend " + b.name + " unusable here: " + b.reason;
-            return nullptr;
-        }
-    }
+    *why = backend_unusable_reason();
+    if (!why->empty()) return nullptr;
     return make_selector();
 }
 

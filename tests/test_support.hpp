@@ -16,9 +16,19 @@ namespace evmux::test {
 /// The backend under test: EVMUX_BACKEND, or the default.
 std::string backend_name();
 
+/// Why the backend under test cannot run here ("backend io_uring unusable
+/// here: io_uring_setup: Operation not permitted"), or "" if it can (or if
+/// its name is unknown: make_selector() then throws, naming the usable ones).
+/// The suites' main (test_main.cpp) exits 77, meson's skip code, with this
+/// reason before running any test, so an unusable backend's suite is reported
+/// as skipped, never as passed.
+std::string backend_unusable_reason();
+
 /// make_selector() for the backend under test. If that backend is compiled in
 /// but not usable on this kernel, the calling test is skipped with the reason
-/// (use EVMUX_SELECTOR_OR_SKIP).
+/// (use EVMUX_SELECTOR_OR_SKIP): the main has already skipped the whole suite
+/// then, but a test may be run by other means (another main, a changed
+/// environment).
 std::unique_ptr<Selector> selector_or_null(std::string* why);
 #define EVMUX_SELECTOR_OR_SKIP(var)                         \
     std::string var##_why;                                  \
