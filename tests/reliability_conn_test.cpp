@@ -24,12 +24,14 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <memory>
 #include <string>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "evmux/address.hpp"
@@ -312,7 +314,8 @@ TEST(ReliabilityConn, CloseSelfWithErrorPending) {
 // ---- 13. fairness ------------------------------------------------------------------
 
 // One client floods the echo server as fast as it can; 100 others play
-// ping-pong, 20 rounds each. All of them finish while the flood goes on.
+// ping-pong, 20 rounds each. All of them finish while the flood goes on, and
+// soon: see kFairWithinMs.
 TEST(ReliabilityConn, FloodDoesNotStarvePingPong) {
     EVMUX_LOOP_OR_SKIP(loop);
     TcpServer server(loop, Address::ip("127.0.0.1", 0), echo());
@@ -363,10 +366,23 @@ TEST(ReliabilityConn, FloodDoesNotStarvePingPong) {
         };
         pingers.push_back(connect(loop, addr, cb));
     }
-    // Generous: 2 000 round trips on loopback take milliseconds when fair.
-    EXPECT_TRUE(run_until(
-        loop, [&] { return finished == kPingers; }, 30s))
-        << finished << " of " << kPingers << " finished";
+    // The 100 connects and 2 000 round trips beside the flood, measured on a
+    // 2-core VM shared with other builds (load average 3-5), every backend,
+    // 2-3 runs each: 28-114 ms one test at a time, 71-129 ms with two runs
+    // side by side (as `meson test --num-processes 2`); ASan+UBSan debug
+    // build: 37-107 ms alone, 46-168 ms side by side. A 5x regression of the
+    // loaded figures (~100 ms) fails; the worst seen has 2.4x headroom. (It
+    // was 30 s.)
+    constexpr double kFairWithinMs = 400;
+    const auto t0 = Clock::now();
+    const bool all_done = run_until(
+        loop, [&] { return finished == kPingers; }, 30s);
+    const auto took = std::chrono::duration<double, std::milli>(Clock::now() - t0);
+    std::printf("flood: %d of %d pingers x %d rounds in %.1f ms beside %.1f MiB of flood (%s)\n",
+                finished, kPingers, kRounds, took.count(),
+                static_cast<double>(flood_back) / (1 << 20), backend_name().c_str());
+    EXPECT_TRUE(all_done) << finished << " of " << kPingers << " finished in 30 s";
+    EXPECT_LE(took.count(), kFairWithinMs) << "the ping-pong clients were slowed by the flood";
     EXPECT_GT(flood_back, 4 * flood_chunk) << "the flood did not flow";
     flood_on = false;
     // Close the clients before the loop goes, so their on_close runs.
@@ -530,10 +546,22 @@ TEST(ReliabilityConn, LoopDestroyedWithHalfOpenUnwatchedConnection) {
 
 namespace {
 
-double p99_ms(std::vector<double> v) {
-    if (v.empty()) return 0;
+struct Latency {
+    std::size_t n = 0;
+    double p50 = 0, p90 = 0, p99 = 0, max = 0;  // ms
+};
+
+Latency latency_ms(std::vector<double> v) {
+    Latency l;
+    if (v.empty()) return l;
     std::sort(v.begin(), v.end());
-    return v[std::min(v.size() - 1, v.size() * 99 / 100)];
+    auto at = [&](std::size_t pct) { return v[std::min(v.size() - 1, v.size() * pct / 100)]; };
+    l.n = v.size();
+    l.p50 = at(50);
+    l.p90 = at(90);
+    l.p99 = at(99);
+    l.max = v.back();
+    return l;
 }
 
 }  // namespace
@@ -541,8 +569,8 @@ double p99_ms(std::vector<double> v) {
 // Two clients that write a lot: one never reads, one reads 1 byte a second.
 // The server's queue for each stays bounded (reading pauses at the high-water
 // mark, once per connection), and 20 ping-pong clients on the same loop keep
-// their round-trip p99 within 10x of what it was before (with a 5 ms floor:
-// the machine is shared).
+// their round-trip p90 within 3x of what it was before, their p99 under
+// 25 ms (see the bounds for why two).
 TEST(ReliabilityConn, SlowReaderBoundedAndOthersUnaffected) {
     EVMUX_LOOP_OR_SKIP(loop);
     ServerOptions opt;  // default water marks: 64 KiB high, 16 KiB low, 16 MiB cap
@@ -592,10 +620,10 @@ TEST(ReliabilityConn, SlowReaderBoundedAndOthersUnaffected) {
             }
         }
         measuring = false;
-        return p99_ms(rtts);
+        return latency_ms(rtts);
     };
-    const double before = phase(300ms, [] {});
-    ASSERT_GT(rtts.size(), 100u);
+    const Latency before = phase(300ms, [] {});
+    ASSERT_GT(before.n, 100u);
 
     Fd never = dial(addr);
     ASSERT_TRUE(never) << "connect: " << std::strerror(errno);
@@ -608,7 +636,7 @@ TEST(ReliabilityConn, SlowReaderBoundedAndOthersUnaffected) {
     int slow_reads = 0;
     auto next_read = Clock::now() + 1s;
     const std::string blob(64 * 1024, 's');
-    const double during = phase(2500ms, [&] {
+    const Latency during = phase(2500ms, [&] {
         for (int fd : {never.get(), slow.get()}) {
             for (int i = 0; i < 16; ++i) {
                 ssize_t n = ::send(fd, blob.data(), blob.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -631,9 +659,26 @@ TEST(ReliabilityConn, SlowReaderBoundedAndOthersUnaffected) {
     EXPECT_GE(slow_reads, 2) << "the slow client should have read a byte a second";
     EXPECT_EQ(high_water, 2) << "high water should fire once per slow client";
     EXPECT_EQ(closes, 0) << "backpressure, not overflow, should hold it";
-    EXPECT_GT(rtts.size(), 100u) << "ping-pong stalled";
-    EXPECT_LE(during, 10 * std::max(before, 5.0))
-        << "p99 before " << before << " ms, during " << during << " ms";
+    EXPECT_GT(during.n, 100u) << "ping-pong stalled";
+    for (const auto& [name, l] : {std::pair{"before", before}, std::pair{"during", during}})
+        std::printf(
+            "slow reader: %s: %zu round trips, p50 %.3f p90 %.3f p99 %.3f max %.3f ms (%s)\n", name,
+            l.n, l.p50, l.p90, l.p99, l.max, backend_name().c_str());
+    // Measured on a 2-core VM shared with other builds (load average 3-5),
+    // every backend, 2-3 runs each, plain and ASan+UBSan debug builds, one
+    // run at a time and two side by side: p50 0.19-0.28 ms and p90 0.20-0.39
+    // ms in both phases, the p90 during at most 1.3x the p90 before. The p99
+    // is the scheduler's, not evmux's: 0.25-0.9 ms on a quiet machine, else
+    // one or two 4 ms timer ticks (CONFIG_HZ 250) of being preempted: 4.3 or
+    // 8.3 ms, at most 8.9 ms during (16 ms once before, ASan). So the p90
+    // ratio is what a slowdown by the slow readers moves (5x fails, 2.3x
+    // headroom), and the p99 bound is tick-sized: a 5x regression of the
+    // loaded 8.3 ms fails, 2.8x headroom over the worst seen. (It was p99
+    // within 10x of the p99 before with a 5 ms floor: any p99 under 50 ms.)
+    EXPECT_LE(during.p90, 3 * before.p90)
+        << "p90 before " << before.p90 << " ms, during " << during.p90 << " ms";
+    EXPECT_LE(during.p99, 25.0) << "p99 before " << before.p99 << " ms, during " << during.p99
+                                << " ms";
     for (auto& c : pingers) c->close();
     for (int i = 0; i < 3; ++i) loop.run_once(0ns);
 }
