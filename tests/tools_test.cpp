@@ -700,6 +700,14 @@ TEST(EvmuxBench, JsonSaysHowUserAndSysWereSplitAndUsesPerfWhenAvailable) {
         EXPECT_TRUE(split["epoll-floor"].starts_with("ticks")) << split["epoll-floor"];
         GTEST_SKIP() << "no perf sampling here (" << *refused << "): the tick split was used";
     }
+    // Perf sampled the server. On a machine busy with other work (a parallel
+    // test run) the server may get too little CPU for enough samples in 1 s;
+    // the tool then falls back to ticks and says how many samples it had.
+    static const std::regex too_few(R"(ticks \(only [1-9][0-9]* perf samples\))");
+    if (std::regex_match(split["epoll-floor"], too_few)) {
+        EXPECT_NE(c.err().find(split["epoll-floor"]), std::string::npos) << c.err();
+        return;
+    }
     EXPECT_TRUE(
         std::regex_match(split["epoll-floor"],
                          std::regex("perf [0-9]+ kHz: [0-9]+ samples, [0-9]+ user(, [0-9]+ lost)?")))
