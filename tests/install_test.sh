@@ -10,7 +10,9 @@
 #             the examples built with examples/Makefile and examples/
 #             CMakeLists.txt (the README's recipes); each runs its --self-test.
 #   subproject tests/subproject_consumer built with subprojects/evmux -> the
-#             source tree (meson's wrap-less subproject), and run.
+#             source tree (meson's wrap-less subproject), and run; evmux adds
+#             only its library to that build and installs nothing of its own,
+#             unless the parent sets evmux's 'install' option.
 #   docs      the doxygen API reference builds without a single warning.
 #
 # usage: install_test.sh SOURCE_ROOT BUILD_ROOT CXX B_SANITIZE [install|subproject|docs]
@@ -171,7 +173,6 @@ subproject_part() {
     cp -r "$src/tests/subproject_consumer" "$tmp/consumer"
     mkdir "$tmp/consumer/subprojects"
     ln -s "$src" "$tmp/consumer/subprojects/evmux"
-    # Only what the consumer needs is built (not evmux's tools or examples).
     # buildtype=debug: this checks the build files, not the optimiser; -O0
     # keeps it quick on two cores.
     meson setup "$tmp/consumer/build" "$tmp/consumer" --force-fallback-for=evmux \
@@ -179,11 +180,53 @@ subproject_part() {
         cat "$tmp/setup.log"
         fail "meson setup of the consumer"
     }
-    ninja -C "$tmp/consumer/build" consumer >"$tmp/ninja.log" 2>&1 || {
+
+    step "evmux builds only its library in the consumer"
+    # Every target evmux adds to the parent's build, as "name type".
+    local evmux_targets
+    evmux_targets=$(meson introspect "$tmp/consumer/build" --targets | python3 -c '
+import json, sys
+for t in json.load(sys.stdin):
+    if t["subproject"] == "evmux":
+        print(t["name"], t["type"])' | sort)
+    echo "$evmux_targets"
+    [ "$evmux_targets" = "evmux shared library
+evmux static library" ] || fail "evmux adds more than its library to the consumer (above)"
+    # The whole build, not just the consumer's target: nothing else is there.
+    ninja -C "$tmp/consumer/build" >"$tmp/ninja.log" 2>&1 || {
         cat "$tmp/ninja.log"
         fail "building the consumer"
     }
     timeout 60 "$tmp/consumer/build/consumer"
+
+    step "meson install of the consumer installs nothing of evmux"
+    local installed
+    meson install -C "$tmp/consumer/build" --destdir "$tmp/sub-root" --no-rebuild --quiet ||
+        fail "meson install of the consumer"
+    installed=$(cd "$tmp/sub-root" && find . ! -type d | sort)
+    echo "$installed"
+    [ "$(echo "$installed" | sed 's|.*/||')" = consumer ] ||
+        fail "the consumer's install has more than its own program (above)"
+
+    step "a parent that asks (-Devmux:install=enabled) gets the library installed"
+    meson configure "$tmp/consumer/build" -Devmux:install=enabled >/dev/null
+    # Without --no-rebuild: the option takes effect when ninja reconfigures.
+    meson install -C "$tmp/consumer/build" --destdir "$tmp/sub-root-asked" --quiet \
+        >"$tmp/install-asked.log" 2>&1 || {
+        cat "$tmp/install-asked.log"
+        fail "meson install of the consumer with evmux:install=enabled"
+    }
+    installed=$(cd "$tmp/sub-root-asked" && find . ! -type d | sort)
+    local want
+    for want in /include/evmux/evmux.hpp /libevmux.so /libevmux.a /pkgconfig/evmux.pc /bin/consumer; do
+        echo "$installed" | grep -q -- "$want\$" || {
+            echo "$installed"
+            fail "$want not installed with evmux:install=enabled"
+        }
+    done
+    # The tools are a separate choice (evmux:tools): still not built or installed.
+    if echo "$installed" | grep -E '/(bin|libexec)/.*evmux'; then fail "evmux tools installed (above)"; fi
+    echo "$(echo "$installed" | grep -c evmux) evmux files installed when asked"
 }
 
 # The API reference as `./run docs` makes it, into the temp dir: any doxygen
