@@ -9,6 +9,8 @@
 #             evmux` (shared) and `--static` (libevmux.a + Libs.private), and
 #             the examples built with examples/Makefile and examples/
 #             CMakeLists.txt (the README's recipes); each runs its --self-test.
+#             tests/cmake_consumer built with find_package(evmux) (the installed
+#             evmuxConfig.cmake), shared and static, and run.
 #   subproject tests/subproject_consumer built with subprojects/evmux -> the
 #             source tree (meson's wrap-less subproject), and run; evmux adds
 #             only its library to that build and installs nothing of its own,
@@ -148,24 +150,61 @@ install_part() {
     # shutdown, addresses in on_close, write-complete) against the installed library.
     LD_LIBRARY_PATH=$libdir timeout 60 "$tmp/make/contracts" --self-test
 
-    if command -v cmake >/dev/null; then
-        step "examples/CMakeLists.txt (pkg_check_modules)"
-        cmake -S "$src/examples" -B "$tmp/cmake" -DCMAKE_CXX_COMPILER="$cxx" \
-            -DCMAKE_CXX_FLAGS="-O1 -Werror -Wall -Wextra" >"$tmp/cmake.log" 2>&1 ||
-            {
-                cat "$tmp/cmake.log"
-                fail "cmake configure"
-            }
-        cmake --build "$tmp/cmake" --target uppercase_server >>"$tmp/cmake.log" 2>&1 ||
-            {
-                cat "$tmp/cmake.log"
-                fail "cmake build"
-            }
-        # CMake's build tree RPATH points at the staged libdir: no LD_LIBRARY_PATH.
-        timeout 60 "$tmp/cmake/uppercase_server" --self-test
-    else
-        echo "cmake not installed: CMake recipe not checked"
+    # CMake is a requirement of this test (./run setup installs it): a recipe
+    # that is not checked is not known to work.
+    command -v cmake >/dev/null || fail "cmake not installed (./run setup installs it)"
+    step "examples/CMakeLists.txt (pkg_check_modules)"
+    cmake -S "$src/examples" -B "$tmp/cmake" -DCMAKE_CXX_COMPILER="$cxx" \
+        -DCMAKE_CXX_FLAGS="-O1 -Werror -Wall -Wextra" >"$tmp/cmake.log" 2>&1 ||
+        {
+            cat "$tmp/cmake.log"
+            fail "cmake configure"
+        }
+    cmake --build "$tmp/cmake" --target uppercase_server >>"$tmp/cmake.log" 2>&1 ||
+        {
+            cat "$tmp/cmake.log"
+            fail "cmake build"
+        }
+    # CMake's build tree RPATH points at the staged libdir: no LD_LIBRARY_PATH.
+    timeout 60 "$tmp/cmake/uppercase_server" --self-test
+
+    step "tests/cmake_consumer (find_package(evmux), evmux::evmux and evmux::evmux_static)"
+    local config version_wanted
+    config=$libdir/cmake/evmux/evmuxConfig.cmake
+    [ -f "$config" ] && [ -f "$libdir/cmake/evmux/evmuxConfigVersion.cmake" ] ||
+        fail "no evmuxConfig.cmake and evmuxConfigVersion.cmake in $libdir/cmake/evmux"
+    version_wanted=$(pkg-config --modversion evmux)
+    # Only CMAKE_PREFIX_PATH: the config finds everything else from where it is.
+    cmake -S "$src/tests/cmake_consumer" -B "$tmp/cmake-find" -DCMAKE_PREFIX_PATH="$prefix" \
+        -DEVMUX_WANT_VERSION="$version_wanted" -DCMAKE_CXX_COMPILER="$cxx" \
+        -DCMAKE_CXX_FLAGS="-O1 -Werror -Wall -Wextra" >"$tmp/cmake-find.log" 2>&1 &&
+        cmake --build "$tmp/cmake-find" >>"$tmp/cmake-find.log" 2>&1 ||
+        {
+            cat "$tmp/cmake-find.log"
+            fail "the find_package consumer"
+        }
+    grep -F "$config" "$tmp/cmake-find/CMakeCache.txt" >/dev/null ||
+        grep -F "evmux_DIR:PATH=$libdir/cmake/evmux" "$tmp/cmake-find/CMakeCache.txt" >/dev/null ||
+        fail "find_package(evmux) did not use $config"
+    ldd "$tmp/cmake-find/consumer_shared" | grep -F "$libdir/$soname" >/dev/null ||
+        fail "consumer_shared does not load $libdir/$soname"
+    if ldd "$tmp/cmake-find/consumer_static" | grep libevmux; then
+        fail "consumer_static links libevmux.so"
     fi
+    timeout 60 "$tmp/cmake-find/consumer_shared"
+    timeout 60 "$tmp/cmake-find/consumer_static"
+    # The version file refuses what this evmux does not satisfy.
+    local too_new
+    too_new=$(echo "$version_wanted" | awk -F. '{ print $1 "." $2 + 1 }')
+    if cmake -S "$src/tests/cmake_consumer" -B "$tmp/cmake-find-$too_new" \
+        -DCMAKE_PREFIX_PATH="$prefix" -DEVMUX_WANT_VERSION="$too_new" >"$tmp/cmake-too-new.log" 2>&1; then
+        fail "find_package(evmux $too_new) accepted evmux $version_wanted"
+    fi
+    grep -q "requested version \"$too_new\"" "$tmp/cmake-too-new.log" || {
+        cat "$tmp/cmake-too-new.log"
+        fail "find_package(evmux $too_new) failed, but not on the version"
+    }
+    echo "find_package(evmux $too_new) refused, as it should be"
 }
 
 subproject_part() {
@@ -218,7 +257,8 @@ evmux static library" ] || fail "evmux adds more than its library to the consume
     }
     installed=$(cd "$tmp/sub-root-asked" && find . ! -type d | sort)
     local want
-    for want in /include/evmux/evmux.hpp /libevmux.so /libevmux.a /pkgconfig/evmux.pc /bin/consumer; do
+    for want in /include/evmux/evmux.hpp /libevmux.so /libevmux.a /pkgconfig/evmux.pc \
+        /cmake/evmux/evmuxConfig.cmake /bin/consumer; do
         echo "$installed" | grep -q -- "$want\$" || {
             echo "$installed"
             fail "$want not installed with evmux:install=enabled"
