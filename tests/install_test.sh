@@ -90,8 +90,44 @@ install_part() {
         LD_LIBRARY_PATH=$libdir "$tool" --help >/dev/null || fail "${tool##*/} --help"
         echo "tool ${tool##*/} ok"
     done
+    # The baseline servers are evmux-bench's helpers, in <libexecdir>/evmux.
+    local baseline_epoll
+    baseline_epoll=$(find "$tmp/root" -name evmux-baseline-epoll -print -quit)
+    if [ -x "$prefix/bin/evmux-bench" ]; then
+        [ -n "$baseline_epoll" ] || fail "evmux-bench installed without evmux-baseline-epoll"
+        case $baseline_epoll in
+            "$prefix"/libexec/evmux/*) ;;
+            *) fail "evmux-baseline-epoll installed as $baseline_epoll, not in libexec/evmux" ;;
+        esac
+        for tool in "${baseline_epoll%/*}"/*; do
+            "$tool" --help >/dev/null || fail "${tool##*/} --help"
+            echo "baseline ${tool##*/} ok"
+        done
+    fi
+    if ls "$prefix"/bin | grep baseline; then fail "baseline servers installed in bin/"; fi
     # No build-tree or private header may be installed.
     if find "$incdir" -type f ! -name '*.hpp' | grep .; then fail "non-header files installed"; fi
+
+    if [ -x "$prefix/bin/evmux-bench" ]; then
+        step "the installed evmux-bench runs the installed epoll floor"
+        # One 0.05 s point on the floor alone: a failed lookup would print
+        # "skipping epoll-floor: ... not found" and exit 1 (no server to run).
+        LD_LIBRARY_PATH=$libdir timeout 60 "$prefix/bin/evmux-bench" --servers epoll-floor \
+            --sizes 64 --sessions 1 --duration 0.05 --no-idle --no-plots \
+            --json "$tmp/bench.json" >"$tmp/bench.out" 2>"$tmp/bench.err" || {
+            cat "$tmp/bench.out" "$tmp/bench.err"
+            fail "installed evmux-bench --servers epoll-floor"
+        }
+        cat "$tmp/bench.err"
+        if grep "not found" "$tmp/bench.err"; then fail "installed evmux-bench misses a program"; fi
+        # It says which baseline it took when not the one beside it: the staged one.
+        grep -F "epoll-floor: $baseline_epoll" "$tmp/bench.err" >/dev/null ||
+            fail "installed evmux-bench did not use $baseline_epoll"
+        python3 -c 'import json, sys
+runs = json.load(open(sys.argv[1]))["runs"]
+assert [(r["server"], r["ok"]) for r in runs] == [("epoll-floor", True)], runs' "$tmp/bench.json" ||
+            fail "the epoll floor did not run (bench.json above)"
+    fi
 
     step "each installed header alone, with only -I$incdir"
     local h name headers=()

@@ -566,6 +566,18 @@ std::optional<fs::path> find_plot_script(const fs::path& dir) {
     return std::nullopt;
 }
 
+// A baseline server: beside evmux-load (the build tree, or --tools-dir), else
+// where `meson install` puts them, <libexecdir>/evmux. That one is looked for
+// relative to this program first (a moved or DESTDIR-staged prefix), then at
+// its configured path. Empty if none is there.
+fs::path find_baseline(const fs::path& tools, const std::string& exe) {
+    const fs::path installed(EVMUX_LIBEXECDIR);
+    const fs::path relocated = self_dir() / installed.lexically_relative(EVMUX_BINDIR);
+    for (const fs::path& dir : {tools, relocated, installed})
+        if (fs::exists(dir / exe)) return (dir / exe).lexically_normal();
+    return {};
+}
+
 [[noreturn]] void usage_error(const std::string& message) {
     std::cerr << "evmux-bench: " << message << " (see --help)\n";
     std::exit(2);
@@ -642,7 +654,7 @@ int main(int argc, char** argv) {
         ->check(CLI::Range(1, 1000000));
     app.add_option("--tools-dir", opt.tools_dir,
                    "where evmux-echo, evmux-load and the baselines are (default: beside this "
-                   "program)");
+                   "program; baselines also in the installed libexec/evmux)");
     app.add_option("--threads", opt.threads,
                    "evmux-echo loop threads, e.g. 1,2 for throughput vs threads (default 1; "
                    "a server with more than 1 is not pinned)")
@@ -724,12 +736,14 @@ int main(int argc, char** argv) {
         auto add_baseline = [&](const std::string& name, const std::string& exe, bool per_conn,
                                 bool forks) {
             if (!wanted(name)) return;
-            fs::path bin = tools / exe;
-            if (!fs::exists(bin)) {
-                std::cerr << "evmux-bench: skipping " << name << ": " << bin.string()
-                          << " not found\n";
+            fs::path bin = find_baseline(tools, exe);
+            if (bin.empty()) {
+                std::cerr << "evmux-bench: skipping " << name << ": " << exe << " not found in "
+                          << tools.string() << " or " << EVMUX_LIBEXECDIR << "\n";
                 return;
             }
+            if (bin != (tools / exe).lexically_normal())
+                std::cerr << "evmux-bench: " << name << ": " << bin.string() << "\n";
             servers.push_back({name, name, "", bin, per_conn, forks});
         };
         add_baseline(floor_server, "evmux-baseline-epoll", false, false);
