@@ -36,7 +36,7 @@ constexpr Events from_poll(unsigned revents) {
 // preference order; adding a backend is one file and one line there.
 std::unique_ptr<Selector> make_select_selector();
 std::unique_ptr<Selector> make_poll_selector();
-std::unique_ptr<Selector> make_epoll_selector(bool edge_triggered = false);
+std::unique_ptr<Selector> make_epoll_selector();
 #ifdef EVMUX_HAVE_IO_URING
 std::unique_ptr<Selector> make_io_uring_selector();
 /// Empty when io_uring works here, else why not (e.g. "io_uring_setup: Operation not permitted").

@@ -1,4 +1,10 @@
-// The epoll(7) backend. Level-triggered by default (edge-triggered on request).
+// The epoll(7) backend, level-triggered only. Not EPOLLET, by design:
+// Connection is level-triggered. It reads at most its read budget per wake-up
+// and skips the read that would return EAGAIN after a short one, counting on
+// the next wait to report whatever is left; edge-triggered, those bytes would
+// wait for the peer's next send. The same holds for every backend (tested in
+// tests/selector_test.cpp and tests/backend_edges_test.cpp).
+//
 // Each kernel registration carries fd and generation in its 64-bit token, so an
 // event queued for an earlier registration of a reused fd number is dropped.
 #include <sys/epoll.h>
@@ -18,13 +24,13 @@ class EpollSelector final : public Selector {
   public:
     // epoll_ctl(ADD) refuses a closed fd (EBADF) and a file without poll
     // (EPERM) by itself: the base class need not check first.
-    explicit EpollSelector(bool edge_triggered) : Selector(true), edge_(edge_triggered) {
+    EpollSelector() : Selector(true) {
         epfd_ = ::epoll_create1(EPOLL_CLOEXEC);
         if (epfd_ < 0) throw std::system_error(errno, std::generic_category(), "epoll_create1");
         events_.resize(64);
     }
     ~EpollSelector() override { ::close(epfd_); }
-    std::string name() const override { return edge_ ? "epoll (edge-triggered)" : "epoll"; }
+    std::string name() const override { return "epoll"; }
 
   protected:
     void backend_add(const SelectorKey& key) override { ctl(EPOLL_CTL_ADD, key, "epoll_ctl(ADD)"); }
@@ -79,7 +85,7 @@ class EpollSelector final : public Selector {
 
     void ctl(int op, const SelectorKey& key, const char* what) {
         epoll_event ev{};
-        ev.events = static_cast<std::uint32_t>(poll_mask(key.interest)) | (edge_ ? EPOLLET : 0u);
+        ev.events = static_cast<std::uint32_t>(poll_mask(key.interest));
         // 32 bits of generation are plenty to tell registrations of one fd apart.
         std::uint64_t gen = key.generation & 0xffffffffu;
         ev.data.u64 = (gen << 32) | static_cast<std::uint32_t>(key.fd);
@@ -89,14 +95,13 @@ class EpollSelector final : public Selector {
     }
 
     int epfd_ = -1;
-    bool edge_;
     std::vector<epoll_event> events_;
 };
 
 }  // namespace
 
-std::unique_ptr<Selector> make_epoll_selector(bool edge_triggered) {
-    return std::make_unique<EpollSelector>(edge_triggered);
+std::unique_ptr<Selector> make_epoll_selector() {
+    return std::make_unique<EpollSelector>();
 }
 
 }  // namespace evmux::detail

@@ -35,11 +35,9 @@ std::string epoll_unusable() {
     return std::string("not compiled in (needs ") + package + "; meson -D" + option + "=enabled)";
 }
 
-std::unique_ptr<Selector> create_epoll() { return detail::make_epoll_selector(false); }
-
 // Preference order: the first usable one is the default.
 const Entry registry[] = {
-    {"epoll", true, epoll_unusable, create_epoll},
+    {"epoll", true, epoll_unusable, detail::make_epoll_selector},
 #ifdef EVMUX_HAVE_IO_URING
     {"io_uring", true, detail::io_uring_unusable_reason, detail::make_io_uring_selector},
 #else
