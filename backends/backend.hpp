@@ -32,22 +32,22 @@ constexpr Events from_poll(unsigned revents) {
     return e;
 }
 
-// One factory per backend. The registry (registry.cpp) lists them in
-// preference order; adding a backend is one file and one line there.
-std::unique_ptr<Selector> make_select_selector();
-std::unique_ptr<Selector> make_poll_selector();
-std::unique_ptr<Selector> make_epoll_selector();
-#ifdef EVMUX_HAVE_IO_URING
-std::unique_ptr<Selector> make_io_uring_selector();
-/// Empty when io_uring works here, else why not (e.g. "io_uring_setup: Operation not permitted").
-std::string io_uring_unusable_reason();
-#endif
-#ifdef EVMUX_HAVE_LIBEVENT
-std::unique_ptr<Selector> make_libevent_selector();
-/// Empty when libevent has a method evmux takes here, else why not.
-std::string libevent_unusable_reason();
-/// The method libevent picks here, e.g. "epoll".
-std::string libevent_method();
-#endif
+/// One selector backend as the registry sees it. Each backend's file defines
+/// one, `extern const Backend NAME_backend{...}`, and registry.cpp lists them
+/// in preference order. For an optional backend a build leaves out,
+/// backends/meson.build generates the descriptor from not_compiled_in.cpp.in.
+struct Backend {
+    /// What make_selector(), EVMUX_BACKEND and --backend take: "epoll", ...
+    const char* name;
+    /// Creates the selector. Null: not compiled in.
+    std::unique_ptr<Selector> (*create)();
+    /// Empty when the backend works here, else why not (e.g. "io_uring_setup:
+    /// Operation not permitted"). Asked by every backends() and make_selector().
+    /// Null: usable wherever it is compiled in.
+    std::string (*unusable)() = nullptr;
+    /// For a usable backend, what BackendInfo::reason says about it (libevent:
+    /// "method epoll"). Null: nothing.
+    std::string (*details)() = nullptr;
+};
 
 }  // namespace evmux::detail

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstring>
 #include <string>
 #include <system_error>
 #include <vector>
@@ -98,10 +99,19 @@ class EpollSelector final : public Selector {
     std::vector<epoll_event> events_;
 };
 
-}  // namespace
-
-std::unique_ptr<Selector> make_epoll_selector() {
+std::unique_ptr<Selector> create() {
     return std::make_unique<EpollSelector>();
 }
+
+std::string unusable() {
+    int fd = ::epoll_create1(EPOLL_CLOEXEC);
+    if (fd < 0) return std::string("epoll_create1: ") + std::strerror(errno);
+    ::close(fd);
+    return {};
+}
+
+}  // namespace
+
+extern const Backend epoll_backend{.name = "epoll", .create = create, .unusable = unusable};
 
 }  // namespace evmux::detail

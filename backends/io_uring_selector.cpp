@@ -403,16 +403,18 @@ std::string probe() {
     return reason;
 }
 
-}  // namespace
-
-std::unique_ptr<Selector> make_io_uring_selector() {
+std::unique_ptr<Selector> create() {
     return std::make_unique<IoUringSelector>();
 }
 
-std::string io_uring_unusable_reason() {
+std::string unusable() {
     // Asked by every backends() and make_selector(): probe once per process.
     static const std::string reason = probe();
     return reason;
 }
+
+}  // namespace
+
+extern const Backend io_uring_backend{.name = "io_uring", .create = create, .unusable = unusable};
 
 }  // namespace evmux::detail

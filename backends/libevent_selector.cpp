@@ -200,13 +200,12 @@ class LibeventSelector final : public Selector {
     std::vector<pollfd> pollfds_;
 };
 
-}  // namespace
-
-std::unique_ptr<Selector> make_libevent_selector() {
+std::unique_ptr<Selector> create() {
     return std::make_unique<LibeventSelector>();
 }
 
-std::string libevent_unusable_reason() {
+// Not cached: EVENT_NOEPOLL and EVENT_NOPOLL are read at each event_base_new.
+std::string unusable() {
     try {
         event_base_free(new_base());
         return {};
@@ -215,11 +214,18 @@ std::string libevent_unusable_reason() {
     }
 }
 
-std::string libevent_method() {
+// backends() says which method libevent picks here: "method epoll" (or poll,
+// with EVENT_NOEPOLL). A selector's name() says it too: "libevent (epoll)".
+std::string method_details() {
     event_base* base = new_base();
-    std::string method = event_base_get_method(base);
+    std::string details = std::string("method ") + event_base_get_method(base);
     event_base_free(base);
-    return method;
+    return details;
 }
+
+}  // namespace
+
+extern const Backend libevent_backend{
+    .name = "libevent", .create = create, .unusable = unusable, .details = method_details};
 
 }  // namespace evmux::detail

@@ -57,10 +57,12 @@ class PollSelector final : public Selector {
     std::vector<int> index_;  // fd -> position in fds_
 };
 
-}  // namespace
-
-std::unique_ptr<Selector> make_poll_selector() {
+std::unique_ptr<Selector> create() {
     return std::make_unique<PollSelector>();
 }
+
+}  // namespace
+
+extern const Backend poll_backend{.name = "poll", .create = create};
 
 }  // namespace evmux::detail

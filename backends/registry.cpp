@@ -1,56 +1,46 @@
-// The backend registry: every backend in preference order, with a probe that
-// says whether it works here. Built explicitly (no static self-registration,
-// which a static library's linker may drop).
-#include <sys/epoll.h>
-#include <unistd.h>
-
-#include <cerrno>
+// The backend registry: every backend in preference order, one row each, a
+// reference to the descriptor (backend.hpp) its file defines. Nothing here
+// knows any backend by name: what a backend can do, whether it works here and
+// what it says about itself are in its own file. Built explicitly, not by
+// static self-registration: a static library's linker leaves out an object
+// file nothing refers to, and with it the backend.
 #include <cstdlib>
-#include <cstring>
 #include <stdexcept>
 
 #include "backend.hpp"
 
 namespace evmux {
+namespace detail {
+
+// Each defined in NAME_selector.cpp or, for an optional backend this build
+// leaves out, in the file backends/meson.build generates from
+// not_compiled_in.cpp.in (listed here as not compiled in, with what would
+// bring it).
+extern const Backend epoll_backend, io_uring_backend, poll_backend, select_backend,
+    libevent_backend;
+
+}  // namespace detail
+
 namespace {
 
-struct Entry {
-    const char* name;
-    bool compiled_in;
-    std::string (*unusable)();  // empty string: usable
-    std::unique_ptr<Selector> (*create)();
+// Preference order: the first usable one is the default (README's "Default
+// order" says why epoll comes before io_uring).
+const detail::Backend* const registry[] = {
+    &detail::epoll_backend,     // epoll_selector.cpp
+    &detail::io_uring_backend,  // io_uring_selector.cpp (optional: -Dio_uring)
+    &detail::poll_backend,      // poll_selector.cpp
+    &detail::select_backend,    // select_selector.cpp
+    &detail::libevent_backend,  // libevent_selector.cpp (optional: -Dlibevent)
 };
 
-std::string always_usable() { return {}; }
-
-std::string epoll_unusable() {
-    int fd = ::epoll_create1(EPOLL_CLOEXEC);
-    if (fd < 0) return std::string("epoll_create1: ") + std::strerror(errno);
-    ::close(fd);
-    return {};
+bool compiled_in(const detail::Backend& b) {
+    return b.create != nullptr;
 }
 
-// Unused when every optional backend is compiled in.
-[[maybe_unused]] std::string not_compiled(const char* option, const char* package) {
-    return std::string("not compiled in (needs ") + package + "; meson -D" + option + "=enabled)";
+// Empty when `b` can be used here.
+std::string unusable_reason(const detail::Backend& b) {
+    return b.unusable ? b.unusable() : std::string();
 }
-
-// Preference order: the first usable one is the default.
-const Entry registry[] = {
-    {"epoll", true, epoll_unusable, detail::make_epoll_selector},
-#ifdef EVMUX_HAVE_IO_URING
-    {"io_uring", true, detail::io_uring_unusable_reason, detail::make_io_uring_selector},
-#else
-    {"io_uring", false, [] { return not_compiled("io_uring", "liburing-dev"); }, nullptr},
-#endif
-    {"poll", true, always_usable, detail::make_poll_selector},
-    {"select", true, always_usable, detail::make_select_selector},
-#ifdef EVMUX_HAVE_LIBEVENT
-    {"libevent", true, detail::libevent_unusable_reason, detail::make_libevent_selector},
-#else
-    {"libevent", false, [] { return not_compiled("libevent", "libevent-dev"); }, nullptr},
-#endif
-};
 
 std::string usable_names() {
     std::string names;
@@ -66,26 +56,24 @@ std::string usable_names() {
 
 std::vector<BackendInfo> backends() {
     std::vector<BackendInfo> out;
-    for (const Entry& e : registry) {
-        BackendInfo info{e.name, e.compiled_in, false, e.unusable()};
-        info.usable = e.compiled_in && info.reason.empty();
-#ifdef EVMUX_HAVE_LIBEVENT
-        if (info.usable && info.name == "libevent") info.reason = "method " + detail::libevent_method();
-#endif
+    for (const detail::Backend* b : registry) {
+        BackendInfo info{b->name, compiled_in(*b), false, unusable_reason(*b)};
+        info.usable = info.compiled_in && info.reason.empty();
+        if (info.usable && b->details) info.reason = b->details();
         out.push_back(std::move(info));
     }
     return out;
 }
 
 std::unique_ptr<Selector> make_selector(std::string_view name) {
-    for (const Entry& e : registry) {
-        if (name != e.name) continue;
-        std::string why = e.unusable();
-        if (!e.compiled_in || !why.empty())
+    for (const detail::Backend* b : registry) {
+        if (name != b->name) continue;
+        std::string why = unusable_reason(*b);
+        if (!compiled_in(*b) || !why.empty())
             throw std::invalid_argument("evmux: backend '" + std::string(name) +
                                         "' is not usable here: " + why +
                                         "; usable backends: " + usable_names());
-        return e.create();
+        return b->create();
     }
     throw std::invalid_argument("evmux: unknown backend '" + std::string(name) +
                                 "'; usable backends: " + usable_names());
@@ -94,11 +82,13 @@ std::unique_ptr<Selector> make_selector(std::string_view name) {
 std::string default_backend_name() {
     const char* env = std::getenv("EVMUX_BACKEND");
     if (env && *env) return env;
-    for (const Entry& e : registry)
-        if (e.compiled_in && e.unusable().empty()) return e.name;
+    for (const detail::Backend* b : registry)
+        if (compiled_in(*b) && unusable_reason(*b).empty()) return b->name;
     return "select";
 }
 
-std::unique_ptr<Selector> make_selector() { return make_selector(default_backend_name()); }
+std::unique_ptr<Selector> make_selector() {
+    return make_selector(default_backend_name());
+}
 
 }  // namespace evmux

@@ -115,10 +115,12 @@ class SelectSelector final : public Selector {
     std::vector<char> bad_;  // fd -> closed while registered
 };
 
-}  // namespace
-
-std::unique_ptr<Selector> make_select_selector() {
+std::unique_ptr<Selector> create() {
     return std::make_unique<SelectSelector>();
 }
+
+}  // namespace
+
+extern const Backend select_backend{.name = "select", .create = create};
 
 }  // namespace evmux::detail

@@ -943,6 +943,27 @@ TEST(Selector, EventLoopWatchRefusesTheSame) {
 
 // ---- the registry ------------------------------------------------------------------
 
+namespace {
+
+// A comma-separated list of backend names that tests/meson.build puts in the
+// environment (from backends/meson.build).
+std::vector<std::string> names_from_env(const char* var) {
+    std::vector<std::string> names;
+    const char* value = std::getenv(var);
+    if (!value) {
+        ADD_FAILURE() << var << " is not set: tests/meson.build sets it (run through meson test)";
+        return names;
+    }
+    for (std::string rest = value; !rest.empty();) {
+        auto comma = rest.find(',');
+        names.push_back(rest.substr(0, comma));
+        rest = comma == std::string::npos ? "" : rest.substr(comma + 1);
+    }
+    return names;
+}
+
+}  // namespace
+
 TEST(Registry, UnknownBackendListsUsableOnes) {
     try {
         make_selector("nope");
@@ -958,12 +979,14 @@ TEST(Registry, UnknownBackendListsUsableOnes) {
     }
 }
 
+// Every backend backends/meson.build lists, compiled in or not, once each.
 TEST(Registry, BackendsListed) {
     auto list = backends();
-    std::vector<std::string> names;
-    for (const BackendInfo& b : list) names.push_back(b.name);
-    std::multiset<std::string> got(names.begin(), names.end());
-    EXPECT_EQ(got, (std::multiset<std::string>{"select", "poll", "epoll", "io_uring", "libevent"}));
+    std::multiset<std::string> got;
+    for (const BackendInfo& b : list) got.insert(b.name);
+    std::vector<std::string> all = names_from_env("EVMUX_TEST_BACKENDS_ALL");
+    EXPECT_EQ(got, std::multiset<std::string>(all.begin(), all.end()));
+    EXPECT_GE(got.size(), 5u);  // select, poll, epoll, io_uring, libevent at least
     for (const BackendInfo& b : list) {
         if (b.name == "select" || b.name == "poll" || b.name == "epoll") {
             EXPECT_TRUE(b.compiled_in) << b.name;
@@ -990,6 +1013,36 @@ TEST(Registry, BackendsListed) {
         if (b.usable && first_usable.empty()) first_usable = b.name;
     EXPECT_EQ(default_backend_name(), first_usable);
     if (env) ::setenv("EVMUX_BACKEND", saved.c_str(), 1);
+}
+
+// The registry (backends/registry.cpp) and the build (backends/meson.build)
+// agree on what is compiled in; the backends are in the documented preference
+// order; one the build left out says what would bring it.
+TEST(Registry, AgreesWithTheBuild) {
+    std::vector<std::string> built = names_from_env("EVMUX_TEST_BACKENDS_BUILT");
+    std::set<std::string> want(built.begin(), built.end());
+    EXPECT_TRUE(want.count("select") && want.count("poll") && want.count("epoll"));
+    std::set<std::string> got;
+    std::vector<std::string> order;  // of the backends README names
+    const std::set<std::string> documented = {"epoll", "io_uring", "poll", "select", "libevent"};
+    for (const BackendInfo& b : backends()) {
+        if (documented.count(b.name)) order.push_back(b.name);
+        if (b.compiled_in) {
+            got.insert(b.name);
+            continue;
+        }
+        EXPECT_EQ(b.reason.rfind("not compiled in (needs ", 0), 0u) << b.name << ": " << b.reason;
+        EXPECT_NE(b.reason.find("; meson -D"), std::string::npos) << b.name << ": " << b.reason;
+        EXPECT_TRUE(b.reason.ends_with("=enabled)")) << b.name << ": " << b.reason;
+        try {
+            make_selector(b.name);
+            ADD_FAILURE() << "make_selector(\"" << b.name << "\") did not throw";
+        } catch (const std::invalid_argument& e) {
+            EXPECT_NE(std::string(e.what()).find(b.reason), std::string::npos) << e.what();
+        }
+    }
+    EXPECT_EQ(got, want);
+    EXPECT_EQ(order, (std::vector<std::string>{"epoll", "io_uring", "poll", "select", "libevent"}));
 }
 
 TEST(Registry, EnvironmentChoosesBackend) {
