@@ -11,7 +11,6 @@
 //
 // Usage: evmux_bench_dispatch [--benchmark_counters_tabular=true] [google benchmark flags]
 #include <benchmark/benchmark.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -26,23 +25,12 @@
 #include "evmux/selector.hpp"
 
 #include "bench_support.hpp"
+#include "fd_limit.hpp"
 
 namespace {
 
 constexpr int writes_per_iteration = 100;  // bench.c's default -w
 constexpr int fds_kept_free = 64;          // stdio, the selector's own fds, libevent's
-
-/// Raise RLIMIT_NOFILE's soft limit to the hard limit; returns the new soft limit.
-long raise_fd_limit() {
-    rlimit rl{};
-    if (::getrlimit(RLIMIT_NOFILE, &rl) != 0) return 1024;
-    if (rl.rlim_cur != rl.rlim_max) {
-        rl.rlim_cur = rl.rlim_max;
-        ::setrlimit(RLIMIT_NOFILE, &rl);
-        ::getrlimit(RLIMIT_NOFILE, &rl);
-    }
-    return rl.rlim_cur == RLIM_INFINITY ? 1L << 20 : static_cast<long>(rl.rlim_cur);
-}
 
 using evmux::bench::Pairs;
 
@@ -106,7 +94,7 @@ void dispatch(benchmark::State& state, const std::string& backend, int n, int ac
 int main(int argc, char** argv) {
     benchmark::Initialize(&argc, argv);
     if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
-    const long limit = raise_fd_limit();
+    const long limit = evmux::support::raise_fd_limit();
     const int most_pairs = static_cast<int>((limit - fds_kept_free) / 2);
     for (const evmux::BackendInfo& b : evmux::backends()) {
         if (!b.usable) {

@@ -3,7 +3,6 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -80,19 +79,6 @@ Fd move_above(Fd fd, int min) {
     int high = ::fcntl(fd.get(), F_DUPFD_CLOEXEC, min);
     if (high < 0) fail("fcntl(F_DUPFD)");
     return Fd(high);  // `fd` closes the old number
-}
-
-long raise_fd_limit(long want) {
-    rlimit rl{};
-    ::getrlimit(RLIMIT_NOFILE, &rl);
-    if (rl.rlim_cur < static_cast<rlim_t>(want)) {
-        rl.rlim_cur = rl.rlim_max == RLIM_INFINITY || rl.rlim_max >= static_cast<rlim_t>(want)
-                          ? static_cast<rlim_t>(want)
-                          : rl.rlim_max;
-        ::setrlimit(RLIMIT_NOFILE, &rl);
-        ::getrlimit(RLIMIT_NOFILE, &rl);
-    }
-    return static_cast<long>(rl.rlim_cur);
 }
 
 void write_byte(int fd, char c) {

@@ -10,6 +10,7 @@
 
 #include "evmux/event_loop.hpp"
 #include "evmux/selector.hpp"
+#include "fd_limit.hpp"
 
 namespace evmux::test {
 
@@ -83,9 +84,9 @@ std::pair<Fd, Fd> make_pipe();
 std::pair<Fd, Fd> tcp_pair();
 /// dup the fd to a number >= min (fcntl F_DUPFD), close the old one.
 Fd move_above(Fd fd, int min);
-/// Raise RLIMIT_NOFILE's soft limit towards `want` (up to the hard limit);
-/// returns the soft limit now in force.
-long raise_fd_limit(long want);
+/// Raise RLIMIT_NOFILE's soft limit to `want` (as far as the hard limit goes,
+/// unless privileged); returns the soft limit now in force (tools/support).
+using support::raise_fd_limit;
 /// Write one byte; ASSERT-style failure if it does not go through.
 void write_byte(int fd, char c = 'x');
 /// Read everything available (non-blocking); returns the byte count.

@@ -8,7 +8,6 @@
 #include <sched.h>
 #include <signal.h>
 #include <sys/mman.h>
-#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -456,23 +455,6 @@ int usable_cpus() {
     CPU_ZERO(&set);
     if (::sched_getaffinity(0, sizeof set, &set) < 0) return 1;
     return CPU_COUNT(&set);
-}
-
-long raise_fd_limit(long wanted) {
-    rlimit lim{};
-    if (::getrlimit(RLIMIT_NOFILE, &lim) < 0) return 0;
-    if (lim.rlim_cur != RLIM_INFINITY && lim.rlim_cur >= static_cast<rlim_t>(wanted))
-        return static_cast<long>(lim.rlim_cur);
-    rlimit want = lim;
-    want.rlim_cur = static_cast<rlim_t>(wanted);
-    if (want.rlim_max != RLIM_INFINITY && want.rlim_max < want.rlim_cur)
-        want.rlim_max = want.rlim_cur;  // only a privileged process may do this
-    if (::setrlimit(RLIMIT_NOFILE, &want) == 0) return wanted;
-    // Not privileged: as far as the hard limit allows.
-    lim.rlim_cur = lim.rlim_max;
-    ::setrlimit(RLIMIT_NOFILE, &lim);
-    ::getrlimit(RLIMIT_NOFILE, &lim);
-    return lim.rlim_cur == RLIM_INFINITY ? wanted : static_cast<long>(lim.rlim_cur);
 }
 
 }  // namespace evmux::bench

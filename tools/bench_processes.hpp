@@ -171,11 +171,6 @@ class CpuModeSampler {
 /// Number of CPUs this process may run on.
 int usable_cpus();
 
-/// Raises RLIMIT_NOFILE (soft, and hard if allowed, e.g. as root) to at least
-/// `wanted` fds; children started afterwards inherit it. Returns the soft limit
-/// now in force, which may be lower than `wanted`.
-long raise_fd_limit(long wanted);
-
 template <class F>
 bool ChildProcess::read_stdout(std::string& out, Clock::time_point deadline, F&& on_first_byte) {
     bool first = true;

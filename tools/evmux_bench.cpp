@@ -6,7 +6,6 @@
 //
 //   evmux-bench [--quick] [--out DIR] [--backends a,b] [--servers ...] ...
 //   evmux-bench dispatch -n N -a A -w W [--backend B]   (libevent's test/bench.c)
-#include <sys/resource.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -30,9 +29,11 @@
 #include "bench_dispatch.hpp"
 #include "bench_processes.hpp"
 #include "evmux/selector.hpp"
+#include "fd_limit.hpp"
 
 namespace fs = std::filesystem;
 using namespace evmux::bench;
+using evmux::support::raise_fd_limit;
 
 namespace {
 

@@ -12,7 +12,6 @@
 // connections must not stop at the usual soft 1024.
 #include <netdb.h>
 #include <pthread.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
 
 #include <CLI/CLI.hpp>
@@ -28,6 +27,7 @@
 #include "evmux/loop_group.hpp"
 #include "evmux/selector.hpp"
 #include "evmux/server.hpp"
+#include "fd_limit.hpp"
 
 namespace {
 
@@ -48,15 +48,6 @@ int list_backends() {
         std::printf("%s\n", line.c_str());
     }
     return 0;
-}
-
-// The soft RLIMIT_NOFILE up to the hard limit (unprivileged processes may).
-void raise_fd_limit() {
-    rlimit rl{};
-    if (::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
-        rl.rlim_cur = rl.rlim_max;
-        ::setrlimit(RLIMIT_NOFILE, &rl);
-    }
 }
 
 // A numeric host directly; a name ("localhost") through the resolver, once,
@@ -145,7 +136,7 @@ int main(int argc, char** argv) {
     if (list) return list_backends();
     if (!port && unix_path.empty()) return fail("--port or --unix is required (see --help)");
     if (port && !unix_path.empty()) return fail("--port and --unix exclude each other");
-    raise_fd_limit();
+    evmux::support::raise_fd_limit();
 
     try {
         evmux::Address address = unix_path.empty()

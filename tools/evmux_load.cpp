@@ -42,6 +42,8 @@
 #include <string>
 #include <vector>
 
+#include "fd_limit.hpp"
+
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -579,16 +581,9 @@ void LoadClient::run() {
 /// Raises RLIMIT_NOFILE so that `need` descriptors fit; exits 1 with the
 /// reason if the hard limit forbids it.
 void ensure_fd_limit(long need) {
-    rlimit rl{};
+    rlimit rl{};  // as it was, for the message
     if (::getrlimit(RLIMIT_NOFILE, &rl) < 0) return;
-    if (rl.rlim_cur != RLIM_INFINITY && rl.rlim_cur >= static_cast<rlim_t>(need)) return;
-    rlimit want = rl;
-    if (rl.rlim_max == RLIM_INFINITY || rl.rlim_max >= static_cast<rlim_t>(need)) {
-        want.rlim_cur = static_cast<rlim_t>(need);
-    } else {
-        want.rlim_cur = want.rlim_max = static_cast<rlim_t>(need);  // only root may
-    }
-    if (::setrlimit(RLIMIT_NOFILE, &want) == 0) return;
+    if (evmux::support::raise_fd_limit(need) >= need) return;
     std::fprintf(stderr,
                  "evmux-load: %ld file descriptors needed but RLIMIT_NOFILE is %llu (hard %llu) "
                  "and cannot be raised: %s\n",

@@ -49,7 +49,6 @@
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/prctl.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -69,6 +68,8 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "fd_limit.hpp"
 
 namespace {
 
@@ -833,18 +834,6 @@ bool Client::run(std::uint64_t first, std::uint64_t count, std::size_t concurren
     return true;
 }
 
-/// Raises the soft RLIMIT_NOFILE to the hard limit; returns the soft limit.
-long raise_fd_limit() {
-    rlimit rl{};
-    if (::getrlimit(RLIMIT_NOFILE, &rl) != 0) return -1;
-    if (rl.rlim_cur < rl.rlim_max) {
-        rl.rlim_cur = rl.rlim_max;
-        ::setrlimit(RLIMIT_NOFILE, &rl);
-        ::getrlimit(RLIMIT_NOFILE, &rl);
-    }
-    return rl.rlim_cur == RLIM_INFINITY ? 1L << 20 : static_cast<long>(rl.rlim_cur);
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -891,7 +880,7 @@ int main(int argc, char** argv) {
                  static_cast<int>(server.pid()), cmd.seed);
     // The client needs one fd per connection; the server (which raises its
     // own soft limit to the same hard limit) one more each and its own few.
-    const long limit = raise_fd_limit();
+    const long limit = evmux::support::raise_fd_limit();
     const std::size_t fit = limit > 128 ? static_cast<std::size_t>(limit - 64) : 64;
     if (cmd.concurrency > fit) {
         std::fprintf(stderr,

@@ -6,7 +6,6 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -16,6 +15,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+
+#include "fd_limit.hpp"
 
 namespace evmux::baseline {
 
@@ -52,13 +53,7 @@ inline ServerOptions parse_options(const char* name, const char* what, int argc,
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit: a server under a
 /// many-connection benchmark must not be capped at the default 1024.
-inline void raise_fd_limit() {
-    rlimit rl{};
-    if (::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
-        rl.rlim_cur = rl.rlim_max;
-        ::setrlimit(RLIMIT_NOFILE, &rl);
-    }
-}
+using support::raise_fd_limit;
 
 /// Sets TCP_NODELAY: an echo must leave at once, not wait for Nagle.
 inline void set_nodelay(int fd) {
