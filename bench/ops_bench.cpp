@@ -24,13 +24,13 @@
 #include "evmux/event_loop.hpp"
 #include "evmux/selector.hpp"
 
-#include "bench_support.hpp"
+#include "socket_pairs.hpp"
 
 namespace {
 
 using namespace std::chrono_literals;
 
-using evmux::bench::Pairs;
+using Pairs = evmux::support::SocketPairs;
 
 /// Registers the first end of each of `others` pairs for read, so that the
 /// measured operation happens in a populated selector.

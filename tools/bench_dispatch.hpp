@@ -1,6 +1,7 @@
-// evmux-bench's in-process dispatch benchmark: libevent's test/bench.c shape
-// (n socketpairs, a active chains passing one byte along until w writes), so
-// that its figures line up with libevent's published ones.
+// evmux-bench's in-process dispatch benchmark: libevent's test/bench.c
+// (tools/support/bench_c.hpp: n socketpairs, a active chains passing one byte
+// along until w writes) on an EventLoop, so that its figures line up with
+// libevent's published ones.
 //
 // Internal to tools/; not installed.
 #pragma once
@@ -11,8 +12,8 @@
 namespace evmux::bench {
 
 /// The times, in microseconds, of `iterations` runs of bench.c on an EventLoop over `backend`
-/// with `n` socketpairs, `a` active chains and `w` writes. Needs 2n+ fds (see
-/// raise_fd_limit). Main thread. Throws std::invalid_argument for an unusable
+/// with `n` socketpairs, `a` active chains and `w` writes: bench.c's timing, from
+/// after the first `a` sends. Needs support::bench_c_fds(n) fds. Main thread. Throws std::invalid_argument for an unusable
 /// backend, std::system_error if a socketpair cannot be made.
 std::vector<double> dispatch_iterations(const std::string& backend, int n, int a, int w,
                                         int iterations);

@@ -26,6 +26,7 @@
 #include <utility>
 #include <vector>
 
+#include "bench_c.hpp"
 #include "bench_dispatch.hpp"
 #include "bench_processes.hpp"
 #include "evmux/selector.hpp"
@@ -606,7 +607,7 @@ std::vector<std::string> pick_backends(const std::vector<std::string>& requested
 
 int run_dispatch_command(int n, int a, int w, const std::string& backend, int iterations) {
     pick_backends({backend});
-    raise_fd_limit(2 * n + 64);
+    raise_fd_limit(evmux::support::bench_c_fds(n));
     for (double us : dispatch_iterations(backend, n, a, w, iterations)) std::printf("%.0f\n", us);
     return 0;
 }
@@ -821,8 +822,8 @@ int main(int argc, char** argv) {
         std::sort(fd_counts.begin(), fd_counts.end());
         if (!backends.empty()) {
             // Two fds per socketpair; as many pairs as the fd limit allows.
-            long limit = raise_fd_limit(2L * fd_counts.back() + 64);
-            int most = static_cast<int>((limit - 64) / 2);
+            long limit = raise_fd_limit(evmux::support::bench_c_fds(fd_counts.back()));
+            int most = evmux::support::bench_c_most_pairs(limit);
             if (fd_counts.back() > most) {
                 std::cerr << "evmux-bench: fd limit " << limit << ": dispatch sweep up to " << most
                           << " socketpairs\n";
