@@ -78,6 +78,13 @@ struct Result {
     double rss_per_idle_conn_bytes = 0;
 };
 
+std::string fmt(double v, int decimals) {
+    if (std::isnan(v)) return "-";
+    char buf[64];
+    std::snprintf(buf, sizeof buf, "%.*f", decimals, v);
+    return buf;
+}
+
 std::string size_label(int size) {
     if (size >= 1024 && size % 1024 == 0) return std::to_string(size / 1024) + "KiB";
     return std::to_string(size) + "B";
@@ -145,11 +152,199 @@ struct Options {
     std::vector<int> threads{1};  // evmux-echo --threads, one server entry per value
 };
 
+/// A server's figures while the load runs: its CPU time and RSS sampled every
+/// 20 ms on a thread of ours (the load window is picked from them
+/// afterwards) and, where the kernel allows it, perf samples of the mode its
+/// threads ran in (see CpuModeSampler), drained by the same thread.
+class ServerSampler {
+  public:
+    /// Starts sampling `pid`. `precise`: with the per-thread schedstat run
+    /// time and perf samples (unless `tick_split`); not for a server with a
+    /// thread or process per connection, whose threads come and go (the reads
+    /// would be heavy and miss the exited ones).
+    ServerSampler(pid_t pid, bool precise, bool tick_split) : pid_(pid), precise_(precise) {
+        if (precise && !tick_split) {
+            modes_.emplace(pid);
+            static bool told = false;
+            if (!modes_->available() && !std::exchange(told, true))
+                std::fprintf(stderr,
+                             "\nevmux-bench: no perf sampling (%s): user/sys split by ticks\n",
+                             modes_->reason().c_str());
+        }
+        samples_.push_back(sample_process(pid, precise));
+        start_rss_kib_ = samples_.back().rss_kib;
+        thread_ = std::thread([this] { sample_until_stopped(); });
+    }
+    /// Stops and joins the sampling thread on every path out, exceptions
+    /// included (a joinable std::thread would terminate the program).
+    ~ServerSampler() { stop(); }
+    ServerSampler(const ServerSampler&) = delete;
+    ServerSampler& operator=(const ServerSampler&) = delete;
+
+    /// Stops sampling and drains the last perf samples; samples() is final after it.
+    void stop() {
+        running_ = false;
+        if (!thread_.joinable()) return;
+        thread_.join();
+        if (modes_) modes_->drain();
+    }
+
+    /// VmRSS when sampling started.
+    long start_rss_kib() const { return start_rss_kib_; }
+    /// The samples, the first taken at start. Read them after stop().
+    const std::vector<ProcSample>& samples() const { return samples_; }
+    /// The perf sampler, or null if not `precise` or with `tick_split`.
+    const CpuModeSampler* modes() const { return modes_ ? &*modes_ : nullptr; }
+
+  private:
+    void sample_until_stopped() {
+        while (running_.load()) {
+            std::this_thread::sleep_for(std::chrono::milliseconds(20));
+            ProcSample s = sample_process(pid_, precise_);
+            if (s.ok) samples_.push_back(s);
+            if (modes_) modes_->drain();
+        }
+    }
+
+    pid_t pid_;
+    bool precise_;
+    std::optional<CpuModeSampler> modes_;
+    std::vector<ProcSample> samples_;
+    long start_rss_kib_ = 0;
+    std::atomic<bool> running_{true};
+    std::thread thread_;
+};
+
+/// What evmux-load printed, when, and how it ended.
+struct LoadRun {
+    std::string json;
+    Clock::time_point reported{};  ///< its figures arrived: the end of the load window
+    std::pair<double, double> children_at_end{0, 0};  ///< a forking server's, at `reported`
+    int status = -1;                                  ///< exit status, -1 if it overran
+    bool in_time = false;
+};
+
+/// Fills `r`'s client figures from evmux-load's JSON and returns the load
+/// window's length (duration_s); nullopt, with `r.note` saying why, if the
+/// load did not run cleanly.
+std::optional<double> read_load_figures(const LoadRun& load, Result& r) {
+    if (!load.in_time || load.status < 0) {
+        r.note = "evmux-load timed out";
+        return std::nullopt;
+    }
+    const std::string& json = load.json;
+    r.round_trips = json_number(json, "round_trips");
+    r.msgs_per_s = json_number(json, "round_trips_per_s");
+    r.mib_per_s = json_number(json, "mib_per_s");
+    r.p50_us = json_number(json, "p50");
+    r.p99_us = json_number(json, "p99");
+    r.max_us = json_number(json, "max");
+    r.mismatches = json_number(json, "mismatches");
+    r.errors = json_number(json, "errors");
+    double duration_s = json_number(json, "duration_s");
+    if (load.status != 0 || std::isnan(r.msgs_per_s) || std::isnan(duration_s)) {
+        r.note = "evmux-load exit " + std::to_string(load.status) + ": " +
+                 json.substr(0, json.find('\n'));
+        return std::nullopt;
+    }
+    if (r.mismatches > 0 || r.errors > 0) {
+        r.note = "evmux-load reported " + fmt(r.mismatches, 0) + " mismatches, " +
+                 fmt(r.errors, 0) + " errors";
+        return std::nullopt;
+    }
+    return duration_s;
+}
+
+/// The user share of a precise server's CPU time in the window [a, b]: from
+/// the perf samples taken in it if there are enough of them (1000: the user
+/// share then within about +-1.5 points); else as the ticks split it (the
+/// kernel scales utime/stime the same way). The ticks come 1/CONFIG_HZ apart,
+/// a few hundred in a 1 s window: a server 5 % in user mode gets a dozen,
+/// +-30 %. A window with under 200 ms of ticks splits too coarsely even for
+/// that: then the process's whole life (mostly this window) splits it.
+/// `user` and `sys` are the window's ticks; `how` says which split was used.
+double user_share(const CpuModeSampler* modes, const ProcSample& a, const ProcSample& b,
+                  double user, double sys, std::string& how) {
+    constexpr std::uint64_t min_perf_samples = 1000;
+    constexpr double min_split_us = 200000;
+    CpuModeSampler::Split split;
+    if (modes && modes->available()) split = modes->split(a.when, b.when);
+    if (split.total() >= min_perf_samples) {
+        how = "perf " + fmt(1e6 / CpuModeSampler::period_ns, 0) +
+              " kHz: " + std::to_string(split.total()) + " samples, " + std::to_string(split.user) +
+              " user";
+        if (modes->lost() > 0) how += ", " + std::to_string(modes->lost()) + " lost";
+        return split.user_share();
+    }
+    how = !modes               ? "ticks (--tick-split)"
+          : modes->available() ? "ticks (only " + std::to_string(split.total()) + " perf samples)"
+                               : "ticks (" + modes->reason() + ")";
+    return user + sys >= min_split_us ? user / (user + sys)
+           : b.user_us + b.sys_us > 0 ? b.user_us / (b.user_us + b.sys_us)
+                                      : 0.5;
+}
+
+/// The server's side of `r`: user and sys CPU per message and peak RSS over
+/// the load window, the `duration_s` that ended when the client printed its
+/// figures. Connection set-up before it and tear-down after it are left out
+/// (they would weigh heavily in the idle-heavy case).
+void measure_server(Result& r, const ServerSampler& sampler, const LoadRun& load, double duration_s,
+                    bool precise) {
+    const auto& samples = sampler.samples();
+    auto end = load.reported;
+    auto start = end - std::chrono::microseconds(static_cast<long>(duration_s * 1e6));
+    const ProcSample& a = sample_at(samples, start);
+    const ProcSample& b = sample_at(samples, end);
+    double window_s = std::chrono::duration<double>(b.when - a.when).count();
+    double user = b.user_us - a.user_us + b.child_user_us - a.child_user_us;
+    double sys = b.sys_us - a.sys_us + b.child_sys_us - a.child_sys_us;
+    r.cpu_split = "ticks";
+    if (precise && b.run_us > a.run_us) {
+        // The total from the ns-precise run time, split as user_share() says.
+        double run = b.run_us - a.run_us;
+        user = run * user_share(sampler.modes(), a, b, user, sys, r.cpu_split);
+        sys = run - user;
+    }
+    // A forking server's children live through the whole window: their
+    // CPU from birth to the end of the window counts (set-up included).
+    user += load.children_at_end.first;
+    sys += load.children_at_end.second;
+    for (const auto& s : samples)
+        if (s.when >= a.when && s.when <= b.when)
+            r.rss_peak_kib = std::max(r.rss_peak_kib, s.rss_kib);
+    r.cpu_window_s = window_s;
+    if (window_s > 0 && r.msgs_per_s > 0) {
+        // CPU per second of window divided by messages per second.
+        r.user_us_per_msg = user / window_s / r.msgs_per_s;
+        r.sys_us_per_msg = sys / window_s / r.msgs_per_s;
+    }
+    if (r.point.idle_heavy && r.rss_peak_kib > 0)
+        r.rss_per_idle_conn_bytes =
+            static_cast<double>(r.rss_peak_kib - r.rss_start_kib) * 1024.0 / r.point.conns;
+}
+
+/// Reads the server's stderr until its "NAME listening on HOST:PORT" line, 10 s
+/// at most; false, with `note` saying why, if it does not come.
+bool wait_listening(ChildProcess& srv, std::string& host, int& port, std::string& note) {
+    std::string line;
+    auto deadline = Clock::now() + std::chrono::seconds(10);
+    while (!parse_listening(line, host, port)) {
+        if (!srv.read_stderr_line(line, deadline)) {
+            note = "server did not report listening: " + line + srv.drain_stderr();
+            return false;
+        }
+    }
+    return true;
+}
+
 class Runner {
   public:
     Runner(const Options& opt, fs::path load, int server_cpu, int client_cpu)
         : opt_(opt), load_(std::move(load)), server_cpu_(server_cpu), client_cpu_(client_cpu) {}
 
+    /// Runs `point` against `server`: the server on its CPU, evmux-load on the
+    /// other, the server sampled meanwhile. A run that fails says why in
+    /// `note` (ok false); a skipped one sets `skipped`.
     Result run(const Server& server, const Point& point) {
         Result r;
         r.server = &server;
@@ -161,196 +356,67 @@ class Runner {
                      " per connection would need " + std::to_string(point.conns) + " of them";
             return r;
         }
-        std::vector<std::string> argv{server.binary.string(), "--port", "0", "--host", opt_.host};
-        if (!server.backend.empty()) argv.insert(argv.end(), {"--backend", server.backend});
         // Several loops pinned to one CPU would take turns on it: leave a
         // multi-loop server unpinned (it then shares the client's CPU too).
-        if (server.threads > 1)
-            argv.insert(argv.end(), {"--threads", std::to_string(server.threads)});
-        ChildProcess srv(argv, server.threads > 1 ? -1 : server_cpu_, false, true);
-
-        std::string line, host;
+        ChildProcess srv(server_argv(server), server.threads > 1 ? -1 : server_cpu_, false, true);
+        std::string host;
         int port = 0;
-        auto deadline = Clock::now() + std::chrono::seconds(10);
-        while (!parse_listening(line, host, port)) {
-            if (!srv.read_stderr_line(line, deadline)) {
-                r.note = "server did not report listening: " + line + srv.drain_stderr();
-                return r;
-            }
-        }
+        if (!wait_listening(srv, host, port, r.note)) return r;
 
-        // The server's own figures, sampled every 20 ms on a thread of ours
-        // while the load runs; the load window is picked from them afterwards.
-        // Threads that come and go (one per connection) would make the
-        // per-thread schedstat reads heavy and miss the exited ones.
         const bool precise = !server.per_connection_os;
-        // Their user/sys split from perf samples of the mode each thread runs
-        // in (see CpuModeSampler), drained by the same thread; if the kernel
-        // refuses perf_event_open, from the ticks as below.
-        std::optional<CpuModeSampler> modes;
-        if (precise && !opt_.tick_split) {
-            modes.emplace(srv.pid());
-            static bool told = false;
-            if (!modes->available() && !std::exchange(told, true))
-                std::fprintf(stderr,
-                             "\nevmux-bench: no perf sampling (%s): user/sys split by ticks\n",
-                             modes->reason().c_str());
-        }
-        std::vector<ProcSample> samples;
-        samples.push_back(sample_process(srv.pid(), precise));
-        r.rss_start_kib = samples.back().rss_kib;
-        std::atomic<bool> sampling{true};
-        std::thread sampler([&] {
-            while (sampling.load()) {
-                std::this_thread::sleep_for(std::chrono::milliseconds(20));
-                ProcSample s = sample_process(srv.pid(), precise);
-                if (s.ok) samples.push_back(s);
-                if (modes) modes->drain();
-            }
-        });
-        // Stops and joins the sampler on every path out, exceptions included
-        // (a joinable std::thread would terminate the program).
-        struct SamplerStop {
-            std::atomic<bool>& flag;
-            std::thread& thread;
-            ~SamplerStop() {
-                flag = false;
-                if (thread.joinable()) thread.join();
-            }
-        } sampler_stop{sampling, sampler};
-
-        std::vector<std::string> largv{load_.string(),
-                                       "--port",
-                                       std::to_string(port),
-                                       "--host",
-                                       host,
-                                       "--conns",
-                                       std::to_string(point.conns),
-                                       "--active",
-                                       std::to_string(point.active),
-                                       "--size",
-                                       std::to_string(point.size),
-                                       "--duration",
-                                       fmt(opt_.duration, 3),
-                                       "--json"};
-        std::string json;
-        Clock::time_point reported{};
-        std::pair<double, double> children_at_end{0, 0};
-        int load_status = -1;
-        bool in_time = false;
-        {
-            ChildProcess load(largv, client_cpu_, true, false);
-            auto limit = Clock::now() +
-                         std::chrono::milliseconds(static_cast<long>(opt_.duration * 1000) + 60000);
-            in_time = load.read_stdout(json, limit, [&] {
-                reported = Clock::now();
-                if (server.forks) children_at_end = live_children_cpu(srv.pid());
-            });
-            load_status = in_time ? load.wait(limit) : -1;
-        }  // a load client that overran is killed here
-        sampling = false;
-        sampler.join();  // before reading `samples`
-        if (modes) modes->drain();
+        ServerSampler sampler(srv.pid(), precise, opt_.tick_split);
+        r.rss_start_kib = sampler.start_rss_kib();
+        LoadRun load = run_load(point, host, port, srv.pid(), server.forks);
+        sampler.stop();  // before reading its samples
         srv.stop();
 
-        if (!in_time || load_status < 0) {
-            r.note = "evmux-load timed out";
-            return r;
-        }
-        r.round_trips = json_number(json, "round_trips");
-        r.msgs_per_s = json_number(json, "round_trips_per_s");
-        r.mib_per_s = json_number(json, "mib_per_s");
-        r.p50_us = json_number(json, "p50");
-        r.p99_us = json_number(json, "p99");
-        r.max_us = json_number(json, "max");
-        r.mismatches = json_number(json, "mismatches");
-        r.errors = json_number(json, "errors");
-        double duration_s = json_number(json, "duration_s");
-        if (load_status != 0 || std::isnan(r.msgs_per_s) || std::isnan(duration_s)) {
-            r.note = "evmux-load exit " + std::to_string(load_status) + ": " +
-                     json.substr(0, json.find('\n'));
-            return r;
-        }
-        if (r.mismatches > 0 || r.errors > 0) {
-            r.note = "evmux-load reported " + fmt(r.mismatches, 0) + " mismatches, " +
-                     fmt(r.errors, 0) + " errors";
-            return r;
-        }
-
-        // Load window: the duration_s that ended when the client printed its
-        // figures. Connection set-up before it and tear-down after it are left
-        // out (they would weigh heavily in the idle-heavy case).
-        auto end = reported;
-        auto start = end - std::chrono::microseconds(static_cast<long>(duration_s * 1e6));
-        const ProcSample& a = sample_at(samples, start);
-        const ProcSample& b = sample_at(samples, end);
-        double window_s = std::chrono::duration<double>(b.when - a.when).count();
-        double user = b.user_us - a.user_us + b.child_user_us - a.child_user_us;
-        double sys = b.sys_us - a.sys_us + b.child_sys_us - a.child_sys_us;
-        r.cpu_split = "ticks";
-        if (precise && b.run_us > a.run_us) {
-            // Total from the ns-precise run time, split by the perf samples
-            // taken in the same window if there are enough of them (1000: the
-            // user share then within about +-1.5 points); else as the ticks
-            // split it (the kernel scales utime/stime the same way). The
-            // ticks come 1/CONFIG_HZ apart, a few hundred in a 1 s window: a
-            // server 5 % in user mode gets a dozen, +-30 %. A window with
-            // under 200 ms of ticks splits too coarsely even for that: then
-            // the process's whole life (mostly this window) splits it.
-            constexpr std::uint64_t min_perf_samples = 1000;
-            constexpr double min_split_us = 200000;
-            double run = b.run_us - a.run_us;
-            double share = 0;
-            CpuModeSampler::Split split;
-            if (modes && modes->available()) split = modes->split(a.when, b.when);
-            if (split.total() >= min_perf_samples) {
-                share = split.user_share();
-                r.cpu_split = "perf " + fmt(1e6 / CpuModeSampler::period_ns, 0) +
-                              " kHz: " + std::to_string(split.total()) + " samples, " +
-                              std::to_string(split.user) + " user";
-                if (modes->lost() > 0)
-                    r.cpu_split += ", " + std::to_string(modes->lost()) + " lost";
-            } else {
-                share = user + sys >= min_split_us ? user / (user + sys)
-                        : b.user_us + b.sys_us > 0 ? b.user_us / (b.user_us + b.sys_us)
-                                                   : 0.5;
-                r.cpu_split =
-                    !modes ? "ticks (--tick-split)"
-                    : modes->available()
-                        ? "ticks (only " + std::to_string(split.total()) + " perf samples)"
-                        : "ticks (" + modes->reason() + ")";
-            }
-            user = run * share;
-            sys = run - user;
-        }
-        // A forking server's children live through the whole window: their
-        // CPU from birth to the end of the window counts (set-up included).
-        user += children_at_end.first;
-        sys += children_at_end.second;
-        for (const auto& s : samples)
-            if (s.when >= a.when && s.when <= b.when)
-                r.rss_peak_kib = std::max(r.rss_peak_kib, s.rss_kib);
-        r.cpu_window_s = window_s;
-        if (window_s > 0 && r.msgs_per_s > 0) {
-            // CPU per second of window divided by messages per second.
-            r.user_us_per_msg = user / window_s / r.msgs_per_s;
-            r.sys_us_per_msg = sys / window_s / r.msgs_per_s;
-        }
-        if (point.idle_heavy && r.rss_peak_kib > 0)
-            r.rss_per_idle_conn_bytes =
-                static_cast<double>(r.rss_peak_kib - r.rss_start_kib) * 1024.0 / point.conns;
+        std::optional<double> duration_s = read_load_figures(load, r);
+        if (!duration_s) return r;
+        measure_server(r, sampler, load, *duration_s, precise);
         r.ok = true;
         return r;
     }
 
-    static std::string fmt(double v, int decimals) {
-        if (std::isnan(v)) return "-";
-        char buf[64];
-        std::snprintf(buf, sizeof buf, "%.*f", decimals, v);
-        return buf;
+  private:
+    std::vector<std::string> server_argv(const Server& server) const {
+        std::vector<std::string> argv{server.binary.string(), "--port", "0", "--host", opt_.host};
+        if (!server.backend.empty()) argv.insert(argv.end(), {"--backend", server.backend});
+        if (server.threads > 1)
+            argv.insert(argv.end(), {"--threads", std::to_string(server.threads)});
+        return argv;
     }
 
-  private:
+    /// evmux-load against host:port for `point`, on the client CPU; killed if
+    /// it overruns by a minute. With `forks`, the CPU of the server's live
+    /// children is read when the figures arrive.
+    LoadRun run_load(const Point& point, const std::string& host, int port, pid_t server,
+                     bool forks) const {
+        std::vector<std::string> argv{load_.string(),
+                                      "--port",
+                                      std::to_string(port),
+                                      "--host",
+                                      host,
+                                      "--conns",
+                                      std::to_string(point.conns),
+                                      "--active",
+                                      std::to_string(point.active),
+                                      "--size",
+                                      std::to_string(point.size),
+                                      "--duration",
+                                      fmt(opt_.duration, 3),
+                                      "--json"};
+        LoadRun run;
+        ChildProcess load(argv, client_cpu_, true, false);
+        auto limit = Clock::now() +
+                     std::chrono::milliseconds(static_cast<long>(opt_.duration * 1000) + 60000);
+        run.in_time = load.read_stdout(run.json, limit, [&] {
+            run.reported = Clock::now();
+            if (forks) run.children_at_end = live_children_cpu(server);
+        });
+        run.status = run.in_time ? load.wait(limit) : -1;
+        return run;
+    }  // a load client that overran is killed here
+
     const Options& opt_;
     fs::path load_;
     int server_cpu_, client_cpu_;
@@ -371,9 +437,9 @@ double ratio(double v, double floor) {
 }
 
 std::string cell(double v, double floor, int decimals) {
-    std::string s = Runner::fmt(v, decimals);
+    std::string s = fmt(v, decimals);
     double q = ratio(v, floor);
-    return s + " (" + (std::isnan(q) ? std::string("-") : Runner::fmt(q, 2)) + ")";
+    return s + " (" + (std::isnan(q) ? std::string("-") : fmt(q, 2)) + ")";
 }
 
 // The footnote of a point's table: how its rows' user/sys columns were split.
@@ -393,10 +459,9 @@ std::string split_legend(const std::vector<Result>& results, const Point& p) {
     }
     std::string text;
     if (!perf.empty())
-        text += "perf cpu-clock samples at " +
-                std::to_string(1000000 / CpuModeSampler::period_ns) +
-                " kHz in the load window (at least " +
-                std::to_string(fewest) + " a run) for " + perf;
+        text += "perf cpu-clock samples at " + std::to_string(1000000 / CpuModeSampler::period_ns) +
+                " kHz in the load window (at least " + std::to_string(fewest) + " a run) for " +
+                perf;
     if (!ticks.empty())
         text += (text.empty() ? "" : "; ") + std::string("utime/stime ticks for ") + ticks;
     return text.empty() ? "" : "  user/sys split: " + text + "\n";
@@ -434,15 +499,14 @@ void print_table(std::ostream& os, const std::vector<Result>& results,
             os << line;
             if (p.idle_heavy)
                 os << "    rss " << r.rss_start_kib << " KiB -> " << r.rss_peak_kib
-                   << " KiB: " << Runner::fmt(r.rss_per_idle_conn_bytes, 0)
-                   << " B per idle connection\n";
+                   << " KiB: " << fmt(r.rss_per_idle_conn_bytes, 0) << " B per idle connection\n";
         }
         os << split_legend(results, p);
     }
 }
 
 std::string json_num(double v, int decimals = 3) {
-    return std::isnan(v) || std::isinf(v) ? "null" : Runner::fmt(v, decimals);
+    return std::isnan(v) || std::isinf(v) ? "null" : fmt(v, decimals);
 }
 
 std::string json_str(const std::string& s) {
@@ -526,9 +590,9 @@ void write_csv(const fs::path& file, const std::vector<Result>& results) {
         const Result* fl = floor_of(results, r.point);
         auto q = [&](double v, double Result::*m) {
             double x = fl && r.ok ? ratio(v, fl->*m) : NAN;
-            return std::isnan(x) ? std::string() : Runner::fmt(x, 3);
+            return std::isnan(x) ? std::string() : fmt(x, 3);
         };
-        auto n = [&](double v, int d) { return r.ok ? Runner::fmt(v, d) : std::string(); };
+        auto n = [&](double v, int d) { return r.ok ? fmt(v, d) : std::string(); };
         std::string note = r.note;
         std::replace(note.begin(), note.end(), ',', ';');
         std::replace(note.begin(), note.end(), '\n', ' ');
@@ -541,7 +605,7 @@ void write_csv(const fs::path& file, const std::vector<Result>& results) {
            << n(r.max_us, 1) << ',' << n(r.user_us_per_msg, 4) << ',' << n(r.sys_us_per_msg, 4)
            << ',' << (r.ok ? std::to_string(r.rss_start_kib) : "") << ','
            << (r.ok ? std::to_string(r.rss_peak_kib) : "") << ','
-           << (r.ok && r.point.idle_heavy ? Runner::fmt(r.rss_per_idle_conn_bytes, 0) : "") << ','
+           << (r.ok && r.point.idle_heavy ? fmt(r.rss_per_idle_conn_bytes, 0) : "") << ','
            << q(r.msgs_per_s, &Result::msgs_per_s) << ',' << q(r.mib_per_s, &Result::mib_per_s)
            << ',' << q(r.p50_us, &Result::p50_us) << ',' << q(r.p99_us, &Result::p99_us) << ','
            << q(r.user_us_per_msg, &Result::user_us_per_msg) << ','
