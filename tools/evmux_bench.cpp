@@ -676,13 +676,8 @@ int run_dispatch_command(int n, int a, int w, const std::string& backend, int it
     return 0;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
-    Options opt;
-    CLI::App app{
-        "evmux-bench: evmux's backends against each other and against an epoll floor, a "
-        "libevent bufferevent server, thread-per-connection and fork-per-connection servers"};
+/// The flags of the comparison (everything but `dispatch`).
+void add_bench_options(CLI::App& app, Options& opt) {
     app.add_option("--backends", opt.backends, "evmux backends (default: every usable one)")
         ->delimiter(',');
     app.add_option(
@@ -727,20 +722,311 @@ int main(int argc, char** argv) {
         ->delimiter(',')
         ->check(CLI::Range(1, 1024));
     app.add_option("--host", opt.host, "address the servers listen on (default 127.0.0.1)");
+}
 
-    int d_n = 100, d_a = 1, d_w = 100, d_iter = 25;
-    std::string d_backend = evmux::default_backend_name();
+/// `evmux-bench dispatch`'s flags.
+struct DispatchOptions {
+    int n = 100, a = 1, w = 100, iterations = 25;
+    std::string backend = evmux::default_backend_name();
+};
+
+CLI::App* add_dispatch_command(CLI::App& app, DispatchOptions& d) {
     CLI::App* dispatch = app.add_subcommand(
         "dispatch",
         "libevent's test/bench.c on an evmux EventLoop: N socketpairs, A active, W writes; "
         "prints the microseconds of each of 25 iterations");
-    dispatch->add_option("-n", d_n, "socketpairs (default 100)")->check(CLI::Range(1, 1000000));
-    dispatch->add_option("-a", d_a, "active chains (default 1)")->check(CLI::Range(1, 1000000));
-    dispatch->add_option("-w", d_w, "writes (default 100)")->check(CLI::Range(0, 100000000));
-    dispatch->add_option("--backend", d_backend, "evmux backend (default: EVMUX_BACKEND or best)");
-    dispatch->add_option("--iterations", d_iter, "iterations (default 25, as bench.c)")
+    dispatch->add_option("-n", d.n, "socketpairs (default 100)")->check(CLI::Range(1, 1000000));
+    dispatch->add_option("-a", d.a, "active chains (default 1)")->check(CLI::Range(1, 1000000));
+    dispatch->add_option("-w", d.w, "writes (default 100)")->check(CLI::Range(0, 100000000));
+    dispatch->add_option("--backend", d.backend, "evmux backend (default: EVMUX_BACKEND or best)");
+    dispatch->add_option("--iterations", d.iterations, "iterations (default 25, as bench.c)")
         ->check(CLI::Range(1, 100000));
+    return dispatch;
+}
 
+// ---- the plan -------------------------------------------------------------------
+
+/// Whether --servers asks for `server` (every server without --servers).
+bool wanted(const Options& opt, const std::string& server) {
+    return opt.servers.empty() ||
+           std::find(opt.servers.begin(), opt.servers.end(), server) != opt.servers.end();
+}
+
+/// Checks --servers, --backends and --idle-active (exit 2 on a mistake), fills
+/// in the defaults that depend on --quick, and returns the backends to run.
+std::vector<std::string> check_and_complete(Options& opt) {
+    static const std::vector<std::string> known_servers{"evmux", "epoll-floor",
+                                                        "libevent-bufferevent", "threads", "fork"};
+    for (const auto& s : opt.servers)
+        if (std::find(known_servers.begin(), known_servers.end(), s) == known_servers.end())
+            usage_error("unknown server '" + s +
+                        "'; known: evmux, epoll-floor, libevent-bufferevent, threads, fork");
+    std::vector<std::string> backends =
+        wanted(opt, "evmux") ? pick_backends(opt.backends) : std::vector<std::string>{};
+    if (!wanted(opt, "evmux") && !opt.backends.empty())
+        usage_error("--backends given but 'evmux' is not among --servers");
+
+    if (opt.duration <= 0) opt.duration = opt.quick ? 1.0 : 2.0;
+    if (opt.idle_conns <= 0) opt.idle_conns = opt.quick ? 2000 : 10000;
+    if (opt.idle_active > opt.idle_conns) usage_error("--idle-active exceeds --idle-conns");
+    return backends;
+}
+
+/// The load shapes: --quick's five, or every size x sessions; then the
+/// idle-heavy case unless --no-idle.
+std::vector<Point> plan_points(Options& opt) {
+    std::vector<Point> points;
+    if (opt.quick && opt.sizes.empty() && opt.sessions.empty()) {
+        points = {{64, 100, 100, false},
+                  {1024, 100, 100, false},
+                  {16384, 100, 100, false},
+                  {1024, 10, 10, false},
+                  {1024, 1000, 1000, false}};
+    } else {
+        if (opt.sizes.empty()) opt.sizes = {64, 1024, 16384};
+        if (opt.sessions.empty()) opt.sessions = {1, 10, 100, 1000};
+        for (int size : opt.sizes)
+            for (int s : opt.sessions) points.push_back({size, s, s, false});
+    }
+    if (!opt.no_idle) points.push_back({64, opt.idle_conns, opt.idle_active, true});
+    return points;
+}
+
+/// The servers to run, in table order: evmux-echo from `tools_dir`, the
+/// baselines where find_baseline() finds them; one not found is skipped with a
+/// line on stderr.
+std::vector<Server> plan_servers(const Options& opt, const fs::path& tools_dir,
+                                 const std::vector<std::string>& backends) {
+    std::vector<Server> servers;
+    auto add_baseline = [&](const std::string& name, const std::string& exe, bool per_conn,
+                            bool forks) {
+        if (!wanted(opt, name)) return;
+        fs::path bin = find_baseline(tools_dir, exe);
+        if (bin.empty()) {
+            std::cerr << "evmux-bench: skipping " << name << ": " << exe << " not found in "
+                      << tools_dir.string() << " or " << EVMUX_LIBEXECDIR << "\n";
+            return;
+        }
+        if (bin != (tools_dir / exe).lexically_normal())
+            std::cerr << "evmux-bench: " << name << ": " << bin.string() << "\n";
+        servers.push_back({name, name, "", bin, per_conn, forks});
+    };
+    add_baseline(floor_server, "evmux-baseline-epoll", false, false);
+    if (!backends.empty()) {
+        fs::path echo = tools_dir / "evmux-echo";
+        if (!fs::exists(echo))
+            std::cerr << "evmux-bench: skipping evmux: " << echo.string() << " not found\n";
+        else
+            for (const auto& b : backends)
+                for (int t : opt.threads)
+                    servers.push_back(
+                        {t == 1 ? "evmux/" + b : "evmux/" + b + "/threads" + std::to_string(t),
+                         "evmux", b, echo, false, false, t});
+    }
+    add_baseline("libevent-bufferevent", "evmux-baseline-libevent", false, false);
+    add_baseline("threads", "evmux-baseline-threads", true, false);
+    add_baseline("fork", "evmux-baseline-fork", true, true);
+    return servers;
+}
+
+/// The servers' CPU and the client's: the first two this process may run on,
+/// or -1 and -1 (not pinned) with a single CPU. Says which on stderr.
+std::pair<int, int> pick_cpus() {
+    int server_cpu = -1, client_cpu = -1;
+    if (usable_cpus() >= 2) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        sched_getaffinity(0, sizeof set, &set);
+        for (int c = 0; c < CPU_SETSIZE && client_cpu < 0; ++c) {
+            if (!CPU_ISSET(c, &set)) continue;
+            (server_cpu < 0 ? server_cpu : client_cpu) = c;
+        }
+        std::cerr << "evmux-bench: servers on CPU " << server_cpu << ", evmux-load on CPU "
+                  << client_cpu << "\n";
+    } else {
+        std::cerr << "evmux-bench: only 1 CPU: server and client share it (not pinned); "
+                     "figures are not comparable with a 2-CPU run\n";
+    }
+    return {server_cpu, client_cpu};
+}
+
+/// The socketpair counts of the dispatch sweep, ascending: --sweep-fds or the
+/// default, the largest lowered to what the fd limit allows (raised as far as
+/// it goes first). Empty if no evmux backend runs or the limit is too low.
+std::vector<int> plan_sweep(const Options& opt, const std::vector<std::string>& backends) {
+    std::vector<int> fd_counts = opt.sweep_fds;
+    if (fd_counts.empty())
+        fd_counts =
+            opt.quick ? std::vector<int>{100, 1000, 5000} : std::vector<int>{100, 1000, 10000};
+    std::sort(fd_counts.begin(), fd_counts.end());
+    if (backends.empty()) return {};
+    // Two fds per socketpair; as many pairs as the fd limit allows.
+    long limit = raise_fd_limit(evmux::support::bench_c_fds(fd_counts.back()));
+    int most = evmux::support::bench_c_most_pairs(limit);
+    if (fd_counts.back() > most) {
+        std::cerr << "evmux-bench: fd limit " << limit << ": dispatch sweep up to " << most
+                  << " socketpairs\n";
+        std::erase_if(fd_counts, [&](int n) { return n >= most; });
+        if (most > 0) fd_counts.push_back(most);
+    }
+    if (fd_counts.empty()) std::cerr << "evmux-bench: fd limit too low for dispatch sweep\n";
+    return fd_counts;
+}
+
+// ---- the runs -------------------------------------------------------------------
+
+/// Every server at every point, with a progress line each on stderr; false if
+/// any run failed (skipped ones do not count).
+bool run_servers(Runner& runner, const std::vector<Point>& points,
+                 const std::vector<Server>& servers, std::vector<Result>& results) {
+    std::size_t total = points.size() * servers.size(), done = 0;
+    bool all_ok = true;
+    for (const auto& p : points) {
+        for (const auto& s : servers) {
+            ++done;
+            std::fprintf(stderr, "[%zu/%zu] %s %s ...", done, total, s.name.c_str(),
+                         point_label(p).c_str());
+            std::fflush(stderr);
+            Result r = runner.run(s, p);
+            if (r.ok)
+                std::fprintf(stderr, " %.0f msg/s, p99 %.0f us, user/sys split: %s\n", r.msgs_per_s,
+                             r.p99_us, r.cpu_split.c_str());
+            else
+                std::fprintf(stderr, " %s%s\n", r.skipped ? "" : "FAILED: ", r.note.c_str());
+            if (!r.ok && !r.skipped) all_ok = false;
+            results.push_back(std::move(r));
+        }
+    }
+    return all_ok;
+}
+
+/// Dispatch cost as idle fds grow, in this process, for each evmux backend at
+/// each of `fd_counts`; false if a backend's sweep failed.
+bool run_sweeps(const std::vector<std::string>& backends, const std::vector<int>& fd_counts,
+                bool quick, std::vector<DispatchSweep>& sweeps) {
+    bool all_ok = true;
+    for (const auto& b : fd_counts.empty() ? std::vector<std::string>{} : backends) {
+        std::fprintf(stderr, "dispatch sweep %s ...", b.c_str());
+        std::fflush(stderr);
+        try {
+            for (int n : fd_counts) sweeps.push_back(dispatch_sweep(b, n, quick ? 3 : 10));
+            std::fprintf(stderr, " done\n");
+        } catch (const std::exception& e) {
+            std::fprintf(stderr, " FAILED: %s\n", e.what());
+            all_ok = false;
+        }
+    }
+    return all_ok;
+}
+
+// ---- the report -----------------------------------------------------------------
+
+void print_sweeps(const std::vector<std::string>& backends, const std::vector<int>& fd_counts,
+                  const std::vector<DispatchSweep>& sweeps) {
+    std::cout << "\n== dispatch cost per ready event vs registered fds (bench.c shape, "
+                 "10 active chains, 1000 writes; median of iterations)\n";
+    std::printf("%-10s", "backend");
+    for (int n : fd_counts) std::printf(" %12s", (std::to_string(n) + " fds").c_str());
+    std::printf("\n");
+    for (const auto& b : backends) {
+        std::printf("%-10s", b.c_str());
+        for (const auto& s : sweeps)
+            if (s.backend == b) std::printf(" %9.3f us", s.us_per_event);
+        std::printf("\n");
+    }
+}
+
+/// bench.json and bench.csv in --out, --json, --csv; returns the JSON file
+/// the plots are made from (--out's, else --json's), if any.
+std::optional<fs::path> write_files(const Options& opt, const std::vector<Result>& results,
+                                    const std::vector<DispatchSweep>& sweeps, bool pinned,
+                                    double total_s) {
+    std::optional<fs::path> json_path;
+    if (!opt.out_dir.empty()) {
+        fs::create_directories(opt.out_dir);
+        json_path = fs::path(opt.out_dir) / "bench.json";
+        write_json(*json_path, results, opt, sweeps, pinned, total_s);
+        write_csv(fs::path(opt.out_dir) / "bench.csv", results);
+    }
+    if (!opt.json_file.empty()) {
+        write_json(opt.json_file, results, opt, sweeps, pinned, total_s);
+        if (!json_path) json_path = opt.json_file;
+    }
+    if (!opt.csv_file.empty()) write_csv(opt.csv_file, results);
+    return json_path;
+}
+
+/// plot_bench.py on `json` into `out_dir`; a missing script or matplotlib is
+/// a line on stderr, not a failure.
+void make_plots(const fs::path& json, const std::string& out_dir) {
+    auto script = find_plot_script(self_dir());
+    if (!script) {
+        std::cerr << "evmux-bench: plot_bench.py not found; no plots\n";
+        return;
+    }
+    std::string cmd =
+        "/usr/bin/python3 '" + script->string() + "' '" + json.string() + "' '" + out_dir + "'";
+    if (std::system(cmd.c_str()) != 0)
+        std::cerr << "evmux-bench: plot_bench.py failed (is python3-matplotlib "
+                     "installed?); the data are in "
+                  << json.string() << "\n";
+}
+
+/// The comparison: plan, run every server and the dispatch sweep, report.
+/// Returns the exit status.
+int run_bench(Options& opt) {
+    const std::vector<std::string> backends = check_and_complete(opt);
+    const std::vector<Point> points = plan_points(opt);
+    fs::path tools = opt.tools_dir.empty() ? self_dir() : fs::path(opt.tools_dir);
+    fs::path load = tools / "evmux-load";
+    if (!fs::exists(load)) {
+        std::cerr << "evmux-bench: " << load.string()
+                  << " not found (build it, or point --tools-dir at it)\n";
+        return 1;
+    }
+    const std::vector<Server> servers = plan_servers(opt, tools, backends);
+    if (servers.empty()) {
+        std::cerr << "evmux-bench: no server to run\n";
+        return 1;
+    }
+
+    // Both ends of 10 000 connections: raise the fd limit (children inherit it).
+    int max_conns = 0;
+    for (const auto& p : points) max_conns = std::max(max_conns, p.conns);
+    raise_fd_limit(max_conns + 256);
+    const bool pinned = usable_cpus() >= 2;
+    const auto [server_cpu, client_cpu] = pick_cpus();
+
+    install_child_reaper();
+    auto t0 = Clock::now();
+    Runner runner(opt, load, server_cpu, client_cpu);
+    std::vector<Result> results;
+    bool all_ok = run_servers(runner, points, servers, results);
+    std::vector<int> fd_counts = plan_sweep(opt, backends);
+    std::vector<DispatchSweep> sweeps;
+    all_ok = run_sweeps(backends, fd_counts, opt.quick, sweeps) && all_ok;
+    double total_s = std::chrono::duration<double>(Clock::now() - t0).count();
+
+    print_table(std::cout, results, points);
+    if (!sweeps.empty()) print_sweeps(backends, fd_counts, sweeps);
+    std::printf("\nevmux-bench: %zu runs in %.1f s\n", results.size(), total_s);
+    std::fflush(stdout);
+
+    std::optional<fs::path> json_path = write_files(opt, results, sweeps, pinned, total_s);
+    if (!opt.out_dir.empty() && !opt.no_plots) make_plots(*json_path, opt.out_dir);
+    return all_ok ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    Options opt;
+    CLI::App app{
+        "evmux-bench: evmux's backends against each other and against an epoll floor, a "
+        "libevent bufferevent server, thread-per-connection and fork-per-connection servers"};
+    add_bench_options(app, opt);
+    DispatchOptions d;
+    CLI::App* dispatch = add_dispatch_command(app, d);
     try {
         app.parse(argc, argv);
     } catch (const CLI::CallForHelp& e) {
@@ -751,209 +1037,9 @@ int main(int argc, char** argv) {
     }
 
     try {
-        if (dispatch->parsed()) {
-            if (d_a > d_n) usage_error("-a must not exceed -n");
-            return run_dispatch_command(d_n, d_a, d_w, d_backend, d_iter);
-        }
-
-        // ---- the plan -------------------------------------------------------------
-        static const std::vector<std::string> known_servers{
-            "evmux", "epoll-floor", "libevent-bufferevent", "threads", "fork"};
-        for (const auto& s : opt.servers)
-            if (std::find(known_servers.begin(), known_servers.end(), s) == known_servers.end())
-                usage_error("unknown server '" + s +
-                            "'; known: evmux, epoll-floor, libevent-bufferevent, threads, fork");
-        auto wanted = [&](const std::string& s) {
-            return opt.servers.empty() ||
-                   std::find(opt.servers.begin(), opt.servers.end(), s) != opt.servers.end();
-        };
-        std::vector<std::string> backends =
-            wanted("evmux") ? pick_backends(opt.backends) : std::vector<std::string>{};
-        if (!wanted("evmux") && !opt.backends.empty())
-            usage_error("--backends given but 'evmux' is not among --servers");
-
-        if (opt.duration <= 0) opt.duration = opt.quick ? 1.0 : 2.0;
-        if (opt.idle_conns <= 0) opt.idle_conns = opt.quick ? 2000 : 10000;
-        if (opt.idle_active > opt.idle_conns) usage_error("--idle-active exceeds --idle-conns");
-
-        std::vector<Point> points;
-        if (opt.quick && opt.sizes.empty() && opt.sessions.empty()) {
-            points = {{64, 100, 100, false},
-                      {1024, 100, 100, false},
-                      {16384, 100, 100, false},
-                      {1024, 10, 10, false},
-                      {1024, 1000, 1000, false}};
-        } else {
-            if (opt.sizes.empty()) opt.sizes = {64, 1024, 16384};
-            if (opt.sessions.empty()) opt.sessions = {1, 10, 100, 1000};
-            for (int size : opt.sizes)
-                for (int s : opt.sessions) points.push_back({size, s, s, false});
-        }
-        if (!opt.no_idle) points.push_back({64, opt.idle_conns, opt.idle_active, true});
-
-        fs::path tools = opt.tools_dir.empty() ? self_dir() : fs::path(opt.tools_dir);
-        fs::path load = tools / "evmux-load";
-        if (!fs::exists(load)) {
-            std::cerr << "evmux-bench: " << load.string()
-                      << " not found (build it, or point --tools-dir at it)\n";
-            return 1;
-        }
-        std::vector<Server> servers;
-        auto add_baseline = [&](const std::string& name, const std::string& exe, bool per_conn,
-                                bool forks) {
-            if (!wanted(name)) return;
-            fs::path bin = find_baseline(tools, exe);
-            if (bin.empty()) {
-                std::cerr << "evmux-bench: skipping " << name << ": " << exe << " not found in "
-                          << tools.string() << " or " << EVMUX_LIBEXECDIR << "\n";
-                return;
-            }
-            if (bin != (tools / exe).lexically_normal())
-                std::cerr << "evmux-bench: " << name << ": " << bin.string() << "\n";
-            servers.push_back({name, name, "", bin, per_conn, forks});
-        };
-        add_baseline(floor_server, "evmux-baseline-epoll", false, false);
-        if (!backends.empty()) {
-            fs::path echo = tools / "evmux-echo";
-            if (!fs::exists(echo))
-                std::cerr << "evmux-bench: skipping evmux: " << echo.string() << " not found\n";
-            else
-                for (const auto& b : backends)
-                    for (int t : opt.threads)
-                        servers.push_back(
-                            {t == 1 ? "evmux/" + b : "evmux/" + b + "/threads" + std::to_string(t),
-                             "evmux", b, echo, false, false, t});
-        }
-        add_baseline("libevent-bufferevent", "evmux-baseline-libevent", false, false);
-        add_baseline("threads", "evmux-baseline-threads", true, false);
-        add_baseline("fork", "evmux-baseline-fork", true, true);
-        if (servers.empty()) {
-            std::cerr << "evmux-bench: no server to run\n";
-            return 1;
-        }
-
-        // Both ends of 10 000 connections: raise the fd limit (children inherit it).
-        int max_conns = 0;
-        for (const auto& p : points) max_conns = std::max(max_conns, p.conns);
-        raise_fd_limit(max_conns + 256);
-
-        int cpus = usable_cpus();
-        int server_cpu = -1, client_cpu = -1;
-        if (cpus >= 2) {
-            cpu_set_t set;
-            CPU_ZERO(&set);
-            sched_getaffinity(0, sizeof set, &set);
-            for (int c = 0; c < CPU_SETSIZE && client_cpu < 0; ++c) {
-                if (!CPU_ISSET(c, &set)) continue;
-                (server_cpu < 0 ? server_cpu : client_cpu) = c;
-            }
-            std::cerr << "evmux-bench: servers on CPU " << server_cpu << ", evmux-load on CPU "
-                      << client_cpu << "\n";
-        } else {
-            std::cerr << "evmux-bench: only 1 CPU: server and client share it (not pinned); "
-                         "figures are not comparable with a 2-CPU run\n";
-        }
-
-        install_child_reaper();
-        auto t0 = Clock::now();
-        Runner runner(opt, load, server_cpu, client_cpu);
-        std::vector<Result> results;
-        std::size_t total = points.size() * servers.size(), done = 0;
-        bool all_ok = true;
-        for (const auto& p : points) {
-            for (const auto& s : servers) {
-                ++done;
-                std::fprintf(stderr, "[%zu/%zu] %s %s ...", done, total, s.name.c_str(),
-                             point_label(p).c_str());
-                std::fflush(stderr);
-                Result r = runner.run(s, p);
-                if (r.ok)
-                    std::fprintf(stderr, " %.0f msg/s, p99 %.0f us, user/sys split: %s\n",
-                                 r.msgs_per_s, r.p99_us, r.cpu_split.c_str());
-                else
-                    std::fprintf(stderr, " %s%s\n", r.skipped ? "" : "FAILED: ", r.note.c_str());
-                if (!r.ok && !r.skipped) all_ok = false;
-                results.push_back(std::move(r));
-            }
-        }
-
-        // Dispatch cost as idle fds grow, in this process, for each evmux backend.
-        std::vector<DispatchSweep> sweeps;
-        std::vector<int> fd_counts = opt.sweep_fds;
-        if (fd_counts.empty())
-            fd_counts =
-                opt.quick ? std::vector<int>{100, 1000, 5000} : std::vector<int>{100, 1000, 10000};
-        std::sort(fd_counts.begin(), fd_counts.end());
-        if (!backends.empty()) {
-            // Two fds per socketpair; as many pairs as the fd limit allows.
-            long limit = raise_fd_limit(evmux::support::bench_c_fds(fd_counts.back()));
-            int most = evmux::support::bench_c_most_pairs(limit);
-            if (fd_counts.back() > most) {
-                std::cerr << "evmux-bench: fd limit " << limit << ": dispatch sweep up to " << most
-                          << " socketpairs\n";
-                std::erase_if(fd_counts, [&](int n) { return n >= most; });
-                if (most > 0) fd_counts.push_back(most);
-            }
-            if (fd_counts.empty())
-                std::cerr << "evmux-bench: fd limit too low for dispatch sweep\n";
-        }
-        for (const auto& b : fd_counts.empty() ? std::vector<std::string>{} : backends) {
-            std::fprintf(stderr, "dispatch sweep %s ...", b.c_str());
-            std::fflush(stderr);
-            try {
-                for (int n : fd_counts) sweeps.push_back(dispatch_sweep(b, n, opt.quick ? 3 : 10));
-                std::fprintf(stderr, " done\n");
-            } catch (const std::exception& e) {
-                std::fprintf(stderr, " FAILED: %s\n", e.what());
-                all_ok = false;
-            }
-        }
-        double total_s = std::chrono::duration<double>(Clock::now() - t0).count();
-
-        print_table(std::cout, results, points);
-        if (!sweeps.empty()) {
-            std::cout << "\n== dispatch cost per ready event vs registered fds (bench.c shape, "
-                         "10 active chains, 1000 writes; median of iterations)\n";
-            std::printf("%-10s", "backend");
-            for (int n : fd_counts) std::printf(" %12s", (std::to_string(n) + " fds").c_str());
-            std::printf("\n");
-            for (const auto& b : backends) {
-                std::printf("%-10s", b.c_str());
-                for (const auto& s : sweeps)
-                    if (s.backend == b) std::printf(" %9.3f us", s.us_per_event);
-                std::printf("\n");
-            }
-        }
-        std::printf("\nevmux-bench: %zu runs in %.1f s\n", results.size(), total_s);
-        std::fflush(stdout);
-
-        std::optional<fs::path> json_path;
-        if (!opt.out_dir.empty()) {
-            fs::create_directories(opt.out_dir);
-            json_path = fs::path(opt.out_dir) / "bench.json";
-            write_json(*json_path, results, opt, sweeps, cpus >= 2, total_s);
-            write_csv(fs::path(opt.out_dir) / "bench.csv", results);
-        }
-        if (!opt.json_file.empty()) {
-            write_json(opt.json_file, results, opt, sweeps, cpus >= 2, total_s);
-            if (!json_path) json_path = opt.json_file;
-        }
-        if (!opt.csv_file.empty()) write_csv(opt.csv_file, results);
-
-        if (!opt.out_dir.empty() && !opt.no_plots) {
-            auto script = find_plot_script(self_dir());
-            if (!script) {
-                std::cerr << "evmux-bench: plot_bench.py not found; no plots\n";
-            } else {
-                std::string cmd = "/usr/bin/python3 '" + script->string() + "' '" +
-                                  json_path->string() + "' '" + opt.out_dir + "'";
-                if (std::system(cmd.c_str()) != 0)
-                    std::cerr << "evmux-bench: plot_bench.py failed (is python3-matplotlib "
-                                 "installed?); the data are in "
-                              << json_path->string() << "\n";
-            }
-        }
-        return all_ok ? 0 : 1;
+        if (!dispatch->parsed()) return run_bench(opt);
+        if (d.a > d.n) usage_error("-a must not exceed -n");
+        return run_dispatch_command(d.n, d.a, d.w, d.backend, d.iterations);
     } catch (const std::exception& e) {
         std::cerr << "evmux-bench: " << e.what() << "\n";
         return 1;
