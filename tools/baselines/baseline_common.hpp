@@ -1,11 +1,14 @@
-// What the baseline echo servers share: the command line, the listening socket
-// and the "NAME listening on HOST:PORT" line. Header-only so each baseline
-// stays one self-contained executable with nothing of evmux in it.
+// What the baseline echo servers share: the command line, the fd limit, the
+// stop signals, the listening socket and the "NAME listening on HOST:PORT" line. Header-only so
+// each baseline stays one self-contained executable with nothing of evmux in it.
 #pragma once
 
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -14,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <string>
 
 #include "fd_limit.hpp"
@@ -54,6 +58,35 @@ inline ServerOptions parse_options(const char* name, const char* what, int argc,
 /// Raises the soft RLIMIT_NOFILE to the hard limit: a server under a
 /// many-connection benchmark must not be capped at the default 1024.
 using support::raise_fd_limit;
+
+/// What every baseline does first: parses --port/--host (as parse_options),
+/// raises the fd limit and ignores SIGPIPE (a peer that hangs up mid-echo
+/// is an EPIPE, not the end of the server).
+inline ServerOptions start(const char* name, const char* what, int argc, char** argv) {
+    const ServerOptions opt = parse_options(name, what, argc, argv);
+    raise_fd_limit();
+    ::signal(SIGPIPE, SIG_IGN);
+    return opt;
+}
+
+/// Blocks `signals` and returns a signalfd (close-on-exec, plus `flags`) that
+/// reads them, so that they arrive as a readable fd between two events and
+/// never inside a half-done write. Call it before any thread exists: every
+/// thread inherits the mask. `old_mask`, if given, receives the mask before
+/// (for a child to restore). Exits 1 if either call fails.
+inline int stop_signal_fd(const char* name, std::initializer_list<int> signals, int flags,
+                          sigset_t* old_mask = nullptr) {
+    sigset_t set;
+    sigemptyset(&set);
+    for (int s : signals) sigaddset(&set, s);
+    if (const int rc = ::pthread_sigmask(SIG_BLOCK, &set, old_mask); rc != 0) {
+        errno = rc;
+        die_errno(name, "pthread_sigmask");
+    }
+    const int fd = ::signalfd(-1, &set, SFD_CLOEXEC | flags);
+    if (fd < 0) die_errno(name, "signalfd");
+    return fd;
+}
 
 /// Sets TCP_NODELAY: an echo must leave at once, not wait for Nagle.
 inline void set_nodelay(int fd) {

@@ -51,18 +51,9 @@ void reap(std::unordered_set<pid_t>& children) {
 int main(int argc, char** argv) {
     using namespace evmux::baseline;
     const ServerOptions opt =
-        parse_options(kName, "Process-per-connection blocking echo server.", argc, argv);
-    raise_fd_limit();
-    ::signal(SIGPIPE, SIG_IGN);
-
-    sigset_t signals, old_mask;
-    sigemptyset(&signals);
-    sigaddset(&signals, SIGINT);
-    sigaddset(&signals, SIGTERM);
-    sigaddset(&signals, SIGCHLD);
-    if (::sigprocmask(SIG_BLOCK, &signals, &old_mask) < 0) die_errno(kName, "sigprocmask");
-    const int sigfd = ::signalfd(-1, &signals, SFD_CLOEXEC | SFD_NONBLOCK);
-    if (sigfd < 0) die_errno(kName, "signalfd");
+        start(kName, "Process-per-connection blocking echo server.", argc, argv);
+    sigset_t old_mask;
+    const int sigfd = stop_signal_fd(kName, {SIGINT, SIGTERM, SIGCHLD}, SFD_NONBLOCK, &old_mask);
 
     const int listen_fd = listen_on(kName, opt, SOCK_NONBLOCK);
     announce(kName, opt, listen_fd);

@@ -58,9 +58,7 @@ void on_signal(evutil_socket_t, short, void* arg) {
 int main(int argc, char** argv) {
     using namespace evmux::baseline;
     const ServerOptions opt =
-        parse_options(kName, "Textbook libevent bufferevent echo server.", argc, argv);
-    raise_fd_limit();
-    ::signal(SIGPIPE, SIG_IGN);
+        start(kName, "Textbook libevent bufferevent echo server.", argc, argv);
 
     Server server;
     server.base = event_base_new();

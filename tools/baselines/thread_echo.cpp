@@ -64,19 +64,9 @@ void* serve(void* arg) {
 int main(int argc, char** argv) {
     using namespace evmux::baseline;
     const ServerOptions opt =
-        parse_options(kName, "Thread-per-connection blocking echo server.", argc, argv);
-    raise_fd_limit();
-    ::signal(SIGPIPE, SIG_IGN);
-
-    // Blocked before any thread exists, so every thread inherits the mask and
-    // the signals are only ever read from the signalfd here.
-    sigset_t stop_signals;
-    sigemptyset(&stop_signals);
-    sigaddset(&stop_signals, SIGINT);
-    sigaddset(&stop_signals, SIGTERM);
-    if (::pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr) != 0) die_errno(kName, "sigmask");
-    const int sigfd = ::signalfd(-1, &stop_signals, SFD_CLOEXEC);
-    if (sigfd < 0) die_errno(kName, "signalfd");
+        start(kName, "Thread-per-connection blocking echo server.", argc, argv);
+    // Before any thread exists, so the signals are only ever read here.
+    const int sigfd = stop_signal_fd(kName, {SIGINT, SIGTERM}, 0);
 
     const int listen_fd = listen_on(kName, opt, SOCK_NONBLOCK);
     pthread_attr_t attr;
