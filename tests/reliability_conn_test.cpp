@@ -125,7 +125,7 @@ bool sanitized() {
 
 TEST(ReliabilityConn, FdChurnUnderLowLimit) {
     EVMUX_LOOP_OR_SKIP(loop);
-    constexpr int kConnections = 5000;
+    constexpr int connection_count = 5000;
     TcpServer server(loop, Address::ip("127.0.0.1", 0), echo());
     const Address addr = server.local_address();
     // Only now the limit: the test binary and the loop already hold their fds.
@@ -135,7 +135,7 @@ TEST(ReliabilityConn, FdChurnUnderLowLimit) {
     ASSERT_TRUE(limit.ok());
     std::atomic<int> done{0}, failures{0};
     std::thread client([&] {
-        for (int i = 0; i < kConnections && failures < 10; ++i) {
+        for (int i = 0; i < connection_count && failures < 10; ++i) {
             Fd fd = dial(addr);
             char c = static_cast<char>('a' + i % 26), back = 0;
             if (!fd || ::send(fd.get(), &c, 1, MSG_NOSIGNAL) != 1 ||
@@ -147,16 +147,16 @@ TEST(ReliabilityConn, FdChurnUnderLowLimit) {
         }
     });
     const bool finished = run_until(
-        loop, [&] { return done + failures >= kConnections || failures >= 10; }, 120s);
+        loop, [&] { return done + failures >= connection_count || failures >= 10; }, 120s);
     client.join();
     EXPECT_TRUE(finished);
     EXPECT_EQ(failures.load(), 0);
-    EXPECT_EQ(done.load(), kConnections);
+    EXPECT_EQ(done.load(), connection_count);
     // Every server-side connection goes away once its client has closed.
     EXPECT_TRUE(run_until(
         loop, [&] { return server.stats().connections_now == 0; }, 10s))
         << server.stats().connections_now << " still open";
-    EXPECT_EQ(server.stats().connections_total, static_cast<std::uint64_t>(kConnections));
+    EXPECT_EQ(server.stats().connections_total, static_cast<std::uint64_t>(connection_count));
     EXPECT_EQ(server.stats().rejected, 0u);
     EXPECT_LE(open_fds(), fds_before) << "fds leaked";
 }
@@ -315,12 +315,12 @@ TEST(ReliabilityConn, CloseSelfWithErrorPending) {
 
 // One client floods the echo server as fast as it can; 100 others play
 // ping-pong, 20 rounds each. All of them finish while the flood goes on, and
-// soon: see kFairWithinMs.
+// soon: see fair_within_ms.
 TEST(ReliabilityConn, FloodDoesNotStarvePingPong) {
     EVMUX_LOOP_OR_SKIP(loop);
     TcpServer server(loop, Address::ip("127.0.0.1", 0), echo());
     const Address addr = server.local_address();
-    constexpr int kPingers = 100, kRounds = 20;
+    constexpr int pinger_count = 100, round_count = 20;
     const std::size_t flood_chunk = 64 * 1024;
     const std::string chunk(flood_chunk, 'f');
     std::uint64_t flood_back = 0;
@@ -345,11 +345,11 @@ TEST(ReliabilityConn, FloodDoesNotStarvePingPong) {
     };
     auto flooder = connect(loop, addr, flood);
 
-    std::vector<int> rounds(kPingers, 0);
+    std::vector<int> rounds(pinger_count, 0);
     std::vector<ConnectionPtr> pinger_conns;
     int finished = 0;
     std::vector<std::shared_ptr<Connector>> pingers;
-    for (int i = 0; i < kPingers; ++i) {
+    for (int i = 0; i < pinger_count; ++i) {
         Callbacks cb;
         cb.on_connect = [&](const ConnectionPtr& c) {
             pinger_conns.push_back(c);
@@ -357,7 +357,7 @@ TEST(ReliabilityConn, FloodDoesNotStarvePingPong) {
         };
         cb.on_message = [&, i](const ConnectionPtr& c, Buffer& in) {
             in.consume_all();
-            if (++rounds[i] == kRounds) {
+            if (++rounds[i] == round_count) {
                 ++finished;
                 c->close();
             } else {
@@ -374,16 +374,16 @@ TEST(ReliabilityConn, FloodDoesNotStarvePingPong) {
     // `./run sanitize --suite reliability_conn ...`. A 5x regression of the
     // loaded figures (~100 ms) fails; the worst seen has 2.4x headroom. (It
     // was 30 s.)
-    constexpr double kFairWithinMs = 400;
+    constexpr double fair_within_ms = 400;
     const auto t0 = Clock::now();
     const bool all_done = run_until(
-        loop, [&] { return finished == kPingers; }, 30s);
+        loop, [&] { return finished == pinger_count; }, 30s);
     const auto took = std::chrono::duration<double, std::milli>(Clock::now() - t0);
     std::printf("flood: %d of %d pingers x %d rounds in %.1f ms beside %.1f MiB of flood (%s)\n",
-                finished, kPingers, kRounds, took.count(),
+                finished, pinger_count, round_count, took.count(),
                 static_cast<double>(flood_back) / (1 << 20), backend_name().c_str());
-    EXPECT_TRUE(all_done) << finished << " of " << kPingers << " finished in 30 s";
-    EXPECT_LE(took.count(), kFairWithinMs) << "the ping-pong clients were slowed by the flood";
+    EXPECT_TRUE(all_done) << finished << " of " << pinger_count << " finished in 30 s";
+    EXPECT_LE(took.count(), fair_within_ms) << "the ping-pong clients were slowed by the flood";
     EXPECT_GT(flood_back, 4 * flood_chunk) << "the flood did not flow";
     flood_on = false;
     // Close the clients before the loop goes, so their on_close runs.
@@ -406,15 +406,15 @@ TEST(ReliabilityConn, LargeTransferOrderCountAndChecksum) {
     // The stream repeats a pseudo-random block of prime length, so a byte's
     // value depends on its position (loss, doubling, reordering show) and
     // neither side generates bytes one at a time.
-    constexpr std::size_t kPeriod = 65521;
-    constexpr std::size_t kMaxSend = 1 << 20;
-    std::string block(kPeriod + kMaxSend, '\0');
+    constexpr std::size_t period = 65521;
+    constexpr std::size_t max_send = 1 << 20;
+    std::string block(period + max_send, '\0');
     std::uint32_t x = 12345;
-    for (std::size_t i = 0; i < kPeriod; ++i) {
+    for (std::size_t i = 0; i < period; ++i) {
         x = x * 1103515245u + 12345u;
         block[i] = static_cast<char>(x >> 24);
     }
-    for (std::size_t i = kPeriod; i < block.size(); ++i) block[i] = block[i - kPeriod];
+    for (std::size_t i = period; i < block.size(); ++i) block[i] = block[i - period];
     auto fnv = [](std::uint64_t h, const char* p, std::size_t n) {
         for (std::size_t i = 0; i < n; ++i)
             h = (h ^ static_cast<unsigned char>(p[i])) * 1099511628211ull;
@@ -428,8 +428,8 @@ TEST(ReliabilityConn, LargeTransferOrderCountAndChecksum) {
         std::size_t n = in.size();
         sum_in = fnv(sum_in, d, n);
         while (n > 0) {
-            const std::size_t k = std::min(n, kMaxSend);
-            if (std::memcmp(d, block.data() + received % kPeriod, k) != 0) ++bad;
+            const std::size_t k = std::min(n, max_send);
+            if (std::memcmp(d, block.data() + received % period, k) != 0) ++bad;
             d += k;
             n -= k;
             received += k;
@@ -440,14 +440,14 @@ TEST(ReliabilityConn, LargeTransferOrderCountAndChecksum) {
 
     std::uint64_t sent = 0;
     std::size_t which = 0;
-    const std::size_t sizes[] = {1, 7, 100, 1500, 4096, 65536, 3, kMaxSend, 17, 250000};
+    const std::size_t sizes[] = {1, 7, 100, 1500, 4096, 65536, 3, max_send, 17, 250000};
     ConnectionPtr client;
     auto fill = [&](const ConnectionPtr& c) {
         // Keep about 2 MiB queued: many sends, queue order matters.
         while (sent < total && c->queued_bytes() < (2u << 20) && c->is_open()) {
             const std::size_t n = static_cast<std::size_t>(
                 std::min<std::uint64_t>(sizes[which++ % std::size(sizes)], total - sent));
-            const char* p = block.data() + sent % kPeriod;
+            const char* p = block.data() + sent % period;
             sum_out = fnv(sum_out, p, n);
             if (which % 2)
                 c->send(std::string(p, n));
@@ -585,12 +585,12 @@ TEST(ReliabilityConn, SlowReaderBoundedAndOthersUnaffected) {
     TcpServer server(loop, Address::ip("127.0.0.1", 0), scb, opt);
     const Address addr = server.local_address();
 
-    constexpr int kPingers = 20;
+    constexpr int pinger_count = 20;
     std::vector<double> rtts;
     bool measuring = false;
-    std::vector<Clock::time_point> sent_at(kPingers);
+    std::vector<Clock::time_point> sent_at(pinger_count);
     std::vector<ConnectionPtr> pingers;
-    for (int i = 0; i < kPingers; ++i) {
+    for (int i = 0; i < pinger_count; ++i) {
         Callbacks cb;
         cb.on_connect = [&, i](const ConnectionPtr& c) {
             pingers.push_back(c);
@@ -607,7 +607,7 @@ TEST(ReliabilityConn, SlowReaderBoundedAndOthersUnaffected) {
         };
         connect(loop, addr, cb);
     }
-    ASSERT_TRUE(run_until(loop, [&] { return pingers.size() == kPingers; }));
+    ASSERT_TRUE(run_until(loop, [&] { return pingers.size() == pinger_count; }));
     auto phase = [&](std::chrono::milliseconds span, auto&& tick) {
         rtts.clear();
         measuring = true;

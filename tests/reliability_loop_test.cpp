@@ -218,11 +218,11 @@ TEST(ReliabilityLoop, ClosedWatchedFdNeverSpins) {
 // down to zero would wake with nothing to do over and over (a spin).
 TEST(ReliabilityLoop, SubMillisecondTimersDoNotSpin) {
     EVMUX_LOOP_OR_SKIP(loop);
-    constexpr int kTimers = 16;  // 0.3 ms .. 4.8 ms
+    constexpr int timer_count = 16;  // 0.3 ms .. 4.8 ms
     int fired = 0;
-    std::vector<Clock::duration> late(kTimers);
+    std::vector<Clock::duration> late(timer_count);
     const auto start = Clock::now();
-    for (int i = 1; i <= kTimers; ++i) {
+    for (int i = 1; i <= timer_count; ++i) {
         const auto delay = std::chrono::microseconds(300 * i);
         loop.call_after(delay, [&, i, delay] {
             late[i - 1] = Clock::now() - start - delay;
@@ -230,14 +230,15 @@ TEST(ReliabilityLoop, SubMillisecondTimersDoNotSpin) {
         });
     }
     int iterations = 0, idle = 0;
-    while (fired < kTimers && iterations < 10'000) {
+    while (fired < timer_count && iterations < 10'000) {
         ++iterations;
         if (loop.run_once() == 0) ++idle;  // no timeout: the timers alone wake it
     }
-    EXPECT_EQ(fired, kTimers);
-    for (int i = 0; i < kTimers; ++i) EXPECT_GE(late[i], Clock::duration::zero()) << "timer " << i;
+    EXPECT_EQ(fired, timer_count);
+    for (int i = 0; i < timer_count; ++i)
+        EXPECT_GE(late[i], Clock::duration::zero()) << "timer " << i;
     // At most one wake-up per timer, plus a little slack for the wake-up fd.
-    EXPECT_LE(iterations, kTimers + 2);
+    EXPECT_LE(iterations, timer_count + 2);
     EXPECT_LE(idle, 2) << iterations << " iterations";
 }
 
@@ -302,8 +303,8 @@ TEST(ReliabilityLoop, HugeTimeoutWokenByPost) {
 TEST(ReliabilityLoop, PostAndStopRaceWithShutdown) {
     EVMUX_SELECTOR_OR_SKIP(probe);
     probe.reset();
-    constexpr int kRounds = 20, kPosters = 3, kMaxPostsEach = 2000;
-    for (int round = 0; round < kRounds; ++round) {
+    constexpr int round_count = 20, poster_count = 3, max_posts_each = 2000;
+    for (int round = 0; round < round_count; ++round) {
         auto loop = std::make_unique<EventLoop>(make_selector());
         std::atomic<int> posted{0}, ran{0}, destroyed{0};
         std::atomic<bool> quit{false};
@@ -314,9 +315,9 @@ TEST(ReliabilityLoop, PostAndStopRaceWithShutdown) {
             ~Token() { destroyed->fetch_add(1); }
         };
         std::vector<std::thread> posters;
-        for (int p = 0; p < kPosters; ++p)
+        for (int p = 0; p < poster_count; ++p)
             posters.emplace_back([&, p] {
-                for (int i = 0; i < kMaxPostsEach && !quit.load(); ++i) {
+                for (int i = 0; i < max_posts_each && !quit.load(); ++i) {
                     auto token = std::make_shared<Token>(&destroyed);
                     posted.fetch_add(1);
                     loop->post([token, &ran] { ran.fetch_add(1); });
@@ -539,9 +540,9 @@ TEST(ReliabilityLoop, EintrStormLargeTransfer) {
     const int before = alarms.load();
     auto [a, b] = socket_pair();
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-    constexpr std::size_t kTotal = 2u << 20;  // instrumented byte loops are slow
+    constexpr std::size_t total = 2u << 20;  // instrumented byte loops are slow
 #else
-    constexpr std::size_t kTotal = 16u << 20;
+    constexpr std::size_t total = 16u << 20;
 #endif
     std::vector<unsigned char> chunk(1 << 20);
     for (std::size_t i = 0; i < chunk.size(); ++i)
@@ -551,7 +552,7 @@ TEST(ReliabilityLoop, EintrStormLargeTransfer) {
     int errors = 0;
     loop.watch(a.get(), Events::write, [&](Events) {
         const std::size_t off = sent % chunk.size();
-        const std::size_t len = std::min(chunk.size() - off, kTotal - sent);
+        const std::size_t len = std::min(chunk.size() - off, total - sent);
         ssize_t n = ::send(a.get(), chunk.data() + off, len, MSG_NOSIGNAL);
         if (n < 0) {
             if (errno != EINTR && errno != EAGAIN) ++errors;
@@ -559,7 +560,7 @@ TEST(ReliabilityLoop, EintrStormLargeTransfer) {
         }
         for (ssize_t i = 0; i < n; ++i) sum_sent = sum_sent * 31 + chunk[off + i];
         sent += static_cast<std::size_t>(n);
-        if (sent == kTotal) loop.unwatch(a.get());
+        if (sent == total) loop.unwatch(a.get());
     });
     loop.watch(b.get(), Events::read, [&](Events) {
         auto buf = loop.scratch();
@@ -573,10 +574,10 @@ TEST(ReliabilityLoop, EintrStormLargeTransfer) {
         received += static_cast<std::size_t>(n);
     });
     ASSERT_NO_THROW(ASSERT_TRUE(run_until(
-        loop, [&] { return received == kTotal; }, 20s)));
+        loop, [&] { return received == total; }, 20s)));
     loop.unwatch(b.get());
     EXPECT_EQ(errors, 0);
-    EXPECT_EQ(sent, kTotal);
+    EXPECT_EQ(sent, total);
     EXPECT_EQ(sum_received, sum_sent);
     EXPECT_GT(alarms.load() - before, 0) << "the storm did not happen";
 }

@@ -41,7 +41,7 @@ Events wait_for(Selector& sel, int fd) {
     return Events::none;
 }
 
-constexpr int kHigh = 1024;  // FD_SETSIZE on glibc
+constexpr int fd_setsize = 1024;  // FD_SETSIZE on glibc
 
 }  // namespace
 
@@ -53,7 +53,7 @@ TEST(ReliabilityHighFd, ReadAndWriteAboveFdSetSize) {
     // One pair just below the boundary, pairs straddling word boundaries above it.
     auto [lo_a, lo_b] = socket_pair();
     std::vector<std::pair<Fd, Fd>> pairs;
-    for (int base : {kHigh - 2, kHigh, kHigh + 63, 2047, 4100}) {
+    for (int base : {fd_setsize - 2, fd_setsize, fd_setsize + 63, 2047, 4100}) {
         auto [a, b] = socket_pair();
         Fd ha = move_above(std::move(a), base);
         Fd hb = move_above(std::move(b), base + 1);

@@ -18,7 +18,7 @@
 #include "test_support.hpp"
 
 namespace {
-constexpr int kSkipped = 77;  // meson's (and automake's) "test skipped"
+constexpr int exit_skipped = 77;  // meson's (and automake's) "test skipped"
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -28,8 +28,8 @@ int main(int argc, char** argv) {
     const std::string why = evmux::test::backend_unusable_reason();
     if (!why.empty()) {
         std::fprintf(stderr, "evmux tests: %s; skipping the whole suite (exit %d)\n", why.c_str(),
-                     kSkipped);
-        return kSkipped;
+                     exit_skipped);
+        return exit_skipped;
     }
 
     const int status = RUN_ALL_TESTS();
@@ -40,8 +40,8 @@ int main(int argc, char** argv) {
                      "evmux tests: no test passed (%d ran, %d skipped) on backend %s: reported "
                      "as skipped (exit %d), not as passed\n",
                      all.test_to_run_count(), all.skipped_test_count(),
-                     evmux::test::backend_name().c_str(), kSkipped);
-        return kSkipped;
+                     evmux::test::backend_name().c_str(), exit_skipped);
+        return exit_skipped;
     }
     return status;
 }

@@ -48,7 +48,7 @@ using Clock = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 
 /// How long any child program may run before the test kills it and fails.
-constexpr auto kChildTimeout = 30s;
+constexpr auto child_timeout = 30s;
 
 /// The path of a program under test: from the environment (meson sets it),
 /// else the program of that name beside this test binary (both are built into
@@ -133,7 +133,7 @@ class Child {
     /// Collects stdout and stderr until both close and waits for the exit.
     /// Returns the exit code, or -1 (test failure) if it does not end in
     /// `timeout` or dies of a signal.
-    int finish(std::chrono::milliseconds timeout = kChildTimeout) {
+    int finish(std::chrono::milliseconds timeout = child_timeout) {
         const auto deadline = Clock::now() + timeout;
         bool out_open = true, err_open = true;
         while ((out_open || err_open) && Clock::now() < deadline) {
@@ -708,13 +708,12 @@ TEST(EvmuxBench, JsonSaysHowUserAndSysWereSplitAndUsesPerfWhenAvailable) {
         EXPECT_NE(c.err().find(split["epoll-floor"]), std::string::npos) << c.err();
         return;
     }
-    EXPECT_TRUE(
-        std::regex_match(split["epoll-floor"],
-                         std::regex("perf [0-9]+ kHz: [0-9]+ samples, [0-9]+ user(, [0-9]+ lost)?")))
+    EXPECT_TRUE(std::regex_match(
+        split["epoll-floor"],
+        std::regex("perf [0-9]+ kHz: [0-9]+ samples, [0-9]+ user(, [0-9]+ lost)?")))
         << split["epoll-floor"] << "\n"
         << c.err();
-    EXPECT_NE(c.out().find("perf cpu-clock samples at 4 kHz in the load window"),
-              std::string::npos)
+    EXPECT_NE(c.out().find("perf cpu-clock samples at 4 kHz in the load window"), std::string::npos)
         << c.out();
 }
 

@@ -52,16 +52,16 @@ using Clock = std::chrono::steady_clock;
 /// (128), so a server that accepts slowly is never sent more SYNs than its
 /// accept queue holds (an overflowing queue silently drops handshakes, which
 /// turns into one-second SYN retransmits and distorted numbers).
-constexpr std::size_t kConnectWindow = 64;
+constexpr std::size_t connect_window = 64;
 /// File descriptors kept free besides the connections (stdio, epoll, margin).
-constexpr long kFdMargin = 32;
+constexpr long fd_margin = 32;
 /// One read takes up to this much: large, so a 100 KB reply costs few calls.
-constexpr std::size_t kReadBufferSize = 256 * 1024;
+constexpr std::size_t read_buffer_size = 256 * 1024;
 /// After the duration ends, round trips in flight get this long to finish;
 /// one that does not is counted as an error (the server stalled).
-constexpr auto kDrainBound = std::chrono::seconds(5);
+constexpr auto drain_bound = std::chrono::seconds(5);
 /// Error messages printed to stderr; the rest are only counted.
-constexpr int kMaxErrorMessages = 10;
+constexpr int max_error_messages = 10;
 
 /// The command line, validated.
 struct Options {
@@ -107,27 +107,28 @@ class LatencyHistogram {
     }
 
   private:
-    static constexpr int kSubBits = 7;
-    static constexpr std::uint64_t kSub = 1u << kSubBits;  // 128
-    // Values below 2*kSub are their own bucket; above, the top kSubBits+1
-    // bits select the bucket: shift * kSub + (v >> shift), shift <= 56.
-    static constexpr std::size_t kBuckets = 57 * kSub + 2 * kSub;
+    static constexpr int sub_bits = 7;
+    static constexpr std::uint64_t sub_buckets = 1u << sub_bits;  // 128
+    // Values below 2*sub_buckets are their own bucket; above, the top sub_bits+1
+    // bits select the bucket: shift * sub_buckets + (v >> shift), shift <= 56.
+    static constexpr std::size_t bucket_count = 57 * sub_buckets + 2 * sub_buckets;
 
     static std::size_t index_of(std::uint64_t v) {
-        if (v < 2 * kSub) return static_cast<std::size_t>(v);
-        const int shift = 63 - std::countl_zero(v) - kSubBits;
-        return static_cast<std::size_t>(shift) * kSub + static_cast<std::size_t>(v >> shift);
+        if (v < 2 * sub_buckets) return static_cast<std::size_t>(v);
+        const int shift = 63 - std::countl_zero(v) - sub_bits;
+        return static_cast<std::size_t>(shift) * sub_buckets + static_cast<std::size_t>(v >> shift);
     }
     static std::uint64_t midpoint_of(std::size_t i) {
-        if (i < 2 * kSub) return i;
-        // Invert index_of: i = shift * kSub + sub with sub in [kSub, 2 * kSub).
-        const std::uint64_t shift = i / kSub - 1;
-        const std::uint64_t sub = i - shift * kSub;
+        if (i < 2 * sub_buckets) return i;
+        // Invert index_of: i = shift * sub_buckets + sub with sub in [sub_buckets, 2 *
+        // sub_buckets).
+        const std::uint64_t shift = i / sub_buckets - 1;
+        const std::uint64_t sub = i - shift * sub_buckets;
         const std::uint64_t low = sub << shift;
         return low + ((std::uint64_t{1} << shift) >> 1);
     }
 
-    std::array<std::uint64_t, kBuckets> counts_{};
+    std::array<std::uint64_t, bucket_count> counts_{};
     std::uint64_t total_ = 0;
     std::uint64_t max_ = 0;
 };
@@ -199,7 +200,7 @@ class LoadClient {
           addr_len_(addr_len),
           conns_(opt.conns),
           payload_(opt.active * opt.size),
-          read_buf_(kReadBufferSize) {
+          read_buf_(read_buffer_size) {
         epfd_ = epoll_create1(EPOLL_CLOEXEC);
         if (epfd_ < 0) die_errno("epoll_create1");
         for (std::size_t i = 0; i < conns_.size(); ++i) {
@@ -220,7 +221,7 @@ class LoadClient {
     LoadClient(const LoadClient&) = delete;
     LoadClient& operator=(const LoadClient&) = delete;
 
-    /// Opens every connection, at most kConnectWindow in flight. Returns false
+    /// Opens every connection, at most connect_window in flight. Returns false
     /// (errors counted) if any connect failed or timed out; it then stops
     /// starting new ones.
     bool connect_all();
@@ -269,7 +270,7 @@ class LoadClient {
 
 void LoadClient::error(std::size_t i, const char* fmt, ...) {
     ++res_.errors;
-    if (messages_printed_++ >= kMaxErrorMessages) return;
+    if (messages_printed_++ >= max_error_messages) return;
     std::fprintf(stderr, "evmux-load: conn %zu: ", i);
     va_list ap;
     va_start(ap, fmt);
@@ -280,7 +281,7 @@ void LoadClient::error(std::size_t i, const char* fmt, ...) {
 
 void LoadClient::mismatch(std::size_t i, std::size_t offset) {
     ++res_.mismatches;
-    if (messages_printed_++ < kMaxErrorMessages)
+    if (messages_printed_++ < max_error_messages)
         std::fprintf(stderr, "evmux-load: conn %zu: reply differs from the message at byte %zu\n",
                      i, offset);
     // The stream is out of step now; nothing more on it can be trusted.
@@ -350,11 +351,11 @@ bool LoadClient::connect_all() {
     const auto timeout = std::chrono::duration_cast<Clock::duration>(
         std::chrono::duration<double>(opt_.connect_timeout_s));
     std::vector<std::size_t> pending;  // indices in State::connecting
-    pending.reserve(kConnectWindow);
+    pending.reserve(connect_window);
     std::size_t next = 0;
     bool failed = false;
     while (true) {
-        while (!failed && pending.size() < kConnectWindow && next < conns_.size()) {
+        while (!failed && pending.size() < connect_window && next < conns_.size()) {
             const std::size_t i = next++;
             if (!start_connect(i))
                 failed = true;
@@ -554,7 +555,7 @@ void LoadClient::run() {
     const auto start = Clock::now();
     const auto end = start + std::chrono::duration_cast<Clock::duration>(
                                  std::chrono::duration<double>(opt_.duration_s));
-    const auto drain_deadline = end + kDrainBound;
+    const auto drain_deadline = end + drain_bound;
     for (std::size_t i = 0; i < conns_.size(); ++i)
         if (conns_[i].active && conns_[i].state == Conn::State::finished) start_round(i);
 
@@ -570,7 +571,7 @@ void LoadClient::run() {
         Conn& c = conns_[i];
         if (c.state == Conn::State::in_round) {
             error(i, "round trip unfinished %lld s after the end (%zu of %zu bytes back)",
-                  static_cast<long long>(kDrainBound.count()), c.received, opt_.size);
+                  static_cast<long long>(drain_bound.count()), c.received, opt_.size);
             close_conn(c);
         } else if (c.state == Conn::State::idle) {
             check_idle(i, true);
@@ -693,7 +694,7 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "evmux-load: --host %s: %s\n", opt.host.c_str(), why.c_str());
         return 2;
     }
-    ensure_fd_limit(static_cast<long>(opt.conns) + kFdMargin);
+    ensure_fd_limit(static_cast<long>(opt.conns) + fd_margin);
     ::signal(SIGPIPE, SIG_IGN);  // belt and braces: every send uses MSG_NOSIGNAL
 
     LoadClient client(opt, addr, addr_len);

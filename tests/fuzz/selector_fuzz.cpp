@@ -51,7 +51,7 @@ struct Input {
     }
 };
 
-constexpr int kSlots = 6;
+constexpr int slots = 6;
 
 // One socketpair: `mine` is what the selector watches, `peer` the other end.
 // An fd of -1 is closed. `dups` are extra descriptors for `mine`'s file.
@@ -76,7 +76,7 @@ class Run {
 
     void step(Input& in) {
         std::uint8_t op = in.next();
-        Slot& s = slots_[in.next() % kSlots];
+        Slot& s = slots_[in.next() % slots];
         std::uint8_t arg = in.next();
         switch (op % 10) {
             case 0:
@@ -271,7 +271,7 @@ class Run {
     }
 
     Selector& sel_;
-    std::array<Slot, kSlots> slots_;
+    std::array<Slot, slots> slots_;
     std::map<int, ModelKey> model_;
 };
 

@@ -35,7 +35,7 @@
 // things exist) and then the server's RSS (/proc/PID/status VmRSS) and fd
 // count (/proc/PID/fd) are recorded. After each round the server must get
 // back, within 10 s, to exactly that fd count; its RSS after the last round
-// must be within kRssSlackKiB of its RSS after the first (see there why not
+// must be within rss_slack_ki_b of its RSS after the first (see there why not
 // of the start); it must still be alive and exit 0 on SIGTERM.
 //
 // Exit code: 0 pass, 1 fail (with the reasons on stderr), 2 bad command line,
@@ -77,22 +77,22 @@ using Clock = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 
 /// Largest chunk one send() is given.
-constexpr std::size_t kMaxChunk = 64 * 1024;
+constexpr std::size_t max_chunk = 64 * 1024;
 /// A never-reading client stops sending here if the socket has not blocked yet.
-constexpr std::uint64_t kNeverReadCap = 2u << 20;
+constexpr std::uint64_t never_read_cap = 2u << 20;
 /// A slow client's stream is at most this long (it reads ~256 B per ~10 ms).
-constexpr std::uint64_t kSlowMax = 64 * 1024;
+constexpr std::uint64_t slow_max = 64 * 1024;
 /// Bytes one connection may read or write per event, so one cannot starve
 /// the others (the epoll loop is level-triggered: it comes back for the rest).
-constexpr std::size_t kIoBudget = 256 * 1024;
+constexpr std::size_t io_budget = 256 * 1024;
 /// Connects in flight at once: well under the server's listen backlog.
-constexpr std::size_t kConnectWindow = 128;
+constexpr std::size_t connect_window = 128;
 /// Warm-up connections (normal, streams up to 64 KiB) before the baseline.
-constexpr std::size_t kWarmup = 100;
+constexpr std::size_t warmup = 100;
 /// How long the server gets after the load to give back fds and memory.
-constexpr auto kSettle = 10s;
+constexpr auto settle_time = 10s;
 /// The RSS bound: RSS after the last round <= RSS after the first round +
-/// kRssSlackKiB. Not "back to the start": after 10 000 connections at once
+/// rss_slack_ki_b. Not "back to the start": after 10 000 connections at once
 /// glibc keeps the freed heap (free chunks below live ones are not returned
 /// without malloc_trim), so evmux-echo stays at about 17-24 MiB from 4.4 MiB
 /// on every backend. Later rounds reuse that heap, but its touched extent
@@ -107,21 +107,21 @@ constexpr auto kSettle = 10s;
 /// (12 MiB / 50 000 = 251.7 B: one of 250 B does not), over 5 rounds one of
 /// 315, over 4 rounds one of 420 (419.4); a leaked Connection (576 bytes,
 /// plus its control block) fails any of them. See README, Reliability.
-constexpr long kRssSlackKiB = 12 * 1024;
+constexpr long rss_slack_ki_b = 12 * 1024;
 /// Failure messages printed; the rest are only counted.
-constexpr int kMaxMessages = 20;
+constexpr int max_messages = 20;
 
 enum class Kind : std::uint8_t { normal, close, shut_wr, rst, never_read, slow };
-constexpr int kKinds = 6;
+constexpr int kinds = 6;
 const char* kind_name(Kind k) {
-    static const char* const names[kKinds] = {"normal", "close",      "shut_wr",
-                                              "rst",    "never_read", "slow"};
+    static const char* const names[kinds] = {"normal", "close",      "shut_wr",
+                                             "rst",    "never_read", "slow"};
     return names[static_cast<int>(k)];
 }
 
 // ---- The byte streams ------------------------------------------------------
 
-constexpr std::uint64_t kGamma = 0x9E3779B97F4A7C15ull;
+constexpr std::uint64_t golden_gamma = 0x9E3779B97F4A7C15ull;
 
 std::uint64_t mix(std::uint64_t z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -131,7 +131,7 @@ std::uint64_t mix(std::uint64_t z) {
 
 /// splitmix64 as a sequential generator, for a connection's decisions.
 std::uint64_t next_random(std::uint64_t& state) {
-    return mix(state += kGamma);
+    return mix(state += golden_gamma);
 }
 
 /// A uniform integer in [lo, hi].
@@ -160,7 +160,7 @@ std::uint64_t log_uniform(std::uint64_t& state, std::uint64_t max) {
 /// regenerates its rest).
 void stream_bytes(std::uint64_t seed, std::uint64_t pos, unsigned char* out, std::size_t n) {
     while (n > 0) {
-        const std::uint64_t w = mix(seed + (pos / 8 + 1) * kGamma);
+        const std::uint64_t w = mix(seed + (pos / 8 + 1) * golden_gamma);
         const std::size_t off = pos % 8;
         const std::size_t take = std::min<std::size_t>(8 - off, n);
         unsigned char b[8];
@@ -369,7 +369,7 @@ struct Totals {
     std::uint64_t bytes_verified = 0;
     std::uint64_t mismatches = 0;
     std::uint64_t failures = 0;  // mismatches included
-    std::uint64_t by_kind[kKinds] = {};
+    std::uint64_t by_kind[kinds] = {};
 };
 
 /// One phase of connections (the warm-up or the load) over one epoll set.
@@ -377,9 +377,9 @@ class Client {
   public:
     Client(Server& server, const Command& cmd) : server_(server), cmd_(cmd) {
         epfd_ = ::epoll_create1(EPOLL_CLOEXEC);
-        send_buf_.resize(kMaxChunk);
-        read_buf_.resize(kIoBudget);
-        expect_buf_.resize(kIoBudget);
+        send_buf_.resize(max_chunk);
+        read_buf_.resize(io_budget);
+        expect_buf_.resize(io_budget);
     }
     ~Client() {
         for (Conn& c : conns_)
@@ -454,7 +454,7 @@ class Client {
 
 void Client::failure(Conn& c, const char* fmt, ...) {
     ++t_.failures;
-    if (messages_++ < kMaxMessages) {
+    if (messages_++ < max_messages) {
         std::fprintf(stderr, "evmux-soak: conn %" PRIu64 " (%s, seed %016" PRIx64 "): ", c.id,
                      kind_name(c.kind), c.seed);
         va_list ap;
@@ -488,7 +488,7 @@ void Client::start_conn(std::uint64_t id, bool faults, std::uint64_t max_stream)
     c = Conn{};
     c.serial = serial;
     c.id = id;
-    c.seed = mix(cmd_.seed * kGamma + id);
+    c.seed = mix(cmd_.seed * golden_gamma + id);
     c.rng = mix(c.seed ^ 0x5EED5EED5EED5EEDull);
     const std::uint64_t roll = faults ? uniform(c.rng, 0, 99) : 0;
     c.kind = roll < 70   ? Kind::normal
@@ -498,7 +498,7 @@ void Client::start_conn(std::uint64_t id, bool faults, std::uint64_t max_stream)
              : roll < 94 ? Kind::never_read
                          : Kind::slow;
     const std::uint64_t len =
-        log_uniform(c.rng, c.kind == Kind::slow ? std::min(max_stream, kSlowMax) : max_stream);
+        log_uniform(c.rng, c.kind == Kind::slow ? std::min(max_stream, slow_max) : max_stream);
     switch (c.kind) {
         case Kind::normal:
         case Kind::slow:
@@ -512,7 +512,7 @@ void Client::start_conn(std::uint64_t id, bool faults, std::uint64_t max_stream)
             c.target = uniform(c.rng, 1, len);
             break;
         case Kind::never_read:
-            c.target = kNeverReadCap;
+            c.target = never_read_cap;
             break;
     }
     ++t_.started;
@@ -567,10 +567,10 @@ void Client::release_wave() {
 }
 
 void Client::pump_send(Conn& c) {
-    std::size_t budget = kIoBudget;
+    std::size_t budget = io_budget;
     bool blocked = false;
     while (c.sent < c.target && budget > 0) {
-        if (c.chunk_left == 0) c.chunk_left = log_uniform(c.rng, kMaxChunk);
+        if (c.chunk_left == 0) c.chunk_left = log_uniform(c.rng, max_chunk);
         const std::size_t n = static_cast<std::size_t>(
             std::min<std::uint64_t>({c.chunk_left, c.target - c.sent, budget}));
         stream_bytes(c.seed, c.sent, send_buf_.data(), n);
@@ -624,7 +624,7 @@ void Client::on_sent_all(Conn& c) {
 }
 
 void Client::pump_read(Conn& c, bool hangup) {
-    std::size_t budget = kIoBudget;
+    std::size_t budget = io_budget;
     while (budget > 0) {
         std::size_t want = std::min(budget, read_buf_.size());
         if (c.kind == Kind::slow) want = uniform(c.rng, 1, 512);
@@ -787,7 +787,7 @@ bool Client::run(std::uint64_t first, std::uint64_t count, std::size_t concurren
             released_ = false;
             ++waves_;
         }
-        while (next < wave_end_ && connecting_ < kConnectWindow)
+        while (next < wave_end_ && connecting_ < connect_window)
             start_conn(next++, faults, max_stream);
         if (!released_ && wave_settled_ == wave_size_) {
             sample();  // the whole wave connected: the server's fd peak
@@ -892,7 +892,7 @@ int main(int argc, char** argv) {
 
     const long fds_start = server.fd_count();
     Client warm(server, cmd);
-    if (!warm.run(0, kWarmup, kWarmup, false, 64 * 1024, deadline)) return 1;
+    if (!warm.run(0, warmup, warmup, false, 64 * 1024, deadline)) return 1;
     if (warm.totals().failures != 0) {
         std::fprintf(stderr,
                      "evmux-soak: FAIL: the warm-up failed: %" PRIu64 " mismatches, %" PRIu64
@@ -901,7 +901,7 @@ int main(int argc, char** argv) {
         return 1;
     }
     // The server closes its side a moment after ours: wait for its fds to settle.
-    const auto settle = Clock::now() + kSettle;
+    const auto settle = Clock::now() + settle_time;
     while (server.fd_count() > fds_start && Clock::now() < settle)
         std::this_thread::sleep_for(10ms);
     const long fds_before = server.fd_count();
@@ -911,8 +911,8 @@ int main(int argc, char** argv) {
                  rss_before, fds_before, fds_start);
 
     // The load, in rounds of cmd.connections each. After every round the
-    // server gets kSettle to close the last connections; its fd count must be
-    // back to fds_before exactly. RSS: see kRssSlackKiB.
+    // server gets settle_time to close the last connections; its fd count must be
+    // back to fds_before exactly. RSS: see rss_slack_ki_b.
     Totals t;
     long rss_peak = rss_before, fds_peak = fds_before;
     std::vector<long> rss_after_round;
@@ -920,7 +920,7 @@ int main(int argc, char** argv) {
     for (unsigned round = 0; round < cmd.rounds; ++round) {
         Client load(server, cmd);
         load.sample();
-        const bool finished = load.run(kWarmup + round * cmd.connections, cmd.connections,
+        const bool finished = load.run(warmup + round * cmd.connections, cmd.connections,
                                        cmd.concurrency, true, cmd.max_stream, deadline);
         if (!finished) load.reset_all();  // so the server can give its fds back
         const Totals& r = load.totals();
@@ -929,11 +929,11 @@ int main(int argc, char** argv) {
         t.bytes_verified += r.bytes_verified;
         t.mismatches += r.mismatches;
         t.failures += r.failures;
-        for (int k = 0; k < kKinds; ++k) t.by_kind[k] += r.by_kind[k];
+        for (int k = 0; k < kinds; ++k) t.by_kind[k] += r.by_kind[k];
         rss_peak = std::max(rss_peak, load.rss_peak());
         fds_peak = std::max(fds_peak, load.fds_peak());
         long fds = -1, rss = -1;
-        const auto settle_end = Clock::now() + kSettle;
+        const auto settle_end = Clock::now() + settle_time;
         for (;;) {
             fds = server.fd_count();
             rss = server.rss_kib();
@@ -956,11 +956,11 @@ int main(int argc, char** argv) {
     const long fds_after = server.fd_count();
     if (t.mismatches) problems.push_back(std::to_string(t.mismatches) + " mismatches");
     if (t.failures) problems.push_back(std::to_string(t.failures) + " failed connections");
-    if (rss_after_round.size() > 1 && rss_after > rss_after_round.front() + kRssSlackKiB)
+    if (rss_after_round.size() > 1 && rss_after > rss_after_round.front() + rss_slack_ki_b)
         problems.push_back(
             "server RSS grew from round 1 to round " + std::to_string(rss_after_round.size()) +
             ": " + std::to_string(rss_after_round.front()) + " -> " + std::to_string(rss_after) +
-            " KiB (bound +" + std::to_string(kRssSlackKiB) + ")");
+            " KiB (bound +" + std::to_string(rss_slack_ki_b) + ")");
     const bool was_alive = server.alive();
     if (!was_alive) problems.push_back("the server died: " + server.exit_status());
     if (was_alive) {

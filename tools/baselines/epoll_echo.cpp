@@ -18,7 +18,7 @@
 
 namespace {
 
-constexpr const char* kName = "evmux-baseline-epoll";
+constexpr const char* name = "evmux-baseline-epoll";
 
 /// The bytes of an echo the kernel did not take yet (empty when drained).
 struct Pending {
@@ -31,7 +31,7 @@ void set_interest(int epfd, int op, int fd, std::uint32_t events) {
     epoll_event ev{};
     ev.events = events;
     ev.data.fd = fd;
-    if (::epoll_ctl(epfd, op, fd, &ev) < 0) evmux::baseline::die_errno(kName, "epoll_ctl");
+    if (::epoll_ctl(epfd, op, fd, &ev) < 0) evmux::baseline::die_errno(name, "epoll_ctl");
 }
 
 /// The floor's state, and what it does with one event. Each function is
@@ -125,25 +125,25 @@ struct Floor {
 int main(int argc, char** argv) {
     using namespace evmux::baseline;
     const ServerOptions opt =
-        start(kName, "Minimal level-triggered epoll echo server (the floor).", argc, argv);
-    const int sigfd = stop_signal_fd(kName, {SIGINT, SIGTERM}, SFD_NONBLOCK);
+        start(name, "Minimal level-triggered epoll echo server (the floor).", argc, argv);
+    const int sigfd = stop_signal_fd(name, {SIGINT, SIGTERM}, SFD_NONBLOCK);
 
     Floor floor;
-    floor.listen_fd = listen_on(kName, opt, SOCK_NONBLOCK);
+    floor.listen_fd = listen_on(name, opt, SOCK_NONBLOCK);
     floor.epfd = ::epoll_create1(EPOLL_CLOEXEC);
-    if (floor.epfd < 0) die_errno(kName, "epoll_create1");
+    if (floor.epfd < 0) die_errno(name, "epoll_create1");
     set_interest(floor.epfd, EPOLL_CTL_ADD, floor.listen_fd, EPOLLIN);
     set_interest(floor.epfd, EPOLL_CTL_ADD, sigfd, EPOLLIN);
     floor.spare_fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
     std::vector<epoll_event> events(256);
-    announce(kName, opt, floor.listen_fd);
+    announce(name, opt, floor.listen_fd);
 
     bool running = true;
     while (running) {
         const int n = ::epoll_wait(floor.epfd, events.data(), static_cast<int>(events.size()), -1);
         if (n < 0) {
             if (errno == EINTR) continue;
-            die_errno(kName, "epoll_wait");
+            die_errno(name, "epoll_wait");
         }
         for (int k = 0; k < n; ++k) {
             const int fd = events[k].data.fd;

@@ -17,7 +17,7 @@
 
 namespace {
 
-constexpr const char* kName = "evmux-baseline-fork";
+constexpr const char* name = "evmux-baseline-fork";
 
 /// The child: echo until EOF or error, then exit without running the parent's
 /// atexit handlers or flushing its stdio (it owns neither).
@@ -51,12 +51,12 @@ void reap(std::unordered_set<pid_t>& children) {
 int main(int argc, char** argv) {
     using namespace evmux::baseline;
     const ServerOptions opt =
-        start(kName, "Process-per-connection blocking echo server.", argc, argv);
+        start(name, "Process-per-connection blocking echo server.", argc, argv);
     sigset_t old_mask;
-    const int sigfd = stop_signal_fd(kName, {SIGINT, SIGTERM, SIGCHLD}, SFD_NONBLOCK, &old_mask);
+    const int sigfd = stop_signal_fd(name, {SIGINT, SIGTERM, SIGCHLD}, SFD_NONBLOCK, &old_mask);
 
-    const int listen_fd = listen_on(kName, opt, SOCK_NONBLOCK);
-    announce(kName, opt, listen_fd);
+    const int listen_fd = listen_on(name, opt, SOCK_NONBLOCK);
+    announce(name, opt, listen_fd);
 
     std::unordered_set<pid_t> children;
     bool stop = false;
@@ -64,7 +64,7 @@ int main(int argc, char** argv) {
     while (!stop) {
         if (::poll(fds, 2, -1) < 0) {
             if (errno == EINTR) continue;
-            die_errno(kName, "poll");
+            die_errno(name, "poll");
         }
         if (fds[1].revents) {
             signalfd_siginfo si;

@@ -16,7 +16,7 @@
 
 namespace {
 
-constexpr const char* kName = "evmux-baseline-libevent";
+constexpr const char* name = "evmux-baseline-libevent";
 
 /// Everything the callbacks share. Owned by main; single-threaded.
 struct Server {
@@ -57,29 +57,28 @@ void on_signal(evutil_socket_t, short, void* arg) {
 
 int main(int argc, char** argv) {
     using namespace evmux::baseline;
-    const ServerOptions opt =
-        start(kName, "Textbook libevent bufferevent echo server.", argc, argv);
+    const ServerOptions opt = start(name, "Textbook libevent bufferevent echo server.", argc, argv);
 
     Server server;
     server.base = event_base_new();
     if (!server.base) {
-        std::fprintf(stderr, "%s: event_base_new failed\n", kName);
+        std::fprintf(stderr, "%s: event_base_new failed\n", name);
         return 1;
     }
     // The socket is made here (same options and backlog as the other
     // baselines; backlog 0: it already listens); the listener takes it over
     // and closes it when freed.
-    const int listen_fd = listen_on(kName, opt, SOCK_NONBLOCK);
+    const int listen_fd = listen_on(name, opt, SOCK_NONBLOCK);
     evconnlistener* listener = evconnlistener_new(
         server.base, on_accept, &server, LEV_OPT_CLOSE_ON_FREE | LEV_OPT_REUSEABLE, 0, listen_fd);
-    if (!listener) die_errno(kName, "evconnlistener_new");
+    if (!listener) die_errno(name, "evconnlistener_new");
     event* sigint = evsignal_new(server.base, SIGINT, on_signal, server.base);
     event* sigterm = evsignal_new(server.base, SIGTERM, on_signal, server.base);
     if (!sigint || !sigterm || event_add(sigint, nullptr) < 0 || event_add(sigterm, nullptr) < 0) {
-        std::fprintf(stderr, "%s: cannot install signal events\n", kName);
+        std::fprintf(stderr, "%s: cannot install signal events\n", name);
         return 1;
     }
-    announce(kName, opt, listen_fd);
+    announce(name, opt, listen_fd);
 
     const int rc = event_base_dispatch(server.base);
 

@@ -15,10 +15,10 @@
 
 namespace {
 
-constexpr const char* kName = "evmux-baseline-threads";
+constexpr const char* name = "evmux-baseline-threads";
 /// Enough for the 64 KiB buffer and the calls below; small, so that thousands
 /// of connection threads do not reserve gigabytes of address space.
-constexpr std::size_t kStackSize = 256 * 1024;
+constexpr std::size_t stack_size = 256 * 1024;
 
 /// The open connections, so that shutdown can wake their blocked threads.
 /// Shared by all threads; every member under `mutex`.
@@ -64,22 +64,22 @@ void* serve(void* arg) {
 int main(int argc, char** argv) {
     using namespace evmux::baseline;
     const ServerOptions opt =
-        start(kName, "Thread-per-connection blocking echo server.", argc, argv);
+        start(name, "Thread-per-connection blocking echo server.", argc, argv);
     // Before any thread exists, so the signals are only ever read here.
-    const int sigfd = stop_signal_fd(kName, {SIGINT, SIGTERM}, 0);
+    const int sigfd = stop_signal_fd(name, {SIGINT, SIGTERM}, 0);
 
-    const int listen_fd = listen_on(kName, opt, SOCK_NONBLOCK);
+    const int listen_fd = listen_on(name, opt, SOCK_NONBLOCK);
     pthread_attr_t attr;
     ::pthread_attr_init(&attr);
-    ::pthread_attr_setstacksize(&attr, kStackSize);
+    ::pthread_attr_setstacksize(&attr, stack_size);
     ::pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-    announce(kName, opt, listen_fd);
+    announce(name, opt, listen_fd);
 
     pollfd fds[2] = {{listen_fd, POLLIN, 0}, {sigfd, POLLIN, 0}};
     while (true) {
         if (::poll(fds, 2, -1) < 0) {
             if (errno == EINTR) continue;
-            die_errno(kName, "poll");
+            die_errno(name, "poll");
         }
         if (fds[1].revents) break;
         if (!fds[0].revents) continue;
