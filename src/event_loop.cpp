@@ -1,5 +1,5 @@
-// The event loop: fd watchers, a timer heap, a cross-thread task queue and
-// signals, on top of any Selector.
+// The event loop: fd watchers, timers (a TimerQueue, timer_queue.cpp), a
+// cross-thread task queue and signals, on top of any Selector.
 //
 // One iteration (run_once):
 //   1. timeout = time to the nearest timer (0 if tasks are pending), capped by
@@ -31,6 +31,7 @@
 #include <cstdio>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <system_error>
@@ -38,6 +39,8 @@
 #include <unordered_map>
 #include <utility>
 #include <vector>
+
+#include "timer_queue.hpp"
 
 namespace evmux {
 namespace {
@@ -47,14 +50,6 @@ namespace {
 }
 
 constexpr Events always_reported = Events::error | Events::hangup;
-
-// time + delay without overflowing the clock (a delay of hours::max() means "never").
-EventLoop::Clock::time_point saturating_add(EventLoop::Clock::time_point t, EventLoop::Duration d) {
-    using tp = EventLoop::Clock::time_point;
-    if (d <= EventLoop::Duration::zero()) return t;
-    if (d > tp::max() - t) return tp::max();
-    return t + d;
-}
 
 }  // namespace
 
@@ -130,28 +125,6 @@ struct EventLoop::Impl {
         return w && w->kind == Kind::user ? w : nullptr;
     }
 
-    // ---- timers -------------------------------------------------------------------
-    // A binary min-heap of (due, seq) entries with lazy cancel: cancel() frees
-    // the slot and bumps its generation, which turns the heap entry stale; stale
-    // entries are dropped when they reach the top, and the heap is compacted
-    // when they outnumber the live ones. TimerId = generation << 32 | slot.
-    struct TimerSlot {
-        Task fn;
-        Duration interval{0};  // > 0: repeating
-        std::uint32_t generation = 1;
-        bool active = false;
-    };
-    struct HeapEntry {
-        Clock::time_point due;
-        std::uint64_t seq;  // ties: first scheduled runs first
-        std::uint32_t slot;
-        std::uint32_t generation;
-    };
-    // std::push_heap builds a max-heap; "later" as less-than makes it a min-heap.
-    static bool later(const HeapEntry& a, const HeapEntry& b) {
-        return a.due != b.due ? a.due > b.due : a.seq > b.seq;
-    }
-
     // ---- what every iteration reads, side by side --------------------------------
     // (Declared together so that a wake-up after a long sleep, with cold
     // caches, touches one or two lines of the loop's state, not six.)
@@ -161,125 +134,9 @@ struct EventLoop::Impl {
     std::atomic<bool> has_tasks{false};  // == !pending.empty(); written under task_mutex
     std::atomic<bool> sleeping{false};   // see wake_if_sleeping()
     std::atomic<bool> stop_requested{false};
-    std::vector<HeapEntry> heap;                 // the timers, see above
+    detail::TimerQueue timers;                   // heap and slots: timer_queue.hpp
     std::vector<std::unique_ptr<Watcher>> dead;  // unwatched during the batch
-    std::vector<TimerSlot> slots;
-    std::vector<std::uint32_t> free_slots;
-    std::size_t live_timers = 0;
-    std::uint64_t next_seq = 0;
-    Clock::time_point now{};  // the iteration's clock read
-
-    bool live(const HeapEntry& e) const {
-        const TimerSlot& s = slots[e.slot];
-        return s.active && s.generation == e.generation;
-    }
-    void pop_top() {
-        std::pop_heap(heap.begin(), heap.end(), later);
-        heap.pop_back();
-    }
-    void drop_stale_top() {
-        while (!heap.empty() && !live(heap.front())) pop_top();
-    }
-    void push_entry(const HeapEntry& e) {
-        heap.push_back(e);
-        std::push_heap(heap.begin(), heap.end(), later);
-    }
-
-    TimerId add_timer(Duration delay, Duration interval, Task fn) {
-        if (!fn) throw std::invalid_argument("evmux: empty timer callback");
-        const Clock::time_point due = saturating_add(Clock::now(), delay);
-        std::uint32_t slot;
-        if (!free_slots.empty()) {
-            slot = free_slots.back();
-        } else {
-            if (slots.size() >= UINT32_MAX) throw std::length_error("evmux: too many timers");
-            slots.emplace_back();
-            free_slots.reserve(slots.capacity());  // release_slot() then never allocates
-            slot = static_cast<std::uint32_t>(slots.size() - 1);
-            free_slots.push_back(slot);
-        }
-        TimerSlot& s = slots[slot];
-        push_entry(HeapEntry{due, next_seq, slot, s.generation});  // may throw: nothing changed
-        free_slots.pop_back();
-        ++next_seq;
-        s.fn = std::move(fn);
-        s.interval = interval;
-        s.active = true;
-        ++live_timers;
-        return static_cast<TimerId>(s.generation) << 32 | slot;
-    }
-
-    void release_slot(std::uint32_t slot) {
-        TimerSlot& s = slots[slot];
-        s.active = false;
-        s.fn = nullptr;
-        if (++s.generation == 0) s.generation = 1;  // ids are never 0
-        free_slots.push_back(slot);
-        --live_timers;
-        // Lazy cancel must not let cancelled entries pile up (a connection
-        // that re-arms its idle timer on every read would grow the heap
-        // forever): compact when they are the majority. Amortised O(1).
-        if (heap.size() >= 64 && heap.size() > 2 * live_timers) {
-            std::erase_if(heap, [this](const HeapEntry& e) { return !live(e); });
-            std::make_heap(heap.begin(), heap.end(), later);
-        }
-    }
-
-    bool cancel(TimerId id) {
-        const auto slot = static_cast<std::uint32_t>(id);
-        const auto generation = static_cast<std::uint32_t>(id >> 32);
-        if (slot >= slots.size()) return false;
-        const TimerSlot& s = slots[slot];
-        if (!s.active || s.generation != generation) return false;
-        release_slot(slot);
-        return true;
-    }
-
-    // A repeating timer that was not cancelled in its callback runs again one
-    // interval after its due time (no drift). If the loop fell behind by more
-    // than one interval, the missed calls are skipped, keeping the phase: it
-    // never fires twice to catch up.
-    void rearm(const HeapEntry& e, Duration interval, Task&& fn) {
-        TimerSlot& s = slots[e.slot];
-        if (!s.active || s.generation != e.generation) return;  // cancelled meanwhile
-        s.fn = std::move(fn);
-        Clock::time_point next = saturating_add(e.due, interval);
-        if (next <= now) {
-            const auto missed = (now - e.due) / interval;
-            next = saturating_add(e.due, interval * (missed + 1));
-        }
-        // The entry was just popped, so the heap has room: no allocation.
-        push_entry(HeapEntry{next, next_seq++, e.slot, e.generation});
-    }
-
-    std::size_t run_timers() {
-        std::size_t ran = 0;
-        // Timers scheduled or re-armed by these callbacks wait for the next
-        // iteration, so a zero-delay timer that re-schedules itself cannot
-        // starve I/O.
-        const std::uint64_t seq_limit = next_seq;
-        while (!heap.empty()) {
-            const HeapEntry top = heap.front();
-            const bool is_live = live(top);
-            if (is_live && (top.due > now || top.seq >= seq_limit)) break;
-            pop_top();
-            if (!is_live) continue;
-            // Move the callback out: the slot table may grow (and move its
-            // elements) while it runs, and cancel() may clear the slot.
-            TimerSlot& s = slots[top.slot];
-            Task fn = std::move(s.fn);
-            const Duration interval = s.interval;
-            ++ran;
-            if (interval <= Duration::zero()) release_slot(top.slot);  // fired: cancel() is false
-            try {
-                fn();
-            } catch (...) {
-                handle_exception(std::current_exception());
-            }
-            if (interval > Duration::zero()) rearm(top, interval, std::move(fn));
-        }
-        return ran;
-    }
+    Clock::time_point now{};                     // the iteration's clock read
 
     // ---- tasks and wake-up --------------------------------------------------------
     // Another thread writes the eventfd only if the loop announced it is about
@@ -421,9 +278,7 @@ EventLoop::~EventLoop() {
             tasks.swap(m.pending);
             m.has_tasks.store(false, std::memory_order_relaxed);
         }
-        std::vector<Task> timers;
-        for (Impl::TimerSlot& slot : m.slots)
-            if (slot.fn) timers.push_back(std::exchange(slot.fn, nullptr));
+        std::vector<Task> timers = m.timers.take_callbacks();
         std::vector<std::shared_ptr<std::function<void(int)>>> signals;
         for (auto& callback : m.signal_callbacks)
             if (callback) signals.push_back(std::move(callback));
@@ -538,16 +393,16 @@ Events EventLoop::interest(int fd) const {
 // ---- timers -------------------------------------------------------------------
 
 EventLoop::TimerId EventLoop::call_after(Duration delay, Task fn) {
-    return impl_->add_timer(delay, Duration::zero(), std::move(fn));
+    return impl_->timers.add(delay, Duration::zero(), std::move(fn));
 }
 
 EventLoop::TimerId EventLoop::call_every(Duration interval, Task fn) {
     if (interval <= Duration::zero()) interval = Duration(1);
-    return impl_->add_timer(interval, interval, std::move(fn));
+    return impl_->timers.add(interval, interval, std::move(fn));
 }
 
 bool EventLoop::cancel(TimerId id) {
-    return impl_->cancel(id);
+    return impl_->timers.cancel(id);
 }
 
 // ---- threads ------------------------------------------------------------------
@@ -665,11 +520,11 @@ std::size_t EventLoop::iterate(Timeout timeout, bool stoppable) {
     } running{m};
 
     // 1. How long to wait: until the nearest timer, at most `timeout`.
-    m.drop_stale_top();
-    const bool timers = !m.heap.empty();
+    const std::optional<Clock::time_point> next_due = m.timers.next_due();
+    const bool timers = next_due.has_value();
     if (timers) {
         if (!m.now_valid) m.now = Clock::now();  // first iteration of this run
-        const Duration left = std::max(m.heap.front().due - m.now, Clock::duration::zero());
+        const Duration left = std::max(*next_due - m.now, Clock::duration::zero());
         if (!timeout || left < *timeout) timeout = left;
     }
     m.sleeping.store(true, std::memory_order_seq_cst);
@@ -730,9 +585,9 @@ std::size_t EventLoop::iterate(Timeout timeout, bool stoppable) {
 
     // 4. Due timers, against the iteration's one clock read (read now only
     // if the fd callbacks created the first timer).
-    if (!m.heap.empty()) {
+    if (!m.timers.empty()) {
         iteration_time();
-        ran += m.run_timers();
+        ran += m.timers.run_due(m.now, *this);
     }
 
     // 5. Posted tasks. Acquire pairs with the poster's store so a task seen is
