@@ -298,6 +298,35 @@ TEST(Connection, DefaultPeerShutdownFinishesQueueThenCloses) {
     EXPECT_GE(rec.drains, 1) << "on_drain comes before the FIN that follows the drained queue";
 }
 
+// on_message's Buffer& can be read and consumed, not filled or reset: attach,
+// append, keep_rest and clear are the owning Connection's alone.
+template <class B>
+concept has_attach = requires(B& b) {
+    b.attach("", 0);
+};
+template <class B>
+concept has_append = requires(B& b) {
+    b.append("", 0);
+};
+template <class B>
+concept has_keep_rest = requires(B& b) {
+    b.keep_rest();
+};
+template <class B>
+concept has_clear = requires(B& b) {
+    b.clear();
+};
+struct AllPublic {  // the probes do find public members
+    void attach(const char*, std::size_t) {}
+    void append(const char*, std::size_t) {}
+    void keep_rest() {}
+    void clear() {}
+};
+static_assert(has_attach<AllPublic> && has_append<AllPublic> && has_keep_rest<AllPublic> &&
+              has_clear<AllPublic>);
+static_assert(!has_attach<Buffer> && !has_append<Buffer> && !has_keep_rest<Buffer> &&
+              !has_clear<Buffer>);
+
 TEST(Connection, FramingKeepsUnconsumedInput) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     EventLoop loop(std::move(sel));
@@ -492,7 +521,8 @@ TEST(TcpServer, ThousandConnections) {
     for (int i = 0; i < n; ++i)
         ASSERT_TRUE(send_all(clients[i].get(), std::string("c").append(std::to_string(10000 + i))));
     for (int i = 0; i < n; ++i)
-        ASSERT_EQ(recv_exact(clients[i].get(), 6), std::string("c").append(std::to_string(10000 + i)));
+        ASSERT_EQ(recv_exact(clients[i].get(), 6),
+                  std::string("c").append(std::to_string(10000 + i)));
     EXPECT_TRUE(srv.wait_until([&] { return srv.server().connection_count() == n; }));
     clients.clear();
     EXPECT_TRUE(srv.wait_until([&] { return srv.server().connection_count() == 0; }));

@@ -17,8 +17,8 @@ namespace evmux {
 /// tell and need not care. Consume what you have handled (consume(), or
 /// take()); whatever is left is kept and shown again, followed by new bytes,
 /// on the next call. Valid only inside on_message: do not keep a pointer to it
-/// or its data. Loop thread only. Never throws except take()/append() on
-/// allocation failure.
+/// or its data. Loop thread only. Never throws except take() on allocation
+/// failure. Only the Connection that owns it adds bytes to it.
 class Buffer {
   public:
     Buffer() = default;
@@ -48,27 +48,32 @@ class Buffer {
     /// Copy out and consume everything.
     std::string take_all() { return take(size()); }
 
-    // ---- for Connection (not for on_message) -------------------------------
-    /// Show `len` bytes at `p` (the loop's scratch) without copying; only
-    /// valid while nothing is stored.
-    void attach(const char* p, std::size_t len) {
-        ext_ = p;
-        ext_len_ = len;
-    }
-    /// Append bytes to the own storage (after moving attached bytes there).
-    void append(const char* p, std::size_t len);
-    /// After on_message: copy attached bytes that were not consumed into own
-    /// storage, and free the storage once it is empty, so an idle connection
-    /// holds no input memory.
-    void keep_rest() {
-        if (ext_ || store_.capacity() != 0) keep_rest_slow();  // else: idle, nothing to do
-    }
-    /// Drop everything and free the storage.
-    void clear();
     /// Bytes of memory held (0 for an idle connection), for tests and stats.
     std::size_t capacity() const { return store_.capacity(); }
 
   private:
+    // Filling and emptying are for the owning Connection only (same layer):
+    // on_message sees a Buffer& and can only read and consume.
+    friend class Connection;
+
+    // Show `len` bytes at `p` (the loop's scratch) without copying; only
+    // valid while nothing is stored.
+    void attach(const char* p, std::size_t len) {
+        ext_ = p;
+        ext_len_ = len;
+    }
+    // Append bytes to the own storage (after moving attached bytes there).
+    // Throws std::bad_alloc.
+    void append(const char* p, std::size_t len);
+    // After on_message: copy attached bytes that were not consumed into own
+    // storage, and free the storage once it is empty, so an idle connection
+    // holds no input memory. Throws std::bad_alloc.
+    void keep_rest() {
+        if (ext_ || store_.capacity() != 0) keep_rest_slow();  // else: idle, nothing to do
+    }
+    // Drop everything and free the storage.
+    void clear();
+
     void consume_stored(std::size_t n);
     void keep_rest_slow();
 
