@@ -36,7 +36,6 @@
 #include <string>
 #include <system_error>
 #include <thread>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -521,8 +520,8 @@ std::size_t EventLoop::iterate(Timeout timeout, bool stoppable) {
 
     // 1. How long to wait: until the nearest timer, at most `timeout`.
     const std::optional<Clock::time_point> next_due = m.timers.next_due();
-    const bool timers = next_due.has_value();
-    if (timers) {
+    const bool have_timers = next_due.has_value();
+    if (have_timers) {
         if (!m.now_valid) m.now = Clock::now();  // first iteration of this run
         const Duration left = std::max(*next_due - m.now, Clock::duration::zero());
         if (!timeout || left < *timeout) timeout = left;
@@ -536,7 +535,7 @@ std::size_t EventLoop::iterate(Timeout timeout, bool stoppable) {
     // clock: the iteration's one reading, while timers exist.
     std::span<const ReadyEvent> ready;
     try {
-        ready = timers ? selector_->select(timeout, m.now) : selector_->select(timeout);
+        ready = have_timers ? selector_->select(timeout, m.now) : selector_->select(timeout);
     } catch (...) {
         m.sleeping.store(false, std::memory_order_relaxed);
         m.now_valid = false;
@@ -544,8 +543,8 @@ std::size_t EventLoop::iterate(Timeout timeout, bool stoppable) {
     }
     // A poster that still sees `true` only sends one needless wake-up.
     m.sleeping.store(false, std::memory_order_relaxed);
-    if (timers) m.now = Clock::now();
-    m.now_valid = timers;  // else iteration_time() reads it if asked
+    if (have_timers) m.now = Clock::now();
+    m.now_valid = have_timers;  // else iteration_time() reads it if asked
 
     // 3. fd callbacks.
     std::size_t ran = 0;

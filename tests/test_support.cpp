@@ -14,13 +14,17 @@
 namespace evmux::test {
 
 namespace {
-[[noreturn]] void fail(const char* what) { throw std::system_error(errno, std::generic_category(), what); }
+[[noreturn]] void fail(const char* what) {
+    throw std::system_error(errno, std::generic_category(), what);
+}
 void set_nonblock(int fd) {
     if (::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK) < 0) fail("fcntl");
 }
 }  // namespace
 
-std::string backend_name() { return default_backend_name(); }
+std::string backend_name() {
+    return default_backend_name();
+}
 
 std::string backend_unusable_reason() {
     const std::string name = backend_name();
@@ -43,7 +47,8 @@ void Fd::reset(int fd) {
 
 std::pair<Fd, Fd> socket_pair() {
     int sv[2];
-    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0) fail("socketpair");
+    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0)
+        fail("socketpair");
     return {Fd(sv[0]), Fd(sv[1])};
 }
 
@@ -62,10 +67,12 @@ std::pair<Fd, Fd> tcp_pair() {
     if (::bind(listener.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) < 0) fail("bind");
     if (::listen(listener.get(), 16) < 0) fail("listen");
     socklen_t len = sizeof addr;
-    if (::getsockname(listener.get(), reinterpret_cast<sockaddr*>(&addr), &len) < 0) fail("getsockname");
+    if (::getsockname(listener.get(), reinterpret_cast<sockaddr*>(&addr), &len) < 0)
+        fail("getsockname");
     Fd client(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
     if (!client) fail("socket");
-    if (::connect(client.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) < 0) fail("connect");
+    if (::connect(client.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) < 0)
+        fail("connect");
     Fd server(::accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK));
     if (!server) fail("accept4");
     set_nonblock(client.get());

@@ -13,8 +13,8 @@ namespace evmux::bench {
 
 /// The times, in microseconds, of `iterations` runs of bench.c on an EventLoop over `backend`
 /// with `n` socketpairs, `a` active chains and `w` writes: bench.c's timing, from
-/// after the first `a` sends. Needs support::bench_c_fds(n) fds. Main thread. Throws std::invalid_argument for an unusable
-/// backend, std::system_error if a socketpair cannot be made.
+/// after the first `a` sends. Needs support::bench_c_fds(n) fds. Main thread. Throws
+/// std::invalid_argument for an unusable backend, std::system_error if a socketpair cannot be made.
 std::vector<double> dispatch_iterations(const std::string& backend, int n, int a, int w,
                                         int iterations);
 
