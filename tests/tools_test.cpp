@@ -675,9 +675,9 @@ TEST(EvmuxBench, JsonSaysHowUserAndSysWereSplitAndUsesPerfWhenAvailable) {
     ASSERT_NE(::mkdtemp(dir_template), nullptr) << std::strerror(errno);
     const std::string json_file = std::string(dir_template) + "/bench.json";
     // epoll-floor (a single loop: sampled) and threads (a thread per
-    // connection: ticks), one 1 s point each.
+    // connection: ticks), two 1 s rounds of one point each.
     Child c({bench, "--servers", "epoll-floor,threads", "--sizes", "1024", "--sessions", "50",
-             "--duration", "1", "--no-idle", "--no-plots", "--json", json_file});
+             "--duration", "1", "--rounds", "2", "--no-idle", "--no-plots", "--json", json_file});
     const int rc = c.finish(60s);
     std::ifstream in(json_file);
     std::stringstream text;
@@ -693,6 +693,13 @@ TEST(EvmuxBench, JsonSaysHowUserAndSysWereSplitAndUsesPerfWhenAvailable) {
          it != std::sregex_iterator(); ++it)
         split[(*it)[1]] = (*it)[2];
     ASSERT_EQ(split.size(), 2u) << json;
+    // Medians, with each round's figures and their minima and maxima.
+    static const std::regex rounds(
+        R"re("min": \{"round_trips": [0-9]+.*"max": \{"round_trips": [0-9]+.*"rounds": \[\{"round_trips": [0-9]+[^\]]*\}, \{"round_trips": [0-9]+[^\]]*\}\]\})re");
+    EXPECT_EQ(std::distance(std::sregex_iterator(json.begin(), json.end(), rounds),
+                            std::sregex_iterator()),
+              2)
+        << json;
     EXPECT_TRUE(split["threads"].starts_with("ticks")) << split["threads"];
     // The table's footnote says it too.
     EXPECT_NE(c.out().find("user/sys split: "), std::string::npos) << c.out();

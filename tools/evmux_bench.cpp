@@ -29,6 +29,7 @@
 #include "bench_c.hpp"
 #include "bench_dispatch.hpp"
 #include "bench_processes.hpp"
+#include "bench_stats.hpp"
 #include "evmux/selector.hpp"
 #include "fd_limit.hpp"
 
@@ -59,24 +60,71 @@ struct Point {
     bool idle_heavy;
 };
 
-/// What one (server, point) run measured.
-struct Result {
+/// The figures of one run, or their medians, minima or maxima over rounds.
+struct Figures {
+    double round_trips = 0, msgs_per_s = 0, mib_per_s = 0;
+    double p50_us = 0, p99_us = 0, max_us = 0;
+    double user_us_per_msg = 0, sys_us_per_msg = 0;
+    double cpu_window_s = 0;
+    double rss_start_kib = 0, rss_peak_kib = 0;
+    double rss_per_idle_conn_bytes = 0;
+};
+
+/// Every member of Figures, for the statistics over rounds.
+constexpr double Figures::*figure_members[] = {
+    &Figures::round_trips,     &Figures::msgs_per_s,     &Figures::mib_per_s,
+    &Figures::p50_us,          &Figures::p99_us,         &Figures::max_us,
+    &Figures::user_us_per_msg, &Figures::sys_us_per_msg, &Figures::cpu_window_s,
+    &Figures::rss_start_kib,   &Figures::rss_peak_kib,   &Figures::rss_per_idle_conn_bytes};
+
+/// What one (server, point) run measured; after aggregate(), the medians of
+/// its rounds, with the rounds themselves and their minima and maxima.
+struct Result : Figures {
     const Server* server;
     Point point;
     bool ok = false;
     bool skipped = false;
     std::string note;  // why skipped or failed
-    double round_trips = 0, msgs_per_s = 0, mib_per_s = 0;
-    double p50_us = 0, p99_us = 0, max_us = 0;
     double mismatches = 0, errors = 0;
-    double user_us_per_msg = 0, sys_us_per_msg = 0;
-    double cpu_window_s = 0;
     // How user and sys were told apart: "perf 4 kHz: N samples, U user" (the
     // user share's own noise is then about 1/sqrt(U) of it) or "ticks ...".
+    // After aggregate(), the first round's (each round keeps its own).
     std::string cpu_split;
-    long rss_start_kib = 0, rss_peak_kib = 0;
-    double rss_per_idle_conn_bytes = 0;
+    std::vector<Result> rounds;  ///< each round's figures, in round order
+    Figures min, max;            ///< over the rounds
 };
+
+/// One (server, point)'s rounds as one Result: the medians of their figures,
+/// their minima and maxima, and the rounds. Not ok if any round failed (with
+/// that round's note), skipped if they were.
+Result aggregate(std::vector<Result> rounds) {
+    Result r = rounds.front();
+    for (std::size_t i = 0; i < rounds.size(); ++i) {
+        if (rounds[i].ok) continue;
+        r = rounds[i];
+        if (!r.skipped && rounds.size() > 1)
+            r.note = "round " + std::to_string(i + 1) + " of " + std::to_string(rounds.size()) +
+                     ": " + r.note;
+        return r;
+    }
+    for (auto m : figure_members) {
+        std::vector<double> values;
+        for (const auto& round : rounds) values.push_back(round.*m);
+        const Spread s = spread(values);
+        r.*m = s.median;
+        r.min.*m = s.min;
+        r.max.*m = s.max;
+    }
+    r.rounds = std::move(rounds);
+    return r;
+}
+
+/// The figure `m` of each round of `r`.
+std::vector<double> round_values(const Result& r, double Figures::*m) {
+    std::vector<double> values;
+    for (const auto& round : r.rounds) values.push_back(round.*m);
+    return values;
+}
 
 std::string fmt(double v, int decimals) {
     if (std::isnan(v)) return "-";
@@ -149,6 +197,7 @@ struct Options {
     std::vector<int> sweep_fds;
     std::string tools_dir;
     std::string host = "127.0.0.1";
+    int rounds = 0;               // rounds per point; 0: 5, or 3 with --quick
     std::vector<int> threads{1};  // evmux-echo --threads, one server entry per value
 };
 
@@ -311,7 +360,7 @@ void measure_server(Result& r, const ServerSampler& sampler, const LoadRun& load
     sys += load.children_at_end.second;
     for (const auto& s : samples)
         if (s.when >= a.when && s.when <= b.when)
-            r.rss_peak_kib = std::max(r.rss_peak_kib, s.rss_kib);
+            r.rss_peak_kib = std::max(r.rss_peak_kib, static_cast<double>(s.rss_kib));
     r.cpu_window_s = window_s;
     if (window_s > 0 && r.msgs_per_s > 0) {
         // CPU per second of window divided by messages per second.
@@ -319,8 +368,7 @@ void measure_server(Result& r, const ServerSampler& sampler, const LoadRun& load
         r.sys_us_per_msg = sys / window_s / r.msgs_per_s;
     }
     if (r.point.idle_heavy && r.rss_peak_kib > 0)
-        r.rss_per_idle_conn_bytes =
-            static_cast<double>(r.rss_peak_kib - r.rss_start_kib) * 1024.0 / r.point.conns;
+        r.rss_per_idle_conn_bytes = (r.rss_peak_kib - r.rss_start_kib) * 1024.0 / r.point.conns;
 }
 
 /// Reads the server's stderr until its "NAME listening on HOST:PORT" line, 10 s
@@ -432,14 +480,21 @@ const Result* floor_of(const std::vector<Result>& results, const Point& p) {
     return nullptr;
 }
 
-double ratio(double v, double floor) {
-    return floor > 0 ? v / floor : NAN;
+/// `r`'s figure `m` over the floor's, round i with round i (see paired_ratio);
+/// NaN without a floor or for a failed run.
+Spread ratio_to(const Result& r, const Result* floor, double Figures::*m) {
+    if (!floor || !r.ok) return {NAN, NAN, NAN};
+    return paired_ratio(round_values(r, m), round_values(*floor, m));
 }
 
-std::string cell(double v, double floor, int decimals) {
-    std::string s = fmt(v, decimals);
-    double q = ratio(v, floor);
-    return s + " (" + (std::isnan(q) ? std::string("-") : fmt(q, 2)) + ")";
+/// A table cell: the median, then its ratio to the floor with the ratio's
+/// range ("≈" if it straddles 1.0); the floor's own row (or any without a
+/// floor) shows the half-range of its rounds instead, e.g. "51234 ±3%".
+std::string cell(const Result& r, const Result* floor, double Figures::*m, int decimals) {
+    std::string s = fmt(r.*m, decimals);
+    if (floor && floor != &r) return s + " (" + ratio_text(ratio_to(r, floor, m)) + ")";
+    if (r.rounds.size() < 2 || !(r.*m > 0)) return s;
+    return s + " ±" + fmt((r.max.*m - r.min.*m) / 2 / (r.*m) * 100, 0) + "%";
 }
 
 // The footnote of a point's table: how its rows' user/sys columns were split.
@@ -473,9 +528,10 @@ void print_table(std::ostream& os, const std::vector<Result>& results,
     for (const auto& p : points) {
         const Result* fl = floor_of(results, p);
         os << "\n== " << point_label(p) << " ping-pong"
-           << (fl ? "  (ratio to epoll-floor in parentheses)" : "  (no epoll-floor run: no ratios)")
+           << (fl ? "  (median; ratio to epoll-floor [its range over paired rounds])"
+                  : "  (median ±half its range; no epoll-floor run: no ratios)")
            << "\n";
-        std::snprintf(line, sizeof line, "%-22s %18s %16s %16s %16s %14s %14s\n", "server",
+        std::snprintf(line, sizeof line, "%-22s %26s %24s %24s %24s %24s %24s\n", "server",
                       "messages/s", "MiB/s", "p50 us", "p99 us", "user us/msg", "sys us/msg");
         os << line;
         for (const auto& r : results) {
@@ -486,19 +542,21 @@ void print_table(std::ostream& os, const std::vector<Result>& results,
                    << "\n";
                 continue;
             }
-            auto f = [&](double v, double Result::*m, int d) {
-                return cell(v, fl ? fl->*m : NAN, d);
+            auto f = [&](double Figures::*m, int d) { return cell(r, fl, m, d); };
+            // The cells hold "≈" (3 bytes, 1 column): pad by hand.
+            auto col = [](const std::string& text, std::size_t width) {
+                std::size_t shown = text.size() - (text.find("≈") != std::string::npos ? 2 : 0);
+                return std::string(width > shown ? width - shown : 0, ' ') + text;
             };
-            std::snprintf(line, sizeof line, "%-22s %18s %16s %16s %16s %14s %14s\n",
-                          r.server->name.c_str(), f(r.msgs_per_s, &Result::msgs_per_s, 0).c_str(),
-                          f(r.mib_per_s, &Result::mib_per_s, 1).c_str(),
-                          f(r.p50_us, &Result::p50_us, 0).c_str(),
-                          f(r.p99_us, &Result::p99_us, 0).c_str(),
-                          f(r.user_us_per_msg, &Result::user_us_per_msg, 2).c_str(),
-                          f(r.sys_us_per_msg, &Result::sys_us_per_msg, 2).c_str());
-            os << line;
+            os << r.server->name
+               << std::string(r.server->name.size() < 22 ? 22 - r.server->name.size() : 0, ' ')
+               << ' ' << col(f(&Figures::msgs_per_s, 0), 26) << ' '
+               << col(f(&Figures::mib_per_s, 1), 24) << ' ' << col(f(&Figures::p50_us, 0), 24)
+               << ' ' << col(f(&Figures::p99_us, 0), 24) << ' '
+               << col(f(&Figures::user_us_per_msg, 2), 24) << ' '
+               << col(f(&Figures::sys_us_per_msg, 2), 24) << "\n";
             if (p.idle_heavy)
-                os << "    rss " << r.rss_start_kib << " KiB -> " << r.rss_peak_kib
+                os << "    rss " << fmt(r.rss_start_kib, 0) << " KiB -> " << fmt(r.rss_peak_kib, 0)
                    << " KiB: " << fmt(r.rss_per_idle_conn_bytes, 0) << " B per idle connection\n";
         }
         os << split_legend(results, p);
@@ -522,19 +580,42 @@ std::string json_str(const std::string& s) {
     return out + "\"";
 }
 
+/// The keys of "ratio_to_floor".
+const std::pair<const char*, double Figures::*> ratio_keys[] = {
+    {"msgs_per_s", &Figures::msgs_per_s},
+    {"mib_per_s", &Figures::mib_per_s},
+    {"p50_us", &Figures::p50_us},
+    {"p99_us", &Figures::p99_us},
+    {"user_us_per_msg", &Figures::user_us_per_msg},
+    {"sys_us_per_msg", &Figures::sys_us_per_msg}};
+
+/// The figures as JSON members (no braces).
+std::string json_figures(const Figures& f, bool idle_heavy) {
+    std::ostringstream os;
+    os << "\"round_trips\": " << json_num(f.round_trips, 0)
+       << ", \"msgs_per_s\": " << json_num(f.msgs_per_s, 1)
+       << ", \"mib_per_s\": " << json_num(f.mib_per_s) << ", \"p50_us\": " << json_num(f.p50_us, 1)
+       << ", \"p99_us\": " << json_num(f.p99_us, 1) << ", \"max_us\": " << json_num(f.max_us, 1)
+       << ", \"user_us_per_msg\": " << json_num(f.user_us_per_msg, 4)
+       << ", \"sys_us_per_msg\": " << json_num(f.sys_us_per_msg, 4)
+       << ", \"cpu_window_s\": " << json_num(f.cpu_window_s)
+       << ", \"rss_start_kib\": " << json_num(f.rss_start_kib, 0)
+       << ", \"rss_peak_kib\": " << json_num(f.rss_peak_kib, 0) << ", \"rss_per_idle_conn_bytes\": "
+       << json_num(idle_heavy ? f.rss_per_idle_conn_bytes : NAN, 0);
+    return os.str();
+}
+
 void write_json(const fs::path& file, const std::vector<Result>& results, const Options& opt,
                 const std::vector<DispatchSweep>& sweeps, bool pinned, double total_s) {
     std::ofstream os(file);
     os << "{\n  \"tool\": \"evmux-bench\",\n  \"quick\": " << (opt.quick ? "true" : "false")
        << ",\n  \"duration_s\": " << json_num(opt.duration) << ",\n  \"cpus\": " << usable_cpus()
-       << ",\n  \"pinned\": " << (pinned ? "true" : "false")
+       << ",\n  \"pinned\": " << (pinned ? "true" : "false") << ",\n  \"rounds\": " << opt.rounds
+       << ",\n  \"ratio_ranges\": \"paired: round i of a server over round i of epoll-floor\""
        << ",\n  \"total_s\": " << json_num(total_s, 1) << ",\n  \"runs\": [";
     bool first = true;
     for (const auto& r : results) {
         const Result* fl = floor_of(results, r.point);
-        auto q = [&](double v, double Result::*m) {
-            return json_num(fl && r.ok ? ratio(v, fl->*m) : NAN);
-        };
         os << (first ? "\n" : ",\n") << "    {\"server\": " << json_str(r.server->name)
            << ", \"kind\": " << json_str(r.server->kind)
            << ", \"backend\": " << json_str(r.server->backend) << ", \"size\": " << r.point.size
@@ -544,25 +625,37 @@ void write_json(const fs::path& file, const std::vector<Result>& results, const 
            << ", \"skipped\": " << (r.skipped ? "true" : "false")
            << ", \"note\": " << json_str(r.note);
         if (r.ok) {
-            os << ", \"round_trips\": " << json_num(r.round_trips, 0)
-               << ", \"msgs_per_s\": " << json_num(r.msgs_per_s, 1)
-               << ", \"mib_per_s\": " << json_num(r.mib_per_s)
-               << ", \"p50_us\": " << json_num(r.p50_us, 1)
-               << ", \"p99_us\": " << json_num(r.p99_us, 1)
-               << ", \"max_us\": " << json_num(r.max_us, 1)
-               << ", \"user_us_per_msg\": " << json_num(r.user_us_per_msg, 4)
-               << ", \"sys_us_per_msg\": " << json_num(r.sys_us_per_msg, 4)
-               << ", \"cpu_window_s\": " << json_num(r.cpu_window_s)
+            // The medians (and the median paired ratios), then the same keys
+            // as "min" and "max", then each round's.
+            auto ratios = [&](double Spread::*pick) {
+                std::string text;
+                for (const auto& [key, m] : ratio_keys)
+                    text += std::string(text.empty() ? "{" : ", ") + "\"" + key +
+                            "\": " + json_num(ratio_to(r, fl, m).*pick);
+                return text + "}";
+            };
+            os << ", " << json_figures(r, r.point.idle_heavy)
                << ", \"cpu_split\": " << json_str(r.cpu_split)
-               << ", \"rss_start_kib\": " << r.rss_start_kib
-               << ", \"rss_peak_kib\": " << r.rss_peak_kib << ", \"rss_per_idle_conn_bytes\": "
-               << json_num(r.point.idle_heavy ? r.rss_per_idle_conn_bytes : NAN, 0)
-               << ", \"ratio_to_floor\": {\"msgs_per_s\": " << q(r.msgs_per_s, &Result::msgs_per_s)
-               << ", \"mib_per_s\": " << q(r.mib_per_s, &Result::mib_per_s)
-               << ", \"p50_us\": " << q(r.p50_us, &Result::p50_us)
-               << ", \"p99_us\": " << q(r.p99_us, &Result::p99_us)
-               << ", \"user_us_per_msg\": " << q(r.user_us_per_msg, &Result::user_us_per_msg)
-               << ", \"sys_us_per_msg\": " << q(r.sys_us_per_msg, &Result::sys_us_per_msg) << "}";
+               << ", \"ratio_to_floor\": " << ratios(&Spread::median) << ", \"min\": {"
+               << json_figures(r.min, r.point.idle_heavy)
+               << ", \"ratio_to_floor\": " << ratios(&Spread::min) << "}, \"max\": {"
+               << json_figures(r.max, r.point.idle_heavy)
+               << ", \"ratio_to_floor\": " << ratios(&Spread::max) << "}, \"rounds\": [";
+            for (std::size_t i = 0; i < r.rounds.size(); ++i) {
+                const Result& round = r.rounds[i];
+                os << (i ? ", " : "") << "{" << json_figures(round, r.point.idle_heavy)
+                   << ", \"cpu_split\": " << json_str(round.cpu_split) << ", \"ratio_to_floor\": {";
+                bool first_key = true;
+                for (const auto& [key, m] : ratio_keys) {
+                    double q = fl && i < fl->rounds.size() && fl->rounds[i].*m > 0
+                                   ? round.*m / fl->rounds[i].*m
+                                   : NAN;
+                    os << (std::exchange(first_key, false) ? "" : ", ") << "\"" << key
+                       << "\": " << json_num(q);
+                }
+                os << "}}";
+            }
+            os << "]";
         }
         os << "}";
         first = false;
@@ -588,8 +681,8 @@ void write_csv(const fs::path& file, const std::vector<Result>& results) {
           "user_ratio,sys_ratio,cpu_split,note\n";
     for (const auto& r : results) {
         const Result* fl = floor_of(results, r.point);
-        auto q = [&](double v, double Result::*m) {
-            double x = fl && r.ok ? ratio(v, fl->*m) : NAN;
+        auto q = [&](double, double Figures::*m) {
+            double x = ratio_to(r, fl, m).median;
             return std::isnan(x) ? std::string() : fmt(x, 3);
         };
         auto n = [&](double v, int d) { return r.ok ? fmt(v, d) : std::string(); };
@@ -603,13 +696,12 @@ void write_csv(const fs::path& file, const std::vector<Result>& results) {
            << r.point.idle_heavy << ',' << r.ok << ',' << n(r.msgs_per_s, 1) << ','
            << n(r.mib_per_s, 3) << ',' << n(r.p50_us, 1) << ',' << n(r.p99_us, 1) << ','
            << n(r.max_us, 1) << ',' << n(r.user_us_per_msg, 4) << ',' << n(r.sys_us_per_msg, 4)
-           << ',' << (r.ok ? std::to_string(r.rss_start_kib) : "") << ','
-           << (r.ok ? std::to_string(r.rss_peak_kib) : "") << ','
+           << ',' << n(r.rss_start_kib, 0) << ',' << n(r.rss_peak_kib, 0) << ','
            << (r.ok && r.point.idle_heavy ? fmt(r.rss_per_idle_conn_bytes, 0) : "") << ','
-           << q(r.msgs_per_s, &Result::msgs_per_s) << ',' << q(r.mib_per_s, &Result::mib_per_s)
-           << ',' << q(r.p50_us, &Result::p50_us) << ',' << q(r.p99_us, &Result::p99_us) << ','
-           << q(r.user_us_per_msg, &Result::user_us_per_msg) << ','
-           << q(r.sys_us_per_msg, &Result::sys_us_per_msg) << ',' << split << ',' << note << '\n';
+           << q(r.msgs_per_s, &Figures::msgs_per_s) << ',' << q(r.mib_per_s, &Figures::mib_per_s)
+           << ',' << q(r.p50_us, &Figures::p50_us) << ',' << q(r.p99_us, &Figures::p99_us) << ','
+           << q(r.user_us_per_msg, &Figures::user_us_per_msg) << ','
+           << q(r.sys_us_per_msg, &Figures::sys_us_per_msg) << ',' << split << ',' << note << '\n';
     }
     if (!os) throw std::runtime_error("cannot write " + file.string());
 }
@@ -693,6 +785,10 @@ void add_bench_options(CLI::App& app, Options& opt) {
         ->check(CLI::Range(1, 100000));
     app.add_option("--duration", opt.duration, "seconds per point (default 2; 1 with --quick)")
         ->check(CLI::Range(0.05, 3600.0));
+    app.add_option("--rounds", opt.rounds,
+                   "rounds per point, the servers interleaved in each; medians and ranges "
+                   "over them (default 5; 3 with --quick)")
+        ->check(CLI::Range(1, 1000));
     app.add_flag("--quick", opt.quick,
                  "a subset that finishes in about a minute (1 s points, fewer idle connections)");
     app.add_option("--out", opt.out_dir, "directory for bench.json, bench.csv and the plots");
@@ -767,6 +863,7 @@ std::vector<std::string> check_and_complete(Options& opt) {
         usage_error("--backends given but 'evmux' is not among --servers");
 
     if (opt.duration <= 0) opt.duration = opt.quick ? 1.0 : 2.0;
+    if (opt.rounds <= 0) opt.rounds = opt.quick ? 3 : 5;
     if (opt.idle_conns <= 0) opt.idle_conns = opt.quick ? 2000 : 10000;
     if (opt.idle_active > opt.idle_conns) usage_error("--idle-active exceeds --idle-conns");
     return backends;
@@ -875,27 +972,36 @@ std::vector<int> plan_sweep(const Options& opt, const std::vector<std::string>& 
 
 // ---- the runs -------------------------------------------------------------------
 
-/// Every server at every point, with a progress line each on stderr; false if
-/// any run failed (skipped ones do not count).
+/// Every server at every point, `rounds` times, the servers interleaved within
+/// each round (A B C A B C ...: a slow spell of the machine then touches every
+/// server, not one), with a progress line each on stderr; one aggregated
+/// Result per (point, server). A server skipped or failed in a round is not
+/// run again at that point. False if any run failed (skipped ones do not count).
 bool run_servers(Runner& runner, const std::vector<Point>& points,
-                 const std::vector<Server>& servers, std::vector<Result>& results) {
-    std::size_t total = points.size() * servers.size(), done = 0;
+                 const std::vector<Server>& servers, int rounds, std::vector<Result>& results) {
+    std::size_t total = points.size() * servers.size() * static_cast<std::size_t>(rounds), done = 0;
     bool all_ok = true;
     for (const auto& p : points) {
-        for (const auto& s : servers) {
-            ++done;
-            std::fprintf(stderr, "[%zu/%zu] %s %s ...", done, total, s.name.c_str(),
-                         point_label(p).c_str());
-            std::fflush(stderr);
-            Result r = runner.run(s, p);
-            if (r.ok)
-                std::fprintf(stderr, " %.0f msg/s, p99 %.0f us, user/sys split: %s\n", r.msgs_per_s,
-                             r.p99_us, r.cpu_split.c_str());
-            else
-                std::fprintf(stderr, " %s%s\n", r.skipped ? "" : "FAILED: ", r.note.c_str());
-            if (!r.ok && !r.skipped) all_ok = false;
-            results.push_back(std::move(r));
+        std::vector<std::vector<Result>> runs(servers.size());
+        for (int round = 1; round <= rounds; ++round) {
+            for (std::size_t i = 0; i < servers.size(); ++i) {
+                const Server& s = servers[i];
+                ++done;
+                if (!runs[i].empty() && !runs[i].back().ok) continue;
+                std::fprintf(stderr, "[%zu/%zu] round %d/%d %s %s ...", done, total, round, rounds,
+                             s.name.c_str(), point_label(p).c_str());
+                std::fflush(stderr);
+                Result r = runner.run(s, p);
+                if (r.ok)
+                    std::fprintf(stderr, " %.0f msg/s, p99 %.0f us, user/sys split: %s\n",
+                                 r.msgs_per_s, r.p99_us, r.cpu_split.c_str());
+                else
+                    std::fprintf(stderr, " %s%s\n", r.skipped ? "" : "FAILED: ", r.note.c_str());
+                if (!r.ok && !r.skipped) all_ok = false;
+                runs[i].push_back(std::move(r));
+            }
         }
+        for (auto& r : runs) results.push_back(aggregate(std::move(r)));
     }
     return all_ok;
 }
@@ -1001,7 +1107,7 @@ int run_bench(Options& opt) {
     auto t0 = Clock::now();
     Runner runner(opt, load, server_cpu, client_cpu);
     std::vector<Result> results;
-    bool all_ok = run_servers(runner, points, servers, results);
+    bool all_ok = run_servers(runner, points, servers, opt.rounds, results);
     std::vector<int> fd_counts = plan_sweep(opt, backends);
     std::vector<DispatchSweep> sweeps;
     all_ok = run_sweeps(backends, fd_counts, opt.quick, sweeps) && all_ok;
@@ -1009,7 +1115,8 @@ int run_bench(Options& opt) {
 
     print_table(std::cout, results, points);
     if (!sweeps.empty()) print_sweeps(backends, fd_counts, sweeps);
-    std::printf("\nevmux-bench: %zu runs in %.1f s\n", results.size(), total_s);
+    std::printf("\nevmux-bench: %zu server x point entries, %d rounds each, in %.1f s\n",
+                results.size(), opt.rounds, total_s);
     std::fflush(stdout);
 
     std::optional<fs::path> json_path = write_files(opt, results, sweeps, pinned, total_s);

@@ -1,0 +1,47 @@
+// See bench_stats.hpp.
+#include "bench_stats.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+
+namespace evmux::bench {
+
+Spread spread(std::vector<double> values) {
+    std::erase_if(values, [](double v) { return std::isnan(v); });
+    if (values.empty()) return {NAN, NAN, NAN};
+    std::sort(values.begin(), values.end());
+    const std::size_t n = values.size();
+    const double median = n % 2 ? values[n / 2] : (values[n / 2 - 1] + values[n / 2]) / 2;
+    return {median, values.front(), values.back()};
+}
+
+Spread paired_ratio(const std::vector<double>& a, const std::vector<double>& b) {
+    if (a.size() != b.size()) return {NAN, NAN, NAN};
+    std::vector<double> ratios;
+    for (std::size_t i = 0; i < a.size(); ++i)
+        ratios.push_back(b[i] > 0 && !std::isnan(a[i]) ? a[i] / b[i] : NAN);
+    return spread(std::move(ratios));
+}
+
+Verdict verdict(const Spread& ratio) {
+    if (std::isnan(ratio.median)) return Verdict::about;
+    if (ratio.max < 1.0) return Verdict::below;
+    if (ratio.min > 1.0) return Verdict::above;
+    return Verdict::about;
+}
+
+std::string ratio_text(const Spread& ratio, int decimals) {
+    if (std::isnan(ratio.median)) return "-";
+    auto num = [&](double v) {
+        char buf[32];
+        std::snprintf(buf, sizeof buf, "%.*f", decimals, v);
+        return std::string(buf);
+    };
+    const std::string range = num(ratio.min) + "-" + num(ratio.max);
+    if (verdict(ratio) == Verdict::about) return "≈ [" + range + "]";
+    if (ratio.min == ratio.max) return num(ratio.median);
+    return num(ratio.median) + " [" + range + "]";
+}
+
+}  // namespace evmux::bench

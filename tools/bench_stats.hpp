@@ -1,0 +1,47 @@
+// evmux-bench's statistics over rounds: the median and range of one figure,
+// the ratio of two servers' figures round by round, and the rule that a ratio
+// whose range straddles 1.0 is neither a win nor a loss. Pure functions, no I/O.
+//
+// Internal to tools/; not installed.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace evmux::bench {
+
+/// The median and the extremes of a figure's rounds. All NaN with no rounds.
+struct Spread {
+    double median;
+    double min;
+    double max;
+};
+
+/// The median (the mean of the middle two for an even count), min and max of
+/// `values`; NaN values are left out (a round without that figure).
+Spread spread(std::vector<double> values);
+
+/// The ratio of `a` to `b`, round by round: a[i] / b[i] for each round i in
+/// which both have a figure and b[i] > 0, then the spread of those ratios.
+///
+/// Paired, not min(a)/max(b) .. max(a)/min(b): rounds i of A and B ran one
+/// right after the other, so a disturbance that slowed round i (another
+/// program, a frequency change) touched both, and their ratio cancels most of
+/// it. The cross-pairing of extremes would combine A's best moment with B's
+/// worst, which never ran side by side, and report a range wider than anything
+/// measured. Both inputs must be in round order and of equal length (a missing
+/// round as NaN); otherwise the result is NaN.
+Spread paired_ratio(const std::vector<double>& a, const std::vector<double>& b);
+
+/// Whether a ratio's range says A's figure is below, about (the range
+/// includes 1.0, or the ratio is unknown) or above B's.
+enum class Verdict { below, about, above };
+Verdict verdict(const Spread& ratio);
+
+/// A ratio for the table: "1.12 [1.08-1.15]" when its range is clear of 1.0;
+/// "≈ [0.96-1.05]" when it straddles 1.0 (no median: the rounds did not
+/// agree on a winner); "-" when unknown. A single round's range is a point:
+/// "1.12".
+std::string ratio_text(const Spread& ratio, int decimals = 2);
+
+}  // namespace evmux::bench
