@@ -1,10 +1,20 @@
 // evmux-bench's statistics (tools/bench_stats.cpp): medians, ranges, paired
-// ratios and the "≈" rule for a ratio whose range straddles 1.0.
-#include "../tools/bench_stats.hpp"
+// ratios and the "≈" rule for a ratio whose range straddles 1.0; and its
+// interference detector (tools/bench_interference.cpp), on synthetic figures
+// and against a real CPU hog.
+#include <sched.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cmath>
+#include <thread>
+
+#include "../tools/bench_interference.hpp"
+#include "../tools/bench_stats.hpp"
 
 namespace {
 
@@ -67,6 +77,130 @@ TEST(RatioText, ShowsTheMedianOnlyWhenTheRangeIsClearOfOne) {
     EXPECT_EQ(ratio_text({1.02, 0.96, 1.05}), "≈ [0.96-1.05]");
     EXPECT_EQ(ratio_text({0.5, 0.5, 0.5}), "0.50");  // one round
     EXPECT_EQ(ratio_text({NAN, NAN, NAN}), "-");
+}
+
+// ---- the interference detector -----------------------------------------------
+
+using evmux::bench::assess;
+using evmux::bench::OccupancyDelta;
+
+/// A 1 s window, server on CPU 0 (busy 0.6 s, all its own), client on CPU 1
+/// (busy 0.4 s, all its own), the bench 10 ms: nothing else ran.
+OccupancyDelta quiet_window() {
+    OccupancyDelta d;
+    d.seconds = 1;
+    d.cpu[0] = 0;
+    d.cpu[1] = 1;
+    d.busy_us[0] = 600000;
+    d.busy_us[1] = 400000;
+    d.server_us = 600000;
+    d.client_us = 400000;
+    d.bench_us = 10000;
+    d.load_before = d.load_after = 2;
+    return d;
+}
+
+TEST(Interference, AWindowWithOnlyTheServerClientAndBenchIsNotFlagged) {
+    const auto in = assess(quiet_window(), 0.05);
+    EXPECT_FALSE(in.flagged) << in.details;
+    EXPECT_EQ(in.other_share[0], 0);
+    EXPECT_NE(in.details.find("load average 2.00 -> 2.00"), std::string::npos) << in.details;
+}
+
+TEST(Interference, OtherWorkAboveTheThresholdOnEitherCpuIsFlaggedAndNamed) {
+    auto d = quiet_window();
+    d.busy_us[0] += 80000;  // 8 % of the server's CPU (the bench's 1 % is subtracted)
+    auto in = assess(d, 0.05);
+    EXPECT_TRUE(in.flagged);
+    EXPECT_NEAR(in.other_share[0], 0.07, 1e-9);
+    EXPECT_NE(in.details.find("of CPU 0 (server)"), std::string::npos) << in.details;
+    EXPECT_EQ(in.details.find("CPU 1"), std::string::npos) << in.details;
+    EXPECT_FALSE(assess(d, 0.10).flagged);  // the threshold is a flag
+
+    d = quiet_window();
+    d.busy_us[1] += 100000;
+    in = assess(d, 0.05);
+    EXPECT_TRUE(in.flagged);
+    EXPECT_NE(in.details.find("of CPU 1 (client)"), std::string::npos) << in.details;
+}
+
+TEST(Interference, StealAboveTheThresholdIsFlagged) {
+    auto d = quiet_window();
+    d.steal_us[0] = 60000;
+    const auto in = assess(d, 0.05);
+    EXPECT_TRUE(in.flagged);
+    EXPECT_NE(in.details.find("hypervisor stole 6.0% of CPU 0"), std::string::npos) << in.details;
+}
+
+TEST(Interference, DifferencesWithinThreeTicksAreNotFlaggedInAShortWindow) {
+    auto d = quiet_window();
+    d.seconds = 0.2;
+    d.busy_us[0] = d.server_us + d.bench_us + 20000;  // 10 % of 0.2 s, but 2 ticks
+    EXPECT_FALSE(assess(d, 0.05).flagged);
+    d.busy_us[0] += 20000;  // 4 ticks
+    EXPECT_TRUE(assess(d, 0.05).flagged);
+}
+
+TEST(Interference, UnpinnedComparesAllCpusWithBothProcesses) {
+    OccupancyDelta d;
+    d.seconds = 1;
+    d.busy_us[0] = 1000000;  // both CPUs together
+    d.server_us = 500000;
+    d.client_us = 400000;
+    auto in = assess(d, 0.05);
+    EXPECT_TRUE(in.flagged);  // 10 % of a CPU elsewhere
+    EXPECT_NE(in.details.find("all CPUs"), std::string::npos) << in.details;
+    d.busy_us[0] = 920000;
+    EXPECT_FALSE(assess(d, 0.05).flagged);
+}
+
+/// A child spinning on `cpu` until killed.
+pid_t start_hog(int cpu) {
+    pid_t pid = ::fork();
+    if (pid == 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(cpu, &set);
+        ::sched_setaffinity(0, sizeof set, &set);
+        for (;;) __asm__ volatile("");  // a loop the compiler may not remove
+    }
+    return pid;
+}
+
+TEST(Interference, AHogPinnedToTheServersCpuIsDetected) {
+    // Only the hog case is asserted on a real machine: without the hog, a
+    // shared CI machine may well be busy with other work, which the detector
+    // must then (rightly) flag; the quiet case is tested on synthetic figures.
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    ASSERT_EQ(::sched_getaffinity(0, sizeof set, &set), 0);
+    int cpus[2] = {-1, -1};
+    for (int c = 0, found = 0; c < CPU_SETSIZE && found < 2; ++c)
+        if (CPU_ISSET(c, &set)) cpus[found++] = c;
+    // A "server" that sleeps: the window's CPU time on its CPU is the hog's.
+    pid_t server = ::fork();
+    if (server == 0) {
+        ::pause();
+        ::_exit(0);
+    }
+    ASSERT_GT(server, 0);
+    pid_t hog = start_hog(cpus[0]);
+    ASSERT_GT(hog, 0);
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    const int server_cpu = cpus[1] >= 0 ? cpus[0] : -1;  // one CPU: unpinned mode
+    const auto a = evmux::bench::read_occupancy(server_cpu, cpus[1], server, false, 0);
+    std::this_thread::sleep_for(std::chrono::milliseconds(600));
+    const auto b = evmux::bench::read_occupancy(server_cpu, cpus[1], server, false, 0);
+    for (pid_t p : {hog, server}) {
+        ::kill(p, SIGKILL);
+        ::waitpid(p, nullptr, 0);
+    }
+    const auto in = assess(evmux::bench::occupancy_delta(a, b, server_cpu, cpus[1]), 0.05);
+    EXPECT_TRUE(in.flagged) << in.details;
+    // However busy the machine, the hog gets a fair share of its CPU: with
+    // three others wanting it, a quarter.
+    EXPECT_GT(in.other_share[0], 0.2) << in.details;
+    EXPECT_NE(in.details.find("other processes took"), std::string::npos) << in.details;
 }
 
 }  // namespace

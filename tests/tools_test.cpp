@@ -693,6 +693,27 @@ TEST(EvmuxBench, JsonSaysHowUserAndSysWereSplitAndUsesPerfWhenAvailable) {
          it != std::sregex_iterator(); ++it)
         split[(*it)[1]] = (*it)[2];
     ASSERT_EQ(split.size(), 2u) << json;
+    // Every run says whether other work disturbed it, and every round.
+    static const std::regex interference(
+        R"re("interference": \{"flagged": (true|false), "details": "[^"]+"\})re");
+    EXPECT_EQ(std::distance(std::sregex_iterator(json.begin(), json.end(), interference),
+                            std::sregex_iterator()),
+              2 + 2 * 2)
+        << json;
+    // The report's first and last lines say how many runs were disturbed.
+    static const std::regex summary(
+        R"(^(WARNING: [0-9]+ of 2 runs disturbed by other work \(.*\); their figures are not comparable|evmux-bench: no run disturbed by other work \(threshold 5.0% of a CPU\))$)");
+    const std::string out = c.out();
+    const std::string first_line = out.substr(0, out.find('\n'));
+    std::string trimmed = out.substr(0, out.find_last_not_of('\n') + 1);
+    const std::string last_line = trimmed.substr(trimmed.rfind('\n') + 1);
+    EXPECT_TRUE(std::regex_match(first_line, summary)) << out;
+    EXPECT_EQ(first_line, last_line) << out;
+    if (first_line.starts_with("WARNING")) {
+        EXPECT_NE(out.find("\nWARNING: epoll-floor at 1KiB x 50 disturbed by other work: round "),
+                  std::string::npos)
+            << out;
+    }
     // Medians, with each round's figures and their minima and maxima.
     static const std::regex rounds(
         R"re("min": \{"round_trips": [0-9]+.*"max": \{"round_trips": [0-9]+.*"rounds": \[\{"round_trips": [0-9]+[^\]]*\}, \{"round_trips": [0-9]+[^\]]*\}\]\})re");

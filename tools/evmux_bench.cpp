@@ -17,6 +17,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <optional>
@@ -28,6 +29,7 @@
 
 #include "bench_c.hpp"
 #include "bench_dispatch.hpp"
+#include "bench_interference.hpp"
 #include "bench_processes.hpp"
 #include "bench_stats.hpp"
 #include "evmux/selector.hpp"
@@ -92,6 +94,9 @@ struct Result : Figures {
     std::string cpu_split;
     std::vector<Result> rounds;  ///< each round's figures, in round order
     Figures min, max;            ///< over the rounds
+    /// Other work on the server's or client's CPU in the window; after
+    /// aggregate(), flagged if any round was.
+    Interference interference;
 };
 
 /// One (server, point)'s rounds as one Result: the medians of their figures,
@@ -115,6 +120,23 @@ Result aggregate(std::vector<Result> rounds) {
         r.min.*m = s.min;
         r.max.*m = s.max;
     }
+    // Flagged if any round was, naming those; else the figures of the round
+    // other work came closest to disturbing.
+    std::string flagged;
+    const Result* worst = &rounds.front();
+    for (std::size_t i = 0; i < rounds.size(); ++i) {
+        const Interference& in = rounds[i].interference;
+        if (in.flagged)
+            flagged += (flagged.empty() ? "" : "; ") + std::string("round ") +
+                       std::to_string(i + 1) + ": " + in.details;
+        auto most = [](const Interference& x) {
+            return std::max(
+                {x.other_share[0], x.other_share[1], x.steal_share[0], x.steal_share[1]});
+        };
+        if (most(in) > most(worst->interference)) worst = &rounds[i];
+    }
+    r.interference = worst->interference;
+    if (!flagged.empty()) r.interference = {true, flagged, {}, {}};
     r.rounds = std::move(rounds);
     return r;
 }
@@ -173,7 +195,8 @@ bool parse_listening(const std::string& line, std::string& host, int& port) {
 }
 
 /// The first sample taken at or after `t` (or the last one).
-const ProcSample& sample_at(const std::vector<ProcSample>& samples, Clock::time_point t) {
+template <class Sample>
+const Sample& sample_at(const std::vector<Sample>& samples, Clock::time_point t) {
     for (const auto& s : samples)
         if (s.when >= t) return s;
     return samples.back();
@@ -197,8 +220,9 @@ struct Options {
     std::vector<int> sweep_fds;
     std::string tools_dir;
     std::string host = "127.0.0.1";
-    int rounds = 0;               // rounds per point; 0: 5, or 3 with --quick
-    std::vector<int> threads{1};  // evmux-echo --threads, one server entry per value
+    int rounds = 0;                   // rounds per point; 0: 5, or 3 with --quick
+    double interference_percent = 5;  // other work above this share of a CPU flags a point
+    std::vector<int> threads{1};      // evmux-echo --threads, one server entry per value
 };
 
 /// A server's figures while the load runs: its CPU time and RSS sampled every
@@ -211,7 +235,10 @@ class ServerSampler {
     /// time and perf samples (unless `tick_split`); not for a server with a
     /// thread or process per connection, whose threads come and go (the reads
     /// would be heavy and miss the exited ones).
-    ServerSampler(pid_t pid, bool precise, bool tick_split) : pid_(pid), precise_(precise) {
+    /// `cpus`: the server's and the client's (see OccupancyDelta), whose other
+    /// work is sampled too; `forks`: the server's live children count as its.
+    ServerSampler(pid_t pid, bool precise, bool tick_split, std::pair<int, int> cpus, bool forks)
+        : pid_(pid), precise_(precise), cpus_(cpus), forks_(forks) {
         if (precise && !tick_split) {
             modes_.emplace(pid);
             static bool told = false;
@@ -221,6 +248,8 @@ class ServerSampler {
                              modes_->reason().c_str());
         }
         samples_.push_back(sample_process(pid, precise));
+        occupancy_.push_back(
+            carry_forward(read_occupancy(cpus_.first, cpus_.second, pid_, forks_, 0), {}));
         start_rss_kib_ = samples_.back().rss_kib;
         thread_ = std::thread([this] { sample_until_stopped(); });
     }
@@ -238,6 +267,11 @@ class ServerSampler {
         if (modes_) modes_->drain();
     }
 
+    /// The load client, once started: its CPU time is not other work.
+    void set_client(pid_t client) { client_ = client; }
+    /// The occupancy samples, the first taken at start. Read them after stop().
+    const std::vector<OccupancySample>& occupancy() const { return occupancy_; }
+
     /// VmRSS when sampling started.
     long start_rss_kib() const { return start_rss_kib_; }
     /// The samples, the first taken at start. Read them after stop().
@@ -251,14 +285,21 @@ class ServerSampler {
             std::this_thread::sleep_for(std::chrono::milliseconds(20));
             ProcSample s = sample_process(pid_, precise_);
             if (s.ok) samples_.push_back(s);
+            occupancy_.push_back(
+                carry_forward(read_occupancy(cpus_.first, cpus_.second, pid_, forks_, client_),
+                              occupancy_.back()));
             if (modes_) modes_->drain();
         }
     }
 
     pid_t pid_;
     bool precise_;
+    std::pair<int, int> cpus_;
+    bool forks_;
+    std::atomic<pid_t> client_{0};
     std::optional<CpuModeSampler> modes_;
     std::vector<ProcSample> samples_;
+    std::vector<OccupancySample> occupancy_;
     long start_rss_kib_ = 0;
     std::atomic<bool> running_{true};
     std::thread thread_;
@@ -412,15 +453,19 @@ class Runner {
         if (!wait_listening(srv, host, port, r.note)) return r;
 
         const bool precise = !server.per_connection_os;
-        ServerSampler sampler(srv.pid(), precise, opt_.tick_split);
+        const int cpu = server.threads > 1 ? -1 : server_cpu_;
+        ServerSampler sampler(srv.pid(), precise, opt_.tick_split, {cpu, client_cpu_},
+                              server.forks);
         r.rss_start_kib = sampler.start_rss_kib();
-        LoadRun load = run_load(point, host, port, srv.pid(), server.forks);
+        LoadRun load = run_load(point, host, port, srv.pid(), server.forks,
+                                [&](pid_t client) { sampler.set_client(client); });
         sampler.stop();  // before reading its samples
         srv.stop();
 
         std::optional<double> duration_s = read_load_figures(load, r);
         if (!duration_s) return r;
         measure_server(r, sampler, load, *duration_s, precise);
+        r.interference = assess_window(sampler, load, *duration_s, cpu);
         r.ok = true;
         return r;
     }
@@ -438,7 +483,7 @@ class Runner {
     /// it overruns by a minute. With `forks`, the CPU of the server's live
     /// children is read when the figures arrive.
     LoadRun run_load(const Point& point, const std::string& host, int port, pid_t server,
-                     bool forks) const {
+                     bool forks, const std::function<void(pid_t)>& started) const {
         std::vector<std::string> argv{load_.string(),
                                       "--port",
                                       std::to_string(port),
@@ -455,6 +500,7 @@ class Runner {
                                       "--json"};
         LoadRun run;
         ChildProcess load(argv, client_cpu_, true, false);
+        started(load.pid());
         auto limit = Clock::now() +
                      std::chrono::milliseconds(static_cast<long>(opt_.duration * 1000) + 60000);
         run.in_time = load.read_stdout(run.json, limit, [&] {
@@ -464,6 +510,17 @@ class Runner {
         run.status = run.in_time ? load.wait(limit) : -1;
         return run;
     }  // a load client that overran is killed here
+
+    /// Other work on the server's and client's CPUs over the load window.
+    Interference assess_window(const ServerSampler& sampler, const LoadRun& load, double duration_s,
+                               int server_cpu) const {
+        const auto& samples = sampler.occupancy();
+        auto end = load.reported;
+        auto start = end - std::chrono::microseconds(static_cast<long>(duration_s * 1e6));
+        return assess(occupancy_delta(sample_at(samples, start), sample_at(samples, end),
+                                      server_cpu, server_cpu < 0 ? -1 : client_cpu_),
+                      opt_.interference_percent / 100);
+    }
 
     const Options& opt_;
     fs::path load_;
@@ -560,6 +617,11 @@ void print_table(std::ostream& os, const std::vector<Result>& results,
                    << " KiB: " << fmt(r.rss_per_idle_conn_bytes, 0) << " B per idle connection\n";
         }
         os << split_legend(results, p);
+        for (const auto& r : results)
+            if (r.ok && r.interference.flagged && r.point.size == p.size &&
+                r.point.conns == p.conns && r.point.active == p.active)
+                os << "WARNING: " << r.server->name << " at " << point_label(p)
+                   << " disturbed by other work: " << r.interference.details << "\n";
     }
 }
 
@@ -589,6 +651,11 @@ const std::pair<const char*, double Figures::*> ratio_keys[] = {
     {"user_us_per_msg", &Figures::user_us_per_msg},
     {"sys_us_per_msg", &Figures::sys_us_per_msg}};
 
+std::string json_interference(const Interference& in) {
+    return std::string("{\"flagged\": ") + (in.flagged ? "true" : "false") +
+           ", \"details\": " + json_str(in.details) + "}";
+}
+
 /// The figures as JSON members (no braces).
 std::string json_figures(const Figures& f, bool idle_heavy) {
     std::ostringstream os;
@@ -611,6 +678,7 @@ void write_json(const fs::path& file, const std::vector<Result>& results, const 
     os << "{\n  \"tool\": \"evmux-bench\",\n  \"quick\": " << (opt.quick ? "true" : "false")
        << ",\n  \"duration_s\": " << json_num(opt.duration) << ",\n  \"cpus\": " << usable_cpus()
        << ",\n  \"pinned\": " << (pinned ? "true" : "false") << ",\n  \"rounds\": " << opt.rounds
+       << ",\n  \"interference_threshold_percent\": " << json_num(opt.interference_percent, 1)
        << ",\n  \"ratio_ranges\": \"paired: round i of a server over round i of epoll-floor\""
        << ",\n  \"total_s\": " << json_num(total_s, 1) << ",\n  \"runs\": [";
     bool first = true;
@@ -636,6 +704,7 @@ void write_json(const fs::path& file, const std::vector<Result>& results, const 
             };
             os << ", " << json_figures(r, r.point.idle_heavy)
                << ", \"cpu_split\": " << json_str(r.cpu_split)
+               << ", \"interference\": " << json_interference(r.interference)
                << ", \"ratio_to_floor\": " << ratios(&Spread::median) << ", \"min\": {"
                << json_figures(r.min, r.point.idle_heavy)
                << ", \"ratio_to_floor\": " << ratios(&Spread::min) << "}, \"max\": {"
@@ -644,7 +713,9 @@ void write_json(const fs::path& file, const std::vector<Result>& results, const 
             for (std::size_t i = 0; i < r.rounds.size(); ++i) {
                 const Result& round = r.rounds[i];
                 os << (i ? ", " : "") << "{" << json_figures(round, r.point.idle_heavy)
-                   << ", \"cpu_split\": " << json_str(round.cpu_split) << ", \"ratio_to_floor\": {";
+                   << ", \"cpu_split\": " << json_str(round.cpu_split)
+                   << ", \"interference\": " << json_interference(round.interference)
+                   << ", \"ratio_to_floor\": {";
                 bool first_key = true;
                 for (const auto& [key, m] : ratio_keys) {
                     double q = fl && i < fl->rounds.size() && fl->rounds[i].*m > 0
@@ -789,6 +860,10 @@ void add_bench_options(CLI::App& app, Options& opt) {
                    "rounds per point, the servers interleaved in each; medians and ranges "
                    "over them (default 5; 3 with --quick)")
         ->check(CLI::Range(1, 1000));
+    app.add_option("--interference-threshold", opt.interference_percent,
+                   "flag a run when other work took more than this percentage of the server's "
+                   "or the client's CPU, or steal did (default 5)")
+        ->check(CLI::Range(0.0, 100.0));
     app.add_flag("--quick", opt.quick,
                  "a subset that finishes in about a minute (1 s points, fewer idle connections)");
     app.add_option("--out", opt.out_dir, "directory for bench.json, bench.csv and the plots");
@@ -993,8 +1068,10 @@ bool run_servers(Runner& runner, const std::vector<Point>& points,
                 std::fflush(stderr);
                 Result r = runner.run(s, p);
                 if (r.ok)
-                    std::fprintf(stderr, " %.0f msg/s, p99 %.0f us, user/sys split: %s\n",
-                                 r.msgs_per_s, r.p99_us, r.cpu_split.c_str());
+                    std::fprintf(stderr, " %.0f msg/s, p99 %.0f us, user/sys split: %s%s%s\n",
+                                 r.msgs_per_s, r.p99_us, r.cpu_split.c_str(),
+                                 r.interference.flagged ? "\n  WARNING: disturbed: " : "",
+                                 r.interference.flagged ? r.interference.details.c_str() : "");
                 else
                     std::fprintf(stderr, " %s%s\n", r.skipped ? "" : "FAILED: ", r.note.c_str());
                 if (!r.ok && !r.skipped) all_ok = false;
@@ -1078,6 +1155,25 @@ void make_plots(const fs::path& json, const std::string& out_dir) {
                   << json.string() << "\n";
 }
 
+/// The first and last line of the report: how many runs other work disturbed.
+std::string disturbance_summary(const std::vector<Result>& results, double percent) {
+    std::size_t measured = 0, flagged = 0;
+    std::string which;
+    for (const auto& r : results) {
+        if (!r.ok) continue;
+        ++measured;
+        if (!r.interference.flagged) continue;
+        if (++flagged <= 3)
+            which += (which.empty() ? "" : ", ") + r.server->name + " at " + point_label(r.point);
+    }
+    if (flagged == 0)
+        return "evmux-bench: no run disturbed by other work (threshold " + fmt(percent, 1) +
+               "% of a CPU)\n";
+    return "WARNING: " + std::to_string(flagged) + " of " + std::to_string(measured) +
+           " runs disturbed by other work (" + which + (flagged > 3 ? ", ..." : "") +
+           "); their figures are not comparable\n";
+}
+
 /// The comparison: plan, run every server and the dispatch sweep, report.
 /// Returns the exit status.
 int run_bench(Options& opt) {
@@ -1113,10 +1209,13 @@ int run_bench(Options& opt) {
     all_ok = run_sweeps(backends, fd_counts, opt.quick, sweeps) && all_ok;
     double total_s = std::chrono::duration<double>(Clock::now() - t0).count();
 
+    const std::string disturbed = disturbance_summary(results, opt.interference_percent);
+    std::cout << disturbed;
     print_table(std::cout, results, points);
     if (!sweeps.empty()) print_sweeps(backends, fd_counts, sweeps);
     std::printf("\nevmux-bench: %zu server x point entries, %d rounds each, in %.1f s\n",
                 results.size(), opt.rounds, total_s);
+    std::cout << disturbed;
     std::fflush(stdout);
 
     std::optional<fs::path> json_path = write_files(opt, results, sweeps, pinned, total_s);

@@ -1,0 +1,147 @@
+// See bench_interference.hpp.
+#include "bench_interference.hpp"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+namespace evmux::bench {
+namespace {
+
+std::string percent(double share) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.1f%%", share * 100);
+    return buf;
+}
+
+double tick_us() {
+    static const long hz = ::sysconf(_SC_CLK_TCK);
+    return 1e6 / static_cast<double>(hz > 0 ? hz : 100);
+}
+
+// busy (user + nice + system) and steal of /proc/stat's line for `cpu`
+// ("cpu" for all of them when cpu < 0), in µs.
+void read_cpu_line(int cpu, double& busy, double& steal) {
+    busy = steal = 0;
+    std::ifstream in("/proc/stat");
+    const std::string want = cpu < 0 ? "cpu" : "cpu" + std::to_string(cpu);
+    std::string line;
+    while (std::getline(in, line)) {
+        std::istringstream fields(line);
+        std::string name;
+        fields >> name;
+        if (name != want) continue;
+        unsigned long long user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0,
+                           softirq = 0, st = 0;
+        fields >> user >> nice >> system >> idle >> iowait >> irq >> softirq >> st;
+        busy = static_cast<double>(user + nice + system) * tick_us();
+        steal = static_cast<double>(st) * tick_us();
+        return;
+    }
+}
+
+// utime + stime of /proc/PID/stat (every thread, live or exited), with
+// `reaped_children` also cutime + cstime, in µs; NaN if gone.
+double process_cpu_us(pid_t pid, bool reaped_children) {
+    std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+    std::string text;
+    if (!std::getline(in, text)) return NAN;
+    auto close = text.rfind(')');
+    if (close == std::string::npos) return NAN;
+    std::istringstream fields(text.substr(close + 1));
+    std::string field;
+    for (int i = 3; i < 14; ++i) fields >> field;
+    unsigned long long t[4] = {};
+    for (auto& v : t) fields >> v;
+    return static_cast<double>(t[0] + t[1] + (reaped_children ? t[2] + t[3] : 0)) * tick_us();
+}
+
+}  // namespace
+
+Interference assess(const OccupancyDelta& d, double threshold) {
+    Interference result;
+    if (d.seconds <= 0) {
+        result.details = "no window";
+        return result;
+    }
+    const double window_us = d.seconds * 1e6;
+    const double resolution_us = 3 * d.tick_us;
+    const bool pinned = d.cpu[0] >= 0;
+    std::string figures, causes;
+    for (int i = 0; i < (pinned ? 2 : 1); ++i) {
+        const double own =
+            pinned ? (i == 0 ? d.server_us : d.client_us) : d.server_us + d.client_us;
+        const double other = std::max(0.0, d.busy_us[i] - own - d.bench_us);
+        const double stolen = std::max(0.0, d.steal_us[i]);
+        result.other_share[i] = other / window_us;
+        result.steal_share[i] = stolen / window_us;
+        const std::string where =
+            !pinned ? std::string("all CPUs")
+                    : "CPU " + std::to_string(d.cpu[i]) + (i == 0 ? " (server)" : " (client)");
+        figures += (figures.empty() ? "" : "; ") + where + ": other work " +
+                   percent(result.other_share[i]) + ", steal " + percent(result.steal_share[i]);
+        if (result.other_share[i] > threshold && other > resolution_us)
+            causes += (causes.empty() ? "" : "; ") + std::string("other processes took ") +
+                      percent(result.other_share[i]) + " of " + where;
+        if (result.steal_share[i] > threshold && stolen > resolution_us)
+            causes += (causes.empty() ? "" : "; ") + std::string("the hypervisor stole ") +
+                      percent(result.steal_share[i]) + " of " + where;
+    }
+    char load[64];
+    std::snprintf(load, sizeof load, "; load average %.2f -> %.2f", d.load_before, d.load_after);
+    result.flagged = !causes.empty();
+    result.details = (result.flagged ? causes : figures) + load;
+    return result;
+}
+
+OccupancySample read_occupancy(int server_cpu, int client_cpu, pid_t server, bool forks,
+                               pid_t client) {
+    OccupancySample s;
+    s.when = Clock::now();
+    read_cpu_line(server_cpu, s.busy_us[0], s.steal_us[0]);
+    if (server_cpu >= 0) read_cpu_line(client_cpu, s.busy_us[1], s.steal_us[1]);
+    s.server_us = process_cpu_us(server, true);
+    // Gone (reaped) is not an error: the caller keeps the last value.
+    if (forks) {
+        const auto [child_user, child_sys] = live_children_cpu(server);
+        s.server_us += child_user + child_sys;
+    }
+    s.client_us = client > 0 ? process_cpu_us(client, true) : 0;
+    // Not the bench's reaped children: they are the servers and clients.
+    s.bench_us = process_cpu_us(::getpid(), false);
+    std::ifstream loadavg("/proc/loadavg");
+    loadavg >> s.load1;
+    return s;
+}
+
+OccupancySample carry_forward(OccupancySample s, const OccupancySample& previous) {
+    for (auto m :
+         {&OccupancySample::server_us, &OccupancySample::client_us, &OccupancySample::bench_us})
+        if (std::isnan(s.*m)) s.*m = previous.*m;
+    return s;
+}
+
+OccupancyDelta occupancy_delta(const OccupancySample& a, const OccupancySample& b, int server_cpu,
+                               int client_cpu) {
+    OccupancyDelta d;
+    d.seconds = std::chrono::duration<double>(b.when - a.when).count();
+    d.cpu[0] = server_cpu;
+    d.cpu[1] = client_cpu;
+    for (int i = 0; i < 2; ++i) {
+        d.busy_us[i] = b.busy_us[i] - a.busy_us[i];
+        d.steal_us[i] = b.steal_us[i] - a.steal_us[i];
+    }
+    d.server_us = b.server_us - a.server_us;
+    d.client_us = b.client_us - a.client_us;
+    d.bench_us = b.bench_us - a.bench_us;
+    d.load_before = a.load1;
+    d.load_after = b.load1;
+    d.tick_us = tick_us();
+    return d;
+}
+
+}  // namespace evmux::bench
