@@ -107,8 +107,7 @@ OccupancySample read_occupancy(int server_cpu, int client_cpu, pid_t server, boo
     s.server_us = process_cpu_us(server, true);
     // Gone (reaped) is not an error: the caller keeps the last value.
     if (forks) {
-        const auto [child_user, child_sys] = live_children_cpu(server);
-        s.server_us += child_user + child_sys;
+        s.server_us += live_children_cpu(server).total_us;
     }
     s.client_us = client > 0 ? process_cpu_us(client, true) : 0;
     // Not the bench's reaped children: they are the servers and clients.

@@ -14,6 +14,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
@@ -281,7 +282,7 @@ ProcSample sample_process(pid_t pid, bool with_run_time) {
     return s;
 }
 
-std::pair<double, double> live_children_cpu(pid_t pid) {
+ChildrenCpu live_children_cpu(pid_t pid) {
     double user = 0, sys = 0, run = 0;
     std::string task_dir = "/proc/" + std::to_string(pid) + "/task";
     DIR* dir = ::opendir(task_dir.c_str());
@@ -301,9 +302,8 @@ std::pair<double, double> live_children_cpu(pid_t pid) {
         }
     }
     ::closedir(dir);
-    if (run <= 0) return {user, sys};
-    double share = user + sys > 0 ? user / (user + sys) : 0.5;
-    return {run * share, run * (1 - share)};
+    const double share = user + sys > 0 ? user / (user + sys) : NAN;
+    return {run > 0 ? run : user + sys, share};
 }
 
 namespace {

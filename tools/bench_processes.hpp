@@ -87,11 +87,16 @@ struct ProcSample {
 /// per thread: keep it for processes with few threads).
 ProcSample sample_process(pid_t pid, bool with_run_time);
 
-/// CPU time (in µs) of the live children of `pid` (every thread's), e.g. a
-/// forking server's: the total, ns-precise from schedstat, split into user and
-/// sys as the summed utime/stime ticks split it (each child alone has too few
-/// ticks to split by).
-std::pair<double, double> live_children_cpu(pid_t pid);
+/// CPU time of the live children of `pid` (every thread's), e.g. a forking
+/// server's: the total, ns-precise from schedstat (else from the ticks), and
+/// the user share as the summed utime/stime ticks split it (each child alone
+/// has too few ticks to split by); NaN when they have no ticks at all: then
+/// the split is unknown, not 50/50.
+struct ChildrenCpu {
+    double total_us = 0;
+    double user_share = 0;
+};
+ChildrenCpu live_children_cpu(pid_t pid);
 
 /// Which mode (user or kernel) a process's threads run in, sampled with
 /// perf_event_open(2): one cpu-clock software event per thread, a sample every

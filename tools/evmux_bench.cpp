@@ -66,18 +66,27 @@ struct Point {
 struct Figures {
     double round_trips = 0, msgs_per_s = 0, mib_per_s = 0;
     double p50_us = 0, p99_us = 0, max_us = 0;
-    double user_us_per_msg = 0, sys_us_per_msg = 0;
+    double user_us_per_msg = 0, sys_us_per_msg = 0;  ///< NaN when unsplit
+    double cpu_us_per_msg = 0;                       ///< user + sys, split or not
     double cpu_window_s = 0;
     double rss_start_kib = 0, rss_peak_kib = 0;
     double rss_per_idle_conn_bytes = 0;
 };
 
 /// Every member of Figures, for the statistics over rounds.
-constexpr double Figures::*figure_members[] = {
-    &Figures::round_trips,     &Figures::msgs_per_s,     &Figures::mib_per_s,
-    &Figures::p50_us,          &Figures::p99_us,         &Figures::max_us,
-    &Figures::user_us_per_msg, &Figures::sys_us_per_msg, &Figures::cpu_window_s,
-    &Figures::rss_start_kib,   &Figures::rss_peak_kib,   &Figures::rss_per_idle_conn_bytes};
+constexpr double Figures::*figure_members[] = {&Figures::round_trips,
+                                               &Figures::msgs_per_s,
+                                               &Figures::mib_per_s,
+                                               &Figures::p50_us,
+                                               &Figures::p99_us,
+                                               &Figures::max_us,
+                                               &Figures::user_us_per_msg,
+                                               &Figures::sys_us_per_msg,
+                                               &Figures::cpu_us_per_msg,
+                                               &Figures::cpu_window_s,
+                                               &Figures::rss_start_kib,
+                                               &Figures::rss_peak_kib,
+                                               &Figures::rss_per_idle_conn_bytes};
 
 /// What one (server, point) run measured; after aggregate(), the medians of
 /// its rounds, with the rounds themselves and their minima and maxima.
@@ -309,8 +318,8 @@ class ServerSampler {
 struct LoadRun {
     std::string json;
     Clock::time_point reported{};  ///< its figures arrived: the end of the load window
-    std::pair<double, double> children_at_end{0, 0};  ///< a forking server's, at `reported`
-    int status = -1;                                  ///< exit status, -1 if it overran
+    ChildrenCpu children_at_end;   ///< a forking server's, at `reported`
+    int status = -1;               ///< exit status, -1 if it overran
     bool in_time = false;
 };
 
@@ -369,9 +378,10 @@ double user_share(const CpuModeSampler* modes, const ProcSample& a, const ProcSa
     how = !modes               ? "ticks (--tick-split)"
           : modes->available() ? "ticks (only " + std::to_string(split.total()) + " perf samples)"
                                : "ticks (" + modes->reason() + ")";
-    return user + sys >= min_split_us ? user / (user + sys)
-           : b.user_us + b.sys_us > 0 ? b.user_us / (b.user_us + b.sys_us)
-                                      : 0.5;
+    if (user + sys >= min_split_us) return user / (user + sys);
+    if (b.user_us + b.sys_us > 0) return b.user_us / (b.user_us + b.sys_us);
+    how = "unsplit (no ticks to split by)";
+    return NAN;
 }
 
 /// The server's side of `r`: user and sys CPU per message and peak RSS over
@@ -389,16 +399,29 @@ void measure_server(Result& r, const ServerSampler& sampler, const LoadRun& load
     double user = b.user_us - a.user_us + b.child_user_us - a.child_user_us;
     double sys = b.sys_us - a.sys_us + b.child_sys_us - a.child_sys_us;
     r.cpu_split = "ticks";
+    double total = user + sys;
     if (precise && b.run_us > a.run_us) {
         // The total from the ns-precise run time, split as user_share() says.
         double run = b.run_us - a.run_us;
+        total = run;
         user = run * user_share(sampler.modes(), a, b, user, sys, r.cpu_split);
         sys = run - user;
     }
     // A forking server's children live through the whole window: their
-    // CPU from birth to the end of the window counts (set-up included).
-    user += load.children_at_end.first;
-    sys += load.children_at_end.second;
+    // CPU from birth to the end of the window counts (set-up included). With
+    // no ticks to split it by, the split is unknown: the total stays, user
+    // and sys become NaN ("unsplit"), never a default share.
+    const ChildrenCpu& children = load.children_at_end;
+    total += children.total_us;
+    if (children.total_us > 0) {
+        if (std::isnan(children.user_share)) {
+            user = sys = NAN;
+            r.cpu_split = "unsplit (the live children had no utime/stime ticks)";
+        } else {
+            user += children.total_us * children.user_share;
+            sys += children.total_us * (1 - children.user_share);
+        }
+    }
     for (const auto& s : samples)
         if (s.when >= a.when && s.when <= b.when)
             r.rss_peak_kib = std::max(r.rss_peak_kib, static_cast<double>(s.rss_kib));
@@ -407,6 +430,7 @@ void measure_server(Result& r, const ServerSampler& sampler, const LoadRun& load
         // CPU per second of window divided by messages per second.
         r.user_us_per_msg = user / window_s / r.msgs_per_s;
         r.sys_us_per_msg = sys / window_s / r.msgs_per_s;
+        r.cpu_us_per_msg = total / window_s / r.msgs_per_s;
     }
     if (r.point.idle_heavy && r.rss_peak_kib > 0)
         r.rss_per_idle_conn_bytes = (r.rss_peak_kib - r.rss_start_kib) * 1024.0 / r.point.conns;
@@ -556,13 +580,15 @@ std::string cell(const Result& r, const Result* floor, double Figures::*m, int d
 
 // The footnote of a point's table: how its rows' user/sys columns were split.
 std::string split_legend(const std::vector<Result>& results, const Point& p) {
-    std::string perf, ticks;
+    std::string perf, ticks, unsplit;
     std::uint64_t fewest = 0;
     for (const auto& r : results) {
         if (!r.ok || r.point.size != p.size || r.point.conns != p.conns ||
             r.point.active != p.active)
             continue;
-        std::string& names = r.cpu_split.starts_with("perf") ? perf : ticks;
+        std::string& names = r.cpu_split.starts_with("perf")      ? perf
+                             : r.cpu_split.starts_with("unsplit") ? unsplit
+                                                                  : ticks;
         names += (names.empty() ? "" : ", ") + r.server->name;
         if (r.cpu_split.starts_with("perf")) {
             auto n = std::strtoull(r.cpu_split.c_str() + r.cpu_split.find(':') + 1, nullptr, 10);
@@ -576,6 +602,12 @@ std::string split_legend(const std::vector<Result>& results, const Point& p) {
                 perf;
     if (!ticks.empty())
         text += (text.empty() ? "" : "; ") + std::string("utime/stime ticks for ") + ticks;
+    if (!unsplit.empty())
+        text += (text.empty() ? "" : "; ") +
+                std::string(
+                    "unsplit (no ticks to split by: user and sys shown as -, their sum "
+                    "in the JSON's cpu_us_per_msg) for ") +
+                unsplit;
     return text.empty() ? "" : "  user/sys split: " + text + "\n";
 }
 
@@ -649,7 +681,8 @@ const std::pair<const char*, double Figures::*> ratio_keys[] = {
     {"p50_us", &Figures::p50_us},
     {"p99_us", &Figures::p99_us},
     {"user_us_per_msg", &Figures::user_us_per_msg},
-    {"sys_us_per_msg", &Figures::sys_us_per_msg}};
+    {"sys_us_per_msg", &Figures::sys_us_per_msg},
+    {"cpu_us_per_msg", &Figures::cpu_us_per_msg}};
 
 std::string json_interference(const Interference& in) {
     return std::string("{\"flagged\": ") + (in.flagged ? "true" : "false") +
@@ -665,6 +698,7 @@ std::string json_figures(const Figures& f, bool idle_heavy) {
        << ", \"p99_us\": " << json_num(f.p99_us, 1) << ", \"max_us\": " << json_num(f.max_us, 1)
        << ", \"user_us_per_msg\": " << json_num(f.user_us_per_msg, 4)
        << ", \"sys_us_per_msg\": " << json_num(f.sys_us_per_msg, 4)
+       << ", \"cpu_us_per_msg\": " << json_num(f.cpu_us_per_msg, 4)
        << ", \"cpu_window_s\": " << json_num(f.cpu_window_s)
        << ", \"rss_start_kib\": " << json_num(f.rss_start_kib, 0)
        << ", \"rss_peak_kib\": " << json_num(f.rss_peak_kib, 0) << ", \"rss_per_idle_conn_bytes\": "
