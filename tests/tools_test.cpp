@@ -638,8 +638,10 @@ TEST(CpuModeSampler, AProcessSpinningInUserSpaceIsSampledInUserMode) {
     // 3000 samples if it had a CPU to itself; generous for a loaded machine.
     EXPECT_GE(split.total(), 200u) << "lost " << sampler.lost();
     // Not 1: interrupts and softirqs (e.g. a concurrent test's loopback
-    // traffic) run in kernel mode on whatever thread they interrupt.
-    EXPECT_GT(split.user_share(), 0.8) << split.user << " user, " << split.kernel << " kernel";
+    // traffic) run in kernel mode on whatever thread they interrupt: 0.80
+    // was seen beside the evmux_echo suite on 2 cores. A kernel-mode
+    // process (the next test) is under 0.2.
+    EXPECT_GT(split.user_share(), 0.6) << split.user << " user, " << split.kernel << " kernel";
 }
 
 TEST(CpuModeSampler, AProcessCopyingInTheKernelIsSampledInKernelMode) {
