@@ -90,17 +90,24 @@ TEST(BackendEdges, RemoveAfterModifyThenCloseReallyCloses) {
     EXPECT_TRUE(sees_eof(b.get())) << "the closed socket is still held open";
 }
 
+// `a` (a full socket buffer) watched for writing only while its peer `b`
+// shuts down its side (not reported to a write-only watcher), then `b` reads,
+// so `a` is writable again.
+void write_watcher_through_half_close(Selector& sel, int a, int b) {
+    ASSERT_NO_FATAL_FAILURE(fill(a));
+    sel.add(a, Events::write);
+    ASSERT_EQ(::shutdown(b, SHUT_WR), 0);
+    EXPECT_TRUE(sel.select(20ms).empty());
+    EXPECT_GT(drain(b), 0u);
+}
+
 // A write-only watcher that sat out a half-close and is writable again (on
 // io_uring: a multishot poll, whose cancel waits for the next submission):
 // a remove right after must still let go of the file.
 TEST(BackendEdges, RemoveAfterHalfCloseWatchThenCloseReallyCloses) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     auto [a, b] = socket_pair();
-    ASSERT_NO_FATAL_FAILURE(fill(a.get()));
-    sel->add(a.get(), Events::write);
-    ASSERT_EQ(::shutdown(b.get(), SHUT_WR), 0);
-    EXPECT_TRUE(sel->select(20ms).empty());
-    EXPECT_GT(drain(b.get()), 0u);
+    ASSERT_NO_FATAL_FAILURE(write_watcher_through_half_close(*sel, a.get(), b.get()));
     auto ready = sel->select(1s);
     ASSERT_EQ(ready.size(), 1u);
     EXPECT_EQ(ready[0].events, Events::write);
@@ -201,11 +208,7 @@ TEST(BackendEdges, UnreadDataIsReportedAtEveryWait) {
 TEST(BackendEdges, WriteOnlyWatcherLevelTriggeredAfterPeerHalfClose) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     auto [a, b] = socket_pair();
-    ASSERT_NO_FATAL_FAILURE(fill(a.get()));
-    sel->add(a.get(), Events::write);
-    ASSERT_EQ(::shutdown(b.get(), SHUT_WR), 0);
-    EXPECT_TRUE(sel->select(20ms).empty());
-    EXPECT_GT(drain(b.get()), 0u);
+    ASSERT_NO_FATAL_FAILURE(write_watcher_through_half_close(*sel, a.get(), b.get()));
     // Writable now, and at every wait while it stays writable.
     for (int i = 0; i < 3; ++i) {
         auto ready = sel->select(1s);
