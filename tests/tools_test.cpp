@@ -670,6 +670,48 @@ TEST(CpuModeSampler, AGoneProcessIsUnavailableWithAReason) {
     EXPECT_EQ(sampler.split(Clock::now() - 1h, Clock::now()).total(), 0u);
 }
 
+/// A tiny evmux-bench run (epoll-floor, one 0.2 s round): its JSON and stdout.
+struct TinyBench {
+    int rc = -1;
+    std::string json, out, err;
+};
+TinyBench tiny_bench(const std::string& bench) {
+    char dir_template[] = "/tmp/evmux-tools-test-XXXXXX";
+    TinyBench t;
+    if (::mkdtemp(dir_template) == nullptr) return t;
+    const std::string json_file = std::string(dir_template) + "/bench.json";
+    Child c({bench, "--servers", "epoll-floor", "--sizes", "64", "--sessions", "2", "--duration",
+             "0.2", "--rounds", "1", "--no-idle", "--no-plots", "--json", json_file});
+    t.rc = c.finish(60s);
+    std::ifstream in(json_file);
+    std::stringstream text;
+    text << in.rdbuf();
+    t.json = text.str();
+    t.out = c.out();
+    t.err = c.err();
+    std::remove(json_file.c_str());
+    ::rmdir(dir_template);
+    return t;
+}
+
+TEST(EvmuxBench, JsonAndTableRecordTheEnvironment) {
+    const std::string bench = program_path("EVMUX_BENCH");
+    if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";
+    const TinyBench t = tiny_bench(bench);
+    ASSERT_EQ(t.rc, 0) << t.err;
+    const auto at = t.json.find("\"environment\": {");
+    ASSERT_NE(at, std::string::npos) << t.json;
+    const std::string env = t.json.substr(at, t.json.find('}', at) - at);
+    for (const char* key :
+         {"kernel", "cpu_model", "cores_online", "governor", "mitigations", "load_before",
+          "load_after", "libevent", "liburing", "compiler", "build_type"}) {
+        const std::regex non_empty("\"" + std::string(key) + "\": \"[^\"]+\"");
+        EXPECT_TRUE(std::regex_search(env, non_empty)) << key << " in " << env;
+    }
+    EXPECT_EQ(env.find("run not finished"), std::string::npos) << env;
+    EXPECT_NE(t.out.find("\nenvironment: linux "), std::string::npos) << t.out;
+}
+
 TEST(EvmuxBench, JsonSaysHowUserAndSysWereSplitAndUsesPerfWhenAvailable) {
     const std::string bench = program_path("EVMUX_BENCH");
     if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";

@@ -29,6 +29,7 @@
 
 #include "bench_c.hpp"
 #include "bench_dispatch.hpp"
+#include "bench_environment.hpp"
 #include "bench_interference.hpp"
 #include "bench_processes.hpp"
 #include "bench_stats.hpp"
@@ -611,6 +612,17 @@ std::string split_legend(const std::vector<Result>& results, const Point& p) {
     return text.empty() ? "" : "  user/sys split: " + text + "\n";
 }
 
+/// The table header's environment lines.
+void print_environment(std::ostream& os, const Environment& env) {
+    os << "environment: linux " << env.get("kernel") << ", " << env.get("cpu_model") << ", "
+       << env.get("cores_online") << " cores online, governor " << env.get("governor") << ", load "
+       << env.get("load_before") << " before / " << env.get("load_after")
+       << " after\n  vulnerabilities "
+       << env.get("mitigations").substr(0, env.get("mitigations").find(':')) << "; libevent "
+       << env.get("libevent") << ", liburing " << env.get("liburing") << ", " << env.get("compiler")
+       << ", " << env.get("build_type") << "\n";
+}
+
 void print_table(std::ostream& os, const std::vector<Result>& results,
                  const std::vector<Point>& points) {
     char line[512];
@@ -707,14 +719,19 @@ std::string json_figures(const Figures& f, bool idle_heavy) {
 }
 
 void write_json(const fs::path& file, const std::vector<Result>& results, const Options& opt,
-                const std::vector<DispatchSweep>& sweeps, bool pinned, double total_s) {
+                const std::vector<DispatchSweep>& sweeps, bool pinned, double total_s,
+                const Environment& env) {
     std::ofstream os(file);
     os << "{\n  \"tool\": \"evmux-bench\",\n  \"quick\": " << (opt.quick ? "true" : "false")
        << ",\n  \"duration_s\": " << json_num(opt.duration) << ",\n  \"cpus\": " << usable_cpus()
        << ",\n  \"pinned\": " << (pinned ? "true" : "false") << ",\n  \"rounds\": " << opt.rounds
        << ",\n  \"interference_threshold_percent\": " << json_num(opt.interference_percent, 1)
        << ",\n  \"ratio_ranges\": \"paired: round i of a server over round i of epoll-floor\""
-       << ",\n  \"total_s\": " << json_num(total_s, 1) << ",\n  \"runs\": [";
+       << ",\n  \"total_s\": " << json_num(total_s, 1) << ",\n  \"environment\": {";
+    for (std::size_t i = 0; i < env.fields.size(); ++i)
+        os << (i ? ", " : "") << json_str(env.fields[i].first) << ": "
+           << json_str(env.fields[i].second);
+    os << "},\n  \"runs\": [";
     bool first = true;
     for (const auto& r : results) {
         const Result* fl = floor_of(results, r.point);
@@ -1157,16 +1174,16 @@ void print_sweeps(const std::vector<std::string>& backends, const std::vector<in
 /// the plots are made from (--out's, else --json's), if any.
 std::optional<fs::path> write_files(const Options& opt, const std::vector<Result>& results,
                                     const std::vector<DispatchSweep>& sweeps, bool pinned,
-                                    double total_s) {
+                                    double total_s, const Environment& env) {
     std::optional<fs::path> json_path;
     if (!opt.out_dir.empty()) {
         fs::create_directories(opt.out_dir);
         json_path = fs::path(opt.out_dir) / "bench.json";
-        write_json(*json_path, results, opt, sweeps, pinned, total_s);
+        write_json(*json_path, results, opt, sweeps, pinned, total_s, env);
         write_csv(fs::path(opt.out_dir) / "bench.csv", results);
     }
     if (!opt.json_file.empty()) {
-        write_json(opt.json_file, results, opt, sweeps, pinned, total_s);
+        write_json(opt.json_file, results, opt, sweeps, pinned, total_s, env);
         if (!json_path) json_path = opt.json_file;
     }
     if (!opt.csv_file.empty()) write_csv(opt.csv_file, results);
@@ -1234,6 +1251,7 @@ int run_bench(Options& opt) {
     const auto [server_cpu, client_cpu] = pick_cpus();
 
     install_child_reaper();
+    Environment env = gather_environment();
     auto t0 = Clock::now();
     Runner runner(opt, load, server_cpu, client_cpu);
     std::vector<Result> results;
@@ -1242,9 +1260,11 @@ int run_bench(Options& opt) {
     std::vector<DispatchSweep> sweeps;
     all_ok = run_sweeps(backends, fd_counts, opt.quick, sweeps) && all_ok;
     double total_s = std::chrono::duration<double>(Clock::now() - t0).count();
+    record_load_after(env);
 
     const std::string disturbed = disturbance_summary(results, opt.interference_percent);
     std::cout << disturbed;
+    print_environment(std::cout, env);
     print_table(std::cout, results, points);
     if (!sweeps.empty()) print_sweeps(backends, fd_counts, sweeps);
     std::printf("\nevmux-bench: %zu server x point entries, %d rounds each, in %.1f s\n",
@@ -1252,7 +1272,7 @@ int run_bench(Options& opt) {
     std::cout << disturbed;
     std::fflush(stdout);
 
-    std::optional<fs::path> json_path = write_files(opt, results, sweeps, pinned, total_s);
+    std::optional<fs::path> json_path = write_files(opt, results, sweeps, pinned, total_s, env);
     if (!opt.out_dir.empty() && !opt.no_plots) make_plots(*json_path, opt.out_dir);
     return all_ok ? 0 : 1;
 }
