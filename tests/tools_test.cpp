@@ -712,6 +712,19 @@ TEST(EvmuxBench, JsonAndTableRecordTheEnvironment) {
     EXPECT_NE(t.out.find("\nenvironment: linux "), std::string::npos) << t.out;
 }
 
+TEST(EvmuxBench, JsonAndTableCountContextSwitchesPerMessage) {
+    const std::string bench = program_path("EVMUX_BENCH");
+    if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";
+    const TinyBench t = tiny_bench(bench);
+    ASSERT_EQ(t.rc, 0) << t.err;
+    // A ping-pong server blocks in its wait at least once per few messages.
+    static const std::regex ctx(R"re("ctx_switches_per_msg": ([0-9.]+))re");
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(t.json, m, ctx)) << t.json;
+    EXPECT_GT(std::stod(m[1]), 0) << t.json;
+    EXPECT_NE(t.out.find("ctx sw/msg"), std::string::npos) << t.out;
+}
+
 TEST(EvmuxBench, JsonSaysHowUserAndSysWereSplitAndUsesPerfWhenAvailable) {
     const std::string bench = program_path("EVMUX_BENCH");
     if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";

@@ -282,6 +282,39 @@ ProcSample sample_process(pid_t pid, bool with_run_time) {
     return s;
 }
 
+namespace {
+
+double task_context_switches(const std::string& status_file) {
+    std::ifstream status(status_file);
+    std::string line;
+    double n = 0;
+    while (std::getline(status, line))
+        if (line.starts_with("voluntary_ctxt_switches:") ||
+            line.starts_with("nonvoluntary_ctxt_switches:"))
+            n += std::strtod(line.c_str() + line.find(':') + 1, nullptr);
+    return n;
+}
+
+}  // namespace
+
+double context_switches(pid_t pid, bool with_children) {
+    double n = 0;
+    std::string task_dir = "/proc/" + std::to_string(pid) + "/task";
+    DIR* dir = ::opendir(task_dir.c_str());
+    if (!dir) return 0;
+    while (dirent* entry = ::readdir(dir)) {
+        if (entry->d_name[0] == '.') continue;
+        const std::string task = task_dir + "/" + entry->d_name;
+        n += task_context_switches(task + "/status");
+        if (!with_children) continue;
+        std::ifstream children(task + "/children");
+        pid_t child;
+        while (children >> child) n += context_switches(child, false);
+    }
+    ::closedir(dir);
+    return n;
+}
+
 ChildrenCpu live_children_cpu(pid_t pid) {
     double user = 0, sys = 0, run = 0;
     std::string task_dir = "/proc/" + std::to_string(pid) + "/task";

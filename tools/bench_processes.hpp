@@ -80,12 +80,20 @@ struct ProcSample {
     /// Time on CPU of all live threads (schedstat, ns precision), when asked
     /// for; utime/stime count 1/CLK_TCK ticks, too coarse for a 1 s window.
     double run_us = 0;
+    /// Voluntary + nonvoluntary context switches of all live threads (and,
+    /// for a forking server, of its live children's), when asked for.
+    double ctx_switches = 0;
     bool ok = false;  ///< false if the process is gone
 };
 
 /// Reads the sample of `pid` now; with `with_run_time` also run_us (one file
 /// per thread: keep it for processes with few threads).
 ProcSample sample_process(pid_t pid, bool with_run_time);
+
+/// Voluntary + nonvoluntary context switches of every live thread of `pid`
+/// (/proc/PID/task/*/status), and with `with_children` of every live thread of
+/// its live children too. Exited threads and children are not counted.
+double context_switches(pid_t pid, bool with_children);
 
 /// CPU time of the live children of `pid` (every thread's), e.g. a forking
 /// server's: the total, ns-precise from schedstat (else from the ticks), and

@@ -72,6 +72,9 @@ struct Figures {
     double cpu_window_s = 0;
     double rss_start_kib = 0, rss_peak_kib = 0;
     double rss_per_idle_conn_bytes = 0;
+    /// The server's context switches in the window (all live threads and
+    /// children), per message.
+    double ctx_switches_per_msg = 0;
 };
 
 /// Every member of Figures, for the statistics over rounds.
@@ -87,7 +90,8 @@ constexpr double Figures::*figure_members[] = {&Figures::round_trips,
                                                &Figures::cpu_window_s,
                                                &Figures::rss_start_kib,
                                                &Figures::rss_peak_kib,
-                                               &Figures::rss_per_idle_conn_bytes};
+                                               &Figures::rss_per_idle_conn_bytes,
+                                               &Figures::ctx_switches_per_msg};
 
 /// What one (server, point) run measured; after aggregate(), the medians of
 /// its rounds, with the rounds themselves and their minima and maxima.
@@ -258,6 +262,7 @@ class ServerSampler {
                              modes_->reason().c_str());
         }
         samples_.push_back(sample_process(pid, precise));
+        samples_.back().ctx_switches = context_switches(pid, forks);
         occupancy_.push_back(
             carry_forward(read_occupancy(cpus_.first, cpus_.second, pid_, forks_, 0), {}));
         start_rss_kib_ = samples_.back().rss_kib;
@@ -294,6 +299,7 @@ class ServerSampler {
         while (running_.load()) {
             std::this_thread::sleep_for(std::chrono::milliseconds(20));
             ProcSample s = sample_process(pid_, precise_);
+            s.ctx_switches = context_switches(pid_, forks_);
             if (s.ok) samples_.push_back(s);
             occupancy_.push_back(
                 carry_forward(read_occupancy(cpus_.first, cpus_.second, pid_, forks_, client_),
@@ -320,7 +326,10 @@ struct LoadRun {
     std::string json;
     Clock::time_point reported{};  ///< its figures arrived: the end of the load window
     ChildrenCpu children_at_end;   ///< a forking server's, at `reported`
-    int status = -1;               ///< exit status, -1 if it overran
+    /// The server's context switches at `reported` (its live children's
+    /// included for a forking server: they exit soon after, losing theirs).
+    double ctx_switches_at_end = 0;
+    int status = -1;  ///< exit status, -1 if it overran
     bool in_time = false;
 };
 
@@ -432,6 +441,20 @@ void measure_server(Result& r, const ServerSampler& sampler, const LoadRun& load
         r.user_us_per_msg = user / window_s / r.msgs_per_s;
         r.sys_us_per_msg = sys / window_s / r.msgs_per_s;
         r.cpu_us_per_msg = total / window_s / r.msgs_per_s;
+        // Context switches to the end of the window: read as the figures
+        // arrived, or, if higher, at the last sample before (a thread or
+        // process per connection may already have exited by then, its
+        // count with it).
+        double ctx_end = load.ctx_switches_at_end;
+        auto ctx_when = end;
+        for (const auto& s : samples)
+            if (s.when > a.when && s.when <= end && s.ctx_switches > ctx_end) {
+                ctx_end = s.ctx_switches;
+                ctx_when = s.when;
+            }
+        const double ctx_window_s = std::chrono::duration<double>(ctx_when - a.when).count();
+        r.ctx_switches_per_msg =
+            ctx_window_s > 0 ? (ctx_end - a.ctx_switches) / ctx_window_s / r.msgs_per_s : NAN;
     }
     if (r.point.idle_heavy && r.rss_peak_kib > 0)
         r.rss_per_idle_conn_bytes = (r.rss_peak_kib - r.rss_start_kib) * 1024.0 / r.point.conns;
@@ -531,6 +554,7 @@ class Runner {
         run.in_time = load.read_stdout(run.json, limit, [&] {
             run.reported = Clock::now();
             if (forks) run.children_at_end = live_children_cpu(server);
+            run.ctx_switches_at_end = context_switches(server, forks);
         });
         run.status = run.in_time ? load.wait(limit) : -1;
         return run;
@@ -632,8 +656,9 @@ void print_table(std::ostream& os, const std::vector<Result>& results,
            << (fl ? "  (median; ratio to epoll-floor [its range over paired rounds])"
                   : "  (median ±half its range; no epoll-floor run: no ratios)")
            << "\n";
-        std::snprintf(line, sizeof line, "%-22s %26s %24s %24s %24s %24s %24s\n", "server",
-                      "messages/s", "MiB/s", "p50 us", "p99 us", "user us/msg", "sys us/msg");
+        std::snprintf(line, sizeof line, "%-22s %26s %24s %24s %24s %24s %24s %24s\n", "server",
+                      "messages/s", "MiB/s", "p50 us", "p99 us", "user us/msg", "sys us/msg",
+                      "ctx sw/msg");
         os << line;
         for (const auto& r : results) {
             if (r.point.size != p.size || r.point.conns != p.conns || r.point.active != p.active)
@@ -655,7 +680,8 @@ void print_table(std::ostream& os, const std::vector<Result>& results,
                << col(f(&Figures::mib_per_s, 1), 24) << ' ' << col(f(&Figures::p50_us, 0), 24)
                << ' ' << col(f(&Figures::p99_us, 0), 24) << ' '
                << col(f(&Figures::user_us_per_msg, 2), 24) << ' '
-               << col(f(&Figures::sys_us_per_msg, 2), 24) << "\n";
+               << col(f(&Figures::sys_us_per_msg, 2), 24) << ' '
+               << col(f(&Figures::ctx_switches_per_msg, 3), 24) << "\n";
             if (p.idle_heavy)
                 os << "    rss " << fmt(r.rss_start_kib, 0) << " KiB -> " << fmt(r.rss_peak_kib, 0)
                    << " KiB: " << fmt(r.rss_per_idle_conn_bytes, 0) << " B per idle connection\n";
@@ -694,7 +720,8 @@ const std::pair<const char*, double Figures::*> ratio_keys[] = {
     {"p99_us", &Figures::p99_us},
     {"user_us_per_msg", &Figures::user_us_per_msg},
     {"sys_us_per_msg", &Figures::sys_us_per_msg},
-    {"cpu_us_per_msg", &Figures::cpu_us_per_msg}};
+    {"cpu_us_per_msg", &Figures::cpu_us_per_msg},
+    {"ctx_switches_per_msg", &Figures::ctx_switches_per_msg}};
 
 std::string json_interference(const Interference& in) {
     return std::string("{\"flagged\": ") + (in.flagged ? "true" : "false") +
@@ -714,7 +741,8 @@ std::string json_figures(const Figures& f, bool idle_heavy) {
        << ", \"cpu_window_s\": " << json_num(f.cpu_window_s)
        << ", \"rss_start_kib\": " << json_num(f.rss_start_kib, 0)
        << ", \"rss_peak_kib\": " << json_num(f.rss_peak_kib, 0) << ", \"rss_per_idle_conn_bytes\": "
-       << json_num(idle_heavy ? f.rss_per_idle_conn_bytes : NAN, 0);
+       << json_num(idle_heavy ? f.rss_per_idle_conn_bytes : NAN, 0)
+       << ", \"ctx_switches_per_msg\": " << json_num(f.ctx_switches_per_msg, 4);
     return os.str();
 }
 
