@@ -725,6 +725,27 @@ TEST(EvmuxBench, JsonAndTableCountContextSwitchesPerMessage) {
     EXPECT_NE(t.out.find("ctx sw/msg"), std::string::npos) << t.out;
 }
 
+TEST(EvmuxBench, SyscallsPerMessageAreCountedOrSaidToBeUnavailable) {
+    const std::string bench = program_path("EVMUX_BENCH");
+    if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";
+    const TinyBench t = tiny_bench(bench);
+    ASSERT_EQ(t.rc, 0) << t.err;
+    static const std::regex run(
+        R"re("syscalls_per_msg": ([0-9.]+|null)[^{]*"syscalls": "([^"]*)")re");
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(t.json, m, run)) << t.json;
+    if (m[1] == "null") {
+        // Never a number made up: null, the reason, and the table's footnote.
+        EXPECT_TRUE(std::regex_match(m[2].str(), std::regex("unavailable: .+"))) << m[2];
+        EXPECT_NE(t.out.find("  syscalls/msg - for epoll-floor: " + m[2].str()), std::string::npos)
+            << t.out;
+    } else {
+        // An echo round trip takes at least a read and a write.
+        EXPECT_GE(std::stod(m[1]), 2.0) << t.json;
+        EXPECT_TRUE(m[2].str().starts_with("perf_event_open counting")) << m[2];
+    }
+}
+
 TEST(EvmuxBench, JsonSaysHowUserAndSysWereSplitAndUsesPerfWhenAvailable) {
     const std::string bench = program_path("EVMUX_BENCH");
     if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";

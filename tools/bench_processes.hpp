@@ -83,6 +83,8 @@ struct ProcSample {
     /// Voluntary + nonvoluntary context switches of all live threads (and,
     /// for a forking server, of its live children's), when asked for.
     double ctx_switches = 0;
+    /// System calls entered so far (a TracepointCounter's), when counted.
+    double syscalls = 0;
     bool ok = false;  ///< false if the process is gone
 };
 

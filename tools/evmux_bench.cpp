@@ -33,6 +33,7 @@
 #include "bench_interference.hpp"
 #include "bench_processes.hpp"
 #include "bench_stats.hpp"
+#include "bench_syscalls.hpp"
 #include "evmux/selector.hpp"
 #include "fd_limit.hpp"
 
@@ -75,6 +76,8 @@ struct Figures {
     /// The server's context switches in the window (all live threads and
     /// children), per message.
     double ctx_switches_per_msg = 0;
+    /// The server's system calls in the window per message; NaN if not counted.
+    double syscalls_per_msg = NAN;
 };
 
 /// Every member of Figures, for the statistics over rounds.
@@ -91,7 +94,8 @@ constexpr double Figures::*figure_members[] = {&Figures::round_trips,
                                                &Figures::rss_start_kib,
                                                &Figures::rss_peak_kib,
                                                &Figures::rss_per_idle_conn_bytes,
-                                               &Figures::ctx_switches_per_msg};
+                                               &Figures::ctx_switches_per_msg,
+                                               &Figures::syscalls_per_msg};
 
 /// What one (server, point) run measured; after aggregate(), the medians of
 /// its rounds, with the rounds themselves and their minima and maxima.
@@ -106,6 +110,8 @@ struct Result : Figures {
     // user share's own noise is then about 1/sqrt(U) of it) or "ticks ...".
     // After aggregate(), the first round's (each round keeps its own).
     std::string cpu_split;
+    /// How system calls were counted, or "unavailable: <why>".
+    std::string syscalls;
     std::vector<Result> rounds;  ///< each round's figures, in round order
     Figures min, max;            ///< over the rounds
     /// Other work on the server's or client's CPU in the window; after
@@ -261,8 +267,10 @@ class ServerSampler {
                              "\nevmux-bench: no perf sampling (%s): user/sys split by ticks\n",
                              modes_->reason().c_str());
         }
+        if (precise) syscalls_.emplace(pid, "raw_syscalls/sys_enter");
         samples_.push_back(sample_process(pid, precise));
         samples_.back().ctx_switches = context_switches(pid, forks);
+        if (syscalls_) samples_.back().syscalls = syscalls_->count();
         occupancy_.push_back(
             carry_forward(read_occupancy(cpus_.first, cpus_.second, pid_, forks_, 0), {}));
         start_rss_kib_ = samples_.back().rss_kib;
@@ -293,6 +301,15 @@ class ServerSampler {
     const std::vector<ProcSample>& samples() const { return samples_; }
     /// The perf sampler, or null if not `precise` or with `tick_split`.
     const CpuModeSampler* modes() const { return modes_ ? &*modes_ : nullptr; }
+    /// How the server's system calls were counted ("raw_syscalls:sys_enter
+    /// ...") or "unavailable: <why>"; samples' `syscalls` are valid if counted().
+    bool syscalls_counted() const { return syscalls_ && syscalls_->available(); }
+    std::string syscalls_how() const {
+        if (syscalls_counted()) return "perf_event_open counting tracepoint raw_syscalls:sys_enter";
+        if (syscalls_) return "unavailable: " + syscalls_->reason();
+        return "unavailable: not counted for a thread or process per connection (perf adds "
+               "an inherited count only when its thread or process exits)";
+    }
 
   private:
     void sample_until_stopped() {
@@ -300,6 +317,7 @@ class ServerSampler {
             std::this_thread::sleep_for(std::chrono::milliseconds(20));
             ProcSample s = sample_process(pid_, precise_);
             s.ctx_switches = context_switches(pid_, forks_);
+            if (syscalls_) s.syscalls = syscalls_->count();
             if (s.ok) samples_.push_back(s);
             occupancy_.push_back(
                 carry_forward(read_occupancy(cpus_.first, cpus_.second, pid_, forks_, client_),
@@ -315,6 +333,7 @@ class ServerSampler {
     std::atomic<pid_t> client_{0};
     std::optional<CpuModeSampler> modes_;
     std::vector<ProcSample> samples_;
+    std::optional<TracepointCounter> syscalls_;
     std::vector<OccupancySample> occupancy_;
     long start_rss_kib_ = 0;
     std::atomic<bool> running_{true};
@@ -455,6 +474,18 @@ void measure_server(Result& r, const ServerSampler& sampler, const LoadRun& load
         const double ctx_window_s = std::chrono::duration<double>(ctx_when - a.when).count();
         r.ctx_switches_per_msg =
             ctx_window_s > 0 ? (ctx_end - a.ctx_switches) / ctx_window_s / r.msgs_per_s : NAN;
+        // System calls: the counters are monotonic (threads live through the
+        // run): the last sample before the end.
+        r.syscalls = sampler.syscalls_how();
+        if (sampler.syscalls_counted()) {
+            const ProcSample* last = nullptr;
+            for (const auto& s : samples)
+                if (s.when > a.when && s.when <= end) last = &s;
+            const double sys_window_s =
+                last ? std::chrono::duration<double>(last->when - a.when).count() : 0;
+            if (sys_window_s > 0)
+                r.syscalls_per_msg = (last->syscalls - a.syscalls) / sys_window_s / r.msgs_per_s;
+        }
     }
     if (r.point.idle_heavy && r.rss_peak_kib > 0)
         r.rss_per_idle_conn_bytes = (r.rss_peak_kib - r.rss_start_kib) * 1024.0 / r.point.conns;
@@ -647,6 +678,26 @@ void print_environment(std::ostream& os, const Environment& env) {
        << ", " << env.get("build_type") << "\n";
 }
 
+// The footnote of a point's table: the rows whose syscalls/msg is "-", and why.
+std::string syscalls_legend(const std::vector<Result>& results, const Point& p) {
+    std::vector<std::pair<std::string, std::string>> why;  // reason, servers
+    for (const auto& r : results) {
+        if (!r.ok || r.point.size != p.size || r.point.conns != p.conns ||
+            r.point.active != p.active || !r.syscalls.starts_with("unavailable"))
+            continue;
+        auto it = std::find_if(why.begin(), why.end(),
+                               [&](const auto& w) { return w.first == r.syscalls; });
+        if (it == why.end())
+            why.emplace_back(r.syscalls, r.server->name);
+        else
+            it->second += ", " + r.server->name;
+    }
+    std::string text;
+    for (const auto& [reason, servers] : why)
+        text += "  syscalls/msg - for " + servers + ": " + reason + "\n";
+    return text;
+}
+
 void print_table(std::ostream& os, const std::vector<Result>& results,
                  const std::vector<Point>& points) {
     char line[512];
@@ -656,9 +707,9 @@ void print_table(std::ostream& os, const std::vector<Result>& results,
            << (fl ? "  (median; ratio to epoll-floor [its range over paired rounds])"
                   : "  (median ±half its range; no epoll-floor run: no ratios)")
            << "\n";
-        std::snprintf(line, sizeof line, "%-22s %26s %24s %24s %24s %24s %24s %24s\n", "server",
-                      "messages/s", "MiB/s", "p50 us", "p99 us", "user us/msg", "sys us/msg",
-                      "ctx sw/msg");
+        std::snprintf(line, sizeof line, "%-22s %26s %24s %24s %24s %24s %24s %24s %24s\n",
+                      "server", "messages/s", "MiB/s", "p50 us", "p99 us", "user us/msg",
+                      "sys us/msg", "ctx sw/msg", "syscalls/msg");
         os << line;
         for (const auto& r : results) {
             if (r.point.size != p.size || r.point.conns != p.conns || r.point.active != p.active)
@@ -681,12 +732,14 @@ void print_table(std::ostream& os, const std::vector<Result>& results,
                << ' ' << col(f(&Figures::p99_us, 0), 24) << ' '
                << col(f(&Figures::user_us_per_msg, 2), 24) << ' '
                << col(f(&Figures::sys_us_per_msg, 2), 24) << ' '
-               << col(f(&Figures::ctx_switches_per_msg, 3), 24) << "\n";
+               << col(f(&Figures::ctx_switches_per_msg, 3), 24) << ' '
+               << col(f(&Figures::syscalls_per_msg, 2), 24) << "\n";
             if (p.idle_heavy)
                 os << "    rss " << fmt(r.rss_start_kib, 0) << " KiB -> " << fmt(r.rss_peak_kib, 0)
                    << " KiB: " << fmt(r.rss_per_idle_conn_bytes, 0) << " B per idle connection\n";
         }
         os << split_legend(results, p);
+        os << syscalls_legend(results, p);
         for (const auto& r : results)
             if (r.ok && r.interference.flagged && r.point.size == p.size &&
                 r.point.conns == p.conns && r.point.active == p.active)
@@ -721,7 +774,8 @@ const std::pair<const char*, double Figures::*> ratio_keys[] = {
     {"user_us_per_msg", &Figures::user_us_per_msg},
     {"sys_us_per_msg", &Figures::sys_us_per_msg},
     {"cpu_us_per_msg", &Figures::cpu_us_per_msg},
-    {"ctx_switches_per_msg", &Figures::ctx_switches_per_msg}};
+    {"ctx_switches_per_msg", &Figures::ctx_switches_per_msg},
+    {"syscalls_per_msg", &Figures::syscalls_per_msg}};
 
 std::string json_interference(const Interference& in) {
     return std::string("{\"flagged\": ") + (in.flagged ? "true" : "false") +
@@ -742,7 +796,8 @@ std::string json_figures(const Figures& f, bool idle_heavy) {
        << ", \"rss_start_kib\": " << json_num(f.rss_start_kib, 0)
        << ", \"rss_peak_kib\": " << json_num(f.rss_peak_kib, 0) << ", \"rss_per_idle_conn_bytes\": "
        << json_num(idle_heavy ? f.rss_per_idle_conn_bytes : NAN, 0)
-       << ", \"ctx_switches_per_msg\": " << json_num(f.ctx_switches_per_msg, 4);
+       << ", \"ctx_switches_per_msg\": " << json_num(f.ctx_switches_per_msg, 4)
+       << ", \"syscalls_per_msg\": " << json_num(f.syscalls_per_msg, 3);
     return os.str();
 }
 
@@ -783,6 +838,7 @@ void write_json(const fs::path& file, const std::vector<Result>& results, const 
             };
             os << ", " << json_figures(r, r.point.idle_heavy)
                << ", \"cpu_split\": " << json_str(r.cpu_split)
+               << ", \"syscalls\": " << json_str(r.syscalls)
                << ", \"interference\": " << json_interference(r.interference)
                << ", \"ratio_to_floor\": " << ratios(&Spread::median) << ", \"min\": {"
                << json_figures(r.min, r.point.idle_heavy)
@@ -793,6 +849,7 @@ void write_json(const fs::path& file, const std::vector<Result>& results, const 
                 const Result& round = r.rounds[i];
                 os << (i ? ", " : "") << "{" << json_figures(round, r.point.idle_heavy)
                    << ", \"cpu_split\": " << json_str(round.cpu_split)
+                   << ", \"syscalls\": " << json_str(round.syscalls)
                    << ", \"interference\": " << json_interference(round.interference)
                    << ", \"ratio_to_floor\": {";
                 bool first_key = true;
