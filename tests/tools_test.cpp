@@ -744,6 +744,16 @@ TEST(EvmuxBench, SyscallsPerMessageAreCountedOrSaidToBeUnavailable) {
         EXPECT_GE(std::stod(m[1]), 2.0) << t.json;
         EXPECT_TRUE(m[2].str().starts_with("perf_event_open counting")) << m[2];
     }
+    // The waits (epoll_wait and kin) likewise.
+    static const std::regex waits(R"re("waits_per_msg": ([0-9.]+|null)[^{]*"waits": "([^"]*)")re");
+    ASSERT_TRUE(std::regex_search(t.json, m, waits)) << t.json;
+    if (m[1] == "null") {
+        EXPECT_TRUE(std::regex_match(m[2].str(), std::regex("unavailable: .+"))) << m[2];
+        EXPECT_NE(t.out.find("  waits/msg - for epoll-floor: " + m[2].str()), std::string::npos)
+            << t.out;
+    } else {
+        EXPECT_GT(std::stod(m[1]), 0) << t.json;
+    }
 }
 
 TEST(EvmuxBench, JsonSaysHowUserAndSysWereSplitAndUsesPerfWhenAvailable) {

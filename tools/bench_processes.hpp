@@ -85,6 +85,8 @@ struct ProcSample {
     double ctx_switches = 0;
     /// System calls entered so far (a TracepointCounter's), when counted.
     double syscalls = 0;
+    /// Waits (epoll_wait, io_uring_enter, poll, select and kin) so far, likewise.
+    double waits = 0;
     bool ok = false;  ///< false if the process is gone
 };
 

@@ -25,15 +25,19 @@ std::optional<std::uint64_t> tracepoint_id(const std::string& name, std::string&
     return std::nullopt;
 }
 
-TracepointCounter::TracepointCounter(pid_t pid, const std::string& name) {
-    std::optional<std::uint64_t> id = tracepoint_id(name, reason_);
-    if (!id) return;
-    perf_event_attr attr{};
-    attr.size = sizeof attr;
-    attr.type = PERF_TYPE_TRACEPOINT;
-    attr.config = *id;
-    attr.inherit = 1;
-    attr.exclude_hv = 1;
+TracepointCounter::TracepointCounter(pid_t pid, const std::vector<std::string>& names) {
+    // The tracepoints tracefs has (a system call the kernel lacks has none);
+    // the first one's reason if it has none of them.
+    std::vector<std::pair<std::string, std::uint64_t>> ids;
+    for (const auto& name : names) {
+        std::string why;
+        if (auto id = tracepoint_id(name, why))
+            ids.emplace_back(name, *id);
+        else if (reason_.empty())
+            reason_ = why;
+    }
+    if (ids.empty()) return;
+    reason_.clear();
     const std::string task_dir = "/proc/" + std::to_string(pid) + "/task";
     DIR* dir = ::opendir(task_dir.c_str());
     if (!dir) {
@@ -41,15 +45,24 @@ TracepointCounter::TracepointCounter(pid_t pid, const std::string& name) {
         return;
     }
     while (dirent* entry = ::readdir(dir)) {
-        if (entry->d_name[0] == '.') continue;
+        if (entry->d_name[0] == '.' || !reason_.empty()) continue;
         const pid_t tid = static_cast<pid_t>(std::strtol(entry->d_name, nullptr, 10));
-        const long fd = ::syscall(SYS_perf_event_open, &attr, tid, -1, -1, PERF_FLAG_FD_CLOEXEC);
-        if (fd < 0) {
-            if (errno == ESRCH) continue;  // the thread ended meanwhile
-            reason_ = "perf_event_open(tracepoint " + name + "): " + std::strerror(errno);
-            break;
+        for (const auto& [name, id] : ids) {
+            perf_event_attr attr{};
+            attr.size = sizeof attr;
+            attr.type = PERF_TYPE_TRACEPOINT;
+            attr.config = id;
+            attr.inherit = 1;
+            attr.exclude_hv = 1;
+            const long fd =
+                ::syscall(SYS_perf_event_open, &attr, tid, -1, -1, PERF_FLAG_FD_CLOEXEC);
+            if (fd < 0) {
+                if (errno == ESRCH) break;  // the thread ended meanwhile
+                reason_ = "perf_event_open(tracepoint " + name + "): " + std::strerror(errno);
+                break;
+            }
+            fds_.push_back(static_cast<int>(fd));
         }
-        fds_.push_back(static_cast<int>(fd));
     }
     ::closedir(dir);
     if (!reason_.empty()) {

@@ -19,13 +19,16 @@ namespace evmux::bench {
 /// `reason` set if neither has it.
 std::optional<std::uint64_t> tracepoint_id(const std::string& name, std::string& reason);
 
-/// Counts tracepoint `name` in every thread of `pid` (one counter per thread
+/// Counts tracepoint `name` (or the sum of several: those of `names` that
+/// tracefs has) in every thread of `pid` (one counter per thread
 /// listed in /proc/PID/task, inherit=1: threads and processes they create
 /// later count too, but only once they exit, so keep it for servers whose
 /// threads live through the run). Counting, not sampling.
 class TracepointCounter {
   public:
-    TracepointCounter(pid_t pid, const std::string& name);
+    TracepointCounter(pid_t pid, const std::string& name)
+        : TracepointCounter(pid, std::vector<std::string>{name}) {}
+    TracepointCounter(pid_t pid, const std::vector<std::string>& names);
     ~TracepointCounter();
     TracepointCounter(const TracepointCounter&) = delete;
     TracepointCounter& operator=(const TracepointCounter&) = delete;

@@ -78,6 +78,8 @@ struct Figures {
     double ctx_switches_per_msg = 0;
     /// The server's system calls in the window per message; NaN if not counted.
     double syscalls_per_msg = NAN;
+    /// Its wait system calls (epoll_wait, io_uring_enter, ...) likewise.
+    double waits_per_msg = NAN;
 };
 
 /// Every member of Figures, for the statistics over rounds.
@@ -95,7 +97,8 @@ constexpr double Figures::*figure_members[] = {&Figures::round_trips,
                                                &Figures::rss_peak_kib,
                                                &Figures::rss_per_idle_conn_bytes,
                                                &Figures::ctx_switches_per_msg,
-                                               &Figures::syscalls_per_msg};
+                                               &Figures::syscalls_per_msg,
+                                               &Figures::waits_per_msg};
 
 /// What one (server, point) run measured; after aggregate(), the medians of
 /// its rounds, with the rounds themselves and their minima and maxima.
@@ -112,6 +115,7 @@ struct Result : Figures {
     std::string cpu_split;
     /// How system calls were counted, or "unavailable: <why>".
     std::string syscalls;
+    std::string waits;           ///< the same for the waits
     std::vector<Result> rounds;  ///< each round's figures, in round order
     Figures min, max;            ///< over the rounds
     /// Other work on the server's or client's CPU in the window; after
@@ -267,10 +271,14 @@ class ServerSampler {
                              "\nevmux-bench: no perf sampling (%s): user/sys split by ticks\n",
                              modes_->reason().c_str());
         }
-        if (precise) syscalls_.emplace(pid, "raw_syscalls/sys_enter");
+        if (precise) {
+            syscalls_.emplace(pid, "raw_syscalls/sys_enter");
+            waits_.emplace(pid, wait_tracepoints());
+        }
         samples_.push_back(sample_process(pid, precise));
         samples_.back().ctx_switches = context_switches(pid, forks);
         if (syscalls_) samples_.back().syscalls = syscalls_->count();
+        if (waits_) samples_.back().waits = waits_->count();
         occupancy_.push_back(
             carry_forward(read_occupancy(cpus_.first, cpus_.second, pid_, forks_, 0), {}));
         start_rss_kib_ = samples_.back().rss_kib;
@@ -305,10 +313,22 @@ class ServerSampler {
     /// ...") or "unavailable: <why>"; samples' `syscalls` are valid if counted().
     bool syscalls_counted() const { return syscalls_ && syscalls_->available(); }
     std::string syscalls_how() const {
-        if (syscalls_counted()) return "perf_event_open counting tracepoint raw_syscalls:sys_enter";
-        if (syscalls_) return "unavailable: " + syscalls_->reason();
-        return "unavailable: not counted for a thread or process per connection (perf adds "
-               "an inherited count only when its thread or process exits)";
+        return how(syscalls_, "perf_event_open counting tracepoint raw_syscalls:sys_enter");
+    }
+    /// The same for the waits (samples' `waits`).
+    bool waits_counted() const { return waits_ && waits_->available(); }
+    std::string waits_how() const {
+        return how(waits_,
+                   "perf_event_open counting tracepoints syscalls:sys_enter_{epoll_wait,"
+                   "epoll_pwait,epoll_pwait2,io_uring_enter,poll,ppoll,select,pselect6}");
+    }
+    /// The wait system calls' tracepoints.
+    static std::vector<std::string> wait_tracepoints() {
+        std::vector<std::string> names;
+        for (const char* call : {"epoll_wait", "epoll_pwait", "epoll_pwait2", "io_uring_enter",
+                                 "poll", "ppoll", "select", "pselect6"})
+            names.push_back(std::string("syscalls/sys_enter_") + call);
+        return names;
     }
 
   private:
@@ -318,6 +338,7 @@ class ServerSampler {
             ProcSample s = sample_process(pid_, precise_);
             s.ctx_switches = context_switches(pid_, forks_);
             if (syscalls_) s.syscalls = syscalls_->count();
+            if (waits_) s.waits = waits_->count();
             if (s.ok) samples_.push_back(s);
             occupancy_.push_back(
                 carry_forward(read_occupancy(cpus_.first, cpus_.second, pid_, forks_, client_),
@@ -333,7 +354,14 @@ class ServerSampler {
     std::atomic<pid_t> client_{0};
     std::optional<CpuModeSampler> modes_;
     std::vector<ProcSample> samples_;
-    std::optional<TracepointCounter> syscalls_;
+    std::optional<TracepointCounter> syscalls_, waits_;
+    static std::string how(const std::optional<TracepointCounter>& counter,
+                           const std::string& counted) {
+        if (counter && counter->available()) return counted;
+        if (counter) return "unavailable: " + counter->reason();
+        return "unavailable: not counted for a thread or process per connection (perf adds "
+               "an inherited count only when its thread or process exits)";
+    }
     std::vector<OccupancySample> occupancy_;
     long start_rss_kib_ = 0;
     std::atomic<bool> running_{true};
@@ -477,15 +505,16 @@ void measure_server(Result& r, const ServerSampler& sampler, const LoadRun& load
         // System calls: the counters are monotonic (threads live through the
         // run): the last sample before the end.
         r.syscalls = sampler.syscalls_how();
-        if (sampler.syscalls_counted()) {
-            const ProcSample* last = nullptr;
-            for (const auto& s : samples)
-                if (s.when > a.when && s.when <= end) last = &s;
-            const double sys_window_s =
-                last ? std::chrono::duration<double>(last->when - a.when).count() : 0;
-            if (sys_window_s > 0)
-                r.syscalls_per_msg = (last->syscalls - a.syscalls) / sys_window_s / r.msgs_per_s;
-        }
+        r.waits = sampler.waits_how();
+        const ProcSample* last = nullptr;
+        for (const auto& s : samples)
+            if (s.when > a.when && s.when <= end) last = &s;
+        const double count_window_s =
+            last ? std::chrono::duration<double>(last->when - a.when).count() : 0;
+        if (sampler.syscalls_counted() && count_window_s > 0)
+            r.syscalls_per_msg = (last->syscalls - a.syscalls) / count_window_s / r.msgs_per_s;
+        if (sampler.waits_counted() && count_window_s > 0)
+            r.waits_per_msg = (last->waits - a.waits) / count_window_s / r.msgs_per_s;
     }
     if (r.point.idle_heavy && r.rss_peak_kib > 0)
         r.rss_per_idle_conn_bytes = (r.rss_peak_kib - r.rss_start_kib) * 1024.0 / r.point.conns;
@@ -678,23 +707,25 @@ void print_environment(std::ostream& os, const Environment& env) {
        << ", " << env.get("build_type") << "\n";
 }
 
-// The footnote of a point's table: the rows whose syscalls/msg is "-", and why.
-std::string syscalls_legend(const std::vector<Result>& results, const Point& p) {
+// The footnote of a point's table: the rows whose `column` (how they were
+// counted: `how`) is "-", and why.
+std::string count_legend(const std::vector<Result>& results, const Point& p,
+                         std::string Result::*how, const std::string& column) {
     std::vector<std::pair<std::string, std::string>> why;  // reason, servers
     for (const auto& r : results) {
         if (!r.ok || r.point.size != p.size || r.point.conns != p.conns ||
-            r.point.active != p.active || !r.syscalls.starts_with("unavailable"))
+            r.point.active != p.active || !(r.*how).starts_with("unavailable"))
             continue;
-        auto it = std::find_if(why.begin(), why.end(),
-                               [&](const auto& w) { return w.first == r.syscalls; });
+        auto it =
+            std::find_if(why.begin(), why.end(), [&](const auto& w) { return w.first == r.*how; });
         if (it == why.end())
-            why.emplace_back(r.syscalls, r.server->name);
+            why.emplace_back(r.*how, r.server->name);
         else
             it->second += ", " + r.server->name;
     }
     std::string text;
     for (const auto& [reason, servers] : why)
-        text += "  syscalls/msg - for " + servers + ": " + reason + "\n";
+        text += "  " + column + " - for " + servers + ": " + reason + "\n";
     return text;
 }
 
@@ -707,9 +738,9 @@ void print_table(std::ostream& os, const std::vector<Result>& results,
            << (fl ? "  (median; ratio to epoll-floor [its range over paired rounds])"
                   : "  (median ±half its range; no epoll-floor run: no ratios)")
            << "\n";
-        std::snprintf(line, sizeof line, "%-22s %26s %24s %24s %24s %24s %24s %24s %24s\n",
+        std::snprintf(line, sizeof line, "%-22s %26s %24s %24s %24s %24s %24s %24s %24s %24s\n",
                       "server", "messages/s", "MiB/s", "p50 us", "p99 us", "user us/msg",
-                      "sys us/msg", "ctx sw/msg", "syscalls/msg");
+                      "sys us/msg", "ctx sw/msg", "syscalls/msg", "waits/msg");
         os << line;
         for (const auto& r : results) {
             if (r.point.size != p.size || r.point.conns != p.conns || r.point.active != p.active)
@@ -733,13 +764,15 @@ void print_table(std::ostream& os, const std::vector<Result>& results,
                << col(f(&Figures::user_us_per_msg, 2), 24) << ' '
                << col(f(&Figures::sys_us_per_msg, 2), 24) << ' '
                << col(f(&Figures::ctx_switches_per_msg, 3), 24) << ' '
-               << col(f(&Figures::syscalls_per_msg, 2), 24) << "\n";
+               << col(f(&Figures::syscalls_per_msg, 2), 24) << ' '
+               << col(f(&Figures::waits_per_msg, 2), 24) << "\n";
             if (p.idle_heavy)
                 os << "    rss " << fmt(r.rss_start_kib, 0) << " KiB -> " << fmt(r.rss_peak_kib, 0)
                    << " KiB: " << fmt(r.rss_per_idle_conn_bytes, 0) << " B per idle connection\n";
         }
         os << split_legend(results, p);
-        os << syscalls_legend(results, p);
+        os << count_legend(results, p, &Result::syscalls, "syscalls/msg");
+        os << count_legend(results, p, &Result::waits, "waits/msg");
         for (const auto& r : results)
             if (r.ok && r.interference.flagged && r.point.size == p.size &&
                 r.point.conns == p.conns && r.point.active == p.active)
@@ -775,7 +808,8 @@ const std::pair<const char*, double Figures::*> ratio_keys[] = {
     {"sys_us_per_msg", &Figures::sys_us_per_msg},
     {"cpu_us_per_msg", &Figures::cpu_us_per_msg},
     {"ctx_switches_per_msg", &Figures::ctx_switches_per_msg},
-    {"syscalls_per_msg", &Figures::syscalls_per_msg}};
+    {"syscalls_per_msg", &Figures::syscalls_per_msg},
+    {"waits_per_msg", &Figures::waits_per_msg}};
 
 std::string json_interference(const Interference& in) {
     return std::string("{\"flagged\": ") + (in.flagged ? "true" : "false") +
@@ -797,7 +831,8 @@ std::string json_figures(const Figures& f, bool idle_heavy) {
        << ", \"rss_peak_kib\": " << json_num(f.rss_peak_kib, 0) << ", \"rss_per_idle_conn_bytes\": "
        << json_num(idle_heavy ? f.rss_per_idle_conn_bytes : NAN, 0)
        << ", \"ctx_switches_per_msg\": " << json_num(f.ctx_switches_per_msg, 4)
-       << ", \"syscalls_per_msg\": " << json_num(f.syscalls_per_msg, 3);
+       << ", \"syscalls_per_msg\": " << json_num(f.syscalls_per_msg, 3)
+       << ", \"waits_per_msg\": " << json_num(f.waits_per_msg, 3);
     return os.str();
 }
 
@@ -838,7 +873,7 @@ void write_json(const fs::path& file, const std::vector<Result>& results, const 
             };
             os << ", " << json_figures(r, r.point.idle_heavy)
                << ", \"cpu_split\": " << json_str(r.cpu_split)
-               << ", \"syscalls\": " << json_str(r.syscalls)
+               << ", \"syscalls\": " << json_str(r.syscalls) << ", \"waits\": " << json_str(r.waits)
                << ", \"interference\": " << json_interference(r.interference)
                << ", \"ratio_to_floor\": " << ratios(&Spread::median) << ", \"min\": {"
                << json_figures(r.min, r.point.idle_heavy)
@@ -850,6 +885,7 @@ void write_json(const fs::path& file, const std::vector<Result>& results, const 
                 os << (i ? ", " : "") << "{" << json_figures(round, r.point.idle_heavy)
                    << ", \"cpu_split\": " << json_str(round.cpu_split)
                    << ", \"syscalls\": " << json_str(round.syscalls)
+                   << ", \"waits\": " << json_str(round.waits)
                    << ", \"interference\": " << json_interference(round.interference)
                    << ", \"ratio_to_floor\": {";
                 bool first_key = true;
