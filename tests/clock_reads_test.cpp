@@ -48,7 +48,8 @@ TEST(ClockReads, OncePerRunIterationWithTimers) {
     int calls = 0;
     loop.watch(r.get(), Events::read, [&](Events) {
         char c;
-        (void)::read(r.get(), &c, 1);  // one byte per call: one event per iteration
+        // One byte per call: one event per iteration.
+        if (::read(r.get(), &c, 1) != 1) ADD_FAILURE() << "read";
         if (++calls == iterations) loop.stop();
     });
     loop.call_after(1h, [] {});
@@ -68,7 +69,7 @@ TEST(ClockReads, NoneWithoutTimers) {
     int calls = 0;
     loop.watch(r.get(), Events::read, [&](Events) {
         char c;
-        (void)::read(r.get(), &c, 1);
+        if (::read(r.get(), &c, 1) != 1) ADD_FAILURE() << "read";
         if (++calls == 100) loop.stop();
     });
     const std::string bytes(100, 'x');
