@@ -1,6 +1,8 @@
 // See bench_interference.hpp.
 #include "bench_interference.hpp"
 
+#include "bench_processes.hpp"
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -47,17 +49,9 @@ void read_cpu_line(int cpu, double& busy, double& steal) {
 // utime + stime of /proc/PID/stat (every thread, live or exited), with
 // `reaped_children` also cutime + cstime, in µs; NaN if gone.
 double process_cpu_us(pid_t pid, bool reaped_children) {
-    std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
-    std::string text;
-    if (!std::getline(in, text)) return NAN;
-    auto close = text.rfind(')');
-    if (close == std::string::npos) return NAN;
-    std::istringstream fields(text.substr(close + 1));
-    std::string field;
-    for (int i = 3; i < 14; ++i) fields >> field;
-    unsigned long long t[4] = {};
-    for (auto& v : t) fields >> v;
-    return static_cast<double>(t[0] + t[1] + (reaped_children ? t[2] + t[3] : 0)) * tick_us();
+    double t[4];
+    if (!read_stat_times(pid, t)) return NAN;
+    return t[0] + t[1] + (reaped_children ? t[2] + t[3] : 0);
 }
 
 }  // namespace

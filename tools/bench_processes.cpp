@@ -67,12 +67,13 @@ int status_code(int status) {
     return -1;
 }
 
+}  // namespace
+
 double ticks_to_us(unsigned long long ticks) {
     static const long hz = ::sysconf(_SC_CLK_TCK);
     return static_cast<double>(ticks) * 1e6 / static_cast<double>(hz > 0 ? hz : 100);
 }
 
-// utime, stime, cutime, cstime of /proc/PID/stat; false if it cannot be read.
 bool read_stat_times(pid_t pid, double out[4]) {
     std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
     std::string text;
@@ -91,8 +92,6 @@ bool read_stat_times(pid_t pid, double out[4]) {
     for (int i = 0; i < 4; ++i) out[i] = ticks_to_us(t[i]);
     return true;
 }
-
-}  // namespace
 
 void install_child_reaper() {
     struct sigaction sa {};

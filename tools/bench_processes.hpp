@@ -14,6 +14,12 @@
 
 namespace evmux::bench {
 
+/// Clock ticks (1/USER_HZ) in µs.
+double ticks_to_us(unsigned long long ticks);
+/// utime, stime, cutime, cstime of /proc/PID/stat in µs (every thread, live
+/// or exited; the last two for reaped children); false if it cannot be read.
+bool read_stat_times(pid_t pid, double out[4]);
+
 using Clock = std::chrono::steady_clock;
 
 /// Installs SIGINT/SIGTERM/SIGHUP handlers that kill every live child's process
