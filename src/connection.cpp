@@ -66,6 +66,7 @@ Connection::Connection(Private, EventLoop& loop, int fd, Callbacks callbacks,
 }
 
 Connection::~Connection() {
+    reset_state();
     // Only reached with the fd open if start() failed.
     if (fd_ >= 0) {
         if (watching_) loop_.unwatch(fd_);
@@ -497,6 +498,12 @@ void Connection::callback_threw(std::exception_ptr error) noexcept {
     loop_.handle_exception(std::move(error));
 }
 
+void Connection::reset_state() noexcept {
+    // Emptied first: the state's destructor may look at (or replace) it.
+    UserState old = std::exchange(user_state_, UserState{});
+    if (old.object) old.destroy(old.object);
+}
+
 void Connection::notify_closed() noexcept {
     if (state_ != State::closing) return;  // already reported (close_now ran first)
     state_ = State::closed;
@@ -511,6 +518,7 @@ void Connection::notify_closed() noexcept {
         }
     }
     if (auto hook = std::move(close_hook_)) hook(*this);
+    reset_state();
     cb_ = Callbacks{};  // drop user captures (they may hold ConnectionPtrs)
     on_message_ = nullptr;
     ::close(fd_);

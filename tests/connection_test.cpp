@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -250,6 +251,92 @@ struct Recorder {
         return cb;
     }
 };
+
+// Per-connection state: a server with one Callbacks keeps each connection's
+// own data in its slot, no map beside it.
+struct Session {
+    Session(std::string n, int* d) : name(std::move(n)), destroyed(d) {}
+    ~Session() { ++*destroyed; }
+    std::string name;
+    std::string seen;
+    int* destroyed;
+    ConnectionPtr self;  // a cycle but for the slot's end at on_close
+};
+
+TEST(ConnectionState, EachConnectionKeepsItsOwnUntilOnCloseReturns) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    int destroyed = 0, closes = 0;
+    std::vector<std::string> at_close;
+    Callbacks cb;
+    int next = 0;
+    cb.on_connect = [&](const ConnectionPtr& c) {
+        Session& s = c->emplace_state<Session>("conn" + std::to_string(next++), &destroyed);
+        s.self = c;
+        EXPECT_EQ(c->state<int>(), nullptr) << "another type reads as none";
+    };
+    cb.on_message = [&](const ConnectionPtr& c, Buffer& in) {
+        Session* s = c->state<Session>();
+        ASSERT_NE(s, nullptr);
+        s->seen.append(in.data(), in.size());
+        c->send(s->name + ":" + std::string(in.data(), in.size()));
+        in.consume_all();
+    };
+    cb.on_close = [&](const ConnectionPtr& c, CloseReason, int) {
+        ++closes;
+        Session* s = c->state<Session>();
+        ASSERT_NE(s, nullptr) << "readable in on_close";
+        at_close.push_back(s->name + "=" + s->seen);
+        EXPECT_EQ(destroyed, 0 + closes - 1);
+    };
+    auto [c1, s1] = test::tcp_pair();
+    auto [c2, s2] = test::tcp_pair();
+    std::weak_ptr<Connection> w1 = Connection::adopt(loop, s1.release(), cb);
+    std::weak_ptr<Connection> w2 = Connection::adopt(loop, s2.release(), cb);
+    ASSERT_TRUE(send_all(c1.get(), "a"));
+    ASSERT_TRUE(send_all(c2.get(), "b"));
+    std::string r1, r2;
+    ASSERT_TRUE(run_until(loop, [&] {
+        char buf[64];
+        ssize_t n = ::recv(c1.get(), buf, sizeof buf, MSG_DONTWAIT);
+        if (n > 0) r1.append(buf, static_cast<std::size_t>(n));
+        n = ::recv(c2.get(), buf, sizeof buf, MSG_DONTWAIT);
+        if (n > 0) r2.append(buf, static_cast<std::size_t>(n));
+        return r1.size() == 7 && r2.size() == 7;
+    }));
+    EXPECT_EQ(r1, "conn0:a");
+    EXPECT_EQ(r2, "conn1:b");
+    c1.reset();
+    c2.reset();
+    ASSERT_TRUE(run_until(loop, [&] { return closes == 2; }));
+    EXPECT_EQ(destroyed, 2) << "destroyed right after on_close";
+    std::sort(at_close.begin(), at_close.end());
+    EXPECT_EQ(at_close, (std::vector<std::string>{"conn0=a", "conn1=b"}));
+    pump_for(loop, 10ms);
+    EXPECT_TRUE(w1.expired() && w2.expired()) << "a state holding its ConnectionPtr leaks nothing";
+}
+
+TEST(ConnectionState, ReplaceAndResetDestroyTheOldOne) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    auto [client, server] = test::tcp_pair();
+    ConnectionPtr conn = Connection::adopt(loop, server.release(), Callbacks{});
+    int destroyed = 0;
+    EXPECT_EQ(conn->state<Session>(), nullptr);
+    conn->emplace_state<Session>("first", &destroyed);
+    EXPECT_EQ(conn->state<Session>()->name, "first");
+    conn->emplace_state<std::string>("second");
+    EXPECT_EQ(destroyed, 1);
+    EXPECT_EQ(conn->state<Session>(), nullptr);
+    EXPECT_EQ(*conn->state<std::string>(), "second");
+    conn->reset_state();
+    EXPECT_EQ(conn->state<std::string>(), nullptr);
+    conn->reset_state();  // none: nothing happens
+    conn->emplace_state<Session>("third", &destroyed);
+    conn.reset();
+    client.reset();
+    ASSERT_TRUE(run_until(loop, [&] { return destroyed == 2; }));
+}
 
 TEST(Connection, DataAndFinInOneWakeupArriveInOrder) {
     EVMUX_SELECTOR_OR_SKIP(sel);

@@ -16,6 +16,7 @@
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <utility>
 
 #include "evmux/address.hpp"
 #include "evmux/buffer.hpp"
@@ -198,6 +199,33 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     /// The later of last_read() and last_write().
     EventLoop::Clock::time_point last_activity() const { return std::max(last_read_, last_write_); }
 
+    // ---- per-connection state (libuv's handle->data, typed) ----
+    /// Give this connection a state of the user's: destroys the previous one
+    /// (if any) and constructs a `T` from `args` in its place. Set it in
+    /// on_connect (or after connect()), read it with state<T>() in every
+    /// callback. It lives until on_close has returned (so on_close can read
+    /// it, and a state holding a ConnectionPtr makes no cycle), or until the
+    /// connection is destroyed if it never opened. Throws what `T`'s
+    /// constructor throws (the previous state is gone then).
+    template <class T, class... Args>
+    T& emplace_state(Args&&... args) {
+        reset_state();
+        T* made = new T(std::forward<Args>(args)...);
+        user_state_.object = made;
+        user_state_.type = &state_type_tag<T>;
+        user_state_.destroy = [](void* p) noexcept { delete static_cast<T*>(p); };
+        return *made;
+    }
+    /// The state emplace_state<T>() made; nullptr if there is none or it is
+    /// of another type.
+    template <class T>
+    T* state() noexcept {
+        return user_state_.type == &state_type_tag<T> ? static_cast<T*>(user_state_.object)
+                                                      : nullptr;
+    }
+    /// Destroy the state now (none: nothing happens).
+    void reset_state() noexcept;
+
     // ---- for owners (a server, connect()): muduo's connectEstablished and
     // setCloseCallback. The owner sets its hooks between create() and start().
     /// As adopt() without start(): takes ownership of `fd` (non-blocking,
@@ -292,6 +320,13 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     EventLoop::TieId tie_ = 0;  // the loop's reference, from start() to on_close
     ByteCounters* counters_ = nullptr;
     std::function<void(Connection&)> close_hook_;  // owner's bookkeeping, after on_close
+    template <class T>
+    static constexpr char state_type_tag = 0;  // one address per type: state()'s check
+    struct UserState {
+        void* object = nullptr;
+        const char* type = nullptr;
+        void (*destroy)(void*) noexcept = nullptr;
+    } user_state_;  // emplace_state()
     Address peer_;
 };
 
