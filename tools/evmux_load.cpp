@@ -74,6 +74,7 @@ struct Options {
     double connect_timeout_s = 10;
     bool upper = false;
     bool json = false;
+    bool mark_window = false;  // "window\n" on stdout when the measured load starts
 };
 
 /// A log-linear latency histogram (in the style of HdrHistogram): 128
@@ -552,6 +553,10 @@ bool LoadClient::warm_up() {
 }
 
 void LoadClient::run() {
+    if (opt_.mark_window) {
+        std::fputs("window\n", stdout);
+        std::fflush(stdout);
+    }
     const auto start = Clock::now();
     const auto end = start + std::chrono::duration_cast<Clock::duration>(
                                  std::chrono::duration<double>(opt_.duration_s));
@@ -673,6 +678,9 @@ int main(int argc, char** argv) {
         ->check(CLI::Range(1, 1000000));
     app.add_flag("--upper", opt.upper, "expect the ASCII-uppercased payload back");
     app.add_flag("--json", opt.json, "print one JSON object instead of text");
+    app.add_flag("--mark-window", opt.mark_window,
+                 "print a line 'window' on stdout as the measured load starts (after the "
+                 "connections and the warm-up), for a tool that samples the server then");
     app.add_option("--connect-timeout", opt.connect_timeout_s,
                    "seconds each connect may take (default 10)")
         ->check(CLI::Range(0.001, 3600.0));
