@@ -578,6 +578,20 @@ TEST_F(LoadTest, TextReportSaysHowThroughputIsCounted) {
     EXPECT_NE(out.find("round trips"), std::string::npos) << out;
 }
 
+TEST_F(LoadTest, MarkWindowPrintsWindowBeforeTheJson) {
+    TinyServer server([](int fd, const std::atomic<bool>& stop) {
+        TinyServer::echo(fd, stop, [](std::size_t, char c) { return c; });
+    });
+    std::string out, err;
+    EXPECT_EQ(run_load({"--port", std::to_string(server.port()), "--conns", "2", "--size", "10",
+                        "--duration", "0.1", "--json", "--mark-window"},
+                       &out, &err),
+              0)
+        << err;
+    ASSERT_EQ(out.rfind("window\n{", 0), 0u) << out;
+    EXPECT_GT(parse_report(out.substr(7))["round_trips"], 0);
+}
+
 TEST_F(LoadTest, BadFlagsExitTwoWithOneLine) {
     const std::vector<std::vector<std::string>> cases = {
         {},
@@ -715,6 +729,45 @@ TEST(EvmuxBench, JsonAndTableRecordTheEnvironment) {
     }
     EXPECT_EQ(env.find("run not finished"), std::string::npos) << env;
     EXPECT_NE(t.out.find("\nenvironment: linux "), std::string::npos) << t.out;
+}
+
+// A forking server's CPU is its children's in the load window: a total,
+// split by their ticks in the window or "unsplit" (user and sys null), never
+// a default share; the CSV carries each figure's range over the rounds.
+TEST(EvmuxBench, ForkServerIsMeasuredInTheWindowAndUnsplitIsNull) {
+    const std::string bench = program_path("EVMUX_BENCH");
+    if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";
+    char dir_template[] = "/tmp/evmux-tools-test-XXXXXX";
+    ASSERT_NE(::mkdtemp(dir_template), nullptr);
+    const std::string dir = dir_template;
+    Child c({bench, "--servers", "fork", "--sizes", "64", "--sessions", "4", "--duration", "0.3",
+             "--rounds", "2", "--no-idle", "--no-plots", "--json", dir + "/b.json", "--csv",
+             dir + "/b.csv"});
+    ASSERT_EQ(c.finish(60s), 0) << c.err();
+    auto slurp = [](const std::string& f) {
+        std::ifstream in(f);
+        std::stringstream text;
+        text << in.rdbuf();
+        return text.str();
+    };
+    const std::string json = slurp(dir + "/b.json"), csv = slurp(dir + "/b.csv");
+    std::remove((dir + "/b.json").c_str());
+    std::remove((dir + "/b.csv").c_str());
+    ::rmdir(dir.c_str());
+    static const std::regex split(R"re("cpu_split": "([^"]*)")re");
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(json, m, split)) << json;
+    const std::string how = m[1];
+    static const std::regex cpu(R"re("cpu_us_per_msg": ([0-9.]+))re");
+    ASSERT_TRUE(std::regex_search(json, m, cpu)) << json;
+    EXPECT_GT(std::stod(m[1]), 0) << json;
+    if (how.starts_with("unsplit")) {
+        EXPECT_NE(json.find("\"user_us_per_msg\": null"), std::string::npos) << json;
+    } else {
+        EXPECT_EQ(how, "ticks (children's in the window)") << json;
+    }
+    EXPECT_NE(csv.find(",msgs_per_s,msgs_per_s_min,msgs_per_s_max,"), std::string::npos) << csv;
+    EXPECT_NE(csv.find(",cpu_us_per_msg_ratio_min,"), std::string::npos) << csv;
 }
 
 TEST(EvmuxBench, JsonAndTableCountContextSwitchesPerMessage) {

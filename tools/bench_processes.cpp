@@ -334,8 +334,7 @@ ChildrenCpu live_children_cpu(pid_t pid) {
         }
     }
     ::closedir(dir);
-    const double share = user + sys > 0 ? user / (user + sys) : NAN;
-    return {run > 0 ? run : user + sys, share};
+    return {run > 0 ? run : user + sys, user, sys};
 }
 
 namespace {

@@ -54,10 +54,11 @@ class ChildProcess {
     /// line, without blocking (for error messages).
     std::string drain_stderr();
 
-    /// Reads the child's stdout until end of file or `deadline`. `on_first_byte`
-    /// is called once, as soon as the first byte arrives. Returns false on timeout.
+    /// Reads the child's stdout until end of file or `deadline`. `on_data(out)`
+    /// is called each time bytes arrive, with all read so far. Returns false
+    /// on timeout.
     template <class F>
-    bool read_stdout(std::string& out, Clock::time_point deadline, F&& on_first_byte);
+    bool read_stdout(std::string& out, Clock::time_point deadline, F&& on_data);
 
     /// Waits for the child to exit, at most until `deadline`; returns its exit
     /// status (128+signal if killed) or -1 on timeout.
@@ -107,12 +108,13 @@ double context_switches(pid_t pid, bool with_children);
 
 /// CPU time of the live children of `pid` (every thread's), e.g. a forking
 /// server's: the total, ns-precise from schedstat (else from the ticks), and
-/// the user share as the summed utime/stime ticks split it (each child alone
-/// has too few ticks to split by); NaN when they have no ticks at all: then
-/// the split is unknown, not 50/50.
+/// their utime and stime ticks summed (each child alone has too few ticks to
+/// split by). Take it at both ends of a window and subtract: children that
+/// live through it (one per connection) then count only their CPU in it.
 struct ChildrenCpu {
     double total_us = 0;
-    double user_share = 0;
+    double user_us = 0;  ///< utime ticks (with their own reaped children's)
+    double sys_us = 0;   ///< stime ticks
 };
 ChildrenCpu live_children_cpu(pid_t pid);
 
@@ -195,16 +197,12 @@ class CpuModeSampler {
 int usable_cpus();
 
 template <class F>
-bool ChildProcess::read_stdout(std::string& out, Clock::time_point deadline, F&& on_first_byte) {
-    bool first = true;
+bool ChildProcess::read_stdout(std::string& out, Clock::time_point deadline, F&& on_data) {
     for (;;) {
         std::size_t before = out.size();
         if (!read_some(out_fd_, out, deadline)) return false;  // timeout
         if (out.size() == before) return true;                 // end of file
-        if (first) {
-            first = false;
-            on_first_byte();
-        }
+        on_data(const_cast<const std::string&>(out));
     }
 }
 

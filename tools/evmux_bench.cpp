@@ -144,6 +144,16 @@ Result aggregate(std::vector<Result> rounds) {
         r.min.*m = s.min;
         r.max.*m = s.max;
     }
+    // A split is the same kind in every round or none: a round without one
+    // ("unsplit") makes the point's user and sys unknown too, not the median
+    // of the rounds that had one.
+    for (const auto& round : rounds)
+        if (std::isnan(round.user_us_per_msg) && !std::isnan(round.cpu_us_per_msg)) {
+            for (auto m : {&Figures::user_us_per_msg, &Figures::sys_us_per_msg})
+                r.*m = r.min.*m = r.max.*m = NAN;
+            r.cpu_split = round.cpu_split;
+            break;
+        }
     // Flagged if any round was, naming those; else the figures of the round
     // other work came closest to disturbing.
     std::string flagged;
@@ -336,12 +346,14 @@ class ServerSampler {
         while (running_.load()) {
             std::this_thread::sleep_for(std::chrono::milliseconds(20));
             ProcSample s = sample_process(pid_, precise_);
-            s.ctx_switches = context_switches(pid_, forks_);
+            // One thread: cheap. A thread or process per connection: read at
+            // the window's ends only (run_load).
+            if (precise_) s.ctx_switches = context_switches(pid_, forks_);
             if (syscalls_) s.syscalls = syscalls_->count();
             if (waits_) s.waits = waits_->count();
             if (s.ok) samples_.push_back(s);
             occupancy_.push_back(
-                carry_forward(read_occupancy(cpus_.first, cpus_.second, pid_, forks_, client_),
+                carry_forward(read_occupancy(cpus_.first, cpus_.second, pid_, false, client_),
                               occupancy_.back()));
             if (modes_) modes_->drain();
         }
@@ -369,13 +381,22 @@ class ServerSampler {
 };
 
 /// What evmux-load printed, when, and how it ended.
+/// What is read of a server at one end of the load window (see run_load).
+struct WindowEnd {
+    Clock::time_point when{};  ///< unset: that end was never seen
+    ChildrenCpu children;      ///< a forking server's live children
+    double ctx_switches = 0;   ///< every live thread's (and child's, forking)
+    OccupancySample occupancy;
+};
+
 struct LoadRun {
     std::string json;
-    Clock::time_point reported{};  ///< its figures arrived: the end of the load window
-    ChildrenCpu children_at_end;   ///< a forking server's, at `reported`
-    /// The server's context switches at `reported` (its live children's
-    /// included for a forking server: they exit soon after, losing theirs).
-    double ctx_switches_at_end = 0;
+    /// The load window: `start` when evmux-load printed "window" (connections
+    /// made, warm-up done), `end` when its figures arrived. A server with a
+    /// thread or process per connection is read in full only here: a thousand
+    /// threads' or children's /proc files every 20 ms would load the very CPU
+    /// being measured.
+    WindowEnd start, end;
     int status = -1;  ///< exit status, -1 if it overran
     bool in_time = false;
 };
@@ -409,6 +430,12 @@ std::optional<double> read_load_figures(const LoadRun& load, Result& r) {
         return std::nullopt;
     }
     return duration_s;
+}
+
+/// b - a in seconds; 0 if either is unset.
+double seconds_between(Clock::time_point a, Clock::time_point b) {
+    if (a == Clock::time_point{} || b == Clock::time_point{}) return 0;
+    return std::chrono::duration<double>(b - a).count();
 }
 
 /// The user share of a precise server's CPU time in the window [a, b]: from
@@ -448,7 +475,7 @@ double user_share(const CpuModeSampler* modes, const ProcSample& a, const ProcSa
 void measure_server(Result& r, const ServerSampler& sampler, const LoadRun& load, double duration_s,
                     bool precise) {
     const auto& samples = sampler.samples();
-    auto end = load.reported;
+    auto end = load.end.when;
     auto start = end - std::chrono::microseconds(static_cast<long>(duration_s * 1e6));
     const ProcSample& a = sample_at(samples, start);
     const ProcSample& b = sample_at(samples, end);
@@ -464,19 +491,28 @@ void measure_server(Result& r, const ServerSampler& sampler, const LoadRun& load
         user = run * user_share(sampler.modes(), a, b, user, sys, r.cpu_split);
         sys = run - user;
     }
-    // A forking server's children live through the whole window: their
-    // CPU from birth to the end of the window counts (set-up included). With
-    // no ticks to split it by, the split is unknown: the total stays, user
-    // and sys become NaN ("unsplit"), never a default share.
-    const ChildrenCpu& children = load.children_at_end;
-    total += children.total_us;
-    if (children.total_us > 0) {
-        if (std::isnan(children.user_share)) {
+    // A forking server's children: their CPU between the window's two ends
+    // (each lives through it, one per connection), split by their summed
+    // ticks if there are enough of them (see user_share), else "unsplit":
+    // the total stays, user and sys become NaN, never a default share.
+    const double child_window_s = seconds_between(load.start.when, load.end.when);
+    if (child_window_s > 0 && window_s > 0 && load.end.children.total_us > 0) {
+        const double scale = window_s / child_window_s;  // to this window's length
+        const double child_total =
+            (load.end.children.total_us - load.start.children.total_us) * scale;
+        const double child_user = load.end.children.user_us - load.start.children.user_us;
+        const double child_sys = load.end.children.sys_us - load.start.children.sys_us;
+        total += std::max(0.0, child_total);
+        constexpr double min_split_us = 200000;
+        if (child_user + child_sys < min_split_us || child_user < 0 || child_sys < 0) {
             user = sys = NAN;
-            r.cpu_split = "unsplit (the live children had no utime/stime ticks)";
+            r.cpu_split = "unsplit (the children's ticks in the window: " +
+                          fmt((child_user + child_sys) / 1000, 0) + " ms, too few to split by)";
         } else {
-            user += children.total_us * children.user_share;
-            sys += children.total_us * (1 - children.user_share);
+            const double share = child_user / (child_user + child_sys);
+            user += child_total * share;
+            sys += child_total * (1 - share);
+            r.cpu_split = "ticks (children's in the window)";
         }
     }
     for (const auto& s : samples)
@@ -488,20 +524,13 @@ void measure_server(Result& r, const ServerSampler& sampler, const LoadRun& load
         r.user_us_per_msg = user / window_s / r.msgs_per_s;
         r.sys_us_per_msg = sys / window_s / r.msgs_per_s;
         r.cpu_us_per_msg = total / window_s / r.msgs_per_s;
-        // Context switches to the end of the window: read as the figures
-        // arrived, or, if higher, at the last sample before (a thread or
-        // process per connection may already have exited by then, its
-        // count with it).
-        double ctx_end = load.ctx_switches_at_end;
-        auto ctx_when = end;
-        for (const auto& s : samples)
-            if (s.when > a.when && s.when <= end && s.ctx_switches > ctx_end) {
-                ctx_end = s.ctx_switches;
-                ctx_when = s.when;
-            }
-        const double ctx_window_s = std::chrono::duration<double>(ctx_when - a.when).count();
+        // Context switches between the window's ends, read in full there
+        // (every thread, a forking server's children too).
+        const double ctx_window_s = seconds_between(load.start.when, load.end.when);
         r.ctx_switches_per_msg =
-            ctx_window_s > 0 ? (ctx_end - a.ctx_switches) / ctx_window_s / r.msgs_per_s : NAN;
+            ctx_window_s > 0
+                ? (load.end.ctx_switches - load.start.ctx_switches) / ctx_window_s / r.msgs_per_s
+                : NAN;
         // System calls: the counters are monotonic (threads live through the
         // run): the last sample before the end.
         r.syscalls = sampler.syscalls_how();
@@ -565,7 +594,7 @@ class Runner {
         ServerSampler sampler(srv.pid(), precise, opt_.tick_split, {cpu, client_cpu_},
                               server.forks);
         r.rss_start_kib = sampler.start_rss_kib();
-        LoadRun load = run_load(point, host, port, srv.pid(), server.forks,
+        LoadRun load = run_load(point, host, port, srv.pid(), server.forks, cpu,
                                 [&](pid_t client) { sampler.set_client(client); });
         sampler.stop();  // before reading its samples
         srv.stop();
@@ -591,7 +620,7 @@ class Runner {
     /// it overruns by a minute. With `forks`, the CPU of the server's live
     /// children is read when the figures arrive.
     LoadRun run_load(const Point& point, const std::string& host, int port, pid_t server,
-                     bool forks, const std::function<void(pid_t)>& started) const {
+                     bool forks, int server_cpu, const std::function<void(pid_t)>& started) const {
         std::vector<std::string> argv{load_.string(),
                                       "--port",
                                       std::to_string(port),
@@ -605,30 +634,47 @@ class Runner {
                                       std::to_string(point.size),
                                       "--duration",
                                       fmt(opt_.duration, 3),
-                                      "--json"};
+                                      "--json",
+                                      "--mark-window"};
         LoadRun run;
         ChildProcess load(argv, client_cpu_, true, false);
         started(load.pid());
         auto limit = Clock::now() +
                      std::chrono::milliseconds(static_cast<long>(opt_.duration * 1000) + 60000);
-        run.in_time = load.read_stdout(run.json, limit, [&] {
-            run.reported = Clock::now();
-            if (forks) run.children_at_end = live_children_cpu(server);
-            run.ctx_switches_at_end = context_switches(server, forks);
+        auto read_end = [&](WindowEnd& at) {
+            at.when = Clock::now();
+            if (forks) at.children = live_children_cpu(server);
+            at.ctx_switches = context_switches(server, forks);
+            at.occupancy = read_occupancy(server_cpu, client_cpu_, server, forks, load.pid());
+        };
+        run.in_time = load.read_stdout(run.json, limit, [&](const std::string& out) {
+            if (run.start.when == Clock::time_point{} && out.rfind("window\n", 0) == 0)
+                read_end(run.start);
+            if (run.end.when == Clock::time_point{} && out.find('{') != std::string::npos)
+                read_end(run.end);
         });
+        if (run.json.rfind("window\n", 0) == 0) run.json.erase(0, 7);
         run.status = run.in_time ? load.wait(limit) : -1;
         return run;
     }  // a load client that overran is killed here
 
-    /// Other work on the server's and client's CPUs over the load window.
+    /// Other work on the server's and client's CPUs over the load window:
+    /// between its two ends as run_load() read them (a forking server's live
+    /// children included), or, if an end was not seen, the sampler's.
     Interference assess_window(const ServerSampler& sampler, const LoadRun& load, double duration_s,
                                int server_cpu) const {
+        const int client_cpu = server_cpu < 0 ? -1 : client_cpu_;
+        const double threshold = opt_.interference_percent / 100;
+        if (load.start.when != Clock::time_point{} && load.end.when != Clock::time_point{})
+            return assess(
+                occupancy_delta(load.start.occupancy, load.end.occupancy, server_cpu, client_cpu),
+                threshold);
         const auto& samples = sampler.occupancy();
-        auto end = load.reported;
+        auto end = load.end.when;
         auto start = end - std::chrono::microseconds(static_cast<long>(duration_s * 1e6));
         return assess(occupancy_delta(sample_at(samples, start), sample_at(samples, end),
-                                      server_cpu, server_cpu < 0 ? -1 : client_cpu_),
-                      opt_.interference_percent / 100);
+                                      server_cpu, client_cpu),
+                      threshold);
     }
 
     const Options& opt_;
@@ -649,7 +695,8 @@ const Result* floor_of(const std::vector<Result>& results, const Point& p) {
 /// `r`'s figure `m` over the floor's, round i with round i (see paired_ratio);
 /// NaN without a floor or for a failed run.
 Spread ratio_to(const Result& r, const Result* floor, double Figures::*m) {
-    if (!floor || !r.ok) return {NAN, NAN, NAN};
+    // A figure the point has no median for (e.g. an unsplit user/sys) has no ratio either.
+    if (!floor || !r.ok || std::isnan(r.*m)) return {NAN, NAN, NAN};
     return paired_ratio(round_values(r, m), round_values(*floor, m));
 }
 
@@ -686,12 +733,13 @@ std::string split_legend(const std::vector<Result>& results, const Point& p) {
                 " kHz in the load window (at least " + std::to_string(fewest) + " a run) for " +
                 perf;
     if (!ticks.empty())
-        text += (text.empty() ? "" : "; ") + std::string("utime/stime ticks for ") + ticks;
+        text += (text.empty() ? "" : "; ") +
+                std::string("utime/stime ticks in the load window for ") + ticks;
     if (!unsplit.empty())
         text += (text.empty() ? "" : "; ") +
                 std::string(
-                    "unsplit (no ticks to split by: user and sys shown as -, their sum "
-                    "in the JSON's cpu_us_per_msg) for ") +
+                    "unsplit (under 200 ms of ticks in the window to split by: user and sys "
+                    "shown as -, their sum in the JSON's cpu_us_per_msg) for ") +
                 unsplit;
     return text.empty() ? "" : "  user/sys split: " + text + "\n";
 }
@@ -917,34 +965,63 @@ void write_json(const fs::path& file, const std::vector<Result>& results, const 
 }
 
 void write_csv(const fs::path& file, const std::vector<Result>& results) {
+    // The figures of the table, each as its median, min and max over the
+    // rounds, then its ratio to the floor as the median, min and max of the
+    // paired round ratios (empty where unknown: no floor, unsplit, uncounted).
+    struct Column {
+        const char* name;
+        double Figures::*member;
+        int decimals;
+        bool ratio;
+    };
+    static constexpr Column columns[] = {
+        {"msgs_per_s", &Figures::msgs_per_s, 1, true},
+        {"mib_per_s", &Figures::mib_per_s, 3, true},
+        {"p50_us", &Figures::p50_us, 1, true},
+        {"p99_us", &Figures::p99_us, 1, true},
+        {"max_us", &Figures::max_us, 1, false},
+        {"user_us_per_msg", &Figures::user_us_per_msg, 4, true},
+        {"sys_us_per_msg", &Figures::sys_us_per_msg, 4, true},
+        {"cpu_us_per_msg", &Figures::cpu_us_per_msg, 4, true},
+        {"ctx_switches_per_msg", &Figures::ctx_switches_per_msg, 4, true},
+        {"syscalls_per_msg", &Figures::syscalls_per_msg, 3, true},
+        {"waits_per_msg", &Figures::waits_per_msg, 3, true},
+        {"rss_start_kib", &Figures::rss_start_kib, 0, false},
+        {"rss_peak_kib", &Figures::rss_peak_kib, 0, false},
+        {"rss_per_idle_conn_bytes", &Figures::rss_per_idle_conn_bytes, 0, false},
+    };
     std::ofstream os(file);
-    os << "server,kind,backend,size,conns,active,idle_heavy,ok,msgs_per_s,mib_per_s,p50_us,p99_us,"
-          "max_us,user_us_per_msg,sys_us_per_msg,rss_start_kib,rss_peak_kib,"
-          "rss_per_idle_conn_bytes,msgs_per_s_ratio,mib_per_s_ratio,p50_ratio,p99_ratio,"
-          "user_ratio,sys_ratio,cpu_split,note\n";
+    os << "server,kind,backend,size,conns,active,idle_heavy,ok,rounds";
+    for (const Column& c : columns) {
+        os << ',' << c.name << ',' << c.name << "_min," << c.name << "_max";
+        if (c.ratio)
+            os << ',' << c.name << "_ratio," << c.name << "_ratio_min," << c.name << "_ratio_max";
+    }
+    os << ",cpu_split,interference_flagged,interference,note\n";
+    auto text = [](std::string t) {
+        std::replace(t.begin(), t.end(), ',', ';');
+        std::replace(t.begin(), t.end(), '\n', ' ');
+        return t;
+    };
     for (const auto& r : results) {
         const Result* fl = floor_of(results, r.point);
-        auto q = [&](double, double Figures::*m) {
-            double x = ratio_to(r, fl, m).median;
-            return std::isnan(x) ? std::string() : fmt(x, 3);
+        auto num = [&](double v, int d) {
+            return r.ok && !std::isnan(v) ? fmt(v, d) : std::string();
         };
-        auto n = [&](double v, int d) { return r.ok ? fmt(v, d) : std::string(); };
-        std::string note = r.note;
-        std::replace(note.begin(), note.end(), ',', ';');
-        std::replace(note.begin(), note.end(), '\n', ' ');
-        std::string split = r.cpu_split;
-        std::replace(split.begin(), split.end(), ',', ';');
         os << r.server->name << ',' << r.server->kind << ',' << r.server->backend << ','
            << r.point.size << ',' << r.point.conns << ',' << r.point.active << ','
-           << r.point.idle_heavy << ',' << r.ok << ',' << n(r.msgs_per_s, 1) << ','
-           << n(r.mib_per_s, 3) << ',' << n(r.p50_us, 1) << ',' << n(r.p99_us, 1) << ','
-           << n(r.max_us, 1) << ',' << n(r.user_us_per_msg, 4) << ',' << n(r.sys_us_per_msg, 4)
-           << ',' << n(r.rss_start_kib, 0) << ',' << n(r.rss_peak_kib, 0) << ','
-           << (r.ok && r.point.idle_heavy ? fmt(r.rss_per_idle_conn_bytes, 0) : "") << ','
-           << q(r.msgs_per_s, &Figures::msgs_per_s) << ',' << q(r.mib_per_s, &Figures::mib_per_s)
-           << ',' << q(r.p50_us, &Figures::p50_us) << ',' << q(r.p99_us, &Figures::p99_us) << ','
-           << q(r.user_us_per_msg, &Figures::user_us_per_msg) << ','
-           << q(r.sys_us_per_msg, &Figures::sys_us_per_msg) << ',' << split << ',' << note << '\n';
+           << r.point.idle_heavy << ',' << r.ok << ',' << r.rounds.size();
+        for (const Column& c : columns) {
+            const bool shown = c.member != &Figures::rss_per_idle_conn_bytes || r.point.idle_heavy;
+            os << ',' << (shown ? num(r.*c.member, c.decimals) : "") << ','
+               << (shown ? num(r.min.*c.member, c.decimals) : "") << ','
+               << (shown ? num(r.max.*c.member, c.decimals) : "");
+            if (!c.ratio) continue;
+            const Spread q = fl && fl != &r ? ratio_to(r, fl, c.member) : Spread{NAN, NAN, NAN};
+            os << ',' << num(q.median, 3) << ',' << num(q.min, 3) << ',' << num(q.max, 3);
+        }
+        os << ',' << text(r.cpu_split) << ',' << r.interference.flagged << ','
+           << text(r.interference.details) << ',' << text(r.note) << '\n';
     }
     if (!os) throw std::runtime_error("cannot write " + file.string());
 }
