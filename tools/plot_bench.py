@@ -102,13 +102,22 @@ def main(argv):
             ax = axes[i // cols][i % cols]
             sel = [r for r in runs if (r["size"], r["conns"], r["active"]) == shape]
             names = [r["server"] for r in sel]
-            user = [r["user_us_per_msg"] or 0 for r in sel]
-            sys_ = [r["sys_us_per_msg"] or 0 for r in sel]
+            # An unsplit row (user and sys unknown, null in the JSON) is drawn
+            # as its total, hatched, never as a zero.
+            split = [r["user_us_per_msg"] is not None and r["sys_us_per_msg"] is not None
+                     for r in sel]
+            user = [r["user_us_per_msg"] if ok else 0 for r, ok in zip(sel, split)]
+            sys_ = [r["sys_us_per_msg"] if ok else 0 for r, ok in zip(sel, split)]
+            whole = [0 if ok else (r.get("cpu_us_per_msg") or 0) for r, ok in zip(sel, split)]
             ax.barh(names, user, color=[colour[n] for n in names], label="user")
             ax.barh(names, sys_, left=user, color=[colour[n] for n in names], alpha=0.35,
                     label="sys")
+            if any(whole):
+                ax.barh(names, whole, color="none", edgecolor=[colour[n] for n in names],
+                        hatch="///", label="unsplit")
             ax.set_title(shape_label(sel[0]), fontsize=9)
-            ax.set_xlabel("server CPU us per message (solid user, pale sys)", fontsize=7)
+            ax.set_xlabel("server CPU us per message (solid user, pale sys, hatched unsplit)",
+                          fontsize=7)
             ax.tick_params(labelsize=7)
             ax.invert_yaxis()
         for j in range(len(shapes), rows * cols):
@@ -144,9 +153,9 @@ def main(argv):
             xs, ys = [], []
             if base:
                 xs.append(0)
-                ys.append((base[0]["user_us_per_msg"] or 0) + (base[0]["sys_us_per_msg"] or 0))
+                ys.append(base[0]["cpu_us_per_msg"])
             xs.append(r["conns"] - r["active"])
-            ys.append((r["user_us_per_msg"] or 0) + (r["sys_us_per_msg"] or 0))
+            ys.append(r["cpu_us_per_msg"])
             ax.plot(xs, ys, marker="o", label=r["server"], color=colour[r["server"]])
         ax.set_xlabel("idle connections beside the active ones")
         ax.set_ylabel("server CPU us per message")
