@@ -11,8 +11,12 @@
 
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <optional>
 #include <thread>
 
+#include "../tools/bench_instructions.hpp"
 #include "../tools/bench_interference.hpp"
 #include "../tools/bench_stats.hpp"
 
@@ -204,3 +208,28 @@ TEST(Interference, AHogPinnedToTheServersCpuIsDetected) {
 }
 
 }  // namespace
+
+// --instructions' arithmetic and callgrind's file format.
+TEST(Instructions, CallgrindTotalsLineIsReadAndTheDifferenceDividesByMessages) {
+    char path[] = "/tmp/evmux-callgrind-test-XXXXXX";
+    const int fd = ::mkstemp(path);
+    ASSERT_GE(fd, 0);
+    ::close(fd);
+    {
+        std::ofstream out(path);
+        out << "# callgrind format\nversion: 1\ncmd: evmux-echo\nevents: Ir\nsummary: 1234\n"
+               "fn=(1) main\n5 1234\n\ntotals: 1234\n";
+    }
+    EXPECT_EQ(evmux::bench::callgrind_total(path), std::optional<std::uint64_t>(1234));
+    {
+        std::ofstream out(path);
+        out << "events: Ir\nfn=(1) main\n5 10\n";  // cut short: no totals
+    }
+    EXPECT_EQ(evmux::bench::callgrind_total(path), std::nullopt);
+    std::remove(path);
+    EXPECT_EQ(evmux::bench::callgrind_total("/nonexistent/evmux"), std::nullopt);
+
+    EXPECT_DOUBLE_EQ(evmux::bench::instructions_per_message(1000, 10, 31000, 110), 300.0);
+    EXPECT_TRUE(std::isnan(evmux::bench::instructions_per_message(1000, 10, 2000, 10)));
+    EXPECT_TRUE(std::isnan(evmux::bench::instructions_per_message(2000, 10, 1000, 20)));
+}

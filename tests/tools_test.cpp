@@ -770,6 +770,47 @@ TEST(EvmuxBench, ForkServerIsMeasuredInTheWindowAndUnsplitIsNull) {
     EXPECT_NE(csv.find(",cpu_us_per_msg_ratio_min,"), std::string::npos) << csv;
 }
 
+// --instructions: callgrind counts for the floor and evmux; evmux runs more
+// instructions per message than the floor's bare loop. Without valgrind the
+// JSON says why instead of a figure.
+TEST(EvmuxBench, InstructionsPerMessageUnderCallgrind) {
+    const std::string bench = program_path("EVMUX_BENCH");
+    if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";
+    char dir_template[] = "/tmp/evmux-tools-test-XXXXXX";
+    ASSERT_NE(::mkdtemp(dir_template), nullptr);
+    const std::string json_file = std::string(dir_template) + "/b.json";
+    Child c({bench,         "--servers", "epoll-floor",    "evmux",
+             "--backends",  "epoll",     "--sizes",        "64",
+             "--sessions",  "2",         "--duration",     "0.2",
+             "--rounds",    "1",         "--no-idle",      "--no-plots",
+             "--sweep-fds", "10",        "--instructions", "--json",
+             json_file});
+    ASSERT_EQ(c.finish(120s), 0) << c.err();
+    std::ifstream in(json_file);
+    std::stringstream text;
+    text << in.rdbuf();
+    const std::string json = text.str();
+    std::remove(json_file.c_str());
+    ::rmdir(dir_template);
+    EXPECT_NE(c.out().find("== user-space instructions per echoed message"), std::string::npos)
+        << c.out();
+    static const std::regex row(
+        R"re("server": "([^"]+)", "size": 1024, "sessions": 10, "instructions_per_msg": ([0-9.]+|null))re");
+    std::map<std::string, std::string> per_msg;
+    for (auto it = std::sregex_iterator(json.begin(), json.end(), row);
+         it != std::sregex_iterator(); ++it)
+        per_msg[(*it)[1]] = (*it)[2];
+    ASSERT_EQ(per_msg.size(), 2u) << json;
+    if (::access("/usr/bin/valgrind", X_OK) != 0) {
+        EXPECT_NE(json.find("valgrind not found"), std::string::npos) << json;
+        return;
+    }
+    ASSERT_NE(per_msg["epoll-floor"], "null") << json;
+    ASSERT_NE(per_msg["evmux/epoll"], "null") << json;
+    EXPECT_GT(std::stod(per_msg["epoll-floor"]), 10) << json;
+    EXPECT_GT(std::stod(per_msg["evmux/epoll"]), std::stod(per_msg["epoll-floor"])) << json;
+}
+
 TEST(EvmuxBench, JsonAndTableCountContextSwitchesPerMessage) {
     const std::string bench = program_path("EVMUX_BENCH");
     if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";

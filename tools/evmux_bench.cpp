@@ -30,6 +30,7 @@
 #include "bench_c.hpp"
 #include "bench_dispatch.hpp"
 #include "bench_environment.hpp"
+#include "bench_instructions.hpp"
 #include "bench_interference.hpp"
 #include "bench_processes.hpp"
 #include "bench_stats.hpp"
@@ -257,7 +258,23 @@ struct Options {
     int rounds = 0;                   // rounds per point; 0: 5, or 3 with --quick
     double interference_percent = 5;  // other work above this share of a CPU flags a point
     std::vector<int> threads{1};      // evmux-echo --threads, one server entry per value
+    bool instructions = false;        // --instructions: callgrind runs after the rest
 };
+
+/// --instructions: one server's user-space instructions per message.
+struct InstructionRow {
+    const Server* server;
+    double per_msg = NAN;
+    std::uint64_t ir[2] = {0, 0};  ///< the two runs' instruction totals
+    double msgs[2] = {0, 0};       ///< and their round trips
+    std::string note;              ///< why there is no figure
+};
+
+/// The load shape and the two load lengths of --instructions: start-up and
+/// shut-down cancel in the difference. Under callgrind a server runs about
+/// 50 times slower, so these are a few thousand messages each.
+constexpr Point instructions_point{1024, 10, 10, false};
+constexpr double instructions_durations[2] = {1.0, 3.0};
 
 /// A server's figures while the load runs: its CPU time and RSS sampled every
 /// 20 ms on a thread of ours (the load window is picked from them
@@ -607,6 +624,42 @@ class Runner {
         return r;
     }
 
+    /// --instructions for `server`: run it under callgrind for each of
+    /// instructions_durations at instructions_point, and divide the
+    /// difference of the instruction totals by that of the round trips.
+    InstructionRow instructions(const Server& server, const fs::path& valgrind) const {
+        InstructionRow row;
+        row.server = &server;
+        for (int i = 0; i < 2; ++i) {
+            const fs::path out = fs::temp_directory_path() /
+                                 ("evmux-bench-callgrind-" + std::to_string(::getpid()) + ".out");
+            std::vector<std::string> argv{valgrind.string(), "-q", "--tool=callgrind",
+                                          "--callgrind-out-file=" + out.string()};
+            for (const auto& a : server_argv(server)) argv.push_back(a);
+            ChildProcess srv(argv, server_cpu_, false, true);
+            std::string host;
+            int port = 0;
+            if (!wait_listening(srv, host, port, row.note)) return row;
+            LoadRun load = run_load(
+                instructions_point, host, port, srv.pid(), false, server_cpu_, [](pid_t) {},
+                instructions_durations[i]);
+            // callgrind writes its file as the server exits: give it time.
+            srv.stop(std::chrono::seconds(20));
+            const std::optional<std::uint64_t> total = callgrind_total(out);
+            fs::remove(out);
+            row.msgs[i] = json_number(load.json, "round_trips");
+            if (!load.in_time || load.status != 0 || !(row.msgs[i] > 0) || !total) {
+                row.note = !total ? "no callgrind totals (did the server exit cleanly?)"
+                                  : "evmux-load failed: exit " + std::to_string(load.status);
+                return row;
+            }
+            row.ir[i] = *total;
+        }
+        row.per_msg = instructions_per_message(row.ir[0], row.msgs[0], row.ir[1], row.msgs[1]);
+        if (std::isnan(row.per_msg)) row.note = "the longer run had no more messages";
+        return row;
+    }
+
   private:
     std::vector<std::string> server_argv(const Server& server) const {
         std::vector<std::string> argv{server.binary.string(), "--port", "0", "--host", opt_.host};
@@ -620,7 +673,9 @@ class Runner {
     /// it overruns by a minute. With `forks`, the CPU of the server's live
     /// children is read when the figures arrive.
     LoadRun run_load(const Point& point, const std::string& host, int port, pid_t server,
-                     bool forks, int server_cpu, const std::function<void(pid_t)>& started) const {
+                     bool forks, int server_cpu, const std::function<void(pid_t)>& started,
+                     double duration = 0) const {
+        if (duration <= 0) duration = opt_.duration;
         std::vector<std::string> argv{load_.string(),
                                       "--port",
                                       std::to_string(port),
@@ -633,14 +688,14 @@ class Runner {
                                       "--size",
                                       std::to_string(point.size),
                                       "--duration",
-                                      fmt(opt_.duration, 3),
+                                      fmt(duration, 3),
                                       "--json",
                                       "--mark-window"};
         LoadRun run;
         ChildProcess load(argv, client_cpu_, true, false);
         started(load.pid());
-        auto limit = Clock::now() +
-                     std::chrono::milliseconds(static_cast<long>(opt_.duration * 1000) + 60000);
+        auto limit =
+            Clock::now() + std::chrono::milliseconds(static_cast<long>(duration * 1000) + 60000);
         auto read_end = [&](WindowEnd& at) {
             at.when = Clock::now();
             if (forks) at.children = live_children_cpu(server);
@@ -885,7 +940,8 @@ std::string json_figures(const Figures& f, bool idle_heavy) {
 }
 
 void write_json(const fs::path& file, const std::vector<Result>& results, const Options& opt,
-                const std::vector<DispatchSweep>& sweeps, bool pinned, double total_s,
+                const std::vector<DispatchSweep>& sweeps,
+                const std::vector<InstructionRow>& instructions, bool pinned, double total_s,
                 const Environment& env) {
     std::ofstream os(file);
     os << "{\n  \"tool\": \"evmux-bench\",\n  \"quick\": " << (opt.quick ? "true" : "false")
@@ -958,6 +1014,21 @@ void write_json(const fs::path& file, const std::vector<Result>& results, const 
            << ", \"fds\": " << s.fds << ", \"active\": " << s.active << ", \"writes\": " << s.writes
            << ", \"median_us\": " << json_num(s.median_us, 1)
            << ", \"us_per_event\": " << json_num(s.us_per_event, 4) << "}";
+        first = false;
+    }
+    // --instructions: one entry per single-process server (absent without it).
+    os << "\n  ],\n  \"instructions\": [";
+    first = true;
+    for (const auto& r : instructions) {
+        os << (first ? "\n" : ",\n") << "    {\"server\": " << json_str(r.server->name)
+           << ", \"size\": " << instructions_point.size
+           << ", \"sessions\": " << instructions_point.active
+           << ", \"instructions_per_msg\": " << json_num(r.per_msg, 1)
+           << ", \"runs\": [{\"duration_s\": " << json_num(instructions_durations[0], 1)
+           << ", \"instructions\": " << r.ir[0] << ", \"round_trips\": " << json_num(r.msgs[0], 0)
+           << "}, {\"duration_s\": " << json_num(instructions_durations[1], 1)
+           << ", \"instructions\": " << r.ir[1] << ", \"round_trips\": " << json_num(r.msgs[1], 0)
+           << "}], \"note\": " << json_str(r.note) << "}";
         first = false;
     }
     os << "\n  ]\n}\n";
@@ -1126,6 +1197,10 @@ void add_bench_options(CLI::App& app, Options& opt) {
         ->check(CLI::Range(1, 1000000));
     app.add_flag("--no-idle", opt.no_idle, "skip the idle-heavy case");
     app.add_flag("--no-plots", opt.no_plots, "do not run plot_bench.py");
+    app.add_flag("--instructions", opt.instructions,
+                 "also count user-space instructions per message: each single-process server "
+                 "under valgrind's callgrind at 10 sessions x 1 KiB, for 1 s and 3 s of load "
+                 "(the difference cancels start-up); about 10 s per server");
     app.add_flag("--tick-split", opt.tick_split,
                  "split user/sys CPU by the utime/stime ticks, not by perf samples (to compare)");
     app.add_option("--sweep-fds", opt.sweep_fds,
@@ -1332,6 +1407,56 @@ bool run_servers(Runner& runner, const std::vector<Point>& points,
     return all_ok;
 }
 
+/// --instructions: every server that is one process (not the thread or fork
+/// server: callgrind runs threads one at a time and follows no children).
+std::vector<InstructionRow> run_instructions(const Runner& runner,
+                                             const std::vector<Server>& servers) {
+    std::vector<InstructionRow> rows;
+    std::string why;
+    const std::optional<fs::path> valgrind = find_valgrind(why);
+    for (const auto& s : servers) {
+        if (s.per_connection_os || s.threads > 1) continue;
+        std::fprintf(stderr, "instructions %s (callgrind) ...", s.name.c_str());
+        std::fflush(stderr);
+        InstructionRow row;
+        row.server = &s;
+        if (valgrind)
+            row = runner.instructions(s, *valgrind);
+        else
+            row.note = why;
+        if (std::isnan(row.per_msg))
+            std::fprintf(stderr, " %s\n", row.note.c_str());
+        else
+            std::fprintf(stderr, " %.0f per message\n", row.per_msg);
+        rows.push_back(row);
+    }
+    return rows;
+}
+
+/// The --instructions table, each server's count and its ratio to the floor's.
+void print_instructions(std::ostream& os, const std::vector<InstructionRow>& rows) {
+    const InstructionRow* floor = nullptr;
+    for (const auto& r : rows)
+        if (r.server->name == floor_server) floor = &r;
+    os << "\n== user-space instructions per echoed message (callgrind; "
+       << instructions_point.active << " sessions x " << instructions_point.size << " B; runs of "
+       << fmt(instructions_durations[0], 0) << " s and " << fmt(instructions_durations[1], 0)
+       << " s of load, their difference)\n";
+    for (const auto& r : rows) {
+        char line[160];
+        if (std::isnan(r.per_msg)) {
+            std::snprintf(line, sizeof line, "%-22s %10s   %s\n", r.server->name.c_str(), "-",
+                          r.note.c_str());
+        } else {
+            const bool ratio = floor && floor != &r && floor->per_msg > 0;
+            std::snprintf(
+                line, sizeof line, "%-22s %10.0f   %s\n", r.server->name.c_str(), r.per_msg,
+                ratio ? ("(" + fmt(r.per_msg / floor->per_msg, 2) + "x the floor)").c_str() : "");
+        }
+        os << line;
+    }
+}
+
 /// Dispatch cost as idle fds grow, in this process, for each evmux backend at
 /// each of `fd_counts`; false if a backend's sweep failed.
 bool run_sweeps(const std::vector<std::string>& backends, const std::vector<int>& fd_counts,
@@ -1371,17 +1496,18 @@ void print_sweeps(const std::vector<std::string>& backends, const std::vector<in
 /// bench.json and bench.csv in --out, --json, --csv; returns the JSON file
 /// the plots are made from (--out's, else --json's), if any.
 std::optional<fs::path> write_files(const Options& opt, const std::vector<Result>& results,
-                                    const std::vector<DispatchSweep>& sweeps, bool pinned,
+                                    const std::vector<DispatchSweep>& sweeps,
+                                    const std::vector<InstructionRow>& instructions, bool pinned,
                                     double total_s, const Environment& env) {
     std::optional<fs::path> json_path;
     if (!opt.out_dir.empty()) {
         fs::create_directories(opt.out_dir);
         json_path = fs::path(opt.out_dir) / "bench.json";
-        write_json(*json_path, results, opt, sweeps, pinned, total_s, env);
+        write_json(*json_path, results, opt, sweeps, instructions, pinned, total_s, env);
         write_csv(fs::path(opt.out_dir) / "bench.csv", results);
     }
     if (!opt.json_file.empty()) {
-        write_json(opt.json_file, results, opt, sweeps, pinned, total_s, env);
+        write_json(opt.json_file, results, opt, sweeps, instructions, pinned, total_s, env);
         if (!json_path) json_path = opt.json_file;
     }
     if (!opt.csv_file.empty()) write_csv(opt.csv_file, results);
@@ -1457,6 +1583,8 @@ int run_bench(Options& opt) {
     std::vector<int> fd_counts = plan_sweep(opt, backends);
     std::vector<DispatchSweep> sweeps;
     all_ok = run_sweeps(backends, fd_counts, opt.quick, sweeps) && all_ok;
+    std::vector<InstructionRow> instructions;
+    if (opt.instructions) instructions = run_instructions(runner, servers);
     double total_s = std::chrono::duration<double>(Clock::now() - t0).count();
     record_load_after(env);
 
@@ -1465,12 +1593,14 @@ int run_bench(Options& opt) {
     print_environment(std::cout, env);
     print_table(std::cout, results, points);
     if (!sweeps.empty()) print_sweeps(backends, fd_counts, sweeps);
+    if (opt.instructions) print_instructions(std::cout, instructions);
     std::printf("\nevmux-bench: %zu server x point entries, %d rounds each, in %.1f s\n",
                 results.size(), opt.rounds, total_s);
     std::cout << disturbed;
     std::fflush(stdout);
 
-    std::optional<fs::path> json_path = write_files(opt, results, sweeps, pinned, total_s, env);
+    std::optional<fs::path> json_path =
+        write_files(opt, results, sweeps, instructions, pinned, total_s, env);
     if (!opt.out_dir.empty() && !opt.no_plots) make_plots(*json_path, opt.out_dir);
     return all_ok ? 0 : 1;
 }
