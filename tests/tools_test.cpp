@@ -684,28 +684,45 @@ TEST(CpuModeSampler, AGoneProcessIsUnavailableWithAReason) {
     EXPECT_EQ(sampler.split(Clock::now() - 1h, Clock::now()).total(), 0u);
 }
 
-/// A tiny evmux-bench run (epoll-floor, one 0.2 s round): its JSON and stdout.
+/// An evmux-bench run with `args`, writing --json and --csv into a temporary
+/// directory: its exit status, the two files' text, stdout and stderr.
 struct TinyBench {
     int rc = -1;
-    std::string json, out, err;
+    std::string json, csv, out, err;
 };
-TinyBench tiny_bench(const std::string& bench) {
+TinyBench bench_with_files(const std::string& bench, std::vector<std::string> args,
+                           std::chrono::seconds limit = 60s) {
     char dir_template[] = "/tmp/evmux-tools-test-XXXXXX";
     TinyBench t;
-    if (::mkdtemp(dir_template) == nullptr) return t;
-    const std::string json_file = std::string(dir_template) + "/bench.json";
-    Child c({bench, "--servers", "epoll-floor", "--sizes", "64", "--sessions", "2", "--duration",
-             "0.2", "--rounds", "1", "--no-idle", "--no-plots", "--json", json_file});
-    t.rc = c.finish(60s);
-    std::ifstream in(json_file);
-    std::stringstream text;
-    text << in.rdbuf();
-    t.json = text.str();
+    if (::mkdtemp(dir_template) == nullptr) {
+        t.err = std::string("mkdtemp: ") + std::strerror(errno);
+        return t;
+    }
+    const std::string dir = dir_template;
+    args.insert(args.begin(), bench);
+    for (const char* f : {"--json", "--csv"})
+        args.insert(args.end(), {f, dir + (f[2] == 'j' ? "/bench.json" : "/bench.csv")});
+    Child c(args);
+    t.rc = c.finish(limit);
+    for (auto [file, into] :
+         {std::pair{dir + "/bench.json", &t.json}, {dir + "/bench.csv", &t.csv}}) {
+        std::ifstream in(file);
+        std::stringstream text;
+        text << in.rdbuf();
+        *into = text.str();
+        std::remove(file.c_str());
+    }
     t.out = c.out();
     t.err = c.err();
-    std::remove(json_file.c_str());
-    ::rmdir(dir_template);
+    ::rmdir(dir.c_str());
     return t;
+}
+
+/// A tiny evmux-bench run (epoll-floor, one 0.2 s round).
+TinyBench tiny_bench(const std::string& bench) {
+    return bench_with_files(
+        bench, {"--servers", "epoll-floor", "--sizes", "64", "--sessions", "2", "--duration", "0.2",
+                "--rounds", "1", "--no-idle", "--no-plots"});
 }
 
 TEST(EvmuxBench, JsonAndTableRecordTheEnvironment) {
@@ -737,23 +754,11 @@ TEST(EvmuxBench, JsonAndTableRecordTheEnvironment) {
 TEST(EvmuxBench, ForkServerIsMeasuredInTheWindowAndUnsplitIsNull) {
     const std::string bench = program_path("EVMUX_BENCH");
     if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";
-    char dir_template[] = "/tmp/evmux-tools-test-XXXXXX";
-    ASSERT_NE(::mkdtemp(dir_template), nullptr);
-    const std::string dir = dir_template;
-    Child c({bench, "--servers", "fork", "--sizes", "64", "--sessions", "4", "--duration", "0.3",
-             "--rounds", "2", "--no-idle", "--no-plots", "--json", dir + "/b.json", "--csv",
-             dir + "/b.csv"});
-    ASSERT_EQ(c.finish(60s), 0) << c.err();
-    auto slurp = [](const std::string& f) {
-        std::ifstream in(f);
-        std::stringstream text;
-        text << in.rdbuf();
-        return text.str();
-    };
-    const std::string json = slurp(dir + "/b.json"), csv = slurp(dir + "/b.csv");
-    std::remove((dir + "/b.json").c_str());
-    std::remove((dir + "/b.csv").c_str());
-    ::rmdir(dir.c_str());
+    const TinyBench t =
+        bench_with_files(bench, {"--servers", "fork", "--sizes", "64", "--sessions", "4",
+                                 "--duration", "0.3", "--rounds", "2", "--no-idle", "--no-plots"});
+    ASSERT_EQ(t.rc, 0) << t.err;
+    const std::string &json = t.json, &csv = t.csv;
     static const std::regex split(R"re("cpu_split": "([^"]*)")re");
     std::smatch m;
     ASSERT_TRUE(std::regex_search(json, m, split)) << json;
@@ -776,24 +781,16 @@ TEST(EvmuxBench, ForkServerIsMeasuredInTheWindowAndUnsplitIsNull) {
 TEST(EvmuxBench, InstructionsPerMessageUnderCallgrind) {
     const std::string bench = program_path("EVMUX_BENCH");
     if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";
-    char dir_template[] = "/tmp/evmux-tools-test-XXXXXX";
-    ASSERT_NE(::mkdtemp(dir_template), nullptr);
-    const std::string json_file = std::string(dir_template) + "/b.json";
-    Child c({bench,         "--servers", "epoll-floor",    "evmux",
-             "--backends",  "epoll",     "--sizes",        "64",
-             "--sessions",  "2",         "--duration",     "0.2",
-             "--rounds",    "1",         "--no-idle",      "--no-plots",
-             "--sweep-fds", "10",        "--instructions", "--json",
-             json_file});
-    ASSERT_EQ(c.finish(120s), 0) << c.err();
-    std::ifstream in(json_file);
-    std::stringstream text;
-    text << in.rdbuf();
-    const std::string json = text.str();
-    std::remove(json_file.c_str());
-    ::rmdir(dir_template);
-    EXPECT_NE(c.out().find("== user-space instructions per echoed message"), std::string::npos)
-        << c.out();
+    const TinyBench t =
+        bench_with_files(bench,
+                         {"--servers", "epoll-floor", "evmux", "--backends", "epoll", "--sizes",
+                          "64", "--sessions", "2", "--duration", "0.2", "--rounds", "1",
+                          "--no-idle", "--no-plots", "--sweep-fds", "10", "--instructions"},
+                         120s);
+    ASSERT_EQ(t.rc, 0) << t.err;
+    const std::string& json = t.json;
+    EXPECT_NE(t.out.find("== user-space instructions per echoed message"), std::string::npos)
+        << t.out;
     static const std::regex row(
         R"re("server": "([^"]+)", "size": 1024, "sessions": 10, "instructions_per_msg": ([0-9.]+|null))re");
     std::map<std::string, std::string> per_msg;
@@ -858,21 +855,13 @@ TEST(EvmuxBench, SyscallsPerMessageAreCountedOrSaidToBeUnavailable) {
 TEST(EvmuxBench, JsonSaysHowUserAndSysWereSplitAndUsesPerfWhenAvailable) {
     const std::string bench = program_path("EVMUX_BENCH");
     if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";
-    char dir_template[] = "/tmp/evmux-tools-test-XXXXXX";
-    ASSERT_NE(::mkdtemp(dir_template), nullptr) << std::strerror(errno);
-    const std::string json_file = std::string(dir_template) + "/bench.json";
     // epoll-floor (a single loop: sampled) and threads (a thread per
     // connection: ticks), two 1 s rounds of one point each.
-    Child c({bench, "--servers", "epoll-floor,threads", "--sizes", "1024", "--sessions", "50",
-             "--duration", "1", "--rounds", "2", "--no-idle", "--no-plots", "--json", json_file});
-    const int rc = c.finish(60s);
-    std::ifstream in(json_file);
-    std::stringstream text;
-    text << in.rdbuf();
-    const std::string json = text.str();
-    std::remove(json_file.c_str());
-    ::rmdir(dir_template);
-    ASSERT_EQ(rc, 0) << c.err();
+    const TinyBench t = bench_with_files(
+        bench, {"--servers", "epoll-floor,threads", "--sizes", "1024", "--sessions", "50",
+                "--duration", "1", "--rounds", "2", "--no-idle", "--no-plots"});
+    ASSERT_EQ(t.rc, 0) << t.err;
+    const std::string& json = t.json;
 
     std::map<std::string, std::string> split;  // server -> cpu_split
     static const std::regex run(R"re("server": "([^"]+)"[^}]*"cpu_split": "([^"]*)")re");
@@ -890,7 +879,7 @@ TEST(EvmuxBench, JsonSaysHowUserAndSysWereSplitAndUsesPerfWhenAvailable) {
     // The report's first and last lines say how many runs were disturbed.
     static const std::regex summary(
         R"(^(WARNING: [0-9]+ of 2 runs disturbed by other work \(.*\); their figures are not comparable|evmux-bench: no run disturbed by other work \(threshold 5.0% of a CPU\))$)");
-    const std::string out = c.out();
+    const std::string& out = t.out;
     const std::string first_line = out.substr(0, out.find('\n'));
     std::string trimmed = out.substr(0, out.find_last_not_of('\n') + 1);
     const std::string last_line = trimmed.substr(trimmed.rfind('\n') + 1);
@@ -910,7 +899,7 @@ TEST(EvmuxBench, JsonSaysHowUserAndSysWereSplitAndUsesPerfWhenAvailable) {
         << json;
     EXPECT_TRUE(split["threads"].starts_with("ticks")) << split["threads"];
     // The table's footnote says it too.
-    EXPECT_NE(c.out().find("user/sys split: "), std::string::npos) << c.out();
+    EXPECT_NE(t.out.find("user/sys split: "), std::string::npos) << t.out;
     if (const auto refused = perf_refused()) {
         EXPECT_TRUE(split["epoll-floor"].starts_with("ticks")) << split["epoll-floor"];
         GTEST_SKIP() << "no perf sampling here (" << *refused << "): the tick split was used";
@@ -920,16 +909,16 @@ TEST(EvmuxBench, JsonSaysHowUserAndSysWereSplitAndUsesPerfWhenAvailable) {
     // the tool then falls back to ticks and says how many samples it had.
     static const std::regex too_few(R"(ticks \(only [1-9][0-9]* perf samples\))");
     if (std::regex_match(split["epoll-floor"], too_few)) {
-        EXPECT_NE(c.err().find(split["epoll-floor"]), std::string::npos) << c.err();
+        EXPECT_NE(t.err.find(split["epoll-floor"]), std::string::npos) << t.err;
         return;
     }
     EXPECT_TRUE(std::regex_match(
         split["epoll-floor"],
         std::regex("perf [0-9]+ kHz: [0-9]+ samples, [0-9]+ user(, [0-9]+ lost)?")))
         << split["epoll-floor"] << "\n"
-        << c.err();
-    EXPECT_NE(c.out().find("perf cpu-clock samples at 4 kHz in the load window"), std::string::npos)
-        << c.out();
+        << t.err;
+    EXPECT_NE(t.out.find("perf cpu-clock samples at 4 kHz in the load window"), std::string::npos)
+        << t.out;
 }
 
 }  // namespace
