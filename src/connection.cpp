@@ -273,7 +273,16 @@ bool Connection::flush() {
         }
         if (static_cast<std::size_t>(n) < total) break;  // socket buffer full
     }
-    if (above_high_ && queued_ <= opt_.low_water) above_high_ = false;
+    if (above_high_ && queued_ <= opt_.low_water) {
+        above_high_ = false;
+        update_interest();
+        if (cb_.on_low_water) {
+            cb_.on_low_water(shared_from_this(),
+                             queued_);  // inside handle(): a throw is caught there
+            return state_ == State::open;
+        }
+        return true;
+    }
     update_interest();
     return true;
 }

@@ -694,6 +694,60 @@ TEST(TcpServer, ClientThatNeverReadsIsBounded) {
     EXPECT_EQ(closes.load(), 0) << "backpressure, not overflow, should hold it";
 }
 
+// on_low_water: once per crossing back to the low-water mark after
+// on_high_water, from the loop's write handling, with the queue at or under
+// low water.
+TEST(Connection, LowWaterFollowsHighWaterOncePerCrossing) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    auto [client, server_fd] = test::tcp_pair();
+    const int small = 16 * 1024;  // fixed buffers (no autotuning): both sends queue
+    ::setsockopt(server_fd.get(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
+    ::setsockopt(client.get(), SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+    ConnectionOptions opt;
+    opt.high_water = 64 * 1024;
+    opt.low_water = 16 * 1024;
+    int high = 0, low = 0;
+    std::size_t queued_at_low = 0;
+    Callbacks cb;
+    cb.on_high_water = [&](const ConnectionPtr&, std::size_t) { ++high; };
+    cb.on_low_water = [&](const ConnectionPtr& c, std::size_t queued) {
+        ++low;
+        queued_at_low = queued;
+        EXPECT_EQ(queued, c->queued_bytes());
+        EXPECT_FALSE(c->above_high_water());
+    };
+    ConnectionPtr conn = Connection::adopt(loop, server_fd.release(), cb, opt);
+    const std::string data = pattern(4 << 20);
+    // The client reads all of `data`, the loop running meanwhile.
+    auto read_it_all = [&] {
+        std::string got;
+        char buf[65536];
+        run_until(loop, [&] {
+            for (;;) {
+                ssize_t n = ::recv(client.get(), buf, sizeof buf, 0);
+                if (n <= 0) break;
+                got.append(buf, static_cast<std::size_t>(n));
+            }
+            return got.size() == data.size();
+        });
+        return got == data;
+    };
+    conn->send(data);  // far beyond the socket buffers: queued over high water
+    ASSERT_TRUE(conn->above_high_water());
+    EXPECT_EQ(high, 1);
+    EXPECT_EQ(low, 0);
+    ASSERT_TRUE(read_it_all());
+    EXPECT_EQ(low, 1);
+    EXPECT_LE(queued_at_low, opt.low_water);
+    // A second crossing reports again.
+    conn->send(data);
+    ASSERT_TRUE(conn->above_high_water());
+    ASSERT_TRUE(read_it_all());
+    EXPECT_EQ(high, 2);
+    EXPECT_EQ(low, 2);
+    conn->close();
+}
+
 TEST(TcpServer, HalfCloseWithDataInFlight) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     std::atomic<int> peer_closed{0};

@@ -78,6 +78,11 @@ struct Callbacks {
     /// The queue passed the high-water mark (reading from this peer is now
     /// paused until it falls under the low-water mark). Once per crossing.
     std::function<void(const ConnectionPtr&, std::size_t queued)> on_high_water;
+    /// The queue, after passing the high-water mark, has drained to the
+    /// low-water mark (reading resumes): asyncio's resume_writing(), the pair
+    /// of on_high_water. Once per crossing, from the loop's write handling
+    /// (never inside send()). Unlike on_drain it costs nothing per send().
+    std::function<void(const ConnectionPtr&, std::size_t queued)> on_low_water;
     /// The peer shut down its sending side; all data it sent before has been
     /// delivered. Unset: the queue is sent, then our side is shut down too,
     /// and the connection closes with peer_closed.
