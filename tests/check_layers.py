@@ -22,6 +22,7 @@ LAYERS = [
     ("server / client", ["include/evmux/server.hpp", "include/evmux/loop_group.hpp",
                          "src/server.cpp", "src/listener.hpp", "src/listener.cpp",
                          "src/loop_group.cpp"]),
+    ("coroutines", ["include/evmux/coro.hpp", "src/coro.cpp"]),
 ]
 # Below every layer (usable by all): the version, the generated config.
 ANY_LAYER = ["include/evmux/version.hpp", "src/version.cpp"]

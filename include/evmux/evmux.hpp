@@ -10,6 +10,7 @@
 #include "evmux/address.hpp"
 #include "evmux/buffer.hpp"
 #include "evmux/connection.hpp"
+#include "evmux/coro.hpp"
 #include "evmux/event_loop.hpp"
 #include "evmux/loop_group.hpp"
 #include "evmux/selector.hpp"
@@ -19,5 +20,6 @@
 /// Everything evmux offers. The layers, each using only the one below:
 /// Selector (which fds are ready, on a backend chosen at run time),
 /// EventLoop (callbacks per fd, timers, signals, cross-thread post),
-/// Connection (buffered I/O with a bounded message queue) and TcpServer.
+/// Connection (buffered I/O with a bounded message queue), TcpServer, and
+/// coroutines over them (evmux::coro).
 namespace evmux {}

@@ -1,0 +1,651 @@
+// evmux coroutines: straight-line handlers over EventLoop and Connection
+// (C++20 co_await), the fourth concurrency model beside callbacks, threads
+// and processes. Task<T>, spawn(), sleep(), Stream (reading, writing,
+// half-close and close on one connection), connect(), Acceptor and serve().
+//
+// Everything here runs on one loop's thread: a coroutine is resumed only by
+// the loop it waits on, never from another thread (spawn() is the one call
+// allowed from any thread: it posts).
+//
+// This header includes only evmux's public headers and the standard library.
+#pragma once
+
+#include <chrono>
+#include <coroutine>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <type_traits>
+#include <utility>
+
+#include "evmux/address.hpp"
+#include "evmux/connection.hpp"
+#include "evmux/event_loop.hpp"
+#include "evmux/loop_group.hpp"
+#include "evmux/selector.hpp"
+#include "evmux/server.hpp"
+
+/// Coroutines on evmux: `co_await` reading, writing, sleeping, connecting and
+/// accepting. A layer above the server/client layer; nothing below names it.
+namespace evmux::coro {
+
+template <class T = void>
+class Task;
+
+namespace detail {
+
+struct PromiseBase;
+// A detached task finished: its exception (if any) to the loop's handler,
+// then its frame is freed (the loop's tie owns it). Out of line, cold.
+void finish_detached(PromiseBase& promise) noexcept;
+
+// What every Task's promise holds besides its result.
+struct PromiseBase {
+    std::coroutine_handle<> continuation;  // the coroutine awaiting this one; null if detached
+    std::exception_ptr error;              // what escaped the body
+    EventLoop* loop = nullptr;             // detached: the loop whose tie owns the frame
+    EventLoop::TieId tie = 0;              // detached: that tie
+    bool quiet_close = false;              // serve(): ConnectionClosed ends a handler quietly
+
+    // At the end: symmetric transfer to the awaiting coroutine (no stack
+    // growth however deep tasks nest), or, detached, free the frame.
+    struct FinalAwaiter {
+        bool await_ready() const noexcept { return false; }
+        template <class P>
+        std::coroutine_handle<> await_suspend(std::coroutine_handle<P> done) noexcept {
+            PromiseBase& p = done.promise();
+            if (p.continuation) return p.continuation;
+            if (p.loop) finish_detached(p);  // frees the frame: touch nothing after
+            return std::noop_coroutine();
+        }
+        void await_resume() const noexcept {}
+    };
+    // Lazily started: the body runs when the task is awaited or spawned.
+    std::suspend_always initial_suspend() const noexcept { return {}; }
+    FinalAwaiter final_suspend() const noexcept { return {}; }
+    void unhandled_exception() noexcept { error = std::current_exception(); }
+};
+
+template <class T>
+struct Promise : PromiseBase {
+    std::optional<T> value;
+    Task<T> get_return_object() noexcept;
+    template <class U = T>
+    void return_value(U&& v) {
+        value.emplace(std::forward<U>(v));
+    }
+    T take() {
+        if (error) std::rethrow_exception(error);
+        return std::move(*value);
+    }
+};
+
+template <>
+struct Promise<void> : PromiseBase {
+    Task<void> get_return_object() noexcept;
+    void return_void() const noexcept {}
+    void take() const {
+        if (error) std::rethrow_exception(error);
+    }
+};
+
+void start_detached(EventLoop& loop, Task<void>&& task, bool quiet_close);
+
+}  // namespace detail
+
+/// A coroutine that produces a T (cppcoro's task<T>, Asio's awaitable<T>).
+/// Lazily started: the body runs when the task is `co_await`ed (then the
+/// awaiting coroutine resumes, by symmetric transfer, when it ends) or given
+/// to spawn(). An exception that escapes the body is rethrown from the
+/// `co_await`. Destroying a Task destroys its coroutine frame wherever it is
+/// suspended: the operation it waits on is cancelled (a read, write, sleep,
+/// connect or accept unregisters itself) and it is never resumed. Move-only;
+/// loop thread only.
+template <class T>
+class [[nodiscard]] Task {
+    static_assert(!std::is_reference_v<T>, "evmux::coro::Task<T&> is not supported");
+
+  public:
+    /// The coroutine's promise (C++ machinery).
+    using promise_type = detail::Promise<T>;
+    /// The coroutine's handle.
+    using Handle = std::coroutine_handle<promise_type>;
+
+    /// An empty task (no coroutine).
+    Task() noexcept = default;
+    /// Takes over `other`'s coroutine.
+    Task(Task&& other) noexcept : h_(std::exchange(other.h_, {})) {}
+    /// Destroys the coroutine held, then takes over `other`'s.
+    Task& operator=(Task&& other) noexcept {
+        if (this != &other) {
+            reset();
+            h_ = std::exchange(other.h_, {});
+        }
+        return *this;
+    }
+    /// Destroys the coroutine frame (see the class comment).
+    ~Task() { reset(); }
+
+    /// True if it holds a coroutine.
+    bool valid() const noexcept { return static_cast<bool>(h_); }
+    /// True once the body has finished (returned or thrown).
+    bool done() const noexcept { return h_ && h_.done(); }
+
+    /// `co_await std::move(task)`: run it, resume when it finishes, return its
+    /// value or rethrow its exception. std::logic_error for an empty task.
+    auto operator co_await() && noexcept {
+        struct Awaiter {
+            Handle h;
+            bool await_ready() const noexcept { return !h || h.done(); }
+            std::coroutine_handle<> await_suspend(std::coroutine_handle<> awaiting) noexcept {
+                h.promise().continuation = awaiting;
+                return h;  // start it: symmetric transfer
+            }
+            T await_resume() {
+                if (!h) throw std::logic_error("evmux::coro: co_await on an empty Task");
+                return h.promise().take();
+            }
+        };
+        return Awaiter{h_};
+    }
+
+  private:
+    friend struct detail::Promise<T>;
+    friend void detail::start_detached(EventLoop&, Task<void>&&, bool);
+    explicit Task(Handle h) noexcept : h_(h) {}
+    void reset() noexcept {
+        if (h_) std::exchange(h_, {}).destroy();
+    }
+
+    Handle h_;
+};
+
+namespace detail {
+template <class T>
+Task<T> Promise<T>::get_return_object() noexcept {
+    return Task<T>(Task<T>::Handle::from_promise(*this));
+}
+inline Task<void> Promise<void>::get_return_object() noexcept {
+    return Task<void>(Task<void>::Handle::from_promise(*this));
+}
+}  // namespace detail
+
+/// Run `task` detached on `loop` (Asio's co_spawn with `detached`): it is
+/// started from the loop (posted, so this never runs it inline), and its frame
+/// is freed when it ends. An exception that escapes it goes to the loop's
+/// exception handler (EventLoop::set_exception_handler(); by default run()
+/// rethrows it). If the loop is destroyed first, a task not yet started is
+/// destroyed unstarted and a suspended one is destroyed where it waits (after
+/// the loop's connections have closed, so a read sees ConnectionClosed first).
+/// Any thread (the task then runs on the loop's thread only).
+void spawn(EventLoop& loop, Task<void> task);
+
+// ---- sleeping ------------------------------------------------------------------
+
+/// `co_await sleep(loop, 50ms)`: resumes from `loop` (a timer) once the time
+/// has passed, never early; zero yields to the loop for one turn. Destroying
+/// the waiting task cancels the timer. Use the loop the task runs on.
+class [[nodiscard]] Sleep {
+  public:
+    /// Sleep `delay` on `loop` (negative counts as zero).
+    Sleep(EventLoop& loop, EventLoop::Duration delay) noexcept : loop_(loop), delay_(delay) {}
+    Sleep(const Sleep&) = delete;
+    Sleep& operator=(const Sleep&) = delete;
+    /// Cancels the timer if still pending.
+    ~Sleep() {
+        if (timer_ != 0) loop_.cancel(timer_);
+    }
+    /// Always suspends (a zero sleep yields).
+    bool await_ready() const noexcept { return false; }
+    /// Arms the timer (no allocation beyond the loop's timer table).
+    void await_suspend(std::coroutine_handle<> waiting) {
+        waiting_ = waiting;
+        timer_ = loop_.call_after(delay_, [this] {
+            timer_ = 0;
+            waiting_.resume();
+        });
+    }
+    /// Nothing to return.
+    void await_resume() const noexcept {}
+
+  private:
+    EventLoop& loop_;
+    EventLoop::Duration delay_;
+    EventLoop::TimerId timer_ = 0;
+    std::coroutine_handle<> waiting_;
+};
+
+/// `co_await sleep(loop, d)` with any std::chrono duration (clamped, not overflowed).
+template <class Rep, class Period>
+Sleep sleep(EventLoop& loop, std::chrono::duration<Rep, Period> delay) {
+    return Sleep(loop, saturating_nanoseconds(delay));
+}
+
+// ---- errors ----------------------------------------------------------------------
+
+/// A read or write on a connection that has closed, or that closes while the
+/// coroutine waits. code(): the errno for `reset`/`error` (ECONNRESET, EPIPE,
+/// ...), ECANCELED for `local` and `exception`, ENOBUFS for `overflow`,
+/// ETIMEDOUT for `timeout`, EPIPE for `peer_closed` (a write after the peer
+/// closed). what() reads like "read: connection closed (reset): Connection
+/// reset by peer".
+class ConnectionClosed : public std::system_error {
+  public:
+    /// `operation`: "read", "write", ...; `reason`, `err` as on_close had them.
+    ConnectionClosed(const char* operation, CloseReason reason, int err);
+    /// Why the connection closed.
+    CloseReason reason() const noexcept { return reason_; }
+
+  private:
+    CloseReason reason_;
+};
+
+/// read_exactly() met the end of the stream first. what() reads like
+/// "read_exactly: end of stream after 3 of 10 bytes".
+class IncompleteRead : public std::runtime_error {
+  public:
+    /// `got` of `wanted` bytes had arrived.
+    IncompleteRead(std::size_t got, std::size_t wanted);
+    /// Bytes read before the end (they are lost to the caller of the
+    /// string-returning read_exactly; in the span form they are its first bytes).
+    std::size_t got() const noexcept { return got_; }
+    /// Bytes asked for.
+    std::size_t wanted() const noexcept { return wanted_; }
+
+  private:
+    std::size_t got_, wanted_;
+};
+
+/// read_line() found no newline within its limit. what() reads like
+/// "read_line: no newline within 65536 bytes".
+class LineTooLong : public std::length_error {
+  public:
+    /// `limit`: the read's max.
+    explicit LineTooLong(std::size_t limit);
+    /// The limit that was passed.
+    std::size_t limit() const noexcept { return limit_; }
+
+  private:
+    std::size_t limit_;
+};
+
+// ---- streams ---------------------------------------------------------------------
+
+class Stream;
+
+namespace detail {
+
+struct StreamCore;
+
+// A suspended (or about to suspend) read. Lives in the awaiting coroutine's
+// frame: no allocation per read. Registered in the StreamCore while it waits;
+// the core fills it and resumes the coroutine; destroyed first, it unregisters.
+struct ReadWait {
+    enum class Kind : std::uint8_t { view, some, exactly, line };
+    enum class Status : std::uint8_t { pending, done, eof, closed, too_long };
+
+    ReadWait(StreamCore* core, Kind kind) noexcept : core(core), kind(kind) {}
+    ReadWait(const ReadWait&) = delete;
+    ReadWait& operator=(const ReadWait&) = delete;
+    ~ReadWait();
+
+    bool await_ready();  // served from buffered input, or the stream has ended
+    void await_suspend(std::coroutine_handle<> waiting);
+    // Throws what the outcome calls for (ConnectionClosed, LineTooLong);
+    // each awaiter adds its own return value.
+    void check(const char* operation) const;
+
+    StreamCore* core;
+    Kind kind;
+    Status status = Status::pending;
+    bool registered = false;
+    CloseReason reason = CloseReason::local;  // status closed
+    int err = 0;
+    std::coroutine_handle<> waiting;
+    char* dst = nullptr;  // some, exactly: where to; line: unused
+    std::size_t cap = 0;  // some, exactly: room; line: the max
+    std::size_t got = 0;  // bytes delivered so far
+    std::string* line = nullptr;
+    std::string_view view;  // view: the bytes
+};
+
+// A write waiting for the queue to fall to the low-water mark.
+struct WriteWait {
+    WriteWait(StreamCore* core, const char* p, std::size_t n, std::string* owned) noexcept
+        : core(core), p(p), n(n), owned(owned) {}
+    WriteWait(const WriteWait&) = delete;
+    WriteWait& operator=(const WriteWait&) = delete;
+    ~WriteWait();
+
+    bool await_ready();  // sends; ready unless over the high-water mark (or closing)
+    void await_suspend(std::coroutine_handle<> waiting);
+    void await_resume() const;
+
+    StreamCore* core;
+    const char* p;
+    std::size_t n;
+    std::string* owned;  // write(std::string&&): sent without a copy
+    bool registered = false;
+    bool closed = false;
+    CloseReason reason = CloseReason::local;
+    int err = 0;
+    std::coroutine_handle<> waiting;
+};
+
+// read_some(): a view of what arrived.
+struct ReadView : ReadWait {
+    explicit ReadView(StreamCore* core) noexcept : ReadWait(core, Kind::view) {}
+    std::string_view await_resume() const {
+        check("read");
+        return view;
+    }
+};
+// read_some(span): copied into the caller's buffer.
+struct ReadSome : ReadWait {
+    ReadSome(StreamCore* core, std::span<char> into) noexcept : ReadWait(core, Kind::some) {
+        dst = into.data();
+        cap = into.size();
+    }
+    std::size_t await_resume() const {
+        check("read");
+        return got;
+    }
+};
+// read_exactly(span).
+struct ReadExactly : ReadWait {
+    ReadExactly(StreamCore* core, std::span<char> into) noexcept : ReadWait(core, Kind::exactly) {
+        dst = into.data();
+        cap = into.size();
+    }
+    void await_resume() const;
+};
+// read_exactly(n): into a string of its own.
+struct ReadExactlyString : ReadWait {
+    ReadExactlyString(StreamCore* core, std::size_t n);
+    std::string await_resume();
+    std::string bytes;
+};
+// read_line(std::string&, max).
+struct ReadLineInto : ReadWait {
+    ReadLineInto(StreamCore* core, std::string& into, std::size_t max) noexcept
+        : ReadWait(core, Kind::line) {
+        into.clear();
+        line = &into;
+        cap = max;
+    }
+    bool await_resume() const {
+        check("read_line");
+        return !line->empty();
+    }
+};
+// read_line(max): into a string of its own.
+struct ReadLine : ReadWait {
+    ReadLine(StreamCore* core, std::size_t max) noexcept : ReadWait(core, Kind::line) {
+        line = &text;
+        cap = max;
+    }
+    std::string await_resume() {
+        check("read_line");
+        return std::move(text);
+    }
+    std::string text;
+};
+
+// The wiring of stream connections: the callbacks that every stream's
+// connection gets (they find the stream in the connection's state slot).
+Callbacks stream_callbacks();
+// Make the stream of a connection just established (inside on_connect).
+Stream attach_stream(const ConnectionPtr& conn, std::size_t input_limit);
+
+}  // namespace detail
+
+/// One connection as a coroutine sees it (asyncio's StreamReader and
+/// StreamWriter in one; a gevent socket): `co_await` a read, a line, exactly
+/// n bytes, a write. Made by serve(), Acceptor::accept() and connect().
+///
+/// At most one read and one write may wait at a time (a reader task and a
+/// writer task may share a stream by reference); a second throws
+/// std::logic_error. Input arriving while nobody reads is kept (up to the
+/// connection's high-water mark, then reading from the peer pauses until a
+/// read wants more: backpressure both ways). A write returns once the bytes
+/// are sent or queued and the queue is under the high-water mark.
+///
+/// Errors: a read or write on a closed connection, or one waiting when it
+/// closes, throws ConnectionClosed (the close reason and errno); the end of
+/// the stream is not an error for read_some() (empty) or read_line() (empty,
+/// or the last unterminated line), but read_exactly() throws IncompleteRead.
+/// Bytes that arrived before a close or the end are always read first.
+///
+/// Destroying the Stream closes the connection gracefully (queued bytes are
+/// sent first). Move-only; loop thread only. Awaiters are the `co_await`
+/// operands returned below; await each at once (they refer to the stream).
+class Stream {
+  public:
+    /// The longest line read_line() accepts by default (the newline included).
+    static constexpr std::size_t default_max_line = 64 * 1024;
+
+    /// An empty stream (no connection); only assignment and destruction.
+    Stream() noexcept = default;
+    /// Takes over `other`'s connection.
+    Stream(Stream&& other) noexcept = default;
+    /// Closes this stream's connection (as the destructor), then takes `other`'s.
+    Stream& operator=(Stream&& other) noexcept;
+    /// Closes the connection gracefully (see close()) unless closed already.
+    ~Stream();
+
+    // ---- reading ----------------------------------------------------------------
+    /// `std::string_view bytes = co_await s.read_some();`: what has arrived
+    /// (waits for at least one byte), without a copy; empty at the end of the
+    /// stream. The bytes stay valid until this stream's next read or the
+    /// coroutine's next suspension, whichever comes first
+    /// (`co_await s.write(bytes)` hands them over before it can suspend).
+    detail::ReadView read_some() { return detail::ReadView(core_for("read")); }
+    /// `std::size_t n = co_await s.read_some(buffer);`: copies what has
+    /// arrived, at most buffer.size() bytes (waits for at least one); 0 at the
+    /// end of the stream. std::invalid_argument for an empty buffer.
+    detail::ReadSome read_some(std::span<char> into);
+    /// `co_await s.read_exactly(buffer);`: fills the whole buffer; at the end
+    /// of the stream first, IncompleteRead (the bytes that came are in the
+    /// buffer's start).
+    detail::ReadExactly read_exactly(std::span<char> into) {
+        return detail::ReadExactly(core_for("read_exactly"), into);
+    }
+    /// `std::string s = co_await s.read_exactly(n);`: as above, into a new string.
+    detail::ReadExactlyString read_exactly(std::size_t n) {
+        return detail::ReadExactlyString(core_for("read_exactly"), n);
+    }
+    /// `std::string line = co_await s.read_line();`: up to and including the
+    /// next '\n'; at the end of the stream the last bytes without one, then
+    /// "" for every further call. LineTooLong if no '\n' comes within `max`
+    /// bytes (the newline counted; the bytes read are consumed and dropped).
+    detail::ReadLine read_line(std::size_t max = default_max_line) {
+        return detail::ReadLine(core_for("read_line"), max);
+    }
+    /// `while (co_await s.read_line(line)) ...`: as read_line(max), into
+    /// `into` (cleared first; reuse it and no read allocates in steady
+    /// state); false at the end of the stream with nothing read. On
+    /// LineTooLong `into` holds the bytes read.
+    detail::ReadLineInto read_line(std::string& into, std::size_t max = default_max_line) {
+        return detail::ReadLineInto(core_for("read_line"), into, max);
+    }
+
+    // ---- writing ----------------------------------------------------------------
+    /// `co_await s.write(bytes);`: Connection::send() them (written at once
+    /// or queued: the caller may reuse its buffer as soon as this returns),
+    /// then, if the queue is over the high-water mark, wait until it has
+    /// drained to the low-water mark. std::logic_error after shutdown_write().
+    detail::WriteWait write(std::string_view bytes) {
+        return detail::WriteWait(core_for("write"), bytes.data(), bytes.size(), nullptr);
+    }
+    /// As write(std::string_view); a NUL-terminated text.
+    detail::WriteWait write(const char* text) { return write(std::string_view(text)); }
+    /// As write(std::string_view), but a queued remainder keeps the string's
+    /// storage (no copy).
+    detail::WriteWait write(std::string&& bytes) {
+        return detail::WriteWait(core_for("write"), bytes.data(), bytes.size(), &bytes);
+    }
+
+    // ---- ending -------------------------------------------------------------------
+    /// Send FIN once the queue has drained (reading goes on); later writes
+    /// throw std::logic_error.
+    void shutdown_write();
+    /// Close the connection: graceful (the default here, unlike
+    /// Connection::close()) sends the queue first, immediate drops it. Later
+    /// reads and writes throw ConnectionClosed (reason `local`); a read or
+    /// write waiting in another task is resumed with it when on_close runs.
+    void close(CloseMode mode = CloseMode::graceful);
+
+    // ---- state ------------------------------------------------------------------
+    /// True if it holds a connection.
+    bool valid() const noexcept { return static_cast<bool>(core_); }
+    /// The connection (for its addresses, counters, send()...); null if empty.
+    const ConnectionPtr& connection() const noexcept;
+    /// Bytes received and not read yet.
+    std::size_t buffered() const noexcept;
+    /// True once the peer has ended its side (all its bytes may not be read yet).
+    bool at_eof() const noexcept;
+    /// True until the connection has closed or close() was called.
+    bool is_open() const noexcept;
+
+  private:
+    friend Stream detail::attach_stream(const ConnectionPtr&, std::size_t);
+    explicit Stream(std::shared_ptr<detail::StreamCore> core) noexcept : core_(std::move(core)) {}
+    detail::StreamCore* core_for(const char* operation) const;
+
+    std::shared_ptr<detail::StreamCore> core_;
+};
+
+// ---- connecting ----------------------------------------------------------------
+
+namespace detail {
+struct ConnectState;
+// co_await connect(...).
+class ConnectAwaiter {
+  public:
+    ConnectAwaiter(EventLoop& loop, const Address& address, ConnectOptions options);
+    ConnectAwaiter(const ConnectAwaiter&) = delete;
+    ConnectAwaiter& operator=(const ConnectAwaiter&) = delete;
+    ~ConnectAwaiter();
+    bool await_ready() const noexcept { return false; }
+    void await_suspend(std::coroutine_handle<> waiting);
+    Stream await_resume();
+
+  private:
+    EventLoop& loop_;
+    Address address_;
+    ConnectOptions options_;
+    std::shared_ptr<ConnectState> state_;
+    std::shared_ptr<Connector> connector_;
+};
+}  // namespace detail
+
+/// `Stream s = co_await connect(loop, address);`: a non-blocking connect
+/// (evmux::connect()). Throws std::system_error on failure, what() like
+/// "connect 127.0.0.1:1: Connection refused" (ETIMEDOUT after
+/// options.timeout). Destroying the waiting task cancels the attempt.
+inline detail::ConnectAwaiter connect(EventLoop& loop, const Address& address,
+                                      ConnectOptions options = {}) {
+    return detail::ConnectAwaiter(loop, address, options);
+}
+
+// ---- accepting -----------------------------------------------------------------
+
+namespace detail {
+struct AcceptorState;
+// co_await acceptor.accept().
+struct AcceptWait {
+    explicit AcceptWait(AcceptorState* state) noexcept : state(state) {}
+    AcceptWait(const AcceptWait&) = delete;
+    AcceptWait& operator=(const AcceptWait&) = delete;
+    ~AcceptWait();
+    bool await_ready();
+    void await_suspend(std::coroutine_handle<> waiting);
+    Stream await_resume();
+
+    AcceptorState* state;
+    bool registered = false;
+    bool closed = false;
+    std::coroutine_handle<> waiting;
+};
+}  // namespace detail
+
+/// A listening server whose connections are taken one by one with
+/// `Stream s = co_await acceptor.accept();` (asyncio's start_server with
+/// the loop turned inside out; a gevent listener). A TcpServer on one loop
+/// underneath (same options, limits and counters). Connections accepted while
+/// no accept() waits are kept (their input too), up to `max_pending`; more
+/// are closed at once. One accept() may wait at a time (std::logic_error
+/// otherwise). Loop thread only; non-copyable.
+class Acceptor {
+  public:
+    /// Bind and listen (throws as TcpServer's constructor).
+    Acceptor(EventLoop& loop, const Address& address, ServerOptions options = {},
+             std::size_t max_pending = 128);
+    /// As close().
+    ~Acceptor();
+    Acceptor(const Acceptor&) = delete;
+    Acceptor& operator=(const Acceptor&) = delete;
+
+    /// The next connection (waits for one). After close(), and for an accept()
+    /// waiting when close() is called: std::system_error ECANCELED, "accept:
+    /// the acceptor is closed".
+    detail::AcceptWait accept() { return detail::AcceptWait(state_.get()); }
+    /// Stop: the listener closes and so does every connection it accepted,
+    /// pending or handed out (TcpServer's rule: connections belong to their
+    /// server; their streams see ConnectionClosed, reason `local`). A waiting
+    /// accept() is resumed (with the error above) before this returns.
+    /// Idempotent.
+    void close();
+    /// The address bound (with the port chosen for port 0).
+    const Address& local_address() const;
+    /// The server underneath (stats()), null after close().
+    TcpServer* server() const;
+    /// Connections accepted and not yet taken by accept().
+    std::size_t pending() const;
+
+  private:
+    std::unique_ptr<detail::AcceptorState> state_;
+};
+
+// ---- serving -------------------------------------------------------------------
+
+/// A coroutine per connection: called with the connection's stream when it
+/// is accepted; the task runs detached on the connection's loop.
+using Handler = std::function<Task<void>(Stream)>;
+
+/// The callbacks of a server whose every connection runs `handler(stream)`
+/// as a detached task (what serve() uses): for a TcpServer or
+/// LoopGroup::listen() built by hand. `connection`: the limits the server
+/// gives its connections (the stream's input limit is their high-water mark).
+/// std::invalid_argument for an empty handler.
+///
+/// A coroutine lambda's captures are not copied into its frame: a handler
+/// that needs state takes it as parameters, e.g.
+/// `std::bind_front(handle, &state)` with `Task<void> handle(State*, Stream)`.
+Callbacks handler_callbacks(Handler handler, const ConnectionOptions& connection = {});
+
+/// A TcpServer on `loop` that runs `handler(stream)` as a detached task for
+/// each connection (gevent's StreamServer). The handler's end closes the
+/// connection gracefully (its Stream is destroyed). A ConnectionClosed that
+/// escapes a handler ends it quietly (the peer went away); any other
+/// exception goes to the loop's exception handler. Throws as TcpServer's
+/// constructor. Destroying the server closes the connections (their handlers
+/// see ConnectionClosed, reason `local`). Loop thread only.
+std::unique_ptr<TcpServer> serve(EventLoop& loop, const Address& address, Handler handler,
+                                 ServerOptions options = {});
+/// As serve(EventLoop&...), over the loops of `group` (LoopGroup::listen()):
+/// each handler runs on its connection's loop thread, so `handler` itself is
+/// called from several threads at once. The server is the group's.
+TcpServer& serve(LoopGroup& group, const Address& address, Handler handler,
+                 ServerOptions options = {});
+
+}  // namespace evmux::coro

@@ -1,0 +1,619 @@
+// Coroutines over EventLoop and Connection: the detached-task machinery, the
+// stream's input buffer and waiters, connect, accept and serve. Only the
+// public Connection / TcpServer / EventLoop API is used.
+//
+// A stream's connection carries, in its state slot, a shared_ptr to the
+// stream's core; the callbacks that every stream connection shares find it
+// there. The core lives while its Stream does and, past that, until on_close
+// has returned (the slot is cleared right after), so on_close can resume
+// waiters even if one of them destroys the Stream.
+#include "evmux/coro.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+namespace evmux::coro {
+
+// ---- detached tasks ------------------------------------------------------------
+
+namespace detail {
+
+namespace {
+bool is_connection_closed(const std::exception_ptr& error) {
+    try {
+        std::rethrow_exception(error);
+    } catch (const ConnectionClosed&) {
+        return true;
+    } catch (...) {
+        return false;
+    }
+}
+}  // namespace
+
+void finish_detached(PromiseBase& promise) noexcept {
+    EventLoop& loop = *promise.loop;
+    const EventLoop::TieId tie = promise.tie;
+    if (promise.error && !(promise.quiet_close && is_connection_closed(promise.error)))
+        loop.handle_exception(promise.error);
+    loop.untie(tie);  // drops the frame's owner: the frame is destroyed here
+}
+
+void start_detached(EventLoop& loop, Task<void>&& task, bool quiet_close) {
+    if (!task.valid()) throw std::invalid_argument("evmux::coro::spawn: empty Task");
+    Task<void>::Handle h = std::exchange(task.h_, {});
+    // From here the loop owns the frame, through a tie: untie() when the task
+    // ends frees it, and so does the loop's destruction if it comes first.
+    // (Should this allocation fail, the deleter has destroyed the frame.)
+    std::shared_ptr<void> owner(
+        h.address(), [](void* frame) { std::coroutine_handle<>::from_address(frame).destroy(); });
+    PromiseBase& p = h.promise();
+    p.loop = &loop;
+    p.quiet_close = quiet_close;
+    p.tie = loop.tie(std::move(owner));
+    h.resume();
+}
+
+}  // namespace detail
+
+void spawn(EventLoop& loop, Task<void> task) {
+    if (!task.valid()) throw std::invalid_argument("evmux::coro::spawn: empty Task");
+    // Copyable for EventLoop::Task; destroyed unrun (with the frame) if the
+    // loop goes first.
+    auto holder = std::make_shared<Task<void>>(std::move(task));
+    loop.post([&loop, holder] { detail::start_detached(loop, std::move(*holder), false); });
+}
+
+// ---- errors ----------------------------------------------------------------------
+
+namespace {
+int errno_for(CloseReason reason, int err) {
+    if (err != 0) return err;
+    switch (reason) {
+        case CloseReason::reset:
+            return ECONNRESET;
+        case CloseReason::error:
+            return EIO;
+        case CloseReason::overflow:
+            return ENOBUFS;
+        case CloseReason::timeout:
+            return ETIMEDOUT;
+        case CloseReason::peer_closed:
+            return EPIPE;
+        case CloseReason::local:
+        case CloseReason::exception:
+            break;
+    }
+    return ECANCELED;
+}
+}  // namespace
+
+ConnectionClosed::ConnectionClosed(const char* operation, CloseReason reason, int err)
+    : std::system_error(errno_for(reason, err), std::generic_category(),
+                        std::string(operation) + ": connection closed (" + to_string(reason) + ")"),
+      reason_(reason) {}
+
+IncompleteRead::IncompleteRead(std::size_t got, std::size_t wanted)
+    : std::runtime_error("read_exactly: end of stream after " + std::to_string(got) + " of " +
+                         std::to_string(wanted) + " bytes"),
+      got_(got),
+      wanted_(wanted) {}
+
+LineTooLong::LineTooLong(std::size_t limit)
+    : std::length_error("read_line: no newline within " + std::to_string(limit) + " bytes"),
+      limit_(limit) {}
+
+// ---- the stream's core ---------------------------------------------------------------
+
+namespace detail {
+
+struct StreamCore {
+    StreamCore(ConnectionPtr connection, std::size_t limit)
+        : conn(std::move(connection)), input_limit(limit) {}
+
+    std::size_t buffered() const { return in.size() - in_start; }
+    // Keep bytes no read has taken. Called only while no coroutine of this
+    // stream runs, so a view lent from `in` has expired.
+    void append(const char* p, std::size_t n) {
+        if (in_start == in.size()) {
+            in.clear();
+            in_start = 0;
+        }
+        in.append(p, n);
+    }
+    // A new read begins: the previous one's bytes (and any view of them) are
+    // done with. An emptied buffer gives its storage back, so an idle stream
+    // holds none; a half-read one is compacted once the read part dominates.
+    void release_read() {
+        if (in_start == 0) return;
+        if (in_start == in.size()) {
+            std::string().swap(in);
+            in_start = 0;
+        } else if (in_start >= in.size() / 2) {
+            in.erase(0, in_start);
+            in_start = 0;
+        }
+    }
+    void wake_reader(ReadWait::Status status) {
+        ReadWait* r = std::exchange(reader, nullptr);
+        r->registered = false;
+        if (r->status == ReadWait::Status::pending) r->status = status;
+        r->waiting.resume();
+    }
+    void wake_writer() {
+        WriteWait* w = std::exchange(writer, nullptr);
+        w->registered = false;
+        w->waiting.resume();
+    }
+
+    ConnectionPtr conn;
+    std::string in;              // received, not read yet: [in_start, size)
+    std::size_t in_start = 0;    // read prefix (a view may still show it)
+    ReadWait* reader = nullptr;  // the read waiting, if any (then `in` is empty)
+    WriteWait* writer = nullptr;
+    std::size_t input_limit;  // pause reading from the peer at this many buffered
+    CloseReason reason = CloseReason::local;
+    int err = 0;
+    bool eof = false;         // the peer shut down its side
+    bool closed = false;      // on_close has run
+    bool closing = false;     // Stream::close() or ~Stream
+    bool write_shut = false;  // shutdown_write()
+    bool paused = false;      // we paused reading (input over the limit)
+};
+
+namespace {
+
+using Status = ReadWait::Status;
+using Kind = ReadWait::Kind;
+
+StreamCore* find(const ConnectionPtr& conn) {
+    auto* slot = conn->state<std::shared_ptr<StreamCore>>();
+    return slot ? slot->get() : nullptr;
+}
+
+// Move bytes from [p, p + n) into the read `r`, advancing p and n past what
+// it took; true once the read is complete (a too-long line included).
+bool feed(ReadWait& r, const char*& p, std::size_t& n) {
+    std::size_t k = 0;
+    bool complete = false;
+    switch (r.kind) {
+        case Kind::view:
+            r.view = std::string_view(p, n);
+            k = n;
+            complete = k > 0;
+            break;
+        case Kind::some:
+            k = std::min(n, r.cap);
+            std::memcpy(r.dst, p, k);
+            complete = k > 0;
+            break;
+        case Kind::exactly:
+            k = std::min(n, r.cap - r.got);
+            if (k != 0) std::memcpy(r.dst + r.got, p, k);
+            complete = r.got + k == r.cap;
+            break;
+        case Kind::line: {
+            const std::size_t room = r.cap - std::min(r.cap, r.line->size());
+            const std::size_t look = std::min(n, room);
+            const void* nl = std::memchr(p, '\n', look);
+            k = nl ? static_cast<std::size_t>(static_cast<const char*>(nl) - p) + 1 : look;
+            r.line->append(p, k);
+            complete = nl != nullptr;
+            if (!complete && r.line->size() >= r.cap) {
+                r.status = Status::too_long;
+                complete = true;
+            }
+            break;
+        }
+    }
+    r.got += k;
+    p += k;
+    n -= k;
+    return complete;
+}
+
+// ---- the callbacks every stream connection shares ----
+
+void on_message(const ConnectionPtr& conn, Buffer& input) {
+    StreamCore* c = find(conn);
+    if (!c) {  // the stream is gone and the connection closing: nobody reads
+        input.consume_all();
+        return;
+    }
+    const char* p = input.data();
+    std::size_t n = input.size();
+    // A waiting read has found the buffer empty: feed it straight from the
+    // loop's scratch, no copy for a view read.
+    const bool complete = c->reader && feed(*c->reader, p, n);
+    if (n != 0) c->append(p, n);
+    // All consumed, so the connection keeps nothing (a view stays valid: the
+    // scratch is not reused until this coroutine has suspended).
+    input.consume_all();
+    if (!c->paused && c->buffered() >= c->input_limit) {
+        c->paused = true;
+        conn->pause_reading();
+    }
+    if (complete) c->wake_reader(Status::done);  // last: the coroutine may end the stream
+}
+
+void on_peer_shutdown(const ConnectionPtr& conn) {
+    StreamCore* c = find(conn);
+    if (!c) return;
+    c->eof = true;
+    if (c->reader) c->wake_reader(Status::eof);
+}
+
+void on_low_water(const ConnectionPtr& conn, std::size_t) {
+    StreamCore* c = find(conn);
+    if (c && c->writer) c->wake_writer();
+}
+
+void on_close(const ConnectionPtr& conn, CloseReason reason, int err) {
+    StreamCore* c = find(conn);  // alive until this returns (the state slot holds it)
+    if (!c) return;
+    c->closed = true;
+    c->reason = reason;
+    c->err = err;
+    if (ReadWait* r = c->reader) {
+        r->reason = reason;
+        r->err = err;
+        c->wake_reader(reason == CloseReason::peer_closed ? Status::eof : Status::closed);
+    }
+    // Read again: the reader's coroutine may have destroyed the writer's.
+    if (WriteWait* w = c->writer) {
+        w->closed = true;
+        w->reason = reason;
+        w->err = err;
+        c->wake_writer();
+    }
+}
+
+}  // namespace
+
+Callbacks stream_callbacks() {
+    Callbacks cb;
+    cb.on_message = on_message;
+    cb.on_peer_shutdown = on_peer_shutdown;
+    cb.on_low_water = on_low_water;
+    cb.on_close = on_close;
+    return cb;
+}
+
+Stream attach_stream(const ConnectionPtr& conn, std::size_t input_limit) {
+    auto core = std::make_shared<StreamCore>(conn, std::max<std::size_t>(input_limit, 1));
+    conn->emplace_state<std::shared_ptr<StreamCore>>(core);
+    return Stream(std::move(core));
+}
+
+// ---- reads ----
+
+ReadWait::~ReadWait() {
+    if (registered) core->reader = nullptr;
+}
+
+bool ReadWait::await_ready() {
+    StreamCore& c = *core;
+    if (c.reader) throw std::logic_error("evmux::coro: another read is waiting on this stream");
+    if (kind == Kind::exactly && cap == 0) return true;
+    c.release_read();
+    if (c.buffered() != 0) {
+        const char* p = c.in.data() + c.in_start;
+        std::size_t n = c.buffered();
+        const bool complete = feed(*this, p, n);
+        c.in_start = c.in.size() - n;  // a view keeps pointing at them until the next read
+        if (complete) {
+            if (status == Status::pending) status = Status::done;
+            return true;
+        }
+    }
+    // The buffer is empty and the read wants more.
+    if (c.eof || (c.closed && c.reason == CloseReason::peer_closed)) {
+        status = Status::eof;
+    } else if (c.closed) {
+        status = Status::closed;
+        reason = c.reason;
+        err = c.err;
+    } else if (c.closing) {
+        status = Status::closed;
+        reason = CloseReason::local;
+    } else {
+        return false;
+    }
+    return true;
+}
+
+void ReadWait::await_suspend(std::coroutine_handle<> h) {
+    StreamCore& c = *core;
+    if (c.paused) {  // a read wants more: let the peer's bytes in again
+        c.conn->resume_reading();
+        c.paused = false;
+    }
+    waiting = h;
+    registered = true;
+    c.reader = this;
+}
+
+void ReadWait::check(const char* operation) const {
+    if (status == Status::closed) throw ConnectionClosed(operation, reason, err);
+    if (status == Status::too_long) throw LineTooLong(cap);
+}
+
+void ReadExactly::await_resume() const {
+    check("read_exactly");
+    if (status == Status::eof) throw IncompleteRead(got, cap);
+}
+
+ReadExactlyString::ReadExactlyString(StreamCore* core, std::size_t n)
+    : ReadWait(core, Kind::exactly), bytes(n, '\0') {
+    dst = bytes.data();
+    cap = n;
+}
+
+std::string ReadExactlyString::await_resume() {
+    check("read_exactly");
+    if (status == Status::eof) throw IncompleteRead(got, cap);
+    return std::move(bytes);
+}
+
+// ---- writes ----
+
+WriteWait::~WriteWait() {
+    if (registered) core->writer = nullptr;
+}
+
+bool WriteWait::await_ready() {
+    StreamCore& c = *core;
+    if (c.writer) throw std::logic_error("evmux::coro: another write is waiting on this stream");
+    if (c.closed) throw ConnectionClosed("write", c.reason, c.err);
+    if (c.closing) throw ConnectionClosed("write", CloseReason::local, 0);
+    if (c.write_shut) throw std::logic_error("evmux::coro: write after shutdown_write()");
+    Connection& conn = *c.conn;
+    if (owned)
+        conn.send(std::move(*owned));
+    else
+        conn.send(p, n);
+    if (conn.is_open()) return !conn.above_high_water();  // over it: wait for on_low_water
+    return false;  // the send closed it (an error, overflow): on_close will say why
+}
+
+void WriteWait::await_suspend(std::coroutine_handle<> h) {
+    waiting = h;
+    registered = true;
+    core->writer = this;
+}
+
+void WriteWait::await_resume() const {
+    if (closed) throw ConnectionClosed("write", reason, err);
+}
+
+}  // namespace detail
+
+// ---- Stream ----------------------------------------------------------------------------
+
+Stream& Stream::operator=(Stream&& other) noexcept {
+    if (this != &other) {
+        Stream old(std::move(*this));  // closes ours as it goes
+        core_ = std::move(other.core_);
+    }
+    return *this;
+}
+
+Stream::~Stream() {
+    if (core_ && !core_->closed && !core_->closing) {
+        core_->closing = true;
+        core_->conn->close(CloseMode::graceful);
+    }
+}
+
+detail::StreamCore* Stream::core_for(const char* operation) const {
+    if (!core_)
+        throw std::logic_error(std::string("evmux::coro: ") + operation + " on an empty Stream");
+    return core_.get();
+}
+
+detail::ReadSome Stream::read_some(std::span<char> into) {
+    detail::StreamCore* core = core_for("read");
+    if (into.empty()) throw std::invalid_argument("evmux::coro: read_some into an empty buffer");
+    return detail::ReadSome(core, into);
+}
+
+void Stream::shutdown_write() {
+    detail::StreamCore& c = *core_for("shutdown_write");
+    c.write_shut = true;
+    c.conn->shutdown_write();  // a no-op once closed
+}
+
+void Stream::close(CloseMode mode) {
+    if (!core_ || core_->closed || core_->closing) return;
+    core_->closing = true;
+    core_->conn->close(mode);
+}
+
+const ConnectionPtr& Stream::connection() const noexcept {
+    static const ConnectionPtr none;
+    return core_ ? core_->conn : none;
+}
+
+std::size_t Stream::buffered() const noexcept {
+    return core_ ? core_->buffered() : 0;
+}
+
+bool Stream::at_eof() const noexcept {
+    return core_ && (core_->eof || (core_->closed && core_->reason == CloseReason::peer_closed));
+}
+
+bool Stream::is_open() const noexcept {
+    return core_ && !core_->closed && !core_->closing;
+}
+
+// ---- connect -----------------------------------------------------------------------------
+
+namespace detail {
+
+struct ConnectState {
+    std::coroutine_handle<> waiting;  // the awaiting coroutine, until the outcome
+    Stream stream;
+    std::exception_ptr error;
+};
+
+ConnectAwaiter::ConnectAwaiter(EventLoop& loop, const Address& address, ConnectOptions options)
+    : loop_(loop), address_(address), options_(options) {}
+
+ConnectAwaiter::~ConnectAwaiter() {
+    // Destroyed while waiting: the attempt is abandoned (its on_error, if it
+    // comes, finds no state; a connection made meanwhile is closed).
+    if (state_ && state_->waiting && connector_) connector_->cancel();
+}
+
+void ConnectAwaiter::await_suspend(std::coroutine_handle<> waiting) {
+    state_ = std::make_shared<ConnectState>();
+    state_->waiting = waiting;
+    // Weak references: the callbacks live in the connector and the
+    // connection, which must not keep the state (and its stream) alive.
+    std::weak_ptr<ConnectState> weak = state_;
+    Callbacks cb = stream_callbacks();
+    cb.on_connect = [weak, limit = options_.connection.high_water](const ConnectionPtr& conn) {
+        Stream stream = attach_stream(conn, limit);
+        auto st = weak.lock();
+        if (!st || !st->waiting) return;  // abandoned: `stream` closes it
+        st->stream = std::move(stream);
+        std::exchange(st->waiting, {}).resume();
+    };
+    cb.on_error = [weak, where = "connect " + address_.to_string()](std::error_code ec,
+                                                                    const std::string&) {
+        auto st = weak.lock();
+        if (!st || !st->waiting) return;
+        st->error = std::make_exception_ptr(std::system_error(ec, where));
+        std::exchange(st->waiting, {}).resume();
+    };
+    connector_ = evmux::connect(loop_, address_, std::move(cb), options_);
+}
+
+Stream ConnectAwaiter::await_resume() {
+    if (state_->error) std::rethrow_exception(state_->error);
+    return std::move(state_->stream);
+}
+
+}  // namespace detail
+
+// ---- accept ------------------------------------------------------------------------------
+
+namespace detail {
+
+struct AcceptorState {
+    std::deque<Stream> pending;  // accepted, not taken yet
+    AcceptWait* waiter = nullptr;
+    std::size_t max_pending = 0;
+    bool closed = false;
+    Address local;
+    std::unique_ptr<TcpServer> server;  // last: destroyed first
+};
+
+AcceptWait::~AcceptWait() {
+    if (registered) state->waiter = nullptr;
+}
+
+bool AcceptWait::await_ready() {
+    if (state->closed) {
+        closed = true;
+        return true;
+    }
+    if (state->waiter)
+        throw std::logic_error("evmux::coro: another accept is waiting on this acceptor");
+    return !state->pending.empty();
+}
+
+void AcceptWait::await_suspend(std::coroutine_handle<> h) {
+    waiting = h;
+    registered = true;
+    state->waiter = this;
+}
+
+Stream AcceptWait::await_resume() {
+    if (closed)
+        throw std::system_error(ECANCELED, std::generic_category(),
+                                "accept: the acceptor is closed");
+    Stream s = std::move(state->pending.front());
+    state->pending.pop_front();
+    return s;
+}
+
+}  // namespace detail
+
+Acceptor::Acceptor(EventLoop& loop, const Address& address, ServerOptions options,
+                   std::size_t max_pending)
+    : state_(std::make_unique<detail::AcceptorState>()) {
+    detail::AcceptorState* st = state_.get();
+    st->max_pending = max_pending;
+    Callbacks cb = detail::stream_callbacks();
+    cb.on_connect = [st, limit = options.connection.high_water](const ConnectionPtr& conn) {
+        Stream stream = detail::attach_stream(conn, limit);
+        if (st->closed || (!st->waiter && st->pending.size() >= st->max_pending)) {
+            stream.close(CloseMode::immediate);
+            return;
+        }
+        st->pending.push_back(std::move(stream));
+        if (detail::AcceptWait* w = std::exchange(st->waiter, nullptr)) {
+            w->registered = false;
+            w->waiting.resume();  // takes the stream just queued
+        }
+    };
+    st->server = std::make_unique<TcpServer>(loop, address, std::move(cb), options);
+    st->local = st->server->local_address();
+}
+
+Acceptor::~Acceptor() {
+    close();
+}
+
+void Acceptor::close() {
+    detail::AcceptorState& st = *state_;
+    if (st.closed) return;
+    st.closed = true;
+    // Its connections close here, on_close and all, resuming their waiters.
+    std::unique_ptr<TcpServer> server = std::move(st.server);
+    server.reset();
+    st.pending.clear();
+    if (detail::AcceptWait* w = std::exchange(st.waiter, nullptr)) {
+        w->registered = false;
+        w->closed = true;
+        w->waiting.resume();
+    }
+}
+
+const Address& Acceptor::local_address() const {
+    return state_->local;
+}
+
+TcpServer* Acceptor::server() const {
+    return state_->server.get();
+}
+
+std::size_t Acceptor::pending() const {
+    return state_->pending.size();
+}
+
+// ---- serve ---------------------------------------------------------------------------------
+
+Callbacks handler_callbacks(Handler handler, const ConnectionOptions& connection) {
+    if (!handler) throw std::invalid_argument("evmux::coro: empty handler");
+    Callbacks cb = detail::stream_callbacks();
+    cb.on_connect = [handler = std::move(handler),
+                     limit = connection.high_water](const ConnectionPtr& conn) {
+        detail::start_detached(conn->loop(), handler(detail::attach_stream(conn, limit)), true);
+    };
+    return cb;
+}
+
+std::unique_ptr<TcpServer> serve(EventLoop& loop, const Address& address, Handler handler,
+                                 ServerOptions options) {
+    Callbacks cb = handler_callbacks(std::move(handler), options.connection);
+    return std::make_unique<TcpServer>(loop, address, std::move(cb), options);
+}
+
+TcpServer& serve(LoopGroup& group, const Address& address, Handler handler, ServerOptions options) {
+    Callbacks cb = handler_callbacks(std::move(handler), options.connection);
+    return group.listen(address, std::move(cb), options);
+}
+
+}  // namespace evmux::coro
