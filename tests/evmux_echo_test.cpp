@@ -246,6 +246,42 @@ TEST_F(EvmuxEcho, UpperOverUnixSocketAndSigint) {
     ::rmdir(dir);
 }
 
+// --model coroutines: the same echo as a coroutine per connection (one loop
+// and a LoopGroup), --upper too; the client's half-close ends the handler,
+// which closes after the echo.
+TEST_F(EvmuxEcho, CoroutineModelEchoesAndStops) {
+    for (const char* threads : {"1", "2"}) {
+        SCOPED_TRACE(std::string("--threads ") + threads);
+        EchoProcess echo({"--port", "0", "--backend", test::backend_name(), "--model", "coroutines",
+                          "--threads", threads});
+        const std::string line = echo.line();
+        std::string backend;
+        std::string addr = listening_address(line, &backend);
+        ASSERT_FALSE(addr.empty()) << line;
+        EXPECT_NE(line.find(" model=coroutines"), std::string::npos) << line;
+        Address a = Address::parse(addr);
+        {
+            Fd c1 = dial(a);
+            Fd c2 = dial(a);
+            EXPECT_EQ(roundtrip(c1.get(), "hello, coroutine"), "hello, coroutine");
+            EXPECT_EQ(roundtrip(c2.get(), std::string(100000, 'z')), std::string(100000, 'z'));
+            ::shutdown(c1.get(), SHUT_WR);
+            char b;
+            EXPECT_EQ(::recv(c1.get(), &b, 1, 0), 0);  // the handler ended: EOF
+        }
+        ASSERT_EQ(::kill(echo.pid(), SIGTERM), 0);
+        std::string summary = echo.line();
+        EXPECT_EQ(echo.wait(), 0);
+        EXPECT_NE(summary.find("connections=2"), std::string::npos) << summary;
+        EXPECT_NE(summary.find("bytes_out=100016"), std::string::npos) << summary;
+    }
+    EchoProcess upper(
+        {"--port", "0", "--backend", test::backend_name(), "--model", "coroutines", "--upper"});
+    std::string backend;
+    Fd c = dial(Address::parse(listening_address(upper.line(), &backend)));
+    EXPECT_EQ(roundtrip(c.get(), "Mixed case 123 xyz!"), "MIXED CASE 123 XYZ!");
+}
+
 TEST_F(EvmuxEcho, ErrorsAreOneLineAndExitTwo) {
     // Port in use: a listener of ours holds it.
     Fd holder(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
@@ -267,6 +303,7 @@ TEST_F(EvmuxEcho, ErrorsAreOneLineAndExitTwo) {
         {{"--port", "0", "--backend", "no-such-backend"}, "no-such-backend"},
         {{"--unix", "/nonexistent-evmux-dir/x.sock"}, "No such file or directory"},
         {{}, "--port"},
+        {{"--port", "0", "--model", "greenlets"}, "greenlets"},
     };
     for (const Case& c : cases) {
         EchoProcess echo(c.args);

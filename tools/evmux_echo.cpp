@@ -2,9 +2,10 @@
 //
 //   evmux-echo --port P [--host H] [--backend NAME] [--upper] [--unix PATH]
 //              [--threads N [--distribution reuse_port|round_robin]]
+//              [--model callbacks|coroutines]
 //   evmux-echo --list-backends
 //
-// Prints "evmux-echo listening on HOST:PORT backend=NAME" to stderr once it
+// Prints "evmux-echo listening on HOST:PORT backend=NAME ..." to stderr once it
 // accepts; SIGINT/SIGTERM stop it with a one-line summary. Errors in the
 // command line or the setup (port in use, unknown backend, missing Unix
 // socket directory) are one line on stderr and exit code 2. It raises its soft
@@ -25,6 +26,7 @@
 
 #include "evmux/address.hpp"
 #include "evmux/connection.hpp"
+#include "evmux/coro.hpp"
 #include "evmux/event_loop.hpp"
 #include "evmux/loop_group.hpp"
 #include "evmux/selector.hpp"
@@ -71,11 +73,12 @@ evmux::Address resolve(const std::string& host, std::uint16_t port) {
 }
 
 // Once the server is listening: the line the tests and tools wait for.
-void say_listening(const evmux::TcpServer& server, const std::string& backend,
-                   std::size_t threads) {
-    std::fprintf(stderr, "evmux-echo listening on %s backend=%s threads=%zu distribution=%s\n",
+void say_listening(const evmux::TcpServer& server, const std::string& backend, std::size_t threads,
+                   const std::string& model) {
+    std::fprintf(stderr,
+                 "evmux-echo listening on %s backend=%s threads=%zu distribution=%s model=%s\n",
                  server.local_address().to_string().c_str(), backend.c_str(), threads,
-                 evmux::to_string(server.distribution()));
+                 evmux::to_string(server.distribution()), model.c_str());
     std::fflush(stderr);
 }
 
@@ -93,6 +96,30 @@ void say_stopped(const evmux::TcpServer& server) {
                  static_cast<unsigned long long>(s.bytes_out), per_loop.c_str());
 }
 
+// The echo as a coroutine per connection (--model coroutines): straight-line,
+// one co_await per read and per write. The bytes are a view of the loop's
+// scratch buffer (no copy), handed to write() before the coroutine suspends.
+evmux::coro::Task<void> echo_coroutine(evmux::coro::Stream stream) {
+    for (;;) {
+        std::string_view bytes = co_await stream.read_some();
+        if (bytes.empty()) co_return;  // the peer's end: closes after the queue
+        co_await stream.write(bytes);
+    }
+}
+
+// --upper as a coroutine: the uppercased copy reuses one buffer per connection.
+evmux::coro::Task<void> upper_coroutine(evmux::coro::Stream stream) {
+    std::string upper;
+    for (;;) {
+        std::string_view bytes = co_await stream.read_some();
+        if (bytes.empty()) co_return;
+        upper.assign(bytes);
+        for (char& c : upper)
+            if (c >= 'a' && c <= 'z') c = static_cast<char>(c - 'a' + 'A');
+        co_await stream.write(upper);
+    }
+}
+
 // One TcpServer, whatever the thread count; only who runs its loops differs.
 // One thread: the loop on this thread, signals through it (the process stays
 // single-threaded, which glibc's system call wrappers reward: no
@@ -101,7 +128,7 @@ void say_stopped(const evmux::TcpServer& server) {
 // blocked before its threads start (they inherit the mask) and taken here by
 // sigwait, so no loop thread is interrupted by them.
 int serve(std::size_t threads, const std::string& backend, const evmux::Address& address,
-          evmux::Callbacks callbacks, evmux::Distribution distribution) {
+          evmux::Callbacks callbacks, evmux::Distribution distribution, const std::string& model) {
     evmux::ServerOptions options;
     options.distribution = distribution;
     if (threads == 1) {
@@ -112,7 +139,7 @@ int serve(std::size_t threads, const std::string& backend, const evmux::Address&
         auto stop = [&loop](int) { loop.stop(); };
         loop.on_signal(SIGINT, stop);
         loop.on_signal(SIGTERM, stop);
-        say_listening(*server, loop.backend_name(), threads);
+        say_listening(*server, loop.backend_name(), threads, model);
         loop.run();
         say_stopped(*server);
         return 0;
@@ -124,7 +151,7 @@ int serve(std::size_t threads, const std::string& backend, const evmux::Address&
     ::pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
     evmux::LoopGroup group(threads, backend);
     evmux::TcpServer& server = group.listen(address, std::move(callbacks), options);
-    say_listening(server, group.backend_name(), threads);
+    say_listening(server, group.backend_name(), threads, model);
     int signo = 0;
     while (::sigwait(&stop_signals, &signo) != 0) {
     }
@@ -145,6 +172,7 @@ int main(int argc, char** argv) {
     bool list = false;
     std::size_t threads = 1;
     std::string distribution = evmux::to_string(evmux::ServerOptions{}.distribution);
+    std::string model = "callbacks";
     app.add_option("--port", port, "TCP port (0: any free port)")->check(CLI::Range(0, 65535));
     app.add_option("--host", host, "numeric address or name to bind (default 127.0.0.1)");
     app.add_option("--backend", backend, "selector backend (default: EVMUX_BACKEND or the best)");
@@ -156,6 +184,10 @@ int main(int argc, char** argv) {
                    "how connections are spread over the threads: reuse_port (a listener "
                    "per loop) or round_robin (one acceptor hands connections out)")
         ->check(CLI::IsMember({"reuse_port", "round_robin"}));
+    app.add_option("--model", model,
+                   "how each connection is served: callbacks (on_message, the default) or "
+                   "coroutines (a straight-line coroutine per connection, evmux/coro.hpp)")
+        ->check(CLI::IsMember({"callbacks", "coroutines"}));
     app.add_flag("--list-backends", list, "list the backends and whether they are usable here");
     try {
         app.parse(argc, argv);
@@ -174,7 +206,9 @@ int main(int argc, char** argv) {
                                      : evmux::Address::unix_path(unix_path);
 
         evmux::Callbacks callbacks;
-        if (upper) {
+        if (model == "coroutines") {
+            callbacks = evmux::coro::handler_callbacks(upper ? upper_coroutine : echo_coroutine);
+        } else if (upper) {
             callbacks.on_message = [](const evmux::ConnectionPtr& conn, evmux::Buffer& in) {
                 // Reused: --upper copies once per read, plain echo never; one
                 // per thread, as --threads runs this on several at once.
@@ -196,7 +230,8 @@ int main(int argc, char** argv) {
 
         return serve(threads, backend, address, std::move(callbacks),
                      distribution == "round_robin" ? evmux::Distribution::round_robin
-                                                   : evmux::Distribution::reuse_port);
+                                                   : evmux::Distribution::reuse_port,
+                     model);
     } catch (const std::exception& e) {
         return fail(e.what());
     }
