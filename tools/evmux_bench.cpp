@@ -55,6 +55,7 @@ struct Server {
     bool per_connection_os;  // a thread or process per connection: skips idle-heavy
     bool forks;              // CPU of live children must be added
     int threads = 1;         // evmux-echo --threads (>1: the server is not pinned)
+    std::string model;       // evmux-echo --model (empty: its default, callbacks)
 };
 
 /// One load shape: message size, connections opened, connections in ping-pong.
@@ -666,6 +667,7 @@ class Runner {
         if (!server.backend.empty()) argv.insert(argv.end(), {"--backend", server.backend});
         if (server.threads > 1)
             argv.insert(argv.end(), {"--threads", std::to_string(server.threads)});
+        if (!server.model.empty()) argv.insert(argv.end(), {"--model", server.model});
         return argv;
     }
 
@@ -1165,7 +1167,8 @@ void add_bench_options(CLI::App& app, Options& opt) {
         ->delimiter(',');
     app.add_option(
            "--servers", opt.servers,
-           "servers: evmux, epoll-floor, libevent-bufferevent, threads, fork (default: all)")
+           "servers: evmux, evmux-coroutines, epoll-floor, libevent-bufferevent, threads, fork "
+           "(default: all; evmux-coroutines runs on the first backend only)")
         ->delimiter(',');
     app.add_option("--sizes", opt.sizes, "message sizes in bytes (default 64,1024,16384)")
         ->delimiter(',')
@@ -1250,16 +1253,19 @@ bool wanted(const Options& opt, const std::string& server) {
 /// Checks --servers, --backends and --idle-active (exit 2 on a mistake), fills
 /// in the defaults that depend on --quick, and returns the backends to run.
 std::vector<std::string> check_and_complete(Options& opt) {
-    static const std::vector<std::string> known_servers{"evmux", "epoll-floor",
-                                                        "libevent-bufferevent", "threads", "fork"};
+    static const std::vector<std::string> known_servers{
+        "evmux", "evmux-coroutines", "epoll-floor", "libevent-bufferevent", "threads", "fork"};
     for (const auto& s : opt.servers)
         if (std::find(known_servers.begin(), known_servers.end(), s) == known_servers.end())
             usage_error("unknown server '" + s +
-                        "'; known: evmux, epoll-floor, libevent-bufferevent, threads, fork");
+                        "'; known: evmux, evmux-coroutines, epoll-floor, libevent-bufferevent, "
+                        "threads, fork");
+    const bool on_evmux = wanted(opt, "evmux") || wanted(opt, "evmux-coroutines");
     std::vector<std::string> backends =
-        wanted(opt, "evmux") ? pick_backends(opt.backends) : std::vector<std::string>{};
-    if (!wanted(opt, "evmux") && !opt.backends.empty())
-        usage_error("--backends given but 'evmux' is not among --servers");
+        on_evmux ? pick_backends(opt.backends) : std::vector<std::string>{};
+    if (!on_evmux && !opt.backends.empty())
+        usage_error(
+            "--backends given but neither 'evmux' nor 'evmux-coroutines' is among --servers");
 
     if (opt.duration <= 0) opt.duration = opt.quick ? 1.0 : 2.0;
     if (opt.rounds <= 0) opt.rounds = opt.quick ? 3 : 5;
@@ -1305,7 +1311,7 @@ std::vector<Server> plan_servers(const Options& opt, const fs::path& tools_dir,
         }
         if (bin != (tools_dir / exe).lexically_normal())
             std::cerr << "evmux-bench: " << name << ": " << bin.string() << "\n";
-        servers.push_back({name, name, "", bin, per_conn, forks});
+        servers.push_back({name, name, "", bin, per_conn, forks, 1, ""});
     };
     add_baseline(floor_server, "evmux-baseline-epoll", false, false);
     if (!backends.empty()) {
@@ -1313,11 +1319,19 @@ std::vector<Server> plan_servers(const Options& opt, const fs::path& tools_dir,
         if (!fs::exists(echo))
             std::cerr << "evmux-bench: skipping evmux: " << echo.string() << " not found\n";
         else
-            for (const auto& b : backends)
-                for (int t : opt.threads)
-                    servers.push_back(
-                        {t == 1 ? "evmux/" + b : "evmux/" + b + "/threads" + std::to_string(t),
-                         "evmux", b, echo, false, false, t});
+            for (const auto& b : backends) {
+                for (int t : opt.threads) {
+                    const std::string name =
+                        t == 1 ? "evmux/" + b : "evmux/" + b + "/threads" + std::to_string(t);
+                    if (wanted(opt, "evmux"))
+                        servers.push_back({name, "evmux", b, echo, false, false, t, ""});
+                    // The coroutine model beside the callbacks, on the first
+                    // (best) backend: the same server, a coroutine per connection.
+                    if (wanted(opt, "evmux-coroutines") && b == backends.front())
+                        servers.push_back({name + "/coroutines", "evmux-coroutines", b, echo, false,
+                                           false, t, "coroutines"});
+                }
+            }
     }
     add_baseline("libevent-bufferevent", "evmux-baseline-libevent", false, false);
     add_baseline("threads", "evmux-baseline-threads", true, false);
