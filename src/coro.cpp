@@ -107,59 +107,35 @@ LineTooLong::LineTooLong(std::size_t limit)
 
 namespace detail {
 
-struct StreamCore {
-    StreamCore(ConnectionPtr connection, std::size_t limit)
-        : conn(std::move(connection)), input_limit(limit) {}
+void StreamCore::append(const char* p, std::size_t n) {
+    if (in_start == in.size()) {
+        in.clear();
+        in_start = 0;
+    }
+    in.append(p, n);
+}
 
-    std::size_t buffered() const { return in.size() - in_start; }
-    // Keep bytes no read has taken. Called only while no coroutine of this
-    // stream runs, so a view lent from `in` has expired.
-    void append(const char* p, std::size_t n) {
-        if (in_start == in.size()) {
-            in.clear();
-            in_start = 0;
-        }
-        in.append(p, n);
+void StreamCore::release_read() noexcept {
+    if (in_start == 0) return;
+    if (in_start == in.size()) {
+        std::string().swap(in);
+        in_start = 0;
+    } else if (in_start >= in.size() / 2) {  // compact once the read part dominates
+        in.erase(0, in_start);
+        in_start = 0;
     }
-    // A new read begins: the previous one's bytes (and any view of them) are
-    // done with. An emptied buffer gives its storage back, so an idle stream
-    // holds none; a half-read one is compacted once the read part dominates.
-    void release_read() {
-        if (in_start == 0) return;
-        if (in_start == in.size()) {
-            std::string().swap(in);
-            in_start = 0;
-        } else if (in_start >= in.size() / 2) {
-            in.erase(0, in_start);
-            in_start = 0;
-        }
-    }
-    void wake_reader(ReadWait::Status status) {
-        ReadWait* r = std::exchange(reader, nullptr);
-        r->registered = false;
-        if (r->status == ReadWait::Status::pending) r->status = status;
-        r->waiting.resume();
-    }
-    void wake_writer() {
-        WriteWait* w = std::exchange(writer, nullptr);
-        w->registered = false;
-        w->waiting.resume();
-    }
+}
 
-    ConnectionPtr conn;
-    std::string in;              // received, not read yet: [in_start, size)
-    std::size_t in_start = 0;    // read prefix (a view may still show it)
-    ReadWait* reader = nullptr;  // the read waiting, if any (then `in` is empty)
-    WriteWait* writer = nullptr;
-    std::size_t input_limit;  // pause reading from the peer at this many buffered
-    CloseReason reason = CloseReason::local;
-    int err = 0;
-    bool eof = false;         // the peer shut down its side
-    bool closed = false;      // on_close has run
-    bool closing = false;     // Stream::close() or ~Stream
-    bool write_shut = false;  // shutdown_write()
-    bool paused = false;      // we paused reading (input over the limit)
-};
+void StreamCore::resume_peer() {
+    conn->resume_reading();
+    flags &= static_cast<std::uint8_t>(~paused);
+}
+
+void StreamCore::throw_closed(const char* operation) const {
+    // Not closed yet but closing: our own close(), reason local.
+    if (!has(closed)) throw ConnectionClosed(operation, CloseReason::local, 0);
+    throw ConnectionClosed(operation, reason, err);
+}
 
 namespace {
 
@@ -171,6 +147,20 @@ StreamCore* find(const ConnectionPtr& conn) {
     return slot ? slot->get() : nullptr;
 }
 
+void wake_reader(StreamCore& c, Status status) {
+    ReadWait* r = std::exchange(c.reader, nullptr);
+    r->registered = false;
+    if (r->status == Status::pending) r->status = status;
+    r->waiting.resume();
+}
+
+void wake_writer(StreamCore& c, bool closed) {
+    WriteWait* w = std::exchange(c.writer, nullptr);
+    w->registered = false;
+    w->closed = closed;
+    w->waiting.resume();
+}
+
 // Move bytes from [p, p + n) into the read `r`, advancing p and n past what
 // it took; true once the read is complete (a too-long line included).
 bool feed(ReadWait& r, const char*& p, std::size_t& n) {
@@ -178,18 +168,18 @@ bool feed(ReadWait& r, const char*& p, std::size_t& n) {
     bool complete = false;
     switch (r.kind) {
         case Kind::view:
-            r.view = std::string_view(p, n);
+            r.data = p;
             k = n;
             complete = k > 0;
             break;
         case Kind::some:
             k = std::min(n, r.cap);
-            std::memcpy(r.dst, p, k);
+            std::memcpy(const_cast<char*>(r.data), p, k);  // the caller's buffer
             complete = k > 0;
             break;
         case Kind::exactly:
             k = std::min(n, r.cap - r.got);
-            if (k != 0) std::memcpy(r.dst + r.got, p, k);
+            if (k != 0) std::memcpy(const_cast<char*>(r.data) + r.got, p, k);
             complete = r.got + k == r.cap;
             break;
         case Kind::line: {
@@ -223,49 +213,52 @@ void on_message(const ConnectionPtr& conn, Buffer& input) {
     const char* p = input.data();
     std::size_t n = input.size();
     // A waiting read has found the buffer empty: feed it straight from the
-    // loop's scratch, no copy for a view read.
-    const bool complete = c->reader && feed(*c->reader, p, n);
+    // loop's scratch buffer (a view read: no copy at all).
+    bool complete = false;
+    if (ReadWait* r = c->reader) {
+        if (r->kind == Kind::view) {
+            r->data = p;
+            r->got = n;
+            n = 0;
+            complete = true;
+        } else {
+            complete = feed(*r, p, n);
+        }
+    }
     if (n != 0) c->append(p, n);
     // All consumed, so the connection keeps nothing (a view stays valid: the
-    // scratch is not reused until this coroutine has suspended).
+    // scratch buffer is not reused until the coroutine has suspended).
     input.consume_all();
-    if (!c->paused && c->buffered() >= c->input_limit) {
-        c->paused = true;
+    if (!c->has(StreamCore::paused) && c->buffered() >= c->input_limit) {
+        c->flags |= StreamCore::paused;
         conn->pause_reading();
     }
-    if (complete) c->wake_reader(Status::done);  // last: the coroutine may end the stream
+    if (complete) wake_reader(*c, Status::done);  // last: the coroutine may end the stream
 }
 
 void on_peer_shutdown(const ConnectionPtr& conn) {
     StreamCore* c = find(conn);
     if (!c) return;
-    c->eof = true;
-    if (c->reader) c->wake_reader(Status::eof);
+    c->flags |= StreamCore::eof;
+    if (c->reader) wake_reader(*c, Status::eof);
 }
 
 void on_low_water(const ConnectionPtr& conn, std::size_t) {
     StreamCore* c = find(conn);
-    if (c && c->writer) c->wake_writer();
+    if (c && c->writer) wake_writer(*c, false);
 }
 
 void on_close(const ConnectionPtr& conn, CloseReason reason, int err) {
     StreamCore* c = find(conn);  // alive until this returns (the state slot holds it)
     if (!c) return;
-    c->closed = true;
+    c->flags |= StreamCore::closed;
+    if (reason == CloseReason::peer_closed) c->flags |= StreamCore::eof;
     c->reason = reason;
     c->err = err;
-    if (ReadWait* r = c->reader) {
-        r->reason = reason;
-        r->err = err;
-        c->wake_reader(reason == CloseReason::peer_closed ? Status::eof : Status::closed);
-    }
+    if (c->reader)
+        wake_reader(*c, reason == CloseReason::peer_closed ? Status::eof : Status::closed);
     // Read again: the reader's coroutine may have destroyed the writer's.
-    if (WriteWait* w = c->writer) {
-        w->closed = true;
-        w->reason = reason;
-        w->err = err;
-        c->wake_writer();
-    }
+    if (c->writer) wake_writer(*c, true);
 }
 
 }  // namespace
@@ -287,14 +280,10 @@ Stream attach_stream(const ConnectionPtr& conn, std::size_t input_limit) {
 
 // ---- reads ----
 
-ReadWait::~ReadWait() {
-    if (registered) core->reader = nullptr;
-}
-
-bool ReadWait::await_ready() {
+bool ReadWait::ready_slow() {
     StreamCore& c = *core;
     if (c.reader) throw std::logic_error("evmux::coro: another read is waiting on this stream");
-    if (kind == Kind::exactly && cap == 0) return true;
+    if (status != Status::pending) return true;  // read_exactly of nothing
     c.release_read();
     if (c.buffered() != 0) {
         const char* p = c.in.data() + c.in_start;
@@ -307,35 +296,18 @@ bool ReadWait::await_ready() {
         }
     }
     // The buffer is empty and the read wants more.
-    if (c.eof || (c.closed && c.reason == CloseReason::peer_closed)) {
+    if (c.has(StreamCore::eof))
         status = Status::eof;
-    } else if (c.closed) {
+    else if (c.has(StreamCore::closed | StreamCore::closing))
         status = Status::closed;
-        reason = c.reason;
-        err = c.err;
-    } else if (c.closing) {
-        status = Status::closed;
-        reason = CloseReason::local;
-    } else {
+    else
         return false;
-    }
     return true;
 }
 
-void ReadWait::await_suspend(std::coroutine_handle<> h) {
-    StreamCore& c = *core;
-    if (c.paused) {  // a read wants more: let the peer's bytes in again
-        c.conn->resume_reading();
-        c.paused = false;
-    }
-    waiting = h;
-    registered = true;
-    c.reader = this;
-}
-
-void ReadWait::check(const char* operation) const {
-    if (status == Status::closed) throw ConnectionClosed(operation, reason, err);
+void ReadWait::fail(const char* operation) const {
     if (status == Status::too_long) throw LineTooLong(cap);
+    core->throw_closed(operation);
 }
 
 void ReadExactly::await_resume() const {
@@ -345,8 +317,9 @@ void ReadExactly::await_resume() const {
 
 ReadExactlyString::ReadExactlyString(StreamCore* core, std::size_t n)
     : ReadWait(core, Kind::exactly), bytes(n, '\0') {
-    dst = bytes.data();
+    data = bytes.data();
     cap = n;
+    if (n == 0) status = Status::done;
 }
 
 std::string ReadExactlyString::await_resume() {
@@ -357,33 +330,11 @@ std::string ReadExactlyString::await_resume() {
 
 // ---- writes ----
 
-WriteWait::~WriteWait() {
-    if (registered) core->writer = nullptr;
-}
-
-bool WriteWait::await_ready() {
-    StreamCore& c = *core;
-    if (c.writer) throw std::logic_error("evmux::coro: another write is waiting on this stream");
-    if (c.closed) throw ConnectionClosed("write", c.reason, c.err);
-    if (c.closing) throw ConnectionClosed("write", CloseReason::local, 0);
-    if (c.write_shut) throw std::logic_error("evmux::coro: write after shutdown_write()");
-    Connection& conn = *c.conn;
-    if (owned)
-        conn.send(std::move(*owned));
-    else
-        conn.send(p, n);
-    if (conn.is_open()) return !conn.above_high_water();  // over it: wait for on_low_water
-    return false;  // the send closed it (an error, overflow): on_close will say why
-}
-
-void WriteWait::await_suspend(std::coroutine_handle<> h) {
-    waiting = h;
-    registered = true;
-    core->writer = this;
-}
-
-void WriteWait::await_resume() const {
-    if (closed) throw ConnectionClosed("write", reason, err);
+void WriteWait::refuse() const {
+    if (core->writer)
+        throw std::logic_error("evmux::coro: another write is waiting on this stream");
+    if (core->has(StreamCore::closed | StreamCore::closing)) core->throw_closed("write");
+    throw std::logic_error("evmux::coro: write after shutdown_write()");
 }
 
 }  // namespace detail
@@ -399,16 +350,14 @@ Stream& Stream::operator=(Stream&& other) noexcept {
 }
 
 Stream::~Stream() {
-    if (core_ && !core_->closed && !core_->closing) {
-        core_->closing = true;
+    if (core_ && !core_->has(detail::StreamCore::closed | detail::StreamCore::closing)) {
+        core_->flags |= detail::StreamCore::closing;
         core_->conn->close(CloseMode::graceful);
     }
 }
 
-detail::StreamCore* Stream::core_for(const char* operation) const {
-    if (!core_)
-        throw std::logic_error(std::string("evmux::coro: ") + operation + " on an empty Stream");
-    return core_.get();
+void Stream::throw_empty(const char* operation) {
+    throw std::logic_error(std::string("evmux::coro: ") + operation + " on an empty Stream");
 }
 
 detail::ReadSome Stream::read_some(std::span<char> into) {
@@ -419,13 +368,13 @@ detail::ReadSome Stream::read_some(std::span<char> into) {
 
 void Stream::shutdown_write() {
     detail::StreamCore& c = *core_for("shutdown_write");
-    c.write_shut = true;
+    c.flags |= detail::StreamCore::write_shut;
     c.conn->shutdown_write();  // a no-op once closed
 }
 
 void Stream::close(CloseMode mode) {
-    if (!core_ || core_->closed || core_->closing) return;
-    core_->closing = true;
+    if (!core_ || core_->has(detail::StreamCore::closed | detail::StreamCore::closing)) return;
+    core_->flags |= detail::StreamCore::closing;
     core_->conn->close(mode);
 }
 
@@ -439,11 +388,11 @@ std::size_t Stream::buffered() const noexcept {
 }
 
 bool Stream::at_eof() const noexcept {
-    return core_ && (core_->eof || (core_->closed && core_->reason == CloseReason::peer_closed));
+    return core_ && core_->has(detail::StreamCore::eof);
 }
 
 bool Stream::is_open() const noexcept {
-    return core_ && !core_->closed && !core_->closing;
+    return core_ && !core_->has(detail::StreamCore::closed | detail::StreamCore::closing);
 }
 
 // ---- connect -----------------------------------------------------------------------------

@@ -284,11 +284,52 @@ class Stream;
 
 namespace detail {
 
-struct StreamCore;
+struct ReadWait;
+struct WriteWait;
 
-// A suspended (or about to suspend) read. Lives in the awaiting coroutine's
-// frame: no allocation per read. Registered in the StreamCore while it waits;
-// the core fills it and resumes the coroutine; destroyed first, it unregisters.
+// One stream's state, shared by its Stream and (through the connection's
+// state slot) the callbacks that every stream connection has. In the header
+// only for the awaiters' inline fast paths: a read or write that needs no
+// waiting and no error costs a few loads and branches, no call.
+struct StreamCore {
+    // Why reads or writes leave the fast path.
+    enum Flag : std::uint8_t {
+        eof = 1,         // the peer shut down its side
+        closed = 2,      // on_close has run (reason, err say why)
+        closing = 4,     // Stream::close() or ~Stream
+        write_shut = 8,  // shutdown_write()
+        paused = 16,     // reading from the peer paused: input over the limit
+        read_stops = eof | closed | closing,
+        write_stops = closed | closing | write_shut,
+    };
+
+    StreamCore(ConnectionPtr connection, std::size_t limit) noexcept
+        : conn(std::move(connection)), input_limit(limit) {}
+    bool has(std::uint8_t f) const noexcept { return (flags & f) != 0; }
+    std::size_t buffered() const noexcept { return in.size() - in_start; }
+    // Keep bytes no read has taken (only while no coroutine of this stream
+    // runs: a view lent from `in` has expired).
+    void append(const char* p, std::size_t n);
+    // A read begins: the previous read's bytes are done with; an emptied
+    // buffer gives its storage back (an idle stream holds none).
+    void release_read() noexcept;
+    void resume_peer();  // a read wants more: undo `paused`
+    [[noreturn]] void throw_closed(const char* operation) const;
+
+    ConnectionPtr conn;
+    ReadWait* reader = nullptr;  // the read waiting, if any (`in` is empty then)
+    WriteWait* writer = nullptr;
+    std::uint8_t flags = 0;
+    CloseReason reason = CloseReason::local;  // once `closed`
+    int err = 0;
+    std::size_t in_start = 0;  // read prefix of `in` (a view may still show it)
+    std::string in;            // received, not read yet: [in_start, size)
+    std::size_t input_limit;   // pause reading from the peer at this many buffered
+};
+
+// A read. Lives in the awaiting coroutine's frame (no allocation per read);
+// registered in the core while it waits; the core fills it and resumes the
+// coroutine; destroyed while waiting, it unregisters.
 struct ReadWait {
     enum class Kind : std::uint8_t { view, some, exactly, line };
     enum class Status : std::uint8_t { pending, done, eof, closed, too_long };
@@ -296,49 +337,85 @@ struct ReadWait {
     ReadWait(StreamCore* core, Kind kind) noexcept : core(core), kind(kind) {}
     ReadWait(const ReadWait&) = delete;
     ReadWait& operator=(const ReadWait&) = delete;
-    ~ReadWait();
+    ~ReadWait() {
+        if (registered) core->reader = nullptr;
+    }
 
-    bool await_ready();  // served from buffered input, or the stream has ended
-    void await_suspend(std::coroutine_handle<> waiting);
+    // Nothing buffered and the stream open: wait (the usual case, inline).
+    bool await_ready() {
+        const StreamCore& c = *core;
+        if (c.in.empty() && !c.has(StreamCore::read_stops) && !c.reader &&
+            status == Status::pending)
+            return false;
+        return ready_slow();
+    }
+    void await_suspend(std::coroutine_handle<> h) {
+        StreamCore& c = *core;
+        if (c.has(StreamCore::paused)) c.resume_peer();
+        waiting = h;
+        registered = true;
+        c.reader = this;
+    }
     // Throws what the outcome calls for (ConnectionClosed, LineTooLong);
     // each awaiter adds its own return value.
-    void check(const char* operation) const;
+    void check(const char* operation) const {
+        if (status >= Status::closed) fail(operation);
+    }
+
+    bool ready_slow();  // served from buffered input, or the stream has ended
+    [[noreturn]] void fail(const char* operation) const;
 
     StreamCore* core;
+    std::coroutine_handle<> waiting;
+    const char* data = nullptr;  // view: the bytes; some, exactly: where to (as char*)
+    std::size_t cap = 0;         // some, exactly: room; line: the max
+    std::size_t got = 0;         // bytes delivered so far
+    std::string* line = nullptr;
     Kind kind;
     Status status = Status::pending;
     bool registered = false;
-    CloseReason reason = CloseReason::local;  // status closed
-    int err = 0;
-    std::coroutine_handle<> waiting;
-    char* dst = nullptr;  // some, exactly: where to; line: unused
-    std::size_t cap = 0;  // some, exactly: room; line: the max
-    std::size_t got = 0;  // bytes delivered so far
-    std::string* line = nullptr;
-    std::string_view view;  // view: the bytes
 };
 
-// A write waiting for the queue to fall to the low-water mark.
+// A write: sends at once; waits while the queue is over the high-water mark.
 struct WriteWait {
     WriteWait(StreamCore* core, const char* p, std::size_t n, std::string* owned) noexcept
         : core(core), p(p), n(n), owned(owned) {}
     WriteWait(const WriteWait&) = delete;
     WriteWait& operator=(const WriteWait&) = delete;
-    ~WriteWait();
+    ~WriteWait() {
+        if (registered) core->writer = nullptr;
+    }
 
-    bool await_ready();  // sends; ready unless over the high-water mark (or closing)
-    void await_suspend(std::coroutine_handle<> waiting);
-    void await_resume() const;
+    // Send; ready unless over the high-water mark (or the send closed it:
+    // then on_close resumes us with the reason).
+    bool await_ready() {
+        StreamCore& c = *core;
+        if (c.writer || c.has(StreamCore::write_stops)) refuse();
+        Connection& conn = *c.conn;
+        if (owned)
+            conn.send(std::move(*owned));
+        else
+            conn.send(p, n);
+        return conn.is_open() && !conn.above_high_water();
+    }
+    void await_suspend(std::coroutine_handle<> h) noexcept {
+        waiting = h;
+        registered = true;
+        core->writer = this;
+    }
+    void await_resume() const {
+        if (closed) core->throw_closed("write");
+    }
+
+    [[noreturn]] void refuse() const;  // a second writer, closed, shut down
 
     StreamCore* core;
     const char* p;
     std::size_t n;
     std::string* owned;  // write(std::string&&): sent without a copy
+    std::coroutine_handle<> waiting;
     bool registered = false;
     bool closed = false;
-    CloseReason reason = CloseReason::local;
-    int err = 0;
-    std::coroutine_handle<> waiting;
 };
 
 // read_some(): a view of what arrived.
@@ -346,13 +423,13 @@ struct ReadView : ReadWait {
     explicit ReadView(StreamCore* core) noexcept : ReadWait(core, Kind::view) {}
     std::string_view await_resume() const {
         check("read");
-        return view;
+        return std::string_view(data, got);
     }
 };
 // read_some(span): copied into the caller's buffer.
 struct ReadSome : ReadWait {
     ReadSome(StreamCore* core, std::span<char> into) noexcept : ReadWait(core, Kind::some) {
-        dst = into.data();
+        data = into.data();
         cap = into.size();
     }
     std::size_t await_resume() const {
@@ -363,8 +440,9 @@ struct ReadSome : ReadWait {
 // read_exactly(span).
 struct ReadExactly : ReadWait {
     ReadExactly(StreamCore* core, std::span<char> into) noexcept : ReadWait(core, Kind::exactly) {
-        dst = into.data();
+        data = into.data();
         cap = into.size();
+        if (cap == 0) status = Status::done;
     }
     void await_resume() const;
 };
@@ -519,7 +597,11 @@ class Stream {
   private:
     friend Stream detail::attach_stream(const ConnectionPtr&, std::size_t);
     explicit Stream(std::shared_ptr<detail::StreamCore> core) noexcept : core_(std::move(core)) {}
-    detail::StreamCore* core_for(const char* operation) const;
+    detail::StreamCore* core_for(const char* operation) const {
+        if (!core_) throw_empty(operation);
+        return core_.get();
+    }
+    [[noreturn]] static void throw_empty(const char* operation);
 
     std::shared_ptr<detail::StreamCore> core_;
 };
