@@ -7,6 +7,11 @@
 // the loop it waits on, never from another thread (spawn() is the one call
 // allowed from any thread: it posts).
 //
+// GCC 12 caveat: it miscompiles a co_await inside an `if` condition, and a
+// Task temporary awaited inside any condition (the temporary dies early).
+// Write `bool ok = co_await ...; if (ok)`. `while (co_await s.read_line(l))`
+// with a stream's awaiter is fine (tested under ASan).
+//
 // This header includes only evmux's public headers and the standard library.
 #pragma once
 
