@@ -969,6 +969,44 @@ TEST(CoroCancel, AcceptWhenTheAcceptorClosesAndAfter) {
     EXPECT_EQ(acceptor.server(), nullptr);
 }
 
+/// Serves one connection from `a`: on "stop\n" it closes the acceptor from
+/// inside its own connection's read, then tries to read on.
+Task<std::string> stop_from_inside(Acceptor& a) {
+    Stream s = co_await a.accept();
+    std::string line = co_await s.read_line();
+    a.close();  // the TcpServer under `s` goes, from inside its on_message
+    std::string how;
+    co_await wait_read(s, &how);
+    co_return line + how;
+}
+
+TEST(CoroCancel, AcceptorClosedFromInsideItsConnectionsRead) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Acceptor acceptor(loop, any_port);
+    auto waiting_accept = [](Acceptor& a, std::string* how) -> Task<void> {
+        try {
+            co_await a.accept();
+        } catch (const std::system_error& e) {
+            *how = e.what();
+        }
+    };
+    Outcome<std::string> server;
+    spawn_capture(loop, stop_from_inside(acceptor), &server);
+    Fd client = dial(acceptor.local_address());
+    loop.run_once(10ms);
+    std::string second;
+    coro::spawn(loop, waiting_accept(acceptor, &second));  // waits after the first
+    loop.run_once(10ms);
+    send_all(loop, client.get(), "stop\n");
+    ASSERT_TRUE(run_until(loop, [&] { return server.done && !second.empty(); }));
+    ASSERT_FALSE(server.error);
+    EXPECT_EQ(*server.value, "stop\nclosed local " + std::to_string(ECANCELED));
+    EXPECT_EQ(second, "accept: the acceptor is closed: Operation canceled");
+    bool eof = false;
+    recv_to_eof(loop, client.get(), &eof);
+    EXPECT_TRUE(eof);
+}
+
 TEST(CoroCancel, AcceptTaskDestroyedLeavesConnectionsPending) {
     EVMUX_LOOP_OR_SKIP(loop);
     Acceptor acceptor(loop, any_port);
