@@ -210,25 +210,28 @@ void on_message(const ConnectionPtr& conn, Buffer& input) {
         input.consume_all();
         return;
     }
-    const char* p = input.data();
-    std::size_t n = input.size();
-    // A waiting read has found the buffer empty: feed it straight from the
-    // loop's scratch buffer (a view read: no copy at all).
-    bool complete = false;
-    if (ReadWait* r = c->reader) {
-        if (r->kind == Kind::view) {
-            r->data = p;
-            r->got = n;
-            n = 0;
-            complete = true;
-        } else {
-            complete = feed(*r, p, n);
-        }
+    const std::string_view bytes = input.view();
+    ReadWait* r = c->reader;
+    if (r && r->kind == Kind::view) {
+        // The usual case: a view read waits (so `in` is empty) and takes it
+        // all, straight from the loop's scratch buffer: no copy. The scratch
+        // is not reused until the coroutine has suspended again.
+        input.consume_all();
+        r->data = bytes.data();
+        r->got = bytes.size();
+        c->reader = nullptr;
+        r->registered = false;
+        r->status = Status::done;
+        r->waiting.resume();  // last: the coroutine may end the stream
+        return;
     }
+    const char* p = bytes.data();
+    std::size_t n = bytes.size();
+    // A waiting read has found the buffer empty: feed it straight from the
+    // loop's scratch buffer.
+    const bool complete = r && feed(*r, p, n);
     if (n != 0) c->append(p, n);
-    // All consumed, so the connection keeps nothing (a view stays valid: the
-    // scratch buffer is not reused until the coroutine has suspended).
-    input.consume_all();
+    input.consume_all();  // all taken or kept here: the connection keeps nothing
     if (!c->has(StreamCore::paused) && c->buffered() >= c->input_limit) {
         c->flags |= StreamCore::paused;
         conn->pause_reading();
