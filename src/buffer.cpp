@@ -10,12 +10,10 @@
 namespace evmux {
 
 void Buffer::consume_stored(std::size_t n) {
-    n = std::min(n, size());
-    start_ += n;
-    if (start_ == store_.size()) {
-        store_.clear();
-        start_ = 0;
-    }
+    // Only the start moves, so what was consumed stays where it is until
+    // on_message returns; keep_rest() then frees the storage if all of it
+    // was consumed.
+    start_ += std::min(n, size());
 }
 
 std::string Buffer::take(std::size_t n) {
