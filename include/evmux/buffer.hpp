@@ -5,20 +5,67 @@
 #pragma once
 
 #include <cstddef>
+#include <optional>
+#include <stdexcept>
 #include <string>
 #include <string_view>
 #include <vector>
 
 namespace evmux {
 
+/// What ends a line for Buffer::take_line().
+enum class LineEnd {
+    lf,          ///< LF (a CR before it stays in the line)
+    crlf,        ///< CR LF only (a lone LF or CR is part of the line)
+    lf_or_crlf,  ///< LF, and a CR right before it is dropped too (Netty's line decoder)
+};
+
+/// The length prefix of a frame (Buffer::take_frame(), frame()): the
+/// payload's size as an unsigned big-endian (network order) integer.
+enum class Prefix {
+    u16_be,  ///< 2 bytes: payloads of up to 65 535 bytes
+    u32_be,  ///< 4 bytes: payloads of up to 4 294 967 295 bytes
+};
+
+/// The peer's input breaks the framing: a line longer than take_line()'s
+/// max_len, or a frame whose prefix announces more than take_frame()'s
+/// max_size. Thrown as soon as the bytes received prove it (fail fast: no
+/// waiting for the rest of an oversize line or frame). The Buffer is left as
+/// it was. The usual answer is to close that connection (`conn->close()`).
+class FrameError : public std::runtime_error {
+  public:
+    /// Which limit was passed.
+    enum class Kind {
+        line_too_long,    ///< more than max_len bytes and no line end among them
+        frame_too_large,  ///< a prefix announcing more than max_size bytes
+    };
+    /// `what` is the message; `size` and `limit` as size() and limit().
+    FrameError(Kind kind, std::size_t size, std::size_t limit, const std::string& what)
+        : std::runtime_error(what), kind_(kind), size_(size), limit_(limit) {}
+    /// Which limit was passed.
+    Kind kind() const noexcept { return kind_; }
+    /// line_too_long: the bytes held without a line end; frame_too_large: the
+    /// payload size the prefix announced.
+    std::size_t size() const noexcept { return size_; }
+    /// The max_len or max_size given.
+    std::size_t limit() const noexcept { return limit_; }
+
+  private:
+    Kind kind_;
+    std::size_t size_;
+    std::size_t limit_;
+};
+
 /// The unconsumed input of one connection, as on_message sees it. The bytes
 /// may live in the loop's scratch buffer (fresh from the kernel) or in the
 /// connection's own storage (left over from earlier calls); the user cannot
 /// tell and need not care. Consume what you have handled (consume(), or
-/// take()); whatever is left is kept and shown again, followed by new bytes,
-/// on the next call. Valid only inside on_message: do not keep a pointer to it
-/// or its data. Loop thread only. Never throws except take() on allocation
-/// failure. Only the Connection that owns it adds bytes to it.
+/// take(), or a line or frame at a time: take_line(), take_frame()); whatever
+/// is left is kept and shown again, followed by new bytes, on the next call.
+/// Valid only inside on_message: do not keep a pointer to it or its data. Loop
+/// thread only. Throws only FrameError (take_line(), take_frame(): the peer
+/// broke the framing) and std::bad_alloc (take()). Only the Connection that
+/// owns it adds bytes to it.
 class Buffer {
   public:
     Buffer() = default;
@@ -47,6 +94,26 @@ class Buffer {
     std::string take(std::size_t n);
     /// Copy out and consume everything.
     std::string take_all() { return take(size()); }
+
+    // ---- framing ------------------------------------------------------------------
+    // The views returned point into this buffer's bytes, which consuming does
+    // not move: they stay valid until on_message returns. Copy what you keep.
+
+    /// The next line, without its line end, consumed with its line end; or
+    /// nullopt while the line end has not arrived (nothing consumed). A line
+    /// of up to `max_len` bytes (not counting the line end) is taken; throws
+    /// FrameError (line_too_long, nothing consumed) once more than `max_len`
+    /// bytes are held and no line end can follow within the limit (asyncio's
+    /// readline limit, Netty's LineBasedFrameDecoder with fail-fast). Scans
+    /// at most max_len + 2 bytes per call.
+    std::optional<std::string_view> take_line(std::size_t max_len, LineEnd end = LineEnd::lf);
+    /// The next frame's payload, consumed with its length prefix; or nullopt
+    /// while the prefix or payload is incomplete (nothing consumed). An empty
+    /// payload is an empty view, not nullopt. Throws FrameError
+    /// (frame_too_large, nothing consumed) as soon as the prefix announces
+    /// more than `max_size` bytes, without waiting for them (Netty's
+    /// LengthFieldBasedFrameDecoder).
+    std::optional<std::string_view> take_frame(Prefix prefix, std::size_t max_size);
 
     /// Bytes of memory held (0 for an idle connection), for tests and stats.
     std::size_t capacity() const { return store_.capacity(); }
@@ -83,5 +150,14 @@ class Buffer {
     std::vector<char> store_;
     std::size_t start_ = 0;  // consumed prefix of store_
 };
+
+/// Append one frame to `out`: `payload`'s size as a `prefix`, then `payload`.
+/// Build several in one string and send it once. Throws std::length_error if
+/// the payload is too long for the prefix (over 65 535 bytes for u16_be).
+void append_frame(std::string& out, Prefix prefix, std::string_view payload);
+/// One frame, ready for `conn->send(frame(...))` (send(std::string&&) queues
+/// it without a copy): the prefix and the payload in one string, one copy of
+/// the payload. Throws std::length_error as append_frame().
+std::string frame(Prefix prefix, std::string_view payload);
 
 }  // namespace evmux
