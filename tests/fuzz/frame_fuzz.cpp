@@ -34,11 +34,14 @@
 #include "evmux/buffer.hpp"
 #include "evmux/connection.hpp"
 #include "evmux/event_loop.hpp"
+#include "fuzz_input.hpp"
 
 using namespace evmux;
 using namespace std::chrono_literals;
 
 namespace {
+
+using fuzz::Input;
 
 [[noreturn]] void fail(const char* what, unsigned long long a = 0, unsigned long long b = 0) {
     std::fprintf(stderr, "frame_fuzz: %s (%llu, %llu)\n", what, a, b);
@@ -107,17 +110,6 @@ Expected reference(Mode mode, std::string_view in, std::size_t limit) {
     }
     return e;
 }
-
-struct Input {
-    const std::uint8_t* p = nullptr;
-    std::size_t n = 0;
-    bool done() const { return n == 0; }
-    std::uint8_t next() {
-        if (n == 0) return 0;
-        --n;
-        return *p++;
-    }
-};
 
 struct Run {
     Mode mode;

@@ -28,27 +28,19 @@
 
 #include "evmux/connection.hpp"
 #include "evmux/event_loop.hpp"
+#include "fuzz_input.hpp"
 
 using namespace evmux;
 using namespace std::chrono_literals;
 
 namespace {
 
+using fuzz::Input;
+
 [[noreturn]] void fail(const char* what, unsigned long long a = 0, unsigned long long b = 0) {
     std::fprintf(stderr, "queue_fuzz: %s (%llu, %llu)\n", what, a, b);
     std::abort();
 }
-
-struct Input {
-    const std::uint8_t* p = nullptr;
-    std::size_t n = 0;
-    bool done() const { return n == 0; }
-    std::uint8_t next() {
-        if (n == 0) return 0;
-        --n;
-        return *p++;
-    }
-};
 
 // The fake's state: which fd it fakes, and the input that decides.
 int g_fake_fd = -1;

@@ -28,11 +28,14 @@
 #include <vector>
 
 #include "evmux/selector.hpp"
+#include "fuzz_input.hpp"
 
 using namespace evmux;
 using namespace std::chrono_literals;
 
 namespace {
+
+using fuzz::Input;
 
 [[noreturn]] void fail(const char* what, int fd = -1) {
     std::fprintf(stderr, "selector_fuzz: %s (fd %d)\n", what, fd);
@@ -40,17 +43,6 @@ namespace {
 }
 
 // Reads the input one byte at a time; zeros once it is used up.
-struct Input {
-    const std::uint8_t* p;
-    std::size_t n;
-    bool done() const { return n == 0; }
-    std::uint8_t next() {
-        if (n == 0) return 0;
-        --n;
-        return *p++;
-    }
-};
-
 constexpr int slots = 6;
 
 // One socketpair: `mine` is what the selector watches, `peer` the other end.
