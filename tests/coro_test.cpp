@@ -107,6 +107,7 @@ using coro::Stream;
 using coro::Task;
 using test::Fd;
 using test::run_until;
+using test::send_all;
 
 // ---- helpers ------------------------------------------------------------------
 
@@ -125,23 +126,6 @@ Fd dial(const Address& a, int buffers = 0) {
         throw std::system_error(errno, std::generic_category(), "connect " + a.to_string());
     ::fcntl(fd.get(), F_SETFL, ::fcntl(fd.get(), F_GETFL) | O_NONBLOCK);
     return fd;
-}
-
-/// Send all of `data` from a non-blocking client, running `loop` whenever the
-/// socket buffer is full (the server side drains it).
-void send_all(EventLoop& loop, int fd, std::string_view data) {
-    const auto end = std::chrono::steady_clock::now() + 10s;
-    while (!data.empty()) {
-        ssize_t n = ::send(fd, data.data(), data.size(), MSG_NOSIGNAL);
-        if (n > 0) {
-            data.remove_prefix(static_cast<std::size_t>(n));
-        } else if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
-            if (std::chrono::steady_clock::now() > end) throw std::runtime_error("send_all: stuck");
-            loop.run_once(1ms);
-        } else {
-            throw std::system_error(errno, std::generic_category(), "send");
-        }
-    }
 }
 
 /// What a non-blocking client has read, running `loop` until `n` bytes came,

@@ -36,24 +36,7 @@ using namespace std::string_literals;
 using namespace std::string_view_literals;
 using test::Fd;
 using test::run_until;
-
-/// Write all of `data` to the non-blocking `fd`, running `loop` while the
-/// socket is full (the loop's side reads it). False on error or time-out.
-bool write_all(EventLoop& loop, int fd, std::string_view data) {
-    const auto end = std::chrono::steady_clock::now() + 10s;
-    while (!data.empty()) {
-        ssize_t n = ::send(fd, data.data(), data.size(), MSG_NOSIGNAL);
-        if (n > 0) {
-            data.remove_prefix(static_cast<std::size_t>(n));
-        } else if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
-            if (std::chrono::steady_clock::now() > end) return false;
-            loop.run_once(1ms);
-        } else {
-            return false;
-        }
-    }
-    return true;
-}
+using test::send_all;
 
 // ---- the helpers, one chunk per on_message -------------------------------------
 
@@ -95,8 +78,8 @@ class Feed {
     /// Send `chunk`; true once the connection has read it all.
     bool feed(std::string_view chunk) {
         const std::uint64_t want = conn_->bytes_in() + chunk.size();
-        return write_all(loop_, peer_.get(), chunk) &&
-               run_until(loop_, [&] { return conn_->bytes_in() >= want; });
+        send_all(loop_, peer_.get(), chunk);
+        return run_until(loop_, [&] { return conn_->bytes_in() >= want; });
     }
     /// The bytes held unconsumed.
     std::size_t held() const { return conn_->input_bytes(); }
@@ -264,11 +247,11 @@ TEST(Framing, ViewsStayValidUntilOnMessageReturns) {
     };
     ConnectionPtr conn = Connection::adopt(loop, theirs.release(), std::move(cb));
     // First call: from the loop's scratch buffer; the partial line is stored.
-    ASSERT_TRUE(write_all(loop, ours.get(), "one\ntwo\nthr"));
+    send_all(loop, ours.get(), "one\ntwo\nthr");
     ASSERT_TRUE(run_until(loop, [&] { return conn->bytes_in() == 11; }));
     EXPECT_EQ(conn->input_bytes(), 3u);
     // Second call: from the connection's own storage, consumed to the end.
-    ASSERT_TRUE(write_all(loop, ours.get(), "ee\nfour\n"));
+    send_all(loop, ours.get(), "ee\nfour\n");
     ASSERT_TRUE(run_until(loop, [&] { return conn->bytes_in() == 19; }));
     EXPECT_GE(calls, 2);
     EXPECT_EQ(seen, (Strings{"one", "two", "three", "four"}));

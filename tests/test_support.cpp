@@ -7,8 +7,10 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstdlib>
 #include <stdexcept>
+#include <string_view>
 #include <system_error>
 
 namespace evmux::test {
@@ -99,6 +101,21 @@ std::size_t drain(int fd) {
         ssize_t n = ::read(fd, buf, sizeof buf);
         if (n <= 0) return total;
         total += static_cast<std::size_t>(n);
+    }
+}
+
+void send_all(EventLoop& loop, int fd, std::string_view data) {
+    const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    while (!data.empty()) {
+        ssize_t n = ::send(fd, data.data(), data.size(), MSG_NOSIGNAL);
+        if (n > 0) {
+            data.remove_prefix(static_cast<std::size_t>(n));
+        } else if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
+            if (std::chrono::steady_clock::now() > end) throw std::runtime_error("send_all: stuck");
+            loop.run_once(std::chrono::milliseconds(1));
+        } else {
+            throw std::system_error(errno, std::generic_category(), "send");
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <utility>
 
 #include "evmux/event_loop.hpp"
@@ -91,5 +92,9 @@ using support::raise_fd_limit;
 void write_byte(int fd, char c = 'x');
 /// Read everything available (non-blocking); returns the byte count.
 std::size_t drain(int fd);
+/// Send all of `data` on the non-blocking socket `fd`, running `loop`
+/// whenever the socket buffer is full (the loop's side drains it). Throws
+/// std::system_error if send() fails, std::runtime_error if stuck for 10 s.
+void send_all(EventLoop& loop, int fd, std::string_view data);
 
 }  // namespace evmux::test
