@@ -23,6 +23,7 @@ LAYERS = [
                          "src/server.cpp", "src/listener.hpp", "src/listener.cpp",
                          "src/loop_group.cpp"]),
     ("coroutines", ["include/evmux/coro.hpp", "src/coro.cpp"]),
+    ("datagrams", ["include/evmux/datagram.hpp", "src/datagram.cpp"]),
 ]
 # Below every layer (usable by all): the version, the generated config.
 ANY_LAYER = ["include/evmux/version.hpp", "src/version.cpp"]

@@ -11,6 +11,7 @@
 #include "evmux/buffer.hpp"
 #include "evmux/connection.hpp"
 #include "evmux/coro.hpp"
+#include "evmux/datagram.hpp"
 #include "evmux/event_loop.hpp"
 #include "evmux/loop_group.hpp"
 #include "evmux/selector.hpp"
@@ -21,5 +22,5 @@
 /// Selector (which fds are ready, on a backend chosen at run time),
 /// EventLoop (callbacks per fd, timers, signals, cross-thread post),
 /// Connection (buffered I/O with a bounded message queue), TcpServer, and
-/// coroutines over them (evmux::coro).
+/// coroutines over them (evmux::coro); beside them UdpEndpoint (datagrams).
 namespace evmux {}
