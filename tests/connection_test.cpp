@@ -33,16 +33,13 @@ namespace evmux {
 namespace {
 
 using namespace std::chrono_literals;
+using test::ConnectResult;
+using test::echo_callbacks;
 using test::Fd;
+using test::pump_for;
 using test::run_until;
 
 // ---- helpers ------------------------------------------------------------------
-
-/// Run `loop` for `span`, whatever happens.
-void pump_for(EventLoop& loop, std::chrono::milliseconds span) {
-    auto deadline = std::chrono::steady_clock::now() + span;
-    while (std::chrono::steady_clock::now() < deadline) loop.run_once(5ms);
-}
 
 std::string pattern(std::size_t n, unsigned seed = 7) {
     std::string s(n, '\0');
@@ -129,15 +126,6 @@ ReadToClose read_while_closing(EventLoop& loop, int fd, Pred closed) {
     r.closed = run_until(loop, closed, 10000ms);
     reader.join();
     return r;
-}
-
-Callbacks echo_callbacks() {
-    Callbacks cb;
-    cb.on_message = [](const ConnectionPtr& c, Buffer& in) {
-        c->send(in.data(), in.size());
-        in.consume_all();
-    };
-    return cb;
 }
 
 /// A server on its own loop thread; clients talk to it from the test thread.
@@ -957,31 +945,6 @@ TEST(TcpServer, Ipv6) {
 }
 
 // ---- connect ----------------------------------------------------------------------
-
-struct ConnectResult {
-    int connects = 0;
-    int errors = 0;
-    std::error_code ec;
-    std::string message;
-    std::string echoed;
-    ConnectionPtr conn;
-
-    Callbacks callbacks(std::string hello = "") {
-        Callbacks cb;
-        cb.on_connect = [this, hello](const ConnectionPtr& c) {
-            ++connects;
-            conn = c;
-            if (!hello.empty()) c->send(hello);
-        };
-        cb.on_message = [this](const ConnectionPtr&, Buffer& in) { echoed += in.take_all(); };
-        cb.on_error = [this](std::error_code e, const std::string& m) {
-            ++errors;
-            ec = e;
-            message = m;
-        };
-        return cb;
-    }
-};
 
 TEST(Connect, ToServerOnTheSameLoopTcpAndUnix) {
     EVMUX_SELECTOR_OR_SKIP(sel);

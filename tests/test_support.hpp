@@ -7,8 +7,11 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <system_error>
 #include <utility>
 
+#include "evmux/address.hpp"
+#include "evmux/connection.hpp"
 #include "evmux/event_loop.hpp"
 #include "evmux/selector.hpp"
 #include "fd_limit.hpp"
@@ -56,6 +59,52 @@ bool run_until(EventLoop& loop, F done, std::chrono::milliseconds limit = std::c
     }
     return true;
 }
+
+/// Run `loop` for `span`, whatever happens.
+inline void pump_for(EventLoop& loop, std::chrono::milliseconds span) {
+    auto deadline = std::chrono::steady_clock::now() + span;
+    while (std::chrono::steady_clock::now() < deadline) loop.run_once(std::chrono::milliseconds(5));
+}
+
+/// Callbacks that send every byte back.
+inline Callbacks echo_callbacks() {
+    Callbacks cb;
+    cb.on_message = [](const ConnectionPtr& c, Buffer& in) {
+        c->send(in.data(), in.size());
+        in.consume_all();
+    };
+    return cb;
+}
+
+/// What a connect() reported: callbacks() counts on_connect and on_error,
+/// keeps the error, the connection, its peer and what it received (it sends
+/// `hello` once connected).
+struct ConnectResult {
+    int connects = 0;
+    int errors = 0;
+    std::error_code ec;
+    std::string message;
+    std::string echoed;
+    Address peer;
+    ConnectionPtr conn;
+
+    Callbacks callbacks(std::string hello = "") {
+        Callbacks cb;
+        cb.on_connect = [this, hello](const ConnectionPtr& c) {
+            ++connects;
+            conn = c;
+            peer = c->peer_address();
+            if (!hello.empty()) c->send(hello);
+        };
+        cb.on_message = [this](const ConnectionPtr&, Buffer& in) { echoed += in.take_all(); };
+        cb.on_error = [this](std::error_code e, const std::string& m) {
+            ++errors;
+            ec = e;
+            message = m;
+        };
+        return cb;
+    }
+};
 
 /// An owned fd, closed on destruction.
 class Fd {
