@@ -19,6 +19,8 @@ LAYERS = [
     ("connection", ["include/evmux/connection.hpp", "include/evmux/buffer.hpp",
                     "include/evmux/address.hpp", "src/connection.cpp", "src/buffer.cpp",
                     "src/address.cpp"]),
+    # Names sit below the servers and clients, which take "host:port" text.
+    ("names", ["include/evmux/resolver.hpp", "src/resolver.cpp"]),
     ("server / client", ["include/evmux/server.hpp", "include/evmux/loop_group.hpp",
                          "src/server.cpp", "src/listener.hpp", "src/listener.cpp",
                          "src/loop_group.cpp"]),

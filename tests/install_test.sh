@@ -133,15 +133,16 @@ assert [(r["server"], r["ok"]) for r in runs] == [("epoll-floor", True)], runs' 
     local h name headers=()
     for h in "$incdir"/evmux/*.hpp; do headers+=("${h##*/}"); done
     for name in "${headers[@]}"; do
-        # -H lists every header the compiler opens: a libevent, liburing or
-        # evmux_config.h there is a leak, whether it happens to compile or not.
+        # -H lists every header the compiler opens: a libevent, liburing,
+        # c-ares or evmux_config.h there is a leak, whether it happens to
+        # compile or not.
         echo "#include <evmux/$name>" >"$tmp/only_$name.cpp"
         "$cxx" "${cxxflags[@]}" -fsyntax-only -H -I"$incdir" "$tmp/only_$name.cpp" 2>"$tmp/only_$name.log" ||
             {
                 cat "$tmp/only_$name.log"
                 fail "$name does not compile on its own"
             }
-        if grep -E 'event2/|/event\.h|liburing|linux/io_uring|evmux_config|gtest|CLI/' "$tmp/only_$name.log"; then
+        if grep -E 'event2/|/event\.h|liburing|linux/io_uring|/ares\.h|evmux_config|gtest|CLI/' "$tmp/only_$name.log"; then
             fail "$name leaks a private header (above)"
         fi
         if grep -E '^\.+ .*/evmux/' "$tmp/only_$name.log" | grep -v -F "$incdir/evmux/"; then

@@ -14,6 +14,7 @@
 #include "evmux/datagram.hpp"
 #include "evmux/event_loop.hpp"
 #include "evmux/loop_group.hpp"
+#include "evmux/resolver.hpp"
 #include "evmux/selector.hpp"
 #include "evmux/server.hpp"
 #include "evmux/version.hpp"

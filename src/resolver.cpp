@@ -1,0 +1,525 @@
+// Resolver: c-ares on an EventLoop (libuv/node's cares_wrap model). c-ares
+// tells us through its socket-state callback which of its sockets to watch
+// for what; the loop calls ares_process_fd() when one is ready; one loop timer,
+// re-armed from ares_timeout() after every call into c-ares, drives its
+// retries and timeouts. Answers are delivered after c-ares has returned, never
+// from inside it, so a callback may start lookups, cancel them or destroy the
+// resolver.
+#include "evmux/resolver.hpp"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <algorithm>
+#include <charconv>
+#include <deque>
+#include <limits>
+#include <optional>
+#include <stdexcept>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "evmux_config.h"
+#if EVMUX_HAVE_CARES
+#include <ares.h>
+#include <fcntl.h>
+#include <sys/time.h>
+#endif
+
+namespace evmux {
+
+// ---- errors ---------------------------------------------------------------------------
+
+namespace {
+
+#if EVMUX_HAVE_CARES
+static_assert(static_cast<int>(ResolveErrc::no_data) == ARES_ENODATA);
+static_assert(static_cast<int>(ResolveErrc::server_failure) == ARES_ESERVFAIL);
+static_assert(static_cast<int>(ResolveErrc::not_found) == ARES_ENOTFOUND);
+static_assert(static_cast<int>(ResolveErrc::refused) == ARES_EREFUSED);
+static_assert(static_cast<int>(ResolveErrc::bad_name) == ARES_EBADNAME);
+static_assert(static_cast<int>(ResolveErrc::connection_refused) == ARES_ECONNREFUSED);
+static_assert(static_cast<int>(ResolveErrc::timeout) == ARES_ETIMEOUT);
+static_assert(static_cast<int>(ResolveErrc::unknown_service) == ARES_ESERVICE);
+#endif
+
+constexpr const char* not_compiled_in_reason =
+    "not compiled in (needs libc-ares-dev; meson -Dcares=enabled)";
+
+class ResolveCategory final : public std::error_category {
+  public:
+    const char* name() const noexcept override { return "evmux.resolve"; }
+    std::string message(int ev) const override {
+        if (ev == static_cast<int>(ResolveErrc::not_compiled_in))
+            return std::string("name resolution ") + not_compiled_in_reason;
+#if EVMUX_HAVE_CARES
+        if (ev == static_cast<int>(ResolveErrc::unknown_service))  // c-ares 1.18 has no text
+            return "Unknown service name";
+        return ::ares_strerror(ev);
+#else
+        return "c-ares status " + std::to_string(ev);
+#endif
+    }
+    std::error_condition default_error_condition(int ev) const noexcept override {
+        if (ev == static_cast<int>(ResolveErrc::timeout)) return std::errc::timed_out;
+        return {ev, *this};
+    }
+};
+
+// The port of a numeric service ("" is 0); nullopt for a service name.
+std::optional<std::uint16_t> numeric_port(std::string_view service) {
+    if (service.empty()) return 0;
+    if (!std::all_of(service.begin(), service.end(), [](char c) { return c >= '0' && c <= '9'; }))
+        return std::nullopt;
+    unsigned port = 0;
+    auto [p, ec] = std::from_chars(service.data(), service.data() + service.size(), port);
+    if (ec != std::errc() || port > 65535)
+        throw std::invalid_argument("evmux: resolve: port \"" + std::string(service) +
+                                    "\" is not 0..65535");
+    return static_cast<std::uint16_t>(port);
+}
+
+// A numeric host needs no lookup: its one address, or nullopt for a name.
+std::optional<Address> numeric_address(std::string_view host, std::optional<std::uint16_t> port) {
+    if (!port) return std::nullopt;  // a service name: c-ares looks it up
+    try {
+        return Address::ip(host, *port);
+    } catch (const std::invalid_argument&) {
+        return std::nullopt;
+    }
+}
+
+// "[::1]" -> "::1": c-ares takes hosts without brackets.
+[[maybe_unused]] std::string_view unbracketed(std::string_view host) {
+    if (host.size() >= 2 && host.front() == '[' && host.back() == ']')
+        return host.substr(1, host.size() - 2);
+    return host;
+}
+
+std::error_code cancelled() {
+    return std::make_error_code(std::errc::operation_canceled);
+}
+
+}  // namespace
+
+const std::error_category& resolve_category() noexcept {
+    static const ResolveCategory category;
+    return category;
+}
+
+std::error_code make_error_code(ResolveErrc e) noexcept {
+    return {static_cast<int>(e), resolve_category()};
+}
+
+std::string resolver_unavailable_reason() {
+#if EVMUX_HAVE_CARES
+    return {};
+#else
+    return not_compiled_in_reason;
+#endif
+}
+
+std::string resolve_message(std::string_view host, std::error_code error) {
+    return "cannot resolve '" + std::string(host) + "': " + error.message();
+}
+
+// ---- the resolver's state -------------------------------------------------------------
+
+namespace detail {
+
+// Everything a Resolver owns. Shared: the loop holds it (a tie, so that the
+// loop's destruction closes it) and so does a delivery in progress (a
+// callback may destroy the Resolver). Loop thread only.
+struct ResolverState : std::enable_shared_from_this<ResolverState> {
+    EventLoop& loop;
+    ResolverOptions options;
+#if EVMUX_HAVE_CARES
+    ares_channel channel = nullptr;
+#endif
+    EventLoop::TimerId timer = 0;  // c-ares's next timeout
+    EventLoop::TieId tie = 0;      // the loop's reference
+    std::vector<int> watched;      // c-ares's sockets the loop watches
+    std::unordered_map<ResolveQuery*, std::shared_ptr<ResolveQuery>> queries;  // owed or in c-ares
+    std::deque<std::shared_ptr<ResolveQuery>> ready;  // outcome known, callback to run
+    std::uint64_t next_sequence = 0;
+    std::size_t owed = 0;  // callbacks not run yet
+    bool closed = false;
+    bool delivering = false;
+    bool delivery_posted = false;
+
+    ResolverState(EventLoop& l, ResolverOptions o) : loop(l), options(std::move(o)) {}
+    ~ResolverState() {
+        destroy_channel();
+    }
+
+    void open();
+    std::shared_ptr<ResolveQuery> resolve(std::string_view host, std::string_view service,
+                                          ResolveCallback callback);
+    void cancel(ResolveQuery& query);
+    void close();
+
+  private:
+    void finish(ResolveQuery& query, std::error_code error, std::vector<Address> addresses);
+    void post_delivery();
+    void deliver();
+    void run_callback(const std::shared_ptr<ResolveQuery>& query);
+    void destroy_channel();
+#if EVMUX_HAVE_CARES
+    static void on_sock_state(void* data, ares_socket_t fd, int readable, int writable);
+    static void on_addrinfo(void* arg, int status, int timeouts, ares_addrinfo* result);
+    void sock_state(int fd, bool readable, bool writable);
+    void process(ares_socket_t read_fd, ares_socket_t write_fd);
+    void arm_timer();
+#endif
+};
+
+void ResolverState::open() {
+    if (options.family != 0 && options.family != AF_INET && options.family != AF_INET6)
+        throw std::invalid_argument("evmux: Resolver: family must be 0, AF_INET or AF_INET6");
+    if (options.timeout.count() < 1 || options.tries < 1)
+        throw std::invalid_argument("evmux: Resolver: timeout and tries must be at least 1");
+#if EVMUX_HAVE_CARES
+    // Once per process (thread-safe static initialisation); a no-op on Linux.
+    static const int library = ::ares_library_init(ARES_LIB_INIT_ALL);
+    if (library != ARES_SUCCESS)
+        throw std::system_error(library, resolve_category(), "ares_library_init");
+    ares_options o{};
+    o.sock_state_cb = &ResolverState::on_sock_state;
+    o.sock_state_cb_data = this;
+    o.timeout = static_cast<int>(std::min<std::chrono::milliseconds::rep>(
+        options.timeout.count(), std::numeric_limits<int>::max()));
+    o.tries = options.tries;
+    int rc = ::ares_init_options(&channel, &o,
+                                 ARES_OPT_SOCK_STATE_CB | ARES_OPT_TIMEOUTMS | ARES_OPT_TRIES);
+    if (rc != ARES_SUCCESS) {
+        channel = nullptr;
+        throw std::system_error(rc, resolve_category(), "ares_init_options");
+    }
+    // c-ares opens its sockets without close-on-exec; a child must not inherit them.
+    ::ares_set_socket_configure_callback(
+        channel,
+        [](ares_socket_t fd, int, void*) { return ::fcntl(fd, F_SETFD, FD_CLOEXEC) == 0 ? 0 : -1; },
+        nullptr);
+    if (!options.servers.empty()) {
+        rc = ::ares_set_servers_ports_csv(channel, options.servers.c_str());
+        if (rc != ARES_SUCCESS) {
+            destroy_channel();
+            throw std::invalid_argument("evmux: Resolver: bad servers \"" + options.servers +
+                                        "\": " + ::ares_strerror(rc));
+        }
+    }
+#endif
+}
+
+void ResolverState::destroy_channel() {
+#if EVMUX_HAVE_CARES
+    if (channel != nullptr) ::ares_destroy(std::exchange(channel, nullptr));
+#endif
+}
+
+std::shared_ptr<ResolveQuery> ResolverState::resolve(std::string_view host,
+                                                     std::string_view service,
+                                                     ResolveCallback callback) {
+    if (closed)
+        throw std::logic_error(
+            "evmux: Resolver::resolve: the resolver is being destroyed or its loop has gone");
+    if (host.empty()) throw std::invalid_argument("evmux: resolve: empty host name");
+    const std::optional<std::uint16_t> port = numeric_port(service);
+    auto query = std::make_shared<ResolveQuery>(ResolveQuery::Private{}, std::string(host),
+                                                std::move(callback));
+    query->owner_ = this;
+    query->sequence_ = next_sequence++;
+    queries.emplace(query.get(), query);
+    ++owed;
+
+    if (std::optional<Address> numeric = numeric_address(host, port)) {
+        if (options.family != 0 && numeric->family() != options.family)
+            finish(*query, make_error_code(ResolveErrc::no_data), {});
+        else
+            finish(*query, {}, {*numeric});
+        post_delivery();
+        return query;
+    }
+#if EVMUX_HAVE_CARES
+    ares_addrinfo_hints hints{};
+    hints.ai_family = options.family;
+    hints.ai_socktype = SOCK_STREAM;  // one entry per address
+    const std::string name(unbracketed(host));
+    // A port number is set on the answers here (c-ares 1.18 refuses "0"); a
+    // service name is c-ares's to look up.
+    const std::string service_name(port ? std::string_view() : service);
+    if (port) query->port_ = *port;
+    query->in_cares_ = true;
+    ::ares_getaddrinfo(channel, name.c_str(), port ? nullptr : service_name.c_str(), &hints,
+                       &ResolverState::on_addrinfo, query.get());
+    // Answered at once from /etc/hosts, or a question sent: either way the
+    // callback waits for the loop (and c-ares may have a timeout to arm).
+    arm_timer();
+#else
+    finish(*query, make_error_code(ResolveErrc::not_compiled_in), {});
+#endif
+    if (!ready.empty()) post_delivery();
+    return query;
+}
+
+void ResolverState::cancel(ResolveQuery& query) {
+    if (query.delivered_) return;
+    if (!query.finished_) {
+        finish(query, cancelled(), {});
+    } else {  // an answer was waiting for the loop: it is dropped
+        query.error_ = cancelled();
+        query.addresses_.clear();
+    }
+    post_delivery();
+}
+
+// The outcome is known: queue the callback (once).
+void ResolverState::finish(ResolveQuery& query, std::error_code error,
+                           std::vector<Address> addresses) {
+    if (query.finished_) return;
+    query.finished_ = true;
+    query.error_ = error;
+    query.addresses_ = std::move(addresses);
+    ready.push_back(queries.at(&query));
+}
+
+void ResolverState::post_delivery() {
+    if (delivering || delivery_posted || ready.empty()) return;
+    delivery_posted = true;
+    loop.post([weak = weak_from_this()] {
+        if (auto self = weak.lock()) {
+            self->delivery_posted = false;
+            self->deliver();
+        }
+    });
+}
+
+// Runs the queued callbacks, in order. One that destroys the Resolver ends
+// this (close() has run the rest, with operation_canceled).
+void ResolverState::deliver() {
+    if (delivering) return;  // the delivery further up the stack goes on
+    auto self = shared_from_this();
+    delivering = true;
+    while (!closed && !ready.empty()) {
+        std::shared_ptr<ResolveQuery> query = std::move(ready.front());
+        ready.pop_front();
+        run_callback(query);
+    }
+    delivering = false;
+}
+
+void ResolverState::run_callback(const std::shared_ptr<ResolveQuery>& query) {
+    if (query->delivered_) return;
+    query->delivered_ = true;
+    --owed;
+    if (!query->in_cares_) queries.erase(query.get());
+    ResolveCallback callback = std::move(query->callback_);
+    std::vector<Address> addresses = std::move(query->addresses_);
+    if (!callback) return;
+    try {
+        callback(query->error_, std::move(addresses));
+    } catch (...) {
+        loop.handle_exception(std::current_exception());
+    }
+}
+
+// Closes the channel (c-ares closes its sockets, they are unwatched) and runs
+// every callback still owed, in the order of the resolve() calls, with
+// operation_canceled. Idempotent.
+void ResolverState::close() {
+    if (closed) return;
+    closed = true;
+    auto self = shared_from_this();
+    if (timer != 0) loop.cancel(std::exchange(timer, 0));
+    loop.untie(std::exchange(tie, 0));  // a no-op inside the loop's destructor
+    destroy_channel();                  // c-ares reports its lookups as destroyed: cancelled
+    for (int fd : watched) loop.unwatch(fd);
+    watched.clear();
+    std::vector<std::shared_ptr<ResolveQuery>> owed_now;
+    for (auto& [raw, query] : queries)
+        if (!query->delivered_) owed_now.push_back(query);
+    std::sort(owed_now.begin(), owed_now.end(),
+              [](const auto& a, const auto& b) { return a->sequence_ < b->sequence_; });
+    ready.clear();
+    for (auto& query : owed_now) {
+        query->error_ = cancelled();
+        query->addresses_.clear();
+        query->in_cares_ = false;
+        run_callback(query);
+    }
+    queries.clear();
+}
+
+#if EVMUX_HAVE_CARES
+
+void ResolverState::on_sock_state(void* data, ares_socket_t fd, int readable, int writable) {
+    auto* self = static_cast<ResolverState*>(data);
+    try {
+        self->sock_state(fd, readable != 0, writable != 0);
+    } catch (...) {
+        // The loop refused the socket (e.g. out of memory): c-ares cannot be
+        // told, so its lookups on it end by their timeout.
+        self->loop.handle_exception(std::current_exception());
+    }
+}
+
+void ResolverState::sock_state(int fd, bool readable, bool writable) {
+    const auto at = std::find(watched.begin(), watched.end(), fd);
+    if (!readable && !writable) {  // c-ares is about to close it
+        if (at != watched.end()) {
+            loop.unwatch(fd);
+            watched.erase(at);
+        }
+        return;
+    }
+    const Events interest =
+        (readable ? Events::read : Events::none) | (writable ? Events::write : Events::none);
+    if (at != watched.end()) {
+        loop.change(fd, interest);
+        return;
+    }
+    loop.watch(fd, interest, [this, fd](Events events) {
+        const bool in = any(events, Events::read | Events::error | Events::hangup);
+        const bool out = any(events, Events::write | Events::error);
+        process(in ? fd : ARES_SOCKET_BAD, out ? fd : ARES_SOCKET_BAD);
+    });
+    watched.push_back(fd);
+}
+
+// One call into c-ares (a ready socket, or its timer with neither), then the
+// timer re-armed and the answers delivered, outside c-ares.
+void ResolverState::process(ares_socket_t read_fd, ares_socket_t write_fd) {
+    auto self = shared_from_this();  // a callback may destroy the Resolver
+    ::ares_process_fd(channel, read_fd, write_fd);
+    arm_timer();
+    deliver();
+}
+
+void ResolverState::arm_timer() {
+    if (timer != 0) loop.cancel(std::exchange(timer, 0));
+    timeval tv{};
+    if (closed || ::ares_timeout(channel, nullptr, &tv) == nullptr) return;  // nothing pending
+    // ares_timeout() rounds down to the millisecond: one more, so c-ares is
+    // never woken before its deadline (and asked again at once, a spin).
+    const auto delay = std::chrono::seconds(tv.tv_sec) + std::chrono::microseconds(tv.tv_usec) +
+                       std::chrono::milliseconds(1);
+    timer = loop.call_after(delay, [this] {
+        timer = 0;
+        process(ARES_SOCKET_BAD, ARES_SOCKET_BAD);
+    });
+}
+
+void ResolverState::on_addrinfo(void* arg, int status, int, ares_addrinfo* result) {
+    auto* query = static_cast<ResolveQuery*>(arg);
+    ResolverState& self = *query->owner_;
+    std::vector<Address> addresses;
+    if (status == ARES_SUCCESS && result != nullptr)
+        for (ares_addrinfo_node* n = result->nodes; n != nullptr; n = n->ai_next) {
+            if (query->port_ >= 0 && n->ai_family == AF_INET)
+                reinterpret_cast<sockaddr_in*>(n->ai_addr)->sin_port =
+                    htons(static_cast<std::uint16_t>(query->port_));
+            else if (query->port_ >= 0 && n->ai_family == AF_INET6)
+                reinterpret_cast<sockaddr_in6*>(n->ai_addr)->sin6_port =
+                    htons(static_cast<std::uint16_t>(query->port_));
+            Address a = Address::from_sockaddr(n->ai_addr, n->ai_addrlen);
+            if (a.family() != 0) addresses.push_back(a);
+        }
+    if (result != nullptr) ::ares_freeaddrinfo(result);
+    query->in_cares_ = false;
+    std::error_code error;
+    if (status == ARES_EDESTRUCTION || status == ARES_ECANCELLED)
+        error = cancelled();
+    else if (status != ARES_SUCCESS)
+        error = std::error_code(status, resolve_category());
+    else if (addresses.empty())
+        error = make_error_code(ResolveErrc::no_data);
+    if (query->delivered_)  // cancelled and told: c-ares was its last holder
+        self.queries.erase(query);
+    else
+        self.finish(*query, error, std::move(addresses));
+}
+
+#endif  // EVMUX_HAVE_CARES
+
+}  // namespace detail
+
+// ---- the public face ------------------------------------------------------------------
+
+ResolveQuery::ResolveQuery(Private, std::string host, ResolveCallback callback)
+    : host_(std::move(host)), callback_(std::move(callback)) {}
+
+void ResolveQuery::cancel() {
+    if (!delivered_) owner_->cancel(*this);
+}
+
+Resolver::Resolver(EventLoop& loop, ResolverOptions options)
+    : loop_(loop), state_(std::make_shared<detail::ResolverState>(loop, std::move(options))) {
+    state_->open();
+    detail::ResolverState* raw = state_.get();
+    state_->tie = loop.tie(state_, [raw] { raw->close(); });
+}
+
+Resolver::~Resolver() {
+    state_->close();
+}
+
+std::shared_ptr<ResolveQuery> Resolver::resolve(std::string_view host, std::string_view service,
+                                                ResolveCallback callback) {
+    return state_->resolve(host, service, std::move(callback));
+}
+
+std::size_t Resolver::pending() const {
+    return state_->owed;
+}
+
+// ---- helpers ----------------------------------------------------------------------------
+
+std::pair<std::string, std::string> split_host_port(std::string_view text) {
+    auto bad = [&](const char* why) {
+        return std::invalid_argument("bad address \"" + std::string(text) + "\": " + why);
+    };
+    const auto colon = text.rfind(':');
+    if (colon == std::string_view::npos) throw bad("expected HOST:PORT or [HOST]:PORT");
+    std::string_view host = text.substr(0, colon);
+    const std::string_view port = text.substr(colon + 1);
+    if (host.find(':') != std::string_view::npos && !(host.starts_with('[') && host.ends_with(']')))
+        throw bad("IPv6 hosts are written in brackets: [::1]:80");
+    if (host.empty() || host == "[]") throw bad("no host");
+    if (port.empty()) throw bad("no port");
+    return {std::string(host), std::string(port)};
+}
+
+std::vector<Address> resolve_now(std::string_view host, std::string_view service,
+                                 const ResolverOptions& options) {
+    // A numeric host answers without a loop.
+    if (!host.empty() && (options.family == 0))
+        if (std::optional<Address> a = numeric_address(host, numeric_port(service))) return {*a};
+    EventLoop loop;
+    Resolver resolver(loop, options);
+    std::error_code error;
+    std::vector<Address> addresses;
+    bool done = false;
+    resolver.resolve(host, service, [&](std::error_code e, std::vector<Address> a) {
+        error = e;
+        addresses = std::move(a);
+        done = true;
+    });
+    // Bounded: c-ares gives up after its timeout and tries.
+    while (!done) loop.run_once();
+    if (error) throw std::system_error(error, "evmux: cannot resolve '" + std::string(host) + "'");
+    return addresses;
+}
+
+std::vector<Address> resolve_address_now(std::string_view text, const ResolverOptions& options) {
+    if (text.starts_with("unix:")) return {Address::parse(text)};
+    try {
+        return {Address::parse(text)};
+    } catch (const std::invalid_argument&) {
+    }
+    auto [host, port] = split_host_port(text);
+    return resolve_now(host, port, options);
+}
+
+}  // namespace evmux
