@@ -1,0 +1,387 @@
+// Resolver (c-ares on the loop), run once per backend (EVMUX_BACKEND). The
+// names come from a DNS responder on 127.0.0.1 built on evmux's UDP endpoint
+// (dns_responder.hpp), which c-ares is pointed at, and from /etc/hosts
+// ("localhost").
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <system_error>
+#include <vector>
+
+#include "dns_responder.hpp"
+#include "evmux/address.hpp"
+#include "evmux/event_loop.hpp"
+#include "evmux/resolver.hpp"
+#include "test_support.hpp"
+
+namespace evmux {
+namespace {
+
+using namespace std::chrono_literals;
+using test::ConnectResult;
+using test::DnsRecords;
+using test::DnsResponder;
+using test::echo_callbacks;
+using test::pump_for;
+using test::run_until;
+
+/// The table most tests use.
+std::map<std::string, DnsRecords> names() {
+    return {
+        {"one.test", {{"127.0.0.11"}, {}}},
+        {"two.test", {{"127.0.0.21", "127.0.0.22"}, {}}},
+        {"six.test", {{}, {"::1"}}},
+        {"both.test", {{"127.0.0.31"}, {"::1"}}},
+    };
+}
+
+/// Options that ask only `dns`, quickly.
+ResolverOptions asking(const DnsResponder& dns, std::chrono::milliseconds timeout = 1000ms,
+                       int tries = 2) {
+    ResolverOptions o;
+    o.servers = dns.server();
+    o.timeout = timeout;
+    o.tries = tries;
+    return o;
+}
+
+/// One lookup's outcome.
+struct Outcome {
+    int calls = 0;
+    std::error_code error;
+    std::vector<Address> addresses;
+
+    ResolveCallback callback() {
+        return [this](std::error_code e, std::vector<Address> a) {
+            ++calls;
+            error = e;
+            addresses = std::move(a);
+        };
+    }
+    std::vector<std::string> texts() const {
+        std::vector<std::string> out;
+        for (const Address& a : addresses) out.push_back(a.to_string());
+        return out;
+    }
+};
+
+ResolverOptions of_family(ResolverOptions o, int family) {
+    o.family = family;
+    return o;
+}
+
+/// Looks each (host, service) up at once, with a Resolver on `loop`; their
+/// outcomes, in that order, once all have come.
+std::vector<Outcome> lookups(EventLoop& loop, const ResolverOptions& options,
+                             const std::vector<std::pair<std::string, std::string>>& asks) {
+    Resolver resolver(loop, options);
+    std::vector<Outcome> out(asks.size());
+    for (std::size_t i = 0; i < asks.size(); ++i)
+        resolver.resolve(asks[i].first, asks[i].second, out[i].callback());
+    EXPECT_TRUE(run_until(
+        loop, [&] { return resolver.pending() == 0; }, 20s));
+    return out;  // (were one still pending, the resolver's destruction cancels it first)
+}
+
+std::vector<std::string> sorted(std::vector<std::string> v) {
+    std::sort(v.begin(), v.end());
+    return v;
+}
+
+// ---- the resolver ---------------------------------------------------------------------
+
+TEST(Resolver, NumericHostsAreAnsweredWithoutAQuestion) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    DnsResponder dns(names());
+    Resolver resolver(loop, asking(dns));
+    Outcome v4, v6, bracketed;
+    resolver.resolve("127.0.0.1", "80", v4.callback());
+    resolver.resolve("::1", "443", v6.callback());
+    resolver.resolve("[::1]", "", bracketed.callback());
+    EXPECT_EQ(v4.calls + v6.calls + bracketed.calls, 0) << "never inside resolve()";
+    EXPECT_EQ(resolver.pending(), 3u);
+    ASSERT_TRUE(run_until(loop, [&] { return resolver.pending() == 0; }));
+    EXPECT_EQ(v4.texts(), std::vector<std::string>{"127.0.0.1:80"});
+    EXPECT_EQ(v6.texts(), std::vector<std::string>{"[::1]:443"});
+    EXPECT_EQ(bracketed.texts(), std::vector<std::string>{"[::1]:0"});
+    EXPECT_EQ(dns.questions(), 0u);
+    EXPECT_EQ(resolve_now("127.0.0.1", "7").at(0).to_string(), "127.0.0.1:7");
+}
+
+TEST(Resolver, ARecordsInTheServersOrderWithThePort) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    DnsResponder dns(names());
+    auto r =
+        lookups(loop, of_family(asking(dns), AF_INET), {{"one.test", "80"}, {"TWO.test", "8080"}});
+    EXPECT_FALSE(r[0].error) << r[0].error.message();
+    EXPECT_EQ(r[0].texts(), std::vector<std::string>{"127.0.0.11:80"});
+    EXPECT_EQ(r[1].texts(), (std::vector<std::string>{"127.0.0.21:8080", "127.0.0.22:8080"}));
+    EXPECT_EQ(sorted(dns.asked()), (std::vector<std::string>{"A one.test", "A two.test"}));
+}
+
+TEST(Resolver, AaaaRecords) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    DnsResponder dns(names());
+    auto r =
+        lookups(loop, of_family(asking(dns), AF_INET6), {{"six.test", "53"}, {"one.test", "53"}});
+    EXPECT_FALSE(r[0].error) << r[0].error.message();
+    EXPECT_EQ(r[0].texts(), std::vector<std::string>{"[::1]:53"});
+    // one.test exists, without an IPv6 address.
+    EXPECT_EQ(r[1].error, ResolveErrc::no_data) << r[1].error.message();
+    EXPECT_TRUE(r[1].addresses.empty());
+}
+
+TEST(Resolver, BothFamiliesByDefault) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    DnsResponder dns(names());
+    auto r = lookups(loop, asking(dns), {{"both.test", "9"}});
+    EXPECT_FALSE(r[0].error) << r[0].error.message();
+    EXPECT_EQ(sorted(r[0].texts()), (std::vector<std::string>{"127.0.0.31:9", "[::1]:9"}));
+    EXPECT_EQ(sorted(dns.asked()), (std::vector<std::string>{"A both.test", "AAAA both.test"}));
+}
+
+TEST(Resolver, UnknownNameIsAClearError) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    DnsResponder dns(names());
+    Resolver resolver(loop, asking(dns));
+    Outcome r;
+    resolver.resolve("nosuch.invalid", "80", r.callback());
+    ASSERT_TRUE(run_until(loop, [&] { return r.calls > 0; }));
+    EXPECT_EQ(r.calls, 1);
+    EXPECT_EQ(r.error, ResolveErrc::not_found);
+    EXPECT_EQ(r.error.category().name(), std::string("evmux.resolve"));
+    EXPECT_TRUE(r.addresses.empty());
+    EXPECT_EQ(resolve_message("nosuch.invalid", r.error),
+              "cannot resolve 'nosuch.invalid': Domain name not found");
+    EXPECT_NE(dns.questions(), 0u);
+    // The blocking form throws it.
+    try {
+        resolve_now("nosuch.invalid", "80", asking(dns));
+        ADD_FAILURE() << "resolve_now did not throw";
+    } catch (const std::system_error& e) {
+        EXPECT_EQ(e.code(), ResolveErrc::not_found);
+        EXPECT_STREQ(e.what(), "evmux: cannot resolve 'nosuch.invalid': Domain name not found");
+    }
+}
+
+TEST(Resolver, ServerThatNeverAnswersTimesOut) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    DnsResponder dns(names());
+    dns.set_silent(true);
+    Resolver resolver(loop, asking(dns, 200ms, 2));
+    const std::size_t watched_before = loop.selector().size();
+    Outcome r;
+    const auto start = std::chrono::steady_clock::now();
+    resolver.resolve("one.test", "80", r.callback());
+    ASSERT_TRUE(run_until(
+        loop, [&] { return r.calls > 0; }, 10s));
+    const auto took = std::chrono::steady_clock::now() - start;
+    EXPECT_EQ(r.error, ResolveErrc::timeout) << r.error.message();
+    EXPECT_EQ(r.error, std::errc::timed_out);
+    EXPECT_EQ(r.error.message(), "Timeout while contacting DNS servers");
+    // 200 ms, then 400 ms on the second try (c-ares doubles it).
+    EXPECT_GE(took, 600ms);
+    EXPECT_LT(took, 5s);
+    EXPECT_GE(dns.questions(), 4u) << "A and AAAA, each tried twice";
+    // c-ares closed its socket and the loop watches nothing of it.
+    EXPECT_EQ(loop.selector().size(), watched_before) << "the resolver's socket is still watched";
+}
+
+TEST(Resolver, CancelWhilePendingCallsBackOnceWithCanceled) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    DnsResponder dns(names());
+    dns.set_silent(true);
+    Resolver resolver(loop, asking(dns, 150ms, 1));
+    Outcome cancelled, other;
+    auto query = resolver.resolve("one.test", "80", cancelled.callback());
+    resolver.resolve("two.test", "80", other.callback());
+    ASSERT_TRUE(run_until(loop, [&] { return dns.questions() >= 2; }));
+    EXPECT_TRUE(query->pending());
+    query->cancel();
+    EXPECT_EQ(cancelled.calls, 0) << "never inside cancel()";
+    query->cancel();  // twice is once
+    ASSERT_TRUE(run_until(loop, [&] { return cancelled.calls > 0; }));
+    EXPECT_EQ(cancelled.error, std::errc::operation_canceled);
+    EXPECT_FALSE(query->pending());
+    // The other one goes on to its timeout; the cancelled one is not heard of again.
+    ASSERT_TRUE(run_until(loop, [&] { return other.calls > 0; }));
+    EXPECT_EQ(other.error, ResolveErrc::timeout);
+    pump_for(loop, 300ms);
+    EXPECT_EQ(cancelled.calls, 1);
+    EXPECT_EQ(resolver.pending(), 0u);
+    query->cancel();  // after the callback: a no-op
+    pump_for(loop, 20ms);
+    EXPECT_EQ(cancelled.calls, 1);
+}
+
+TEST(Resolver, CancelDropsAnAnswerNotYetDelivered) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Resolver resolver(loop);
+    Outcome r;
+    auto query = resolver.resolve("127.0.0.1", "80", r.callback());  // known at once
+    query->cancel();
+    ASSERT_TRUE(run_until(loop, [&] { return r.calls > 0; }));
+    pump_for(loop, 20ms);
+    EXPECT_EQ(r.calls, 1);
+    EXPECT_EQ(r.error, std::errc::operation_canceled);
+    EXPECT_TRUE(r.addresses.empty());
+}
+
+TEST(Resolver, DestroyedWhilePendingCancelsEveryLookupInOrder) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    DnsResponder dns(names());
+    dns.set_silent(true);
+    std::vector<std::string> order;
+    auto resolver = std::make_unique<Resolver>(loop, asking(dns, 2000ms, 3));
+    const std::size_t watched_before = loop.selector().size();
+    auto lookup = [&](const char* name) {
+        resolver->resolve(name, "1", [&order, name](std::error_code e, std::vector<Address> a) {
+            order.push_back(std::string(name) + " " + e.message() + " " + std::to_string(a.size()));
+        });
+    };
+    for (const char* name : {"one.test", "two.test", "both.test"}) lookup(name);
+    ASSERT_TRUE(run_until(loop, [&] { return dns.questions() >= 6; }));
+    EXPECT_GT(loop.selector().size(), watched_before) << "c-ares's socket is watched";
+    lookup("127.0.0.1");  // answered, the answer not delivered yet
+    resolver.reset();     // every callback runs in here
+    const std::string canceled = std::make_error_code(std::errc::operation_canceled).message();
+    EXPECT_EQ(order, (std::vector<std::string>{
+                         "one.test " + canceled + " 0", "two.test " + canceled + " 0",
+                         "both.test " + canceled + " 0", "127.0.0.1 " + canceled + " 0"}));
+    EXPECT_EQ(loop.selector().size(), watched_before);
+    pump_for(loop, 100ms);
+    EXPECT_EQ(order.size(), 4u) << "nothing after the destruction";
+}
+
+TEST(Resolver, DestroyedFromItsOwnCallback) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    std::map<std::string, DnsRecords> table = names();
+    table["slow.test"] = {{"127.0.0.1"}, {}, true};  // never answered
+    DnsResponder dns(table);
+    auto resolver = std::make_unique<Resolver>(loop, asking(dns));
+    Outcome other;
+    int first_calls = 0;
+    resolver->resolve("one.test", "1", [&](std::error_code e, std::vector<Address>) {
+        ++first_calls;
+        EXPECT_FALSE(e) << e.message();
+        resolver.reset();  // the other lookup is cancelled in here
+        EXPECT_EQ(other.calls, 1);
+    });
+    resolver->resolve("slow.test", "1", other.callback());
+    ASSERT_TRUE(run_until(loop, [&] { return first_calls > 0; }));
+    pump_for(loop, 50ms);
+    EXPECT_EQ(first_calls, 1);
+    EXPECT_EQ(other.calls, 1);
+    EXPECT_EQ(other.error, std::errc::operation_canceled);
+}
+
+TEST(Resolver, ACallbackThatThrowsGoesToTheLoopsHandler) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    DnsResponder dns(names());
+    Resolver resolver(loop, asking(dns));
+    std::vector<std::string> caught;
+    loop.set_exception_handler([&](std::exception_ptr e) {
+        try {
+            std::rethrow_exception(e);
+        } catch (const std::exception& x) {
+            caught.push_back(x.what());
+        }
+    });
+    Outcome after;
+    resolver.resolve("one.test", "1", [](std::error_code, std::vector<Address>) {
+        throw std::runtime_error("boom");
+    });
+    resolver.resolve("two.test", "1", after.callback());
+    ASSERT_TRUE(run_until(loop, [&] { return resolver.pending() == 0; }));
+    EXPECT_EQ(caught, std::vector<std::string>{"boom"});
+    EXPECT_EQ(after.texts().size(), 2u);
+}
+
+TEST(Resolver, ManyLookupsAtOnce) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    constexpr int n = 200;
+    std::map<std::string, DnsRecords> table;
+    std::vector<std::pair<std::string, std::string>> asks;
+    for (int i = 0; i < n; ++i) {
+        table["host" + std::to_string(i) + ".test"] = {{"127.0.1." + std::to_string(i + 1)}, {}};
+        asks.emplace_back("host" + std::to_string(i) + ".test", std::to_string(1000 + i));
+    }
+    DnsResponder dns(table);
+    auto r = lookups(loop, of_family(asking(dns, 2000ms, 3), AF_INET), asks);
+    for (int i = 0; i < n; ++i) {
+        ASSERT_FALSE(r[i].error) << i << ": " << r[i].error.message();
+        EXPECT_EQ(r[i].texts(), std::vector<std::string>{"127.0.1." + std::to_string(i + 1) + ":" +
+                                                         std::to_string(1000 + i)});
+    }
+    EXPECT_EQ(dns.questions(), static_cast<std::size_t>(n));
+}
+
+TEST(Resolver, LocalhostComesFromEtcHosts) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    // The server has another answer: /etc/hosts comes first, the server is not asked.
+    DnsResponder dns({{"localhost", {{"127.0.0.77"}, {"::1"}}}});
+    Resolver resolver(loop, of_family(asking(dns), AF_INET));
+    Outcome r;
+    resolver.resolve("localhost", "80", r.callback());
+    EXPECT_EQ(r.calls, 0) << "never inside resolve()";
+    ASSERT_TRUE(run_until(loop, [&] { return r.calls > 0; }));
+    EXPECT_FALSE(r.error) << r.error.message();
+    EXPECT_EQ(r.texts(), std::vector<std::string>{"127.0.0.1:80"});
+    EXPECT_EQ(dns.questions(), 0u);
+}
+
+TEST(Resolver, BadArgumentsAreClearErrors) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    ResolverOptions bad;
+    bad.servers = "not a server";
+    EXPECT_THROW(Resolver(loop, bad), std::invalid_argument);
+    bad = {};
+    bad.family = 12345;
+    EXPECT_THROW(Resolver(loop, bad), std::invalid_argument);
+    bad = {};
+    bad.tries = 0;
+    EXPECT_THROW(Resolver(loop, bad), std::invalid_argument);
+    Resolver resolver(loop);
+    EXPECT_THROW(resolver.resolve("", "80", {}), std::invalid_argument);
+    EXPECT_THROW(resolver.resolve("localhost", "65536", {}), std::invalid_argument);
+    EXPECT_EQ(resolver.pending(), 0u);
+    EXPECT_EQ(split_host_port("localhost:80"),
+              std::make_pair(std::string("localhost"), std::string("80")));
+    EXPECT_EQ(split_host_port("[::1]:http"),
+              std::make_pair(std::string("[::1]"), std::string("http")));
+    EXPECT_THROW(split_host_port("localhost"), std::invalid_argument);
+    EXPECT_THROW(split_host_port("::1:80"), std::invalid_argument);
+    EXPECT_THROW(split_host_port(":80"), std::invalid_argument);
+    EXPECT_THROW(split_host_port("localhost:"), std::invalid_argument);
+    EXPECT_EQ(resolver_unavailable_reason(), "");
+}
+
+TEST(Resolver, TheLoopsDestructionCancelsPendingLookups) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    DnsResponder dns(names());
+    dns.set_silent(true);
+    auto loop = std::make_unique<EventLoop>(std::move(sel));
+    auto resolver = std::make_unique<Resolver>(*loop, asking(dns, 2000ms, 3));
+    Outcome r;
+    resolver->resolve("one.test", "1", r.callback());
+    ASSERT_TRUE(run_until(*loop, [&] { return dns.questions() > 0; }));
+    loop.reset();
+    EXPECT_EQ(r.calls, 1);
+    EXPECT_EQ(r.error, std::errc::operation_canceled);
+    EXPECT_THROW(resolver->resolve("two.test", "1", {}), std::logic_error);
+    resolver.reset();  // after its loop: touches nothing of it
+    EXPECT_EQ(r.calls, 1);
+}
+
+}  // namespace
+}  // namespace evmux
