@@ -90,10 +90,21 @@ std::size_t LoopGroup::post(EventLoop::Task fn) {
 }
 
 TcpServer& LoopGroup::listen(const Address& address, Callbacks callbacks, ServerOptions options) {
+    return listen_on({address}, {}, std::move(callbacks), std::move(options));
+}
+
+TcpServer& LoopGroup::listen(std::string_view address, Callbacks callbacks, ServerOptions options) {
+    // Before listen_on() takes the lock: a lookup blocks.
+    const std::vector<Address> candidates = resolve_address_now(address, options.resolver);
+    return listen_on(candidates, address, std::move(callbacks), std::move(options));
+}
+
+TcpServer& LoopGroup::listen_on(const std::vector<Address>& candidates, std::string_view text,
+                                Callbacks callbacks, ServerOptions options) {
     std::lock_guard lock(mutex_);
     if (stopping_.load()) throw std::logic_error("LoopGroup::listen after stop()");
     std::unique_ptr<TcpServer> server(
-        new TcpServer(TcpServer::GroupTag{}, *this, address, std::move(callbacks), options));
+        new TcpServer(nullptr, this, candidates, text, std::move(callbacks), std::move(options)));
     TcpServer* ref = server.get();
     servers_.push_back(std::move(server));
     // Posted under the lock, so every loop runs its start task before the

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "evmux/loop_group.hpp"
+#include "evmux/resolver.hpp"
 #include "listener.hpp"
 
 namespace evmux {
@@ -192,23 +193,59 @@ struct TcpServer::Shard {
 
 TcpServer::TcpServer(EventLoop& loop, const Address& address, Callbacks callbacks,
                      ServerOptions options)
-    : cb_(std::move(callbacks)), opt_(options), distribution_(Distribution::reuse_port) {
-    if (address.family() == 0) throw std::invalid_argument("TcpServer: address has no family");
-    shards_.push_back(std::make_unique<Shard>(*this, loop, 0));
-    bind_listeners(address, opt_.reuse_port);
-    shards_[0]->start();
+    : TcpServer(&loop, nullptr, {address}, {}, std::move(callbacks), std::move(options)) {}
+
+TcpServer::TcpServer(EventLoop& loop, std::string_view address, Callbacks callbacks,
+                     ServerOptions options)
+    // `options` copied, not moved: the lookup reads it, and arguments are
+    // evaluated in no particular order.
+    : TcpServer(&loop, nullptr, resolve_address_now(address, options.resolver), address,
+                std::move(callbacks), options) {}
+
+TcpServer::TcpServer(EventLoop* loop, LoopGroup* group, const std::vector<Address>& candidates,
+                     std::string_view text, Callbacks callbacks, ServerOptions options)
+    : cb_(std::move(callbacks)),
+      opt_(std::move(options)),
+      distribution_(Distribution::reuse_port),
+      on_group_(group != nullptr) {
+    for (const Address& a : candidates)
+        if (a.family() == 0)
+            throw std::invalid_argument(group ? "listen: address has no family"
+                                              : "TcpServer: address has no family");
+    if (group)
+        for (std::size_t i = 0; i < group->size(); ++i)
+            shards_.push_back(std::make_unique<Shard>(*this, group->loop(i), i));
+    else
+        shards_.push_back(std::make_unique<Shard>(*this, *loop, 0));
+    bind_first(candidates, text);
+    if (!group) shards_[0]->start();
 }
 
-TcpServer::TcpServer(GroupTag, LoopGroup& group, const Address& address, Callbacks callbacks,
-                     ServerOptions options)
-    : cb_(std::move(callbacks)),
-      opt_(options),
-      distribution_(address.is_unix() ? Distribution::round_robin : options.distribution),
-      on_group_(true) {
-    if (address.family() == 0) throw std::invalid_argument("listen: address has no family");
-    for (std::size_t i = 0; i < group.size(); ++i)
-        shards_.push_back(std::make_unique<Shard>(*this, group.loop(i), i));
-    bind_listeners(address, distribution_ == Distribution::reuse_port);
+// The first candidate that binds. One candidate's error is thrown as it is;
+// for several, each one's: "bind localhost:80: tried [::1]:80 (Address
+// already in use), 127.0.0.1:80: Address already in use".
+void TcpServer::bind_first(const std::vector<Address>& candidates, std::string_view text) {
+    std::string tried;
+    for (std::size_t i = 0; i < candidates.size(); ++i) {
+        const Address& address = candidates[i];
+        // Over a LoopGroup a Unix socket is always round_robin (one
+        // acceptor); on one loop the distribution is moot.
+        if (on_group_)
+            distribution_ = address.is_unix() ? Distribution::round_robin : opt_.distribution;
+        try {
+            bind_listeners(address,
+                           on_group_ ? distribution_ == Distribution::reuse_port : opt_.reuse_port);
+            return;
+        } catch (const std::system_error& e) {
+            for (auto& shard : shards_) shard->acceptor.reset();
+            if (candidates.size() == 1) throw;
+            if (!tried.empty()) tried += ", ";
+            tried += address.to_string();
+            if (i + 1 == candidates.size())  // system_error appends the last one's error
+                throw std::system_error(e.code(), "bind " + std::string(text) + ": tried " + tried);
+            tried += " (" + e.code().message() + ")";
+        }
+    }
 }
 
 // The first listener alone: with port 0 it picks the port, which the other
@@ -322,97 +359,172 @@ void TcpServer::close_rest(std::size_t index) {
 
 // ---- connect ----------------------------------------------------------------------
 
-Connector::Connector(Private, EventLoop& loop, Address address, Callbacks callbacks,
+Connector::Connector(Private, EventLoop& loop, std::string target, Callbacks callbacks,
                      ConnectOptions options)
-    : loop_(loop), address_(std::move(address)), cb_(std::move(callbacks)), opt_(options) {}
+    : loop_(loop), target_(std::move(target)), cb_(std::move(callbacks)), opt_(options) {}
 
 Connector::~Connector() {
     // Only reached while connecting if the loop went away first.
-    if (fd_ >= 0) {
-        if (watching_) loop_.unwatch(fd_);
-        ::close(fd_);
-    }
+    close_socket();
 }
 
 std::shared_ptr<Connector> connect(EventLoop& loop, const Address& address, Callbacks callbacks,
                                    ConnectOptions options) {
     if (address.family() == 0) throw std::invalid_argument("connect: address has no family");
-    auto c = std::make_shared<Connector>(Connector::Private{}, loop, address, std::move(callbacks),
-                                         options);
-    c->start();
+    auto c = std::make_shared<Connector>(Connector::Private{}, loop, address.to_string(),
+                                         std::move(callbacks), options);
+    c->start({address});
     return c;
 }
 
-void Connector::start() {
+std::shared_ptr<Connector> connect(EventLoop& loop, std::string_view address, Callbacks callbacks,
+                                   ConnectOptions options) {
+    std::optional<Address> numeric;
+    if (address.starts_with("unix:")) numeric = Address::parse(address);  // throws if bad
+    try {
+        if (!numeric) numeric = Address::parse(address);
+    } catch (const std::invalid_argument&) {
+    }
+    if (numeric) return connect(loop, *numeric, std::move(callbacks), options);
+    auto [host, service] = split_host_port(address);
+    if (options.resolver != nullptr && &options.resolver->loop() != &loop)
+        throw std::invalid_argument("connect: options.resolver runs on another loop");
+    auto c = std::make_shared<Connector>(Connector::Private{}, loop, std::string(address),
+                                         std::move(callbacks), options);
+    c->start_lookup(host, service);
+    return c;
+}
+
+void Connector::start(std::vector<Address> candidates) {
     self_ = shared_from_this();
-    fd_ = ::socket(address_.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd_ < 0) {
-        fail(errno, true);
-        return;
-    }
-    int r = ::connect(fd_, static_cast<const sockaddr*>(address_.sockaddr_ptr()),
-                      address_.sockaddr_len());
-    if (r < 0 && errno != EINPROGRESS) {
-        // Includes EAGAIN: a Unix listener's backlog is full.
-        fail(errno, true);
-        return;
-    }
-    // Connected or in progress: either way completion is reported as
-    // writability (at once if already connected), so callbacks never run
-    // inside connect().
-    loop_.watch(fd_, Events::write, [this](Events) { on_writable(); });
-    watching_ = true;
+    active_ = true;
+    candidates_ = std::move(candidates);
     if (opt_.timeout.count() > 0) {
         timer_ = loop_.call_after(opt_.timeout, [this] {
             timer_ = 0;
-            fail(ETIMEDOUT, false);
+            if (by_name_ && !query_) {  // connecting to one of the name's addresses
+                attempt_failed(ETIMEDOUT);
+                fail(last_error_, "connect " + target_ + ": " + tried_, false);
+                return;
+            }
+            const std::error_code timed_out(ETIMEDOUT, std::generic_category());
+            fail(timed_out, "connect " + target_ + ": " + timed_out.message(), false);
         });
     }
+    if (!candidates_.empty()) try_next(true);
+}
+
+// Asks the resolver (which never calls back inside resolve()), then arms the
+// timer; candidates come with the answer.
+void Connector::start_lookup(const std::string& host, const std::string& service) {
+    by_name_ = true;
+    Resolver* resolver = opt_.resolver;
+    if (resolver == nullptr) {
+        own_resolver_ = std::make_unique<Resolver>(loop_);
+        resolver = own_resolver_.get();
+    }
+    // Weak: a cancelled attempt may be gone when the (cancelled) lookup reports.
+    query_ = resolver->resolve(
+        host, service,
+        [weak = weak_from_this(), host](std::error_code error, std::vector<Address> addresses) {
+            if (auto self = weak.lock()) self->on_resolved(host, error, std::move(addresses));
+        });
+    start({});
+}
+
+void Connector::on_resolved(const std::string& host, std::error_code error,
+                            std::vector<Address> addresses) {
+    if (!active_ || !query_) return;  // cancelled or timed out meanwhile
+    query_.reset();
+    if (error) {
+        fail(error, "connect " + target_ + ": " + resolve_message(host, error), false);
+        return;
+    }
+    candidates_ = std::move(addresses);
+    try_next(false);
+}
+
+// Starts connecting to the next candidate that gets as far as EINPROGRESS;
+// when none is left, fails with the last one's error (and, for a name, every
+// one tried). `defer`: inside connect() itself, so on_error is posted.
+void Connector::try_next(bool defer) {
+    while (next_ < candidates_.size()) {
+        address_ = candidates_[next_++];
+        fd_ = ::socket(address_.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        if (fd_ >= 0 && (::connect(fd_, static_cast<const sockaddr*>(address_.sockaddr_ptr()),
+                                   address_.sockaddr_len()) == 0 ||
+                         errno == EINPROGRESS)) {
+            // Connected or in progress: either way completion is reported as
+            // writability (at once if already connected), so callbacks never
+            // run inside connect().
+            loop_.watch(fd_, Events::write, [this](Events) { on_writable(); });
+            watching_ = true;
+            return;
+        }
+        attempt_failed(errno);  // includes EAGAIN: a Unix listener's backlog is full
+    }
+    fail(last_error_, "connect " + target_ + ": " + (by_name_ ? tried_ : last_error_.message()),
+         defer);
+}
+
+// The address being tried failed with `err`: noted among those tried.
+void Connector::attempt_failed(int err) {
+    close_socket();
+    last_error_ = std::error_code(err, std::generic_category());
+    if (!tried_.empty()) tried_ += "; ";
+    tried_ += address_.to_string() + ": " + last_error_.message();
 }
 
 void Connector::on_writable() {
     int err = 0;
     socklen_t len = sizeof err;
     if (::getsockopt(fd_, SOL_SOCKET, SO_ERROR, &err, &len) < 0) err = errno;
-    if (err != 0) {
-        fail(err, false);
+    if (err == 0) {
+        finish();
         return;
     }
-    finish();
+    attempt_failed(err);
+    try_next(false);
 }
 
 void Connector::cancel() {
-    if (fd_ < 0) return;
-    fail(ECANCELED, true);
+    if (!active_) return;
+    const std::error_code ec(ECANCELED, std::generic_category());
+    fail(ec, "connect " + target_ + ": " + ec.message(), true);
 }
 
-void Connector::fail(int err, bool defer) {
-    if (timer_ != 0) loop_.cancel(timer_);
-    timer_ = 0;
+void Connector::close_socket() {
     if (watching_) loop_.unwatch(fd_);
     watching_ = false;
     if (fd_ >= 0) ::close(fd_);
     fd_ = -1;
-    std::error_code ec(err, std::generic_category());
-    std::string message = "connect " + address_.to_string() + ": " + ec.message();
+}
+
+void Connector::fail(std::error_code error, const std::string& message, bool defer) {
+    active_ = false;
+    if (timer_ != 0) loop_.cancel(timer_);
+    timer_ = 0;
+    close_socket();
+    if (auto query = std::exchange(query_, nullptr)) query->cancel();
     auto on_error = std::move(cb_.on_error);
     cb_ = Callbacks{};
     auto self = std::move(self_);  // released when this call (or the task) ends
     if (!on_error) return;
     if (defer) {
-        loop_.post([self, on_error = std::move(on_error), ec, message] { on_error(ec, message); });
+        loop_.post(
+            [self, on_error = std::move(on_error), error, message] { on_error(error, message); });
     } else {
-        on_error(ec, message);
+        on_error(error, message);
     }
 }
 
 void Connector::finish() {
+    active_ = false;
     if (timer_ != 0) loop_.cancel(timer_);
     timer_ = 0;
     loop_.unwatch(fd_);
     watching_ = false;
-    int fd = fd_;
-    fd_ = -1;
+    int fd = std::exchange(fd_, -1);
     auto self = std::move(self_);
     auto on_error = cb_.on_error;
     try {

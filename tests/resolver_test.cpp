@@ -1,7 +1,7 @@
-// Resolver (c-ares on the loop), run once per backend (EVMUX_BACKEND). The
-// names come from a DNS responder on 127.0.0.1 built on evmux's UDP endpoint
-// (dns_responder.hpp), which c-ares is pointed at, and from /etc/hosts
-// ("localhost").
+// Resolver (c-ares on the loop), connect() and servers by name, run once per
+// backend (EVMUX_BACKEND). The names come from a DNS responder on 127.0.0.1
+// built on evmux's UDP endpoint (dns_responder.hpp), which c-ares is pointed
+// at, and from /etc/hosts ("localhost").
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -20,8 +20,11 @@
 
 #include "dns_responder.hpp"
 #include "evmux/address.hpp"
+#include "evmux/connection.hpp"
 #include "evmux/event_loop.hpp"
+#include "evmux/loop_group.hpp"
 #include "evmux/resolver.hpp"
+#include "evmux/server.hpp"
 #include "test_support.hpp"
 
 namespace evmux {
@@ -32,6 +35,7 @@ using test::ConnectResult;
 using test::DnsRecords;
 using test::DnsResponder;
 using test::echo_callbacks;
+using test::Fd;
 using test::pump_for;
 using test::run_until;
 
@@ -381,6 +385,211 @@ TEST(Resolver, TheLoopsDestructionCancelsPendingLookups) {
     EXPECT_THROW(resolver->resolve("two.test", "1", {}), std::logic_error);
     resolver.reset();  // after its loop: touches nothing of it
     EXPECT_EQ(r.calls, 1);
+}
+
+// ---- connect() and servers by name -------------------------------------------------------
+
+/// A TCP socket bound to `host`:`port`, not listening: connects to it are refused.
+Fd bound_not_listening(const char* host, std::uint16_t port) {
+    Address a = Address::ip(host, port);
+    Fd fd(::socket(a.family(), SOCK_STREAM | SOCK_CLOEXEC, 0));
+    if (!fd ||
+        ::bind(fd.get(), static_cast<const sockaddr*>(a.sockaddr_ptr()), a.sockaddr_len()) != 0)
+        throw std::system_error(errno, std::generic_category(), "bind " + a.to_string());
+    return fd;
+}
+
+TEST(ConnectByName, TriesEachAddressInOrderUntilOneConnects) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    TcpServer server(loop, Address::parse("127.0.0.1:0"), echo_callbacks());
+    const std::uint16_t port = server.local_address().port();
+    Fd refuses = bound_not_listening("127.0.0.2", port);
+    DnsResponder dns({{"multi.test", {{"127.0.0.2", "127.0.0.1"}, {}}}});
+    ResolverOptions o = asking(dns);
+    o.family = AF_INET;
+    Resolver resolver(loop, o);
+    ConnectOptions co;
+    co.resolver = &resolver;
+    co.timeout = 5s;
+    ConnectResult r;
+    auto handle = connect(loop, "multi.test:" + std::to_string(port), r.callbacks("hello"), co);
+    EXPECT_EQ(handle->target(), "multi.test:" + std::to_string(port));
+    EXPECT_TRUE(handle->connecting());
+    ASSERT_TRUE(run_until(loop, [&] { return r.echoed == "hello" || r.errors > 0; }));
+    EXPECT_EQ(r.errors, 0) << r.message;
+    EXPECT_EQ(r.peer, Address::ip("127.0.0.1", port));
+    EXPECT_FALSE(handle->connecting());
+    EXPECT_EQ(handle->address(), Address::ip("127.0.0.1", port));
+    r.conn->close();
+    pump_for(loop, 20ms);
+}
+
+TEST(ConnectByName, NoAddressConnectsReportsEachOneTried) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Fd a = bound_not_listening("127.0.0.2", 0);
+    const std::uint16_t port = Address::local_of(a.get()).port();
+    Fd b = bound_not_listening("127.0.0.3", port);
+    DnsResponder dns({{"dead.test", {{"127.0.0.2", "127.0.0.3"}, {}}}});
+    ResolverOptions o = asking(dns);
+    o.family = AF_INET;
+    Resolver resolver(loop, o);
+    ConnectOptions co;
+    co.resolver = &resolver;
+    ConnectResult r;
+    const std::string p = std::to_string(port);
+    connect(loop, "dead.test:" + p, r.callbacks(), co);
+    ASSERT_TRUE(run_until(loop, [&] { return r.errors > 0 || r.connects > 0; }));
+    pump_for(loop, 20ms);
+    EXPECT_EQ(r.connects, 0);
+    EXPECT_EQ(r.errors, 1);
+    EXPECT_EQ(r.ec, std::errc::connection_refused);
+    EXPECT_EQ(r.message, "connect dead.test:" + p + ": 127.0.0.2:" + p +
+                             ": Connection refused; 127.0.0.3:" + p + ": Connection refused");
+}
+
+TEST(ConnectByName, UnknownNameIsAClearError) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    DnsResponder dns(names());
+    Resolver resolver(loop, asking(dns));
+    ConnectOptions co;
+    co.resolver = &resolver;
+    ConnectResult r;
+    connect(loop, "nosuch.invalid:80", r.callbacks(), co);
+    ASSERT_TRUE(run_until(loop, [&] { return r.errors > 0 || r.connects > 0; }));
+    pump_for(loop, 20ms);
+    EXPECT_EQ(r.errors, 1);
+    EXPECT_EQ(r.ec, ResolveErrc::not_found);
+    EXPECT_EQ(r.message,
+              "connect nosuch.invalid:80: cannot resolve 'nosuch.invalid': Domain name not found");
+}
+
+TEST(ConnectByName, CancelWhileResolving) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    DnsResponder dns(names());
+    dns.set_silent(true);
+    Resolver resolver(loop, asking(dns, 2000ms, 3));
+    ConnectOptions co;
+    co.resolver = &resolver;
+    ConnectResult r;
+    auto handle = connect(loop, "one.test:80", r.callbacks(), co);
+    ASSERT_TRUE(run_until(loop, [&] { return dns.questions() > 0; }));
+    handle->cancel();
+    EXPECT_EQ(r.errors, 0) << "never inside cancel()";
+    ASSERT_TRUE(run_until(loop, [&] { return r.errors > 0; }));
+    pump_for(loop, 50ms);
+    EXPECT_EQ(r.errors, 1);
+    EXPECT_EQ(r.ec, std::errc::operation_canceled);
+    EXPECT_EQ(r.message, "connect one.test:80: Operation canceled");
+    EXPECT_EQ(resolver.pending(), 0u) << "the lookup was cancelled too";
+}
+
+TEST(ConnectByName, TheTimeoutCoversTheLookup) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    DnsResponder dns(names());
+    dns.set_silent(true);
+    Resolver resolver(loop, asking(dns, 2000ms, 3));
+    ConnectOptions co;
+    co.resolver = &resolver;
+    co.timeout = 150ms;
+    ConnectResult r;
+    const auto start = std::chrono::steady_clock::now();
+    connect(loop, "one.test:80", r.callbacks(), co);
+    ASSERT_TRUE(run_until(loop, [&] { return r.errors > 0; }));
+    EXPECT_GE(std::chrono::steady_clock::now() - start, 150ms);
+    EXPECT_EQ(r.ec, std::errc::timed_out);
+    EXPECT_EQ(r.message, "connect one.test:80: Connection timed out");
+}
+
+TEST(ConnectByName, LocalhostWithAResolverOfItsOwn) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    TcpServer server(loop, Address::parse("127.0.0.1:0"), echo_callbacks());
+    ConnectResult r;
+    const std::string where = "localhost:" + std::to_string(server.local_address().port());
+    connect(loop, where, r.callbacks("hi"));
+    ASSERT_TRUE(run_until(loop, [&] { return r.echoed == "hi" || r.errors > 0; }));
+    EXPECT_EQ(r.errors, 0) << r.message;
+    EXPECT_EQ(r.peer, server.local_address());
+    r.conn->close();
+    pump_for(loop, 20ms);
+    // Numeric text needs no resolver at all.
+    ConnectResult n;
+    connect(loop, server.local_address().to_string(), n.callbacks("ok"));
+    ASSERT_TRUE(run_until(loop, [&] { return n.echoed == "ok" || n.errors > 0; }));
+    EXPECT_EQ(n.errors, 0) << n.message;
+    n.conn->close();
+    pump_for(loop, 20ms);
+    EXPECT_THROW(connect(loop, "localhost", r.callbacks()), std::invalid_argument);
+}
+
+TEST(ServerByName, ListensOnLocalhost) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    TcpServer server(loop, "localhost:0", echo_callbacks());
+    EXPECT_EQ(server.local_address().to_string().rfind("127.0.0.1:", 0), 0u)
+        << server.local_address().to_string();
+    EXPECT_NE(server.local_address().port(), 0);
+    ConnectResult r;
+    connect(loop, "localhost:" + std::to_string(server.local_address().port()),
+            r.callbacks("name"));
+    ASSERT_TRUE(run_until(loop, [&] { return r.echoed == "name" || r.errors > 0; }));
+    EXPECT_EQ(r.errors, 0) << r.message;
+    r.conn->close();
+    pump_for(loop, 20ms);
+}
+
+TEST(ServerByName, BindsTheFirstAddressThatBinds) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    TcpServer taken(loop, Address::parse("127.0.0.1:0"), {});
+    const std::uint16_t port = taken.local_address().port();
+    const std::string p = std::to_string(port);
+    DnsResponder dns(
+        {{"busy.test", {{"127.0.0.1", "127.0.0.2"}, {}}}, {"full.test", {{"127.0.0.1"}, {}}}});
+    ServerOptions so;
+    so.resolver = asking(dns);
+    so.resolver.family = AF_INET;
+    TcpServer server(loop, "busy.test:" + p, echo_callbacks(), so);
+    EXPECT_EQ(server.local_address(), Address::ip("127.0.0.2", port));
+    // Both taken now: each one's error.
+    try {
+        dns.set("full.test", {{"127.0.0.1", "127.0.0.2"}, {}});
+        TcpServer(loop, "full.test:" + p, {}, so);
+        ADD_FAILURE() << "bound a taken address";
+    } catch (const std::system_error& e) {
+        EXPECT_EQ(e.code(), std::errc::address_in_use);
+        EXPECT_STREQ(e.what(),
+                     ("bind full.test:" + p + ": tried 127.0.0.1:" + p +
+                      " (Address already in use), 127.0.0.2:" + p + ": Address already in use")
+                         .c_str());
+    }
+}
+
+TEST(ServerByName, UnknownNameThrowsAClearError) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    DnsResponder dns(names());
+    ServerOptions so;
+    so.resolver = asking(dns);
+    try {
+        TcpServer(loop, "nosuch.invalid:0", {}, so);
+        ADD_FAILURE() << "no throw";
+    } catch (const std::system_error& e) {
+        EXPECT_EQ(e.code(), ResolveErrc::not_found);
+        EXPECT_STREQ(e.what(), "evmux: cannot resolve 'nosuch.invalid': Domain name not found");
+    }
+    EXPECT_THROW(TcpServer(loop, "localhost", {}), std::invalid_argument);
+}
+
+TEST(ServerByName, LoopGroupListensOnAName) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    sel.reset();
+    LoopGroup group(2);
+    TcpServer& server = group.listen("localhost:0", echo_callbacks());
+    EXPECT_EQ(server.local_address().family(), AF_INET);
+    EventLoop loop;
+    ConnectResult r;
+    connect(loop, server.local_address(), r.callbacks("grp"));
+    ASSERT_TRUE(run_until(loop, [&] { return r.echoed == "grp" || r.errors > 0; }));
+    EXPECT_EQ(r.errors, 0) << r.message;
+    r.conn->close();
+    pump_for(loop, 20ms);
 }
 
 }  // namespace

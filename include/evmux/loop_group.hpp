@@ -13,6 +13,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -71,6 +72,11 @@ class LoopGroup {
     /// has begun. The server is owned by the group and lives until the group
     /// is destroyed.
     TcpServer& listen(const Address& address, Callbacks callbacks, ServerOptions options = {});
+    /// listen() on "host:port" text, as TcpServer's constructor takes it: a
+    /// name is resolved here, blocking the calling thread (with
+    /// options.resolver), and the first of its addresses that binds is
+    /// listened on. Throws as that constructor does.
+    TcpServer& listen(std::string_view address, Callbacks callbacks, ServerOptions options = {});
 
     /// Stop every loop and join its thread. Each loop first stops accepting
     /// and closes its connections gracefully (CloseMode::graceful: a queued
@@ -85,6 +91,8 @@ class LoopGroup {
     bool stopping() const { return stopping_.load(); }
 
   private:
+    TcpServer& listen_on(const std::vector<Address>& candidates, std::string_view text,
+                         Callbacks callbacks, ServerOptions options);
     void run_loop(std::size_t index);
     void begin_stop(std::size_t index);
     void check_drained(std::size_t index);

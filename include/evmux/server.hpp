@@ -1,6 +1,7 @@
 // evmux servers and clients: TcpServer (listen/accept over IPv4, IPv6 or a
 // Unix path, on one loop or spread over the loops of a LoopGroup) and
-// connect() (non-blocking connect with a timeout).
+// connect() (non-blocking connect with a timeout); both take an Address or
+// "host:port" text, whose name a Resolver looks up.
 //
 // This header includes only evmux's public headers and the standard library.
 #pragma once
@@ -11,11 +12,13 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "evmux/address.hpp"
 #include "evmux/connection.hpp"
 #include "evmux/event_loop.hpp"
+#include "evmux/resolver.hpp"
 
 namespace evmux {
 
@@ -76,6 +79,9 @@ struct ServerOptions {
     std::chrono::milliseconds accept_pause{100};
     /// Limits for each accepted connection.
     ConnectionOptions connection;
+    /// A server given "host:port" text: how its name is looked up (once, in
+    /// the constructor; see TcpServer).
+    ResolverOptions resolver;
 };
 
 /// Counters of one server, over all its loops. Each is read atomically from
@@ -118,6 +124,18 @@ class TcpServer {
     /// std::invalid_argument for an address without a family.
     TcpServer(EventLoop& loop, const Address& address, Callbacks callbacks,
               ServerOptions options = {});
+    /// The same on "host:port" text: an address Address::parse() reads
+    /// ("127.0.0.1:0", "[::1]:80", "unix:/run/app.sock"), or a name
+    /// ("localhost:0", "example.org:http"), which is resolved here, blocking
+    /// (resolve_now() with options.resolver; /etc/hosts first), and the first
+    /// of its addresses that binds is the one listened on (see
+    /// local_address()). Throws std::invalid_argument for text that is not
+    /// HOST:PORT, std::system_error for a name that does not resolve ("evmux:
+    /// cannot resolve 'nosuch.invalid': Domain name not found") or when no
+    /// address binds ("bind localhost:80: tried [::1]:80 (Address already in
+    /// use), 127.0.0.1:80: Address already in use").
+    TcpServer(EventLoop& loop, std::string_view address, Callbacks callbacks,
+              ServerOptions options = {});
     ~TcpServer();
     TcpServer(const TcpServer&) = delete;
     TcpServer& operator=(const TcpServer&) = delete;
@@ -147,11 +165,12 @@ class TcpServer {
   private:
     friend class LoopGroup;
     struct Shard;
-    struct GroupTag {};
-    // Over the loops of `group` (LoopGroup::listen()); accepting starts when
-    // the group runs start_shard() on each loop.
-    TcpServer(GroupTag, LoopGroup& group, const Address& address, Callbacks callbacks,
-              ServerOptions options);
+    // On `loop`, or over the loops of `group` (LoopGroup::listen(); accepting
+    // starts when the group runs start_shard() on each loop): listens on the
+    // first of `candidates` that binds; `text` is what the user wrote.
+    TcpServer(EventLoop* loop, LoopGroup* group, const std::vector<Address>& candidates,
+              std::string_view text, Callbacks callbacks, ServerOptions options);
+    void bind_first(const std::vector<Address>& candidates, std::string_view text);
     void bind_listeners(const Address& address, bool reuse_port);
     bool reserve_slot();
     void release_slot();
@@ -173,10 +192,14 @@ class TcpServer {
 
 /// Options of connect().
 struct ConnectOptions {
-    /// Give up after this long (on_error with ETIMEDOUT); zero = never.
+    /// Give up after this long (on_error with ETIMEDOUT); zero = never. For a
+    /// name it covers the whole attempt: the lookup and every address tried.
     std::chrono::milliseconds timeout{0};
     /// Limits for the connection once established.
     ConnectionOptions connection;
+    /// connect() by name: the Resolver to ask, on the same loop. nullptr: a
+    /// Resolver with default options is made for this connect.
+    Resolver* resolver = nullptr;
 };
 
 /// A connect() in progress. Thread rule: loop thread only.
@@ -185,37 +208,57 @@ class Connector : public std::enable_shared_from_this<Connector> {
 
   public:
     /// Use connect(). (Public only for std::make_shared.)
-    Connector(Private, EventLoop& loop, Address address, Callbacks callbacks,
+    Connector(Private, EventLoop& loop, std::string target, Callbacks callbacks,
               ConnectOptions options);
     ~Connector();
     Connector(const Connector&) = delete;
     Connector& operator=(const Connector&) = delete;
 
-    /// Abandon the attempt: on_error runs (from the loop) with ECANCELED,
-    /// unless the attempt already finished; then a no-op. Closes the socket
-    /// and cancels the timer.
+    /// Abandon the attempt (the lookup or the connect): on_error runs (from
+    /// the loop) with ECANCELED, unless the attempt already finished; then a
+    /// no-op. Closes the socket and cancels the timer.
     void cancel();
     /// True until the attempt has succeeded or failed.
-    bool connecting() const { return fd_ >= 0; }
-    /// Where to.
+    bool connecting() const { return active_; }
+    /// The address being tried (or the last one tried); Address() while a
+    /// name is being looked up.
     const Address& address() const { return address_; }
+    /// What was asked for: the Address as text, or the "host:port" text.
+    const std::string& target() const { return target_; }
 
   private:
     friend std::shared_ptr<Connector> connect(EventLoop&, const Address&, Callbacks,
                                               ConnectOptions);
-    void start();
+    friend std::shared_ptr<Connector> connect(EventLoop&, std::string_view, Callbacks,
+                                              ConnectOptions);
+    void start(std::vector<Address> candidates);
+    void start_lookup(const std::string& host, const std::string& service);
+    void on_resolved(const std::string& host, std::error_code error,
+                     std::vector<Address> addresses);
+    void try_next(bool defer);
+    void attempt_failed(int err);
     void on_writable();
-    void fail(int err, bool defer);
+    void close_socket();
+    void fail(std::error_code error, const std::string& message, bool defer);
     void finish();
 
     EventLoop& loop_;
+    std::string target_;
     Address address_;
+    std::vector<Address> candidates_;  // in the order to try them
+    std::size_t next_ = 0;             // the next candidate
+    std::string tried_;                // "127.0.0.2:80: Connection refused; ..."
+    std::error_code last_error_;       // the last candidate's
+    bool by_name_ = false;
     Callbacks cb_;
     ConnectOptions opt_;
     int fd_ = -1;
+    bool active_ = false;
     bool watching_ = false;
     EventLoop::TimerId timer_ = 0;
-    std::shared_ptr<Connector> self_;  // alive while connecting
+    std::unique_ptr<Resolver> own_resolver_;  // when options.resolver is null
+    std::shared_ptr<ResolveQuery> query_;     // while looking up
+    std::shared_ptr<Connector> self_;         // alive while connecting
 };
 
 /// Connect to `address` without blocking. On success a Connection is made
@@ -226,6 +269,21 @@ class Connector : public std::enable_shared_from_this<Connector> {
 /// need not be kept. Throws std::invalid_argument for an address without a
 /// family. Loop thread only.
 std::shared_ptr<Connector> connect(EventLoop& loop, const Address& address, Callbacks callbacks,
+                                   ConnectOptions options = {});
+
+/// Connect to "host:port" text: an address Address::parse() reads
+/// ("127.0.0.1:80", "[::1]:80", "unix:/run/app.sock"; connected as above),
+/// or a name ("localhost:80", "example.org:http"), looked up without
+/// blocking by options.resolver (or a Resolver made for it; /etc/hosts
+/// first), whose addresses are then tried one after the other, in the
+/// resolver's order, until one connects. on_error runs once if none does,
+/// with the last address's error and every one tried: "connect
+/// localhost:1: 127.0.0.1:1: Connection refused"; if the name does not
+/// resolve, with the resolver's error: "connect nosuch.invalid:80: cannot
+/// resolve 'nosuch.invalid': Domain name not found". options.timeout and
+/// cancel() cover the lookup too. Throws std::invalid_argument for text that
+/// is not HOST:PORT, or a resolver on another loop. Loop thread only.
+std::shared_ptr<Connector> connect(EventLoop& loop, std::string_view address, Callbacks callbacks,
                                    ConnectOptions options = {});
 
 }  // namespace evmux
