@@ -90,7 +90,9 @@ Address Address::parse(std::string_view text) {
     try {
         return ip(host, static_cast<std::uint16_t>(port));
     } catch (const std::invalid_argument&) {
-        bad(text, "not a numeric IPv4 or IPv6 host");
+        bad(text,
+            "not a numeric IPv4 or IPv6 host (names are looked up by evmux::Resolver; "
+            "connect(), TcpServer and LoopGroup::listen() take \"host:port\" text)");
     }
 }
 

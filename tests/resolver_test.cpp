@@ -359,6 +359,13 @@ TEST(Resolver, BadArgumentsAreClearErrors) {
     EXPECT_THROW(resolver.resolve("", "80", {}), std::invalid_argument);
     EXPECT_THROW(resolver.resolve("localhost", "65536", {}), std::invalid_argument);
     EXPECT_EQ(resolver.pending(), 0u);
+    // Address::parse refuses names, and says where they are taken.
+    try {
+        Address::parse("localhost:80");
+        ADD_FAILURE() << "parsed a name";
+    } catch (const std::invalid_argument& e) {
+        EXPECT_NE(std::string(e.what()).find("evmux::Resolver"), std::string::npos) << e.what();
+    }
     EXPECT_EQ(split_host_port("localhost:80"),
               std::make_pair(std::string("localhost"), std::string("80")));
     EXPECT_EQ(split_host_port("[::1]:http"),

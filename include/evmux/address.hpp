@@ -19,10 +19,12 @@ class Address {
     Address() = default;
 
     /// Parses "1.2.3.4:port", "[v6]:port" (scope allowed: "[fe80::1%eth0]:80")
-    /// or "unix:/path". Hosts must be numeric (no DNS lookup: evmux never
-    /// blocks). Throws std::invalid_argument naming the text if it is not one
-    /// of these forms, the port is not 0..65535, or the Unix path is empty or
-    /// too long for sockaddr_un.
+    /// or "unix:/path". Hosts must be numeric: a name ("localhost:80") is
+    /// refused with a message pointing to evmux::Resolver (resolver.hpp) and
+    /// to connect(), TcpServer and LoopGroup::listen(), which take
+    /// "host:port" text. Throws std::invalid_argument naming the text if it
+    /// is not one of these forms, the port is not 0..65535, or the Unix path
+    /// is empty or too long for sockaddr_un.
     static Address parse(std::string_view text);
     /// A numeric IPv4 or IPv6 host ("127.0.0.1", "::1", "[::1]") and a port.
     /// Throws std::invalid_argument like parse().
