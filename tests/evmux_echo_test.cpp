@@ -11,6 +11,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -21,6 +22,7 @@
 #include <thread>
 #include <vector>
 
+#include "dns_responder.hpp"
 #include "evmux/address.hpp"
 #include "test_support.hpp"
 
@@ -314,6 +316,41 @@ TEST_F(EvmuxEcho, ErrorsAreOneLineAndExitTwo) {
         EXPECT_EQ(first.rfind("evmux-echo: ", 0), 0u) << first;
         EXPECT_EQ(second, "") << "more than one line";
     }
+}
+
+// --host takes a name, resolved by evmux's Resolver: "localhost" from
+// /etc/hosts, another from the DNS server --dns names (the tests' responder);
+// an unknown one is a one-line error and exit 2.
+TEST_F(EvmuxEcho, HostNamesResolveThroughTheResolver) {
+    test::DnsResponder dns({{"echo.test", {{"127.0.0.1"}, {}}}});
+    for (const std::vector<std::string>& host :
+         {std::vector<std::string>{"--host", "localhost"},
+          std::vector<std::string>{"--host", "echo.test", "--dns", dns.server()}}) {
+        std::vector<std::string> args = {"--port", "0", "--backend", test::backend_name()};
+        args.insert(args.end(), host.begin(), host.end());
+        EchoProcess echo(args);
+        std::string backend;
+        const std::string line = echo.line();
+        const std::string addr = listening_address(line, &backend);
+        ASSERT_EQ(addr.rfind("127.0.0.1:", 0), 0u) << host[1] << ": " << line;
+        {
+            Fd c = dial(Address::parse(addr));
+            EXPECT_EQ(roundtrip(c.get(), "named"), "named");
+        }
+        ASSERT_EQ(::kill(echo.pid(), SIGTERM), 0);
+        echo.line();
+        EXPECT_EQ(echo.wait(), 0);
+    }
+    std::vector<std::string> asked = dns.asked();
+    std::sort(asked.begin(), asked.end());
+    EXPECT_EQ(asked, (std::vector<std::string>{"A echo.test", "AAAA echo.test"}))
+        << "localhost was not asked of the server";
+
+    EchoProcess unknown({"--port", "0", "--host", "nosuch.invalid", "--dns", dns.server()});
+    EXPECT_EQ(unknown.line(),
+              "evmux-echo: evmux: cannot resolve 'nosuch.invalid': Domain name not found");
+    EXPECT_EQ(unknown.line(2000ms), "") << "more than one line";
+    EXPECT_EQ(unknown.wait(), 2);
 }
 
 /// The soft and hard "Max open files" of a process, from /proc/PID/limits.

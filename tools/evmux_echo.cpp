@@ -1,19 +1,20 @@
 // evmux-echo: a TCP / Unix echo server on evmux, on any backend.
 //
-//   evmux-echo --port P [--host H] [--backend NAME] [--upper] [--unix PATH]
-//              [--threads N [--distribution reuse_port|round_robin]]
+//   evmux-echo --port P [--host H [--dns SERVERS]] [--backend NAME] [--upper]
+//              [--unix PATH] [--threads N [--distribution reuse_port|round_robin]]
 //              [--model callbacks|coroutines]
 //   evmux-echo --list-backends
 //
-// Prints "evmux-echo listening on HOST:PORT backend=NAME ..." to stderr once it
-// accepts; SIGINT/SIGTERM stop it with a one-line summary. Errors in the
-// command line or the setup (port in use, unknown backend, missing Unix
-// socket directory) are one line on stderr and exit code 2. It raises its soft
+// A --host name is resolved by evmux's Resolver (/etc/hosts, then the DNS
+// servers: /etc/resolv.conf's or --dns), and the first of its addresses that
+// binds is served on. Prints "evmux-echo listening on HOST:PORT backend=NAME
+// ..." to stderr once it accepts; SIGINT/SIGTERM stop it with a one-line
+// summary. Errors in the command line or the setup (port in use, unknown
+// backend or host, missing Unix socket directory) are one line on stderr and
+// exit code 2. It raises its soft
 // RLIMIT_NOFILE to the hard limit at start: a server for thousands of
 // connections must not stop at the usual soft 1024.
-#include <netdb.h>
 #include <pthread.h>
-#include <sys/socket.h>
 
 #include <CLI/CLI.hpp>
 #include <cctype>
@@ -29,6 +30,7 @@
 #include "evmux/coro.hpp"
 #include "evmux/event_loop.hpp"
 #include "evmux/loop_group.hpp"
+#include "evmux/resolver.hpp"
 #include "evmux/selector.hpp"
 #include "evmux/server.hpp"
 #include "fd_limit.hpp"
@@ -54,22 +56,11 @@ int list_backends() {
     return 0;
 }
 
-// A numeric host directly; a name ("localhost") through the resolver, once,
-// at start-up where blocking is harmless.
-evmux::Address resolve(const std::string& host, std::uint16_t port) {
-    try {
-        return evmux::Address::ip(host, port);
-    } catch (const std::invalid_argument&) {
-    }
-    addrinfo hints{};
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
-    addrinfo* res = nullptr;
-    int rc = ::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res);
-    if (rc != 0) throw std::invalid_argument("host " + host + ": " + ::gai_strerror(rc));
-    evmux::Address a = evmux::Address::from_sockaddr(res->ai_addr, res->ai_addrlen);
-    ::freeaddrinfo(res);
-    return a;
+// "host:port" text for the server, which resolves a name itself (once, at
+// start-up, where blocking is harmless); a bare IPv6 host gets its brackets.
+std::string host_port(const std::string& host, int port) {
+    const bool bare_v6 = host.find(':') != std::string::npos && !host.starts_with('[');
+    return (bare_v6 ? "[" + host + "]" : host) + ":" + std::to_string(port);
 }
 
 // Once the server is listening: the line the tests and tools wait for.
@@ -127,10 +118,9 @@ evmux::coro::Task<void> upper_coroutine(evmux::coro::Stream stream) {
 // echoed message under callgrind). N threads: a LoopGroup, with SIGINT/SIGTERM
 // blocked before its threads start (they inherit the mask) and taken here by
 // sigwait, so no loop thread is interrupted by them.
-int serve(std::size_t threads, const std::string& backend, const evmux::Address& address,
-          evmux::Callbacks callbacks, evmux::Distribution distribution, const std::string& model) {
-    evmux::ServerOptions options;
-    options.distribution = distribution;
+int serve(std::size_t threads, const std::string& backend, const std::string& address,
+          evmux::Callbacks callbacks, const evmux::ServerOptions& options,
+          const std::string& model) {
     if (threads == 1) {
         evmux::EventLoop loop(backend.empty() ? evmux::make_selector()
                                               : evmux::make_selector(backend));
@@ -173,8 +163,12 @@ int main(int argc, char** argv) {
     std::size_t threads = 1;
     std::string distribution = evmux::to_string(evmux::ServerOptions{}.distribution);
     std::string model = "callbacks";
+    std::string dns;
     app.add_option("--port", port, "TCP port (0: any free port)")->check(CLI::Range(0, 65535));
     app.add_option("--host", host, "numeric address or name to bind (default 127.0.0.1)");
+    app.add_option("--dns", dns,
+                   "DNS servers for a --host name, e.g. 127.0.0.1:5353 (default: "
+                   "/etc/resolv.conf's; /etc/hosts is read first)");
     app.add_option("--backend", backend, "selector backend (default: EVMUX_BACKEND or the best)");
     app.add_flag("--upper", upper, "echo ASCII letters uppercased");
     app.add_option("--unix", unix_path, "listen on this Unix socket path instead of TCP");
@@ -201,9 +195,12 @@ int main(int argc, char** argv) {
     evmux::support::raise_fd_limit();
 
     try {
-        evmux::Address address = unix_path.empty()
-                                     ? resolve(host, static_cast<std::uint16_t>(*port))
-                                     : evmux::Address::unix_path(unix_path);
+        const std::string address =
+            unix_path.empty() ? host_port(host, *port) : "unix:" + unix_path;
+        evmux::ServerOptions options;
+        options.distribution = distribution == "round_robin" ? evmux::Distribution::round_robin
+                                                             : evmux::Distribution::reuse_port;
+        options.resolver.servers = dns;
 
         evmux::Callbacks callbacks;
         if (model == "coroutines") {
@@ -228,10 +225,7 @@ int main(int argc, char** argv) {
             };
         }
 
-        return serve(threads, backend, address, std::move(callbacks),
-                     distribution == "round_robin" ? evmux::Distribution::round_robin
-                                                   : evmux::Distribution::reuse_port,
-                     model);
+        return serve(threads, backend, address, std::move(callbacks), options, model);
     } catch (const std::exception& e) {
         return fail(e.what());
     }
