@@ -181,8 +181,10 @@ assert [(r["server"], r["ok"]) for r in runs] == [("epoll-floor", True)], runs' 
     step "examples/Makefile (plain make + pkg-config)"
     mkdir "$tmp/make"
     make -s -C "$tmp/make" -f "$src/examples/Makefile" VPATH="$src/examples" CXX="$cxx" \
-        CXXFLAGS="-O1 -Werror -Wall -Wextra" chat_server contracts
+        CXXFLAGS="-O1 -Werror -Wall -Wextra" chat_server contracts resolve
     LD_LIBRARY_PATH=$libdir timeout 60 "$tmp/make/chat_server" --self-test
+    # Names (README "Names"): a server on localhost:0, a connect to it by name.
+    LD_LIBRARY_PATH=$libdir timeout 60 "$tmp/make/resolve" --self-test
     # The contracts (README "Connections and servers": exceptions, on_close at
     # shutdown, addresses in on_close, write-complete) against the installed library.
     LD_LIBRARY_PATH=$libdir timeout 60 "$tmp/make/contracts" --self-test
