@@ -16,6 +16,7 @@ LAYERS = [
                   "backends/*.hpp", "backends/*.cpp.in"]),
     ("event loop", ["include/evmux/event_loop.hpp", "src/event_loop.cpp",
                     "src/timer_queue.hpp", "src/timer_queue.cpp"]),
+    ("byte transport", ["include/evmux/tls.hpp", "src/tls.cpp", "src/tls_session.hpp"]),
     ("connection", ["include/evmux/connection.hpp", "include/evmux/buffer.hpp",
                     "include/evmux/address.hpp", "src/connection.cpp", "src/buffer.cpp",
                     "src/address.cpp"]),

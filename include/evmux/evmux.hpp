@@ -17,11 +17,13 @@
 #include "evmux/resolver.hpp"
 #include "evmux/selector.hpp"
 #include "evmux/server.hpp"
+#include "evmux/tls.hpp"
 #include "evmux/version.hpp"
 
 /// Everything evmux offers. The layers, each using only the one below:
 /// Selector (which fds are ready, on a backend chosen at run time),
 /// EventLoop (callbacks per fd, timers, signals, cross-thread post),
-/// Connection (buffered I/O with a bounded message queue), TcpServer, and
-/// coroutines over them (evmux::coro); beside them UdpEndpoint (datagrams).
+/// Connection (buffered I/O with a bounded message queue, plain or over TLS),
+/// TcpServer, and coroutines over them (evmux::coro); beside them UdpEndpoint
+/// (datagrams).
 namespace evmux {}
