@@ -2,6 +2,13 @@
 // scratch buffer; writes go straight to the kernel while nothing is queued and
 // through a chunk queue drained with sendmsg (MSG_NOSIGNAL: never SIGPIPE)
 // otherwise.
+//
+// The byte transport is the socket itself or, with a TLS context, a
+// TlsSession over it, whose read() and write() answer as recv() and send() do.
+// The queue, water marks, half-close and close reasons are the same code for
+// both and count plaintext; the TLS-only parts are the handshake (on_connect
+// after it), OpenSSL's buffered bytes that no readiness event announces, and
+// close_notify.
 #include "evmux/connection.hpp"
 
 #include <fcntl.h>
@@ -14,6 +21,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+
+#include "tls_session.hpp"
 
 namespace evmux {
 
@@ -48,6 +57,8 @@ const char* to_string(CloseReason reason) {
             return "local";
         case CloseReason::exception:
             return "exception";
+        case CloseReason::tls:
+            return "tls";
     }
     return "unknown";
 }
@@ -67,6 +78,7 @@ Connection::Connection(Private, EventLoop& loop, int fd, Callbacks callbacks,
 
 Connection::~Connection() {
     reset_state();
+    if (handshake_timer_ != 0) loop_.cancel(handshake_timer_);
     // Only reached with the fd open if start() failed.
     if (fd_ >= 0) {
         if (watching_) loop_.unwatch(fd_);
@@ -90,6 +102,21 @@ ConnectionPtr Connection::create(EventLoop& loop, int fd, Callbacks callbacks,
     auto conn = std::make_shared<Connection>(Private{}, loop, fd, std::move(callbacks), options);
     // Kept, not asked at close: after a reset getpeername() fails (ENOTCONN).
     conn->peer_ = peer.family() != 0 ? peer : Address::peer_of(fd);
+    if (options.tls) {
+        // A client with no name checks the peer's IP address: "[::1]:443" -> "::1".
+        std::string ip;
+        if (!conn->peer_.is_unix() && conn->peer_.family() != 0) {
+            ip = conn->peer_.to_string();
+            ip = ip.substr(0, ip.rfind(':'));
+            if (!ip.empty() && ip.front() == '[') ip = ip.substr(1, ip.size() - 2);
+        }
+        try {
+            conn->tls_ = std::make_unique<detail::TlsSession>(*options.tls, fd, std::string(), ip);
+        } catch (const std::runtime_error& e) {  // ~Connection closes the fd
+            throw std::system_error(ENOMEM, std::generic_category(), e.what());
+        }
+        conn->handshaking_ = true;
+    }
     return conn;
 }
 
@@ -111,6 +138,10 @@ void Connection::start() {
     } catch (...) {
         loop_.untie(std::exchange(tie_, 0));
         throw;
+    }
+    if (handshaking_) {
+        start_tls();  // on_connect once the handshake is done
+        return;
     }
     ++in_handler_;
     if (cb_.on_connect) {
@@ -135,6 +166,12 @@ void Connection::handle(const ConnectionPtr& guard, Events events) {
     // loop frees unwatched watchers only after the batch).
     ++in_handler_;
     try {
+        if (handshaking_) {
+            continue_handshake(guard);
+            // Done: read at once, as the peer's first data may have come with
+            // its last handshake flight (and sit in OpenSSL's buffer).
+            events = handshaking_ || state_ != State::open ? Events::none : Events::read;
+        }
         if (state_ == State::open && any(events, Events::write) && queued_ != 0)
             handle_write(guard);
         if (state_ == State::open && any(events, Events::read | Events::hangup | Events::error)) {
@@ -168,7 +205,7 @@ void Connection::handle_read(const ConnectionPtr& self, Events events) {
     const bool more_signalled = any(events, Events::hangup | Events::error);
     while (state_ == State::open && any(interest_, Events::read)) {
         std::size_t want = std::min(scratch.size(), budget);
-        ssize_t n = ::recv(fd_, scratch.data(), want, 0);
+        ssize_t n = tls_ ? tls_->read(scratch.data(), want) : ::recv(fd_, scratch.data(), want, 0);
         if (n > 0) {
             bytes_in_ += static_cast<std::uint64_t>(n);
             if (counters_) add(counters_->in, static_cast<std::uint64_t>(n));
@@ -192,7 +229,10 @@ void Connection::handle_read(const ConnectionPtr& self, Events events) {
             // readiness brings us back if more arrives, so skip the read that
             // would return EAGAIN. With a hang-up pending, read on to the EOF
             // so the half-close is delivered right after the data before it.
-            if (static_cast<std::size_t>(n) < want && !more_signalled) break;
+            // (TLS: a record is shorter than `want`; drained() asks whether
+            // the socket's last recv was short and OpenSSL holds nothing.)
+            if ((tls_ ? tls_->drained() : static_cast<std::size_t>(n) < want) && !more_signalled)
+                break;
             continue;
         }
         if (n == 0) {
@@ -204,6 +244,10 @@ void Connection::handle_read(const ConnectionPtr& self, Events events) {
         fail(errno);
         break;
     }
+    // Stopped with bytes in OpenSSL's buffers (budget, pause): no readiness
+    // event will announce them.
+    if (tls_ && state_ == State::open && any(interest_, Events::read) && tls_->has_pending())
+        read_pending_soon();
 }
 
 void Connection::handle_peer_eof(const ConnectionPtr& self) {
@@ -229,27 +273,36 @@ void Connection::handle_write(const ConnectionPtr& self) {
         return;
     }
     if (shut_requested_ && !shut_done_) {
-        ::shutdown(fd_, SHUT_WR);
-        shut_done_ = true;
+        send_fin();
         maybe_finish_shutdown();
     }
 }
 
 bool Connection::flush() {
+    if (handshaking_) return true;  // sent once the handshake is done
     while (!queue_.empty()) {
-        iovec iov[max_iov];
-        int count = 0;
         std::size_t total = 0;
-        for (auto it = queue_.begin(); it != queue_.end() && count < max_iov; ++it, ++count) {
-            iov[count].iov_base = it->bytes.data() + it->offset;
-            iov[count].iov_len = it->bytes.size() - it->offset;
-            total += iov[count].iov_len;
+        ssize_t n;
+        if (tls_) {
+            // One chunk per call: a record cannot gather (and the retry after
+            // EAGAIN must start with the same bytes, which the front chunk is).
+            const Chunk& front = queue_.front();
+            total = front.bytes.size() - front.offset;
+            n = tls_->write(front.bytes.data() + front.offset, total);
+        } else {
+            iovec iov[max_iov];
+            int count = 0;
+            for (auto it = queue_.begin(); it != queue_.end() && count < max_iov; ++it, ++count) {
+                iov[count].iov_base = it->bytes.data() + it->offset;
+                iov[count].iov_len = it->bytes.size() - it->offset;
+                total += iov[count].iov_len;
+            }
+            msghdr msg{};
+            msg.msg_iov = iov;
+            msg.msg_iovlen = static_cast<std::size_t>(count);
+            // sendmsg rather than writev: only the socket calls take MSG_NOSIGNAL.
+            n = ::sendmsg(fd_, &msg, MSG_NOSIGNAL);
         }
-        msghdr msg{};
-        msg.msg_iov = iov;
-        msg.msg_iovlen = static_cast<std::size_t>(count);
-        // sendmsg rather than writev: only the socket calls take MSG_NOSIGNAL.
-        ssize_t n = ::sendmsg(fd_, &msg, MSG_NOSIGNAL);
         if (n < 0) {
             if (errno == EINTR) continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK) break;
@@ -292,8 +345,8 @@ bool Connection::flush() {
 void Connection::send(const void* data, std::size_t len) {
     if (state_ != State::open || shut_requested_ || close_after_drain_ || len == 0) return;
     const char* p = static_cast<const char*>(data);
-    if (queued_ == 0) {
-        ssize_t n = ::send(fd_, p, len, MSG_NOSIGNAL);
+    if (queued_ == 0 && !handshaking_) {
+        std::ptrdiff_t n = write_some(p, len);
         if (n > 0) {
             bytes_out_ += static_cast<std::uint64_t>(n);
             if (counters_) add(counters_->out, static_cast<std::uint64_t>(n));
@@ -331,8 +384,8 @@ void Connection::send_rest(const char* p, std::size_t len) {
 void Connection::send(std::string&& bytes) {
     if (state_ != State::open || shut_requested_ || close_after_drain_ || bytes.empty()) return;
     std::size_t written = 0;
-    if (queue_.empty()) {
-        ssize_t n = ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+    if (queue_.empty() && !handshaking_) {
+        std::ptrdiff_t n = write_some(bytes.data(), bytes.size());
         if (n < 0) {
             if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
                 fail(errno);
@@ -403,11 +456,21 @@ void Connection::deliver_drain() {
 void Connection::shutdown_write() {
     if (state_ != State::open || shut_requested_) return;
     shut_requested_ = true;
-    if (queue_.empty()) {
-        ::shutdown(fd_, SHUT_WR);
-        shut_done_ = true;
+    if (queue_.empty() && !handshaking_) {
+        send_fin();
         maybe_finish_shutdown();
     }
+}
+
+std::ptrdiff_t Connection::write_some(const char* p, std::size_t len) {
+    if (tls_) return tls_->write(p, len);
+    return ::send(fd_, p, len, MSG_NOSIGNAL);
+}
+
+void Connection::send_fin() {
+    if (tls_) tls_->close_notify();
+    ::shutdown(fd_, SHUT_WR);
+    shut_done_ = true;
 }
 
 void Connection::maybe_finish_shutdown() {
@@ -429,8 +492,16 @@ void Connection::resume_reading() {
 void Connection::update_interest() {
     if (state_ != State::open) return;
     Events want = Events::none;
-    if (!peer_eof_ && !above_high_ && !user_paused_ && !close_after_drain_) want |= Events::read;
-    if (!queue_.empty()) want |= Events::write;
+    if (handshaking_) {
+        want = tls_->wants_write() ? Events::write : Events::read;
+    } else {
+        if (!peer_eof_ && !above_high_ && !user_paused_ && !close_after_drain_)
+            want |= Events::read;
+        if (!queue_.empty()) want |= Events::write;
+        // Reading resumes with bytes OpenSSL already holds: no event will come for them.
+        if (tls_ && any(want, Events::read) && !any(interest_, Events::read) && tls_->has_pending())
+            read_pending_soon();
+    }
     if (watching_ && want == interest_) return;
     if (want == Events::none) {
         // No interest left (e.g. half-closed and drained): selectors take no
@@ -460,6 +531,11 @@ void Connection::close(CloseMode mode) {
 }
 
 void Connection::fail(int err) {
+    if (tls_ && err == EPROTO && !tls_->error_text().empty()) {
+        close_message_ = tls_->error_text();
+        close_with(CloseReason::tls);
+        return;
+    }
     close_with(err == ECONNRESET || err == EPIPE ? CloseReason::reset : CloseReason::error, err);
 }
 
@@ -489,6 +565,12 @@ void Connection::close_now(CloseReason reason) {
 // local_address() still answers there.
 bool Connection::close_quietly(CloseReason reason, int err) {
     if (state_ != State::open) return false;
+    // A TLS peer told of a complete stream (nothing of ours was dropped) can
+    // tell it from a cut one.
+    if (tls_ && !handshaking_ && !shut_done_ && queue_.empty() &&
+        (reason == CloseReason::local || reason == CloseReason::timeout))
+        tls_->close_notify();
+    if (handshake_timer_ != 0) loop_.cancel(std::exchange(handshake_timer_, 0));
     state_ = State::closing;
     reason_ = reason;
     err_ = err;
@@ -533,6 +615,76 @@ void Connection::notify_closed() noexcept {
     ::close(fd_);
     fd_ = -1;
     loop_.untie(std::exchange(tie_, 0));  // `self` keeps us to the end of this call
+}
+
+}  // namespace evmux
+
+// ---- TLS: the handshake and OpenSSL's buffered bytes -----------------------------------
+
+namespace evmux {
+
+void Connection::start_tls() {
+    const auto limit = opt_.tls->handshake_timeout();
+    if (limit.count() > 0) {
+        handshake_timer_ = loop_.call_after(limit, [this, limit] {
+            handshake_timer_ = 0;
+            close_message_ =
+                "TLS handshake timed out after " + std::to_string(limit.count()) + " ms";
+            close_with(CloseReason::timeout);
+        });
+    }
+}
+
+void Connection::continue_handshake(const ConnectionPtr& self) {
+    int r = tls_->handshake();
+    if (r < 0) {
+        fail(errno);
+        return;
+    }
+    if (r == 0) {
+        update_interest();  // read or write, as OpenSSL asks
+        return;
+    }
+    handshaking_ = false;
+    if (handshake_timer_ != 0) loop_.cancel(std::exchange(handshake_timer_, 0));
+    if (cb_.on_connect) cb_.on_connect(self);  // a throw: handle() closes us
+    if (state_ != State::open) return;
+    if (!queue_.empty()) {
+        handle_write(self);  // sent during on_connect (or before, by an owner)
+    } else if (shut_requested_ && !shut_done_) {
+        send_fin();
+        maybe_finish_shutdown();
+    }
+    update_interest();
+}
+
+void Connection::read_pending_soon() {
+    if (pump_posted_) return;
+    pump_posted_ = true;
+    loop_.post([self = shared_from_this()] {
+        self->pump_posted_ = false;
+        if (self->state_ == State::open && any(self->interest_, Events::read))
+            self->handle(self, Events::read);
+    });
+}
+
+std::string Connection::tls_alpn() const {
+    return tls_ ? tls_->alpn() : std::string();
+}
+
+std::string Connection::tls_peer_subject() const {
+    return tls_ ? tls_->peer_subject() : std::string();
+}
+
+std::string Connection::tls_version() const {
+    return tls_ ? tls_->version() : std::string();
+}
+
+std::string Connection::close_message() const {
+    if (!close_message_.empty()) return close_message_;
+    if (err_ != 0 && (reason_ == CloseReason::reset || reason_ == CloseReason::error))
+        return std::strerror(err_);
+    return {};
 }
 
 }  // namespace evmux

@@ -80,6 +80,8 @@ int errno_for(CloseReason reason, int err) {
             return ETIMEDOUT;
         case CloseReason::peer_closed:
             return EPIPE;
+        case CloseReason::tls:
+            return EPROTO;  // the reason in words: Connection::close_message()
         case CloseReason::local:
         case CloseReason::exception:
             break;

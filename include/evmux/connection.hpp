@@ -1,6 +1,6 @@
 // evmux connection: one connected stream socket (TCP over IPv4/IPv6, or Unix)
 // with its outgoing message queue, input buffer, backpressure and close /
-// half-close handling, driven by an EventLoop.
+// half-close handling, driven by an EventLoop; plain, or TLS (tls.hpp).
 //
 // This header includes only evmux's public headers and the standard library.
 #pragma once
@@ -21,8 +21,13 @@
 #include "evmux/address.hpp"
 #include "evmux/buffer.hpp"
 #include "evmux/event_loop.hpp"
+#include "evmux/tls.hpp"
 
 namespace evmux {
+
+namespace detail {
+class TlsSession;  // src/tls_session.hpp, not installed
+}  // namespace detail
 
 class Connection;
 /// Connections are shared: the loop keeps an open connection alive, and a
@@ -40,6 +45,9 @@ enum class CloseReason {
     local,        ///< close() was called, or the owning server or loop went away
     exception,    ///< one of this connection's callbacks threw (the loop's exception
                   ///< handler received the exception)
+    tls,          ///< a TLS error: a failed handshake (bad certificate, wrong name, not
+                  ///< TLS at all), a bad record, or an EOF without close_notify;
+                  ///< Connection::close_message() has OpenSSL's reason
 };
 
 /// "peer_closed", "reset", ...
@@ -56,7 +64,9 @@ const char* to_string(CloseReason reason);
 /// after the iteration). Other connections are not touched. An exception from
 /// on_close itself goes to the handler too.
 struct Callbacks {
-    /// The connection is established (accepted, or connect() completed).
+    /// The connection is established (accepted, or connect() completed);
+    /// over TLS, once the handshake has completed (a failed handshake ends
+    /// in on_close without on_connect).
     std::function<void(const ConnectionPtr&)> on_connect;
     /// New bytes arrived. Consume what you handle; the rest is kept and shown
     /// again with the next bytes. Unset: input is discarded.
@@ -83,9 +93,9 @@ struct Callbacks {
     /// of on_high_water. Once per crossing, from the loop's write handling
     /// (never inside send()). Unlike on_drain it costs nothing per send().
     std::function<void(const ConnectionPtr&, std::size_t queued)> on_low_water;
-    /// The peer shut down its sending side; all data it sent before has been
-    /// delivered. Unset: the queue is sent, then our side is shut down too,
-    /// and the connection closes with peer_closed.
+    /// The peer shut down its sending side (over TLS: sent close_notify); all
+    /// data it sent before has been delivered. Unset: the queue is sent, then
+    /// our side is shut down too, and the connection closes with peer_closed.
     std::function<void(const ConnectionPtr&)> on_peer_shutdown;
     /// connect() only: the connection could not be made (refused, timed out,
     /// cancelled). `message` reads like "connect 127.0.0.1:1: Connection refused".
@@ -96,8 +106,8 @@ struct Callbacks {
 /// (Connection::count_bytes_into): written by the connections' loop thread
 /// only, read from any thread.
 struct ByteCounters {
-    std::atomic<std::uint64_t> in{0};   ///< bytes read
-    std::atomic<std::uint64_t> out{0};  ///< bytes written to the kernel
+    std::atomic<std::uint64_t> in{0};   ///< bytes read (over TLS: plaintext)
+    std::atomic<std::uint64_t> out{0};  ///< bytes written to the kernel (over TLS: plaintext)
 };
 
 /// Per-connection limits. The defaults are asyncio's water marks.
@@ -113,6 +123,11 @@ struct ConnectionOptions {
     std::size_t read_budget = 256 * 1024;
     /// TCP_NODELAY on TCP sockets (ignored for Unix sockets).
     bool tcp_nodelay = true;
+    /// Speak TLS with this context: a server context for accepted (and
+    /// adopted) connections, a client context for connect(). Null: plain.
+    /// Water marks, max_buffered, queued_bytes() and the byte counts are
+    /// plaintext bytes either way.
+    std::shared_ptr<TlsContext> tls;
 };
 
 /// How close() treats the outgoing queue.
@@ -158,11 +173,14 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     /// As send(), but a queued remainder keeps `bytes`' storage: no copy.
     void send(std::string&& bytes);
 
-    /// Send FIN once the queue has drained; later sends are no-ops. If the
-    /// peer has already shut down too, the connection then closes (peer_closed).
+    /// Send FIN (over TLS: close_notify, then FIN) once the queue has
+    /// drained; later sends are no-ops. If the peer has already shut down
+    /// too, the connection then closes (peer_closed).
     void shutdown_write();
     /// Close (see CloseMode); reason `local`. Idempotent. on_close runs after
-    /// close() has returned, never inside it.
+    /// close() has returned, never inside it. Over TLS, close_notify is sent
+    /// first if the queue is empty by then (the peer can tell a complete
+    /// stream from a cut one).
     void close(CloseMode mode = CloseMode::immediate);
 
     /// Stop / restart reading from the peer (user-level flow control; independent
@@ -181,10 +199,24 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     bool above_high_water() const { return above_high_; }
     /// Bytes held for input not yet consumed (0 when idle).
     std::size_t input_bytes() const { return input_.size(); }
-    /// Total bytes received from / sent to the kernel.
+    /// Total bytes received from the kernel (over TLS: plaintext received).
     std::uint64_t bytes_in() const { return bytes_in_; }
-    /// Total bytes sent to the kernel.
+    /// Total bytes sent to the kernel (over TLS: plaintext sent).
     std::uint64_t bytes_out() const { return bytes_out_; }
+    /// True if this connection speaks TLS.
+    bool is_tls() const { return tls_ != nullptr; }
+    /// The ALPN protocol agreed in the TLS handshake ("" if none, or plain).
+    std::string tls_alpn() const;
+    /// The TLS peer certificate's subject, RFC 2253 ("CN=client,O=evmux"),
+    /// "" if the peer sent none (or plain).
+    std::string tls_peer_subject() const;
+    /// The TLS version in use ("TLSv1.3"; "" if plain).
+    std::string tls_version() const;
+    /// Why it closed, in words, for on_close and after: OpenSSL's reason for
+    /// `tls` ("TLS handshake: certificate verify failed (certificate has
+    /// expired)"), "TLS handshake timed out after 10000 ms", the errno's
+    /// text for `reset` and `error`; "" otherwise.
+    std::string close_message() const;
     /// The socket, or -1 once closing has started.
     int fd() const { return state_ == State::open ? fd_ : -1; }
     /// The loop this connection runs on.
@@ -292,12 +324,20 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
         if (tracking_) last_write_ = loop_.iteration_time();
     }
     void send_rest(const char* p, std::size_t len);
+    // The byte transport: the socket itself, or TLS over it.
+    std::ptrdiff_t write_some(const char* p, std::size_t len);
+    void send_fin();
+    // TLS only.
+    void start_tls();
+    [[gnu::cold]] void continue_handshake(const ConnectionPtr& self);
+    void read_pending_soon();
 
     // Members in the order of use: what every read and send touches comes
     // first, within the object's first two cache lines (the class is
     // cache-line aligned), not spread over seven.
     EventLoop& loop_;
     int fd_;
+    std::unique_ptr<detail::TlsSession> tls_;  // null: plain
     State state_ = State::open;
     Events interest_ = Events::none;
     bool watching_ = false;
@@ -311,6 +351,8 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     bool notify_pending_ = false;  // on_close due when the handler unwinds
     bool wants_drain_ = false;     // cb_.on_drain is set: a complete send() schedules it
     bool drain_posted_ = false;    // deliver_drain() is posted
+    bool handshaking_ = false;     // TLS: on_connect still to come
+    bool pump_posted_ = false;     // TLS: a read of OpenSSL's buffered bytes is posted
     int in_handler_ = 0;           // depth of our own callbacks on the stack
     std::size_t queued_ = 0;       // bytes in queue_; 0 exactly when it is empty
     std::uint64_t bytes_in_ = 0, bytes_out_ = 0;
@@ -333,6 +375,8 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
         void (*destroy)(void*) noexcept = nullptr;
     } user_state_;  // emplace_state()
     Address peer_;
+    EventLoop::TimerId handshake_timer_ = 0;
+    std::string close_message_;  // set for `tls` and the handshake timeout
 };
 
 }  // namespace evmux
