@@ -1,0 +1,823 @@
+// TLS connections, once per backend (EVMUX_BACKEND): an evmux server against
+// evmux clients, `openssl s_client` and Python's ssl module (programs no one
+// in this project wrote), every byte checked; bad peers (plain bytes, a cut or
+// stalled handshake, a wrong name, an expired or unknown certificate) closed
+// with a clear reason while a bystander stream is still served byte for byte;
+// the connection contract (water marks in plaintext, max_buffered, half-close
+// with close_notify, on_close once) over TLS. Certificates are made at run
+// time (tools/support/test_certs.cpp).
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdlib>
+#include <deque>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "evmux/connection.hpp"
+#include "evmux/event_loop.hpp"
+#include "evmux/server.hpp"
+#include "evmux/tls.hpp"
+#include "test_certs.hpp"
+#include "test_support.hpp"
+
+extern char** environ;
+
+namespace evmux {
+namespace {
+
+using namespace std::chrono_literals;
+using support::tls_files;
+using test::Fd;
+using test::pump_for;
+using test::run_until;
+
+std::string pattern(std::size_t n, unsigned seed = 7) {
+    std::string s(n, '\0');
+    for (std::size_t i = 0; i < n; ++i) s[i] = static_cast<char>((i * 31 + seed) % 251);
+    return s;
+}
+
+std::shared_ptr<TlsContext> server_context(const std::string& cert, const std::string& key,
+                                           std::vector<std::string> alpn = {}) {
+    TlsServerOptions o;
+    o.cert_chain_file = cert;
+    o.key_file = key;
+    o.alpn = std::move(alpn);
+    return TlsContext::server(o);
+}
+
+std::shared_ptr<TlsContext> server_context() {
+    return server_context(tls_files().server_cert, tls_files().server_key);
+}
+
+std::shared_ptr<TlsContext> client_context(const std::string& name = "localhost",
+                                           const std::string& ca = tls_files().ca) {
+    TlsClientOptions o;
+    o.ca_file = ca;
+    o.server_name = name;
+    return TlsContext::client(o);
+}
+
+/// What one side saw: on_connect, the bytes, each on_close.
+struct Record {
+    int connects = 0;
+    int peer_shutdowns = 0;
+    std::string got;
+    std::vector<CloseReason> reasons;
+    std::vector<std::string> messages;
+    std::string alpn, version, subject;
+    ConnectionPtr conn;  // the last one connected (a client's own)
+
+    bool closed(std::size_t n = 1) const { return reasons.size() >= n; }
+};
+
+/// Callbacks that record into `r`; `echo`: send every byte back.
+Callbacks recording(Record& r, bool echo) {
+    Callbacks cb;
+    cb.on_connect = [&r](const ConnectionPtr& c) {
+        ++r.connects;
+        r.conn = c;
+        r.alpn = c->tls_alpn();
+        r.version = c->tls_version();
+        r.subject = c->tls_peer_subject();
+    };
+    cb.on_message = [&r, echo](const ConnectionPtr& c, Buffer& in) {
+        r.got.append(in.data(), in.size());
+        if (echo) c->send(in.data(), in.size());
+        in.consume_all();
+    };
+    cb.on_close = [&r](const ConnectionPtr& c, CloseReason reason, int) {
+        r.reasons.push_back(reason);
+        r.messages.push_back(c->close_message());
+    };
+    return cb;
+}
+
+/// A TLS echo server on 127.0.0.1 on the loop under test, recording every
+/// connection into one Record.
+struct EchoServer {
+    Record rec;
+    std::unique_ptr<TcpServer> server;
+    EchoServer(EventLoop& loop, std::shared_ptr<TlsContext> ctx, ServerOptions opt = {}) {
+        opt.connection.tls = std::move(ctx);
+        server = std::make_unique<TcpServer>(loop, Address::ip("127.0.0.1", 0),
+                                             recording(rec, true), opt);
+    }
+    std::uint16_t port() const { return server->local_address().port(); }
+    const Address& address() const { return server->local_address(); }
+};
+
+/// A connected evmux TLS client that sends `data` once connected.
+void start_client(EventLoop& loop, const Address& to, std::shared_ptr<TlsContext> ctx, Record& r,
+                  ConnectionOptions copt = {}) {
+    ConnectOptions o;
+    o.connection = std::move(copt);
+    o.connection.tls = std::move(ctx);
+    Callbacks cb = recording(r, false);
+    cb.on_error = [&r](std::error_code, const std::string& m) {
+        r.reasons.push_back(CloseReason::error);
+        r.messages.push_back(m);
+    };
+    connect(loop, to, std::move(cb), o);
+}
+
+/// A second, well-behaved client kept connected while a bad peer misbehaves:
+/// its stream must still be echoed byte for byte afterwards.
+struct Bystander {
+    Record& rec;
+    Bystander(EventLoop& loop, const Address& to, Record& r) : rec(r) {
+        start_client(loop, to, client_context(), rec);
+        EXPECT_TRUE(run_until(loop, [&] { return rec.connects == 1 || rec.closed(); }));
+        EXPECT_EQ(rec.connects, 1);
+    }
+    void check_served(EventLoop& loop) {
+        ASSERT_TRUE(rec.conn);
+        const std::string data = pattern(64 * 1024, 3);
+        rec.conn->send(data);
+        ASSERT_TRUE(run_until(loop, [&] { return rec.got.size() >= data.size() || rec.closed(); }));
+        EXPECT_EQ(rec.got, data);
+        EXPECT_FALSE(rec.closed());
+    }
+};
+
+/// A raw TCP client (no TLS at all).
+Fd dial_raw(const Address& a) {
+    Fd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+    if (!fd) throw std::system_error(errno, std::generic_category(), "socket");
+    if (::connect(fd.get(), static_cast<const sockaddr*>(a.sockaddr_ptr()), a.sockaddr_len()) < 0 &&
+        errno != EINPROGRESS)
+        throw std::system_error(errno, std::generic_category(), "connect");
+    return fd;
+}
+
+/// True once the raw socket has been closed by the server (EOF or reset).
+bool peer_gone(int fd) {
+    char buf[4096];
+    for (;;) {
+        ssize_t n = ::recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+        if (n > 0) continue;  // an alert, perhaps
+        return n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK);
+    }
+}
+
+void write_all(int fd, std::string_view data) {
+    while (!data.empty()) {
+        ssize_t n = ::send(fd, data.data(), data.size(), MSG_NOSIGNAL);
+        if (n <= 0) throw std::system_error(errno, std::generic_category(), "send");
+        data.remove_prefix(static_cast<std::size_t>(n));
+    }
+}
+
+std::string read_file(const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    std::stringstream s;
+    s << in.rdbuf();
+    return s.str();
+}
+
+/// Another program, stdin from a file, stdout and stderr to files.
+class Child {
+  public:
+    Child(std::vector<std::string> args, const std::string& in, const std::string& out,
+          const std::string& err) {
+        posix_spawn_file_actions_t fa;
+        posix_spawn_file_actions_init(&fa);
+        posix_spawn_file_actions_addopen(&fa, 0, in.c_str(), O_RDONLY, 0);
+        posix_spawn_file_actions_addopen(&fa, 1, out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        posix_spawn_file_actions_addopen(&fa, 2, err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+        std::vector<char*> argv;
+        for (auto& a : args) argv.push_back(a.data());
+        argv.push_back(nullptr);
+        int rc = ::posix_spawnp(&pid_, argv[0], &fa, nullptr, argv.data(), environ);
+        posix_spawn_file_actions_destroy(&fa);
+        if (rc != 0) throw std::system_error(rc, std::generic_category(), "posix_spawn " + args[0]);
+    }
+    ~Child() {
+        if (pid_ > 0) {
+            ::kill(pid_, SIGKILL);
+            ::waitpid(pid_, nullptr, 0);
+        }
+    }
+    /// Pumps `loop` until the child exits (true, status in exit_code()) or
+    /// `limit` passes (false; it is killed).
+    bool wait(EventLoop& loop, std::chrono::milliseconds limit) {
+        return run_until(
+            loop,
+            [&] {
+                int status = 0;
+                if (::waitpid(pid_, &status, WNOHANG) != pid_) return false;
+                pid_ = -1;
+                code_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+                return true;
+            },
+            limit);
+    }
+    int exit_code() const { return code_; }
+
+  private:
+    pid_t pid_ = -1;
+    int code_ = -1;
+};
+
+class Tls : public ::testing::Test {
+  protected:
+    void SetUp() override {
+        std::string why;
+        auto sel = test::selector_or_null(&why);
+        if (!sel) GTEST_SKIP() << why;
+        loop_ = std::make_unique<EventLoop>(std::move(sel));
+        dir_ = tls_files().dir;
+    }
+    EventLoop& loop() { return *loop_; }
+    /// A Record that outlives the loop: a client connection still open at
+    /// the end of a test closes (on_close) when the loop is destroyed.
+    Record& record() { return records_.emplace_back(); }
+    std::string path(const std::string& name) {
+        return dir_ + "/" + ::testing::UnitTest::GetInstance()->current_test_info()->name() + "." +
+               name;
+    }
+    std::deque<Record> records_;  // before loop_: destroyed after it
+    std::unique_ptr<EventLoop> loop_;
+    std::string dir_;
+};
+
+// ---- evmux to evmux -------------------------------------------------------------------
+
+TEST_F(Tls, EvmuxClientAndServerEchoWithAlpnAndCloseNotify) {
+    EchoServer server(loop(), server_context(tls_files().server_cert, tls_files().server_key,
+                                             {"evmux/1", "other/2"}));
+    TlsClientOptions co;
+    co.ca_file = tls_files().ca;
+    co.server_name = "localhost";
+    co.alpn = {"other/2", "evmux/1"};
+    Record& client = record();
+    start_client(loop(), server.address(), TlsContext::client(co), client);
+    ASSERT_TRUE(run_until(loop(), [&] { return client.connects == 1 || client.closed(); }));
+    ASSERT_EQ(client.connects, 1) << (client.messages.empty() ? "" : client.messages[0]);
+    EXPECT_TRUE(client.conn->is_tls());
+    EXPECT_EQ(client.version, "TLSv1.3");
+    EXPECT_EQ(client.alpn, "evmux/1");  // the server's preference wins
+    const std::string data = pattern(300 * 1024);
+    client.conn->send(data);
+    ASSERT_TRUE(run_until(loop(), [&] { return client.got.size() >= data.size(); }));
+    EXPECT_EQ(client.got, data);
+    client.conn->shutdown_write();  // close_notify; the server answers with its own
+    ASSERT_TRUE(run_until(loop(), [&] { return client.closed() && server.rec.closed(); }));
+    ASSERT_EQ(client.reasons.size(), 1u);
+    EXPECT_EQ(client.reasons[0], CloseReason::peer_closed);
+    ASSERT_EQ(server.rec.reasons.size(), 1u);
+    EXPECT_EQ(server.rec.reasons[0], CloseReason::peer_closed);
+    EXPECT_EQ(server.rec.connects, 1);
+    EXPECT_EQ(server.rec.alpn, "evmux/1");
+    EXPECT_EQ(server.rec.got, data);
+    // Byte counts are plaintext.
+    EXPECT_EQ(server.server->stats().bytes_in, data.size());
+    EXPECT_EQ(server.server->stats().bytes_out, data.size());
+    EXPECT_EQ(client.conn->bytes_out(), data.size());
+    EXPECT_EQ(client.conn->bytes_in(), data.size());
+    pump_for(loop(), 50ms);
+    EXPECT_EQ(client.reasons.size(), 1u);  // on_close once
+    EXPECT_EQ(server.rec.reasons.size(), 1u);
+}
+
+TEST_F(Tls, ClientCertificateRequiredAndShown) {
+    TlsServerOptions so;
+    so.cert_chain_file = tls_files().server_cert;
+    so.key_file = tls_files().server_key;
+    so.client_ca_file = tls_files().ca;
+    EchoServer server(loop(), TlsContext::server(so));
+    TlsClientOptions co;
+    co.ca_file = tls_files().ca;
+    co.server_name = "localhost";
+    co.cert_chain_file = tls_files().client_cert;
+    co.key_file = tls_files().client_key;
+    Record& with_cert = record();
+    Record& without_cert = record();
+    start_client(loop(), server.address(), TlsContext::client(co), with_cert);
+    start_client(loop(), server.address(), client_context(), without_cert);
+    ASSERT_TRUE(run_until(loop(), [&] {
+        return with_cert.connects == 1 && server.rec.connects == 1 && without_cert.closed() &&
+               server.rec.closed();
+    }));
+    EXPECT_EQ(server.rec.subject, "CN=evmux test client,O=evmux tests");
+    EXPECT_EQ(with_cert.subject, "CN=localhost,O=evmux tests");
+    ASSERT_EQ(server.rec.reasons.size(), 1u);
+    EXPECT_EQ(server.rec.reasons[0], CloseReason::tls);
+    EXPECT_NE(server.rec.messages[0].find("peer did not return a certificate"), std::string::npos)
+        << server.rec.messages[0];
+    EXPECT_EQ(without_cert.reasons[0], CloseReason::tls);
+    with_cert.conn->send("still served");
+    ASSERT_TRUE(run_until(loop(), [&] { return with_cert.got == "still served"; }));
+}
+
+TEST_F(Tls, AlpnWithNoCommonProtocolIsRefused) {
+    EchoServer server(loop(),
+                      server_context(tls_files().server_cert, tls_files().server_key, {"evmux/1"}));
+    TlsClientOptions co;
+    co.ca_file = tls_files().ca;
+    co.server_name = "localhost";
+    co.alpn = {"nope/9"};
+    Record& client = record();
+    start_client(loop(), server.address(), TlsContext::client(co), client);
+    ASSERT_TRUE(run_until(loop(), [&] { return client.closed() && server.rec.closed(); }));
+    EXPECT_EQ(client.connects, 0);
+    EXPECT_EQ(server.rec.connects, 0);
+    EXPECT_EQ(server.rec.reasons[0], CloseReason::tls);
+    EXPECT_NE(server.rec.messages[0].find("no application protocol"), std::string::npos)
+        << server.rec.messages[0];
+    EXPECT_EQ(client.reasons[0], CloseReason::tls);
+    EXPECT_NE(client.messages[0].find("no application protocol"), std::string::npos)
+        << client.messages[0];
+}
+
+TEST_F(Tls, PlainConnectionsSayTheyAreNotTls) {
+    Record& r = record();
+    auto [a, b] = test::socket_pair();
+    auto conn = Connection::adopt(loop(), a.release(), recording(r, false));
+    EXPECT_FALSE(conn->is_tls());
+    EXPECT_EQ(conn->tls_alpn(), "");
+    EXPECT_EQ(conn->tls_version(), "");
+    EXPECT_EQ(conn->tls_peer_subject(), "");
+    conn->close();
+    ASSERT_TRUE(run_until(loop(), [&] { return r.closed(); }));
+    EXPECT_EQ(r.messages[0], "");
+}
+
+// ---- other programs as clients -----------------------------------------------------
+
+// openssl s_client: verifies the chain and the name, sends stdin, prints what
+// it receives; the server ends the stream (close_notify) once it has echoed
+// everything, and s_client exits.
+TEST_F(Tls, OpensslSClientEchoedByteForByte) {
+    const std::size_t total = 100 * 1024;
+    const std::string data = pattern(total, 11);
+    Record& srv = record();
+    Callbacks cb = recording(srv, false);
+    cb.on_message = [&](const ConnectionPtr& c, Buffer& in) {
+        srv.got.append(in.data(), in.size());
+        c->send(in.data(), in.size());
+        in.consume_all();
+        if (srv.got.size() == total) c->shutdown_write();
+    };
+    ServerOptions opt;
+    opt.connection.tls =
+        server_context(tls_files().server_cert, tls_files().server_key, {"evmux/1"});
+    TcpServer server(loop(), Address::ip("127.0.0.1", 0), cb, opt);
+    { std::ofstream(path("in"), std::ios::binary) << data; }
+    const std::string port = std::to_string(server.local_address().port());
+    Child s_client({"openssl", "s_client", "-connect", "127.0.0.1:" + port, "-servername",
+                    "localhost", "-verify_hostname", "localhost", "-CAfile", tls_files().ca,
+                    "-verify_return_error", "-alpn", "evmux/1", "-quiet", "-nocommands"},
+                   path("in"), path("out"), path("err"));
+    ASSERT_TRUE(s_client.wait(loop(), 20s)) << read_file(path("err"));
+    EXPECT_EQ(s_client.exit_code(), 0) << read_file(path("err"));
+    const std::string out = read_file(path("out"));
+    EXPECT_EQ(out.size(), total) << read_file(path("err"));
+    EXPECT_TRUE(out == data) << "s_client received other bytes than it sent";
+    EXPECT_TRUE(srv.got == data);
+    ASSERT_TRUE(run_until(loop(), [&] { return srv.closed(); }));
+    EXPECT_EQ(srv.connects, 1);
+    EXPECT_EQ(srv.alpn, "evmux/1");
+    ASSERT_EQ(srv.reasons.size(), 1u);
+    // s_client answers our close_notify with its own.
+    EXPECT_EQ(srv.reasons[0], CloseReason::peer_closed) << srv.messages[0];
+}
+
+// Python's ssl module: sends in chunks, checks each echo, then unwrap()s
+// (close_notify both ways).
+TEST_F(Tls, PythonSslEchoedByteForByte) {
+    const char* script = std::getenv("EVMUX_TLS_CLIENT_PY");
+    ASSERT_TRUE(script) << "EVMUX_TLS_CLIENT_PY not set (tests/meson.build sets it)";
+    EchoServer server(loop(),
+                      server_context(tls_files().server_cert, tls_files().server_key, {"evmux/1"}));
+    { std::ofstream(path("in")) << ""; }
+    Child py({"/usr/bin/python3", script, std::to_string(server.port()), tls_files().ca,
+              "localhost", "200000", "evmux/1"},
+             path("in"), path("out"), path("err"));
+    ASSERT_TRUE(py.wait(loop(), 30s)) << read_file(path("err"));
+    EXPECT_EQ(py.exit_code(), 0) << read_file(path("out")) << read_file(path("err"));
+    EXPECT_EQ(read_file(path("out")), "ok 200000 TLSv1.3 evmux/1\n") << read_file(path("err"));
+    ASSERT_TRUE(run_until(loop(), [&] { return server.rec.closed(); }));
+    EXPECT_EQ(server.rec.got.size(), 200000u);
+    ASSERT_EQ(server.rec.reasons.size(), 1u);
+    EXPECT_EQ(server.rec.reasons[0], CloseReason::peer_closed) << server.rec.messages[0];
+}
+
+// ---- bad peers: a clear reason, that connection closed, the others served ---------
+
+TEST_F(Tls, PlainBytesToATlsPort) {
+    EchoServer server(loop(), server_context());
+    Bystander by(loop(), server.address(), record());
+    Fd raw = dial_raw(server.address());
+    pump_for(loop(), 20ms);
+    write_all(raw.get(), "GET / HTTP/1.1\r\nHost: localhost\r\n\r\n");
+    ASSERT_TRUE(run_until(loop(), [&] { return server.rec.closed(); }));
+    EXPECT_EQ(server.rec.reasons[0], CloseReason::tls);
+    EXPECT_EQ(server.rec.messages[0].rfind("TLS handshake: ", 0), 0u) << server.rec.messages[0];
+    EXPECT_NE(server.rec.messages[0].find("http request"), std::string::npos)
+        << server.rec.messages[0];
+    EXPECT_TRUE(run_until(loop(), [&] { return peer_gone(raw.get()); }));
+    EXPECT_EQ(server.rec.connects, 1);  // the bystander only
+    by.check_served(loop());
+}
+
+TEST_F(Tls, TruncatedHandshake) {
+    EchoServer server(loop(), server_context());
+    Bystander by(loop(), server.address(), record());
+    Fd raw = dial_raw(server.address());
+    pump_for(loop(), 20ms);
+    // The start of a ClientHello record announcing 512 bytes, then FIN.
+    const char hello[] =
+        "\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"
+        "0123456789abcdef0123";
+    write_all(raw.get(), std::string_view(hello, sizeof hello - 1));
+    ::shutdown(raw.get(), SHUT_WR);
+    ASSERT_TRUE(run_until(loop(), [&] { return server.rec.closed(); }));
+    EXPECT_EQ(server.rec.reasons[0], CloseReason::tls);
+    EXPECT_NE(server.rec.messages[0].find("TLS handshake: unexpected eof"), std::string::npos)
+        << server.rec.messages[0];
+    EXPECT_TRUE(run_until(loop(), [&] { return peer_gone(raw.get()); }));
+    by.check_served(loop());
+}
+
+TEST_F(Tls, StalledHandshakeTimesOut) {
+    TlsServerOptions so;
+    so.cert_chain_file = tls_files().server_cert;
+    so.key_file = tls_files().server_key;
+    so.handshake_timeout = 300ms;
+    EchoServer server(loop(), TlsContext::server(so));
+    Bystander by(loop(), server.address(), record());
+    Fd raw = dial_raw(server.address());
+    pump_for(loop(), 20ms);
+    write_all(raw.get(), std::string_view("\x16\x03\x01\x02", 4));  // and nothing more
+    const auto start = std::chrono::steady_clock::now();
+    ASSERT_TRUE(run_until(
+        loop(), [&] { return server.rec.closed(); }, 5s));
+    EXPECT_GE(std::chrono::steady_clock::now() - start, 250ms);
+    EXPECT_EQ(server.rec.reasons[0], CloseReason::timeout);
+    EXPECT_EQ(server.rec.messages[0], "TLS handshake timed out after 300 ms");
+    EXPECT_TRUE(run_until(loop(), [&] { return peer_gone(raw.get()); }));
+    // The bystander finished its handshake long before: no timeout for it.
+    pump_for(loop(), 400ms);
+    by.check_served(loop());
+    EXPECT_EQ(server.rec.reasons.size(), 1u);
+}
+
+TEST_F(Tls, WrongHostnameFailsOnBothSides) {
+    EchoServer server(loop(), server_context());
+    Bystander by(loop(), server.address(), record());
+    Record& client = record();
+    start_client(loop(), server.address(), client_context("wrong.example"), client);
+    ASSERT_TRUE(run_until(loop(), [&] { return client.closed() && server.rec.closed(); }));
+    EXPECT_EQ(client.connects, 0);
+    EXPECT_EQ(client.reasons[0], CloseReason::tls);
+    EXPECT_NE(client.messages[0].find("certificate verify failed (hostname mismatch)"),
+              std::string::npos)
+        << client.messages[0];
+    EXPECT_EQ(server.rec.reasons[0], CloseReason::tls);
+    EXPECT_NE(server.rec.messages[0].find("alert"), std::string::npos) << server.rec.messages[0];
+    by.check_served(loop());
+}
+
+TEST_F(Tls, ExpiredCertificate) {
+    EchoServer server(loop(), server_context(tls_files().expired_cert, tls_files().expired_key));
+    Record& client = record();
+    start_client(loop(), server.address(), client_context(), client);
+    ASSERT_TRUE(run_until(loop(), [&] { return client.closed() && server.rec.closed(); }));
+    EXPECT_EQ(client.connects, 0);
+    EXPECT_EQ(client.reasons[0], CloseReason::tls);
+    EXPECT_NE(client.messages[0].find("(certificate has expired)"), std::string::npos)
+        << client.messages[0];
+    EXPECT_EQ(server.rec.reasons[0], CloseReason::tls);
+    // The listener keeps accepting: the next client is refused the same way.
+    Record& again = record();
+    start_client(loop(), server.address(), client_context(), again);
+    ASSERT_TRUE(run_until(loop(), [&] { return again.closed(); }));
+    EXPECT_EQ(again.reasons[0], CloseReason::tls);
+}
+
+TEST_F(Tls, CertificateOfAnotherCaOrNameIsRefused) {
+    EchoServer other(loop(), server_context(tls_files().other_cert, tls_files().other_key));
+    Record& by_name = record();
+    Record& by_ca = record();
+    start_client(loop(), other.address(), client_context("localhost"), by_name);
+    start_client(loop(), other.address(), client_context("other.example", tls_files().other_ca),
+                 by_ca);
+    ASSERT_TRUE(run_until(loop(), [&] { return by_name.closed() && by_ca.closed(); }));
+    EXPECT_NE(by_name.messages[0].find("hostname mismatch"), std::string::npos)
+        << by_name.messages[0];
+    EXPECT_NE(by_ca.messages[0].find("unable to get local issuer certificate"), std::string::npos)
+        << by_ca.messages[0];
+    // The right name and CA: accepted.
+    Record& good = record();
+    start_client(loop(), other.address(), client_context("other.example"), good);
+    ASSERT_TRUE(run_until(loop(), [&] { return good.connects == 1 || good.closed(); }));
+    EXPECT_EQ(good.connects, 1) << (good.messages.empty() ? "" : good.messages[0]);
+}
+
+TEST_F(Tls, ClientChecksThePeerIpWhenGivenNoName) {
+    EchoServer server(loop(), server_context());
+    TlsClientOptions co;
+    co.ca_file = tls_files().ca;  // no server_name: 127.0.0.1 is checked (an IP SAN)
+    Record& client = record();
+    start_client(loop(), server.address(), TlsContext::client(co), client);
+    ASSERT_TRUE(run_until(loop(), [&] { return client.connects == 1 || client.closed(); }));
+    EXPECT_EQ(client.connects, 1) << (client.messages.empty() ? "" : client.messages[0]);
+    // A name, when given, is checked instead.
+    co.server_name = "other.example";
+    Record& named = record();
+    start_client(loop(), server.address(), TlsContext::client(co), named);
+    ASSERT_TRUE(run_until(loop(), [&] { return named.closed(); }));
+    EXPECT_NE(named.messages[0].find("hostname mismatch"), std::string::npos) << named.messages[0];
+}
+
+// ---- the connection contract over TLS --------------------------------------------------
+
+// The server sends far more than the client reads: the queue (plaintext)
+// passes high water once, everything arrives in order once the client reads,
+// and queued + written plaintext always adds up to what was sent.
+TEST_F(Tls, WaterMarksCountPlaintext) {
+    std::size_t high_events = 0, high_queued = 0, drains = 0;
+    const std::string data = pattern(2 * 1024 * 1024, 5);
+    ConnectionPtr served;
+    Callbacks cb;
+    cb.on_connect = [&](const ConnectionPtr& c) {
+        served = c;
+        // A small send buffer: the kernel must not take it all (autotuning would).
+        const int sndbuf = 32 * 1024;
+        ::setsockopt(c->fd(), SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
+        for (std::size_t off = 0; off < data.size(); off += 16 * 1024)
+            c->send(data.substr(off, 16 * 1024));
+        EXPECT_EQ(c->queued_bytes() + c->bytes_out(), data.size());
+    };
+    cb.on_high_water = [&](const ConnectionPtr&, std::size_t q) {
+        ++high_events;
+        high_queued = q;
+    };
+    cb.on_drain = [&](const ConnectionPtr&) { ++drains; };
+    ServerOptions opt;
+    opt.connection.tls = server_context();
+    opt.connection.high_water = 256 * 1024;
+    opt.connection.low_water = 64 * 1024;
+    TcpServer server(loop(), Address::ip("127.0.0.1", 0), cb, opt);
+    Record& client = record();
+    ConnectionOptions copt;
+    start_client(loop(), server.local_address(), client_context(), client, copt);
+    ASSERT_TRUE(run_until(loop(), [&] { return client.connects == 1 && served; }));
+    client.conn->pause_reading();
+    pump_for(loop(), 100ms);
+    EXPECT_EQ(high_events, 1u);
+    EXPECT_GE(high_queued, 256u * 1024);
+    EXPECT_TRUE(served->above_high_water());
+    EXPECT_EQ(served->queued_bytes() + served->bytes_out(), data.size());
+    EXPECT_LT(client.got.size(), data.size());
+    client.conn->resume_reading();
+    ASSERT_TRUE(run_until(loop(), [&] { return client.got.size() >= data.size(); }));
+    EXPECT_TRUE(client.got == data);
+    ASSERT_TRUE(run_until(loop(), [&] { return drains >= 1; }));
+    EXPECT_EQ(served->queued_bytes(), 0u);
+    EXPECT_FALSE(served->above_high_water());
+}
+
+TEST_F(Tls, MaxBufferedClosesWithOverflow) {
+    // "flood": 16 MB at once to a client that does not read; anything else: echo.
+    Record& srv = record();
+    Callbacks cb = recording(srv, true);
+    cb.on_message = [&](const ConnectionPtr& c, Buffer& in) {
+        if (in.view() != "flood") {
+            c->send(in.data(), in.size());
+            in.consume_all();
+            return;
+        }
+        in.consume_all();
+        const std::string chunk = pattern(64 * 1024);
+        for (int i = 0; i < 256 && c->is_open(); ++i) c->send(chunk);
+    };
+    ServerOptions opt;
+    opt.connection.tls = server_context();
+    opt.connection.max_buffered = 512 * 1024;
+    TcpServer server(loop(), Address::ip("127.0.0.1", 0), cb, opt);
+    Bystander by(loop(), server.local_address(), record());
+    Record& stalled = record();
+    start_client(loop(), server.local_address(), client_context(), stalled);
+    ASSERT_TRUE(run_until(loop(), [&] { return stalled.connects == 1; }));
+    stalled.conn->pause_reading();
+    stalled.conn->send("flood");
+    ASSERT_TRUE(run_until(loop(), [&] { return srv.closed(); }));
+    EXPECT_EQ(srv.reasons[0], CloseReason::overflow);
+    by.check_served(loop());
+    pump_for(loop(), 50ms);
+    EXPECT_EQ(srv.reasons.size(), 1u);
+}
+
+// Records OpenSSL has read ahead are delivered although no readiness event
+// announces them (the socket is empty by then): past a read budget smaller
+// than a record, and after a pause.
+TEST_F(Tls, BufferedRecordsArriveDespiteTheReadBudget) {
+    const std::string data = pattern(64 * 1000, 9);
+    Callbacks cb;
+    cb.on_connect = [&](const ConnectionPtr& c) {
+        for (std::size_t off = 0; off < data.size(); off += 1000)
+            c->send(std::string_view(data).substr(off, 1000));
+    };
+    ServerOptions opt;
+    opt.connection.tls = server_context();
+    TcpServer server(loop(), Address::ip("127.0.0.1", 0), cb, opt);
+    Record& client = record();
+    ConnectionOptions copt;
+    copt.read_budget = 100;  // a tenth of a record per wake-up
+    start_client(loop(), server.local_address(), client_context(), client, copt);
+    ASSERT_TRUE(run_until(
+        loop(), [&] { return client.got.size() >= data.size(); }, 20s))
+        << client.got.size() << " of " << data.size() << " bytes";
+    EXPECT_TRUE(client.got == data);
+}
+
+TEST_F(Tls, BufferedRecordsArriveAfterResume) {
+    // Ten small records sent at once while the client does not read: its
+    // first read takes them all into OpenSSL's buffer; it pauses after each
+    // message and resumes from a timer, so nine times the rest sits there.
+    Callbacks cb;
+    cb.on_message = [&](const ConnectionPtr& c, Buffer& in) {
+        in.consume_all();
+        for (int i = 0; i < 10; ++i) c->send(std::string(100, static_cast<char>('a' + i)));
+    };
+    ServerOptions opt;
+    opt.connection.tls = server_context();
+    TcpServer server(loop(), Address::ip("127.0.0.1", 0), cb, opt);
+    // The client pauses inside on_message, after each record, and resumes
+    // from a timer.
+    Record& client = record();
+    Callbacks ccb = recording(client, false);
+    int messages = 0;
+    ccb.on_message = [&](const ConnectionPtr& c, Buffer& in) {
+        client.got.append(in.data(), in.size());
+        in.consume_all();
+        ++messages;
+        c->pause_reading();
+        loop().call_after(2ms, [c] { c->resume_reading(); });
+    };
+    ConnectOptions co;
+    co.connection.tls = client_context();
+    connect(loop(), server.local_address(), ccb, co);
+    ASSERT_TRUE(run_until(loop(), [&] { return client.connects == 1; }));
+    client.conn->pause_reading();
+    client.conn->send("go");
+    pump_for(loop(), 50ms);  // the ten records wait in the client's socket
+    client.conn->resume_reading();
+    ASSERT_TRUE(run_until(
+        loop(), [&] { return client.got.size() >= 1000; }, 10s))
+        << client.got.size() << " of 1000 bytes after " << messages << " messages";
+    for (int i = 0; i < 10; ++i)
+        EXPECT_EQ(client.got.substr(static_cast<std::size_t>(i) * 100, 100),
+                  std::string(100, static_cast<char>('a' + i)));
+    EXPECT_EQ(messages, 10);  // one record each: the rest waited in OpenSSL's buffer
+}
+
+TEST_F(Tls, HalfCloseBothWays) {
+    Record& srv = record();
+    Callbacks cb = recording(srv, false);
+    cb.on_peer_shutdown = [&](const ConnectionPtr& c) {
+        ++srv.peer_shutdowns;
+        c->send("reply after your close_notify: " + std::to_string(srv.got.size()));
+        c->shutdown_write();
+    };
+    ServerOptions opt;
+    opt.connection.tls = server_context();
+    TcpServer server(loop(), Address::ip("127.0.0.1", 0), cb, opt);
+    Record& client = record();
+    start_client(loop(), server.local_address(), client_context(), client);
+    ASSERT_TRUE(run_until(loop(), [&] { return client.connects == 1; }));
+    const std::string data = pattern(50000);
+    client.conn->send(data);
+    client.conn->shutdown_write();
+    client.conn->send("ignored after shutdown_write");
+    ASSERT_TRUE(run_until(loop(), [&] { return client.closed() && srv.closed(); }));
+    EXPECT_EQ(srv.got, data);
+    EXPECT_EQ(srv.peer_shutdowns, 1);
+    EXPECT_EQ(client.got, "reply after your close_notify: 50000");
+    EXPECT_EQ(client.reasons[0], CloseReason::peer_closed);
+    EXPECT_EQ(srv.reasons[0], CloseReason::peer_closed);
+    pump_for(loop(), 30ms);
+    EXPECT_EQ(client.reasons.size(), 1u);
+    EXPECT_EQ(srv.reasons.size(), 1u);
+}
+
+// close(graceful) sends the queue, then close_notify: the peer sees a
+// complete stream (peer_closed, not a TLS error).
+TEST_F(Tls, GracefulCloseEndsWithCloseNotify) {
+    const std::string data = pattern(300 * 1024, 2);
+    Callbacks cb;
+    cb.on_connect = [&](const ConnectionPtr& c) {
+        c->send(data);
+        c->close(CloseMode::graceful);
+    };
+    ServerOptions opt;
+    opt.connection.tls = server_context();
+    TcpServer server(loop(), Address::ip("127.0.0.1", 0), cb, opt);
+    Record& client = record();
+    start_client(loop(), server.local_address(), client_context(), client);
+    ASSERT_TRUE(run_until(loop(), [&] { return client.closed(); }));
+    EXPECT_TRUE(client.got == data);
+    EXPECT_EQ(client.reasons[0], CloseReason::peer_closed) << client.messages[0];
+}
+
+// A peer that closes TCP without close_notify has cut the stream: a TLS error
+// (a truncation attack looks the same), not an orderly close.
+TEST_F(Tls, EofWithoutCloseNotifyIsATlsError) {
+    EchoServer server(loop(), server_context());
+    Record& client = record();
+    start_client(loop(), server.address(), client_context(), client);
+    ASSERT_TRUE(
+        run_until(loop(), [&] { return client.connects == 1 && server.rec.connects == 1; }));
+    ::shutdown(client.conn->fd(), SHUT_WR);  // a FIN under TLS's feet
+    ASSERT_TRUE(run_until(loop(), [&] { return server.rec.closed(); }));
+    EXPECT_EQ(server.rec.reasons[0], CloseReason::tls);
+    EXPECT_NE(server.rec.messages[0].find("unexpected eof"), std::string::npos)
+        << server.rec.messages[0];
+}
+
+TEST_F(Tls, ThrowingCallbackClosesOnlyItsConnection) {
+    Record& srv = record();
+    Callbacks cb = recording(srv, true);
+    cb.on_message = [&](const ConnectionPtr& c, Buffer& in) {
+        if (in.view().find("boom") != std::string_view::npos) throw std::runtime_error("boom");
+        c->send(in.data(), in.size());
+        in.consume_all();
+    };
+    ServerOptions opt;
+    opt.connection.tls = server_context();
+    TcpServer server(loop(), Address::ip("127.0.0.1", 0), cb, opt);
+    int handled = 0;
+    loop().set_exception_handler([&](std::exception_ptr) { ++handled; });
+    Bystander by(loop(), server.local_address(), record());
+    Record& bad = record();
+    start_client(loop(), server.local_address(), client_context(), bad);
+    ASSERT_TRUE(run_until(loop(), [&] { return bad.connects == 1; }));
+    bad.conn->send("boom");
+    ASSERT_TRUE(run_until(loop(), [&] { return srv.closed() && bad.closed(); }));
+    EXPECT_EQ(srv.reasons[0], CloseReason::exception);
+    EXPECT_EQ(handled, 1);
+    by.check_served(loop());
+}
+
+// ---- contexts: clear errors for bad files -----------------------------------------------
+
+std::string context_error(const TlsServerOptions& o) {
+    try {
+        TlsContext::server(o);
+    } catch (const std::exception& e) {
+        return e.what();
+    }
+    return "no error";
+}
+
+TEST_F(Tls, BadPemFilesGiveClearErrors) {
+    TlsServerOptions o;
+    o.cert_chain_file = dir_ + "/no-such.crt";
+    o.key_file = tls_files().server_key;
+    std::string e = context_error(o);
+    EXPECT_EQ(e.rfind("TLS: certificate chain file " + o.cert_chain_file + ": ", 0), 0u) << e;
+    EXPECT_NE(e.find("No such file"), std::string::npos) << e;
+
+    o.cert_chain_file = tls_files().garbage;
+    e = context_error(o);
+    EXPECT_EQ(e, "TLS: certificate chain file " + o.cert_chain_file + ": no start line") << e;
+
+    o.cert_chain_file = tls_files().server_cert;
+    o.key_file = tls_files().other_key;
+    e = context_error(o);
+    EXPECT_EQ(e.rfind("TLS: key file " + o.key_file + " does not match the certificate: ", 0), 0u)
+        << e;
+    EXPECT_NE(e.find("key values mismatch"), std::string::npos) << e;
+
+    o.key_file = tls_files().server_key;
+    o.alpn = {std::string(300, 'x')};
+    e = context_error(o);
+    EXPECT_EQ(e, "TLS: ALPN protocol names must be 1 to 255 bytes long");
+
+    TlsClientOptions c;
+    c.ca_file = dir_ + "/no-such-ca.crt";
+    try {
+        TlsContext::client(c);
+        ADD_FAILURE() << "no error for a missing CA file";
+    } catch (const std::runtime_error& err) {
+        EXPECT_EQ(std::string(err.what()).rfind("TLS: CA file " + c.ca_file + ": ", 0), 0u)
+            << err.what();
+    }
+    EXPECT_THROW(TlsContext::server(TlsServerOptions{}), std::invalid_argument);
+}
+
+}  // namespace
+}  // namespace evmux
