@@ -2,15 +2,17 @@
 //
 //   evmux-echo --port P [--host H [--dns SERVERS]] [--backend NAME] [--upper]
 //              [--unix PATH] [--threads N [--distribution reuse_port|round_robin]]
-//              [--model callbacks|coroutines]
+//              [--model callbacks|coroutines] [--tls-cert FILE --tls-key FILE]
 //   evmux-echo --list-backends
 //
 // A --host name is resolved by evmux's Resolver (/etc/hosts, then the DNS
 // servers: /etc/resolv.conf's or --dns), and the first of its addresses that
 // binds is served on. Prints "evmux-echo listening on HOST:PORT backend=NAME
-// ..." to stderr once it accepts; SIGINT/SIGTERM stop it with a one-line
+// ..." to stderr once it accepts (ending in " tls" when it speaks TLS);
+// SIGINT/SIGTERM stop it with a one-line
 // summary. Errors in the command line or the setup (port in use, unknown
-// backend or host, missing Unix socket directory) are one line on stderr and
+// backend or host, missing Unix socket directory, a bad PEM file for
+// --tls-cert/--tls-key) are one line on stderr and
 // exit code 2. It raises its soft
 // RLIMIT_NOFILE to the hard limit at start: a server for thousands of
 // connections must not stop at the usual soft 1024.
@@ -33,6 +35,7 @@
 #include "evmux/resolver.hpp"
 #include "evmux/selector.hpp"
 #include "evmux/server.hpp"
+#include "evmux/tls.hpp"
 #include "fd_limit.hpp"
 
 namespace {
@@ -65,11 +68,11 @@ std::string host_port(const std::string& host, int port) {
 
 // Once the server is listening: the line the tests and tools wait for.
 void say_listening(const evmux::TcpServer& server, const std::string& backend, std::size_t threads,
-                   const std::string& model) {
+                   const std::string& model, bool tls) {
     std::fprintf(stderr,
-                 "evmux-echo listening on %s backend=%s threads=%zu distribution=%s model=%s\n",
+                 "evmux-echo listening on %s backend=%s threads=%zu distribution=%s model=%s%s\n",
                  server.local_address().to_string().c_str(), backend.c_str(), threads,
-                 evmux::to_string(server.distribution()), model.c_str());
+                 evmux::to_string(server.distribution()), model.c_str(), tls ? " tls" : "");
     std::fflush(stderr);
 }
 
@@ -121,6 +124,7 @@ evmux::coro::Task<void> upper_coroutine(evmux::coro::Stream stream) {
 int serve(std::size_t threads, const std::string& backend, const std::string& address,
           evmux::Callbacks callbacks, const evmux::ServerOptions& options,
           const std::string& model) {
+    const bool tls = options.connection.tls != nullptr;
     if (threads == 1) {
         evmux::EventLoop loop(backend.empty() ? evmux::make_selector()
                                               : evmux::make_selector(backend));
@@ -129,7 +133,7 @@ int serve(std::size_t threads, const std::string& backend, const std::string& ad
         auto stop = [&loop](int) { loop.stop(); };
         loop.on_signal(SIGINT, stop);
         loop.on_signal(SIGTERM, stop);
-        say_listening(*server, loop.backend_name(), threads, model);
+        say_listening(*server, loop.backend_name(), threads, model, tls);
         loop.run();
         say_stopped(*server);
         return 0;
@@ -141,13 +145,22 @@ int serve(std::size_t threads, const std::string& backend, const std::string& ad
     ::pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
     evmux::LoopGroup group(threads, backend);
     evmux::TcpServer& server = group.listen(address, std::move(callbacks), options);
-    say_listening(server, group.backend_name(), threads, model);
+    say_listening(server, group.backend_name(), threads, model, tls);
     int signo = 0;
     while (::sigwait(&stop_signals, &signo) != 0) {
     }
     group.stop();
     say_stopped(server);
     return 0;
+}
+
+// --tls-cert FILE --tls-key FILE: both or neither (CLI11 says which is missing).
+void add_tls_flags(CLI::App& app, evmux::TlsServerOptions& tls) {
+    auto* cert = app.add_option("--tls-cert", tls.cert_chain_file,
+                                "speak TLS: PEM certificate chain (the server's first)");
+    auto* key = app.add_option("--tls-key", tls.key_file, "PEM private key of --tls-cert");
+    cert->needs(key);
+    key->needs(cert);
 }
 
 }  // namespace
@@ -164,6 +177,8 @@ int main(int argc, char** argv) {
     std::string distribution = evmux::to_string(evmux::ServerOptions{}.distribution);
     std::string model = "callbacks";
     std::string dns;
+    evmux::TlsServerOptions tls;
+    add_tls_flags(app, tls);
     app.add_option("--port", port, "TCP port (0: any free port)")->check(CLI::Range(0, 65535));
     app.add_option("--host", host, "numeric address or name to bind (default 127.0.0.1)");
     app.add_option("--dns", dns,
@@ -201,6 +216,7 @@ int main(int argc, char** argv) {
         options.distribution = distribution == "round_robin" ? evmux::Distribution::round_robin
                                                              : evmux::Distribution::reuse_port;
         options.resolver.servers = dns;
+        if (!tls.cert_chain_file.empty()) options.connection.tls = evmux::TlsContext::server(tls);
 
         evmux::Callbacks callbacks;
         if (model == "coroutines") {
