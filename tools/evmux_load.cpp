@@ -17,6 +17,9 @@
 // at the end. Each active connection draws its payload from its own seeded
 // pseudo-random stream, and every round uses fresh bytes, so a reply routed to
 // the wrong connection, or a stale or repeated reply, is a mismatch.
+//
+// --tls: the same over TLS (OpenSSL's own socket BIO, SSL_read/SSL_write in
+// place of recv/send); the handshake is part of connecting, before the clock.
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netdb.h>
@@ -43,6 +46,14 @@
 #include <vector>
 
 #include "fd_limit.hpp"
+
+#if EVMUX_LOAD_TLS
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#else
+struct ssl_st;  // never made without TLS
+using SSL = ssl_st;
+#endif
 
 namespace {
 
@@ -75,6 +86,9 @@ struct Options {
     bool upper = false;
     bool json = false;
     bool mark_window = false;  // "window\n" on stdout when the measured load starts
+    bool tls = false;
+    std::string tls_ca;                  // empty: the server's certificate is not checked
+    std::string tls_name = "localhost";  // checked (and sent as SNI) with tls_ca
 };
 
 /// A log-linear latency histogram (in the style of HdrHistogram): 128
@@ -164,14 +178,16 @@ inline unsigned char expected_byte(unsigned char c, bool upper) {
 /// One TCP connection to the server and its round-trip state.
 struct Conn {
     enum class State : std::uint8_t {
-        unused,      // not yet connecting
-        connecting,  // connect() in progress
-        idle,        // connected, sends nothing, must stay connected
-        in_round,    // a message is being sent and/or its echo received
-        finished,    // active, no round in flight (after the duration ended)
-        closed,      // failed (error or mismatch) and closed
+        unused,       // not yet connecting
+        connecting,   // connect() in progress
+        handshaking,  // --tls: connected, TLS handshake in progress
+        idle,         // connected, sends nothing, must stay connected
+        in_round,     // a message is being sent and/or its echo received
+        finished,     // active, no round in flight (after the duration ended)
+        closed,       // failed (error or mismatch) and closed
     };
     int fd = -1;
+    SSL* ssl = nullptr;  // --tls only
     State state = State::unused;
     bool active = false;
     bool want_write = false;       // EPOLLOUT is in the registered interest
@@ -204,6 +220,7 @@ class LoadClient {
           read_buf_(read_buffer_size) {
         epfd_ = epoll_create1(EPOLL_CLOEXEC);
         if (epfd_ < 0) die_errno("epoll_create1");
+        if (opt.tls) tls_ctx_ = make_tls_context(opt);
         for (std::size_t i = 0; i < conns_.size(); ++i) {
             Conn& c = conns_[i];
             c.active = i < opt.active;
@@ -215,9 +232,11 @@ class LoadClient {
         }
     }
     ~LoadClient() {
-        for (Conn& c : conns_)
-            if (c.fd >= 0) ::close(c.fd);
+        for (Conn& c : conns_) close_conn(c);
         if (epfd_ >= 0) ::close(epfd_);
+#if EVMUX_LOAD_TLS
+        SSL_CTX_free(tls_ctx_);
+#endif
     }
     LoadClient(const LoadClient&) = delete;
     LoadClient& operator=(const LoadClient&) = delete;
@@ -233,7 +252,9 @@ class LoadClient {
     /// Runs the ping-pong for the duration, drains, checks the idle ones.
     void run();
     /// The counters so far.
-    const Results& results() const { return res_; }
+    const Results& results() const {
+        return res_;
+    }
 
   private:
     [[noreturn]] static void die_errno(const char* what) {
@@ -246,7 +267,15 @@ class LoadClient {
     void set_interest(std::size_t i, std::uint32_t events, int op = EPOLL_CTL_MOD);
     bool start_connect(std::size_t i);
     void finish_connect(std::size_t i);
+    // --tls: the handshake after connect, driven by readiness like connect.
+    void continue_handshake(std::size_t i);
+    // recv()/send() or, with --tls, SSL_read()/SSL_write() answering alike:
+    // -1 with errno EAGAIN (wait), EPROTO (a TLS error, printed) or another.
+    ssize_t io_recv(std::size_t i, void* buf, std::size_t len);
+    ssize_t io_send(std::size_t i, const void* buf, std::size_t len);
     void start_round(std::size_t i);
+    static struct ssl_ctx_st* make_tls_context(const Options& opt);
+    void start_tls(std::size_t i);
     void on_writable(std::size_t i);
     void on_readable(std::size_t i);
     void check_idle(std::size_t i, bool at_end);
@@ -258,6 +287,7 @@ class LoadClient {
     sockaddr_storage addr_;
     socklen_t addr_len_;
     int epfd_ = -1;
+    struct ssl_ctx_st* tls_ctx_ = nullptr;  // --tls
     std::vector<Conn> conns_;
     std::vector<unsigned char> payload_;  // active * size bytes, one slice each
     std::vector<unsigned char> read_buf_;
@@ -292,6 +322,10 @@ void LoadClient::mismatch(std::size_t i, std::size_t offset) {
 void LoadClient::close_conn(Conn& c) {
     if (c.state == Conn::State::in_round) --in_flight_;
     c.state = Conn::State::closed;
+#if EVMUX_LOAD_TLS
+    SSL_free(c.ssl);  // no close_notify: the server sees the end as an error, as after a kill
+#endif
+    c.ssl = nullptr;
     if (c.fd >= 0) ::close(c.fd);  // close() also removes it from the epoll set
     c.fd = -1;
 }
@@ -342,11 +376,133 @@ void LoadClient::finish_connect(std::size_t i) {
         close_conn(c);
         return;
     }
+    if (tls_ctx_) {
+        start_tls(i);
+        return;
+    }
     // Readable interest only: write interest is added while a send is blocked.
     // RDHUP so that an idle connection the server drops is seen at once.
     c.state = c.active ? Conn::State::finished : Conn::State::idle;
     set_interest(i, c.active ? EPOLLIN : (EPOLLIN | EPOLLRDHUP));
 }
+
+#if EVMUX_LOAD_TLS
+namespace {
+// OpenSSL's reason for the last failure, and its queue emptied.
+const char* tls_reason() {
+    const unsigned long e = ERR_get_error();
+    ERR_clear_error();
+    const char* r = e ? ERR_reason_error_string(e) : nullptr;
+    return r ? r : "unexpected EOF";
+}
+}  // namespace
+
+SSL_CTX* LoadClient::make_tls_context(const Options& opt) {
+    SSL_CTX* ctx = SSL_CTX_new(TLS_client_method());
+    if (!ctx) die_errno("SSL_CTX_new");
+    SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+    // Records one by one as the socket takes them; a retry may not move.
+    SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE);
+    if (opt.tls_ca.empty()) {
+        std::fprintf(stderr,
+                     "evmux-load: --tls without --tls-ca: the server's certificate is not "
+                     "checked\n");
+        SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, nullptr);
+    } else {
+        if (SSL_CTX_load_verify_locations(ctx, opt.tls_ca.c_str(), nullptr) != 1) {
+            std::fprintf(stderr, "evmux-load: --tls-ca %s: %s\n", opt.tls_ca.c_str(), tls_reason());
+            std::exit(2);
+        }
+        SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, nullptr);
+    }
+    return ctx;
+}
+
+void LoadClient::start_tls(std::size_t i) {
+    Conn& c = conns_[i];
+    c.ssl = SSL_new(tls_ctx_);
+    if (!c.ssl || SSL_set_fd(c.ssl, c.fd) != 1) die_errno("SSL_new");
+    if (!opt_.tls_ca.empty()) {
+        SSL_set_tlsext_host_name(c.ssl, opt_.tls_name.c_str());
+        SSL_set1_host(c.ssl, opt_.tls_name.c_str());
+    }
+    SSL_set_connect_state(c.ssl);
+    c.state = Conn::State::handshaking;
+    continue_handshake(i);
+}
+
+void LoadClient::continue_handshake(std::size_t i) {
+    Conn& c = conns_[i];
+    ERR_clear_error();
+    const int r = SSL_do_handshake(c.ssl);
+    if (r == 1) {
+        c.state = c.active ? Conn::State::finished : Conn::State::idle;
+        set_interest(i, c.active ? EPOLLIN : (EPOLLIN | EPOLLRDHUP));
+        return;
+    }
+    const int e = SSL_get_error(c.ssl, r);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+        set_interest(i, e == SSL_ERROR_WANT_READ ? EPOLLIN : EPOLLOUT);
+        return;
+    }
+    const long verify = SSL_get_verify_result(c.ssl);
+    error(i, "TLS handshake: %s%s%s%s", tls_reason(), verify != X509_V_OK ? " (" : "",
+          verify != X509_V_OK ? X509_verify_cert_error_string(verify) : "",
+          verify != X509_V_OK ? ")" : "");
+    close_conn(c);
+}
+
+ssize_t LoadClient::io_recv(std::size_t i, void* buf, std::size_t len) {
+    Conn& c = conns_[i];
+    if (!c.ssl) return ::recv(c.fd, buf, len, 0);
+    ERR_clear_error();
+    const int n = SSL_read(c.ssl, buf, static_cast<int>(std::min<std::size_t>(len, INT32_MAX)));
+    if (n > 0) return n;
+    switch (SSL_get_error(c.ssl, n)) {
+        case SSL_ERROR_WANT_READ:
+        case SSL_ERROR_WANT_WRITE:
+            errno = EAGAIN;
+            return -1;
+        case SSL_ERROR_ZERO_RETURN:
+            return 0;  // close_notify
+        case SSL_ERROR_SYSCALL:
+            if (errno != 0 && ERR_peek_error() == 0) return -1;  // the socket's error
+            break;
+    }
+    error(i, "TLS: %s", tls_reason());
+    errno = EPROTO;
+    return -1;
+}
+
+ssize_t LoadClient::io_send(std::size_t i, const void* buf, std::size_t len) {
+    Conn& c = conns_[i];
+    if (!c.ssl) return ::send(c.fd, buf, len, MSG_NOSIGNAL);
+    ERR_clear_error();
+    const int n = SSL_write(c.ssl, buf, static_cast<int>(std::min<std::size_t>(len, INT32_MAX)));
+    if (n > 0) return n;
+    const int e = SSL_get_error(c.ssl, n);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+        errno = EAGAIN;
+        return -1;
+    }
+    if (e == SSL_ERROR_SYSCALL && errno != 0 && ERR_peek_error() == 0) return -1;
+    error(i, "TLS: %s", tls_reason());
+    errno = EPROTO;
+    return -1;
+}
+#else
+struct ssl_ctx_st* LoadClient::make_tls_context(const Options&) {
+    return nullptr;  // --tls is refused at parse time without TLS
+}
+void LoadClient::start_tls(std::size_t) {}
+void LoadClient::continue_handshake(std::size_t) {}
+ssize_t LoadClient::io_recv(std::size_t i, void* buf, std::size_t len) {
+    return ::recv(conns_[i].fd, buf, len, 0);
+}
+ssize_t LoadClient::io_send(std::size_t i, const void* buf, std::size_t len) {
+    return ::send(conns_[i].fd, buf, len, MSG_NOSIGNAL);
+}
+#endif
 
 bool LoadClient::connect_all() {
     const auto timeout = std::chrono::duration_cast<Clock::duration>(
@@ -368,11 +524,17 @@ bool LoadClient::connect_all() {
         if (n < 0 && errno != EINTR) die_errno("epoll_wait");
         for (int k = 0; k < n; ++k) {
             const std::size_t i = events_[k].data.u64;
-            if (conns_[i].state == Conn::State::connecting) {
-                finish_connect(i);
+            if (conns_[i].state == Conn::State::connecting ||
+                conns_[i].state == Conn::State::handshaking) {
+                if (conns_[i].state == Conn::State::connecting)
+                    finish_connect(i);
+                else
+                    continue_handshake(i);
                 if (conns_[i].state == Conn::State::closed) failed = true;
             } else if (conns_[i].state == Conn::State::idle) {
                 check_idle(i, false);
+            } else if (conns_[i].state == Conn::State::finished && conns_[i].ssl) {
+                on_readable(i);  // TLS 1.3 session tickets; data would be a mismatch
             } else if (conns_[i].state == Conn::State::finished) {
                 error(i, "server sent data before any request");
                 close_conn(conns_[i]);
@@ -381,12 +543,16 @@ bool LoadClient::connect_all() {
         const auto now = Clock::now();
         for (std::size_t k = 0; k < pending.size();) {
             Conn& c = conns_[pending[k]];
-            if (c.state == Conn::State::connecting && now - c.started > timeout) {
-                error(pending[k], "connect: no answer within %.3g s", opt_.connect_timeout_s);
+            const bool waiting =
+                c.state == Conn::State::connecting || c.state == Conn::State::handshaking;
+            if (waiting && now - c.started > timeout) {
+                error(pending[k], "%s: no answer within %.3g s",
+                      c.state == Conn::State::handshaking ? "TLS handshake" : "connect",
+                      opt_.connect_timeout_s);
                 close_conn(c);
                 failed = true;
             }
-            if (c.state != Conn::State::connecting) {
+            if (c.state != Conn::State::connecting && c.state != Conn::State::handshaking) {
                 pending[k] = pending.back();
                 pending.pop_back();
             } else {
@@ -412,7 +578,7 @@ void LoadClient::start_round(std::size_t i) {
 void LoadClient::on_writable(std::size_t i) {
     Conn& c = conns_[i];
     while (c.sent < opt_.size) {
-        const ssize_t n = ::send(c.fd, c.msg + c.sent, opt_.size - c.sent, MSG_NOSIGNAL);
+        const ssize_t n = io_send(i, c.msg + c.sent, opt_.size - c.sent);
         if (n > 0) {
             c.sent += static_cast<std::size_t>(n);
             continue;
@@ -422,7 +588,7 @@ void LoadClient::on_writable(std::size_t i) {
             if (!c.want_write) set_interest(i, EPOLLIN | EPOLLOUT);
             return;
         }
-        error(i, "send: %s", std::strerror(errno));
+        if (errno != EPROTO || !c.ssl) error(i, "send: %s", std::strerror(errno));
         close_conn(c);
         return;
     }
@@ -433,7 +599,7 @@ void LoadClient::on_readable(std::size_t i) {
     Conn& c = conns_[i];
     const std::size_t size = opt_.size;
     while (c.state == Conn::State::in_round || c.state == Conn::State::finished) {
-        const ssize_t n = ::recv(c.fd, read_buf_.data(), read_buf_.size(), 0);
+        const ssize_t n = io_recv(i, read_buf_.data(), read_buf_.size());
         if (n == 0) {
             error(i, "server closed the connection (%zu of %zu reply bytes received)", c.received,
                   c.state == Conn::State::in_round ? size : std::size_t{0});
@@ -443,7 +609,7 @@ void LoadClient::on_readable(std::size_t i) {
         if (n < 0) {
             if (errno == EINTR) continue;
             if (errno == EAGAIN || errno == EWOULDBLOCK) return;
-            error(i, "recv: %s", std::strerror(errno));
+            if (errno != EPROTO || !c.ssl) error(i, "recv: %s", std::strerror(errno));
             close_conn(c);
             return;
         }
@@ -483,14 +649,22 @@ void LoadClient::on_readable(std::size_t i) {
         }
         // A short read means the socket is empty: skip the EAGAIN round trip
         // to the kernel; level-triggered epoll reports whatever comes later.
-        if (got < read_buf_.size()) return;
+        // (TLS: one record per SSL_read; read on until it would block.)
+        if (got < read_buf_.size() && !c.ssl) return;
     }
 }
 
 void LoadClient::check_idle(std::size_t i, bool at_end) {
     Conn& c = conns_[i];
     char byte;
-    const ssize_t n = ::recv(c.fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    // TLS: SSL_read takes in what the server may send unasked (session
+    // tickets) and returns application data only.
+    const ssize_t n =
+        c.ssl ? io_recv(i, &byte, 1) : ::recv(c.fd, &byte, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n < 0 && errno == EPROTO && c.ssl) {  // io_recv said why
+        close_conn(c);
+        return;
+    }
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
         int err = 0;
         socklen_t len = sizeof err;
@@ -682,12 +856,22 @@ int main(int argc, char** argv) {
                  "print a line 'window' on stdout as the measured load starts (after the "
                  "connections and the warm-up), for a tool that samples the server then");
     app.add_option("--connect-timeout", opt.connect_timeout_s,
-                   "seconds each connect may take (default 10)")
+                   "seconds each connect (and TLS handshake) may take (default 10)")
         ->check(CLI::Range(0.001, 3600.0));
+    auto* tls = app.add_flag("--tls", opt.tls, "speak TLS (OpenSSL)");
+    app.add_option("--tls-ca", opt.tls_ca,
+                   "PEM CA file: check the server's certificate and --tls-name (default: "
+                   "not checked, said on stderr)")
+        ->needs(tls);
+    app.add_option("--tls-name", opt.tls_name, "server name to send and check (default localhost)")
+        ->needs(tls);
     try {
         app.parse(argc, argv);
         if (opt.active > opt.conns)
             throw CLI::ValidationError("--active", "must not exceed --conns");
+#if !EVMUX_LOAD_TLS
+        if (opt.tls) throw CLI::ValidationError("--tls", "not compiled in (needs libssl-dev)");
+#endif
     } catch (const CLI::ParseError& e) {
         if (e.get_exit_code() == 0) return app.exit(e);  // --help
         std::fprintf(stderr, "evmux-load: %s (see --help)\n", e.what());
