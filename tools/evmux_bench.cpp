@@ -35,6 +35,7 @@
 #include "bench_processes.hpp"
 #include "bench_stats.hpp"
 #include "bench_syscalls.hpp"
+#include "bench_tls.hpp"
 #include "evmux/selector.hpp"
 #include "fd_limit.hpp"
 
@@ -56,6 +57,7 @@ struct Server {
     bool forks;              // CPU of live children must be added
     int threads = 1;         // evmux-echo --threads (>1: the server is not pinned)
     std::string model;       // evmux-echo --model (empty: its default, callbacks)
+    bool tls = false;        // evmux-echo --tls-cert/--tls-key, evmux-load --tls
 };
 
 /// One load shape: message size, connections opened, connections in ping-pong.
@@ -612,7 +614,7 @@ class Runner {
         ServerSampler sampler(srv.pid(), precise, opt_.tick_split, {cpu, client_cpu_},
                               server.forks);
         r.rss_start_kib = sampler.start_rss_kib();
-        LoadRun load = run_load(point, host, port, srv.pid(), server.forks, cpu,
+        LoadRun load = run_load(point, host, port, srv.pid(), server.forks, server.tls, cpu,
                                 [&](pid_t client) { sampler.set_client(client); });
         sampler.stop();  // before reading its samples
         srv.stop();
@@ -642,8 +644,8 @@ class Runner {
             int port = 0;
             if (!wait_listening(srv, host, port, row.note)) return row;
             LoadRun load = run_load(
-                instructions_point, host, port, srv.pid(), false, server_cpu_, [](pid_t) {},
-                instructions_durations[i]);
+                instructions_point, host, port, srv.pid(), false, server.tls, server_cpu_,
+                [](pid_t) {}, instructions_durations[i]);
             // callgrind writes its file as the server exits: give it time.
             srv.stop(std::chrono::seconds(20));
             const std::optional<std::uint64_t> total = callgrind_total(out);
@@ -668,15 +670,18 @@ class Runner {
         if (server.threads > 1)
             argv.insert(argv.end(), {"--threads", std::to_string(server.threads)});
         if (!server.model.empty()) argv.insert(argv.end(), {"--model", server.model});
+        if (server.tls)
+            argv.insert(argv.end(),
+                        {"--tls-cert", bench_cert().cert, "--tls-key", bench_cert().key});
         return argv;
     }
 
     /// evmux-load against host:port for `point`, on the client CPU; killed if
-    /// it overruns by a minute. With `forks`, the CPU of the server's live
-    /// children is read when the figures arrive.
+    /// it overruns by a minute. For a server that forks, the CPU of its live
+    /// children is read when the figures arrive; one over TLS gets a TLS client.
     LoadRun run_load(const Point& point, const std::string& host, int port, pid_t server,
-                     bool forks, int server_cpu, const std::function<void(pid_t)>& started,
-                     double duration = 0) const {
+                     bool forks, bool tls, int server_cpu,
+                     const std::function<void(pid_t)>& started, double duration = 0) const {
         if (duration <= 0) duration = opt_.duration;
         std::vector<std::string> argv{load_.string(),
                                       "--port",
@@ -693,6 +698,7 @@ class Runner {
                                       fmt(duration, 3),
                                       "--json",
                                       "--mark-window"};
+        if (tls) argv.insert(argv.end(), {"--tls", "--tls-ca", bench_cert().ca});
         LoadRun run;
         ChildProcess load(argv, client_cpu_, true, false);
         started(load.pid());
@@ -1165,10 +1171,10 @@ int run_dispatch_command(int n, int a, int w, const std::string& backend, int it
 void add_bench_options(CLI::App& app, Options& opt) {
     app.add_option("--backends", opt.backends, "evmux backends (default: every usable one)")
         ->delimiter(',');
-    app.add_option(
-           "--servers", opt.servers,
-           "servers: evmux, evmux-coroutines, epoll-floor, libevent-bufferevent, threads, fork "
-           "(default: all; evmux-coroutines runs on the first backend only)")
+    app.add_option("--servers", opt.servers,
+                   "servers: evmux, evmux-coroutines, evmux-tls, epoll-floor, "
+                   "libevent-bufferevent, threads, fork (default: all; evmux-coroutines and "
+                   "evmux-tls run on the first backend only)")
         ->delimiter(',');
     app.add_option("--sizes", opt.sizes, "message sizes in bytes (default 64,1024,16384)")
         ->delimiter(',')
@@ -1254,18 +1260,23 @@ bool wanted(const Options& opt, const std::string& server) {
 /// in the defaults that depend on --quick, and returns the backends to run.
 std::vector<std::string> check_and_complete(Options& opt) {
     static const std::vector<std::string> known_servers{
-        "evmux", "evmux-coroutines", "epoll-floor", "libevent-bufferevent", "threads", "fork"};
+        "evmux", "evmux-coroutines", "evmux-tls", "epoll-floor", "libevent-bufferevent", "threads",
+        "fork"};
     for (const auto& s : opt.servers)
         if (std::find(known_servers.begin(), known_servers.end(), s) == known_servers.end())
             usage_error("unknown server '" + s +
-                        "'; known: evmux, evmux-coroutines, epoll-floor, libevent-bufferevent, "
-                        "threads, fork");
-    const bool on_evmux = wanted(opt, "evmux") || wanted(opt, "evmux-coroutines");
+                        "'; known: evmux, evmux-coroutines, evmux-tls, epoll-floor, "
+                        "libevent-bufferevent, threads, fork");
+    if (!opt.servers.empty() && wanted(opt, "evmux-tls") && !tls_built())
+        usage_error("evmux-tls: not compiled in (needs libssl-dev)");
+    const bool on_evmux = wanted(opt, "evmux") || wanted(opt, "evmux-coroutines") ||
+                          (wanted(opt, "evmux-tls") && tls_built());
     std::vector<std::string> backends =
         on_evmux ? pick_backends(opt.backends) : std::vector<std::string>{};
     if (!on_evmux && !opt.backends.empty())
         usage_error(
-            "--backends given but neither 'evmux' nor 'evmux-coroutines' is among --servers");
+            "--backends given but none of 'evmux', 'evmux-coroutines', 'evmux-tls' is among "
+            "--servers");
 
     if (opt.duration <= 0) opt.duration = opt.quick ? 1.0 : 2.0;
     if (opt.rounds <= 0) opt.rounds = opt.quick ? 3 : 5;
@@ -1316,9 +1327,9 @@ std::vector<Server> plan_servers(const Options& opt, const fs::path& tools_dir,
     add_baseline(floor_server, "evmux-baseline-epoll", false, false);
     if (!backends.empty()) {
         fs::path echo = tools_dir / "evmux-echo";
-        if (!fs::exists(echo))
+        if (!fs::exists(echo)) {
             std::cerr << "evmux-bench: skipping evmux: " << echo.string() << " not found\n";
-        else
+        } else {
             for (const auto& b : backends) {
                 for (int t : opt.threads) {
                     const std::string name =
@@ -1332,6 +1343,12 @@ std::vector<Server> plan_servers(const Options& opt, const fs::path& tools_dir,
                                            false, t, "coroutines"});
                 }
             }
+            // TLS on the first backend only, one thread: beside evmux/<it>, the
+            // same echo over plain TCP, for the TLS target (print_tls_target).
+            if (wanted(opt, "evmux-tls") && tls_built())
+                servers.push_back({"evmux/" + backends[0] + "/tls", "evmux", backends[0], echo,
+                                   false, false, 1, "", true});
+        }
     }
     add_baseline("libevent-bufferevent", "evmux-baseline-libevent", false, false);
     add_baseline("threads", "evmux-baseline-threads", true, false);
@@ -1544,6 +1561,48 @@ void make_plots(const fs::path& json, const std::string& out_dir) {
                   << json.string() << "\n";
 }
 
+/// The TLS target, per point where both evmux/<b> and evmux/<b>/tls ran: the
+/// server CPU per message over TLS against the plain echo's plus 1.3x what
+/// sealing and opening that message costs with EVP alone (timed in this run).
+void print_tls_target(std::ostream& os, const std::vector<Result>& results,
+                      const std::vector<Point>& points, const std::map<int, double>& evp_us) {
+    bool header = false;
+    for (const auto& p : points) {
+        const Result *plain = nullptr, *tls = nullptr;
+        for (const auto& r : results) {
+            if (!r.ok || r.point.size != p.size || r.point.conns != p.conns ||
+                r.point.active != p.active || p.idle_heavy)
+                continue;
+            if (r.server->tls) tls = &r;
+        }
+        if (!tls) continue;
+        for (const auto& r : results)
+            if (r.ok && !r.server->tls && r.server->kind == "evmux" && r.server->threads == 1 &&
+                r.server->backend == tls->server->backend && r.point.size == p.size &&
+                r.point.conns == p.conns && r.point.active == p.active)
+                plain = &r;
+        auto evp = evp_us.find(p.size);
+        if (!plain || evp == evp_us.end()) continue;
+        if (!header) {
+            os << "\n== TLS: server CPU us/msg (user + sys, medians) over TLS against plain TCP "
+                  "and EVP AES-256-GCM seal+open alone\n";
+            char line[256];
+            std::snprintf(line, sizeof line, "%-22s %10s %10s %10s %12s %8s\n", "point", "plain",
+                          "tls", "evp", "extra/evp", "target");
+            os << line;
+            header = true;
+        }
+        const double extra = tls->cpu_us_per_msg - plain->cpu_us_per_msg;
+        const double ratio = evp->second > 0 ? extra / evp->second : NAN;
+        char line[256];
+        std::snprintf(line, sizeof line, "%-22s %10.2f %10.2f %10.2f %12.2f %8s\n",
+                      point_label(p).c_str(), plain->cpu_us_per_msg, tls->cpu_us_per_msg,
+                      evp->second, ratio, ratio <= 1.3 ? "met" : "missed");
+        os << line;
+    }
+    if (header) os << "(target: tls <= plain + 1.3 x evp, i.e. extra/evp <= 1.3)\n";
+}
+
 /// The first and last line of the report: how many runs other work disturbed.
 std::string disturbance_summary(const std::vector<Result>& results, double percent) {
     std::size_t measured = 0, flagged = 0;
@@ -1594,6 +1653,13 @@ int run_bench(Options& opt) {
     Runner runner(opt, load, server_cpu, client_cpu);
     std::vector<Result> results;
     bool all_ok = run_servers(runner, points, servers, opt.rounds, results);
+    // EVP alone, in the same run, for the TLS target.
+    std::map<int, double> evp_us;
+    for (const auto& s : servers)
+        if (s.tls)
+            for (const auto& p : points)
+                if (!p.idle_heavy && !evp_us.count(p.size))
+                    evp_us[p.size] = evp_seal_open_us(p.size);
     std::vector<int> fd_counts = plan_sweep(opt, backends);
     std::vector<DispatchSweep> sweeps;
     all_ok = run_sweeps(backends, fd_counts, opt.quick, sweeps) && all_ok;
@@ -1606,6 +1672,7 @@ int run_bench(Options& opt) {
     std::cout << disturbed;
     print_environment(std::cout, env);
     print_table(std::cout, results, points);
+    print_tls_target(std::cout, results, points, evp_us);
     if (!sweeps.empty()) print_sweeps(backends, fd_counts, sweeps);
     if (opt.instructions) print_instructions(std::cout, instructions);
     std::printf("\nevmux-bench: %zu server x point entries, %d rounds each, in %.1f s\n",
