@@ -106,6 +106,14 @@ int select_alpn(SSL*, const unsigned char** out, unsigned char* outlen, const un
     return SSL_TLSEXT_ERR_OK;
 }
 
+// SSL_get_error() reads the thread's OpenSSL error queue, so it must be empty
+// before each call (user code may have left errors there). ERR_clear_error()
+// walks all 16 slots (about 840 instructions under callgrind, twice per
+// echoed message); a look first costs about 210.
+inline void clear_stale_errors() {
+    if (ERR_peek_error() != 0) ERR_clear_error();
+}
+
 // Owns an SSL_CTX until a TlsContext takes it.
 struct CtxHolder {
     SSL_CTX* ctx;
@@ -324,7 +332,7 @@ ssize_t TlsSession::outcome(int ret, const char* during) {
 
 int TlsSession::handshake() {
     if (failed_) return errno = EPROTO, -1;
-    ERR_clear_error();
+    clear_stale_errors();
     int r = SSL_do_handshake(ssl_);
     if (r == 1) {
         handshake_done_ = true;
@@ -339,7 +347,7 @@ int TlsSession::handshake() {
 
 ssize_t TlsSession::read(char* buf, std::size_t len) {
     if (failed_) return errno = EPROTO, -1;
-    ERR_clear_error();
+    clear_stale_errors();
     int n = SSL_read(ssl_, buf, static_cast<int>(std::min<std::size_t>(len, INT_MAX)));
     if (n > 0) return n;
     return outcome(n, "TLS");
@@ -349,7 +357,7 @@ ssize_t TlsSession::write(const char* buf, std::size_t len) {
     if (failed_) return errno = EPROTO, -1;
     std::size_t done = 0;
     while (done < len) {
-        ERR_clear_error();
+        clear_stale_errors();
         int n = SSL_write(ssl_, buf + done,
                           static_cast<int>(std::min<std::size_t>(len - done, INT_MAX)));
         if (n > 0) {

@@ -7,6 +7,7 @@
 // with close_notify, on_close once) over TLS. Certificates are made at run
 // time (tools/support/test_certs.cpp).
 #include <fcntl.h>
+#include <openssl/err.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/socket.h>
@@ -770,6 +771,35 @@ TEST_F(Tls, ThrowingCallbackClosesOnlyItsConnection) {
     EXPECT_EQ(srv.reasons[0], CloseReason::exception);
     EXPECT_EQ(handled, 1);
     by.check_served(loop());
+}
+
+// OpenSSL's error queue is per thread: errors other code left there must not
+// be taken for this connection's (SSL_get_error() reads the queue).
+TEST_F(Tls, StaleOpenSslErrorsOfOtherCodeAreNotOurs) {
+    // The server's on_message leaves an error each time, as a user's failed
+    // OpenSSL call would; its next SSL_read, which finds nothing more, must
+    // still say "wait", not "failed".
+    Record& srv = record();
+    Callbacks cb = recording(srv, true);
+    cb.on_message = [&](const ConnectionPtr& c, Buffer& in) {
+        c->send(in.data(), in.size());
+        in.consume_all();
+        ERR_raise(ERR_LIB_USER, 42);
+    };
+    ServerOptions opt;
+    opt.connection.tls = server_context();
+    TcpServer server(loop(), Address::ip("127.0.0.1", 0), cb, opt);
+    Record& client = record();
+    start_client(loop(), server.local_address(), client_context(), client);
+    ASSERT_TRUE(run_until(loop(), [&] { return client.connects == 1 || client.closed(); }));
+    ASSERT_EQ(client.connects, 1);
+    const std::string data = pattern(1024 * 1024, 4);
+    client.conn->send(data);
+    ASSERT_TRUE(
+        run_until(loop(), [&] { return client.got.size() >= data.size() || srv.closed(); }));
+    EXPECT_FALSE(srv.closed()) << srv.messages[0];
+    EXPECT_TRUE(client.got == data);
+    ERR_clear_error();
 }
 
 // ---- contexts: clear errors for bad files -----------------------------------------------
