@@ -296,6 +296,12 @@ TEST_F(EvmuxEcho, ErrorsAreOneLineAndExitTwo) {
         0);
     ASSERT_EQ(::listen(holder.get(), 1), 0);
     const std::string port = std::to_string(Address::local_of(holder.get()).port());
+    // A UDP port in use: a UDP socket of ours holds it.
+    Fd udp_holder(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+    ASSERT_EQ(::bind(udp_holder.get(), static_cast<const sockaddr*>(any.sockaddr_ptr()),
+                     any.sockaddr_len()),
+              0);
+    const std::string udp_port = std::to_string(Address::local_of(udp_holder.get()).port());
 
     struct Case {
         std::vector<std::string> args;
@@ -309,6 +315,10 @@ TEST_F(EvmuxEcho, ErrorsAreOneLineAndExitTwo) {
         {{"--unix", "/nonexistent-evmux-dir/x.sock"}, "No such file or directory"},
         {{}, "--port"},
         {{"--port", "0", "--model", "greenlets"}, "greenlets"},
+        {{"--udp", "--port", udp_port}, "bind 127.0.0.1:" + udp_port + ": Address already in use"},
+        {{"--udp", "--unix", "/tmp/x.sock"}, "--udp and --unix exclude each other"},
+        {{"--udp", "--port", "0", "--threads", "2"}, "--threads must be 1"},
+        {{"--udp", "--port", "0", "--model", "coroutines"}, "--model coroutines is TCP-only"},
     };
     for (const Case& c : cases) {
         EchoProcess echo(c.args);
@@ -354,6 +364,82 @@ TEST_F(EvmuxEcho, HostNamesResolveThroughTheResolver) {
               "evmux-echo: evmux: cannot resolve 'nosuch.invalid': Domain name not found");
     EXPECT_EQ(unknown.line(2000ms), "") << "more than one line";
     EXPECT_EQ(unknown.wait(), 2);
+}
+
+// ---- --udp ------------------------------------------------------------------------
+
+/// A datagram to `to` from `fd` (a blocking UDP socket with a 5 s receive
+/// timeout) and the one that comes back; "(recv: ...)" if none does.
+std::string udp_roundtrip(int fd, const Address& to, const std::string& msg) {
+    ssize_t n = ::sendto(fd, msg.data(), msg.size(), 0,
+                         static_cast<const sockaddr*>(to.sockaddr_ptr()), to.sockaddr_len());
+    if (n != static_cast<ssize_t>(msg.size()))
+        return std::string("(sendto: ") + std::strerror(errno) + ")";
+    std::string back(65536, '\0');
+    do {
+        n = ::recv(fd, back.data(), back.size(), 0);
+    } while (n < 0 && errno == EINTR);
+    if (n < 0) return std::string("(recv: ") + std::strerror(errno) + ")";
+    back.resize(static_cast<std::size_t>(n));
+    return back;
+}
+
+Fd udp_client(int family) {
+    Fd fd(::socket(family, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+    timeval tv{5, 0};
+    ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    return fd;
+}
+
+/// The payload of `n` bytes used below: every byte value, lower-case letters too.
+std::string udp_payload(std::size_t n) {
+    std::string s(n, '\0');
+    for (std::size_t i = 0; i < n; ++i) s[i] = static_cast<char>((i * 7 + n) % 256);
+    return s;
+}
+
+TEST_F(EvmuxEcho, UdpEchoesEveryDatagramToItsSender) {
+    EchoProcess echo({"--udp", "--port", "0", "--backend", test::backend_name()});
+    const std::string line = echo.line();
+    EXPECT_NE(line.find(" protocol=udp"), std::string::npos) << line;
+    std::string backend;
+    const std::string addr = listening_address(line, &backend);
+    ASSERT_FALSE(addr.empty()) << line;
+    const Address a = Address::parse(addr);
+    EXPECT_EQ(a.to_string().rfind("127.0.0.1:", 0), 0u);
+    Fd c1 = udp_client(AF_INET);
+    Fd c2 = udp_client(AF_INET);
+    std::uint64_t bytes = 0;
+    for (std::size_t n : {std::size_t{0}, std::size_t{1}, std::size_t{1472}, std::size_t{1473},
+                          std::size_t{65507}}) {
+        const std::string msg = udp_payload(n);
+        EXPECT_TRUE(udp_roundtrip(c1.get(), a, msg) == msg) << n << " bytes";
+        EXPECT_EQ(udp_roundtrip(c2.get(), a, "two"), "two");
+        bytes += n + 3;
+    }
+    ASSERT_EQ(::kill(echo.pid(), SIGTERM), 0);
+    const std::string summary = echo.line();
+    EXPECT_EQ(echo.wait(), 0);
+    EXPECT_NE(summary.find("datagrams_in=10 datagrams_out=10 bytes_in=" + std::to_string(bytes) +
+                           " bytes_out=" + std::to_string(bytes)),
+              std::string::npos)
+        << summary;
+    EXPECT_NE(summary.find("dropped=0 truncated=0"), std::string::npos) << summary;
+}
+
+TEST_F(EvmuxEcho, UdpWithHostLocalhostAndUpper) {
+    EchoProcess echo({"--udp", "--upper", "--host", "localhost", "--port", "0", "--backend",
+                      test::backend_name()});
+    const std::string line = echo.line();
+    std::string backend;
+    const std::string addr = listening_address(line, &backend);
+    ASSERT_FALSE(addr.empty()) << line;
+    const Address a = Address::parse(addr);  // 127.0.0.1 or ::1, as localhost resolves here
+    EXPECT_TRUE(addr.starts_with("127.0.0.1:") || addr.starts_with("[::1]:")) << addr;
+    Fd c = udp_client(a.family());
+    EXPECT_EQ(udp_roundtrip(c.get(), a, "Mixed case 123 xyz!"), "MIXED CASE 123 XYZ!");
+    ASSERT_EQ(::kill(echo.pid(), SIGINT), 0);
+    EXPECT_EQ(echo.wait(), 0);
 }
 
 /// The soft and hard "Max open files" of a process, from /proc/PID/limits.

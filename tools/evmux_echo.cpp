@@ -1,22 +1,25 @@
-// evmux-echo: a TCP / Unix echo server on evmux, on any backend.
+// evmux-echo: a TCP / Unix / UDP echo server on evmux, on any backend.
 //
 //   evmux-echo --port P [--host H [--dns SERVERS]] [--backend NAME] [--upper]
 //              [--unix PATH] [--threads N [--distribution reuse_port|round_robin]]
 //              [--model callbacks|coroutines] [--tls-cert FILE --tls-key FILE]
+//   evmux-echo --udp --port P [--host H] [--backend NAME] [--upper]
 //   evmux-echo --list-backends
 //
 // A --host name is resolved by evmux's Resolver (/etc/hosts, then the DNS
 // servers: /etc/resolv.conf's or --dns), and the first of its addresses that
-// binds is served on. Prints "evmux-echo listening on HOST:PORT backend=NAME
-// ..." to stderr once it accepts (ending in " tls" when it speaks TLS);
-// SIGINT/SIGTERM stop it with a one-line
+// binds is served on (with --udp, getaddrinfo's first). Prints "evmux-echo
+// listening on HOST:PORT backend=NAME ..." to stderr once it accepts (ending
+// in " tls" when it speaks TLS, "protocol=udp" with --udp, which sends each
+// datagram back to its sender); SIGINT/SIGTERM stop it with a one-line
 // summary. Errors in the command line or the setup (port in use, unknown
 // backend or host, missing Unix socket directory, a bad PEM file for
-// --tls-cert/--tls-key) are one line on stderr and
-// exit code 2. It raises its soft
-// RLIMIT_NOFILE to the hard limit at start: a server for thousands of
+// --tls-cert/--tls-key) are one line on stderr and exit code 2. It raises its
+// soft RLIMIT_NOFILE to the hard limit at start: a server for thousands of
 // connections must not stop at the usual soft 1024.
+#include <netdb.h>
 #include <pthread.h>
+#include <sys/socket.h>
 
 #include <CLI/CLI.hpp>
 #include <cctype>
@@ -26,10 +29,12 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 
 #include "evmux/address.hpp"
 #include "evmux/connection.hpp"
 #include "evmux/coro.hpp"
+#include "evmux/datagram.hpp"
 #include "evmux/event_loop.hpp"
 #include "evmux/loop_group.hpp"
 #include "evmux/resolver.hpp"
@@ -64,6 +69,25 @@ int list_backends() {
 std::string host_port(const std::string& host, int port) {
     const bool bare_v6 = host.find(':') != std::string::npos && !host.starts_with('[');
     return (bare_v6 ? "[" + host + "]" : host) + ":" + std::to_string(port);
+}
+
+// --udp's address: a numeric host directly; a name ("localhost") through
+// getaddrinfo, once, at start-up where blocking is harmless (UdpEndpoint takes
+// an Address; the Resolver serves the TCP server's names).
+evmux::Address resolve_udp(const std::string& host, std::uint16_t port, int socktype) {
+    try {
+        return evmux::Address::ip(host, port);
+    } catch (const std::invalid_argument&) {
+    }
+    addrinfo hints{};
+    hints.ai_socktype = socktype;
+    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+    addrinfo* res = nullptr;
+    int rc = ::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res);
+    if (rc != 0) throw std::invalid_argument("host " + host + ": " + ::gai_strerror(rc));
+    evmux::Address a = evmux::Address::from_sockaddr(res->ai_addr, res->ai_addrlen);
+    ::freeaddrinfo(res);
+    return a;
 }
 
 // Once the server is listening: the line the tests and tools wait for.
@@ -112,6 +136,48 @@ evmux::coro::Task<void> upper_coroutine(evmux::coro::Stream stream) {
             if (c >= 'a' && c <= 'z') c = static_cast<char>(c - 'a' + 'A');
         co_await stream.write(upper);
     }
+}
+
+// `n` bytes at `p` with ASCII letters uppercased, in a buffer reused per
+// thread (--threads runs the callbacks on several at once).
+const std::string& uppercased(const char* p, std::size_t n) {
+    thread_local std::string upper_buf;
+    upper_buf.assign(p, n);
+    for (char& c : upper_buf)
+        if (c >= 'a' && c <= 'z') c = static_cast<char>(c - 'a' + 'A');
+    return upper_buf;
+}
+
+// --udp: one UdpEndpoint on one loop on this thread; every datagram goes back
+// to its sender (uppercased with --upper), straight from the receive area.
+int serve_udp(const std::string& backend, const evmux::Address& address, bool upper) {
+    evmux::EventLoop loop(backend.empty() ? evmux::make_selector() : evmux::make_selector(backend));
+    evmux::UdpCallbacks callbacks;
+    if (upper) {
+        callbacks.on_datagram = [](evmux::UdpEndpoint& ep, std::string_view data,
+                                   const evmux::Address& from) {
+            ep.send_to(from, uppercased(data.data(), data.size()));
+        };
+    } else {
+        callbacks.on_datagram = [](evmux::UdpEndpoint& ep, std::string_view data,
+                                   const evmux::Address& from) { ep.send_to(from, data); };
+    }
+    auto endpoint = evmux::UdpEndpoint::bind(loop, address, std::move(callbacks));
+    auto stop = [&loop](int) { loop.stop(); };
+    loop.on_signal(SIGINT, stop);
+    loop.on_signal(SIGTERM, stop);
+    std::fprintf(stderr, "evmux-echo listening on %s backend=%s threads=1 protocol=udp\n",
+                 endpoint->local_address().to_string().c_str(), loop.backend_name().c_str());
+    std::fflush(stderr);
+    loop.run();
+    const evmux::UdpStats& s = endpoint->stats();
+    auto u = [](std::uint64_t v) { return static_cast<unsigned long long>(v); };
+    std::fprintf(stderr,
+                 "evmux-echo: stopped: datagrams_in=%llu datagrams_out=%llu bytes_in=%llu "
+                 "bytes_out=%llu dropped=%llu truncated=%llu kernel_dropped=%llu errors=%llu\n",
+                 u(s.received), u(s.sent), u(s.bytes_received), u(s.bytes_sent), u(s.dropped),
+                 u(s.truncated), u(s.kernel_dropped), u(s.errors));
+    return 0;
 }
 
 // One TcpServer, whatever the thread count; only who runs its loops differs.
@@ -172,6 +238,7 @@ int main(int argc, char** argv) {
     std::string backend;
     std::string unix_path;
     bool upper = false;
+    bool udp = false;
     bool list = false;
     std::size_t threads = 1;
     std::string distribution = evmux::to_string(evmux::ServerOptions{}.distribution);
@@ -187,6 +254,7 @@ int main(int argc, char** argv) {
     app.add_option("--backend", backend, "selector backend (default: EVMUX_BACKEND or the best)");
     app.add_flag("--upper", upper, "echo ASCII letters uppercased");
     app.add_option("--unix", unix_path, "listen on this Unix socket path instead of TCP");
+    app.add_flag("--udp", udp, "echo UDP datagrams (each back to its sender) instead of TCP");
     app.add_option("--threads", threads, "event loops, one per thread (default 1)")
         ->check(CLI::Range(1, 1024));
     app.add_option("--distribution", distribution,
@@ -207,9 +275,18 @@ int main(int argc, char** argv) {
     if (list) return list_backends();
     if (!port && unix_path.empty()) return fail("--port or --unix is required (see --help)");
     if (port && !unix_path.empty()) return fail("--port and --unix exclude each other");
+    if (udp && !unix_path.empty()) return fail("--udp and --unix exclude each other");
+    if (udp && threads != 1) return fail("--udp serves on one loop: --threads must be 1");
+    if (udp && !tls.cert_chain_file.empty())
+        return fail("--udp and --tls-cert exclude each other (no DTLS)");
+    if (udp && model != "callbacks")
+        return fail("--udp serves with callbacks: --model coroutines is TCP-only");
     evmux::support::raise_fd_limit();
 
     try {
+        if (udp)
+            return serve_udp(
+                backend, resolve_udp(host, static_cast<std::uint16_t>(*port), SOCK_DGRAM), upper);
         const std::string address =
             unix_path.empty() ? host_port(host, *port) : "unix:" + unix_path;
         evmux::ServerOptions options;
@@ -223,13 +300,8 @@ int main(int argc, char** argv) {
             callbacks = evmux::coro::handler_callbacks(upper ? upper_coroutine : echo_coroutine);
         } else if (upper) {
             callbacks.on_message = [](const evmux::ConnectionPtr& conn, evmux::Buffer& in) {
-                // Reused: --upper copies once per read, plain echo never; one
-                // per thread, as --threads runs this on several at once.
-                thread_local std::string upper_buf;
-                upper_buf.assign(in.data(), in.size());
-                for (char& c : upper_buf)
-                    if (c >= 'a' && c <= 'z') c = static_cast<char>(c - 'a' + 'A');
-                conn->send(upper_buf.data(), upper_buf.size());
+                // --upper copies once per read, plain echo never.
+                conn->send(uppercased(in.data(), in.size()));
                 in.consume_all();
             };
         } else {
