@@ -47,7 +47,8 @@ class EchoProcess {
   public:
     /// Run evmux-echo with `args`; its stderr (and stdout too if
     /// `with_stdout`) is read with line().
-    explicit EchoProcess(std::vector<std::string> args, bool with_stdout = false) {
+    explicit EchoProcess(std::vector<std::string> args, bool with_stdout = false,
+                         const char* program = nullptr) {
         int p[2];
         if (::pipe2(p, O_CLOEXEC) != 0)
             throw std::system_error(errno, std::generic_category(), "pipe2");
@@ -59,7 +60,7 @@ class EchoProcess {
             posix_spawn_file_actions_adddup2(&fa, p[1], 1);
         else
             posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
-        args.insert(args.begin(), echo_binary());
+        args.insert(args.begin(), program != nullptr ? std::string(program) : echo_binary());
         std::vector<char*> argv;
         for (auto& a : args) argv.push_back(a.data());
         argv.push_back(nullptr);
@@ -440,6 +441,35 @@ TEST_F(EvmuxEcho, UdpWithHostLocalhostAndUpper) {
     EXPECT_EQ(udp_roundtrip(c.get(), a, "Mixed case 123 xyz!"), "MIXED CASE 123 XYZ!");
     ASSERT_EQ(::kill(echo.pid(), SIGINT), 0);
     EXPECT_EQ(echo.wait(), 0);
+}
+
+// evmux-load --udp against it: every datagram echoed and verified, none lost
+// (loopback, 4 sessions, 1 s to answer each).
+TEST_F(EvmuxEcho, UdpUnderEvmuxLoad) {
+    const char* load = std::getenv("EVMUX_LOAD");
+    if (load == nullptr) GTEST_SKIP() << "EVMUX_LOAD not set";
+    EchoProcess echo({"--udp", "--port", "0", "--backend", test::backend_name()});
+    std::string backend;
+    const std::string addr = listening_address(echo.line(), &backend);
+    ASSERT_FALSE(addr.empty());
+    const Address a = Address::parse(addr);
+    std::string out;
+    {
+        EchoProcess client({"--udp", "--port", std::to_string(a.port()), "--conns", "4", "--size",
+                            "512", "--duration", "0.3", "--timeout", "1", "--json"},
+                           true, load);
+        out = client.line(20000ms);
+        EXPECT_EQ(client.wait(), 0) << out;
+    }
+    EXPECT_NE(out.find("\"udp\":true"), std::string::npos) << out;
+    EXPECT_NE(out.find("\"lost\":0,"), std::string::npos) << out;
+    EXPECT_NE(out.find("\"mismatches\":0,\"errors\":0}"), std::string::npos) << out;
+    EXPECT_EQ(out.find("\"received\":0,"), std::string::npos) << out;
+    ASSERT_EQ(::kill(echo.pid(), SIGTERM), 0);
+    const std::string summary = echo.line();
+    EXPECT_EQ(echo.wait(), 0);
+    EXPECT_NE(summary.find("dropped=0 truncated=0 kernel_dropped=0 errors=0"), std::string::npos)
+        << summary;
 }
 
 /// The soft and hard "Max open files" of a process, from /proc/PID/limits.

@@ -592,6 +592,116 @@ TEST_F(LoadTest, MarkWindowPrintsWindowBeforeTheJson) {
     EXPECT_GT(parse_report(out.substr(7))["round_trips"], 0);
 }
 
+// ---- --udp ---------------------------------------------------------------------
+
+/// A UDP echo server on a thread for the --udp tests: datagram number k
+/// (from 0, over all senders) goes back through `reply(k, bytes)`, which may
+/// alter it or return false to drop it.
+class TinyUdpServer {
+  public:
+    using Reply = std::function<bool(std::size_t k, std::string& bytes)>;
+    explicit TinyUdpServer(Reply reply) : reply_(std::move(reply)) {
+        fd_ = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        sockaddr_in a{};
+        a.sin_family = AF_INET;
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        socklen_t len = sizeof a;
+        if (::bind(fd_, reinterpret_cast<sockaddr*>(&a), len) < 0 ||
+            ::getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len) < 0)
+            ADD_FAILURE() << "udp server: " << std::strerror(errno);
+        port_ = ntohs(a.sin_port);
+        thread_ = std::thread([this] { serve(); });
+    }
+    ~TinyUdpServer() {
+        stop_ = true;
+        thread_.join();
+        ::close(fd_);
+    }
+    int port() const { return port_; }
+
+  private:
+    void serve() {
+        std::string buf(65536, '\0');
+        for (std::size_t k = 0; !stop_;) {
+            pollfd p{fd_, POLLIN, 0};
+            if (::poll(&p, 1, 20) <= 0) continue;
+            sockaddr_storage from{};
+            socklen_t len = sizeof from;
+            const ssize_t n = ::recvfrom(fd_, buf.data(), buf.size(), 0,
+                                         reinterpret_cast<sockaddr*>(&from), &len);
+            if (n < 0) continue;
+            std::string bytes(buf.data(), static_cast<std::size_t>(n));
+            if (reply_(k++, bytes))
+                ::sendto(fd_, bytes.data(), bytes.size(), 0, reinterpret_cast<sockaddr*>(&from),
+                         len);
+        }
+    }
+    Reply reply_;
+    int fd_ = -1;
+    int port_ = 0;
+    std::atomic<bool> stop_{false};
+    std::thread thread_;
+};
+
+TEST_F(LoadTest, UdpCountsTheDatagramsNotEchoedAsLost) {
+    // Every 10th datagram is not echoed (the warm-up ones are resent).
+    TinyUdpServer server([](std::size_t k, std::string&) { return k % 10 != 9; });
+    std::string out, err;
+    EXPECT_EQ(run_load({"--udp", "--port", std::to_string(server.port()), "--conns", "2", "--size",
+                        "64", "--duration", "1", "--timeout", "0.1", "--json"},
+                       &out, &err),
+              0)
+        << err;
+    const LoadReport r = parse_report(out);
+    EXPECT_GT(r["received"], 20);
+    EXPECT_GT(r["lost"], 0);
+    EXPECT_EQ(r["sent"], r["received"] + r["lost"]);
+    EXPECT_NEAR(r["loss_percent"], 10.0, 4.0);
+    EXPECT_EQ(r["round_trips"], r["received"]);
+    EXPECT_EQ(r["mismatches"], 0);
+    EXPECT_EQ(r["errors"], 0);
+}
+
+TEST_F(LoadTest, UdpDetectsACorruptedDatagramAndALateOne) {
+    // Datagram 3 comes back with one byte flipped; datagram 5 comes back
+    // twice (the second copy is an echo nobody waits for any more: late).
+    std::string held;
+    TinyUdpServer server([&held](std::size_t k, std::string& bytes) {
+        if (k == 3) bytes[40] = static_cast<char>(bytes[40] ^ 0x01);
+        if (k == 5) held = bytes;
+        if (k == 6) bytes = held;  // an old echo instead of this one's
+        return true;
+    });
+    std::string out, err;
+    EXPECT_EQ(run_load({"--udp", "--port", std::to_string(server.port()), "--conns", "1", "--size",
+                        "100", "--duration", "0.3", "--timeout", "0.2", "--json"},
+                       &out, &err),
+              1);
+    const LoadReport r = parse_report(out);
+    EXPECT_EQ(r["mismatches"], 1) << err;
+    EXPECT_EQ(r["late"], 1);
+    EXPECT_EQ(r["lost"], 1);  // datagram 6, whose echo never came
+    EXPECT_NE(err.find("reply differs from the datagram"), std::string::npos) << err;
+}
+
+TEST_F(LoadTest, UdpRefusedPortIsAnError) {
+    int port;
+    {
+        TinyUdpServer gone([](std::size_t, std::string&) { return true; });
+        port = gone.port();
+    }
+    std::string out, err;
+    EXPECT_EQ(
+        run_load({"--udp", "--port", std::to_string(port), "--conns", "2", "--size", "10",
+                  "--duration", "0.2", "--timeout", "0.02", "--connect-timeout", "0.3", "--json"},
+                 &out, &err),
+        1);
+    const LoadReport r = parse_report(out);
+    EXPECT_GE(r["errors"], 1);
+    EXPECT_EQ(r["received"], 0);
+    EXPECT_NE(err.find("Connection refused"), std::string::npos) << err;
+}
+
 TEST_F(LoadTest, BadFlagsExitTwoWithOneLine) {
     const std::vector<std::vector<std::string>> cases = {
         {},
@@ -603,6 +713,10 @@ TEST_F(LoadTest, BadFlagsExitTwoWithOneLine) {
         {"--port", "1", "--conns", "2", "--size", "1", "--duration", "1", "--active", "3"},
         {"--port", "x", "--conns", "1", "--size", "1", "--duration", "1"},
         {"--port", "1", "--conns", "1", "--size", "1", "--duration", "1", "--bogus"},
+        {"--udp", "--port", "1", "--conns", "1", "--size", "7", "--duration", "1"},
+        {"--udp", "--port", "1", "--conns", "1", "--size", "65508", "--duration", "1"},
+        {"--udp", "--port", "1", "--conns", "2", "--active", "1", "--size", "8", "--duration", "1"},
+        {"--port", "1", "--conns", "1", "--size", "8", "--duration", "1", "--timeout", "0"},
     };
     for (const auto& args : cases) {
         std::string out, err;

@@ -1,5 +1,5 @@
 // evmux-load: a closed-loop TCP echo load client, the measuring instrument of
-// the benchmarks.
+// the benchmarks (with --udp, the UDP one in load_udp.cpp).
 //
 // It is deliberately written against raw epoll with no evmux code in it: an
 // instrument that shared the code under test could hide the very bug or cost
@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "fd_limit.hpp"
+#include "load_common.hpp"
 
 #if EVMUX_LOAD_TLS
 #include <openssl/err.h>
@@ -57,7 +58,7 @@ using SSL = ssl_st;
 
 namespace {
 
-using Clock = std::chrono::steady_clock;
+using namespace evmux::load;
 
 /// Connects in flight at once: well under the smallest common listen backlog
 /// (128), so a server that accepts slowly is never sent more SYNs than its
@@ -73,107 +74,6 @@ constexpr std::size_t read_buffer_size = 256 * 1024;
 constexpr auto drain_bound = std::chrono::seconds(5);
 /// Error messages printed to stderr; the rest are only counted.
 constexpr int max_error_messages = 10;
-
-/// The command line, validated.
-struct Options {
-    std::string host = "127.0.0.1";
-    int port = 0;
-    std::size_t conns = 0;
-    std::size_t active = 0;  // 0 on the command line means "all"
-    std::size_t size = 0;
-    double duration_s = 0;
-    double connect_timeout_s = 10;
-    bool upper = false;
-    bool json = false;
-    bool mark_window = false;  // "window\n" on stdout when the measured load starts
-    bool tls = false;
-    std::string tls_ca;                  // empty: the server's certificate is not checked
-    std::string tls_name = "localhost";  // checked (and sent as SNI) with tls_ca
-};
-
-/// A log-linear latency histogram (in the style of HdrHistogram): 128
-/// sub-buckets per power of two, so any recorded value is known to within
-/// 1/128 (< 0.8 %). Fixed size, allocated once: recording never allocates,
-/// however long the run.
-class LatencyHistogram {
-  public:
-    /// Records one sample in nanoseconds.
-    void record(std::uint64_t ns) {
-        ++counts_[index_of(ns)];
-        ++total_;
-        if (ns > max_) max_ = ns;
-    }
-    /// The number of samples recorded.
-    std::uint64_t total() const { return total_; }
-    /// The largest sample, exact.
-    std::uint64_t max() const { return max_; }
-    /// The value at quantile q (0..1]: the midpoint of the bucket holding the
-    /// ceil(q * total)-th smallest sample, capped at max(). 0 if empty.
-    std::uint64_t quantile(double q) const {
-        if (total_ == 0) return 0;
-        auto rank = static_cast<std::uint64_t>(q * static_cast<double>(total_) + 0.999999);
-        rank = std::clamp<std::uint64_t>(rank, 1, total_);
-        std::uint64_t seen = 0;
-        for (std::size_t i = 0; i < counts_.size(); ++i) {
-            seen += counts_[i];
-            if (seen >= rank) return std::min(midpoint_of(i), max_);
-        }
-        return max_;
-    }
-
-  private:
-    static constexpr int sub_bits = 7;
-    static constexpr std::uint64_t sub_buckets = 1u << sub_bits;  // 128
-    // Values below 2*sub_buckets are their own bucket; above, the top sub_bits+1
-    // bits select the bucket: shift * sub_buckets + (v >> shift), shift <= 56.
-    static constexpr std::size_t bucket_count = 57 * sub_buckets + 2 * sub_buckets;
-
-    static std::size_t index_of(std::uint64_t v) {
-        if (v < 2 * sub_buckets) return static_cast<std::size_t>(v);
-        const int shift = 63 - std::countl_zero(v) - sub_bits;
-        return static_cast<std::size_t>(shift) * sub_buckets + static_cast<std::size_t>(v >> shift);
-    }
-    static std::uint64_t midpoint_of(std::size_t i) {
-        if (i < 2 * sub_buckets) return i;
-        // Invert index_of: i = shift * sub_buckets + sub with sub in [sub_buckets, 2 *
-        // sub_buckets).
-        const std::uint64_t shift = i / sub_buckets - 1;
-        const std::uint64_t sub = i - shift * sub_buckets;
-        const std::uint64_t low = sub << shift;
-        return low + ((std::uint64_t{1} << shift) >> 1);
-    }
-
-    std::array<std::uint64_t, bucket_count> counts_{};
-    std::uint64_t total_ = 0;
-    std::uint64_t max_ = 0;
-};
-
-/// splitmix64: a tiny, fast, well-mixed generator; one per connection.
-std::uint64_t next_random(std::uint64_t& state) {
-    std::uint64_t z = (state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-/// Fills buf[0..n) with the connection's next n pseudo-random bytes.
-void fill_payload(std::uint64_t& state, unsigned char* buf, std::size_t n) {
-    std::size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const std::uint64_t r = next_random(state);
-        std::memcpy(buf + i, &r, 8);
-    }
-    if (i < n) {
-        const std::uint64_t r = next_random(state);
-        std::memcpy(buf + i, &r, n - i);
-    }
-}
-
-/// What the server must send back for byte c: c itself, or with --upper its
-/// ASCII uppercase (only 'a'..'z' change; no locale).
-inline unsigned char expected_byte(unsigned char c, bool upper) {
-    return (upper && c >= 'a' && c <= 'z') ? static_cast<unsigned char>(c - 32) : c;
-}
 
 /// One TCP connection to the server and its round-trip state.
 struct Conn {
@@ -302,12 +202,10 @@ class LoadClient {
 void LoadClient::error(std::size_t i, const char* fmt, ...) {
     ++res_.errors;
     if (messages_printed_++ >= max_error_messages) return;
-    std::fprintf(stderr, "evmux-load: conn %zu: ", i);
     va_list ap;
     va_start(ap, fmt);
-    std::vfprintf(stderr, fmt, ap);
+    print_error("conn", i, fmt, ap);
     va_end(ap);
-    std::fputc('\n', stderr);
 }
 
 void LoadClient::mismatch(std::size_t i, std::size_t offset) {
@@ -727,10 +625,7 @@ bool LoadClient::warm_up() {
 }
 
 void LoadClient::run() {
-    if (opt_.mark_window) {
-        std::fputs("window\n", stdout);
-        std::fflush(stdout);
-    }
+    mark_window(opt_);
     const auto start = Clock::now();
     const auto end = start + std::chrono::duration_cast<Clock::duration>(
                                  std::chrono::duration<double>(opt_.duration_s));
@@ -789,10 +684,6 @@ bool resolve(const Options& opt, sockaddr_storage& out, socklen_t& len, std::str
     len = res->ai_addrlen;
     ::freeaddrinfo(res);
     return true;
-}
-
-double to_us(std::uint64_t ns) {
-    return static_cast<double>(ns) / 1000.0;
 }
 
 void print_report(const Options& opt, const Results& r) {
@@ -865,6 +756,13 @@ int main(int argc, char** argv) {
         ->needs(tls);
     app.add_option("--tls-name", opt.tls_name, "server name to send and check (default localhost)")
         ->needs(tls);
+    app.add_flag("--udp", opt.udp,
+                 "UDP: --conns sessions (sockets) each send a datagram and wait for its echo; "
+                 "reports loss too");
+    app.add_option("--timeout", opt.timeout_s,
+                   "--udp: seconds a datagram's echo may take before it counts as lost "
+                   "(default 0.25)")
+        ->check(CLI::Range(0.001, 60.0));
     try {
         app.parse(argc, argv);
         if (opt.active > opt.conns)
@@ -872,6 +770,12 @@ int main(int argc, char** argv) {
 #if !EVMUX_LOAD_TLS
         if (opt.tls) throw CLI::ValidationError("--tls", "not compiled in (needs libssl-dev)");
 #endif
+        if (opt.udp && opt.active != 0 && opt.active != opt.conns)
+            throw CLI::ValidationError("--active", "--udp: every session sends (no idle ones)");
+        if (opt.udp && (opt.size < 8 || opt.size > 65507))
+            throw CLI::ValidationError(
+                "--size", "--udp: 8 to 65507 bytes (a sequence number rides in each datagram)");
+        if (opt.udp && opt.tls) throw CLI::ValidationError("--tls", "not with --udp (no DTLS)");
     } catch (const CLI::ParseError& e) {
         if (e.get_exit_code() == 0) return app.exit(e);  // --help
         std::fprintf(stderr, "evmux-load: %s (see --help)\n", e.what());
@@ -888,6 +792,7 @@ int main(int argc, char** argv) {
     }
     ensure_fd_limit(static_cast<long>(opt.conns) + fd_margin);
     ::signal(SIGPIPE, SIG_IGN);  // belt and braces: every send uses MSG_NOSIGNAL
+    if (opt.udp) return run_udp_load(opt, addr, addr_len);
 
     LoadClient client(opt, addr, addr_len);
     if (!client.connect_all()) {
