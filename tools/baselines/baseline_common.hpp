@@ -94,14 +94,14 @@ inline void set_nodelay(int fd) {
     ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 }
 
-/// Opens a listening TCP socket on host:port (SO_REUSEADDR, backlog SOMAXCONN)
-/// and returns it (the caller owns it). `flags` are added to the socket type
-/// (SOCK_NONBLOCK for event loops). Exits 2 if the host does not resolve,
-/// 1 if binding fails.
-inline int listen_on(const char* name, const ServerOptions& opt, int flags) {
+/// Opens a socket of `type` (SOCK_STREAM, SOCK_DGRAM; plus `flags`, e.g.
+/// SOCK_NONBLOCK) bound to host:port (SO_REUSEADDR for a stream socket) and
+/// returns it (the caller owns it). Exits 2 if the host does not resolve, 1
+/// if binding fails.
+inline int bind_on(const char* name, const ServerOptions& opt, int type, int flags) {
     addrinfo hints{};
     hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_socktype = type;
     hints.ai_flags = AI_NUMERICSERV | AI_PASSIVE;
     addrinfo* res = nullptr;
     const std::string port = std::to_string(opt.port);
@@ -112,9 +112,15 @@ inline int listen_on(const char* name, const ServerOptions& opt, int flags) {
     const int fd = ::socket(res->ai_family, res->ai_socktype | SOCK_CLOEXEC | flags, 0);
     if (fd < 0) die_errno(name, "socket");
     const int one = 1;
-    ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (type == SOCK_STREAM) ::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
     if (::bind(fd, res->ai_addr, res->ai_addrlen) < 0) die_errno(name, "bind");
     ::freeaddrinfo(res);
+    return fd;
+}
+
+/// Opens a listening TCP socket on host:port (bind_on, backlog SOMAXCONN).
+inline int listen_on(const char* name, const ServerOptions& opt, int flags) {
+    const int fd = bind_on(name, opt, SOCK_STREAM, flags);
     if (::listen(fd, SOMAXCONN) < 0) die_errno(name, "listen");
     return fd;
 }
