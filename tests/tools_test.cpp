@@ -965,6 +965,32 @@ TEST(EvmuxBench, InstructionsPerMessageUnderCallgrind) {
     EXPECT_GT(std::stod(per_msg["evmux/epoll"]), std::stod(per_msg["epoll-floor"])) << json;
 }
 
+// --udp: evmux-echo --udp rows against the UDP floor, ratios to it; sizes a
+// datagram cannot have are skipped with the reason, not failed.
+TEST(EvmuxBench, UdpRowsRunAgainstTheUdpFloor) {
+    const std::string bench = program_path("EVMUX_BENCH");
+    if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";
+    const TinyBench t =
+        bench_with_files(bench, {"--udp", "--servers", "evmux,udp-floor", "--backends", "poll",
+                                 "--sizes", "64,100000", "--sessions", "2", "--duration", "0.2",
+                                 "--rounds", "1", "--no-idle", "--no-plots", "--sweep-fds", "10"});
+    ASSERT_EQ(t.rc, 0) << t.err;
+    const std::string& json = t.json;
+    // One run per line: the UDP rows at 64 B ran, with their counts and ratios.
+    for (const char* server : {"udp-floor", "evmux/poll/udp"}) {
+        const std::regex ran(std::string("\\{\"server\": \"") + server +
+                             "\", [^\\n]*\"size\": 64, [^\\n]*\"ok\": true, [^\\n]*"
+                             "\"udp_sent\": [1-9][0-9]*, \"udp_lost\": [0-9]+");
+        EXPECT_TRUE(std::regex_search(json, ran)) << server << " in " << json;
+        const std::regex skipped(std::string("\\{\"server\": \"") + server +
+                                 "\", [^\\n]*\"size\": 100000, [^\\n]*\"skipped\": true, "
+                                 "\"note\": \"UDP rows take sizes 8 to 65507 bytes");
+        EXPECT_TRUE(std::regex_search(json, skipped)) << server << " in " << json;
+    }
+    EXPECT_NE(t.out.find("UDP rows: ratio to udp-floor"), std::string::npos) << t.out;
+    EXPECT_NE(t.out.find("\nevmux/poll/udp "), std::string::npos) << t.out;
+}
+
 TEST(EvmuxBench, JsonAndTableCountContextSwitchesPerMessage) {
     const std::string bench = program_path("EVMUX_BENCH");
     if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";

@@ -46,6 +46,8 @@ using evmux::support::raise_fd_limit;
 namespace {
 
 constexpr const char* floor_server = "epoll-floor";
+/// The floor of the UDP rows (--udp).
+constexpr const char* udp_floor_server = "udp-floor";
 
 /// One server under test: how to start it, and what it can take.
 struct Server {
@@ -58,6 +60,7 @@ struct Server {
     int threads = 1;         // evmux-echo --threads (>1: the server is not pinned)
     std::string model;       // evmux-echo --model (empty: its default, callbacks)
     bool tls = false;        // evmux-echo --tls-cert/--tls-key, evmux-load --tls
+    bool udp = false;        // echoes UDP datagrams (evmux-echo --udp, the UDP floor)
 };
 
 /// One load shape: message size, connections opened, connections in ping-pong.
@@ -113,6 +116,9 @@ struct Result : Figures {
     bool skipped = false;
     std::string note;  // why skipped or failed
     double mismatches = 0, errors = 0;
+    /// UDP rows: datagrams sent and lost (no echo within evmux-load's
+    /// --timeout); after aggregate(), summed over the rounds.
+    double udp_sent = 0, udp_lost = 0;
     // How user and sys were told apart: "perf 4 kHz: N samples, U user" (the
     // user share's own noise is then about 1/sqrt(U) of it) or "ticks ...".
     // After aggregate(), the first round's (each round keeps its own).
@@ -175,6 +181,11 @@ Result aggregate(std::vector<Result> rounds) {
     }
     r.interference = worst->interference;
     if (!flagged.empty()) r.interference = {true, flagged, {}, {}};
+    r.udp_sent = r.udp_lost = 0;
+    for (const auto& round : rounds) {
+        r.udp_sent += round.udp_sent;
+        r.udp_lost += round.udp_lost;
+    }
     r.rounds = std::move(rounds);
     return r;
 }
@@ -262,6 +273,7 @@ struct Options {
     double interference_percent = 5;  // other work above this share of a CPU flags a point
     std::vector<int> threads{1};      // evmux-echo --threads, one server entry per value
     bool instructions = false;        // --instructions: callgrind runs after the rest
+    bool udp = false;                 // also the UDP echo rows (evmux-echo --udp, udp-floor)
 };
 
 /// --instructions: one server's user-space instructions per message.
@@ -437,6 +449,10 @@ std::optional<double> read_load_figures(const LoadRun& load, Result& r) {
     r.p99_us = json_number(json, "p99");
     r.max_us = json_number(json, "max");
     r.mismatches = json_number(json, "mismatches");
+    if (const double sent = json_number(json, "sent"); !std::isnan(sent)) {
+        r.udp_sent = sent;
+        r.udp_lost = json_number(json, "lost");
+    }
     r.errors = json_number(json, "errors");
     double duration_s = json_number(json, "duration_s");
     if (load.status != 0 || std::isnan(r.msgs_per_s) || std::isnan(duration_s)) {
@@ -595,6 +611,16 @@ class Runner {
         Result r;
         r.server = &server;
         r.point = point;
+        if (server.udp && (point.size < 8 || point.size > 65507)) {
+            r.skipped = true;
+            r.note = "UDP rows take sizes 8 to 65507 bytes (evmux-load --udp)";
+            return r;
+        }
+        if (point.idle_heavy && server.udp) {
+            r.skipped = true;
+            r.note = "idle-heavy case skipped: UDP has no connections to hold idle";
+            return r;
+        }
         if (point.idle_heavy && server.per_connection_os) {
             r.skipped = true;
             r.note = "idle-heavy case skipped: one " +
@@ -614,8 +640,8 @@ class Runner {
         ServerSampler sampler(srv.pid(), precise, opt_.tick_split, {cpu, client_cpu_},
                               server.forks);
         r.rss_start_kib = sampler.start_rss_kib();
-        LoadRun load = run_load(point, host, port, srv.pid(), server.forks, server.tls, cpu,
-                                [&](pid_t client) { sampler.set_client(client); });
+        LoadRun load = run_load(point, host, port, srv.pid(), server.forks, server.tls, server.udp,
+                                cpu, [&](pid_t client) { sampler.set_client(client); });
         sampler.stop();  // before reading its samples
         srv.stop();
 
@@ -644,8 +670,8 @@ class Runner {
             int port = 0;
             if (!wait_listening(srv, host, port, row.note)) return row;
             LoadRun load = run_load(
-                instructions_point, host, port, srv.pid(), false, server.tls, server_cpu_,
-                [](pid_t) {}, instructions_durations[i]);
+                instructions_point, host, port, srv.pid(), false, server.tls, server.udp,
+                server_cpu_, [](pid_t) {}, instructions_durations[i]);
             // callgrind writes its file as the server exits: give it time.
             srv.stop(std::chrono::seconds(20));
             const std::optional<std::uint64_t> total = callgrind_total(out);
@@ -673,6 +699,7 @@ class Runner {
         if (server.tls)
             argv.insert(argv.end(),
                         {"--tls-cert", bench_cert().cert, "--tls-key", bench_cert().key});
+        if (server.udp && server.kind == "evmux") argv.push_back("--udp");
         return argv;
     }
 
@@ -680,7 +707,7 @@ class Runner {
     /// it overruns by a minute. For a server that forks, the CPU of its live
     /// children is read when the figures arrive; one over TLS gets a TLS client.
     LoadRun run_load(const Point& point, const std::string& host, int port, pid_t server,
-                     bool forks, bool tls, int server_cpu,
+                     bool forks, bool tls, bool udp, int server_cpu,
                      const std::function<void(pid_t)>& started, double duration = 0) const {
         if (duration <= 0) duration = opt_.duration;
         std::vector<std::string> argv{load_.string(),
@@ -699,6 +726,7 @@ class Runner {
                                       "--json",
                                       "--mark-window"};
         if (tls) argv.insert(argv.end(), {"--tls", "--tls-ca", bench_cert().ca});
+        if (udp) argv.push_back("--udp");
         LoadRun run;
         ChildProcess load(argv, client_cpu_, true, false);
         started(load.pid());
@@ -747,10 +775,11 @@ class Runner {
 
 // ---- output ---------------------------------------------------------------------
 
-const Result* floor_of(const std::vector<Result>& results, const Point& p) {
+/// The floor run at point `p`: epoll-floor, or udp-floor for a UDP row.
+const Result* floor_of(const std::vector<Result>& results, const Point& p, bool udp = false) {
     for (const auto& r : results)
-        if (r.ok && r.server->name == floor_server && r.point.size == p.size &&
-            r.point.conns == p.conns && r.point.active == p.active)
+        if (r.ok && r.server->name == (udp ? udp_floor_server : floor_server) &&
+            r.point.size == p.size && r.point.conns == p.conns && r.point.active == p.active)
             return &r;
     return nullptr;
 }
@@ -845,10 +874,11 @@ void print_table(std::ostream& os, const std::vector<Result>& results,
     char line[512];
     for (const auto& p : points) {
         const Result* fl = floor_of(results, p);
+        const Result* udp_fl = floor_of(results, p, true);
         os << "\n== " << point_label(p) << " ping-pong"
            << (fl ? "  (median; ratio to epoll-floor [its range over paired rounds])"
                   : "  (median ±half its range; no epoll-floor run: no ratios)")
-           << "\n";
+           << (udp_fl ? "; UDP rows: ratio to udp-floor" : "") << "\n";
         std::snprintf(line, sizeof line, "%-22s %26s %24s %24s %24s %24s %24s %24s %24s %24s\n",
                       "server", "messages/s", "MiB/s", "p50 us", "p99 us", "user us/msg",
                       "sys us/msg", "ctx sw/msg", "syscalls/msg", "waits/msg");
@@ -861,7 +891,9 @@ void print_table(std::ostream& os, const std::vector<Result>& results,
                    << "\n";
                 continue;
             }
-            auto f = [&](double Figures::*m, int d) { return cell(r, fl, m, d); };
+            auto f = [&](double Figures::*m, int d) {
+                return cell(r, r.server->udp ? udp_fl : fl, m, d);
+            };
             // The cells hold "≈" (3 bytes, 1 column): pad by hand.
             auto col = [](const std::string& text, std::size_t width) {
                 std::size_t shown = text.size() - (text.find("≈") != std::string::npos ? 2 : 0);
@@ -881,6 +913,12 @@ void print_table(std::ostream& os, const std::vector<Result>& results,
                 os << "    rss " << fmt(r.rss_start_kib, 0) << " KiB -> " << fmt(r.rss_peak_kib, 0)
                    << " KiB: " << fmt(r.rss_per_idle_conn_bytes, 0) << " B per idle connection\n";
         }
+        for (const auto& r : results)
+            if (r.ok && r.udp_lost > 0 && r.point.size == p.size && r.point.conns == p.conns &&
+                r.point.active == p.active)
+                os << "  UDP loss: " << r.server->name << " lost " << fmt(r.udp_lost, 0) << " of "
+                   << fmt(r.udp_sent, 0) << " datagrams over its rounds (no echo within "
+                   << "evmux-load's --timeout; each loss stalls its session that long)\n";
         os << split_legend(results, p);
         os << count_legend(results, p, &Result::syscalls, "syscalls/msg");
         os << count_legend(results, p, &Result::waits, "waits/msg");
@@ -964,7 +1002,7 @@ void write_json(const fs::path& file, const std::vector<Result>& results, const 
     os << "},\n  \"runs\": [";
     bool first = true;
     for (const auto& r : results) {
-        const Result* fl = floor_of(results, r.point);
+        const Result* fl = floor_of(results, r.point, r.server->udp);
         os << (first ? "\n" : ",\n") << "    {\"server\": " << json_str(r.server->name)
            << ", \"kind\": " << json_str(r.server->kind)
            << ", \"backend\": " << json_str(r.server->backend) << ", \"size\": " << r.point.size
@@ -973,6 +1011,9 @@ void write_json(const fs::path& file, const std::vector<Result>& results, const 
            << ", \"ok\": " << (r.ok ? "true" : "false")
            << ", \"skipped\": " << (r.skipped ? "true" : "false")
            << ", \"note\": " << json_str(r.note);
+        if (r.ok && r.server->udp)
+            os << ", \"udp_sent\": " << json_num(r.udp_sent, 0)
+               << ", \"udp_lost\": " << json_num(r.udp_lost, 0);
         if (r.ok) {
             // The medians (and the median paired ratios), then the same keys
             // as "min" and "max", then each round's.
@@ -1083,7 +1124,7 @@ void write_csv(const fs::path& file, const std::vector<Result>& results) {
         return t;
     };
     for (const auto& r : results) {
-        const Result* fl = floor_of(results, r.point);
+        const Result* fl = floor_of(results, r.point, r.server->udp);
         auto num = [&](double v, int d) {
             return r.ok && !std::isnan(v) ? fmt(v, d) : std::string();
         };
@@ -1226,6 +1267,9 @@ void add_bench_options(CLI::App& app, Options& opt) {
         ->delimiter(',')
         ->check(CLI::Range(1, 1024));
     app.add_option("--host", opt.host, "address the servers listen on (default 127.0.0.1)");
+    app.add_flag("--udp", opt.udp,
+                 "also UDP echo rows: evmux-echo --udp on each backend (evmux/BACKEND/udp) and "
+                 "the recvmmsg/sendmmsg floor (udp-floor), against evmux-load --udp");
 }
 
 /// `evmux-bench dispatch`'s flags.
@@ -1261,14 +1305,16 @@ bool wanted(const Options& opt, const std::string& server) {
 std::vector<std::string> check_and_complete(Options& opt) {
     static const std::vector<std::string> known_servers{
         "evmux", "evmux-coroutines", "evmux-tls", "epoll-floor", "libevent-bufferevent", "threads",
-        "fork"};
+        "fork",  "udp-floor"};
     for (const auto& s : opt.servers)
         if (std::find(known_servers.begin(), known_servers.end(), s) == known_servers.end())
             usage_error("unknown server '" + s +
                         "'; known: evmux, evmux-coroutines, evmux-tls, epoll-floor, "
-                        "libevent-bufferevent, threads, fork");
+                        "libevent-bufferevent, threads, fork, udp-floor (with --udp)");
     if (!opt.servers.empty() && wanted(opt, "evmux-tls") && !tls_built())
         usage_error("evmux-tls: not compiled in (needs libssl-dev)");
+    if (!opt.udp && wanted(opt, "udp-floor") && !opt.servers.empty())
+        usage_error("udp-floor is a UDP server: add --udp");
     const bool on_evmux = wanted(opt, "evmux") || wanted(opt, "evmux-coroutines") ||
                           (wanted(opt, "evmux-tls") && tls_built());
     std::vector<std::string> backends =
@@ -1312,7 +1358,7 @@ std::vector<Server> plan_servers(const Options& opt, const fs::path& tools_dir,
                                  const std::vector<std::string>& backends) {
     std::vector<Server> servers;
     auto add_baseline = [&](const std::string& name, const std::string& exe, bool per_conn,
-                            bool forks) {
+                            bool forks, bool udp = false) {
         if (!wanted(opt, name)) return;
         fs::path bin = find_baseline(tools_dir, exe);
         if (bin.empty()) {
@@ -1322,7 +1368,7 @@ std::vector<Server> plan_servers(const Options& opt, const fs::path& tools_dir,
         }
         if (bin != (tools_dir / exe).lexically_normal())
             std::cerr << "evmux-bench: " << name << ": " << bin.string() << "\n";
-        servers.push_back({name, name, "", bin, per_conn, forks, 1, ""});
+        servers.push_back({name, name, "", bin, per_conn, forks, 1, "", false, udp});
     };
     add_baseline(floor_server, "evmux-baseline-epoll", false, false);
     if (!backends.empty()) {
@@ -1353,6 +1399,12 @@ std::vector<Server> plan_servers(const Options& opt, const fs::path& tools_dir,
     add_baseline("libevent-bufferevent", "evmux-baseline-libevent", false, false);
     add_baseline("threads", "evmux-baseline-threads", true, false);
     add_baseline("fork", "evmux-baseline-fork", true, true);
+    if (!opt.udp) return servers;
+    add_baseline(udp_floor_server, "evmux-baseline-udp", false, false, true);
+    if (wanted(opt, "evmux") && !backends.empty() && fs::exists(tools_dir / "evmux-echo"))
+        for (const auto& b : backends)
+            servers.push_back({"evmux/" + b + "/udp", "evmux", b, tools_dir / "evmux-echo", false,
+                               false, 1, "", false, true});
     return servers;
 }
 
@@ -1466,9 +1518,11 @@ std::vector<InstructionRow> run_instructions(const Runner& runner,
 
 /// The --instructions table, each server's count and its ratio to the floor's.
 void print_instructions(std::ostream& os, const std::vector<InstructionRow>& rows) {
-    const InstructionRow* floor = nullptr;
-    for (const auto& r : rows)
+    const InstructionRow *floor = nullptr, *udp_floor = nullptr;
+    for (const auto& r : rows) {
         if (r.server->name == floor_server) floor = &r;
+        if (r.server->name == udp_floor_server) udp_floor = &r;
+    }
     os << "\n== user-space instructions per echoed message (callgrind; "
        << instructions_point.active << " sessions x " << instructions_point.size << " B; runs of "
        << fmt(instructions_durations[0], 0) << " s and " << fmt(instructions_durations[1], 0)
@@ -1479,10 +1533,11 @@ void print_instructions(std::ostream& os, const std::vector<InstructionRow>& row
             std::snprintf(line, sizeof line, "%-22s %10s   %s\n", r.server->name.c_str(), "-",
                           r.note.c_str());
         } else {
-            const bool ratio = floor && floor != &r && floor->per_msg > 0;
+            const InstructionRow* f = r.server->udp ? udp_floor : floor;  // UDP: udp-floor
+            const bool ratio = f && f != &r && f->per_msg > 0;
             std::snprintf(
                 line, sizeof line, "%-22s %10.0f   %s\n", r.server->name.c_str(), r.per_msg,
-                ratio ? ("(" + fmt(r.per_msg / floor->per_msg, 2) + "x the floor)").c_str() : "");
+                ratio ? ("(" + fmt(r.per_msg / f->per_msg, 2) + "x the floor)").c_str() : "");
         }
         os << line;
     }
