@@ -57,8 +57,8 @@ struct UdpOptions {
 /// there too.
 struct UdpCallbacks {
     /// One datagram arrived from `from` (the peer on a connected endpoint;
-    /// Address() for an unbound Unix sender). `data` is valid for this call only. Unset: datagrams
-    /// are read and discarded.
+    /// Address() for an unbound Unix sender). `data` is valid for this call
+    /// only. Unset: datagrams are read and discarded.
     std::function<void(UdpEndpoint&, std::string_view data, const Address& from)> on_datagram;
     /// An asynchronous error: on a connected UDP endpoint the ICMP errors
     /// (ECONNREFUSED for port unreachable, EHOSTUNREACH, ...) that the kernel
@@ -71,17 +71,28 @@ struct UdpCallbacks {
 
 /// Counters of one endpoint (loop thread only).
 struct UdpStats {
-    std::uint64_t received = 0;   ///< datagrams delivered to on_datagram
-    std::uint64_t sent = 0;       ///< datagrams handed to the kernel
-    std::uint64_t dropped = 0;    ///< not sent: the queue was full, or closed with them queued
-    std::uint64_t truncated = 0;  ///< arrived longer than max_datagram; not delivered
-    std::uint64_t errors = 0;     ///< reported to on_error (or thrown: see send_to())
-    std::uint64_t kernel_dropped =
-        0;  ///< lost by the kernel: our receive buffer was full (SO_RXQ_OVFL)
-    std::uint64_t bytes_received = 0;  ///< payload bytes delivered
-    std::uint64_t bytes_sent = 0;      ///< payload bytes handed to the kernel
-    std::uint64_t receive_calls = 0;   ///< recvmmsg calls that returned datagrams
-    std::uint64_t send_calls = 0;      ///< sendto/send/sendmmsg calls that sent datagrams
+    /// Datagrams received whole (and given to on_datagram, if set).
+    std::uint64_t received = 0;
+    /// Datagrams handed to the kernel.
+    std::uint64_t sent = 0;
+    /// Datagrams not sent: the queue was full, the kernel had no buffer
+    /// (ENOBUFS), or close() found them queued.
+    std::uint64_t dropped = 0;
+    /// Datagrams that arrived longer than max_datagram (not delivered).
+    std::uint64_t truncated = 0;
+    /// Errors reported to on_error (a caller's mistake throws instead).
+    std::uint64_t errors = 0;
+    /// Datagrams the kernel dropped because our receive buffer was full
+    /// (SO_RXQ_OVFL; learnt from the next datagram that arrives).
+    std::uint64_t kernel_dropped = 0;
+    /// Payload bytes received whole.
+    std::uint64_t bytes_received = 0;
+    /// Payload bytes handed to the kernel.
+    std::uint64_t bytes_sent = 0;
+    /// recvmmsg calls that returned datagrams.
+    std::uint64_t receive_calls = 0;
+    /// sendto/send/sendmmsg calls that sent datagrams.
+    std::uint64_t send_calls = 0;
 };
 
 /// One datagram socket (UDP over IPv4 or IPv6, or a Unix datagram socket) on
@@ -90,7 +101,7 @@ struct UdpStats {
 /// destruction (which closes it). Thread rule: loop thread only, every
 /// member. Non-copyable.
 ///
-/// Cost: the object (about 400 bytes) and its socket; no receive buffer of
+/// Cost: the object (about 500 bytes) and its socket; no receive buffer of
 /// its own. Receiving reads into one area per thread of recv_batch x
 /// max_datagram bytes (1 MiB of address space with the defaults) shared by
 /// every endpoint on that thread, of which only the pages datagrams have
@@ -101,9 +112,9 @@ class UdpEndpoint : public std::enable_shared_from_this<UdpEndpoint> {
   public:
     /// A socket bound to `local` ("127.0.0.1:0", "[::1]:53", "unix:/path"),
     /// unconnected: send_to() anyone (a Unix socket file is removed again by
-    /// close()). Throws std::system_error naming the
-    /// call and address ("bind 127.0.0.1:53: Address already in use"),
-    /// std::invalid_argument for an unspecified address or bad options.
+    /// close()). Throws std::system_error naming the call and address
+    /// ("bind 127.0.0.1:53: Address already in use"), std::invalid_argument
+    /// for an unspecified address or bad options.
     static UdpEndpointPtr bind(EventLoop& loop, const Address& local, UdpCallbacks callbacks,
                                UdpOptions options = {});
     /// A socket connected to `remote` (bound to any free local port): send()
