@@ -348,6 +348,35 @@ TEST(Udp, SendQueueIsBoundedAndDrainsInOrderWithSendmmsg) {
     EXPECT_LT(ep->stats().send_calls, ep->stats().sent);
 }
 
+// An unconnected Unix datagram socket whose receiver is full gets EAGAIN yet
+// polls writable: waiting for writability would spin, so the datagram is
+// dropped and counted at once, and no write interest is ever taken.
+TEST(Udp, UnconnectedUnixSenderToAFullReceiverDropsWithoutSpinning) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    char dir_template[] = "/tmp/evmux-udp-XXXXXX";
+    ASSERT_NE(::mkdtemp(dir_template), nullptr);
+    const std::string dir = dir_template;
+    const Address receiver_at = Address::unix_path(dir + "/receiver");
+    {
+        Fd receiver = raw_socket(AF_UNIX, &receiver_at);  // never reads
+        auto ep = UdpEndpoint::bind(loop, Address::unix_path(dir + "/sender"), {});
+        std::size_t accepted = 0;
+        for (int i = 0; i < 3000; ++i)
+            if (ep->send_to(receiver_at, pattern(100, static_cast<unsigned>(i)))) ++accepted;
+        EXPECT_LT(accepted, 3000u);
+        EXPECT_GT(accepted, 0u);
+        EXPECT_EQ(ep->stats().sent, accepted);
+        EXPECT_EQ(ep->stats().dropped, 3000u - accepted);
+        EXPECT_EQ(ep->queued_datagrams(), 0u);
+        EXPECT_EQ(loop.interest(ep->fd()), Events::read);
+        // Nothing to do: the loop waits instead of spinning.
+        EXPECT_EQ(loop.run_once(20ms), 0u);
+        ep->close();
+    }
+    ::unlink(receiver_at.path().c_str());
+    EXPECT_EQ(::rmdir(dir.c_str()), 0) << std::strerror(errno);
+}
+
 // ---- callbacks, lifetime -------------------------------------------------------------
 
 TEST(Udp, CloseInsideOnDatagramStopsTheBatchAndFreesTheEndpoint) {
