@@ -41,11 +41,7 @@ using test::run_until;
 
 // ---- helpers ------------------------------------------------------------------
 
-std::string pattern(std::size_t n, unsigned seed = 7) {
-    std::string s(n, '\0');
-    for (std::size_t i = 0; i < n; ++i) s[i] = static_cast<char>((i * 31 + seed) % 251);
-    return s;
-}
+using test::pattern;
 
 void set_timeouts(int fd, std::chrono::milliseconds t) {
     timeval tv{static_cast<time_t>(t.count() / 1000),

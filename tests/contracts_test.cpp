@@ -379,13 +379,7 @@ TEST(Exceptions, DefaultHandlerRethrowsFromRunAfterTheIteration) {
 TEST(Exceptions, LoopCallbacksOfEveryKindReachTheHandler) {
     EVMUX_LOOP_OR_SKIP(loop);
     std::vector<std::string> errors;
-    loop.set_exception_handler([&](std::exception_ptr e) {
-        try {
-            std::rethrow_exception(e);
-        } catch (const std::exception& ex) {
-            errors.push_back(ex.what());
-        }
-    });
+    test::collect_exceptions(loop, errors);
     auto [r1, w1] = test::socket_pair();
     auto [r2, w2] = test::socket_pair();
     int fd_calls = 0, timer_calls = 0, task_calls = 0, signal_calls = 0;

@@ -162,11 +162,7 @@ void reset(Fd& fd) {
     fd.reset();
 }
 
-std::string pattern(std::size_t n) {
-    std::string s(n, '\0');
-    for (std::size_t i = 0; i < n; ++i) s[i] = static_cast<char>((i * 31 + 7) % 251);
-    return s;
-}
+using test::pattern;
 
 /// The outcome of a task run by run_task/spawn_capture: its value or exception.
 template <class T>
@@ -1052,13 +1048,7 @@ TEST(CoroServe, EchoServerAndCoroutineClientsOnOneLoop) {
 TEST(CoroServe, PeerGoneIsQuietOtherExceptionsReachTheHandler) {
     EVMUX_LOOP_OR_SKIP(loop);
     std::vector<std::string> errors;
-    loop.set_exception_handler([&](std::exception_ptr e) {
-        try {
-            std::rethrow_exception(e);
-        } catch (const std::exception& x) {
-            errors.push_back(x.what());
-        }
-    });
+    test::collect_exceptions(loop, errors);
     auto handler = [](Stream s) -> Task<void> {
         std::string line = co_await s.read_line();
         if (line == "throw\n") throw std::runtime_error("handler failed");

@@ -294,13 +294,7 @@ TEST(Resolver, ACallbackThatThrowsGoesToTheLoopsHandler) {
     DnsResponder dns(names());
     Resolver resolver(loop, asking(dns));
     std::vector<std::string> caught;
-    loop.set_exception_handler([&](std::exception_ptr e) {
-        try {
-            std::rethrow_exception(e);
-        } catch (const std::exception& x) {
-            caught.push_back(x.what());
-        }
-    });
+    test::collect_exceptions(loop, caught);
     Outcome after;
     resolver.resolve("one.test", "1", [](std::error_code, std::vector<Address>) {
         throw std::runtime_error("boom");

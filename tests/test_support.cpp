@@ -119,4 +119,20 @@ void send_all(EventLoop& loop, int fd, std::string_view data) {
     }
 }
 
+std::string pattern(std::size_t n, unsigned seed) {
+    std::string s(n, '\0');
+    for (std::size_t i = 0; i < n; ++i) s[i] = static_cast<char>((i * 31 + seed) % 251);
+    return s;
+}
+
+void collect_exceptions(EventLoop& loop, std::vector<std::string>& texts) {
+    loop.set_exception_handler([&texts](std::exception_ptr e) {
+        try {
+            std::rethrow_exception(e);
+        } catch (const std::exception& x) {
+            texts.emplace_back(x.what());
+        }
+    });
+}
+
 }  // namespace evmux::test

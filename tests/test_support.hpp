@@ -9,6 +9,7 @@
 #include <string_view>
 #include <system_error>
 #include <utility>
+#include <vector>
 
 #include "evmux/address.hpp"
 #include "evmux/connection.hpp"
@@ -105,6 +106,14 @@ struct ConnectResult {
         return cb;
     }
 };
+
+/// n bytes whose value depends on their position, (i * 31 + seed) % 251: a
+/// lost, reordered or duplicated byte shows in a comparison.
+std::string pattern(std::size_t n, unsigned seed = 7);
+
+/// Sets `loop`'s exception handler to append each exception's what() to
+/// `texts` (which must outlive the loop's use of it).
+void collect_exceptions(EventLoop& loop, std::vector<std::string>& texts);
 
 /// An owned fd, closed on destruction.
 class Fd {

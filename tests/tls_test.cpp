@@ -43,11 +43,7 @@ using test::Fd;
 using test::pump_for;
 using test::run_until;
 
-std::string pattern(std::size_t n, unsigned seed = 7) {
-    std::string s(n, '\0');
-    for (std::size_t i = 0; i < n; ++i) s[i] = static_cast<char>((i * 31 + seed) % 251);
-    return s;
-}
+using test::pattern;
 
 std::shared_ptr<TlsContext> server_context(const std::string& cert, const std::string& key,
                                            std::vector<std::string> alpn = {}) {

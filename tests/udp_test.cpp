@@ -31,11 +31,7 @@ using namespace std::chrono_literals;
 using test::Fd;
 using test::run_until;
 
-std::string pattern(std::size_t n, unsigned seed) {
-    std::string s(n, '\0');
-    for (std::size_t i = 0; i < n; ++i) s[i] = static_cast<char>((i * 31 + seed) % 251);
-    return s;
-}
+using test::pattern;
 
 /// A plain non-blocking datagram socket of `family`, bound to `local` if given.
 Fd raw_socket(int family, const Address* local = nullptr) {
@@ -418,13 +414,7 @@ TEST(Udp, CloseBreaksACycleThroughTheCallbacks) {
 TEST(Udp, AThrowingOnDatagramEndsOnlyThatCall) {
     EVMUX_LOOP_OR_SKIP(loop);
     std::vector<std::string> errors;
-    loop.set_exception_handler([&](std::exception_ptr e) {
-        try {
-            std::rethrow_exception(e);
-        } catch (const std::exception& x) {
-            errors.emplace_back(x.what());
-        }
-    });
+    test::collect_exceptions(loop, errors);
     std::vector<std::string> got;
     UdpCallbacks cb;
     cb.on_datagram = [&](UdpEndpoint&, std::string_view data, const Address&) {
