@@ -360,11 +360,28 @@ TEST_F(EvmuxEcho, HostNamesResolveThroughTheResolver) {
     EXPECT_EQ(asked, (std::vector<std::string>{"A echo.test", "AAAA echo.test"}))
         << "localhost was not asked of the server";
 
-    EchoProcess unknown({"--port", "0", "--host", "nosuch.invalid", "--dns", dns.server()});
-    EXPECT_EQ(unknown.line(),
-              "evmux-echo: evmux: cannot resolve 'nosuch.invalid': Domain name not found");
-    EXPECT_EQ(unknown.line(2000ms), "") << "more than one line";
-    EXPECT_EQ(unknown.wait(), 2);
+    for (const char* udp : {"", "--udp"}) {
+        std::vector<std::string> args = {"--port",         "0",     "--host",
+                                         "nosuch.invalid", "--dns", dns.server()};
+        if (*udp) args.push_back(udp);
+        EchoProcess unknown(args);
+        EXPECT_EQ(unknown.line(),
+                  "evmux-echo: evmux: cannot resolve 'nosuch.invalid': Domain name not found")
+            << udp;
+        EXPECT_EQ(unknown.line(2000ms), "") << "more than one line";
+        EXPECT_EQ(unknown.wait(), 2);
+    }
+
+    // --udp names go through the same Resolver (the DNS server is asked).
+    EchoProcess named({"--udp", "--port", "0", "--host", "echo.test", "--dns", dns.server(),
+                       "--backend", test::backend_name()});
+    const std::string line = named.line();
+    std::string named_backend;
+    EXPECT_EQ(listening_address(line, &named_backend).rfind("127.0.0.1:", 0), 0u) << line;
+    EXPECT_NE(line.find("protocol=udp"), std::string::npos) << line;
+    ASSERT_EQ(::kill(named.pid(), SIGTERM), 0);
+    named.line();
+    EXPECT_EQ(named.wait(), 0);
 }
 
 // ---- --udp ------------------------------------------------------------------------

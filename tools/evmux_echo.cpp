@@ -3,12 +3,12 @@
 //   evmux-echo --port P [--host H [--dns SERVERS]] [--backend NAME] [--upper]
 //              [--unix PATH] [--threads N [--distribution reuse_port|round_robin]]
 //              [--model callbacks|coroutines] [--tls-cert FILE --tls-key FILE]
-//   evmux-echo --udp --port P [--host H] [--backend NAME] [--upper]
+//   evmux-echo --udp --port P [--host H [--dns SERVERS]] [--backend NAME] [--upper]
 //   evmux-echo --list-backends
 //
 // A --host name is resolved by evmux's Resolver (/etc/hosts, then the DNS
 // servers: /etc/resolv.conf's or --dns), and the first of its addresses that
-// binds is served on (with --udp, getaddrinfo's first). Prints "evmux-echo
+// binds is served on (--udp too). Prints "evmux-echo
 // listening on HOST:PORT backend=NAME ..." to stderr once it accepts (ending
 // in " tls" when it speaks TLS, "protocol=udp" with --udp, which sends each
 // datagram back to its sender); SIGINT/SIGTERM stop it with a one-line
@@ -17,7 +17,6 @@
 // --tls-cert/--tls-key) are one line on stderr and exit code 2. It raises its
 // soft RLIMIT_NOFILE to the hard limit at start: a server for thousands of
 // connections must not stop at the usual soft 1024.
-#include <netdb.h>
 #include <pthread.h>
 #include <sys/socket.h>
 
@@ -69,25 +68,6 @@ int list_backends() {
 std::string host_port(const std::string& host, int port) {
     const bool bare_v6 = host.find(':') != std::string::npos && !host.starts_with('[');
     return (bare_v6 ? "[" + host + "]" : host) + ":" + std::to_string(port);
-}
-
-// --udp's address: a numeric host directly; a name ("localhost") through
-// getaddrinfo, once, at start-up where blocking is harmless (UdpEndpoint takes
-// an Address; the Resolver serves the TCP server's names).
-evmux::Address resolve_udp(const std::string& host, std::uint16_t port, int socktype) {
-    try {
-        return evmux::Address::ip(host, port);
-    } catch (const std::invalid_argument&) {
-    }
-    addrinfo hints{};
-    hints.ai_socktype = socktype;
-    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
-    addrinfo* res = nullptr;
-    int rc = ::getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res);
-    if (rc != 0) throw std::invalid_argument("host " + host + ": " + ::gai_strerror(rc));
-    evmux::Address a = evmux::Address::from_sockaddr(res->ai_addr, res->ai_addrlen);
-    ::freeaddrinfo(res);
-    return a;
 }
 
 // Once the server is listening: the line the tests and tools wait for.
@@ -148,9 +128,12 @@ const std::string& uppercased(const char* p, std::size_t n) {
     return upper_buf;
 }
 
-// --udp: one UdpEndpoint on one loop on this thread; every datagram goes back
-// to its sender (uppercased with --upper), straight from the receive area.
-int serve_udp(const std::string& backend, const evmux::Address& address, bool upper) {
+// --udp: one UdpEndpoint on one loop on this thread, bound to the first of
+// `addresses` that binds (a --host name resolves as the TCP server's does);
+// every datagram goes back to its sender (uppercased with --upper), straight
+// from the receive area.
+int serve_udp(const std::string& backend, const std::vector<evmux::Address>& addresses,
+              bool upper) {
     evmux::EventLoop loop(backend.empty() ? evmux::make_selector() : evmux::make_selector(backend));
     evmux::UdpCallbacks callbacks;
     if (upper) {
@@ -162,7 +145,17 @@ int serve_udp(const std::string& backend, const evmux::Address& address, bool up
         callbacks.on_datagram = [](evmux::UdpEndpoint& ep, std::string_view data,
                                    const evmux::Address& from) { ep.send_to(from, data); };
     }
-    auto endpoint = evmux::UdpEndpoint::bind(loop, address, std::move(callbacks));
+    std::shared_ptr<evmux::UdpEndpoint> endpoint;
+    std::string tried;
+    for (const evmux::Address& address : addresses) {
+        try {
+            endpoint = evmux::UdpEndpoint::bind(loop, address, callbacks);
+            break;
+        } catch (const std::system_error& e) {
+            tried += (tried.empty() ? "" : "; ") + address.to_string() + ": " + e.what();
+        }
+    }
+    if (!endpoint) return fail("--udp: no address binds: " + tried);
     auto stop = [&loop](int) { loop.stop(); };
     loop.on_signal(SIGINT, stop);
     loop.on_signal(SIGTERM, stop);
@@ -284,15 +277,17 @@ int main(int argc, char** argv) {
     evmux::support::raise_fd_limit();
 
     try {
+        evmux::ResolverOptions names;
+        names.servers = dns;
         if (udp)
-            return serve_udp(
-                backend, resolve_udp(host, static_cast<std::uint16_t>(*port), SOCK_DGRAM), upper);
+            return serve_udp(backend, evmux::resolve_address_now(host_port(host, *port), names),
+                             upper);
         const std::string address =
             unix_path.empty() ? host_port(host, *port) : "unix:" + unix_path;
         evmux::ServerOptions options;
         options.distribution = distribution == "round_robin" ? evmux::Distribution::round_robin
                                                              : evmux::Distribution::reuse_port;
-        options.resolver.servers = dns;
+        options.resolver = names;
         if (!tls.cert_chain_file.empty()) options.connection.tls = evmux::TlsContext::server(tls);
 
         evmux::Callbacks callbacks;
