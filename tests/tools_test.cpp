@@ -621,7 +621,7 @@ TEST_F(LoadTest, TextReportSaysHowThroughputIsCounted) {
     EXPECT_NE(out.find("round trips"), std::string::npos) << out;
 }
 
-TEST_F(LoadTest, MarkWindowPrintsWindowBeforeTheJson) {
+TEST_F(LoadTest, MarkWindowPrintsWindowAndEndBeforeTheJson) {
     TinyServer server([](int fd, const std::atomic<bool>& stop) {
         TinyServer::echo(fd, stop, [](std::size_t, char c) { return c; });
     });
@@ -631,8 +631,8 @@ TEST_F(LoadTest, MarkWindowPrintsWindowBeforeTheJson) {
                        &out, &err),
               0)
         << err;
-    ASSERT_EQ(out.rfind("window\n{", 0), 0u) << out;
-    EXPECT_GT(parse_report(out.substr(7))["round_trips"], 0);
+    ASSERT_EQ(out.rfind("window\nend\n{", 0), 0u) << out;
+    EXPECT_GT(parse_report(out.substr(11))["round_trips"], 0);
 }
 
 // ---- --udp ---------------------------------------------------------------------

@@ -316,6 +316,7 @@ double context_switches(pid_t pid, bool with_children) {
 
 ChildrenCpu live_children_cpu(pid_t pid) {
     double user = 0, sys = 0, run = 0;
+    std::size_t count = 0;
     std::string task_dir = "/proc/" + std::to_string(pid) + "/task";
     DIR* dir = ::opendir(task_dir.c_str());
     if (!dir) return {0, 0};
@@ -326,6 +327,7 @@ ChildrenCpu live_children_cpu(pid_t pid) {
         while (children >> child) {
             double t[4];
             if (!read_stat_times(child, t)) continue;  // exited meanwhile
+            ++count;
             user += t[0] + t[2];
             sys += t[1] + t[3];
             std::ifstream sched("/proc/" + std::to_string(child) + "/schedstat");
@@ -334,7 +336,7 @@ ChildrenCpu live_children_cpu(pid_t pid) {
         }
     }
     ::closedir(dir);
-    return {run > 0 ? run : user + sys, user, sys};
+    return {run > 0 ? run : user + sys, user, sys, count};
 }
 
 namespace {

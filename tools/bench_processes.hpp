@@ -113,8 +113,9 @@ double context_switches(pid_t pid, bool with_children);
 /// live through it (one per connection) then count only their CPU in it.
 struct ChildrenCpu {
     double total_us = 0;
-    double user_us = 0;  ///< utime ticks (with their own reaped children's)
-    double sys_us = 0;   ///< stime ticks
+    double user_us = 0;     ///< utime ticks (with their own reaped children's)
+    double sys_us = 0;      ///< stime ticks
+    std::size_t count = 0;  ///< how many children were read
 };
 ChildrenCpu live_children_cpu(pid_t pid);
 

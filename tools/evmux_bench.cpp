@@ -424,7 +424,8 @@ struct WindowEnd {
 struct LoadRun {
     std::string json;
     /// The load window: `start` when evmux-load printed "window" (connections
-    /// made, warm-up done), `end` when its figures arrived. A server with a
+    /// made, warm-up done), `end` when it printed "end" (the duration over;
+    /// before the rounds in flight drain and the connections close). A server with a
     /// thread or process per connection is read in full only here: a thousand
     /// threads' or children's /proc files every 20 ms would load the very CPU
     /// being measured.
@@ -505,9 +506,8 @@ double user_share(const CpuModeSampler* modes, const ProcSample& a, const ProcSa
 }
 
 /// The server's side of `r`: user and sys CPU per message and peak RSS over
-/// the load window, the `duration_s` that ended when the client printed its
-/// figures. Connection set-up before it and tear-down after it are left out
-/// (they would weigh heavily in the idle-heavy case).
+/// the load window, the `duration_s` that ended with the client's "end" line. Connection set-up
+/// before it and tear-down after it are left out (they would weigh heavily in the idle-heavy case).
 void measure_server(Result& r, const ServerSampler& sampler, const LoadRun& load, double duration_s,
                     bool precise) {
     const auto& samples = sampler.samples();
@@ -532,7 +532,16 @@ void measure_server(Result& r, const ServerSampler& sampler, const LoadRun& load
     // ticks if there are enough of them (see user_share), else "unsplit":
     // the total stays, user and sys become NaN, never a default share.
     const double child_window_s = seconds_between(load.start.when, load.end.when);
-    if (child_window_s > 0 && window_s > 0 && load.end.children.total_us > 0) {
+    const bool children_lost = load.end.children.count < load.start.children.count;
+    if (children_lost) {
+        // Some exited (their connection closed) before the window's end was
+        // read: their CPU is gone from the sum. Unknown, not an undercount.
+        user = sys = total = NAN;
+        r.cpu_split = "unknown (" +
+                      std::to_string(load.start.children.count - load.end.children.count) + " of " +
+                      std::to_string(load.start.children.count) +
+                      " children exited before the window's end was read)";
+    } else if (child_window_s > 0 && window_s > 0 && load.end.children.total_us > 0) {
         const double scale = window_s / child_window_s;  // to this window's length
         const double child_total =
             (load.end.children.total_us - load.start.children.total_us) * scale;
@@ -563,10 +572,12 @@ void measure_server(Result& r, const ServerSampler& sampler, const LoadRun& load
         // Context switches between the window's ends, read in full there
         // (every thread, a forking server's children too).
         const double ctx_window_s = seconds_between(load.start.when, load.end.when);
-        r.ctx_switches_per_msg =
-            ctx_window_s > 0
-                ? (load.end.ctx_switches - load.start.ctx_switches) / ctx_window_s / r.msgs_per_s
-                : NAN;
+        // Fewer at the end than at the start: threads or children exited
+        // first, taking their counts with them: unknown.
+        const double ctx = load.end.ctx_switches - load.start.ctx_switches;
+        r.ctx_switches_per_msg = ctx_window_s > 0 && ctx >= 0 && !children_lost
+                                     ? ctx / ctx_window_s / r.msgs_per_s
+                                     : NAN;
         // System calls: the counters are monotonic (threads live through the
         // run): the last sample before the end.
         r.syscalls = sampler.syscalls_how();
@@ -741,10 +752,12 @@ class Runner {
         run.in_time = load.read_stdout(run.json, limit, [&](const std::string& out) {
             if (run.start.when == Clock::time_point{} && out.rfind("window\n", 0) == 0)
                 read_end(run.start);
-            if (run.end.when == Clock::time_point{} && out.find('{') != std::string::npos)
+            // The duration's end, before the client drains and closes: a
+            // forking server's children are all alive then.
+            if (run.end.when == Clock::time_point{} && out.rfind("window\nend\n", 0) == 0)
                 read_end(run.end);
         });
-        if (run.json.rfind("window\n", 0) == 0) run.json.erase(0, 7);
+        if (run.json.rfind("window\nend\n", 0) == 0) run.json.erase(0, 11);
         run.status = run.in_time ? load.wait(limit) : -1;
         return run;
     }  // a load client that overran is killed here
@@ -804,7 +817,7 @@ std::string cell(const Result& r, const Result* floor, double Figures::*m, int d
 
 // The footnote of a point's table: how its rows' user/sys columns were split.
 std::string split_legend(const std::vector<Result>& results, const Point& p) {
-    std::string perf, ticks, unsplit;
+    std::string perf, ticks, unsplit, unknown;
     std::uint64_t fewest = 0;
     for (const auto& r : results) {
         if (!r.ok || r.point.size != p.size || r.point.conns != p.conns ||
@@ -812,6 +825,7 @@ std::string split_legend(const std::vector<Result>& results, const Point& p) {
             continue;
         std::string& names = r.cpu_split.starts_with("perf")      ? perf
                              : r.cpu_split.starts_with("unsplit") ? unsplit
+                             : r.cpu_split.starts_with("unknown") ? unknown
                                                                   : ticks;
         names += (names.empty() ? "" : ", ") + r.server->name;
         if (r.cpu_split.starts_with("perf")) {
@@ -833,6 +847,12 @@ std::string split_legend(const std::vector<Result>& results, const Point& p) {
                     "unsplit (under 200 ms of ticks in the window to split by: user and sys "
                     "shown as -, their sum in the JSON's cpu_us_per_msg) for ") +
                 unsplit;
+    if (!unknown.empty())
+        text += (text.empty() ? "" : "; ") +
+                std::string(
+                    "unknown in a round (children exited before the window's end was "
+                    "read; that round's CPU left out) for ") +
+                unknown;
     return text.empty() ? "" : "  user/sys split: " + text + "\n";
 }
 

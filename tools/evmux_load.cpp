@@ -635,7 +635,10 @@ void LoadClient::run() {
 
     auto now = Clock::now();
     while (true) {
-        if (!stopping_ && now >= end) stopping_ = true;
+        if (!stopping_ && now >= end) {
+            stopping_ = true;
+            mark_window(opt_, "end\n");
+        }
         if (stopping_ && (in_flight_ == 0 || now >= drain_deadline)) break;
         now = poll_once(now, stopping_ ? drain_deadline : end);
     }
@@ -745,7 +748,8 @@ int main(int argc, char** argv) {
     app.add_flag("--json", opt.json, "print one JSON object instead of text");
     app.add_flag("--mark-window", opt.mark_window,
                  "print a line 'window' on stdout as the measured load starts (after the "
-                 "connections and the warm-up), for a tool that samples the server then");
+                 "connections and the warm-up) and a line 'end' as its duration ends, for a "
+                 "tool that samples the server then");
     app.add_option("--connect-timeout", opt.connect_timeout_s,
                    "seconds each connect (and TLS handshake) may take (default 10)")
         ->check(CLI::Range(0.001, 3600.0));

@@ -130,10 +130,13 @@ inline void print_error(const char* unit, std::size_t i, const char* fmt, va_lis
     std::fputc('\n', stderr);
 }
 
-/// --mark-window: a line "window" on stdout as the measured load starts.
-inline void mark_window(const Options& opt) {
+/// --mark-window: a line "window" on stdout as the measured load starts,
+/// and a line "end" as its duration ends (before the rounds in flight drain
+/// and any connection closes: a server with a process per connection still
+/// has them all then).
+inline void mark_window(const Options& opt, const char* line = "window\n") {
     if (!opt.mark_window) return;
-    std::fputs("window\n", stdout);
+    std::fputs(line, stdout);
     std::fflush(stdout);
 }
 

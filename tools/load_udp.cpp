@@ -284,6 +284,7 @@ void UdpLoad::run() {
                                  std::chrono::duration<double>(opt_.duration_s));
     for (std::size_t i = 0; i < sessions_.size(); ++i) send_next(i, start);
     while (Clock::now() < end) poll_once(end);
+    mark_window(opt_, "end\n");
     phase_ = Phase::drain;
     // Every datagram in flight is answered or expires within the timeout.
     const auto drain_end = Clock::now() + timeout_ + std::chrono::milliseconds(100);
