@@ -6,6 +6,7 @@
 //
 //   evmux-bench [--quick] [--out DIR] [--backends a,b] [--servers ...] ...
 //   evmux-bench dispatch -n N -a A -w W [--backend B]   (libevent's test/bench.c)
+#include <signal.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -754,8 +755,10 @@ class Runner {
                 read_end(run.start);
             // The duration's end, before the client drains and closes: a
             // forking server's children are all alive then.
-            if (run.end.when == Clock::time_point{} && out.rfind("window\nend\n", 0) == 0)
+            if (run.end.when == Clock::time_point{} && out.rfind("window\nend\n", 0) == 0) {
                 read_end(run.end);
+                ::kill(load.pid(), SIGUSR1);  // read: it may close its connections now
+            }
         });
         if (run.json.rfind("window\nend\n", 0) == 0) run.json.erase(0, 11);
         run.status = run.in_time ? load.wait(limit) : -1;

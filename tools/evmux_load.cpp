@@ -749,7 +749,8 @@ int main(int argc, char** argv) {
     app.add_flag("--mark-window", opt.mark_window,
                  "print a line 'window' on stdout as the measured load starts (after the "
                  "connections and the warm-up) and a line 'end' as its duration ends, for a "
-                 "tool that samples the server then");
+                 "tool that samples the server then; after its report it keeps the "
+                 "connections open until SIGUSR1 (at most 5 s)");
     app.add_option("--connect-timeout", opt.connect_timeout_s,
                    "seconds each connect (and TLS handshake) may take (default 10)")
         ->check(CLI::Range(0.001, 3600.0));
@@ -796,6 +797,12 @@ int main(int argc, char** argv) {
     }
     ensure_fd_limit(static_cast<long>(opt.conns) + fd_margin);
     ::signal(SIGPIPE, SIG_IGN);  // belt and braces: every send uses MSG_NOSIGNAL
+    // --mark-window: SIGUSR1 is the sampling tool's "read": blocked from the
+    // start, so that one sent early stays pending instead of killing us.
+    sigset_t usr1;
+    sigemptyset(&usr1);
+    sigaddset(&usr1, SIGUSR1);
+    if (opt.mark_window) ::sigprocmask(SIG_BLOCK, &usr1, nullptr);
     if (opt.udp) return run_udp_load(opt, addr, addr_len);
 
     LoadClient client(opt, addr, addr_len);
@@ -808,5 +815,13 @@ int main(int argc, char** argv) {
     }
     const Results& r = client.results();
     print_report(opt, r);
+    if (opt.mark_window) {
+        // Keep the connections open until the sampling tool has read the
+        // server at the window's end (SIGUSR1), at most 5 s: a server with a
+        // process per connection loses them as they close.
+        std::fflush(stdout);
+        const timespec limit{5, 0};
+        ::sigtimedwait(&usr1, nullptr, &limit);
+    }
     return (r.mismatches || r.errors) ? 1 : 0;
 }
