@@ -959,6 +959,16 @@ TEST(EvmuxBench, InstructionsPerMessageUnderCallgrind) {
         EXPECT_NE(json.find("valgrind not found"), std::string::npos) << json;
         return;
     }
+    // A sanitized build's servers cannot run under valgrind: each row must
+    // then say so, with no figure, and the bench still exit 0.
+    const char* sanitize = std::getenv("EVMUX_SANITIZE");
+    if (sanitize && *sanitize && std::string(sanitize) != "none") {
+        EXPECT_EQ(per_msg["epoll-floor"], "null") << json;
+        EXPECT_EQ(per_msg["evmux/epoll"], "null") << json;
+        EXPECT_NE(json.find("\"note\": \"server did not report listening"), std::string::npos)
+            << json;
+        return;
+    }
     ASSERT_NE(per_msg["epoll-floor"], "null") << json;
     ASSERT_NE(per_msg["evmux/epoll"], "null") << json;
     EXPECT_GT(std::stod(per_msg["epoll-floor"]), 10) << json;
