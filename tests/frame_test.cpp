@@ -475,7 +475,8 @@ bool serve_until(EventLoop& loop, std::initializer_list<Client*> clients, Done d
 std::vector<std::string> requests(int n, std::size_t most, unsigned seed) {
     std::vector<std::string> out;
     for (int i = 0; i < n; ++i) {
-        std::string s = "r" + std::to_string(i) + ":";
+        std::string s = "r";  // appended: GCC 12's false -Wrestrict on "r" + ... at -O3
+        s += std::to_string(i) + ":";
         const std::size_t len = (static_cast<std::size_t>(i) * 7919 + seed) % (most + 1);
         if (len > s.size()) s.resize(len, 'q');
         out.push_back(i % 17 == 5 ? "" : s);
