@@ -155,23 +155,31 @@ std::string Address::path() const {
     return std::string(p, ::strnlen(p, len_ - offset));
 }
 
-std::string Address::to_string() const {
+std::string Address::host() const {
     char host[INET6_ADDRSTRLEN] = {};
+    if (family() == AF_INET) {
+        sockaddr_in v4;
+        std::memcpy(&v4, storage_, sizeof v4);
+        ::inet_ntop(AF_INET, &v4.sin_addr, host, sizeof host);
+    } else if (family() == AF_INET6) {
+        sockaddr_in6 v6;
+        std::memcpy(&v6, storage_, sizeof v6);
+        ::inet_ntop(AF_INET6, &v6.sin6_addr, host, sizeof host);
+    }
+    return host;
+}
+
+std::string Address::to_string() const {
     switch (family()) {
-        case AF_INET: {
-            sockaddr_in v4;
-            std::memcpy(&v4, storage_, sizeof v4);
-            ::inet_ntop(AF_INET, &v4.sin_addr, host, sizeof host);
-            return std::string(host) + ":" + std::to_string(ntohs(v4.sin_port));
-        }
+        case AF_INET:
+            return host() + ":" + std::to_string(port());
         case AF_INET6: {
             sockaddr_in6 v6;
             std::memcpy(&v6, storage_, sizeof v6);
-            ::inet_ntop(AF_INET6, &v6.sin6_addr, host, sizeof host);
             // Appended piece by piece: GCC 12 at -O3 warns falsely
             // (-Wrestrict, its bug 105651) on "literal" + std::string.
             std::string s = "[";
-            s += host;
+            s += host();
             if (v6.sin6_scope_id != 0) {
                 s += '%';
                 s += std::to_string(v6.sin6_scope_id);

@@ -103,15 +103,10 @@ ConnectionPtr Connection::create(EventLoop& loop, int fd, Callbacks callbacks,
     // Kept, not asked at close: after a reset getpeername() fails (ENOTCONN).
     conn->peer_ = peer.family() != 0 ? peer : Address::peer_of(fd);
     if (options.tls) {
-        // A client with no name checks the peer's IP address: "[::1]:443" -> "::1".
-        std::string ip;
-        if (!conn->peer_.is_unix() && conn->peer_.family() != 0) {
-            ip = conn->peer_.to_string();
-            ip = ip.substr(0, ip.rfind(':'));
-            if (!ip.empty() && ip.front() == '[') ip = ip.substr(1, ip.size() - 2);
-        }
+        // A client with no name checks the peer's IP address ("::1").
         try {
-            conn->tls_ = std::make_unique<detail::TlsSession>(*options.tls, fd, std::string(), ip);
+            conn->tls_ = std::make_unique<detail::TlsSession>(*options.tls, fd, std::string(),
+                                                              conn->peer_.host());
         } catch (const std::runtime_error& e) {  // ~Connection closes the fd
             throw std::system_error(ENOMEM, std::generic_category(), e.what());
         }

@@ -191,6 +191,10 @@ TEST(Address, ParsesAndPrints) {
     EXPECT_EQ(Address::parse("127.0.0.1:80").port(), 80);
     EXPECT_EQ(Address::parse("[::1]:8080").to_string(), "[::1]:8080");
     EXPECT_EQ(Address::parse("[::1]:8080").family(), AF_INET6);
+    EXPECT_EQ(Address::parse("127.0.0.1:80").host(), "127.0.0.1");
+    EXPECT_EQ(Address::parse("[::1]:8080").host(), "::1");
+    EXPECT_EQ(Address::parse("unix:/tmp/x.sock").host(), "");
+    EXPECT_EQ(Address().host(), "");
     EXPECT_EQ(Address::parse("unix:/tmp/x.sock").to_string(), "unix:/tmp/x.sock");
     EXPECT_EQ(Address::parse("unix:/tmp/x.sock").path(), "/tmp/x.sock");
     EXPECT_TRUE(Address::parse("unix:/tmp/x.sock").is_unix());

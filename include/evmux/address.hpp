@@ -45,6 +45,9 @@ class Address {
     int family() const;
     /// True for a Unix stream socket address.
     bool is_unix() const;
+    /// The numeric host of an IP address ("127.0.0.1", "::1": no brackets, no
+    /// zone, no port), empty otherwise.
+    std::string host() const;
     /// The port (host byte order) for IP addresses, 0 otherwise.
     std::uint16_t port() const;
     /// The filesystem path of a Unix address, empty otherwise (and for unnamed
