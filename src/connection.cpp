@@ -612,11 +612,7 @@ void Connection::notify_closed() noexcept {
     loop_.untie(std::exchange(tie_, 0));  // `self` keeps us to the end of this call
 }
 
-}  // namespace evmux
-
 // ---- TLS: the handshake and OpenSSL's buffered bytes -----------------------------------
-
-namespace evmux {
 
 void Connection::start_tls() {
     const auto limit = opt_.tls->handshake_timeout();
