@@ -23,10 +23,14 @@
 // ring down (the kernel's own teardown of a ring is asynchronous: its requests,
 // and the files they hold, go some milliseconds later, from a worker).
 #include <liburing.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <fstream>
 #include <string>
@@ -34,6 +38,7 @@
 #include <vector>
 
 #include "backend.hpp"
+#include "completion_io.hpp"
 
 namespace evmux::detail {
 namespace {
@@ -41,7 +46,18 @@ namespace {
 constexpr unsigned sq_entries = 256;
 constexpr unsigned cq_entries = 4096;  // more completions than that wait in the kernel (NODROP)
 constexpr std::uint32_t control_bit = 0x8000'0000u;  // in the token half: not a poll request
-constexpr std::uint32_t token_mask = 0x7fff'ffffu;
+// In the token half: a completion request, whose low bits are its CompletionOp's
+// address (a user-space pointer, below 2^47).
+constexpr std::uint32_t op_bit = 0x4000'0000u;
+constexpr std::uint32_t token_mask = 0x3fff'ffffu;
+constexpr std::uint64_t op_tag = std::uint64_t{op_bit} << 32;
+
+// The provided receive buffers of completion I/O, shared by a loop's
+// connections: a connection holds one only from its receive's completion to
+// the end of that on_message.
+constexpr unsigned buffer_count = 512;  // a power of two
+constexpr unsigned buffer_size = 4096;
+constexpr int buffer_group = 0;
 
 std::uint64_t encode(std::uint32_t token, int fd) {
     return (std::uint64_t{token} << 32) | static_cast<std::uint32_t>(fd);
@@ -73,7 +89,143 @@ int init_ring(io_uring* ring) {
     return ret;
 }
 
-class IoUringSelector final : public Selector {
+// ---- the completion I/O probe ladder ------------------------------------------------
+// Each piece Connection and the acceptor use is tried once per process on a
+// ring of its own: the opcodes through the probe API, a provided buffer ring
+// by registering one, multishot receive and accept by running them on a
+// socketpair and an abstract Unix listener. Any piece missing: the loop stays
+// with readiness, and says why.
+
+struct CompletionProbe {
+    std::string missing;   // empty: completion I/O works here
+    std::string features;  // what was found
+};
+
+// Runs one request on `ring` and waits (at most 1 s) for its first completion.
+bool first_completion(io_uring* ring, io_uring_cqe& out) {
+    io_uring_submit(ring);
+    __kernel_timespec ts{1, 0};
+    io_uring_cqe* cqe = nullptr;
+    if (io_uring_wait_cqe_timeout(ring, &cqe, &ts) < 0 || !cqe) return false;
+    out = *cqe;
+    io_uring_cqe_seen(ring, cqe);
+    return true;
+}
+
+std::string probe_multishot(io_uring* ring) {
+    // Receive: one byte into a one-buffer group, expecting a buffer and "more".
+    void* mem = nullptr;
+    if (posix_memalign(&mem, 4096, 4096) != 0) return "no memory for the probe";
+    auto* br = static_cast<io_uring_buf_ring*>(mem);
+    io_uring_buf_ring_init(br);
+    io_uring_buf_reg reg{};
+    reg.ring_addr = reinterpret_cast<std::uint64_t>(br);
+    reg.ring_entries = 1;
+    reg.bgid = 7;
+    char byte_buf[64];
+    std::string missing;
+    if (int ret = io_uring_register_buf_ring(ring, &reg, 0); ret < 0) {
+        std::free(mem);
+        return std::string("provided buffer rings (io_uring_register_buf_ring: ") +
+               std::strerror(-ret) + ")";
+    }
+    io_uring_buf_ring_add(br, byte_buf, sizeof byte_buf, 0, io_uring_buf_ring_mask(1), 0);
+    io_uring_buf_ring_advance(br, 1);
+    int sv[2];
+    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0) {
+        io_uring_sqe* sqe = io_uring_get_sqe(ring);
+        io_uring_prep_recv_multishot(sqe, sv[0], nullptr, 0, 0);
+        sqe->flags |= IOSQE_BUFFER_SELECT;
+        sqe->buf_group = 7;
+        [[maybe_unused]] ssize_t n = ::write(sv[1], "x", 1);
+        io_uring_cqe cqe{};
+        if (!first_completion(ring, cqe) || cqe.res != 1 || !(cqe.flags & IORING_CQE_F_MORE) ||
+            !(cqe.flags & IORING_CQE_F_BUFFER))
+            missing = "multishot receive (IORING_RECV_MULTISHOT, Linux 6.0)";
+        ::close(sv[0]);  // ends the request (the ring is torn down next anyway)
+        ::close(sv[1]);
+    } else {
+        missing = std::string("socketpair: ") + std::strerror(errno);
+    }
+    io_uring_unregister_buf_ring(ring, 7);
+    std::free(mem);
+    if (!missing.empty()) return missing;
+
+    // Accept: an abstract Unix listener, one connect, expecting a fd and "more".
+    int lfd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (lfd < 0) return std::string("socket: ") + std::strerror(errno);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;  // autobind: an abstract name of the kernel's choosing
+    socklen_t len = sizeof(sa_family_t);
+    int cfd = -1;
+    if (::bind(lfd, reinterpret_cast<sockaddr*>(&addr), len) == 0 && ::listen(lfd, 4) == 0 &&
+        ::getsockname(lfd, reinterpret_cast<sockaddr*>(&addr), &(len = sizeof addr)) == 0) {
+        io_uring_prep_multishot_accept(io_uring_get_sqe(ring), lfd, nullptr, nullptr, SOCK_CLOEXEC);
+        io_uring_submit(ring);
+        cfd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        io_uring_cqe cqe{};
+        if (cfd < 0 || ::connect(cfd, reinterpret_cast<sockaddr*>(&addr), len) != 0 ||
+            !first_completion(ring, cqe) || cqe.res < 0 || !(cqe.flags & IORING_CQE_F_MORE))
+            missing = "multishot accept (Linux 5.19)";
+        if (cqe.res > 0) ::close(cqe.res);
+    } else {
+        missing = std::string("a Unix listener for the probe: ") + std::strerror(errno);
+    }
+    if (cfd >= 0) ::close(cfd);
+    ::close(lfd);
+    return missing;
+}
+
+CompletionProbe run_completion_probe() {
+    CompletionProbe p;
+    io_uring ring{};
+    if (int ret = io_uring_queue_init(8, &ring, 0); ret < 0) {
+        p.missing = std::string("io_uring_setup: ") + std::strerror(-ret);
+        return p;
+    }
+    io_uring_probe* ops = io_uring_get_probe_ring(&ring);
+    const struct {
+        int op;
+        const char* name;
+    } needed[] = {{IORING_OP_RECV, "IORING_OP_RECV"},
+                  {IORING_OP_SEND, "IORING_OP_SEND"},
+                  {IORING_OP_SENDMSG, "IORING_OP_SENDMSG"},
+                  {IORING_OP_ACCEPT, "IORING_OP_ACCEPT"},
+                  {IORING_OP_ASYNC_CANCEL, "IORING_OP_ASYNC_CANCEL"}};
+    if (!ops) {
+        p.missing = "the operation probe (IORING_REGISTER_PROBE)";
+    } else {
+        for (const auto& n : needed)
+            if (!io_uring_opcode_supported(ops, n.op)) {
+                p.missing = n.name;
+                break;
+            }
+        io_uring_free_probe(ops);
+    }
+    if (p.missing.empty()) p.missing = probe_multishot(&ring);
+    io_uring_queue_exit(&ring);
+    if (p.missing.empty())
+        p.features = "multishot recv into a provided buffer ring (" + std::to_string(buffer_count) +
+                     " x " + std::to_string(buffer_size) +
+                     " B), multishot accept, send/sendmsg requests";
+    return p;
+}
+
+const CompletionProbe& completion_probe() {
+    static const CompletionProbe p = run_completion_probe();
+    return p;
+}
+
+std::string completion_unusable() {
+    const std::string& missing = completion_probe().missing;
+    return missing.empty() ? std::string() : "the kernel lacks " + missing;
+}
+
+std::string features_text() {
+    return completion_probe().features;
+}
+
+class IoUringSelector final : public Selector, public CompletionIo {
   public:
     IoUringSelector() {
         if (int ret = init_ring(&ring_); ret < 0) fail(ret, "io_uring_setup");
@@ -89,7 +241,10 @@ class IoUringSelector final : public Selector {
         } catch (const std::system_error&) {
             // The ring still drops them, a little later.
         }
+        if (buffers_) io_uring_unregister_buf_ring(&ring_, buffer_group);
         io_uring_queue_exit(&ring_);
+        if (buffers_) std::free(buffers_);
+        if (buf_ring_) std::free(buf_ring_);
     }
     std::string name() const override { return "io_uring"; }
 
@@ -170,7 +325,112 @@ class IoUringSelector final : public Selector {
         if (ret < 0 && ret != -ETIME && ret != -EBUSY && ret != -EAGAIN)
             fail(ret, "io_uring_enter");
         reap();
+        set_other_work(!done_.empty());  // completions to dispatch: the wait has news
         return true;
+    }
+
+    // ---- completion I/O -----------------------------------------------------------
+
+    bool enable_completion(std::string& why) override {
+        if (buffers_) return true;
+        why = completion_unusable();
+        if (!why.empty()) return false;
+        // The ring of buffer descriptors must be page-aligned; the buffers need not.
+        void* ring_mem = nullptr;
+        const std::size_t ring_bytes = buffer_count * sizeof(io_uring_buf);
+        if (posix_memalign(&ring_mem, 4096, ring_bytes) != 0) {
+            why = "no memory for the receive buffer ring";
+            return false;
+        }
+        auto* br = static_cast<io_uring_buf_ring*>(ring_mem);
+        io_uring_buf_ring_init(br);
+        io_uring_buf_reg reg{};
+        reg.ring_addr = reinterpret_cast<std::uint64_t>(br);
+        reg.ring_entries = buffer_count;
+        reg.bgid = buffer_group;
+        if (int ret = io_uring_register_buf_ring(&ring_, &reg, 0); ret < 0) {
+            std::free(ring_mem);
+            why = std::string("io_uring_register_buf_ring: ") + std::strerror(-ret);
+            return false;
+        }
+        buffers_ = static_cast<char*>(std::malloc(std::size_t{buffer_count} * buffer_size));
+        if (!buffers_) {
+            io_uring_unregister_buf_ring(&ring_, buffer_group);
+            std::free(ring_mem);
+            why = "no memory for the receive buffers";
+            return false;
+        }
+        buf_ring_ = br;
+        const int mask = io_uring_buf_ring_mask(buffer_count);
+        for (unsigned i = 0; i < buffer_count; ++i)
+            io_uring_buf_ring_add(br, buffers_ + std::size_t{i} * buffer_size, buffer_size,
+                                  static_cast<unsigned short>(i), mask, static_cast<int>(i));
+        io_uring_buf_ring_advance(br, static_cast<int>(buffer_count));
+        return true;
+    }
+
+    std::string completion_features() const override { return features_text(); }
+
+    void recv_multishot(int fd, CompletionOp* op) override {
+        io_uring_sqe* sqe = op_sqe(op);
+        io_uring_prep_recv_multishot(sqe, fd, nullptr, 0, 0);
+        sqe->flags |= IOSQE_BUFFER_SELECT;
+        sqe->buf_group = buffer_group;
+    }
+
+    void send(int fd, const void* data, std::size_t len, CompletionOp* op) override {
+        io_uring_prep_send(op_sqe(op), fd, data, len, MSG_NOSIGNAL);
+    }
+
+    void sendmsg(int fd, const msghdr* msg, CompletionOp* op) override {
+        io_uring_prep_sendmsg(op_sqe(op), fd, msg, MSG_NOSIGNAL);
+    }
+
+    void accept_multishot(int fd, CompletionOp* op) override {
+        io_uring_prep_multishot_accept(op_sqe(op), fd, nullptr, nullptr,
+                                       SOCK_NONBLOCK | SOCK_CLOEXEC);
+    }
+
+    void cancel(CompletionOp* target) override {
+        io_uring_sqe* sqe = get_sqe();
+        io_uring_prep_cancel64(sqe, op_tag | reinterpret_cast<std::uintptr_t>(target), 0);
+        io_uring_sqe_set_data64(sqe, std::uint64_t{control_bit} << 32);
+    }
+
+    char* buffer(std::uint32_t flags) override {
+        return buffers_ + std::size_t{flags >> IORING_CQE_BUFFER_SHIFT} * buffer_size;
+    }
+
+    void recycle(std::uint32_t flags) override {
+        const unsigned bid = flags >> IORING_CQE_BUFFER_SHIFT;
+        io_uring_buf_ring_add(buf_ring_, buffers_ + std::size_t{bid} * buffer_size, buffer_size,
+                              static_cast<unsigned short>(bid),
+                              io_uring_buf_ring_mask(buffer_count), 0);
+        io_uring_buf_ring_advance(buf_ring_, 1);
+    }
+
+    std::size_t dispatch() override {
+        // A completion's handler may submit (never reap: reaping happens in
+        // waits, and in settle() into stashed_), so done_ does not grow under us.
+        std::size_t ran = 0;
+        for (std::size_t i = 0; i < done_.size(); ++i) {
+            const Done d = done_[i];
+            d.op->complete(d.op, d.res, d.flags);
+            ++ran;
+        }
+        done_.clear();
+        set_other_work(false);
+        return ran;
+    }
+
+    void drain() override {
+        for (int round = 0; round < 100 && (ops_in_flight_ > 0 || !done_.empty()); ++round) {
+            dispatch();
+            if (ops_in_flight_ == 0) break;
+            settle([this] { return ops_in_flight_ == 0; });
+            reap();
+        }
+        dispatch();
     }
 
   private:
@@ -193,6 +453,19 @@ class IoUringSelector final : public Selector {
         std::int32_t res;
         std::uint32_t flags;
     };
+    struct Done {  // a completion request's completion, for dispatch()
+        CompletionOp* op;
+        std::int32_t res;
+        std::uint32_t flags;
+    };
+
+    // An SQE for a completion request of `op`, counted in flight until its last completion.
+    io_uring_sqe* op_sqe(CompletionOp* op) {
+        io_uring_sqe* sqe = get_sqe();
+        ++ops_in_flight_;
+        io_uring_sqe_set_data64(sqe, op_tag | reinterpret_cast<std::uintptr_t>(op));
+        return sqe;
+    }
 
     void queue_arm(int fd) {
         Slot& s = slots_[fd];
@@ -277,7 +550,12 @@ class IoUringSelector final : public Selector {
     void finished(const io_uring_cqe* cqe) {
         const auto token = static_cast<std::uint32_t>(cqe->user_data >> 32);
         const auto fd32 = static_cast<std::uint32_t>(cqe->user_data);
-        if (token & control_bit || cqe->flags & IORING_CQE_F_MORE || fd32 >= slots_.size()) return;
+        if (token & control_bit || cqe->flags & IORING_CQE_F_MORE) return;
+        if (token & op_bit) {
+            --ops_in_flight_;
+            return;
+        }
+        if (fd32 >= slots_.size()) return;
         --slots_[fd32].in_flight;
         --in_flight_;
     }
@@ -320,7 +598,12 @@ class IoUringSelector final : public Selector {
         const auto token = static_cast<std::uint32_t>(user_data >> 32);
         const auto fd32 = static_cast<std::uint32_t>(user_data);
         // Cancels (and liburing's own timeout, user_data ~0) report nothing.
-        if (token & control_bit || fd32 >= slots_.size()) return;
+        if (token & control_bit) return;
+        if (token & op_bit) {
+            done_.push_back(Done{reinterpret_cast<CompletionOp*>(user_data & ~op_tag), res, flags});
+            return;
+        }
+        if (fd32 >= slots_.size()) return;
         const int fd = static_cast<int>(fd32);
         Slot& s = slots_[fd];
         if (!s.registered || token != s.token) return;  // an earlier request
@@ -370,6 +653,11 @@ class IoUringSelector final : public Selector {
     std::vector<std::uint64_t> to_cancel_;  // requests to cancel with the next submission
     std::vector<Completion> stashed_;
     std::size_t in_flight_ = 0;  // the sum of the slots' in_flight
+    // Completion I/O (enable_completion()).
+    std::vector<Done> done_;         // reaped, not yet dispatched
+    std::size_t ops_in_flight_ = 0;  // completion requests not finished
+    char* buffers_ = nullptr;        // buffer_count x buffer_size
+    io_uring_buf_ring* buf_ring_ = nullptr;
 };
 
 std::string read_sysctl(const char* path) {
@@ -413,8 +701,17 @@ std::string unusable() {
     return reason;
 }
 
+// What backends() and --list-backends say of a usable io_uring: whether
+// completion I/O (EVMUX_IO=completion) can run here, and what it uses.
+std::string details() {
+    const CompletionProbe& p = completion_probe();
+    return p.missing.empty() ? "completion I/O: " + p.features
+                             : "completion I/O off: " + completion_unusable();
+}
+
 }  // namespace
 
-extern const Backend io_uring_backend{.name = "io_uring", .create = create, .unusable = unusable};
+extern const Backend io_uring_backend{
+    .name = "io_uring", .create = create, .unusable = unusable, .details = details};
 
 }  // namespace evmux::detail

@@ -6,6 +6,7 @@
 // file nothing refers to, and with it the backend.
 #include <cstdlib>
 #include <stdexcept>
+#include <string_view>
 
 #include "backend.hpp"
 
@@ -82,6 +83,14 @@ std::unique_ptr<Selector> make_selector(std::string_view name) {
 std::string default_backend_name() {
     const char* env = std::getenv("EVMUX_BACKEND");
     if (env && *env) return env;
+    // Completion I/O asked for (EVMUX_IO) and no backend named: the one that
+    // has it, if usable here.
+    const char* io = std::getenv("EVMUX_IO");
+    if (io && std::string_view(io) == "completion")
+        for (const detail::Backend* b : registry)
+            if (std::string_view(b->name) == "io_uring" && compiled_in(*b) &&
+                unusable_reason(*b).empty())
+                return b->name;
     for (const detail::Backend* b : registry)
         if (compiled_in(*b) && unusable_reason(*b).empty()) return b->name;
     return "select";

@@ -29,16 +29,19 @@
 #include <cerrno>
 #include <climits>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <system_error>
 #include <thread>
 #include <utility>
 #include <vector>
 
+#include "completion_io.hpp"
 #include "timer_queue.hpp"
 
 namespace evmux {
@@ -225,7 +228,23 @@ struct EventLoop::Impl {
     }
 };
 
+const char* to_string(IoMode mode) {
+    return mode == IoMode::completion ? "completion" : "readiness";
+}
+
+IoMode requested_io_mode() {
+    const char* env = std::getenv("EVMUX_IO");
+    const std::string_view value = env ? env : "";
+    if (value.empty() || value == "readiness") return IoMode::readiness;
+    if (value == "completion") return IoMode::completion;
+    throw std::invalid_argument("evmux: EVMUX_IO must be 'completion' or 'readiness', not '" +
+                                std::string(value) + "'");
+}
+
 EventLoop::EventLoop(std::unique_ptr<Selector> selector)
+    : EventLoop(std::move(selector), requested_io_mode()) {}
+
+EventLoop::EventLoop(std::unique_ptr<Selector> selector, IoMode io)
     : selector_(std::move(selector)),
       scratch_(std::make_unique_for_overwrite<char[]>(scratch_size)),
       impl_(std::make_unique<Impl>()) {
@@ -238,6 +257,15 @@ EventLoop::EventLoop(std::unique_ptr<Selector> selector)
     impl_->watchers.resize(static_cast<std::size_t>(impl_->wake_fd) + 1);
     selector_->add(impl_->wake_fd, Events::read, w.get());
     impl_->watchers[impl_->wake_fd] = std::move(w);
+    if (io == IoMode::completion) {
+        auto* cio = dynamic_cast<detail::CompletionIo*>(selector_.get());
+        if (!cio)
+            io_note_ = "the " + selector_->name() + " backend has no completion I/O (io_uring has)";
+        else if (cio->enable_completion(io_note_)) {
+            completion_io_ = cio;
+            io_note_ = cio->completion_features();
+        }
+    }
 }
 
 EventLoop::~EventLoop() {
@@ -258,6 +286,9 @@ EventLoop::~EventLoop() {
             }
         }
     }
+    // Completion requests still in the kernel point at their owners (closed
+    // above, their cancels queued): let them finish, so the owners go.
+    if (completion_io_) completion_io_->drain();
     if (m.pending_error)
         Impl::report_to_stderr("evmux: an exception while the loop was destroyed",
                                std::exchange(m.pending_error, nullptr));
@@ -581,6 +612,9 @@ std::size_t EventLoop::iterate(Timeout timeout, bool stoppable) {
             }
         }
     }
+
+    // 3b. Completions of the connections' own requests (completion I/O).
+    if (completion_io_) ran += completion_io_->dispatch();
 
     // 4. Due timers, against the iteration's one clock read (read now only
     // if the fd callbacks created the first timer).

@@ -172,7 +172,7 @@ std::span<const ReadyEvent> Selector::select(Timeout timeout,
     const auto deadline = finite ? start + *timeout : clock::time_point{};
     for (;;) {
         const bool completed = backend_wait(timeout);
-        if (completed && !ready_.empty()) break;
+        if (completed && (!ready_.empty() || other_work_)) break;
         if (completed && timeout && timeout->count() == 0) break;
         // Interrupted by a signal (EINTR), or woken with nothing to report
         // (poll's POLLNVAL, epoll's orphaned registration, a closed fd set

@@ -17,6 +17,28 @@
 
 namespace evmux {
 
+namespace detail {
+class CompletionIo;  // backends/completion_io.hpp (internal)
+}
+
+/// How a loop's connections move their bytes.
+///  - readiness: the loop waits until a socket is ready, then the connection
+///    calls recv/sendmsg itself (every backend).
+///  - completion: the connection hands its receives, sends and accepts to the
+///    kernel as io_uring requests, submitted together with the loop's wait
+///    (one io_uring_enter per iteration), and the kernel picks the receive
+///    buffers from a ring the loop provides (io_uring backend only; TLS
+///    connections stay with readiness). See README, "Completion I/O".
+enum class IoMode : std::uint8_t { readiness, completion };
+
+/// "readiness" or "completion".
+const char* to_string(IoMode mode);
+
+/// What EVMUX_IO asks for: "completion" or "readiness"; unset or empty means
+/// the default, readiness. Throws std::invalid_argument naming the variable
+/// and the accepted values for anything else.
+IoMode requested_io_mode();
+
 /// A reactor: one per thread. Thread rule: only post(), stop() and
 /// in_loop_thread() may be called from another thread; everything else must
 /// be called on the loop's thread (the thread that calls run()/run_once(), or
@@ -52,6 +74,11 @@ class EventLoop {
     /// registers its own fds (eventfd, signalfd) in the selector; do not add
     /// fds to selector() directly, use watch().
     explicit EventLoop(std::unique_ptr<Selector> selector = make_selector());
+    /// A loop whose connections use `io` where they can: completion I/O needs
+    /// the io_uring backend and the kernel pieces its probe finds (see
+    /// BackendInfo::reason); without them the loop uses readiness and
+    /// io_note() says why. The constructor above asks requested_io_mode().
+    EventLoop(std::unique_ptr<Selector> selector, IoMode io);
     /// First runs the `on_loop_end` of every tie() still in place (so
     /// connections still open close and run their on_close, reason `local`,
     /// before this returns), then destroys pending tasks, timers and
@@ -197,6 +224,16 @@ class EventLoop {
     Selector& selector() { return *selector_; }
     /// The backend name, e.g. "epoll".
     std::string backend_name() const { return selector_->name(); }
+    /// How this loop's connections do their I/O (see IoMode).
+    IoMode io_mode() const { return completion_io_ ? IoMode::completion : IoMode::readiness; }
+    /// Why the loop uses readiness although completion was asked for (e.g.
+    /// "the epoll backend has no completion I/O"), or, in completion mode,
+    /// what it uses. Empty when readiness was asked for.
+    const std::string& io_note() const { return io_note_; }
+    /// For evmux's own connection and server code: the selector's completion
+    /// I/O, or null in readiness mode.
+    detail::CompletionIo* completion_io() const { return completion_io_; }
+
     /// Reads the clock (no caching).
     static Clock::time_point now() { return Clock::now(); }
     /// The time of this iteration: the clock as the loop read it right after
@@ -213,6 +250,8 @@ class EventLoop {
     std::unique_ptr<Selector> selector_;
     std::unique_ptr<char[]> scratch_;
     std::unique_ptr<Impl> impl_;
+    detail::CompletionIo* completion_io_ = nullptr;  // in selector_; null: readiness
+    std::string io_note_;
 };
 
 }  // namespace evmux

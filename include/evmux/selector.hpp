@@ -219,6 +219,10 @@ class Selector {
         return true;
     }
 
+    /// A backend with work of its own to hand over after a wait (io_uring's
+    /// completions) says so here: select() then returns even with no ready fd.
+    void set_other_work(bool pending) { other_work_ = pending; }
+
     /// The registered keys in no particular order, for backends that rebuild
     /// their kernel arguments (select, poll). Entries with fd < 0 are free.
     std::span<const SelectorKey> keys_by_fd() const { return keys_; }
@@ -246,6 +250,7 @@ class Selector {
     std::uint32_t next_generation_ = 1;  // never 0: 0 means "current" in report()
     mutable int max_fd_hint_ = -1;
     bool kernel_checks_fds_ = false;
+    bool other_work_ = false;  // set_other_work()
 
     static void check_interest(Events interest);
 };

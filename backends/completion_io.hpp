@@ -1,0 +1,72 @@
+// Internal to evmux: completion I/O, for a selector whose kernel interface has
+// it (io_uring). The event loop finds it with a dynamic_cast of its selector;
+// Connection and the server's acceptor submit their socket I/O through it when
+// the loop runs in IoMode::completion. Not installed.
+//
+// A request names a CompletionOp, whose address travels through the kernel as
+// the request's user data: the op must stay where it is until its request's
+// last completion (one without completion_more) has been dispatched. The
+// completions a wait reaps are dispatched by the loop after the ready fds'
+// callbacks (dispatch()), never from inside the wait.
+#pragma once
+
+#include <sys/socket.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+namespace evmux::detail {
+
+/// The receiver of one request's completions.
+struct CompletionOp {
+    /// `res` is the system call's result (-errno on failure); `flags` carries
+    /// completion_more while a multishot request goes on, and the provided
+    /// buffer of a receive (see CompletionIo::buffer).
+    void (*complete)(CompletionOp* op, std::int32_t res, std::uint32_t flags) = nullptr;
+};
+
+/// In a completion's flags: the request goes on (multishot); more will come.
+constexpr std::uint32_t completion_more = 1u << 1;  // IORING_CQE_F_MORE
+/// In a completion's flags: the bytes are in a provided buffer (buffer()).
+constexpr std::uint32_t completion_buffer = 1u << 0;  // IORING_CQE_F_BUFFER
+
+class CompletionIo {
+  public:
+    virtual ~CompletionIo() = default;
+
+    /// Turns completion I/O on for this selector (registers the receive
+    /// buffers). False, with the reason in `why`, if a piece the connections
+    /// need is missing here: the loop then stays with readiness.
+    virtual bool enable_completion(std::string& why) = 0;
+    /// What is on ("recv multishot, buffer ring 512 x 4096 B, ...").
+    virtual std::string completion_features() const = 0;
+
+    /// A multishot receive into the provided buffers: a completion per
+    /// arrival, 0 at end of file, -ENOBUFS when the buffers ran out (the
+    /// request ends: submit it again).
+    virtual void recv_multishot(int fd, CompletionOp* op) = 0;
+    /// One send (MSG_NOSIGNAL) of `len` bytes at `data`, which must stay
+    /// unchanged until the completion; a short count is possible.
+    virtual void send(int fd, const void* data, std::size_t len, CompletionOp* op) = 0;
+    /// sendmsg (MSG_NOSIGNAL); `msg` and what it points to stay until the completion.
+    virtual void sendmsg(int fd, const msghdr* msg, CompletionOp* op) = 0;
+    /// A multishot accept: a completion per connection, the new fd (non-blocking, close-on-exec).
+    virtual void accept_multishot(int fd, CompletionOp* op) = 0;
+    /// Cancels `target`'s request: its last completion follows (-ECANCELED,
+    /// or whatever it finished with first). Nothing is posted for the cancel.
+    virtual void cancel(CompletionOp* target) = 0;
+
+    /// A receive completion's bytes (flags has completion_buffer), until recycle().
+    virtual char* buffer(std::uint32_t flags) = 0;
+    /// Gives the provided buffer of a receive completion back to the kernel.
+    virtual void recycle(std::uint32_t flags) = 0;
+
+    /// Runs the completions the last wait reaped; returns how many ran.
+    virtual std::size_t dispatch() = 0;
+    /// Waits (bounded) until no request is in flight, dispatching as they
+    /// complete: for the loop's destructor, after its owners have closed.
+    virtual void drain() = 0;
+};
+
+}  // namespace evmux::detail
