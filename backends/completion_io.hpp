@@ -15,6 +15,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace evmux::detail {
 
@@ -24,6 +26,12 @@ struct CompletionOp {
     /// completion_more while a multishot request goes on, and the provided
     /// buffer of a receive (see CompletionIo::buffer).
     void (*complete)(CompletionOp* op, std::int32_t res, std::uint32_t flags) = nullptr;
+    /// For prepare_before_wait(): called right before the loop's next wait
+    /// (inside it: must not throw or call user code); may submit requests.
+    void (*prepare)(CompletionOp* op) = nullptr;
+    /// Dispatched before the other completions of the same wait (a send's,
+    /// so that a receive handled in the same batch sees the send finished).
+    bool early = false;
 };
 
 /// In a completion's flags: the request goes on (multishot); more will come.
@@ -53,6 +61,13 @@ class CompletionIo {
     virtual void sendmsg(int fd, const msghdr* msg, CompletionOp* op) = 0;
     /// A multishot accept: a completion per connection, the new fd (non-blocking, close-on-exec).
     virtual void accept_multishot(int fd, CompletionOp* op) = 0;
+    /// cancel(), then waits (bounded) until the request has ended, so that
+    /// the file it held is let go; its last completion is still dispatched
+    /// later. For a listener that must free its port at once.
+    virtual void cancel_and_wait(CompletionOp* target) = 0;
+    /// Calls `op->prepare` once right before the next wait: a connection's
+    /// sends of one iteration, gathered into one request.
+    virtual void prepare_before_wait(CompletionOp* op) = 0;
     /// Cancels `target`'s request: its last completion follows (-ECANCELED,
     /// or whatever it finished with first). Nothing is posted for the cancel.
     virtual void cancel(CompletionOp* target) = 0;
@@ -62,11 +77,30 @@ class CompletionIo {
     /// Gives the provided buffer of a receive completion back to the kernel.
     virtual void recycle(std::uint32_t flags) = 0;
 
+    /// Storage for a queued send: a string given back by an earlier one (its
+    /// capacity kept, so a steady stream of sends allocates nothing), or a new one.
+    std::string take_string() {
+        if (spare_strings_.empty()) return {};
+        std::string s = std::move(spare_strings_.back());
+        spare_strings_.pop_back();
+        return s;
+    }
+    /// A sent chunk's string, kept for take_string() if it is small (at most
+    /// 64 of at most 16 KiB each per loop: idle connections hold none).
+    void give_string(std::string&& s) {
+        if (s.capacity() > 16 * 1024 || s.capacity() <= 15 || spare_strings_.size() >= 64) return;
+        s.clear();
+        spare_strings_.push_back(std::move(s));
+    }
+
     /// Runs the completions the last wait reaped; returns how many ran.
     virtual std::size_t dispatch() = 0;
     /// Waits (bounded) until no request is in flight, dispatching as they
     /// complete: for the loop's destructor, after its owners have closed.
     virtual void drain() = 0;
+
+  private:
+    std::vector<std::string> spare_strings_;
 };
 
 }  // namespace evmux::detail

@@ -97,9 +97,16 @@ int init_ring(io_uring* ring) {
 // with readiness, and says why.
 
 struct CompletionProbe {
-    std::string missing;   // empty: completion I/O works here
-    std::string features;  // what was found
+    std::string missing;        // empty: completion I/O works here
+    std::string features;       // what was found
+    bool limited_recv = false;  // a multishot receive takes a byte limit (sqe->optlen)
 };
+
+// Bytes one multishot receive takes before it ends and is armed again: the
+// connection's chance to stop reading (water marks, pause) between requests,
+// as the readiness path's read budget; it also bounds what arrives after a
+// pause, before the cancel reaches the kernel.
+constexpr std::uint32_t recv_limit = 64 * 1024;
 
 // Runs one request on `ring` and waits (at most 1 s) for its first completion.
 bool first_completion(io_uring* ring, io_uring_cqe& out) {
@@ -112,10 +119,21 @@ bool first_completion(io_uring* ring, io_uring_cqe& out) {
     return true;
 }
 
-std::string probe_multishot(io_uring* ring) {
-    // Receive: one byte into a one-buffer group, expecting a buffer and "more".
+// A multishot receive on a socketpair, on a ring of its own (a request may
+// still post its end after the probe). `limit` 0: expects one byte with a
+// buffer and "more". Otherwise sets the request's byte limit (sqe->optlen,
+// which 6.1's headers call file_index), sends 3 bytes and expects the request
+// to end with them (a kernel without limits goes on, or refuses the field).
+// Returns what is missing, or "".
+std::string probe_recv(std::uint32_t limit, const char* what) {
+    io_uring ring{};
+    if (int ret = io_uring_queue_init(4, &ring, 0); ret < 0)
+        return std::string("io_uring_setup: ") + std::strerror(-ret);
     void* mem = nullptr;
-    if (posix_memalign(&mem, 4096, 4096) != 0) return "no memory for the probe";
+    if (posix_memalign(&mem, 4096, 4096) != 0) {
+        io_uring_queue_exit(&ring);
+        return "no memory for the probe";
+    }
     auto* br = static_cast<io_uring_buf_ring*>(mem);
     io_uring_buf_ring_init(br);
     io_uring_buf_reg reg{};
@@ -124,34 +142,43 @@ std::string probe_multishot(io_uring* ring) {
     reg.bgid = 7;
     char byte_buf[64];
     std::string missing;
-    if (int ret = io_uring_register_buf_ring(ring, &reg, 0); ret < 0) {
-        std::free(mem);
-        return std::string("provided buffer rings (io_uring_register_buf_ring: ") +
-               std::strerror(-ret) + ")";
-    }
-    io_uring_buf_ring_add(br, byte_buf, sizeof byte_buf, 0, io_uring_buf_ring_mask(1), 0);
-    io_uring_buf_ring_advance(br, 1);
-    int sv[2];
-    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) == 0) {
-        io_uring_sqe* sqe = io_uring_get_sqe(ring);
+    int sv[2] = {-1, -1};
+    if (int ret = io_uring_register_buf_ring(&ring, &reg, 0); ret < 0) {
+        missing = std::string("provided buffer rings (io_uring_register_buf_ring: ") +
+                  std::strerror(-ret) + ")";
+    } else if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
+        missing = std::string("socketpair: ") + std::strerror(errno);
+    } else {
+        io_uring_buf_ring_add(br, byte_buf, sizeof byte_buf, 0, io_uring_buf_ring_mask(1), 0);
+        io_uring_buf_ring_advance(br, 1);
+        io_uring_sqe* sqe = io_uring_get_sqe(&ring);
         io_uring_prep_recv_multishot(sqe, sv[0], nullptr, 0, 0);
         sqe->flags |= IOSQE_BUFFER_SELECT;
         sqe->buf_group = 7;
-        [[maybe_unused]] ssize_t n = ::write(sv[1], "x", 1);
+        sqe->file_index = limit;
+        [[maybe_unused]] ssize_t n = ::write(sv[1], "xyz", limit == 0 ? 1 : 3);
         io_uring_cqe cqe{};
-        if (!first_completion(ring, cqe) || cqe.res != 1 || !(cqe.flags & IORING_CQE_F_MORE) ||
-            !(cqe.flags & IORING_CQE_F_BUFFER))
-            missing = "multishot receive (IORING_RECV_MULTISHOT, Linux 6.0)";
-        ::close(sv[0]);  // ends the request (the ring is torn down next anyway)
-        ::close(sv[1]);
-    } else {
-        missing = std::string("socketpair: ") + std::strerror(errno);
+        const bool got = first_completion(&ring, cqe) && cqe.flags & IORING_CQE_F_BUFFER;
+        const bool more = cqe.flags & IORING_CQE_F_MORE;
+        // With a limit, the receive that reaches it ends the request (it may
+        // take a little more: the limit is checked after each receive).
+        if (!got || (limit == 0 ? cqe.res != 1 || !more : cqe.res <= 0 || more)) missing = what;
     }
-    io_uring_unregister_buf_ring(ring, 7);
+    for (int fd : sv)
+        if (fd >= 0) ::close(fd);
+    io_uring_queue_exit(&ring);
     std::free(mem);
-    if (!missing.empty()) return missing;
+    return missing;
+}
 
-    // Accept: an abstract Unix listener, one connect, expecting a fd and "more".
+// Accept, on a ring of its own (the receive's request may still post its end):
+// an abstract Unix listener, one connect, expecting a fd and "more".
+std::string probe_multishot_accept() {
+    io_uring ring_storage{};
+    if (int ret = io_uring_queue_init(4, &ring_storage, 0); ret < 0)
+        return std::string("io_uring_setup: ") + std::strerror(-ret);
+    io_uring* ring = &ring_storage;
+    std::string missing;
     int lfd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (lfd < 0) return std::string("socket: ") + std::strerror(errno);
     sockaddr_un addr{};
@@ -173,6 +200,7 @@ std::string probe_multishot(io_uring* ring) {
     }
     if (cfd >= 0) ::close(cfd);
     ::close(lfd);
+    io_uring_queue_exit(ring);
     return missing;
 }
 
@@ -202,12 +230,18 @@ CompletionProbe run_completion_probe() {
             }
         io_uring_free_probe(ops);
     }
-    if (p.missing.empty()) p.missing = probe_multishot(&ring);
     io_uring_queue_exit(&ring);
     if (p.missing.empty())
-        p.features = "multishot recv into a provided buffer ring (" + std::to_string(buffer_count) +
-                     " x " + std::to_string(buffer_size) +
-                     " B), multishot accept, send/sendmsg requests";
+        p.missing = probe_recv(0, "multishot receive into provided buffers (Linux 6.0)");
+    if (p.missing.empty()) p.missing = probe_multishot_accept();
+    if (!p.missing.empty()) return p;
+    // Optional: without a byte limit per multishot receive, each receive is
+    // one request (a buffer at most), re-armed with the next wait.
+    p.limited_recv = probe_recv(1, "x").empty();
+    p.features = std::string(p.limited_recv ? "multishot recv (64 KiB per request)"
+                                            : "one-shot recv (no multishot byte limit here)") +
+                 " into a provided buffer ring (" + std::to_string(buffer_count) + " x " +
+                 std::to_string(buffer_size) + " B), multishot accept, send/sendmsg requests";
     return p;
 }
 
@@ -305,6 +339,10 @@ class IoUringSelector final : public Selector, public CompletionIo {
     // closed fd) leave ready_ empty; Selector::select() then waits again for
     // what is left of the timeout, as after EINTR.
     bool backend_wait(Timeout timeout) override {
+        // Index-based: a prepare() may ask again (it does not; cheap to allow).
+        for (std::size_t i = 0; i < to_prepare_.size(); ++i)
+            to_prepare_[i]->prepare(to_prepare_[i]);
+        to_prepare_.clear();
         arm_queued();
         int ret;
         if (timeout && timeout->count() <= 0) {
@@ -373,7 +411,12 @@ class IoUringSelector final : public Selector, public CompletionIo {
 
     void recv_multishot(int fd, CompletionOp* op) override {
         io_uring_sqe* sqe = op_sqe(op);
-        io_uring_prep_recv_multishot(sqe, fd, nullptr, 0, 0);
+        if (completion_probe().limited_recv) {
+            io_uring_prep_recv_multishot(sqe, fd, nullptr, 0, 0);
+            sqe->file_index = recv_limit;  // sqe->optlen in newer headers: the byte limit
+        } else {
+            io_uring_prep_recv(sqe, fd, nullptr, buffer_size, 0);
+        }
         sqe->flags |= IOSQE_BUFFER_SELECT;
         sqe->buf_group = buffer_group;
     }
@@ -391,10 +434,29 @@ class IoUringSelector final : public Selector, public CompletionIo {
                                        SOCK_NONBLOCK | SOCK_CLOEXEC);
     }
 
+    void prepare_before_wait(CompletionOp* op) override { to_prepare_.push_back(op); }
+
     void cancel(CompletionOp* target) override {
         io_uring_sqe* sqe = get_sqe();
         io_uring_prep_cancel64(sqe, op_tag | reinterpret_cast<std::uintptr_t>(target), 0);
         io_uring_sqe_set_data64(sqe, std::uint64_t{control_bit} << 32);
+    }
+
+    void cancel_and_wait(CompletionOp* target) override {
+        const std::uint64_t user_data = op_tag | reinterpret_cast<std::uintptr_t>(target);
+        auto ended = [&] {
+            for (const Completion& c : stashed_)
+                if (c.user_data == user_data && !(c.flags & IORING_CQE_F_MORE)) return true;
+            for (const Done& d : done_)
+                if (d.op == target && !(d.flags & IORING_CQE_F_MORE)) return true;
+            return false;
+        };
+        try {
+            cancel(target);
+            settle(ended);
+        } catch (const std::system_error&) {
+            // The request ends with the ring, a little later.
+        }
     }
 
     char* buffer(std::uint32_t flags) override {
@@ -412,19 +474,24 @@ class IoUringSelector final : public Selector, public CompletionIo {
     std::size_t dispatch() override {
         // A completion's handler may submit (never reap: reaping happens in
         // waits, and in settle() into stashed_), so done_ does not grow under us.
-        std::size_t ran = 0;
-        for (std::size_t i = 0; i < done_.size(); ++i) {
-            const Done d = done_[i];
-            d.op->complete(d.op, d.res, d.flags);
-            ++ran;
-        }
+        for (int pass = 0; pass < 2; ++pass)
+            for (std::size_t i = 0; i < done_.size(); ++i) {
+                const Done d = done_[i];
+                if (d.op->early == (pass == 0)) d.op->complete(d.op, d.res, d.flags);
+            }
+        const std::size_t ran = done_.size();
         done_.clear();
         set_other_work(false);
         return ran;
     }
 
     void drain() override {
-        for (int round = 0; round < 100 && (ops_in_flight_ > 0 || !done_.empty()); ++round) {
+        for (int round = 0;
+             round < 100 && (ops_in_flight_ > 0 || !done_.empty() || !to_prepare_.empty());
+             ++round) {
+            for (std::size_t i = 0; i < to_prepare_.size(); ++i)
+                to_prepare_[i]->prepare(to_prepare_[i]);
+            to_prepare_.clear();
             dispatch();
             if (ops_in_flight_ == 0) break;
             settle([this] { return ops_in_flight_ == 0; });
@@ -654,9 +721,10 @@ class IoUringSelector final : public Selector, public CompletionIo {
     std::vector<Completion> stashed_;
     std::size_t in_flight_ = 0;  // the sum of the slots' in_flight
     // Completion I/O (enable_completion()).
-    std::vector<Done> done_;         // reaped, not yet dispatched
-    std::size_t ops_in_flight_ = 0;  // completion requests not finished
-    char* buffers_ = nullptr;        // buffer_count x buffer_size
+    std::vector<Done> done_;                 // reaped, not yet dispatched
+    std::vector<CompletionOp*> to_prepare_;  // prepare_before_wait()
+    std::size_t ops_in_flight_ = 0;          // completion requests not finished
+    char* buffers_ = nullptr;                // buffer_count x buffer_size
     io_uring_buf_ring* buf_ring_ = nullptr;
 };
 

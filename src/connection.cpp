@@ -22,6 +22,8 @@
 #include <cerrno>
 #include <cstring>
 
+#include "completion_io.hpp"
+#include "connection_completion.hpp"
 #include "tls_session.hpp"
 
 namespace evmux {
@@ -34,11 +36,6 @@ constexpr int max_iov = 64;
 // size, so a stream of tiny messages does not become a deque of tiny strings.
 constexpr std::size_t coalesce_limit = 16 * 1024;
 
-// One writer (the loop thread), readers anywhere: a relaxed load and store,
-// no locked read-modify-write on the message path.
-inline void add(std::atomic<std::uint64_t>& counter, std::uint64_t n) {
-    counter.store(counter.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
-}
 }  // namespace
 
 const char* to_string(CloseReason reason) {
@@ -128,6 +125,11 @@ void Connection::start() {
     // The loop holds us from here until on_close has run; if the loop goes
     // first, it closes us (on_close, reason `local`).
     tie_ = loop_.tie(guard, [this] { close_now(CloseReason::local); });
+    // Completion I/O where the loop has it; TLS reads and writes through
+    // OpenSSL on the socket itself, so it stays with readiness.
+    if (detail::CompletionIo* io = loop_.completion_io(); io && !tls_)
+        cio_ = std::make_unique<detail::CompletionState>(*this, *io, &recv_done, &send_done,
+                                                         &prepare_send);
     try {
         update_interest();  // throws like EventLoop::watch(); ~Connection closes the fd
     } catch (...) {
@@ -203,7 +205,7 @@ void Connection::handle_read(const ConnectionPtr& self, Events events) {
         ssize_t n = tls_ ? tls_->read(scratch.data(), want) : ::recv(fd_, scratch.data(), want, 0);
         if (n > 0) {
             bytes_in_ += static_cast<std::uint64_t>(n);
-            if (counters_) add(counters_->in, static_cast<std::uint64_t>(n));
+            if (counters_) detail::add_relaxed(counters_->in, static_cast<std::uint64_t>(n));
             budget -= static_cast<std::size_t>(n);
             touch_read();
             if (on_message_) {
@@ -257,6 +259,10 @@ void Connection::handle_peer_eof(const ConnectionPtr& self) {
 
 void Connection::handle_write(const ConnectionPtr& self) {
     if (!flush() || queued_ != 0) return;
+    written_all(self);
+}
+
+void Connection::written_all(const ConnectionPtr& self) {
     // Drained. on_drain first, whatever follows (the contract is "the queue
     // has been fully written"); then a graceful close or a pending FIN.
     if (cb_.on_drain) {
@@ -275,6 +281,10 @@ void Connection::handle_write(const ConnectionPtr& self) {
 
 bool Connection::flush() {
     if (handshaking_) return true;  // sent once the handshake is done
+    return write_queue() && after_sent();
+}
+
+bool Connection::write_queue() {
     while (!queue_.empty()) {
         std::size_t total = 0;
         ssize_t n;
@@ -287,9 +297,10 @@ bool Connection::flush() {
         } else {
             iovec iov[max_iov];
             int count = 0;
-            for (auto it = queue_.begin(); it != queue_.end() && count < max_iov; ++it, ++count) {
-                iov[count].iov_base = it->bytes.data() + it->offset;
-                iov[count].iov_len = it->bytes.size() - it->offset;
+            for (; static_cast<std::size_t>(count) < queue_.size() && count < max_iov; ++count) {
+                Chunk& chunk = queue_[static_cast<std::size_t>(count)];
+                iov[count].iov_base = chunk.bytes.data() + chunk.offset;
+                iov[count].iov_len = chunk.bytes.size() - chunk.offset;
                 total += iov[count].iov_len;
             }
             msghdr msg{};
@@ -304,23 +315,31 @@ bool Connection::flush() {
             fail(errno);
             return false;
         }
-        std::size_t left = static_cast<std::size_t>(n);
-        bytes_out_ += left;
-        if (counters_) add(counters_->out, left);
-        queued_ -= left;
-        touch_write();
-        while (left > 0) {
-            Chunk& front = queue_.front();
-            std::size_t rest = front.bytes.size() - front.offset;
-            if (left < rest) {
-                front.offset += left;
-                break;
-            }
-            left -= rest;
-            queue_.pop_front();
-        }
+        consume_sent(static_cast<std::size_t>(n));
         if (static_cast<std::size_t>(n) < total) break;  // socket buffer full
     }
+    return true;
+}
+
+void Connection::consume_sent(std::size_t n) {
+    bytes_out_ += n;
+    if (counters_) detail::add_relaxed(counters_->out, n);
+    queued_ -= n;
+    touch_write();
+    while (n > 0) {
+        Chunk& front = queue_.front();
+        std::size_t rest = front.bytes.size() - front.offset;
+        if (n < rest) {
+            front.offset += n;
+            break;
+        }
+        n -= rest;
+        std::string done = queue_.pop_front();
+        if (cio_) cio_->io.give_string(std::move(done));  // the next send's, without an allocation
+    }
+}
+
+bool Connection::after_sent() {
     if (above_high_ && queued_ <= opt_.low_water) {
         above_high_ = false;
         update_interest();
@@ -340,11 +359,11 @@ bool Connection::flush() {
 void Connection::send(const void* data, std::size_t len) {
     if (state_ != State::open || shut_requested_ || close_after_drain_ || len == 0) return;
     const char* p = static_cast<const char*>(data);
-    if (queued_ == 0 && !handshaking_) {
+    if (queued_ == 0 && !handshaking_ && !cio_) {
         std::ptrdiff_t n = write_some(p, len);
         if (n > 0) {
             bytes_out_ += static_cast<std::uint64_t>(n);
-            if (counters_) add(counters_->out, static_cast<std::uint64_t>(n));
+            if (counters_) detail::add_relaxed(counters_->out, static_cast<std::uint64_t>(n));
             touch_write();
             if (static_cast<std::size_t>(n) == len) {  // the usual case
                 if (wants_drain_) drain_soon();
@@ -366,9 +385,15 @@ void Connection::send_rest(const char* p, std::size_t len) {
         close_with(CloseReason::overflow);
         return;
     }
+    // (Never into a chunk a completion-mode send request is reading.)
     if (len <= coalesce_limit && !queue_.empty() &&
-        queue_.back().bytes.size() + len <= coalesce_limit) {
+        queue_.back().bytes.size() + len <= coalesce_limit &&
+        !(cio_ && cio_->send_chunks >= queue_.size())) {
         queue_.back().bytes.append(p, len);
+    } else if (cio_) {
+        std::string bytes = cio_->io.take_string();  // a sent chunk's storage, if one is spare
+        bytes.assign(p, len);
+        queue_.push_back(Chunk{std::move(bytes), 0});
     } else {
         queue_.push_back(Chunk{std::string(p, len), 0});
     }
@@ -379,7 +404,7 @@ void Connection::send_rest(const char* p, std::size_t len) {
 void Connection::send(std::string&& bytes) {
     if (state_ != State::open || shut_requested_ || close_after_drain_ || bytes.empty()) return;
     std::size_t written = 0;
-    if (queue_.empty() && !handshaking_) {
+    if (queue_.empty() && !handshaking_ && !cio_) {
         std::ptrdiff_t n = write_some(bytes.data(), bytes.size());
         if (n < 0) {
             if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
@@ -391,7 +416,7 @@ void Connection::send(std::string&& bytes) {
         written = static_cast<std::size_t>(n);
         if (written > 0) {
             bytes_out_ += written;
-            if (counters_) add(counters_->out, written);
+            if (counters_) detail::add_relaxed(counters_->out, written);
             touch_write();
         }
         if (written == bytes.size()) {
@@ -410,6 +435,17 @@ void Connection::send(std::string&& bytes) {
 }
 
 void Connection::after_queue_grew() {
+    // Completion I/O queues every send for the request made before the next
+    // wait. Crossing high water, ask the kernel now, as readiness would have
+    // (unless a request is still in the kernel: then its buffer is full), so
+    // that high water means the same on both: the kernel takes no more.
+    if (!above_high_ && queued_ >= opt_.high_water && cio_ && !cio_->send_in_flight) {
+        if (!write_queue()) return;  // failed: closed
+        if (queued_ == 0) {          // all taken, as by readiness's send()
+            if (wants_drain_) drain_soon();
+            return update_interest();
+        }
+    }
     if (!above_high_ && queued_ >= opt_.high_water) {
         above_high_ = true;
         update_interest();
@@ -497,6 +533,11 @@ void Connection::update_interest() {
         if (tls_ && any(want, Events::read) && !any(interest_, Events::read) && tls_->has_pending())
             read_pending_soon();
     }
+    if (cio_) {
+        interest_ = want;
+        completion_interest(want);
+        return;
+    }
     if (watching_ && want == interest_) return;
     if (want == Events::none) {
         // No interest left (e.g. half-closed and drained): selectors take no
@@ -574,7 +615,10 @@ bool Connection::close_quietly(CloseReason reason, int err) {
     if (watching_) loop_.unwatch(fd_);
     watching_ = false;
     interest_ = Events::none;
-    queue_.clear();
+    // A send request in the kernel still reads the queue's front: completion
+    // mode empties the queue when that request completes.
+    if (cio_) completion_closed();
+    if (!cio_ || !cio_->send_in_flight) queue_.clear();
     queued_ = 0;
     return true;
 }
@@ -607,7 +651,12 @@ void Connection::notify_closed() noexcept {
     reset_state();
     cb_ = Callbacks{};  // drop user captures (they may hold ConnectionPtrs)
     on_message_ = nullptr;
-    ::close(fd_);
+    // Completion I/O: a request not yet submitted names the fd by number; a
+    // socket accepted meanwhile would get it. Closed after the last request.
+    if (cio_ && cio_->ops > 0)
+        cio_->close_fd = fd_;
+    else
+        ::close(fd_);
     fd_ = -1;
     loop_.untie(std::exchange(tie_, 0));  // `self` keeps us to the end of this call
 }

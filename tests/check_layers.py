@@ -18,7 +18,8 @@ LAYERS = [
                     "src/timer_queue.hpp", "src/timer_queue.cpp"]),
     ("byte transport", ["include/evmux/tls.hpp", "src/tls.cpp", "src/tls_session.hpp"]),
     ("connection", ["include/evmux/connection.hpp", "include/evmux/buffer.hpp",
-                    "include/evmux/address.hpp", "src/connection.cpp", "src/buffer.cpp",
+                    "include/evmux/address.hpp", "src/connection.cpp", "src/connection_completion.hpp",
+                    "src/connection_completion.cpp", "src/buffer.cpp",
                     "src/address.cpp"]),
     # Names sit below the servers and clients, which take "host:port" text.
     ("names", ["include/evmux/resolver.hpp", "src/resolver.cpp"]),

@@ -203,15 +203,19 @@ void exchange(EventLoop& loop, Client& c, std::size_t n, unsigned seed) {
     const std::string msg = pattern(n, seed);
     const std::size_t before = c.got.size();
     std::size_t sent = 0;
-    ASSERT_TRUE(run_until(loop, [&] {
-        if (sent < n) {
-            ssize_t k = ::send(c.fd.get(), msg.data() + sent, std::min<std::size_t>(n - sent, 4096),
-                               MSG_NOSIGNAL);
-            if (k > 0) sent += static_cast<std::size_t>(k);
-        }
-        c.pump();
-        return c.got.size() >= before + n || c.ended;
-    }));
+    ASSERT_TRUE(run_until(loop,
+                          [&] {
+                              if (sent < n) {
+                                  ssize_t k =
+                                      ::send(c.fd.get(), msg.data() + sent,
+                                             std::min<std::size_t>(n - sent, 4096), MSG_NOSIGNAL);
+                                  if (k > 0) sent += static_cast<std::size_t>(k);
+                              }
+                              c.pump();
+                              return c.got.size() >= before + n || c.ended;
+                          }))
+        << "exchange " << seed << ": " << sent << " sent, " << c.got.size() - before << " of " << n
+        << " back";
     ASSERT_FALSE(c.ended);
     ASSERT_EQ(c.got.size(), before + n);
     EXPECT_TRUE(c.got.compare(before, n, msg) == 0) << "a bystander's bytes were corrupted";

@@ -9,7 +9,6 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
-#include <deque>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -17,6 +16,7 @@
 #include <string_view>
 #include <system_error>
 #include <utility>
+#include <vector>
 
 #include "evmux/address.hpp"
 #include "evmux/buffer.hpp"
@@ -26,7 +26,9 @@
 namespace evmux {
 
 namespace detail {
-class TlsSession;  // src/tls_session.hpp, not installed
+class TlsSession;        // src/tls_session.hpp, not installed
+struct CompletionOp;     // backends/completion_io.hpp, not installed
+struct CompletionState;  // src/connection_completion.hpp, not installed
 }  // namespace detail
 
 class Connection;
@@ -301,6 +303,43 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
         std::string bytes;
         std::size_t offset = 0;  // written prefix
     };
+    // The outgoing queue: a ring of chunks. Empty, it holds no memory (a
+    // std::deque allocates a map and a node up front); chunks coming and
+    // going one at a time, as on completion I/O, allocate nothing (a deque
+    // allocates a node every dozen).
+    class ChunkQueue {
+      public:
+        bool empty() const { return size_ == 0; }
+        std::size_t size() const { return size_; }
+        Chunk& operator[](std::size_t i) { return slots_[(head_ + i) & (slots_.size() - 1)]; }
+        Chunk& front() { return slots_[head_]; }
+        Chunk& back() { return (*this)[size_ - 1]; }
+        void push_back(Chunk&& chunk) {
+            if (size_ == slots_.size()) grow();
+            (*this)[size_++] = std::move(chunk);
+        }
+        // The front chunk's string, moved out (its bytes keep their storage).
+        std::string pop_front() {
+            std::string bytes = std::move(slots_[head_].bytes);
+            head_ = (head_ + 1) & (slots_.size() - 1);
+            if (--size_ == 0) head_ = 0;
+            return bytes;
+        }
+        void clear() {
+            slots_ = {};
+            head_ = size_ = 0;
+        }
+
+      private:
+        void grow() {
+            std::vector<Chunk> bigger(slots_.empty() ? 2 : slots_.size() * 2);
+            for (std::size_t i = 0; i < size_; ++i) bigger[i] = std::move((*this)[i]);
+            slots_ = std::move(bigger);
+            head_ = 0;
+        }
+        std::vector<Chunk> slots_;  // a power of two long
+        std::size_t head_ = 0, size_ = 0;
+    };
 
     void handle(const ConnectionPtr& guard, Events events);
     // `self` is handle()'s guard, passed down to save reference-count traffic.
@@ -327,6 +366,20 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     // The byte transport: the socket itself, or TLS over it.
     std::ptrdiff_t write_some(const char* p, std::size_t len);
     void send_fin();
+    void written_all(const ConnectionPtr& self);  // the queue drained: on_drain, FIN, close
+    void consume_sent(std::size_t n);             // drops n written bytes from the queue
+    bool after_sent();                            // low water; false if the connection closed
+    // Completion I/O (src/connection_completion.cpp): requests instead of a watch.
+    void completion_interest(Events want);
+    void submit_send();
+    void deliver(const ConnectionPtr& self, const char* p, std::size_t n);
+    void deliver_held();
+    void completion_closed();
+    void op_finished();
+    static void recv_done(detail::CompletionOp* op, std::int32_t res, std::uint32_t flags);
+    static void send_done(detail::CompletionOp* op, std::int32_t res, std::uint32_t flags);
+    static void prepare_send(detail::CompletionOp* op);
+    bool write_queue();  // the queue to the kernel now (sendmsg); false if the connection closed
     // TLS only.
     void start_tls();
     [[gnu::cold]] void continue_handshake(const ConnectionPtr& self);
@@ -360,7 +413,7 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     Buffer input_;
     Callbacks cb_;
     ConnectionOptions opt_;
-    std::deque<Chunk> queue_;
+    ChunkQueue queue_;
     CloseReason reason_ = CloseReason::local;
     int err_ = 0;
     EventLoop::Clock::time_point last_read_{}, last_write_{};
@@ -376,7 +429,8 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     } user_state_;  // emplace_state()
     Address peer_;
     EventLoop::TimerId handshake_timer_ = 0;
-    std::string close_message_;  // set for `tls` and the handshake timeout
+    std::string close_message_;                     // set for `tls` and the handshake timeout
+    std::unique_ptr<detail::CompletionState> cio_;  // completion I/O; null: readiness
 };
 
 }  // namespace evmux

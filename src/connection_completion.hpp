@@ -1,0 +1,62 @@
+// Internal to evmux: a Connection's part in completion I/O (the loop's
+// IoMode::completion), allocated only in that mode. Not installed.
+#pragma once
+
+#include <sys/socket.h>
+#include <sys/uio.h>
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+
+#include "completion_io.hpp"
+#include "evmux/connection.hpp"
+
+namespace evmux::detail {
+
+// One writer (the loop thread), readers anywhere: a relaxed load and store,
+// no locked read-modify-write on the message path. (A connection's byte counters.)
+inline void add_relaxed(std::atomic<std::uint64_t>& counter, std::uint64_t n) {
+    counter.store(counter.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
+}
+
+struct CompletionState {
+    // One request of the connection: its receive (multishot) or its send.
+    struct Op : CompletionOp {
+        Connection* conn = nullptr;
+    };
+    static constexpr std::size_t max_iov = 8;  // chunks per sendmsg request
+
+    using Complete = void (*)(CompletionOp*, std::int32_t, std::uint32_t);
+    using Prepare = void (*)(CompletionOp*);
+    CompletionState(Connection& c, CompletionIo& completion_io, Complete on_recv, Complete on_send,
+                    Prepare prepare_send)
+        : io(completion_io) {
+        recv_op.conn = &c;
+        recv_op.complete = on_recv;
+        send_op.conn = &c;
+        send_op.complete = on_send;
+        send_op.prepare = prepare_send;
+        send_op.early = true;
+    }
+
+    CompletionIo& io;
+    Op recv_op;
+    Op send_op;
+    bool recv_armed = false;       // the multishot receive is in the kernel
+    bool recv_cancelling = false;  // its cancel is on its way
+    bool send_in_flight = false;   // a send request is in the kernel (made before a wait)
+    bool held = false;             // bytes received while not reading wait in the input buffer
+    bool eof_held = false;         // the peer's FIN came while not reading
+    bool deliver_posted = false;
+    bool send_prepare = false;    // the send request is to be made right before the next wait
+    std::size_t send_chunks = 0;  // queue chunks the send request is reading (from the front)
+    int ops = 0;                  // requests in the kernel (or about to be made)
+    int close_fd = -1;            // closed with the last request (see notify_closed)
+    ConnectionPtr keep;           // holds the connection while ops > 0
+    // The send request's gather list (its bytes are the queue's front chunks).
+    iovec iov[max_iov];
+    msghdr msg{};
+};
+
+}  // namespace evmux::detail
