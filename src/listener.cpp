@@ -14,9 +14,24 @@
 #include <system_error>
 #include <utility>
 
+#include "completion_io.hpp"
+
 namespace evmux::detail {
 
+struct AcceptOp : CompletionOp {
+    Acceptor* owner = nullptr;  // null once the acceptor let go: the op frees itself
+};
+
 namespace {
+
+void accept_done(CompletionOp* op, std::int32_t res, std::uint32_t flags) {
+    auto* a = static_cast<AcceptOp*>(op);
+    const bool ended = !(flags & completion_more);
+    if (a->owner)
+        a->owner->on_accepted(res, ended);
+    else if (ended)
+        delete a;
+}
 
 // The counters are plain fields of a ServerStats, bumped atomically so that
 // TcpServer::stats() may read them from another thread (std::atomic_ref).
@@ -99,14 +114,62 @@ Acceptor::~Acceptor() {
 void Acceptor::start() {
     if (listen_fd_ < 0) return;
     if (spare_fd_ < 0) spare_fd_ = open_spare();
-    loop_.watch(listen_fd_, Events::read, [this](Events) { on_acceptable(); });
+    if (CompletionIo* io = loop_.completion_io()) {
+        if (!accept_op_) {
+            accept_op_ = new AcceptOp;
+            accept_op_->complete = accept_done;
+            accept_op_->owner = this;
+        }
+        if (!accept_armed_) io->accept_multishot(listen_fd_, accept_op_);
+        accept_armed_ = true;
+    } else {
+        loop_.watch(listen_fd_, Events::read, [this](Events) { on_acceptable(); });
+    }
     accepting_ = true;
 }
 
 void Acceptor::stop() {
     if (resume_timer_ != 0) loop_.cancel(std::exchange(resume_timer_, 0));
-    if (std::exchange(accepting_, false)) loop_.unwatch(listen_fd_);
+    if (std::exchange(accepting_, false) && !accept_op_) loop_.unwatch(listen_fd_);
+    if (AcceptOp* op = std::exchange(accept_op_, nullptr)) {
+        if (std::exchange(accept_armed_, false)) {
+            // The request holds the listening socket: end it now, so that the
+            // port is free when stop() returns, as with readiness.
+            op->owner = nullptr;
+            loop_.completion_io()->cancel_and_wait(op);
+        } else {
+            delete op;
+        }
+    }
     if (listen_fd_ >= 0) ::close(std::exchange(listen_fd_, -1));
+}
+
+void Acceptor::on_accepted(int res, bool ended) {
+    if (res >= 0) {
+        bump(counters_.accept_calls);
+        try {
+            on_accept_(res, Address());  // the peer is asked of the socket
+        } catch (...) {
+            loop_.handle_exception(std::current_exception());
+        }
+    }
+    if (!ended) return;
+    accept_armed_ = false;
+    if (!accepting_) return;
+    // The request ended with an error (it does at the first). The readiness
+    // path handles it (shedding the backlog with the spare fd, pausing).
+    // Out of fds or memory, the request fails at once however empty the
+    // backlog (the kernel takes the fd first): pause, as readiness does when
+    // shedding fails, rather than ask again and again.
+    if (res < 0) {
+        on_acceptable();
+        if (res == -EMFILE || res == -ENFILE || res == -ENOBUFS || res == -ENOMEM)
+            pause_accepting();
+    }
+    if (accepting_ && accept_op_ && !accept_armed_) {
+        loop_.completion_io()->accept_multishot(listen_fd_, accept_op_);
+        accept_armed_ = true;
+    }
 }
 
 void Acceptor::on_acceptable() {
@@ -157,7 +220,7 @@ void Acceptor::on_acceptable() {
 
 void Acceptor::pause_accepting() {
     if (!accepting_) return;
-    loop_.unwatch(listen_fd_);
+    if (!accept_op_) loop_.unwatch(listen_fd_);
     accepting_ = false;
     resume_timer_ = loop_.call_after(pause_, [this] {
         resume_timer_ = 0;

@@ -20,6 +20,8 @@ namespace evmux::detail {
 /// file (unlinked on destruction). Thread rule:
 /// loop thread only; built and destroyed while not watching (before start(),
 /// after stop()) on any thread. Non-copyable, non-movable.
+struct AcceptOp;  // listener.cpp: the multishot accept request of completion I/O
+
 class Acceptor {
   public:
     /// Opens a bound, listening, non-blocking socket for `address`. TCP:
@@ -49,6 +51,9 @@ class Acceptor {
     /// The listening fd (-1 after stop()).
     int fd() const { return listen_fd_; }
 
+    /// Completion I/O: one multishot accept request's completion (listener.cpp).
+    void on_accepted(int res, bool ended);
+
   private:
     void on_acceptable();
     void pause_accepting();
@@ -63,6 +68,11 @@ class Acceptor {
     std::function<void(int fd, const Address& peer)> on_accept_;
     bool accepting_ = false;
     EventLoop::TimerId resume_timer_ = 0;
+    // Completion I/O (the loop's IoMode::completion): the multishot accept
+    // request instead of a watch. Its op outlives us if stop() finds it in
+    // the kernel: the op frees itself with its last completion.
+    AcceptOp* accept_op_ = nullptr;
+    bool accept_armed_ = false;
 };
 
 /// A server's idle timeouts (Netty's IdleStateHandler: reader, writer, all),
