@@ -374,6 +374,7 @@ ChildRun run_self_without_io_uring(const char* gtest_filter, const char* backend
             ::prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) != 0)
             ::_exit(3);
         ::setenv("EVMUX_TEST_IO_URING_REFUSED", "1", 1);
+        ::unsetenv("EVMUX_IO");  // the completion suite's: no io_uring, no completion I/O
         if (backend)
             ::setenv("EVMUX_BACKEND", backend, 1);
         else

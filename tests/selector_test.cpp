@@ -1004,14 +1004,20 @@ TEST(Registry, BackendsListed) {
             EXPECT_EQ(sel->name().rfind(b.name, 0), 0u) << sel->name() << " for " << b.name;
         }
     }
-    // The default is the first usable one in preference order.
+    // The default is the first usable one in preference order; with
+    // EVMUX_IO=completion, io_uring if it is usable (the one that has it).
     const char* env = std::getenv("EVMUX_BACKEND");
     std::string saved = env ? env : "";
     ::unsetenv("EVMUX_BACKEND");
     std::string first_usable;
     for (const BackendInfo& b : list)
         if (b.usable && first_usable.empty()) first_usable = b.name;
-    EXPECT_EQ(default_backend_name(), first_usable);
+    const char* io = std::getenv("EVMUX_IO");
+    const bool completion = io && std::string(io) == "completion";
+    bool io_uring_usable = false;
+    for (const BackendInfo& b : list)
+        if (b.name == "io_uring") io_uring_usable = b.usable;
+    EXPECT_EQ(default_backend_name(), completion && io_uring_usable ? "io_uring" : first_usable);
     if (env) ::setenv("EVMUX_BACKEND", saved.c_str(), 1);
 }
 

@@ -6,6 +6,7 @@
 //   compiled in): print why and exit 77 before running any test. 77 is
 //   meson's skip code, so the suite shows as SKIP with the reason in its log,
 //   not as OK with every test skipped one by one.
+// - EVMUX_IO=completion and the loop cannot do completion I/O here: the same.
 // - Tests ran but none passed and none failed (all skipped, e.g. by a filter
 //   that only matches tests of another backend): exit 77 too, never 0.
 //
@@ -13,19 +14,33 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <string>
+
+#include "evmux/event_loop.hpp"
 
 #include "test_support.hpp"
 
 namespace {
 constexpr int exit_skipped = 77;  // meson's (and automake's) "test skipped"
+
+// The suites run once more on io_uring with EVMUX_IO=completion: a loop that
+// fell back to readiness would test nothing new, so say why and skip.
+std::string completion_unusable_reason() {
+    const char* io = std::getenv("EVMUX_IO");
+    if (!io || std::string(io) != "completion") return {};
+    evmux::EventLoop loop;
+    if (loop.io_mode() == evmux::IoMode::completion) return {};
+    return "completion I/O unusable here: " + loop.io_note();
+}
 }  // namespace
 
 int main(int argc, char** argv) {
     ::testing::InitGoogleTest(&argc, argv);
     if (GTEST_FLAG_GET(list_tests)) return RUN_ALL_TESTS();
 
-    const std::string why = evmux::test::backend_unusable_reason();
+    std::string why = evmux::test::backend_unusable_reason();
+    if (why.empty()) why = completion_unusable_reason();
     if (!why.empty()) {
         std::fprintf(stderr, "evmux tests: %s; skipping the whole suite (exit %d)\n", why.c_str(),
                      exit_skipped);
