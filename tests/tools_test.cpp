@@ -6,7 +6,7 @@
 //
 // The paths of the programs come from the environment (set by meson):
 // EVMUX_LOAD, EVMUX_BENCH and EVMUX_BASELINE_<NAME> (EPOLL, LIBEVENT, THREADS,
-// FORK). evmux-bench's CpuModeSampler (tools/bench_processes.cpp, linked in)
+// FORK, URING, UDP). evmux-bench's CpuModeSampler (tools/bench_processes.cpp, linked in)
 // is tested on its own too.
 // Not a per-backend suite: none of these programs uses the evmux selector.
 #include <arpa/inet.h>
@@ -62,6 +62,7 @@ std::string program_path(const char* var) {
         {"EVMUX_BASELINE_LIBEVENT", "evmux-baseline-libevent"},
         {"EVMUX_BASELINE_THREADS", "evmux-baseline-threads"},
         {"EVMUX_BASELINE_FORK", "evmux-baseline-fork"},
+        {"EVMUX_BASELINE_URING", "evmux-baseline-uring"},
         {"EVMUX_BASELINE_UDP", "evmux-baseline-udp"}};
     auto it = names.find(var);
     char self[4096];
@@ -312,6 +313,20 @@ class TinyServer {
 // ---------------------------------------------------------------------------
 // The baselines under evmux-load.
 
+/// A blocking TCP connection to 127.0.0.1:port, or -1 (errno says why).
+int dial_loopback(int port) {
+    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(static_cast<uint16_t>(port));
+    if (fd >= 0 && ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0) return fd;
+    const int err = errno;
+    if (fd >= 0) ::close(fd);
+    errno = err;
+    return -1;
+}
+
 struct Baseline {
     const char* name;  // as in the program name evmux-baseline-NAME
     const char* env;   // the variable holding its path
@@ -384,12 +399,8 @@ TEST_P(BaselineTest, SigintWithOpenConnectionsExitsZero) {
     ASSERT_GT(port, 0);
     // An open connection that has echoed once, so a worker (thread, child)
     // exists and is blocked in read when the signal comes.
-    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    a.sin_port = htons(static_cast<uint16_t>(port));
-    ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+    const int fd = dial_loopback(port);
+    ASSERT_GE(fd, 0) << "connect: " << std::strerror(errno);
     ASSERT_EQ(::send(fd, "ping", 4, 0), 4);
     char buf[4];
     std::size_t got = 0;
@@ -446,7 +457,123 @@ INSTANTIATE_TEST_SUITE_P(Baselines, BaselineTest,
                          ::testing::Values(Baseline{"epoll", "EVMUX_BASELINE_EPOLL"},
                                            Baseline{"libevent", "EVMUX_BASELINE_LIBEVENT"},
                                            Baseline{"threads", "EVMUX_BASELINE_THREADS"},
-                                           Baseline{"fork", "EVMUX_BASELINE_FORK"}),
+                                           Baseline{"fork", "EVMUX_BASELINE_FORK"},
+                                           Baseline{"uring", "EVMUX_BASELINE_URING"}),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+// The io_uring floor's own edges: its buffer ring lent out to more sessions
+// than it has buffers, a client that does not read (the floor stops
+// receiving from it at 16 buffers and must resume), a half-close.
+class UringFloorTest : public BaselineTest {
+  protected:
+    /// Runs evmux-load for each (size, sessions) against port: every byte back.
+    static void load_every(int port, const std::vector<std::pair<int, int>>& shapes) {
+        for (const auto& [size, sessions] : shapes) {
+            SCOPED_TRACE(std::to_string(sessions) + " x " + std::to_string(size));
+            std::string out, err;
+            const int rc = run_load({"--port", std::to_string(port), "--conns",
+                                     std::to_string(sessions), "--active", std::to_string(sessions),
+                                     "--size", std::to_string(size), "--duration", "0.3", "--json"},
+                                    &out, &err);
+            EXPECT_EQ(rc, 0) << err;
+            const LoadReport r = parse_report(out);
+            EXPECT_EQ(r["mismatches"], 0);
+            EXPECT_EQ(r["errors"], 0);
+            EXPECT_GE(r["round_trips"], sessions);
+        }
+    }
+    /// Sets EVMUX_BASELINE_URING_BUFFERS for the servers this test starts.
+    static void set_buffers(const char* count) {
+        ::setenv("EVMUX_BASELINE_URING_BUFFERS", count, 1);
+    }
+    void TearDown() override { ::unsetenv("EVMUX_BASELINE_URING_BUFFERS"); }
+};
+
+TEST_P(UringFloorTest, EchoesEverySizeToManySessions) {
+    std::unique_ptr<Child> server;
+    const int port = start(server);
+    ASSERT_GT(port, 0);
+    load_every(port, {{64, 1}, {64, 300}, {16384, 10}, {16384, 1000}});
+    EXPECT_EQ(server->signal_and_wait(SIGTERM), 0) << server->err();
+}
+
+TEST_P(UringFloorTest, SessionsOutOfBuffersWaitForOneAndNoneStalls) {
+    // 4 buffers for 40 sessions: most recvs end with ENOBUFS and must be
+    // armed again when a buffer comes back.
+    set_buffers("4");
+    std::unique_ptr<Child> server;
+    const int port = start(server);
+    ASSERT_GT(port, 0);
+    load_every(port, {{64, 40}, {16384, 40}, {100000, 8}});
+    EXPECT_EQ(server->signal_and_wait(SIGTERM), 0) << server->err();
+}
+
+TEST_P(UringFloorTest, BadBufferCountExitsTwoWithOneLine) {
+    for (const char* bad : {"0", "3", "65536", "x", ""}) {
+        set_buffers(bad);
+        Child c({path_, "--port", "0"});
+        EXPECT_EQ(c.finish(), 2) << "EVMUX_BASELINE_URING_BUFFERS=" << bad;
+        EXPECT_EQ(c.err(), "evmux-baseline-uring: EVMUX_BASELINE_URING_BUFFERS=" +
+                               std::string(bad) + ": not a power of two from 1 to 32768\n");
+    }
+}
+
+TEST_P(UringFloorTest, AClientThatDoesNotReadGetsEveryByteBackThenEofAfterHalfClose) {
+    std::unique_ptr<Child> server;
+    const int port = start(server);
+    ASSERT_GT(port, 0);
+    const int fd = dial_loopback(port);
+    ASSERT_GE(fd, 0) << "connect: " << std::strerror(errno);
+    // 32 MiB, more than the socket buffers hold: written without reading
+    // until the kernel takes no more (the floor has then stopped receiving
+    // from us), then written and read in turn, the write side shut once all
+    // is sent. The bytes vary with their offset.
+    constexpr std::size_t total = 32u << 20;
+    auto byte_at = [](std::size_t i) { return static_cast<char>((i * 131 + i / 4099) & 0xff); };
+    std::string chunk(64 * 1024, '\0');
+    std::size_t sent = 0, got = 0, bad = 0;
+    auto send_some = [&] {
+        const std::size_t n = std::min(chunk.size(), total - sent);
+        for (std::size_t i = 0; i < n; ++i) chunk[i] = byte_at(sent + i);
+        const ssize_t w = ::send(fd, chunk.data(), n, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (w > 0) sent += static_cast<std::size_t>(w);
+        if (sent == total) ::shutdown(fd, SHUT_WR);
+        return w > 0;
+    };
+    bool stalled_once = false;
+    for (int quiet = 0; sent < total && quiet < 5;) {  // 5 x 100 ms taking nothing
+        if (send_some()) continue;
+        ++quiet;
+        std::this_thread::sleep_for(100ms);
+    }
+    stalled_once = sent < total;
+    const auto deadline = Clock::now() + 20s;
+    while (got < total && Clock::now() < deadline) {
+        pollfd p{fd, static_cast<short>(POLLIN | (sent < total ? POLLOUT : 0)), 0};
+        if (::poll(&p, 1, 100) <= 0) continue;
+        if ((p.revents & POLLOUT) && sent < total) send_some();
+        if (!(p.revents & POLLIN)) continue;
+        char buf[64 * 1024];
+        const ssize_t r = ::recv(fd, buf, sizeof buf, MSG_DONTWAIT);
+        if (r == 0) break;
+        for (ssize_t i = 0; i < r; ++i) bad += buf[i] != byte_at(got + static_cast<std::size_t>(i));
+        if (r > 0) got += static_cast<std::size_t>(r);
+    }
+    EXPECT_TRUE(stalled_once) << "the socket buffers took all " << total << " bytes";
+    EXPECT_EQ(sent, total);
+    EXPECT_EQ(got, total);
+    EXPECT_EQ(bad, 0u);
+    // After everything came back, the half-close is answered with EOF.
+    pollfd p{fd, POLLIN, 0};
+    EXPECT_EQ(::poll(&p, 1, 5000), 1);
+    char c;
+    EXPECT_EQ(::recv(fd, &c, 1, 0), 0);
+    ::close(fd);
+    EXPECT_EQ(server->signal_and_wait(SIGTERM), 0) << server->err();
+}
+
+INSTANTIATE_TEST_SUITE_P(Baselines, UringFloorTest,
+                         ::testing::Values(Baseline{"uring", "EVMUX_BASELINE_URING"}),
                          [](const auto& info) { return std::string(info.param.name); });
 
 // The UDP floor (evmux-baseline-udp) under evmux-load --udp.
