@@ -24,6 +24,7 @@
 
 #include "dns_responder.hpp"
 #include "evmux/address.hpp"
+#include "evmux/event_loop.hpp"
 #include "test_support.hpp"
 #if EVMUX_TEST_TLS
 #include "test_certs.hpp"
@@ -320,6 +321,8 @@ TEST_F(EvmuxEcho, ErrorsAreOneLineAndExitTwo) {
         {{"--udp", "--unix", "/tmp/x.sock"}, "--udp and --unix exclude each other"},
         {{"--udp", "--port", "0", "--threads", "2"}, "--threads must be 1"},
         {{"--udp", "--port", "0", "--model", "coroutines"}, "--model coroutines is TCP-only"},
+        {{"--port", "0", "--io", "completions"}, "--io: completions not in {completion,readiness}"},
+        {{"--udp", "--port", "0", "--io", "completion"}, "--io completion is TCP-only"},
     };
     for (const Case& c : cases) {
         EchoProcess echo(c.args);
@@ -329,6 +332,35 @@ TEST_F(EvmuxEcho, ErrorsAreOneLineAndExitTwo) {
         EXPECT_NE(first.find(c.expect), std::string::npos) << first;
         EXPECT_EQ(first.rfind("evmux-echo: ", 0), 0u) << first;
         EXPECT_EQ(second, "") << "more than one line";
+    }
+}
+
+// --io: the listening line says the mode the first loop uses, which is what
+// an EventLoop in this process makes of the same request on this backend
+// (completion on io_uring where the kernel has the pieces; else readiness,
+// and the next line says why); the echo works either way, on one loop and
+// on two.
+TEST_F(EvmuxEcho, IoFlagShowsTheModeOfTheLoopInTheListeningLine) {
+    for (const IoMode asked : {IoMode::readiness, IoMode::completion}) {
+        const EventLoop probe(make_selector(test::backend_name()), asked);
+        const std::string expect = std::string(" io=") + to_string(probe.io_mode());
+        for (const char* threads : {"1", "2"}) {
+            SCOPED_TRACE(std::string("--io ") + to_string(asked) + " --threads " + threads);
+            EchoProcess echo({"--port", "0", "--backend", test::backend_name(), "--io",
+                              to_string(asked), "--threads", threads});
+            const std::string line = echo.line();
+            std::string backend;
+            const std::string addr = listening_address(line, &backend);
+            ASSERT_FALSE(addr.empty()) << line;
+            EXPECT_TRUE(line.ends_with(expect)) << line;
+            if (asked == IoMode::completion && probe.io_mode() == IoMode::readiness) {
+                EXPECT_EQ(echo.line(), "evmux-echo: io=readiness: " + probe.io_note());
+            }
+            Fd c = dial(Address::parse(addr));
+            EXPECT_EQ(roundtrip(c.get(), std::string(70000, 'q')), std::string(70000, 'q'));
+            ASSERT_EQ(::kill(echo.pid(), SIGTERM), 0);
+            EXPECT_EQ(echo.wait(), 0);
+        }
     }
 }
 

@@ -3,15 +3,18 @@
 //   evmux-echo --port P [--host H [--dns SERVERS]] [--backend NAME] [--upper]
 //              [--unix PATH] [--threads N [--distribution reuse_port|round_robin]]
 //              [--model callbacks|coroutines] [--tls-cert FILE --tls-key FILE]
+//              [--io completion|readiness]
 //   evmux-echo --udp --port P [--host H [--dns SERVERS]] [--backend NAME] [--upper]
 //   evmux-echo --list-backends
 //
 // A --host name is resolved by evmux's Resolver (/etc/hosts, then the DNS
 // servers: /etc/resolv.conf's or --dns), and the first of its addresses that
-// binds is served on (--udp too). Prints "evmux-echo
-// listening on HOST:PORT backend=NAME ..." to stderr once it accepts (ending
-// in " tls" when it speaks TLS, "protocol=udp" with --udp, which sends each
-// datagram back to its sender); SIGINT/SIGTERM stop it with a one-line
+// binds is served on (--udp too). --io sets EVMUX_IO for the process before
+// any loop exists. Prints "evmux-echo listening on HOST:PORT backend=NAME
+// ... io=MODE" to stderr once it accepts (MODE the first loop's io_mode(): a
+// loop that fell back to readiness says so; ending in " tls" when it speaks
+// TLS; "protocol=udp" with --udp, which sends each datagram back to its
+// sender); SIGINT/SIGTERM stop it with a one-line
 // summary. Errors in the command line or the setup (port in use, unknown
 // backend or host, missing Unix socket directory, a bad PEM file for
 // --tls-cert/--tls-key) are one line on stderr and exit code 2. It raises its
@@ -24,6 +27,7 @@
 #include <cctype>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <memory>
 #include <optional>
@@ -70,13 +74,20 @@ std::string host_port(const std::string& host, int port) {
     return (bare_v6 ? "[" + host + "]" : host) + ":" + std::to_string(port);
 }
 
-// Once the server is listening: the line the tests and tools wait for.
+// Once the server is listening: the line the tests and tools wait for. io=
+// is what the first loop does, not what was asked (a fallback shows).
 void say_listening(const evmux::TcpServer& server, const std::string& backend, std::size_t threads,
                    const std::string& model, bool tls) {
     std::fprintf(stderr,
-                 "evmux-echo listening on %s backend=%s threads=%zu distribution=%s model=%s%s\n",
+                 "evmux-echo listening on %s backend=%s threads=%zu distribution=%s model=%s "
+                 "io=%s%s\n",
                  server.local_address().to_string().c_str(), backend.c_str(), threads,
-                 evmux::to_string(server.distribution()), model.c_str(), tls ? " tls" : "");
+                 evmux::to_string(server.distribution()), model.c_str(),
+                 evmux::to_string(server.loop().io_mode()), tls ? " tls" : "");
+    // Completion asked for, readiness given: the loop's reason, on a line of its own.
+    const evmux::EventLoop& loop = server.loop();
+    if (loop.io_mode() == evmux::IoMode::readiness && !loop.io_note().empty())
+        std::fprintf(stderr, "evmux-echo: io=readiness: %s\n", loop.io_note().c_str());
     std::fflush(stderr);
 }
 
@@ -237,6 +248,7 @@ int main(int argc, char** argv) {
     std::string distribution = evmux::to_string(evmux::ServerOptions{}.distribution);
     std::string model = "callbacks";
     std::string dns;
+    std::string io;
     evmux::TlsServerOptions tls;
     add_tls_flags(app, tls);
     app.add_option("--port", port, "TCP port (0: any free port)")->check(CLI::Range(0, 65535));
@@ -258,6 +270,10 @@ int main(int argc, char** argv) {
                    "how each connection is served: callbacks (on_message, the default) or "
                    "coroutines (a straight-line coroutine per connection, evmux/coro.hpp)")
         ->check(CLI::IsMember({"callbacks", "coroutines"}));
+    app.add_option("--io", io,
+                   "how connections move bytes: completion (io_uring requests; the io_uring "
+                   "backend only, else readiness) or readiness (default: EVMUX_IO or readiness)")
+        ->check(CLI::IsMember({"completion", "readiness"}));
     app.add_flag("--list-backends", list, "list the backends and whether they are usable here");
     try {
         app.parse(argc, argv);
@@ -274,6 +290,10 @@ int main(int argc, char** argv) {
         return fail("--udp and --tls-cert exclude each other (no DTLS)");
     if (udp && model != "callbacks")
         return fail("--udp serves with callbacks: --model coroutines is TCP-only");
+    if (udp && io == "completion")
+        return fail("--udp moves datagrams by readiness: --io completion is TCP-only");
+    // Before any loop exists: every loop reads it (requested_io_mode()).
+    if (!io.empty()) ::setenv("EVMUX_IO", io.c_str(), 1);
     evmux::support::raise_fd_limit();
 
     try {
