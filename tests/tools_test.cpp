@@ -5,9 +5,10 @@
 // every program must reject bad flags with one line and exit 2.
 //
 // The paths of the programs come from the environment (set by meson):
-// EVMUX_LOAD, EVMUX_BENCH and EVMUX_BASELINE_<NAME> (EPOLL, LIBEVENT, THREADS,
-// FORK, URING, UDP). evmux-bench's CpuModeSampler (tools/bench_processes.cpp, linked in)
-// is tested on its own too.
+// EVMUX_LOAD, EVMUX_BENCH, EVMUX_ECHO (what evmux-bench's --io rows should
+// say) and EVMUX_BASELINE_<NAME> (EPOLL, LIBEVENT, THREADS, FORK, URING, UDP).
+// evmux-bench's CpuModeSampler (tools/bench_processes.cpp, linked in) is
+// tested on its own too.
 // Not a per-backend suite: none of these programs uses the evmux selector.
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -58,6 +59,7 @@ std::string program_path(const char* var) {
     static const std::map<std::string, std::string> names = {
         {"EVMUX_LOAD", "evmux-load"},
         {"EVMUX_BENCH", "evmux-bench"},
+        {"EVMUX_ECHO", "evmux-echo"},
         {"EVMUX_BASELINE_EPOLL", "evmux-baseline-epoll"},
         {"EVMUX_BASELINE_LIBEVENT", "evmux-baseline-libevent"},
         {"EVMUX_BASELINE_THREADS", "evmux-baseline-threads"},
@@ -1126,6 +1128,94 @@ TEST(EvmuxBench, UdpRowsRunAgainstTheUdpFloor) {
     }
     EXPECT_NE(t.out.find("UDP rows: ratio to udp-floor"), std::string::npos) << t.out;
     EXPECT_NE(t.out.find("\nevmux/poll/udp "), std::string::npos) << t.out;
+}
+
+/// The io= of evmux-echo --backend io_uring --io completion's listening line:
+/// what evmux makes of the request here ("" if it did not say).
+std::string echo_completion_io(const std::string& echo) {
+    Child c({echo, "--port", "0", "--backend", "io_uring", "--io", "completion"});
+    const auto line = c.stderr_line(10s);
+    c.signal_and_wait(SIGTERM);
+    std::smatch m;
+    static const std::regex io(R"( io=([a-z]+))");
+    return line && std::regex_search(*line, m, io) ? std::string(m[1]) : "";
+}
+
+// --io completion,readiness: the evmux row on io_uring once per mode, named
+// evmux/io_uring+completion and evmux/io_uring, beside both floors; the JSON
+// says each run's io and its ratios to uring-floor too. The completion row
+// has figures exactly when evmux-echo says io=completion for that request
+// here; otherwise it is marked unusable, never measured under its label.
+TEST(EvmuxBench, IoModesGetARowEachBesideBothFloors) {
+    const std::string bench = program_path("EVMUX_BENCH");
+    if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";
+    const std::string echo = program_path("EVMUX_ECHO");
+    ASSERT_FALSE(echo.empty()) << "EVMUX_ECHO not set";
+    const TinyBench t = bench_with_files(
+        bench, {"--io", "completion,readiness", "--servers", "evmux,uring-floor,epoll-floor",
+                "--backends", "io_uring", "--sizes", "64", "--sessions", "2", "--duration", "0.2",
+                "--rounds", "1", "--no-idle", "--no-plots", "--sweep-fds", "10"});
+    ASSERT_EQ(t.rc, 0) << t.err;
+    const std::string& json = t.json;
+    // One run per line.
+    auto run = [&](const std::string& server) {
+        const auto at = json.find("{\"server\": \"" + server + "\", ");
+        return at == std::string::npos ? std::string() : json.substr(at, json.find('\n', at) - at);
+    };
+    static const std::regex number_ratio(
+        R"re("ratio_to_floor": \{[^}]*"cpu_us_per_msg": [0-9.]+[^}]*\}, "ratio_to_uring_floor": \{[^}]*"cpu_us_per_msg": [0-9.]+)re");
+    for (const auto& [server, io] : std::vector<std::pair<std::string, std::string>>{
+             {"epoll-floor", ""}, {"uring-floor", ""}, {"evmux/io_uring", "readiness"}}) {
+        const std::string r = run(server);
+        EXPECT_NE(r.find("\"io\": \"" + io + "\", "), std::string::npos) << server << ": " << r;
+        EXPECT_NE(r.find("\"ok\": true"), std::string::npos) << server << ": " << r;
+        EXPECT_TRUE(std::regex_search(r, number_ratio)) << server << ": " << r;
+        EXPECT_NE(t.out.find("\n" + server + " "), std::string::npos) << t.out;
+    }
+    EXPECT_NE(run("uring-floor").find("\"ratio_to_uring_floor\": {\"msgs_per_s\": 1.000"),
+              std::string::npos)
+        << json;
+    const std::string completion = run("evmux/io_uring+completion");
+    EXPECT_NE(completion.find("\"io\": \"completion\", "), std::string::npos) << completion;
+    const std::string says = echo_completion_io(echo);
+    ASSERT_FALSE(says.empty()) << "evmux-echo's listening line has no io=";
+    if (says == "completion") {
+        EXPECT_NE(completion.find("\"ok\": true"), std::string::npos) << completion;
+        EXPECT_TRUE(std::regex_search(completion, number_ratio)) << completion;
+        EXPECT_NE(t.out.find("== completion I/O against both floors"), std::string::npos) << t.out;
+        EXPECT_NE(t.out.find(" evmux/io_uring+completion "), std::string::npos) << t.out;
+    } else {
+        EXPECT_NE(completion.find("\"ok\": false, \"skipped\": true, \"note\": \"unusable: asked "
+                                  "for io=completion, the server runs io=" +
+                                  says),
+                  std::string::npos)
+            << completion;
+        EXPECT_NE(t.out.find("  evmux/io_uring+completion: unusable: "), std::string::npos)
+            << t.out;
+    }
+    EXPECT_NE(t.csv.find("server,kind,backend,io,size,"), std::string::npos) << t.csv;
+    EXPECT_NE(t.csv.find(",cpu_us_per_msg_ratio_uring_floor,"), std::string::npos) << t.csv;
+    EXPECT_NE(t.csv.find("\nevmux/io_uring+completion,evmux,io_uring,completion,64,"),
+              std::string::npos)
+        << t.csv;
+}
+
+TEST(EvmuxBench, BadIoModeExitsTwoWithOneLine) {
+    const std::string bench = program_path("EVMUX_BENCH");
+    if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";
+    for (const auto& [args, line] : std::vector<std::pair<std::vector<std::string>, std::string>>{
+             {{"--io", "fast"},
+              "evmux-bench: --io: unknown mode 'fast'; known: completion, readiness (see "
+              "--help)\n"},
+             {{"--io", "completion", "--backends", "epoll"},
+              "evmux-bench: --io completion: only the io_uring backend has it, and it is not "
+              "among the backends run (see --help)\n"}}) {
+        std::vector<std::string> argv{bench};
+        argv.insert(argv.end(), args.begin(), args.end());
+        Child c(argv);
+        EXPECT_EQ(c.finish(), 2) << ::testing::PrintToString(args);
+        EXPECT_EQ(c.err(), line);
+    }
 }
 
 TEST(EvmuxBench, JsonAndTableCountContextSwitchesPerMessage) {

@@ -1,5 +1,5 @@
 // evmux-bench: compares evmux's backends with each other and with other
-// concurrency models (a hand-written epoll loop, a libevent bufferevent server,
+// concurrency models (hand-written epoll and io_uring loops, a libevent bufferevent server,
 // a thread per connection, a process per connection) by running each server
 // as its own process on one CPU and evmux-load on another, and reading the
 // server's CPU time and memory from /proc around the load window.
@@ -47,6 +47,8 @@ using evmux::support::raise_fd_limit;
 namespace {
 
 constexpr const char* floor_server = "epoll-floor";
+/// The completion-I/O floor: completion rows' second ratio is to it.
+constexpr const char* uring_floor_server = "uring-floor";
 /// The floor of the UDP rows (--udp).
 constexpr const char* udp_floor_server = "udp-floor";
 
@@ -62,6 +64,9 @@ struct Server {
     std::string model;       // evmux-echo --model (empty: its default, callbacks)
     bool tls = false;        // evmux-echo --tls-cert/--tls-key, evmux-load --tls
     bool udp = false;        // echoes UDP datagrams (evmux-echo --udp, the UDP floor)
+    /// evmux-echo --io (completion or readiness): the run is checked against
+    /// the io= its listening line says. Empty: not asked (baselines, TLS, UDP).
+    std::string io{};
 };
 
 /// One load shape: message size, connections opened, connections in ping-pong.
@@ -244,6 +249,15 @@ bool parse_listening(const std::string& line, std::string& host, int& port) {
     return port > 0;
 }
 
+/// The io= word of evmux-echo's listening line ("completion", "readiness"),
+/// or "" if the line has none.
+std::string listening_io(const std::string& line) {
+    const auto at = line.find(" io=");
+    if (at == std::string::npos) return "";
+    const std::string rest = line.substr(at + 4);
+    return rest.substr(0, rest.find(' '));
+}
+
 /// The first sample taken at or after `t` (or the last one).
 template <class Sample>
 const Sample& sample_at(const std::vector<Sample>& samples, Clock::time_point t) {
@@ -275,6 +289,9 @@ struct Options {
     std::vector<int> threads{1};      // evmux-echo --threads, one server entry per value
     bool instructions = false;        // --instructions: callgrind runs after the rest
     bool udp = false;                 // also the UDP echo rows (evmux-echo --udp, udp-floor)
+    /// --io: the io modes of the evmux rows on io_uring (completion,
+    /// readiness); default both when io_uring runs. Other backends: readiness.
+    std::vector<std::string> io;
 };
 
 /// --instructions: one server's user-space instructions per message.
@@ -598,8 +615,11 @@ void measure_server(Result& r, const ServerSampler& sampler, const LoadRun& load
 }
 
 /// Reads the server's stderr until its "NAME listening on HOST:PORT" line, 10 s
-/// at most; false, with `note` saying why, if it does not come.
-bool wait_listening(ChildProcess& srv, std::string& host, int& port, std::string& note) {
+/// at most; false, with `note` saying why, if it does not come. For a server
+/// asked for an io mode, false too (with `unusable` set) if the line says
+/// another: its figures would carry the wrong label.
+bool wait_listening(ChildProcess& srv, const Server& server, std::string& host, int& port,
+                    std::string& note, bool* unusable = nullptr) {
     std::string line;
     auto deadline = Clock::now() + std::chrono::seconds(10);
     while (!parse_listening(line, host, port)) {
@@ -608,7 +628,21 @@ bool wait_listening(ChildProcess& srv, std::string& host, int& port, std::string
             return false;
         }
     }
-    return true;
+    if (server.io.empty()) return true;
+    const std::string said = listening_io(line);
+    if (said == server.io) return true;
+    // evmux-echo says why on the next line ("evmux-echo: io=readiness: ...").
+    std::string why;
+    if (srv.read_stderr_line(why, Clock::now() + std::chrono::seconds(1)) &&
+        why.find(" io=" + said + ": ") != std::string::npos)
+        why = why.substr(why.find(": ", why.find(" io=")) + 2);
+    else
+        why.clear();
+    note = "unusable: asked for io=" + server.io +
+           ", the server runs io=" + (said.empty() ? "(not said)" : said) +
+           (why.empty() ? "" : " (" + why + ")");
+    if (unusable) *unusable = true;
+    return false;
 }
 
 class Runner {
@@ -645,7 +679,7 @@ class Runner {
         ChildProcess srv(server_argv(server), server.threads > 1 ? -1 : server_cpu_, false, true);
         std::string host;
         int port = 0;
-        if (!wait_listening(srv, host, port, r.note)) return r;
+        if (!wait_listening(srv, server, host, port, r.note, &r.skipped)) return r;
 
         const bool precise = !server.per_connection_os;
         const int cpu = server.threads > 1 ? -1 : server_cpu_;
@@ -680,7 +714,7 @@ class Runner {
             ChildProcess srv(argv, server_cpu_, false, true);
             std::string host;
             int port = 0;
-            if (!wait_listening(srv, host, port, row.note)) return row;
+            if (!wait_listening(srv, server, host, port, row.note)) return row;
             LoadRun load = run_load(
                 instructions_point, host, port, srv.pid(), false, server.tls, server.udp,
                 server_cpu_, [](pid_t) {}, instructions_durations[i]);
@@ -708,6 +742,7 @@ class Runner {
         if (server.threads > 1)
             argv.insert(argv.end(), {"--threads", std::to_string(server.threads)});
         if (!server.model.empty()) argv.insert(argv.end(), {"--model", server.model});
+        if (!server.io.empty()) argv.insert(argv.end(), {"--io", server.io});
         if (server.tls)
             argv.insert(argv.end(),
                         {"--tls-cert", bench_cert().cert, "--tls-key", bench_cert().key});
@@ -791,13 +826,19 @@ class Runner {
 
 // ---- output ---------------------------------------------------------------------
 
-/// The floor run at point `p`: epoll-floor, or udp-floor for a UDP row.
-const Result* floor_of(const std::vector<Result>& results, const Point& p, bool udp = false) {
+/// `server`'s run at point `p` if it went well, else null.
+const Result* run_of(const std::vector<Result>& results, const std::string& server,
+                     const Point& p) {
     for (const auto& r : results)
-        if (r.ok && r.server->name == (udp ? udp_floor_server : floor_server) &&
-            r.point.size == p.size && r.point.conns == p.conns && r.point.active == p.active)
+        if (r.ok && r.server->name == server && r.point.size == p.size &&
+            r.point.conns == p.conns && r.point.active == p.active)
             return &r;
     return nullptr;
+}
+
+/// The floor run at point `p`: epoll-floor, or udp-floor for a UDP row.
+const Result* floor_of(const std::vector<Result>& results, const Point& p, bool udp = false) {
+    return run_of(results, udp ? udp_floor_server : floor_server, p);
 }
 
 /// `r`'s figure `m` over the floor's, round i with round i (see paired_ratio);
@@ -816,6 +857,13 @@ std::string cell(const Result& r, const Result* floor, double Figures::*m, int d
     if (floor && floor != &r) return s + " (" + ratio_text(ratio_to(r, floor, m)) + ")";
     if (r.rounds.size() < 2 || !(r.*m > 0)) return s;
     return s + " ±" + fmt((r.max.*m - r.min.*m) / 2 / (r.*m) * 100, 0) + "%";
+}
+
+/// `text` right-aligned in `width` columns. A cell may hold "≈" (3 bytes, 1
+/// column): padded by hand, not by printf.
+std::string pad_left(const std::string& text, std::size_t width) {
+    const std::size_t shown = text.size() - (text.find("≈") != std::string::npos ? 2 : 0);
+    return std::string(width > shown ? width - shown : 0, ' ') + text;
 }
 
 // The footnote of a point's table: how its rows' user/sys columns were split.
@@ -892,9 +940,17 @@ std::string count_legend(const std::vector<Result>& results, const Point& p,
     return text;
 }
 
+/// The width of the server column: the longest name, at least 22.
+int name_width(const std::vector<Result>& results) {
+    std::size_t width = 22;
+    for (const auto& r : results) width = std::max(width, r.server->name.size());
+    return static_cast<int>(width);
+}
+
 void print_table(std::ostream& os, const std::vector<Result>& results,
                  const std::vector<Point>& points) {
     char line[512];
+    const int width = name_width(results);
     for (const auto& p : points) {
         const Result* fl = floor_of(results, p);
         const Result* udp_fl = floor_of(results, p, true);
@@ -902,8 +958,8 @@ void print_table(std::ostream& os, const std::vector<Result>& results,
            << (fl ? "  (median; ratio to epoll-floor [its range over paired rounds])"
                   : "  (median ±half its range; no epoll-floor run: no ratios)")
            << (udp_fl ? "; UDP rows: ratio to udp-floor" : "") << "\n";
-        std::snprintf(line, sizeof line, "%-22s %26s %24s %24s %24s %24s %24s %24s %24s %24s\n",
-                      "server", "messages/s", "MiB/s", "p50 us", "p99 us", "user us/msg",
+        std::snprintf(line, sizeof line, "%-*s %26s %24s %24s %24s %24s %24s %24s %24s %24s\n",
+                      width, "server", "messages/s", "MiB/s", "p50 us", "p99 us", "user us/msg",
                       "sys us/msg", "ctx sw/msg", "syscalls/msg", "waits/msg");
         os << line;
         for (const auto& r : results) {
@@ -917,21 +973,16 @@ void print_table(std::ostream& os, const std::vector<Result>& results,
             auto f = [&](double Figures::*m, int d) {
                 return cell(r, r.server->udp ? udp_fl : fl, m, d);
             };
-            // The cells hold "≈" (3 bytes, 1 column): pad by hand.
-            auto col = [](const std::string& text, std::size_t width) {
-                std::size_t shown = text.size() - (text.find("≈") != std::string::npos ? 2 : 0);
-                return std::string(width > shown ? width - shown : 0, ' ') + text;
-            };
-            os << r.server->name
-               << std::string(r.server->name.size() < 22 ? 22 - r.server->name.size() : 0, ' ')
-               << ' ' << col(f(&Figures::msgs_per_s, 0), 26) << ' '
-               << col(f(&Figures::mib_per_s, 1), 24) << ' ' << col(f(&Figures::p50_us, 0), 24)
-               << ' ' << col(f(&Figures::p99_us, 0), 24) << ' '
-               << col(f(&Figures::user_us_per_msg, 2), 24) << ' '
-               << col(f(&Figures::sys_us_per_msg, 2), 24) << ' '
-               << col(f(&Figures::ctx_switches_per_msg, 3), 24) << ' '
-               << col(f(&Figures::syscalls_per_msg, 2), 24) << ' '
-               << col(f(&Figures::waits_per_msg, 2), 24) << "\n";
+            os << r.server->name << std::string(width - r.server->name.size(), ' ') << ' '
+               << pad_left(f(&Figures::msgs_per_s, 0), 26) << ' '
+               << pad_left(f(&Figures::mib_per_s, 1), 24) << ' '
+               << pad_left(f(&Figures::p50_us, 0), 24) << ' '
+               << pad_left(f(&Figures::p99_us, 0), 24) << ' '
+               << pad_left(f(&Figures::user_us_per_msg, 2), 24) << ' '
+               << pad_left(f(&Figures::sys_us_per_msg, 2), 24) << ' '
+               << pad_left(f(&Figures::ctx_switches_per_msg, 3), 24) << ' '
+               << pad_left(f(&Figures::syscalls_per_msg, 2), 24) << ' '
+               << pad_left(f(&Figures::waits_per_msg, 2), 24) << "\n";
             if (p.idle_heavy)
                 os << "    rss " << fmt(r.rss_start_kib, 0) << " KiB -> " << fmt(r.rss_peak_kib, 0)
                    << " KiB: " << fmt(r.rss_per_idle_conn_bytes, 0) << " B per idle connection\n";
@@ -1017,7 +1068,8 @@ void write_json(const fs::path& file, const std::vector<Result>& results, const 
        << ",\n  \"duration_s\": " << json_num(opt.duration) << ",\n  \"cpus\": " << usable_cpus()
        << ",\n  \"pinned\": " << (pinned ? "true" : "false") << ",\n  \"rounds\": " << opt.rounds
        << ",\n  \"interference_threshold_percent\": " << json_num(opt.interference_percent, 1)
-       << ",\n  \"ratio_ranges\": \"paired: round i of a server over round i of epoll-floor\""
+       << ",\n  \"ratio_ranges\": \"paired: round i of a server over round i of epoll-floor "
+          "(ratio_to_floor) or of uring-floor (ratio_to_uring_floor)\""
        << ",\n  \"total_s\": " << json_num(total_s, 1) << ",\n  \"environment\": {";
     for (std::size_t i = 0; i < env.fields.size(); ++i)
         os << (i ? ", " : "") << json_str(env.fields[i].first) << ": "
@@ -1026,9 +1078,12 @@ void write_json(const fs::path& file, const std::vector<Result>& results, const 
     bool first = true;
     for (const auto& r : results) {
         const Result* fl = floor_of(results, r.point, r.server->udp);
+        // The second floor, for TCP rows: null ratios where it did not run.
+        const Result* ufl = r.server->udp ? nullptr : run_of(results, uring_floor_server, r.point);
         os << (first ? "\n" : ",\n") << "    {\"server\": " << json_str(r.server->name)
            << ", \"kind\": " << json_str(r.server->kind)
-           << ", \"backend\": " << json_str(r.server->backend) << ", \"size\": " << r.point.size
+           << ", \"backend\": " << json_str(r.server->backend)
+           << ", \"io\": " << json_str(r.server->io) << ", \"size\": " << r.point.size
            << ", \"conns\": " << r.point.conns << ", \"active\": " << r.point.active
            << ", \"idle_heavy\": " << (r.point.idle_heavy ? "true" : "false")
            << ", \"ok\": " << (r.ok ? "true" : "false")
@@ -1040,22 +1095,25 @@ void write_json(const fs::path& file, const std::vector<Result>& results, const 
         if (r.ok) {
             // The medians (and the median paired ratios), then the same keys
             // as "min" and "max", then each round's.
-            auto ratios = [&](double Spread::*pick) {
+            auto ratios = [&](double Spread::*pick, const Result* floor) {
                 std::string text;
                 for (const auto& [key, m] : ratio_keys)
                     text += std::string(text.empty() ? "{" : ", ") + "\"" + key +
-                            "\": " + json_num(ratio_to(r, fl, m).*pick);
+                            "\": " + json_num(ratio_to(r, floor, m).*pick);
                 return text + "}";
+            };
+            auto both_ratios = [&](double Spread::*pick) {
+                return ", \"ratio_to_floor\": " + ratios(pick, fl) +
+                       ", \"ratio_to_uring_floor\": " + ratios(pick, ufl);
             };
             os << ", " << json_figures(r, r.point.idle_heavy)
                << ", \"cpu_split\": " << json_str(r.cpu_split)
                << ", \"syscalls\": " << json_str(r.syscalls) << ", \"waits\": " << json_str(r.waits)
                << ", \"interference\": " << json_interference(r.interference)
-               << ", \"ratio_to_floor\": " << ratios(&Spread::median) << ", \"min\": {"
-               << json_figures(r.min, r.point.idle_heavy)
-               << ", \"ratio_to_floor\": " << ratios(&Spread::min) << "}, \"max\": {"
-               << json_figures(r.max, r.point.idle_heavy)
-               << ", \"ratio_to_floor\": " << ratios(&Spread::max) << "}, \"rounds\": [";
+               << both_ratios(&Spread::median) << ", \"min\": {"
+               << json_figures(r.min, r.point.idle_heavy) << both_ratios(&Spread::min)
+               << "}, \"max\": {" << json_figures(r.max, r.point.idle_heavy)
+               << both_ratios(&Spread::max) << "}, \"rounds\": [";
             for (std::size_t i = 0; i < r.rounds.size(); ++i) {
                 const Result& round = r.rounds[i];
                 os << (i ? ", " : "") << "{" << json_figures(round, r.point.idle_heavy)
@@ -1110,7 +1168,8 @@ void write_json(const fs::path& file, const std::vector<Result>& results, const 
 void write_csv(const fs::path& file, const std::vector<Result>& results) {
     // The figures of the table, each as its median, min and max over the
     // rounds, then its ratio to the floor as the median, min and max of the
-    // paired round ratios (empty where unknown: no floor, unsplit, uncounted).
+    // paired round ratios (empty where unknown: no floor, unsplit, uncounted);
+    // the server CPU per message also over uring-floor's.
     struct Column {
         const char* name;
         double Figures::*member;
@@ -1134,11 +1193,14 @@ void write_csv(const fs::path& file, const std::vector<Result>& results) {
         {"rss_per_idle_conn_bytes", &Figures::rss_per_idle_conn_bytes, 0, false},
     };
     std::ofstream os(file);
-    os << "server,kind,backend,size,conns,active,idle_heavy,ok,rounds";
+    os << "server,kind,backend,io,size,conns,active,idle_heavy,ok,rounds";
     for (const Column& c : columns) {
         os << ',' << c.name << ',' << c.name << "_min," << c.name << "_max";
         if (c.ratio)
             os << ',' << c.name << "_ratio," << c.name << "_ratio_min," << c.name << "_ratio_max";
+        if (c.member == &Figures::cpu_us_per_msg)
+            os << ',' << c.name << "_ratio_uring_floor," << c.name << "_ratio_uring_floor_min,"
+               << c.name << "_ratio_uring_floor_max";
     }
     os << ",cpu_split,interference_flagged,interference,note\n";
     auto text = [](std::string t) {
@@ -1148,12 +1210,13 @@ void write_csv(const fs::path& file, const std::vector<Result>& results) {
     };
     for (const auto& r : results) {
         const Result* fl = floor_of(results, r.point, r.server->udp);
+        const Result* ufl = r.server->udp ? nullptr : run_of(results, uring_floor_server, r.point);
         auto num = [&](double v, int d) {
             return r.ok && !std::isnan(v) ? fmt(v, d) : std::string();
         };
         os << r.server->name << ',' << r.server->kind << ',' << r.server->backend << ','
-           << r.point.size << ',' << r.point.conns << ',' << r.point.active << ','
-           << r.point.idle_heavy << ',' << r.ok << ',' << r.rounds.size();
+           << r.server->io << ',' << r.point.size << ',' << r.point.conns << ',' << r.point.active
+           << ',' << r.point.idle_heavy << ',' << r.ok << ',' << r.rounds.size();
         for (const Column& c : columns) {
             const bool shown = c.member != &Figures::rss_per_idle_conn_bytes || r.point.idle_heavy;
             os << ',' << (shown ? num(r.*c.member, c.decimals) : "") << ','
@@ -1162,6 +1225,9 @@ void write_csv(const fs::path& file, const std::vector<Result>& results) {
             if (!c.ratio) continue;
             const Spread q = fl && fl != &r ? ratio_to(r, fl, c.member) : Spread{NAN, NAN, NAN};
             os << ',' << num(q.median, 3) << ',' << num(q.min, 3) << ',' << num(q.max, 3);
+            if (c.member != &Figures::cpu_us_per_msg) continue;
+            const Spread u = ufl && ufl != &r ? ratio_to(r, ufl, c.member) : Spread{NAN, NAN, NAN};
+            os << ',' << num(u.median, 3) << ',' << num(u.min, 3) << ',' << num(u.max, 3);
         }
         os << ',' << text(r.cpu_split) << ',' << r.interference.flagged << ','
            << text(r.interference.details) << ',' << text(r.note) << '\n';
@@ -1204,6 +1270,13 @@ fs::path find_baseline(const fs::path& tools, const std::string& exe) {
     std::exit(2);
 }
 
+/// Why io_uring is not usable here (the registry's reason), or "" if it is.
+std::string io_uring_unusable() {
+    for (const auto& b : evmux::backends())
+        if (b.name == "io_uring") return b.usable ? "" : b.reason;
+    return "no io_uring backend in the registry";
+}
+
 // Every usable backend, or the requested ones after checking each.
 std::vector<std::string> pick_backends(const std::vector<std::string>& requested) {
     std::vector<std::string> usable, all;
@@ -1236,9 +1309,10 @@ void add_bench_options(CLI::App& app, Options& opt) {
     app.add_option("--backends", opt.backends, "evmux backends (default: every usable one)")
         ->delimiter(',');
     app.add_option("--servers", opt.servers,
-                   "servers: evmux, evmux-coroutines, evmux-tls, epoll-floor, "
-                   "libevent-bufferevent, threads, fork (default: all; evmux-coroutines and "
-                   "evmux-tls run on the first backend only)")
+                   "servers: evmux, evmux-coroutines, evmux-tls, epoll-floor, uring-floor, "
+                   "libevent-bufferevent, threads, fork (default: all, uring-floor where "
+                   "io_uring is usable; evmux-coroutines and evmux-tls run on the first backend "
+                   "only)")
         ->delimiter(',');
     app.add_option("--sizes", opt.sizes, "message sizes in bytes (default 64,1024,16384)")
         ->delimiter(',')
@@ -1290,6 +1364,11 @@ void add_bench_options(CLI::App& app, Options& opt) {
         ->delimiter(',')
         ->check(CLI::Range(1, 1024));
     app.add_option("--host", opt.host, "address the servers listen on (default 127.0.0.1)");
+    app.add_option("--io", opt.io,
+                   "io modes of the evmux rows on io_uring, one row each: completion "
+                   "(evmux/io_uring+completion), readiness (evmux/io_uring) (default: both when "
+                   "io_uring is among the backends; the other backends have readiness only)")
+        ->delimiter(',');
     app.add_flag("--udp", opt.udp,
                  "also UDP echo rows: evmux-echo --udp on each backend (evmux/BACKEND/udp) and "
                  "the recvmmsg/sendmmsg floor (udp-floor), against evmux-load --udp");
@@ -1327,13 +1406,18 @@ bool wanted(const Options& opt, const std::string& server) {
 /// in the defaults that depend on --quick, and returns the backends to run.
 std::vector<std::string> check_and_complete(Options& opt) {
     static const std::vector<std::string> known_servers{
-        "evmux", "evmux-coroutines", "evmux-tls", "epoll-floor", "libevent-bufferevent", "threads",
-        "fork",  "udp-floor"};
+        "evmux",       "evmux-coroutines",     "evmux-tls", "epoll-floor",
+        "uring-floor", "libevent-bufferevent", "threads",   "fork",
+        "udp-floor"};
     for (const auto& s : opt.servers)
         if (std::find(known_servers.begin(), known_servers.end(), s) == known_servers.end())
             usage_error("unknown server '" + s +
-                        "'; known: evmux, evmux-coroutines, evmux-tls, epoll-floor, "
+                        "'; known: evmux, evmux-coroutines, evmux-tls, epoll-floor, uring-floor, "
                         "libevent-bufferevent, threads, fork, udp-floor (with --udp)");
+    if (!opt.servers.empty() && wanted(opt, uring_floor_server)) {
+        const std::string why = io_uring_unusable();
+        if (!why.empty()) usage_error("uring-floor: io_uring is not usable here: " + why);
+    }
     if (!opt.servers.empty() && wanted(opt, "evmux-tls") && !tls_built())
         usage_error("evmux-tls: not compiled in (needs libssl-dev)");
     if (!opt.udp && wanted(opt, "udp-floor") && !opt.servers.empty())
@@ -1346,6 +1430,20 @@ std::vector<std::string> check_and_complete(Options& opt) {
         usage_error(
             "--backends given but none of 'evmux', 'evmux-coroutines', 'evmux-tls' is among "
             "--servers");
+    for (const auto& mode : opt.io)
+        if (mode != "completion" && mode != "readiness")
+            usage_error("--io: unknown mode '" + mode + "'; known: completion, readiness");
+    for (std::size_t i = 1; i < opt.io.size(); ++i)  // once each: one row per mode
+        if (std::find(opt.io.begin(), opt.io.begin() + i, opt.io[i]) != opt.io.begin() + i)
+            opt.io.erase(opt.io.begin() + i--);
+    const bool on_uring = std::find(backends.begin(), backends.end(), "io_uring") != backends.end();
+    if (!on_uring && std::find(opt.io.begin(), opt.io.end(), "completion") != opt.io.end())
+        usage_error(
+            "--io completion: only the io_uring backend has it, and it is not among "
+            "the backends run");
+    if (opt.io.empty())
+        opt.io = on_uring ? std::vector<std::string>{"readiness", "completion"}
+                          : std::vector<std::string>{"readiness"};
 
     if (opt.duration <= 0) opt.duration = opt.quick ? 1.0 : 2.0;
     if (opt.rounds <= 0) opt.rounds = opt.quick ? 3 : 5;
@@ -1394,22 +1492,34 @@ std::vector<Server> plan_servers(const Options& opt, const fs::path& tools_dir,
         servers.push_back({name, name, "", bin, per_conn, forks, 1, "", false, udp});
     };
     add_baseline(floor_server, "evmux-baseline-epoll", false, false);
+    // The io_uring floor by default only where io_uring works.
+    if (!opt.servers.empty() || io_uring_unusable().empty())
+        add_baseline(uring_floor_server, "evmux-baseline-uring", false, false);
     if (!backends.empty()) {
         fs::path echo = tools_dir / "evmux-echo";
         if (!fs::exists(echo)) {
             std::cerr << "evmux-bench: skipping evmux: " << echo.string() << " not found\n";
         } else {
             for (const auto& b : backends) {
+                // io_uring: a row per --io mode; readiness keeps the old name
+                // (old results compare), completion adds "+completion".
+                const std::vector<std::string> modes =
+                    b == "io_uring" ? opt.io : std::vector<std::string>{"readiness"};
                 for (int t : opt.threads) {
                     const std::string name =
                         t == 1 ? "evmux/" + b : "evmux/" + b + "/threads" + std::to_string(t);
-                    if (wanted(opt, "evmux"))
-                        servers.push_back({name, "evmux", b, echo, false, false, t, ""});
-                    // The coroutine model beside the callbacks, on the first
-                    // (best) backend: the same server, a coroutine per connection.
-                    if (wanted(opt, "evmux-coroutines") && b == backends.front())
-                        servers.push_back({name + "/coroutines", "evmux-coroutines", b, echo, false,
-                                           false, t, "coroutines"});
+                    for (const auto& io : modes) {
+                        const std::string suffix = io == "readiness" ? "" : "+" + io;
+                        if (wanted(opt, "evmux"))
+                            servers.push_back({name + suffix, "evmux", b, echo, false, false, t, "",
+                                               false, false, io});
+                        // The coroutine model beside the callbacks, on the first
+                        // (best) backend: the same server, a coroutine per connection.
+                        if (wanted(opt, "evmux-coroutines") && b == backends.front())
+                            servers.push_back({name + "/coroutines" + suffix, "evmux-coroutines", b,
+                                               echo, false, false, t, "coroutines", false, false,
+                                               io});
+                    }
                 }
             }
             // TLS on the first backend only, one thread: beside evmux/<it>, the
@@ -1541,28 +1651,34 @@ std::vector<InstructionRow> run_instructions(const Runner& runner,
 
 /// The --instructions table, each server's count and its ratio to the floor's.
 void print_instructions(std::ostream& os, const std::vector<InstructionRow>& rows) {
-    const InstructionRow *floor = nullptr, *udp_floor = nullptr;
+    const InstructionRow *floor = nullptr, *udp_floor = nullptr, *uring_floor = nullptr;
     for (const auto& r : rows) {
         if (r.server->name == floor_server) floor = &r;
         if (r.server->name == udp_floor_server) udp_floor = &r;
+        if (r.server->name == uring_floor_server) uring_floor = &r;
     }
     os << "\n== user-space instructions per echoed message (callgrind; "
        << instructions_point.active << " sessions x " << instructions_point.size << " B; runs of "
        << fmt(instructions_durations[0], 0) << " s and " << fmt(instructions_durations[1], 0)
        << " s of load, their difference)\n";
+    std::size_t width = 22;  // the server column: the longest name
+    for (const auto& r : rows) width = std::max(width, r.server->name.size());
     for (const auto& r : rows) {
-        char line[160];
+        os << r.server->name << std::string(width - r.server->name.size(), ' ');
         if (std::isnan(r.per_msg)) {
-            std::snprintf(line, sizeof line, "%-22s %10s   %s\n", r.server->name.c_str(), "-",
-                          r.note.c_str());
+            os << pad_left("-", 11) << "   " << r.note << "\n";
         } else {
             const InstructionRow* f = r.server->udp ? udp_floor : floor;  // UDP: udp-floor
-            const bool ratio = f && f != &r && f->per_msg > 0;
-            std::snprintf(
-                line, sizeof line, "%-22s %10.0f   %s\n", r.server->name.c_str(), r.per_msg,
-                ratio ? ("(" + fmt(r.per_msg / f->per_msg, 2) + "x the floor)").c_str() : "");
+            std::string ratios;
+            if (f && f != &r && f->per_msg > 0)
+                ratios = fmt(r.per_msg / f->per_msg, 2) + "x the floor";
+            // Completion rows also against the io_uring floor.
+            if (r.server->io == "completion" && uring_floor && uring_floor->per_msg > 0)
+                ratios += (ratios.empty() ? "" : ", ") + fmt(r.per_msg / uring_floor->per_msg, 2) +
+                          "x uring-floor";
+            os << pad_left(fmt(r.per_msg, 0), 11) << "   "
+               << (ratios.empty() ? "" : "(" + ratios + ")") << "\n";
         }
-        os << line;
     }
 }
 
@@ -1681,6 +1797,63 @@ void print_tls_target(std::ostream& os, const std::vector<Result>& results,
     if (header) os << "(target: tls <= plain + 1.3 x evp, i.e. extra/evp <= 1.3)\n";
 }
 
+/// The completion-I/O targets (issue 18), per completion row: its server CPU
+/// per message (user + sys) over both floors' and its system calls per
+/// message over epoll-floor's, as paired-round ratios, and whether their
+/// ranges meet the targets of its point: at 100 and 1000 sessions x 64 B
+/// and 1 KiB, syscalls <= 0.5x epoll-floor, CPU <= 1.05x uring-floor and
+/// <= 1.0x epoll-floor; at 1 session, CPU <= 1.05x uring-floor.
+void print_completion_targets(std::ostream& os, const std::vector<Result>& results) {
+    bool header = false;
+    const int width = name_width(results);
+    for (const auto& r : results) {
+        if (!r.ok || r.server->io != "completion") continue;
+        const Result* fl = floor_of(results, r.point);
+        const Result* ufl = run_of(results, uring_floor_server, r.point);
+        if (!header) {
+            os << "\n== completion I/O against both floors (medians; paired-round ratios "
+                  "[range])\n";
+            char line[256];
+            std::snprintf(line, sizeof line, "%-22s %-*s %10s %18s %18s %12s %18s  %s\n", "point",
+                          width, "server", "cpu us/msg", "/ epoll-floor", "/ uring-floor",
+                          "syscalls/msg", "/ epoll-floor", "targets");
+            os << line;
+            header = true;
+        }
+        const Spread cpu_e = ratio_to(r, fl, &Figures::cpu_us_per_msg);
+        const Spread cpu_u = ratio_to(r, ufl, &Figures::cpu_us_per_msg);
+        const Spread sys_e = ratio_to(r, fl, &Figures::syscalls_per_msg);
+        const Point& p = r.point;
+        const bool many = !p.idle_heavy && (p.active == 100 || p.active == 1000) &&
+                          (p.size == 64 || p.size == 1024);
+        const bool one = !p.idle_heavy && p.active == 1;
+        // Each target: met (every paired round within it), missed (none),
+        // unclear (the rounds straddle it) or unknown (a figure or floor missing).
+        std::string verdict;
+        auto check = [&](const char* what, const Spread& ratio, double limit) {
+            const char* v = std::isnan(ratio.min) || std::isnan(ratio.max) ? " unknown"
+                            : ratio.max <= limit                           ? " met"
+                            : ratio.min > limit                            ? " missed"
+                                                                           : " unclear";
+            verdict += (verdict.empty() ? "" : ", ") + std::string(what) + v;
+        };
+        if (many) {
+            check("syscalls <= 0.5x epoll", sys_e, 0.5);
+            check("cpu <= 1.05x uring", cpu_u, 1.05);
+            check("cpu <= 1.0x epoll", cpu_e, 1.0);
+        } else if (one) {
+            check("cpu <= 1.05x uring", cpu_u, 1.05);
+        }
+        char head[128];
+        std::snprintf(head, sizeof head, "%-22s %-*s", point_label(p).c_str(), width,
+                      r.server->name.c_str());
+        os << head << ' ' << pad_left(fmt(r.cpu_us_per_msg, 2), 10) << ' '
+           << pad_left(ratio_text(cpu_e), 18) << ' ' << pad_left(ratio_text(cpu_u), 18) << ' '
+           << pad_left(fmt(r.syscalls_per_msg, 2), 12) << ' ' << pad_left(ratio_text(sys_e), 18)
+           << "  " << (verdict.empty() ? "-" : verdict) << "\n";
+    }
+}
+
 /// The first and last line of the report: how many runs other work disturbed.
 std::string disturbance_summary(const std::vector<Result>& results, double percent) {
     std::size_t measured = 0, flagged = 0;
@@ -1751,6 +1924,7 @@ int run_bench(Options& opt) {
     print_environment(std::cout, env);
     print_table(std::cout, results, points);
     print_tls_target(std::cout, results, points, evp_us);
+    print_completion_targets(std::cout, results);
     if (!sweeps.empty()) print_sweeps(backends, fd_counts, sweeps);
     if (opt.instructions) print_instructions(std::cout, instructions);
     std::printf("\nevmux-bench: %zu server x point entries, %d rounds each, in %.1f s\n",
@@ -1769,8 +1943,9 @@ int run_bench(Options& opt) {
 int main(int argc, char** argv) {
     Options opt;
     CLI::App app{
-        "evmux-bench: evmux's backends against each other and against an epoll floor, a "
-        "libevent bufferevent server, thread-per-connection and fork-per-connection servers"};
+        "evmux-bench: evmux's backends against each other and against an epoll floor, an "
+        "io_uring floor, a libevent bufferevent server, thread-per-connection and "
+        "fork-per-connection servers"};
     add_bench_options(app, opt);
     DispatchOptions d;
     CLI::App* dispatch = add_dispatch_command(app, d);
