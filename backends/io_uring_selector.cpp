@@ -35,6 +35,7 @@
 #include <fstream>
 #include <string>
 #include <system_error>
+#include <utility>
 #include <vector>
 
 #include "backend.hpp"
@@ -474,11 +475,15 @@ class IoUringSelector final : public Selector, public CompletionIo {
     std::size_t dispatch() override {
         // A completion's handler may submit (never reap: reaping happens in
         // waits, and in settle() into stashed_), so done_ does not grow under us.
-        for (int pass = 0; pass < 2; ++pass)
-            for (std::size_t i = 0; i < done_.size(); ++i) {
-                const Done d = done_[i];
-                if (d.op->early == (pass == 0)) d.op->complete(d.op, d.res, d.flags);
+        // Two passes: the early ones first. A dispatched entry is cleared: its
+        // op (and its owner) may be gone once its last completion has run.
+        for (std::size_t i = 0; i < done_.size(); ++i)
+            if (done_[i].op->early) {
+                const Done d = std::exchange(done_[i], Done{});
+                d.op->complete(d.op, d.res, d.flags);
             }
+        for (std::size_t i = 0; i < done_.size(); ++i)
+            if (done_[i].op) done_[i].op->complete(done_[i].op, done_[i].res, done_[i].flags);
         const std::size_t ran = done_.size();
         done_.clear();
         set_other_work(false);
@@ -486,18 +491,15 @@ class IoUringSelector final : public Selector, public CompletionIo {
     }
 
     void drain() override {
-        for (int round = 0;
-             round < 100 && (ops_in_flight_ > 0 || !done_.empty() || !to_prepare_.empty());
-             ++round) {
+        for (int round = 0; round < 100; ++round) {
             for (std::size_t i = 0; i < to_prepare_.size(); ++i)
                 to_prepare_[i]->prepare(to_prepare_[i]);
             to_prepare_.clear();
+            reap();  // what settle() or a full submission queue stashed, too
             dispatch();
-            if (ops_in_flight_ == 0) break;
+            if (ops_in_flight_ == 0 && stashed_.empty() && to_prepare_.empty()) break;
             settle([this] { return ops_in_flight_ == 0; });
-            reap();
         }
-        dispatch();
     }
 
   private:
@@ -521,9 +523,9 @@ class IoUringSelector final : public Selector, public CompletionIo {
         std::uint32_t flags;
     };
     struct Done {  // a completion request's completion, for dispatch()
-        CompletionOp* op;
-        std::int32_t res;
-        std::uint32_t flags;
+        CompletionOp* op = nullptr;
+        std::int32_t res = 0;
+        std::uint32_t flags = 0;
     };
 
     // An SQE for a completion request of `op`, counted in flight until its last completion.
