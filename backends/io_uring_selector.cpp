@@ -242,7 +242,9 @@ CompletionProbe run_completion_probe() {
     p.features = std::string(p.limited_recv ? "multishot recv (64 KiB per request)"
                                             : "one-shot recv (no multishot byte limit here)") +
                  " into a provided buffer ring (" + std::to_string(buffer_count) + " x " +
-                 std::to_string(buffer_size) + " B), multishot accept, send/sendmsg requests";
+                 std::to_string(buffer_size) +
+                 " B), multishot accept, send/sendmsg requests; off: SINGLE_ISSUER|DEFER_TASKRUN "
+                 "(a loop may be run and destroyed by different threads), zero-copy send";
     return p;
 }
 
