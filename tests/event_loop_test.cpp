@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <memory>
 #include <numeric>
 #include <thread>
@@ -819,4 +820,52 @@ TEST(EventLoop, Scratch) {
     s[0] = 'a';
     s[s.size() - 1] = 'z';  // the whole span is writable (ASan)
     EXPECT_FALSE(loop.backend_name().empty());
+}
+
+// The I/O mode: completion where the backend has it (io_uring, every piece
+// found by the probe: the io_uring-completion suites run on it), readiness
+// with the reason elsewhere; readiness asked for is readiness everywhere.
+TEST(EventLoop, IoModeIsCompletionOnlyWhereTheBackendHasIt) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    const std::string backend = sel->name();
+    EventLoop loop(std::move(sel), IoMode::completion);
+    if (backend != "io_uring") {
+        EXPECT_EQ(loop.io_mode(), IoMode::readiness);
+        EXPECT_NE(loop.io_note().find("has no completion I/O"), std::string::npos)
+            << loop.io_note();
+    } else {
+        std::string features;
+        for (const BackendInfo& b : backends())
+            if (b.name == "io_uring") features = b.reason;
+        const bool on = features.rfind("completion I/O: ", 0) == 0;
+        EXPECT_EQ(loop.io_mode(), on ? IoMode::completion : IoMode::readiness) << features;
+        EXPECT_NE(features.find(loop.io_note()), std::string::npos)
+            << "the note is what backends() says: " << loop.io_note() << " / " << features;
+    }
+    EventLoop plain(make_selector(backend.rfind("libevent", 0) == 0 ? "libevent" : backend),
+                    IoMode::readiness);
+    EXPECT_EQ(plain.io_mode(), IoMode::readiness);
+    EXPECT_EQ(plain.completion_io(), nullptr);
+    EXPECT_TRUE(plain.io_note().empty());
+    EXPECT_STREQ(to_string(IoMode::completion), "completion");
+    EXPECT_STREQ(to_string(IoMode::readiness), "readiness");
+}
+
+TEST(EventLoop, BadIoModeInTheEnvironmentIsAClearError) {
+    const char* old = std::getenv("EVMUX_IO");
+    const std::string saved = old ? old : "";
+    ::setenv("EVMUX_IO", "proactor", 1);
+    try {
+        (void)requested_io_mode();
+        ADD_FAILURE() << "EVMUX_IO=proactor accepted";
+    } catch (const std::invalid_argument& e) {
+        EXPECT_STREQ(e.what(),
+                     "evmux: EVMUX_IO must be 'completion' or 'readiness', not 'proactor'");
+    }
+    ::setenv("EVMUX_IO", "", 1);
+    EXPECT_EQ(requested_io_mode(), IoMode::readiness) << "empty: the default";
+    if (old)
+        ::setenv("EVMUX_IO", saved.c_str(), 1);
+    else
+        ::unsetenv("EVMUX_IO");
 }
