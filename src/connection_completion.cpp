@@ -14,8 +14,8 @@
 //    are kept in the input buffer (counted against max_buffered) and handed
 //    to on_message when reading resumes; so is an end of file.
 //  - The connection keeps itself alive (`keep`) while a request is in the
-//    kernel; close cancels them, and the fd is closed by on_close's end as in
-//    readiness (the kernel lets go of the socket when the requests finish).
+//    kernel; close cancels them, and the fd is closed after the last one
+//    finished (a request not yet submitted names the fd by number).
 #include <algorithm>
 #include <cerrno>
 #include <exception>
