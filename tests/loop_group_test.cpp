@@ -130,8 +130,8 @@ namespace {
 // them (32 connections all hashed to one of 2 listeners: odds 2^-31).
 TEST_P(LoopGroupTest, ServesEveryConnectionOnSeveralLoops) {
     EVMUX_SELECTOR_OR_SKIP(probe);
+    EchoRecorder rec;  // outlives the group: its loops call into it until joined
     LoopGroup group(2, test::backend_name());
-    EchoRecorder rec;
     ServerOptions opt;
     opt.distribution = GetParam();
     TcpServer& server = group.listen(Address::ip("127.0.0.1", 0), rec.callbacks(), opt);
@@ -274,8 +274,8 @@ bool eventually(F done) {
 // served ones close, new ones are served again.
 TEST_P(LoopGroupTest, MaxConnectionsLimitsTheWholeGroup) {
     EVMUX_SELECTOR_OR_SKIP(probe);
+    EchoRecorder rec;  // outlives the group: its loops call into it until joined
     LoopGroup group(2, test::backend_name());
-    EchoRecorder rec;
     ServerOptions opt;
     opt.distribution = GetParam();
     constexpr std::size_t n = 6, k = 3;
@@ -494,8 +494,8 @@ TEST(LoopGroup, UnixSocketIsSpreadRoundRobin) {
     EVMUX_SELECTOR_OR_SKIP(probe);
     std::string path = "/tmp/evmux-loop-group-" + std::to_string(::getpid()) + ".sock";
     {
+        EchoRecorder rec;  // outlives the group: its loops call into it until joined
         LoopGroup group(2, test::backend_name());
-        EchoRecorder rec;
         TcpServer& server = group.listen(Address::unix_path(path), rec.callbacks());
         EXPECT_EQ(server.distribution(), Distribution::round_robin);
         std::vector<Fd> clients;
