@@ -210,7 +210,9 @@ class Selector {
         const SelectorKey* key = get_key(fd);
         if (!key) return false;                                              // removed
         if (generation != 0 && generation != key->generation) return false;  // earlier registration
-        events = widen(events) & (key->interest | Events::error | Events::hangup);
+        // Without error or hang-up (the usual case) there is nothing to widen.
+        if (any(events, Events::error | Events::hangup)) events = widen(events);
+        events &= key->interest | Events::error | Events::hangup;
         if (events == Events::none) return true;
         ready_.push_back(ReadyEvent{*key, events});
         // The caller will look at its data soon (the event loop's watcher):
