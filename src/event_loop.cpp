@@ -64,13 +64,28 @@ struct EventLoop::Impl {
     // watcher unwatched during the batch is kept (in `dead`) until the batch
     // ends, so the address cannot be reused by a new watcher of the same fd
     // number meanwhile and the running callback is not destroyed under itself.
+    // A user watcher is called as fn(ctx, events): a std::function watcher
+    // through call_function() with its own address as ctx, a raw one directly.
     struct Watcher {
         int fd;
         Events interest;
         Kind kind;
         bool alive = true;
+        RawIoCallback fn = nullptr;
+        void* ctx = nullptr;
         IoCallback callback;
     };
+    static void call_function(void* ctx, Events events) {
+        static_cast<Watcher*>(ctx)->callback(events);
+    }
+    void add_watcher(Selector& selector, std::unique_ptr<Watcher> w) {
+        const int fd = w->fd;
+        if (fd >= 0 && static_cast<std::size_t>(fd) >= watchers.size())
+            watchers.resize(
+                std::max<std::size_t>(static_cast<std::size_t>(fd) + 1, watchers.size() * 2));
+        selector.add(fd, w->interest, w.get());  // checks fd and interest; throws: nothing watched
+        watchers[fd] = std::move(w);
+    }
     std::vector<std::unique_ptr<Watcher>> watchers;  // indexed by fd
 
     // ---- ties (see EventLoop::tie) -----------------------------------------------
@@ -253,7 +268,7 @@ EventLoop::EventLoop(std::unique_ptr<Selector> selector, IoMode io)
     impl_->wake_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (impl_->wake_fd < 0) throw_errno(errno, "eventfd");
     auto w = std::make_unique<Impl::Watcher>(
-        Impl::Watcher{impl_->wake_fd, Events::read, Impl::Kind::wake, true, nullptr});
+        Impl::Watcher{impl_->wake_fd, Events::read, Impl::Kind::wake, true, nullptr, nullptr, {}});
     impl_->watchers.resize(static_cast<std::size_t>(impl_->wake_fd) + 1);
     selector_->add(impl_->wake_fd, Events::read, w.get());
     impl_->watchers[impl_->wake_fd] = std::move(w);
@@ -334,14 +349,16 @@ EventLoop::~EventLoop() {
 
 void EventLoop::watch(int fd, Events interest, IoCallback callback) {
     if (!callback) throw std::invalid_argument("evmux: empty fd callback");
-    Impl& m = *impl_;
-    auto w = std::make_unique<Impl::Watcher>(
-        Impl::Watcher{fd, interest, Impl::Kind::user, true, std::move(callback)});
-    if (fd >= 0 && static_cast<std::size_t>(fd) >= m.watchers.size())
-        m.watchers.resize(
-            std::max<std::size_t>(static_cast<std::size_t>(fd) + 1, m.watchers.size() * 2));
-    selector_->add(fd, interest, w.get());  // checks fd and interest; throws: nothing watched
-    m.watchers[fd] = std::move(w);
+    auto w = std::make_unique<Impl::Watcher>(Impl::Watcher{
+        fd, interest, Impl::Kind::user, true, Impl::call_function, nullptr, std::move(callback)});
+    w->ctx = w.get();
+    impl_->add_watcher(*selector_, std::move(w));
+}
+
+void EventLoop::watch(int fd, Events interest, RawIoCallback fn, void* ctx) {
+    if (!fn) throw std::invalid_argument("evmux: null fd callback");
+    impl_->add_watcher(*selector_, std::make_unique<Impl::Watcher>(Impl::Watcher{
+                                       fd, interest, Impl::Kind::user, true, fn, ctx, {}}));
 }
 
 void EventLoop::change(int fd, Events interest) {
@@ -486,7 +503,7 @@ void EventLoop::on_signal(int signo, std::function<void(int)> callback) {
     if (m.signal_fd < 0) {
         try {
             auto w = std::make_unique<Impl::Watcher>(
-                Impl::Watcher{fd, Events::read, Impl::Kind::signal, true, nullptr});
+                Impl::Watcher{fd, Events::read, Impl::Kind::signal, true, nullptr, nullptr, {}});
             if (static_cast<std::size_t>(fd) >= m.watchers.size())
                 m.watchers.resize(static_cast<std::size_t>(fd) + 1);
             selector_->add(fd, Events::read, w.get());
@@ -594,21 +611,17 @@ std::size_t EventLoop::iterate(Timeout timeout, bool stoppable) {
             // The interest may have been changed earlier in this batch.
             const Events events = event.events & (w->interest | always_reported);
             if (events == Events::none) continue;
-            switch (w->kind) {
-                case Impl::Kind::user:
-                    ++ran;
-                    try {
-                        w->callback(events);
-                    } catch (...) {
-                        m.handle_exception(std::current_exception());
-                    }
-                    break;
-                case Impl::Kind::wake:
-                    m.drain_wake_fd();  // the tasks run in step 5
-                    break;
-                case Impl::Kind::signal:
-                    ran += m.dispatch_signals();
-                    break;
+            if (w->kind == Impl::Kind::user) [[likely]] {
+                ++ran;
+                try {
+                    w->fn(w->ctx, events);
+                } catch (...) {
+                    m.handle_exception(std::current_exception());
+                }
+            } else if (w->kind == Impl::Kind::wake) {
+                m.drain_wake_fd();  // the tasks run in step 5
+            } else {
+                ran += m.dispatch_signals();
             }
         }
     }

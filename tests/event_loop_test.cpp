@@ -123,6 +123,58 @@ TEST(EventLoop, ChangeAndUnwatch) {
     EXPECT_EQ(loop.interest(a.get()), Events::read);  // failed change keeps the old one
 }
 
+// watch(fd, interest, fn, ctx): fn is called with ctx and the events; once
+// unwatched, even earlier in the same ready batch, never again, so ctx may go.
+TEST(EventLoop, RawCallbackGetsItsContextAndNothingAfterUnwatch) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    auto recording = std::make_unique<RecordingSelector>(std::move(sel));
+    RecordingSelector* rec = recording.get();
+    EventLoop loop(std::move(recording));
+    struct Watched {
+        EventLoop* loop;
+        int fd;
+        std::unique_ptr<Watched>* other;  // freed by the first call of the batch
+        std::vector<Events> seen;
+        int* calls;
+    };
+    auto ready = [](void* ctx, Events e) {
+        auto* w = static_cast<Watched*>(ctx);
+        w->seen.push_back(e);
+        ++*w->calls;
+        drain(w->fd);
+        if (*w->other) {
+            w->loop->unwatch((*w->other)->fd);
+            w->other->reset();  // the other's ctx is gone: it must not be called
+        }
+    };
+    auto [a0, a1] = socket_pair();
+    auto [b0, b1] = socket_pair();
+    int calls = 0;
+    std::unique_ptr<Watched> wa, wb;
+    wa = std::make_unique<Watched>(Watched{&loop, a0.get(), &wb, {}, &calls});
+    wb = std::make_unique<Watched>(Watched{&loop, b0.get(), &wa, {}, &calls});
+    EXPECT_THROW(loop.watch(a0.get(), Events::read, nullptr, wa.get()), std::invalid_argument);
+    EXPECT_THROW(loop.watch(-1, Events::read, ready, wa.get()), std::invalid_argument);
+    EXPECT_FALSE(loop.watching(a0.get()));
+    loop.watch(a0.get(), Events::read, ready, wa.get());
+    loop.watch(b0.get(), Events::read, ready, wb.get());
+    EXPECT_TRUE(loop.watching(a0.get()));
+    EXPECT_EQ(loop.interest(b0.get()), Events::read);
+    write_byte(a1.get());
+    write_byte(b1.get());
+    EXPECT_EQ(loop.run_once(1s), 1u);
+    ASSERT_EQ(rec->last_batch, 2u) << "the test needs both fds in one batch";
+    EXPECT_EQ(calls, 1);
+    Watched* left = wa ? wa.get() : wb.get();
+    ASSERT_TRUE(left != nullptr && !(wa && wb));
+    EXPECT_EQ(left->seen, std::vector<Events>{Events::read});
+    write_byte(a1.get());
+    write_byte(b1.get());
+    EXPECT_EQ(loop.run_once(1s), 1u);  // only the one still watched
+    EXPECT_EQ(calls, 2);
+    loop.unwatch(left->fd);
+}
+
 TEST(EventLoop, UnwatchAfterCloseIsSafe) {
     EVMUX_LOOP_OR_SKIP(loop);
     auto [a, b] = socket_pair();

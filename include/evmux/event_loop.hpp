@@ -98,6 +98,15 @@ class EventLoop {
     /// Selector::add() does, and std::invalid_argument for an empty callback.
     /// Unwatch before closing `fd`.
     void watch(int fd, Events interest, IoCallback callback);
+    /// A plain function called with its context and the ready events.
+    using RawIoCallback = void (*)(void* ctx, Events events);
+    /// watch() for an owner on every message's path (a Connection): calls
+    /// `fn(ctx, events)` directly, with no std::function in between. The
+    /// caller keeps `ctx` valid while `fd` is watched; once unwatch(fd) has
+    /// returned, `fn` is not called with it again (not even later in the same
+    /// ready batch), so `ctx` may go. Throws as watch() does, and
+    /// std::invalid_argument for a null `fn`.
+    void watch(int fd, Events interest, RawIoCallback fn, void* ctx);
     /// Change the interest of a watched fd (throws std::out_of_range if not watched).
     void change(int fd, Events interest);
     /// Stop watching `fd`; a no-op if it is not watched. Safe after close(fd).
