@@ -130,9 +130,11 @@ void Connection::start() {
     if (detail::CompletionIo* io = loop_.completion_io(); io && !tls_)
         cio_ = std::make_unique<detail::CompletionState>(*this, *io, &recv_done, &send_done,
                                                          &prepare_send);
+    self_ = guard;
     try {
         update_interest();  // throws like EventLoop::watch(); ~Connection closes the fd
     } catch (...) {
+        self_.reset();
         loop_.untie(std::exchange(tie_, 0));
         throw;
     }
@@ -157,10 +159,15 @@ Address Connection::local_address() const {
 
 // ---- events -------------------------------------------------------------------------
 
+void Connection::on_ready(void* ctx, Events events) {
+    auto* self = static_cast<Connection*>(ctx);
+    self->handle(self->self_, events);
+}
+
 void Connection::handle(const ConnectionPtr& guard, Events events) {
-    // `guard` is the reference held by the loop's watcher: it stays alive for
-    // the whole ready batch even if a callback here unwatches or closes us (the
-    // loop frees unwatched watchers only after the batch).
+    // `guard` is self_ (or a posted task's copy): it stays until on_close has
+    // run, and on_close waits for this call to unwind (in_handler_), so it
+    // holds us for the whole call even if a callback here closes us.
     ++in_handler_;
     try {
         if (handshaking_) {
@@ -545,10 +552,7 @@ void Connection::update_interest() {
         if (watching_) loop_.unwatch(fd_);
         watching_ = false;
     } else if (!watching_) {
-        // The watcher's own reference is what handle() passes to callbacks
-        // (no reference-count traffic per event); the tie keeps us alive too.
-        loop_.watch(fd_, want,
-                    [self = shared_from_this()](Events events) { self->handle(self, events); });
+        loop_.watch(fd_, want, on_ready, this);  // self_ keeps us while watched
         watching_ = true;
     } else {
         loop_.change(fd_, want);
@@ -639,6 +643,7 @@ void Connection::notify_closed() noexcept {
     state_ = State::closed;
     notify_pending_ = false;
     ConnectionPtr self = shared_from_this();
+    self_.reset();   // `self` keeps us to the end of this call
     input_.clear();  // drops a view into the loop's scratch buffer, if a throw left one
     if (auto on_close = std::move(cb_.on_close)) {
         try {

@@ -341,6 +341,8 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
         std::size_t head_ = 0, size_ = 0;
     };
 
+    // The loop's watcher: handle(self_, events) for the Connection at `ctx`.
+    static void on_ready(void* ctx, Events events);
     void handle(const ConnectionPtr& guard, Events events);
     // `self` is handle()'s guard, passed down to save reference-count traffic.
     void handle_read(const ConnectionPtr& self, Events events);
@@ -418,6 +420,9 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     int err_ = 0;
     EventLoop::Clock::time_point last_read_{}, last_write_{};
     EventLoop::TieId tie_ = 0;  // the loop's reference, from start() to on_close
+    // Our own reference over the same span: what on_ready() passes to
+    // handle() and the callbacks (no reference-count traffic per event).
+    ConnectionPtr self_;
     ByteCounters* counters_ = nullptr;
     std::function<void(Connection&)> close_hook_;  // owner's bookkeeping, after on_close
     template <class T>
