@@ -134,7 +134,7 @@ void Buffer::append(const char* p, std::size_t len) {
     store_.insert(store_.end(), p, p + len);
 }
 
-void Buffer::keep_rest_slow() {
+std::size_t Buffer::keep_rest_slow() {
     if (ext_) {
         const char* p = ext_;
         std::size_t len = ext_len_;
@@ -146,6 +146,7 @@ void Buffer::keep_rest_slow() {
         std::vector<char>().swap(store_);  // idle: hold no memory
         start_ = 0;
     }
+    return store_.size() - start_;
 }
 
 void Buffer::clear() {

@@ -222,8 +222,7 @@ void Connection::handle_read(const ConnectionPtr& self, Events events) {
                     input_.append(scratch.data(), static_cast<std::size_t>(n));
                 on_message_(self, input_);
                 if (state_ != State::open) break;
-                input_.keep_rest();
-                if (input_.size() > opt_.max_buffered) {
+                if (input_.keep_rest() > opt_.max_buffered) {
                     close_with(CloseReason::overflow);
                     break;
                 }

@@ -134,15 +134,16 @@ class Buffer {
     void append(const char* p, std::size_t len);
     // After on_message: copy attached bytes that were not consumed into own
     // storage, and free the storage once it is empty, so an idle connection
-    // holds no input memory. Throws std::bad_alloc.
-    void keep_rest() {
-        if (ext_ || store_.capacity() != 0) keep_rest_slow();  // else: idle, nothing to do
+    // holds no input memory. Returns the bytes kept (size()). Throws std::bad_alloc.
+    std::size_t keep_rest() {
+        if (ext_ || store_.capacity() != 0) return keep_rest_slow();
+        return 0;  // idle, nothing to do (and no size() to work out)
     }
     // Drop everything and free the storage.
     void clear();
 
     void consume_stored(std::size_t n);
-    void keep_rest_slow();
+    std::size_t keep_rest_slow();
 
     // The attached view first: the usual read touches only it.
     const char* ext_ = nullptr;
