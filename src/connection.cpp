@@ -356,7 +356,8 @@ bool Connection::after_sent() {
         }
         return true;
     }
-    update_interest();
+    // (Completion I/O: the request for what is left is made by the caller.)
+    if (!cio_) update_interest();
     return true;
 }
 
@@ -441,6 +442,11 @@ void Connection::send(std::string&& bytes) {
 }
 
 void Connection::after_queue_grew() {
+    if (cio_ && !above_high_ && queued_ < opt_.high_water) {
+        // The usual case on completion I/O: the request goes out with the next wait.
+        if (!cio_->send_in_flight && !cio_->send_prepare) request_send();
+        return;
+    }
     // Completion I/O queues every send for the request made before the next
     // wait. Crossing high water, ask the kernel now, as readiness would have
     // (unless a request is still in the kernel: then its buffer is full), so

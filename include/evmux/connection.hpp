@@ -375,6 +375,7 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     bool after_sent();                            // low water; false if the connection closed
     // Completion I/O (src/connection_completion.cpp): requests instead of a watch.
     void completion_interest(Events want);
+    void request_send();
     void submit_send();
     void deliver(const ConnectionPtr& self, const char* p, std::size_t n);
     void deliver_held();
