@@ -57,8 +57,21 @@ Fd dial(const Address& a, int rcvbuf = 0) {
     if (!fd) throw std::system_error(errno, std::generic_category(), "socket");
     if (rcvbuf > 0) ::setsockopt(fd.get(), SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
     set_timeouts(fd.get(), 10000ms);
-    if (::connect(fd.get(), static_cast<const sockaddr*>(a.sockaddr_ptr()), a.sockaddr_len()) < 0)
-        throw std::system_error(errno, std::generic_category(), "connect " + a.to_string());
+    if (::connect(fd.get(), static_cast<const sockaddr*>(a.sockaddr_ptr()), a.sockaddr_len()) < 0) {
+        int err = errno;
+        // Interrupted (with a send timeout set, a blocking connect returns
+        // EINTR where it would restart; io_uring's task work on this thread
+        // interrupts it so): the connect goes on; wait for its outcome.
+        if (err == EINTR) {
+            pollfd p{fd.get(), POLLOUT, 0};
+            socklen_t len = sizeof err;
+            if (::poll(&p, 1, 10000) != 1 ||
+                ::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &len) != 0)
+                err = ETIMEDOUT;
+        }
+        if (err != 0)
+            throw std::system_error(err, std::generic_category(), "connect " + a.to_string());
+    }
     return fd;
 }
 
