@@ -2,6 +2,7 @@
 // set (names separated by spaces or commas, e.g. "select poll epoll io_uring
 // libevent", as .ci/run sets it), exit 1 naming each expected backend that is
 // unknown, not compiled in or not usable here, with the registry's reason.
+// "io_uring-completion" also requires io_uring's completion I/O to be on.
 // Without it, exit 77 (meson: skipped): nothing was required, nothing checked.
 //
 // Without this check a backend lost on a CI machine (liburing-dev missing at
@@ -35,9 +36,14 @@ int main() {
     const std::vector<evmux::BackendInfo> all = evmux::backends();
     std::vector<std::string> missing;
     for (const std::string& want : expected) {
+        // "io_uring-completion": io_uring usable *and* its completion I/O on
+        // (else the io_uring-completion suites would only skip).
+        const std::string suffix = "-completion";
+        const bool completion = want.size() > suffix.size() && want.ends_with(suffix);
+        const std::string backend = completion ? want.substr(0, want.size() - suffix.size()) : want;
         const evmux::BackendInfo* found = nullptr;
         for (const evmux::BackendInfo& b : all)
-            if (b.name == want) found = &b;
+            if (b.name == backend) found = &b;
         std::string problem;
         if (!found) {
             problem = want + ": unknown backend (known:";
@@ -47,6 +53,9 @@ int main() {
             problem = want + ": " + found->reason;  // "not compiled in (needs ...)"
         } else if (!found->usable) {
             problem = want + ": compiled in but not usable here: " + found->reason;
+        } else if (completion && found->reason.rfind("completion I/O: ", 0) != 0) {
+            problem = want + ": usable, but " +
+                      (found->reason.empty() ? "no completion I/O" : found->reason);
         }
         if (problem.empty()) {
             std::printf("expected backend %s: usable%s%s\n", want.c_str(),
