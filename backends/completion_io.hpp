@@ -36,8 +36,6 @@ struct CompletionOp {
 
 /// In a completion's flags: the request goes on (multishot); more will come.
 constexpr std::uint32_t completion_more = 1u << 1;  // IORING_CQE_F_MORE
-/// In a completion's flags: the bytes are in a provided buffer (buffer()).
-constexpr std::uint32_t completion_buffer = 1u << 0;  // IORING_CQE_F_BUFFER
 
 class CompletionIo {
   public:
@@ -72,7 +70,7 @@ class CompletionIo {
     /// or whatever it finished with first). Nothing is posted for the cancel.
     virtual void cancel(CompletionOp* target) = 0;
 
-    /// A receive completion's bytes (flags has completion_buffer), until recycle().
+    /// A receive completion's bytes (res > 0: its flags name a provided buffer), until recycle().
     virtual char* buffer(std::uint32_t flags) = 0;
     /// Gives the provided buffer of a receive completion back to the kernel.
     virtual void recycle(std::uint32_t flags) = 0;
