@@ -176,6 +176,8 @@ void Connection::handle(const ConnectionPtr& guard, Events events) {
             // its last handshake flight (and sit in OpenSSL's buffer).
             events = handshaking_ || state_ != State::open ? Events::none : Events::read;
         }
+        if (state_ == State::open && any(events, Events::write) && tls_ && !handshaking_)
+            tls_write_ready(guard);
         if (state_ == State::open && any(events, Events::write) && queued_ != 0)
             handle_write(guard);
         if (state_ == State::open && any(events, Events::read | Events::hangup | Events::error)) {
@@ -247,10 +249,13 @@ void Connection::handle_read(const ConnectionPtr& self, Events events) {
         fail(errno);
         break;
     }
-    // Stopped with bytes in OpenSSL's buffers (budget, pause): no readiness
-    // event will announce them.
-    if (tls_ && state_ == State::open && any(interest_, Events::read) && tls_->has_pending())
-        read_pending_soon();
+    if (tls_ && state_ == State::open) {
+        // Stopped with bytes in TLS's buffers (budget, pause): no readiness
+        // event will announce them.
+        if (any(interest_, Events::read) && tls_->has_pending()) read_pending_soon();
+        // Reading made TLS write (a KeyUpdate answered) into a full socket.
+        if (tls_->read_wants_write() || tls_->has_unsent()) update_interest();
+    }
 }
 
 void Connection::handle_peer_eof(const ConnectionPtr& self) {
@@ -268,6 +273,29 @@ void Connection::handle_write(const ConnectionPtr& self) {
     written_all(self);
 }
 
+void Connection::tls_write_ready(const ConnectionPtr& self) {
+    if (tls_->read_wants_write() && any(interest_, Events::read)) handle_read(self, Events::read);
+    if (state_ != State::open || queued_ != 0 || !tls_->has_unsent()) return;
+    int r = tls_->flush();
+    if (r < 0) {
+        fail(errno);
+        return;
+    }
+    if (r == 1) tls_flushed();
+    update_interest();
+}
+
+void Connection::tls_flushed() {
+    if (fin_after_notify_) {
+        fin_after_notify_ = false;
+        ::shutdown(fd_, SHUT_WR);
+        shut_done_ = true;
+        maybe_finish_shutdown();
+    }
+    if (state_ == State::open && close_after_drain_ && queue_.empty())
+        close_with(CloseReason::local);
+}
+
 void Connection::written_all(const ConnectionPtr& self) {
     // Drained. on_drain first, whatever follows (the contract is "the queue
     // has been fully written"); then a graceful close or a pending FIN.
@@ -276,6 +304,12 @@ void Connection::written_all(const ConnectionPtr& self) {
         if (state_ != State::open || queued_ != 0) return;  // it closed, or sent more
     }
     if (close_after_drain_) {
+        // TLS: close_notify on the socket first, so the peer knows the stream
+        // is whole (a full socket: once it is writable again).
+        if (tls_ && tls_->close_notify() == 0) {
+            update_interest();
+            return;
+        }
         close_with(CloseReason::local);
         return;
     }
@@ -511,7 +545,11 @@ std::ptrdiff_t Connection::write_some(const char* p, std::size_t len) {
 }
 
 void Connection::send_fin() {
-    if (tls_) tls_->close_notify();
+    if (tls_ && tls_->close_notify() == 0) {
+        fin_after_notify_ = true;  // the FIN follows close_notify when the socket takes it
+        update_interest();
+        return;
+    }
     ::shutdown(fd_, SHUT_WR);
     shut_done_ = true;
 }
@@ -540,7 +578,8 @@ void Connection::update_interest() {
     } else {
         if (!peer_eof_ && !above_high_ && !user_paused_ && !close_after_drain_)
             want |= Events::read;
-        if (!queue_.empty()) want |= Events::write;
+        if (!queue_.empty() || (tls_ && (tls_->has_unsent() || tls_->read_wants_write())))
+            want |= Events::write;
         // Reading resumes with bytes OpenSSL already holds: no event will come for them.
         if (tls_ && any(want, Events::read) && !any(interest_, Events::read) && tls_->has_pending())
             read_pending_soon();
@@ -567,8 +606,9 @@ void Connection::update_interest() {
 
 void Connection::close(CloseMode mode) {
     if (state_ != State::open) return;
-    if (mode == CloseMode::graceful && !queue_.empty()) {
-        close_after_drain_ = true;
+    if (mode == CloseMode::graceful &&
+        (!queue_.empty() || (tls_ && !handshaking_ && tls_->close_notify() == 0))) {
+        close_after_drain_ = true;  // TLS: or close_notify still to go out
         update_interest();
         return;
     }
@@ -724,6 +764,10 @@ std::string Connection::tls_alpn() const {
 
 std::string Connection::tls_peer_subject() const {
     return tls_ ? tls_->peer_subject() : std::string();
+}
+
+TlsRecords Connection::tls_records() const {
+    return tls_ && tls_->own_records() ? TlsRecords::evmux : TlsRecords::openssl;
 }
 
 std::string Connection::tls_version() const {

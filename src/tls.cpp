@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <climits>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -69,6 +70,8 @@ std::string alpn_wire(const std::vector<std::string>& protocols) {
 // the rest ahead; SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER: its retry may come from
 // the queue's copy of the bytes. read_ahead: one recv() takes what is there,
 // not a record header and then its body.
+void keylog(const SSL* ssl, const char* line);
+
 SSL_CTX* new_context(const SSL_METHOD* method) {
     SSL_CTX* ctx = SSL_CTX_new(method);
     if (!ctx) fail_setup("SSL_CTX_new");
@@ -76,7 +79,31 @@ SSL_CTX* new_context(const SSL_METHOD* method) {
     SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION);
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
     SSL_CTX_set_read_ahead(ctx, 1);
+    // The application traffic secrets, for evmux's record layer.
+    SSL_CTX_set_keylog_callback(ctx, keylog);
     return ctx;
+}
+
+// EVMUX_TLS_RECORDS and EVMUX_TLS_KEY_UPDATE_RECORDS over the options'.
+TlsRecords records_from_env(TlsRecords fallback) {
+    const char* env = std::getenv("EVMUX_TLS_RECORDS");
+    if (!env || !*env) return fallback;
+    const std::string v = env;
+    if (v == "evmux") return TlsRecords::evmux;
+    if (v == "openssl") return TlsRecords::openssl;
+    throw std::invalid_argument("EVMUX_TLS_RECORDS must be evmux or openssl, not '" + v + "'");
+}
+
+std::uint64_t key_update_records_from_env(std::uint64_t fallback) {
+    const char* env = std::getenv("EVMUX_TLS_KEY_UPDATE_RECORDS");
+    if (!env || !*env) return fallback;
+    char* end = nullptr;
+    errno = 0;
+    unsigned long long n = std::strtoull(env, &end, 10);
+    if (errno != 0 || *end != '\0' || n == 0)
+        throw std::invalid_argument(
+            std::string("EVMUX_TLS_KEY_UPDATE_RECORDS must be a count > 0, not '") + env + "'");
+    return n;
 }
 
 void use_certificate(SSL_CTX* ctx, const std::string& chain_file, const std::string& key_file) {
@@ -183,6 +210,44 @@ BIO_METHOD* socket_method() {
     return method;
 }
 
+detail::TlsSession* session_of(const SSL* ssl) {
+    BIO* bio = SSL_get_rbio(ssl);
+    return bio ? static_cast<detail::TlsSession*>(BIO_get_data(bio)) : nullptr;
+}
+
+int hex_value(char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+// "CLIENT_TRAFFIC_SECRET_0 <client random> <secret>" (NSS key log format).
+void keylog(const SSL* ssl, const char* line) {
+    const bool client = std::strncmp(line, "CLIENT_TRAFFIC_SECRET_0 ", 24) == 0;
+    if (!client && std::strncmp(line, "SERVER_TRAFFIC_SECRET_0 ", 24) != 0) return;
+    const char* hex = std::strrchr(line, ' ');
+    detail::TlsSession* s = session_of(ssl);
+    if (!hex || !s) return;
+    ++hex;
+    unsigned char secret[detail::TlsRecordLayer::max_secret];
+    std::size_t len = 0;
+    for (; hex[0] && hex[1] && len < sizeof secret; hex += 2) {
+        int hi = hex_value(hex[0]);
+        int lo = hex_value(hex[1]);
+        if (hi < 0 || lo < 0) return;
+        secret[len++] = static_cast<unsigned char>(hi << 4 | lo);
+    }
+    if (*hex == '\0') s->note_secret(client, secret, len);
+    OPENSSL_cleanse(secret, sizeof secret);
+}
+
+void message(int write_p, int, int content_type, const void* buf, std::size_t len, SSL*,
+             void* arg) {
+    static_cast<detail::TlsSession*>(arg)->note_message(
+        write_p != 0, content_type, static_cast<const unsigned char*>(buf), len);
+}
+
 bool is_ip(const std::string& name) {
     unsigned char buf[sizeof(in6_addr)];
     return ::inet_pton(AF_INET, name.c_str(), buf) == 1 ||
@@ -214,6 +279,8 @@ std::shared_ptr<TlsContext> TlsContext::server(const TlsServerOptions& options) 
     }
     auto context = std::make_shared<TlsContext>(Private{}, holder.release(), true, std::string(),
                                                 options.handshake_timeout);
+    context->records_ = records_from_env(options.records);
+    context->key_update_records_ = key_update_records_from_env(context->key_update_records_);
     context->alpn_wire_ = alpn_wire(options.alpn);
     if (!context->alpn_wire_.empty())
         SSL_CTX_set_alpn_select_cb(context->ctx_, select_alpn, &context->alpn_wire_);
@@ -244,8 +311,11 @@ std::shared_ptr<TlsContext> TlsContext::client(const TlsClientOptions& options) 
         SSL_CTX_set_alpn_protos(ctx, reinterpret_cast<const unsigned char*>(wire.data()),
                                 static_cast<unsigned>(wire.size())) != 0)
         fail_setup("ALPN protocols");
-    return std::make_shared<TlsContext>(Private{}, holder.release(), false, options.server_name,
-                                        options.handshake_timeout);
+    auto context = std::make_shared<TlsContext>(Private{}, holder.release(), false,
+                                                options.server_name, options.handshake_timeout);
+    context->records_ = records_from_env(options.records);
+    context->key_update_records_ = key_update_records_from_env(context->key_update_records_);
+    return context;
 }
 
 TlsContext::~TlsContext() {
@@ -258,7 +328,7 @@ namespace detail {
 
 TlsSession::TlsSession(const TlsContext& context, int fd, const std::string& server_name,
                        const std::string& peer_ip)
-    : fd_(fd) {
+    : fd_(fd), context_(&context), want_records_(context.records() == TlsRecords::evmux) {
     ssl_ = SSL_new(context.native_handle());
     if (!ssl_) fail_setup("SSL_new");
     BIO* bio = BIO_new(socket_method());
@@ -268,6 +338,13 @@ TlsSession::TlsSession(const TlsContext& context, int fd, const std::string& ser
     }
     BIO_set_data(bio, this);
     SSL_set_bio(ssl_, bio, bio);  // the SSL owns it now
+    if (want_records_) {
+        // OpenSSL reads no record past the handshake's, so all that follows
+        // comes to evmux's record layer; its callback counts records.
+        SSL_set_read_ahead(ssl_, 0);
+        SSL_set_msg_callback(ssl_, message);
+        SSL_set_msg_callback_arg(ssl_, this);
+    }
     if (context.is_server()) {
         SSL_set_accept_state(ssl_);
         return;
@@ -292,6 +369,56 @@ TlsSession::TlsSession(const TlsContext& context, int fd, const std::string& ser
 
 TlsSession::~TlsSession() {
     SSL_free(ssl_);
+    OPENSSL_cleanse(client_secret_, sizeof client_secret_);
+    OPENSSL_cleanse(server_secret_, sizeof server_secret_);
+}
+
+void TlsSession::note_secret(bool client, const unsigned char* secret, std::size_t len) {
+    std::memcpy(client ? client_secret_ : server_secret_, secret, len);
+    (client ? client_secret_len_ : server_secret_len_) = len;
+}
+
+void TlsSession::note_message(bool written, int content_type, const unsigned char* p,
+                              std::size_t len) {
+    // A record's header is reported before the handshake message in it, so
+    // the records counted after a Finished are those under the next keys.
+    if (content_type == SSL3_RT_HEADER) {
+        if (written && own_finished_) ++own_records_;
+        if (!written && peer_finished_) ++peer_records_;
+    } else if (content_type == SSL3_RT_HANDSHAKE && len > 0 && p[0] == SSL3_MT_FINISHED) {
+        (written ? own_finished_ : peer_finished_) = true;
+    }
+}
+
+void TlsSession::take_records() {
+    if (!want_records_) return;
+    SSL_set_msg_callback(ssl_, nullptr);
+    const SSL_CIPHER* cipher = SSL_get_current_cipher(ssl_);
+    const unsigned suite = cipher ? SSL_CIPHER_get_protocol_id(cipher) : 0;
+    const bool server = context_->is_server();
+    const std::size_t len = client_secret_len_;
+    if (SSL_version(ssl_) == TLS1_3_VERSION && TlsRecordLayer::supports(suite) && len > 0 &&
+        len == server_secret_len_ && own_finished_ && peer_finished_ &&
+        SSL_has_pending(ssl_) == 0) {
+        std::size_t max_plain = 16384;
+        if (SSL_SESSION* session = SSL_get_session(ssl_)) {
+            const uint8_t mfl = SSL_SESSION_get_max_fragment_length(session);
+            if (mfl >= TLSEXT_max_fragment_length_512 && mfl <= TLSEXT_max_fragment_length_4096)
+                max_plain = std::size_t{256} << mfl;
+        }
+        try {
+            records_ = std::make_unique<TlsRecordLayer>(
+                fd_, suite, server ? client_secret_ : server_secret_,
+                server ? server_secret_ : client_secret_, len, peer_records_, own_records_,
+                max_plain, context_->key_update_records());
+            SSL_free_buffers(ssl_);  // OpenSSL's record buffers are not needed any more
+        } catch (const std::runtime_error&) {
+            records_.reset();  // OpenSSL's record layer goes on
+        }
+    }
+    OPENSSL_cleanse(client_secret_, sizeof client_secret_);
+    OPENSSL_cleanse(server_secret_, sizeof server_secret_);
+    if (!records_) SSL_set_read_ahead(ssl_, 1);
 }
 
 ssize_t TlsSession::outcome(int ret, const char* during) {
@@ -336,6 +463,7 @@ int TlsSession::handshake() {
     int r = SSL_do_handshake(ssl_);
     if (r == 1) {
         handshake_done_ = true;
+        take_records();
         return 1;
     }
     if (outcome(r, "TLS handshake") == -1) return errno == EAGAIN ? 0 : -1;
@@ -346,14 +474,20 @@ int TlsSession::handshake() {
 }
 
 ssize_t TlsSession::read(char* buf, std::size_t len) {
+    if (records_) return records_->read(buf, len);
     if (failed_) return errno = EPROTO, -1;
     clear_stale_errors();
+    read_wants_write_ = false;
     int n = SSL_read(ssl_, buf, static_cast<int>(std::min<std::size_t>(len, INT_MAX)));
     if (n > 0) return n;
-    return outcome(n, "TLS");
+    ssize_t r = outcome(n, "TLS");
+    // OpenSSL answering the peer (a KeyUpdate) into a full socket.
+    if (r < 0 && errno == EAGAIN && wants_write_) read_wants_write_ = true;
+    return r;
 }
 
 ssize_t TlsSession::write(const char* buf, std::size_t len) {
+    if (records_) return records_->write(buf, len);
     if (failed_) return errno = EPROTO, -1;
     std::size_t done = 0;
     while (done < len) {
@@ -372,14 +506,40 @@ ssize_t TlsSession::write(const char* buf, std::size_t len) {
 }
 
 bool TlsSession::has_pending() const {
-    return SSL_has_pending(ssl_) == 1;
+    return records_ ? records_->has_pending() : SSL_has_pending(ssl_) == 1;
 }
 
-void TlsSession::close_notify() {
-    if (failed_ || !handshake_done_) return;
+bool TlsSession::has_unsent() const {
+    return records_ ? records_->has_unsent() : shutdown_pending_;
+}
+
+int TlsSession::flush() {
+    if (records_) return records_->flush();
+    if (!shutdown_pending_) return 1;
     ERR_clear_error();
-    SSL_shutdown(ssl_);  // 0: sent, the peer's not seen yet; -1 (full socket): dropped
+    int r = SSL_shutdown(ssl_);  // 0: sent, the peer's not seen yet
     ERR_clear_error();
+    if (r >= 0) {
+        shutdown_pending_ = false;
+        return 1;
+    }
+    if (SSL_get_error(ssl_, r) == SSL_ERROR_WANT_WRITE) return 0;
+    shutdown_pending_ = false;  // a socket error: nothing more will go out
+    errno = last_errno_ != 0 ? last_errno_ : EPIPE;
+    return -1;
+}
+
+int TlsSession::close_notify() {
+    if (failed() || !handshake_done_ || notify_done_) return 1;
+    notify_done_ = true;
+    if (records_) {
+        int r = records_->close_notify();
+        // Told the peer: the session stays resumable.
+        if (r >= 0) SSL_set_shutdown(ssl_, SSL_get_shutdown(ssl_) | SSL_SENT_SHUTDOWN);
+        return r;
+    }
+    shutdown_pending_ = true;
+    return flush();
 }
 
 std::string TlsSession::alpn() const {
@@ -426,8 +586,8 @@ TlsContext::~TlsContext() = default;
 
 namespace detail {
 // Unreachable without a context; defined so the connection links.
-TlsSession::TlsSession(const TlsContext&, int fd, const std::string&, const std::string&)
-    : fd_(fd) {
+TlsSession::TlsSession(const TlsContext& context, int fd, const std::string&, const std::string&)
+    : fd_(fd), context_(&context), want_records_(false) {
     throw std::runtime_error("TLS: not compiled in");
 }
 TlsSession::~TlsSession() = default;
@@ -443,7 +603,15 @@ ssize_t TlsSession::write(const char*, std::size_t) {
 bool TlsSession::has_pending() const {
     return false;
 }
-void TlsSession::close_notify() {}
+bool TlsSession::has_unsent() const {
+    return false;
+}
+int TlsSession::flush() {
+    return 1;
+}
+int TlsSession::close_notify() {
+    return 1;
+}
 std::string TlsSession::alpn() const {
     return {};
 }

@@ -7,13 +7,18 @@
 // with close_notify, on_close once) over TLS. Certificates are made at run
 // time (tools/support/test_certs.cpp).
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <poll.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <deque>
@@ -23,6 +28,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "evmux/connection.hpp"
@@ -74,10 +80,17 @@ struct Record {
     std::vector<CloseReason> reasons;
     std::vector<std::string> messages;
     std::string alpn, version, subject;
+    TlsRecords records = TlsRecords::openssl;
     ConnectionPtr conn;  // the last one connected (a client's own)
 
     bool closed(std::size_t n = 1) const { return reasons.size() >= n; }
 };
+
+/// Who protects TLS 1.3 records in this run (the suite runs twice).
+TlsRecords expected_records() {
+    const char* env = std::getenv("EVMUX_TLS_RECORDS");
+    return env && std::string(env) == "openssl" ? TlsRecords::openssl : TlsRecords::evmux;
+}
 
 /// Callbacks that record into `r`; `echo`: send every byte back.
 Callbacks recording(Record& r, bool echo) {
@@ -88,6 +101,7 @@ Callbacks recording(Record& r, bool echo) {
         r.alpn = c->tls_alpn();
         r.version = c->tls_version();
         r.subject = c->tls_peer_subject();
+        r.records = c->tls_records();
     };
     cb.on_message = [&r, echo](const ConnectionPtr& c, Buffer& in) {
         r.got.append(in.data(), in.size());
@@ -265,6 +279,8 @@ TEST_F(Tls, EvmuxClientAndServerEchoWithAlpnAndCloseNotify) {
     EXPECT_TRUE(client.conn->is_tls());
     EXPECT_EQ(client.version, "TLSv1.3");
     EXPECT_EQ(client.alpn, "evmux/1");  // the server's preference wins
+    // TLS 1.3: evmux's record layer on both sides unless told otherwise.
+    EXPECT_EQ(client.records, expected_records());
     const std::string data = pattern(300 * 1024);
     client.conn->send(data);
     ASSERT_TRUE(run_until(loop(), [&] { return client.got.size() >= data.size(); }));
@@ -277,6 +293,7 @@ TEST_F(Tls, EvmuxClientAndServerEchoWithAlpnAndCloseNotify) {
     EXPECT_EQ(server.rec.reasons[0], CloseReason::peer_closed);
     EXPECT_EQ(server.rec.connects, 1);
     EXPECT_EQ(server.rec.alpn, "evmux/1");
+    EXPECT_EQ(server.rec.records, expected_records());
     EXPECT_EQ(server.rec.got, data);
     // Byte counts are plaintext.
     EXPECT_EQ(server.server->stats().bytes_in, data.size());
@@ -667,6 +684,9 @@ TEST_F(Tls, BufferedRecordsArriveAfterResume) {
     };
     ConnectOptions co;
     co.connection.tls = client_context();
+    // A record per read: evmux's record layer would decrypt all ten at once
+    // into a larger buffer (OpenSSL's SSL_read gives one record per call).
+    co.connection.read_budget = 100;
     connect(loop(), server.local_address(), ccb, co);
     ASSERT_TRUE(run_until(loop(), [&] { return client.connects == 1; }));
     client.conn->pause_reading();
@@ -843,6 +863,292 @@ TEST_F(Tls, BadPemFilesGiveClearErrors) {
             << err.what();
     }
     EXPECT_THROW(TlsContext::server(TlsServerOptions{}), std::invalid_argument);
+}
+
+// ---- evmux's record layer against OpenSSL's ----------------------------------------------
+// The peer here is OpenSSL itself (SSL_connect/SSL_read/SSL_write on a
+// blocking socket, on a thread of its own): each record evmux makes must open
+// there and each of OpenSSL's here, KeyUpdates included. The suite runs with
+// both record layers (EVMUX_TLS_RECORDS=openssl the second time).
+
+/// An OpenSSL TLS client on a blocking socket, for a thread of its own.
+class OpensslPeer {
+  public:
+    explicit OpensslPeer(const Address& to, int max_version = 0) {
+        ctx_ = SSL_CTX_new(TLS_client_method());
+        if (max_version != 0) SSL_CTX_set_max_proto_version(ctx_, max_version);
+        fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        timeval tv{10, 0};  // nothing here waits for ever
+        ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+        ::setsockopt(fd_, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+        int one = 1;
+        ::setsockopt(fd_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        // On a thread with io_uring rings a blocking connect() with a timeout
+        // can return EINTR while it goes on: wait for it then.
+        if (::connect(fd_, static_cast<const sockaddr*>(to.sockaddr_ptr()), to.sockaddr_len()) <
+            0) {
+            pollfd p{fd_, POLLOUT, 0};
+            int err = errno;
+            socklen_t len = sizeof err;
+            if (err != EINTR || ::poll(&p, 1, 10000) != 1 ||
+                ::getsockopt(fd_, SOL_SOCKET, SO_ERROR, &err, &len) < 0 || err != 0)
+                throw std::system_error(err, std::generic_category(), "connect");
+        }
+        ssl_ = SSL_new(ctx_);
+        SSL_set_fd(ssl_, fd_);
+        SSL_set_msg_callback(ssl_, count_key_updates);
+        SSL_set_msg_callback_arg(ssl_, this);
+    }
+    ~OpensslPeer() {
+        SSL_free(ssl_);
+        SSL_CTX_free(ctx_);
+        ::close(fd_);
+    }
+    bool handshake() { return SSL_connect(ssl_) == 1; }
+    bool write(const std::string& data) {
+        return SSL_write(ssl_, data.data(), static_cast<int>(data.size())) ==
+               static_cast<int>(data.size());
+    }
+    /// Exactly n bytes, or fewer if the stream ends or fails.
+    std::string read(std::size_t n) {
+        std::string got;
+        char buf[16384];
+        while (got.size() < n) {
+            int r = SSL_read(ssl_, buf, static_cast<int>(std::min(sizeof buf, n - got.size())));
+            if (r <= 0) break;
+            got.append(buf, static_cast<std::size_t>(r));
+        }
+        return got;
+    }
+    bool key_update(bool request_peer) {
+        return SSL_key_update(ssl_, request_peer ? SSL_KEY_UPDATE_REQUESTED
+                                                 : SSL_KEY_UPDATE_NOT_REQUESTED) == 1;
+    }
+    /// Bytes straight onto the socket, under TLS's feet; `one_by_one`: a
+    /// send() per byte, so the other side gets records in pieces.
+    void raw_send(std::string_view bytes, bool one_by_one = false) {
+        if (!one_by_one) return write_all(fd_, bytes);
+        for (char c : bytes) write_all(fd_, std::string_view(&c, 1));
+    }
+    /// A record of `data` as OpenSSL makes it, not sent.
+    std::string sealed(const std::string& data) {
+        BIO* mem = BIO_new(BIO_s_mem());
+        BIO* sock = SSL_get_wbio(ssl_);
+        BIO_up_ref(sock);
+        SSL_set0_wbio(ssl_, mem);
+        SSL_write(ssl_, data.data(), static_cast<int>(data.size()));
+        char* p = nullptr;
+        long len = BIO_get_mem_data(mem, &p);
+        std::string out(p, static_cast<std::size_t>(len));
+        SSL_set0_wbio(ssl_, sock);  // frees mem
+        return out;
+    }
+    int fd() const { return fd_; }
+    const char* version() const { return SSL_get_version(ssl_); }
+    /// KeyUpdate messages received from the server.
+    int key_updates_seen() const { return key_updates_.load(); }
+
+  private:
+    static void count_key_updates(int write_p, int, int type, const void* buf, std::size_t len,
+                                  SSL*, void* arg) {
+        if (!write_p && type == SSL3_RT_HANDSHAKE && len > 0 &&
+            static_cast<const unsigned char*>(buf)[0] == SSL3_MT_KEY_UPDATE)
+            ++static_cast<OpensslPeer*>(arg)->key_updates_;
+    }
+    SSL_CTX* ctx_;
+    SSL* ssl_;
+    int fd_;
+    std::atomic<int> key_updates_{0};
+};
+
+/// Runs `body` on a thread while `loop` is pumped; its failures come back
+/// as the returned text ("" when it went through).
+std::string run_peer(EventLoop& loop, const std::function<std::string()>& body) {
+    std::atomic<bool> done{false};
+    std::string result;
+    std::thread t([&] {
+        result = body();
+        done = true;
+    });
+    bool finished = run_until(
+        loop, [&] { return done.load(); }, 30s);
+    t.join();
+    return finished ? result : "the peer did not finish in 30 s";
+}
+
+TEST_F(Tls, KeyUpdatesFromThePeerAreAnswered) {
+    EchoServer server(loop(), server_context());
+    OpensslPeer peer(server.address());
+    std::string err = run_peer(loop(), [&]() -> std::string {
+        if (!peer.handshake()) return "handshake failed";
+        for (int round = 0; round < 6; ++round) {
+            // Requested, not requested, in turn: each time new keys both ways
+            // or one way, and the echo must still open on both sides.
+            if (round > 0 && !peer.key_update(round % 2 == 1)) return "SSL_key_update failed";
+            const std::string data = pattern(3000, round);
+            if (!peer.write(data)) return "write failed in round " + std::to_string(round);
+            if (peer.read(data.size()) != data)
+                return "echo differs in round " + std::to_string(round);
+        }
+        return "";
+    });
+    EXPECT_EQ(err, "");
+    // The three requested updates were answered with the server's own.
+    EXPECT_GE(peer.key_updates_seen(), 3);
+    ASSERT_EQ(server.rec.connects, 1);
+    EXPECT_EQ(server.rec.records, expected_records());
+    EXPECT_FALSE(server.rec.closed()) << server.rec.messages[0];
+}
+
+// The KeyUpdate the server owes comes while its socket is full: it must wait
+// for the socket, go out before more data, and nothing may stall.
+TEST_F(Tls, KeyUpdateAnsweredIntoAFullSocket) {
+    EchoServer server(loop(), server_context());
+    OpensslPeer peer(server.address());
+    const std::string bulk = pattern(1024 * 1024, 5);
+    const std::string tail = pattern(2000, 6);
+    std::string err = run_peer(loop(), [&]() -> std::string {
+        if (!peer.handshake()) return "handshake failed";
+        // Not reading: the server's replies fill both sockets and its queue.
+        if (!peer.write(bulk)) return "bulk write failed";
+        if (!peer.key_update(true)) return "SSL_key_update failed";
+        if (!peer.write(tail)) return "tail write failed";
+        std::string got = peer.read(bulk.size() + tail.size());
+        if (got != bulk + tail) return "echo differs: " + std::to_string(got.size()) + " bytes";
+        return "";
+    });
+    EXPECT_EQ(err, "");
+    EXPECT_GE(peer.key_updates_seen(), 1);
+    EXPECT_FALSE(server.rec.closed());
+}
+
+// evmux's record layer sends a KeyUpdate of its own every N records (2^23 by
+// default; EVMUX_TLS_KEY_UPDATE_RECORDS lowers it here to 3).
+TEST_F(Tls, OwnKeyUpdatesEveryNRecords) {
+    ::setenv("EVMUX_TLS_KEY_UPDATE_RECORDS", "3", 1);
+    auto sctx = server_context();
+    auto cctx = client_context();
+    ::unsetenv("EVMUX_TLS_KEY_UPDATE_RECORDS");
+    EXPECT_EQ(sctx->key_update_records(), 3u);
+    EchoServer server(loop(), sctx);
+    OpensslPeer peer(server.address());
+    std::string err = run_peer(loop(), [&]() -> std::string {
+        if (!peer.handshake()) return "handshake failed";
+        for (int i = 0; i < 20; ++i) {
+            const std::string data = pattern(5000, i);
+            if (!peer.write(data)) return "write failed";
+            if (peer.read(data.size()) != data) return "echo differs at " + std::to_string(i);
+        }
+        return "";
+    });
+    EXPECT_EQ(err, "");
+    // 20 echoes, a record or more each: 6 KeyUpdates at least from evmux's
+    // record layer; OpenSSL's makes none of its own.
+    if (expected_records() == TlsRecords::evmux)
+        EXPECT_GE(peer.key_updates_seen(), 6);
+    else
+        EXPECT_EQ(peer.key_updates_seen(), 0);
+    // evmux to evmux, both sides updating their keys.
+    Record& client = record();
+    start_client(loop(), server.address(), cctx, client);
+    ASSERT_TRUE(run_until(loop(), [&] { return client.connects == 1 || client.closed(); }));
+    const std::string data = pattern(200 * 1024, 9);
+    client.conn->send(data);
+    ASSERT_TRUE(
+        run_until(loop(), [&] { return client.got.size() >= data.size() || client.closed(); }));
+    EXPECT_TRUE(client.got == data);
+}
+
+// Records cut into one-byte sends arrive whole (evmux's layer keeps the
+// pieces until a record is complete).
+TEST_F(Tls, RecordsInPiecesArriveWhole) {
+    EchoServer server(loop(), server_context());
+    OpensslPeer peer(server.address());
+    std::string err = run_peer(loop(), [&]() -> std::string {
+        if (!peer.handshake()) return "handshake failed";
+        const std::string data = pattern(1500, 7);
+        std::string records = peer.sealed(data);
+        records += peer.sealed(data);  // in this order: each has its sequence number
+        try {
+            peer.raw_send(records, true);
+        } catch (const std::system_error& e) {
+            return e.what();
+        }
+        if (peer.read(2 * data.size()) != data + data) return "echo differs";
+        return "";
+    });
+    EXPECT_EQ(err, "");
+    EXPECT_FALSE(server.rec.closed()) << server.rec.messages[0];
+}
+
+// Garbage where a record should be: that connection closes with reason `tls`
+// and the reason in words; the others are served.
+TEST_F(Tls, BadRecordsCloseOnlyTheirConnection) {
+    struct Case {
+        std::string bytes;
+        std::string reason;  // in evmux's record layer's words
+    };
+    std::string bad_mac = {0x17, 0x03, 0x03, 0x00, 0x20};
+    bad_mac += std::string(32, '\x55');
+    std::string too_long = {0x17, 0x03, 0x03, 0x4f, 0x00};  // 20 224 bytes
+    too_long += std::string(100, '\x01');
+    std::string plain_alert = {0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x28};
+    const Case cases[] = {{bad_mac, "bad record mac"},
+                          {too_long, "record overflow"},
+                          {plain_alert, "unexpected record type"}};
+    EchoServer server(loop(), server_context());
+    Bystander by(loop(), server.address(), record());
+    std::size_t closed = 0;
+    for (const Case& c : cases) {
+        OpensslPeer peer(server.address());
+        std::string err = run_peer(loop(), [&]() -> std::string {
+            if (!peer.handshake()) return "handshake failed";
+            if (!peer.write("fine")) return "write failed";
+            if (peer.read(4) != "fine") return "no echo";
+            peer.raw_send(c.bytes);
+            return "";
+        });
+        ASSERT_EQ(err, "");
+        ASSERT_TRUE(run_until(loop(), [&] { return server.rec.closed(closed + 1); }))
+            << "no close for " << c.reason;
+        EXPECT_EQ(server.rec.reasons[closed], CloseReason::tls);
+        if (expected_records() == TlsRecords::evmux)
+            EXPECT_NE(server.rec.messages[closed].find(c.reason), std::string::npos)
+                << server.rec.messages[closed];
+        else
+            EXPECT_FALSE(server.rec.messages[closed].empty());
+        ++closed;
+    }
+    by.check_served(loop());
+}
+
+// TLS 1.2 has no evmux record layer: OpenSSL's goes on, and the stream is the same.
+TEST_F(Tls, Tls12StaysWithOpensslRecords) {
+    EchoServer server(loop(), server_context());
+    OpensslPeer peer(server.address(), TLS1_2_VERSION);
+    const std::string data = pattern(100 * 1024, 4);
+    std::string err = run_peer(loop(), [&]() -> std::string {
+        if (!peer.handshake()) return "handshake failed";
+        if (!peer.write(data)) return "write failed";
+        if (peer.read(data.size()) != data) return "echo differs";
+        return "";
+    });
+    EXPECT_EQ(err, "");
+    EXPECT_STREQ(peer.version(), "TLSv1.2");
+    ASSERT_EQ(server.rec.connects, 1);
+    EXPECT_EQ(server.rec.version, "TLSv1.2");
+    EXPECT_EQ(server.rec.records, TlsRecords::openssl);
+}
+
+TEST_F(Tls, BadRecordLayerNameIsAClearError) {
+    ::setenv("EVMUX_TLS_RECORDS", "kernel", 1);
+    try {
+        client_context();
+        ADD_FAILURE() << "no error for EVMUX_TLS_RECORDS=kernel";
+    } catch (const std::invalid_argument& e) {
+        EXPECT_STREQ(e.what(), "EVMUX_TLS_RECORDS must be evmux or openssl, not 'kernel'");
+    }
+    ::setenv("EVMUX_TLS_RECORDS", expected_records() == TlsRecords::evmux ? "evmux" : "openssl", 1);
 }
 
 }  // namespace

@@ -214,6 +214,10 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     std::string tls_peer_subject() const;
     /// The TLS version in use ("TLSv1.3"; "" if plain).
     std::string tls_version() const;
+    /// Who protects the records after the handshake: TlsRecords::evmux once
+    /// evmux's record layer has taken over (TLS 1.3), TlsRecords::openssl
+    /// otherwise (TLS 1.2, asked for, before the handshake is done, or plain).
+    TlsRecords tls_records() const;
     /// Why it closed, in words, for on_close and after: OpenSSL's reason for
     /// `tls` ("TLS handshake: certificate verify failed (certificate has
     /// expired)"), "TLS handshake timed out after 10000 ms", the errno's
@@ -349,6 +353,10 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     // `self` is handle()'s guard, passed down to save reference-count traffic.
     [[gnu::always_inline]] inline void handle_read(const ConnectionPtr& self, Events events);
     void handle_write(const ConnectionPtr& self);
+    // TLS's own writes: a read waiting for the socket, unsent records, and
+    // the FIN or close waiting for close_notify to go out.
+    void tls_write_ready(const ConnectionPtr& self);
+    void tls_flushed();
     [[gnu::cold]] void handle_peer_eof(const ConnectionPtr& self);
     bool flush();  // false if the connection closed
     void after_queue_grew();
@@ -399,11 +407,12 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     State state_ = State::open;
     Events interest_ = Events::none;
     bool watching_ = false;
-    bool above_high_ = false;      // queue passed high water; reading paused
-    bool user_paused_ = false;     // pause_reading()
-    bool peer_eof_ = false;        // the peer shut down its side
-    bool shut_requested_ = false;  // shutdown_write() called (FIN after drain)
-    bool shut_done_ = false;       // FIN sent
+    bool above_high_ = false;        // queue passed high water; reading paused
+    bool user_paused_ = false;       // pause_reading()
+    bool peer_eof_ = false;          // the peer shut down its side
+    bool shut_requested_ = false;    // shutdown_write() called (FIN after drain)
+    bool shut_done_ = false;         // FIN sent
+    bool fin_after_notify_ = false;  // TLS: FIN once close_notify is on the socket
     bool close_after_drain_ = false;
     bool tracking_ = false;
     bool notify_pending_ = false;  // on_close due when the handler unwinds

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <chrono>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -18,6 +19,18 @@ namespace evmux {
 /// True when the library was built with TLS (meson option `tls`, OpenSSL).
 /// Without it TlsContext::server() and client() throw std::runtime_error.
 bool tls_available();
+
+/// Who protects the application data's records once the handshake is done.
+/// OpenSSL always does the handshake (certificates, key schedule).
+enum class TlsRecords {
+    /// TLS 1.3 with AES-GCM or ChaCha20-Poly1305: evmux, with the keys
+    /// OpenSSL made, straight between the socket and the connection's
+    /// buffers (OpenSSL's own record layer costs about as much again as the
+    /// cipher). Anything else (TLS 1.2, a keylog callback of the user's): OpenSSL.
+    evmux,
+    /// OpenSSL's SSL_read/SSL_write throughout.
+    openssl,
+};
 
 /// What a server presents and whom it accepts.
 struct TlsServerOptions {
@@ -38,6 +51,9 @@ struct TlsServerOptions {
     /// A connection whose handshake has not finished after this long closes
     /// with CloseReason::timeout; zero = never.
     std::chrono::milliseconds handshake_timeout{10000};
+    /// Who protects the records after the handshake (environment variable
+    /// EVMUX_TLS_RECORDS=evmux|openssl overrides it).
+    TlsRecords records = TlsRecords::evmux;
 };
 
 /// How a client checks the server.
@@ -62,6 +78,8 @@ struct TlsClientOptions {
     std::vector<std::string> alpn;
     /// As TlsServerOptions::handshake_timeout.
     std::chrono::milliseconds handshake_timeout{10000};
+    /// As TlsServerOptions::records.
+    TlsRecords records = TlsRecords::evmux;
 };
 
 /// An OpenSSL SSL_CTX with evmux's settings: TLS 1.2 or 1.3 (1.3 preferred),
@@ -96,6 +114,12 @@ class TlsContext {
     /// OpenSSL's SSL_CTX (for settings evmux does not offer; change it only
     /// before the first connection uses it).
     ssl_ctx_st* native_handle() const { return ctx_; }
+    /// Who protects the records (the options', or EVMUX_TLS_RECORDS).
+    TlsRecords records() const { return records_; }
+    /// With TlsRecords::evmux, a connection sends a KeyUpdate after this
+    /// many records under one key (AES-GCM's margin, RFC 8446 5.5, is about
+    /// 2^24.5): 2^23, or EVMUX_TLS_KEY_UPDATE_RECORDS (a diagnostic knob).
+    std::uint64_t key_update_records() const { return key_update_records_; }
 
   private:
     ssl_ctx_st* ctx_;
@@ -103,6 +127,8 @@ class TlsContext {
     std::string server_name_;
     std::chrono::milliseconds handshake_timeout_;
     std::string alpn_wire_;  // a server's ALPN list in wire format, for its select callback
+    TlsRecords records_ = TlsRecords::evmux;
+    std::uint64_t key_update_records_ = std::uint64_t{1} << 23;
 };
 
 }  // namespace evmux
