@@ -640,13 +640,23 @@ std::string through_pipes(std::vector<std::string> args, const std::string& inpu
     return got;
 }
 
+void serve_tls_to_openssl_and_python(const std::string& records);
+
 // --tls-cert/--tls-key: the listening line says tls; openssl s_client and
 // Python's ssl module (neither written here) get every byte back; the
 // summary counts plaintext.
+// Both record layers (--tls-records): evmux's (the default) and OpenSSL's.
 TEST_F(EvmuxEcho, TlsCertAndKeyServeOpensslAndPython) {
+    for (const char* records : {"evmux", "openssl"}) {
+        SCOPED_TRACE(std::string("--tls-records ") + records);
+        serve_tls_to_openssl_and_python(records);
+    }
+}
+
+void serve_tls_to_openssl_and_python(const std::string& records) {
     const support::TlsFiles& f = support::tls_files();
     EchoProcess echo({"--port", "0", "--backend", test::backend_name(), "--tls-cert", f.server_cert,
-                      "--tls-key", f.server_key});
+                      "--tls-key", f.server_key, "--tls-records", records});
     const std::string line = echo.line();
     EXPECT_TRUE(line.ends_with(" tls")) << line;
     std::string backend;
@@ -691,6 +701,10 @@ TEST_F(EvmuxEcho, TlsFlagErrorsAreOneLine) {
          "evmux-echo: TLS: certificate chain file " + f.dir + "/none.crt: "},
         {{"--port", "0", "--tls-cert", f.server_cert, "--tls-key", f.other_key},
          "does not match the certificate: key values mismatch"},
+        {{"--port", "0", "--tls-records", "openssl"}, "--tls-records requires --tls-cert"},
+        {{"--port", "0", "--tls-cert", f.server_cert, "--tls-key", f.server_key, "--tls-records",
+          "kernel"},
+         "evmux-echo: --tls-records: kernel not in {evmux,openssl}"},
     };
     for (const Case& c : cases) {
         EchoProcess echo(c.args);

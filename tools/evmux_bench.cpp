@@ -67,6 +67,8 @@ struct Server {
     /// evmux-echo --io (completion or readiness): the run is checked against
     /// the io= its listening line says. Empty: not asked (baselines, TLS, UDP).
     std::string io{};
+    /// With tls: evmux-echo --tls-records (empty: its default, evmux's layer).
+    std::string tls_records{};
 };
 
 /// One load shape: message size, connections opened, connections in ping-pong.
@@ -746,6 +748,8 @@ class Runner {
         if (server.tls)
             argv.insert(argv.end(),
                         {"--tls-cert", bench_cert().cert, "--tls-key", bench_cert().key});
+        if (!server.tls_records.empty())
+            argv.insert(argv.end(), {"--tls-records", server.tls_records});
         if (server.udp && server.kind == "evmux") argv.push_back("--udp");
         return argv;
     }
@@ -1405,25 +1409,34 @@ bool wanted(const Options& opt, const std::string& server) {
 /// Checks --servers, --backends and --idle-active (exit 2 on a mistake), fills
 /// in the defaults that depend on --quick, and returns the backends to run.
 std::vector<std::string> check_and_complete(Options& opt) {
-    static const std::vector<std::string> known_servers{
-        "evmux",       "evmux-coroutines",     "evmux-tls", "epoll-floor",
-        "uring-floor", "libevent-bufferevent", "threads",   "fork",
-        "udp-floor"};
+    static const std::vector<std::string> known_servers{"evmux",
+                                                        "evmux-coroutines",
+                                                        "evmux-tls",
+                                                        "evmux-tls-openssl",
+                                                        "epoll-floor",
+                                                        "uring-floor",
+                                                        "libevent-bufferevent",
+                                                        "threads",
+                                                        "fork",
+                                                        "udp-floor"};
     for (const auto& s : opt.servers)
         if (std::find(known_servers.begin(), known_servers.end(), s) == known_servers.end())
             usage_error("unknown server '" + s +
-                        "'; known: evmux, evmux-coroutines, evmux-tls, epoll-floor, uring-floor, "
+                        "'; known: evmux, evmux-coroutines, evmux-tls, evmux-tls-openssl, "
+                        "epoll-floor, uring-floor, "
                         "libevent-bufferevent, threads, fork, udp-floor (with --udp)");
     if (!opt.servers.empty() && wanted(opt, uring_floor_server)) {
         const std::string why = io_uring_unusable();
         if (!why.empty()) usage_error("uring-floor: io_uring is not usable here: " + why);
     }
-    if (!opt.servers.empty() && wanted(opt, "evmux-tls") && !tls_built())
-        usage_error("evmux-tls: not compiled in (needs libssl-dev)");
+    for (const char* name : {"evmux-tls", "evmux-tls-openssl"})
+        if (!opt.servers.empty() && wanted(opt, name) && !tls_built())
+            usage_error(std::string(name) + ": not compiled in (needs libssl-dev)");
     if (!opt.udp && wanted(opt, "udp-floor") && !opt.servers.empty())
         usage_error("udp-floor is a UDP server: add --udp");
-    const bool on_evmux = wanted(opt, "evmux") || wanted(opt, "evmux-coroutines") ||
-                          (wanted(opt, "evmux-tls") && tls_built());
+    const bool on_evmux =
+        wanted(opt, "evmux") || wanted(opt, "evmux-coroutines") ||
+        ((wanted(opt, "evmux-tls") || wanted(opt, "evmux-tls-openssl")) && tls_built());
     std::vector<std::string> backends =
         on_evmux ? pick_backends(opt.backends) : std::vector<std::string>{};
     if (!on_evmux && !opt.backends.empty())
@@ -1527,6 +1540,11 @@ std::vector<Server> plan_servers(const Options& opt, const fs::path& tools_dir,
             if (wanted(opt, "evmux-tls") && tls_built())
                 servers.push_back({"evmux/" + backends[0] + "/tls", "evmux", backends[0], echo,
                                    false, false, 1, "", true});
+            // OpenSSL's record layer throughout, against the same client: only
+            // when asked for (--servers evmux-tls-openssl).
+            if (!opt.servers.empty() && wanted(opt, "evmux-tls-openssl") && tls_built())
+                servers.push_back({"evmux/" + backends[0] + "/tls-openssl", "evmux", backends[0],
+                                   echo, false, false, 1, "", true, false, "", "openssl"});
         }
     }
     add_baseline("libevent-bufferevent", "evmux-baseline-libevent", false, false);
@@ -1762,37 +1780,37 @@ void print_tls_target(std::ostream& os, const std::vector<Result>& results,
                       const std::vector<Point>& points, const std::map<int, double>& evp_us) {
     bool header = false;
     for (const auto& p : points) {
-        const Result *plain = nullptr, *tls = nullptr;
-        for (const auto& r : results) {
-            if (!r.ok || r.point.size != p.size || r.point.conns != p.conns ||
-                r.point.active != p.active || p.idle_heavy)
+        for (const auto& tls_row : results) {
+            if (!tls_row.ok || !tls_row.server->tls || tls_row.point.size != p.size ||
+                tls_row.point.conns != p.conns || tls_row.point.active != p.active || p.idle_heavy)
                 continue;
-            if (r.server->tls) tls = &r;
-        }
-        if (!tls) continue;
-        for (const auto& r : results)
-            if (r.ok && !r.server->tls && r.server->kind == "evmux" && r.server->threads == 1 &&
-                r.server->backend == tls->server->backend && r.point.size == p.size &&
-                r.point.conns == p.conns && r.point.active == p.active)
-                plain = &r;
-        auto evp = evp_us.find(p.size);
-        if (!plain || evp == evp_us.end()) continue;
-        if (!header) {
-            os << "\n== TLS: server CPU us/msg (user + sys, medians) over TLS against plain TCP "
-                  "and EVP AES-256-GCM seal+open alone\n";
+            const Result* tls = &tls_row;
+            const Result* plain = nullptr;
+            for (const auto& r : results)
+                if (r.ok && !r.server->tls && r.server->kind == "evmux" && r.server->threads == 1 &&
+                    r.server->backend == tls->server->backend && r.point.size == p.size &&
+                    r.point.conns == p.conns && r.point.active == p.active)
+                    plain = &r;
+            auto evp = evp_us.find(p.size);
+            if (!plain || evp == evp_us.end()) continue;
+            if (!header) {
+                os << "\n== TLS: server CPU us/msg (user + sys, medians) over TLS against plain "
+                      "TCP "
+                      "and EVP AES-256-GCM seal+open alone\n";
+                char line[256];
+                std::snprintf(line, sizeof line, "%-22s %-26s %10s %10s %10s %12s %8s\n", "point",
+                              "tls row", "plain", "tls", "evp", "extra/evp", "target");
+                os << line;
+                header = true;
+            }
+            const double extra = tls->cpu_us_per_msg - plain->cpu_us_per_msg;
+            const double ratio = evp->second > 0 ? extra / evp->second : NAN;
             char line[256];
-            std::snprintf(line, sizeof line, "%-22s %10s %10s %10s %12s %8s\n", "point", "plain",
-                          "tls", "evp", "extra/evp", "target");
+            std::snprintf(line, sizeof line, "%-22s %-26s %10.2f %10.2f %10.2f %12.2f %8s\n",
+                          point_label(p).c_str(), tls->server->name.c_str(), plain->cpu_us_per_msg,
+                          tls->cpu_us_per_msg, evp->second, ratio, ratio <= 1.3 ? "met" : "missed");
             os << line;
-            header = true;
         }
-        const double extra = tls->cpu_us_per_msg - plain->cpu_us_per_msg;
-        const double ratio = evp->second > 0 ? extra / evp->second : NAN;
-        char line[256];
-        std::snprintf(line, sizeof line, "%-22s %10.2f %10.2f %10.2f %12.2f %8s\n",
-                      point_label(p).c_str(), plain->cpu_us_per_msg, tls->cpu_us_per_msg,
-                      evp->second, ratio, ratio <= 1.3 ? "met" : "missed");
-        os << line;
     }
     if (header) os << "(target: tls <= plain + 1.3 x evp, i.e. extra/evp <= 1.3)\n";
 }

@@ -2,8 +2,8 @@
 //
 //   evmux-echo --port P [--host H [--dns SERVERS]] [--backend NAME] [--upper]
 //              [--unix PATH] [--threads N [--distribution reuse_port|round_robin]]
-//              [--model callbacks|coroutines] [--tls-cert FILE --tls-key FILE]
-//              [--io completion|readiness]
+//              [--model callbacks|coroutines] [--tls-cert FILE --tls-key FILE
+//              [--tls-records evmux|openssl]] [--io completion|readiness]
 //   evmux-echo --udp --port P [--host H [--dns SERVERS]] [--backend NAME] [--upper]
 //   evmux-echo --list-backends
 //
@@ -29,6 +29,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
@@ -225,12 +226,19 @@ int serve(std::size_t threads, const std::string& backend, const std::string& ad
 }
 
 // --tls-cert FILE --tls-key FILE: both or neither (CLI11 says which is missing).
-void add_tls_flags(CLI::App& app, evmux::TlsServerOptions& tls) {
+void add_tls_flags(CLI::App& app, evmux::TlsServerOptions& tls, std::string& records) {
     auto* cert = app.add_option("--tls-cert", tls.cert_chain_file,
                                 "speak TLS: PEM certificate chain (the server's first)");
     auto* key = app.add_option("--tls-key", tls.key_file, "PEM private key of --tls-cert");
     cert->needs(key);
     key->needs(cert);
+    // A string checked by name: CLI11's mapping transformer words its
+    // refusal in the enum's numbers.
+    app.add_option("--tls-records", records,
+                   "who protects TLS 1.3 records after the handshake: evmux (default) or "
+                   "openssl (its SSL_read/SSL_write)")
+        ->check(CLI::IsMember({"evmux", "openssl"}))
+        ->needs(cert);
 }
 
 }  // namespace
@@ -250,7 +258,8 @@ int main(int argc, char** argv) {
     std::string dns;
     std::string io;
     evmux::TlsServerOptions tls;
-    add_tls_flags(app, tls);
+    std::string tls_records = "evmux";
+    add_tls_flags(app, tls, tls_records);
     app.add_option("--port", port, "TCP port (0: any free port)")->check(CLI::Range(0, 65535));
     app.add_option("--host", host, "numeric address or name to bind (default 127.0.0.1)");
     app.add_option("--dns", dns,
@@ -308,6 +317,8 @@ int main(int argc, char** argv) {
         options.distribution = distribution == "round_robin" ? evmux::Distribution::round_robin
                                                              : evmux::Distribution::reuse_port;
         options.resolver = names;
+        tls.records =
+            tls_records == "openssl" ? evmux::TlsRecords::openssl : evmux::TlsRecords::evmux;
         if (!tls.cert_chain_file.empty()) options.connection.tls = evmux::TlsContext::server(tls);
 
         evmux::Callbacks callbacks;
