@@ -125,11 +125,9 @@ void Connection::start() {
     // The loop holds us from here until on_close has run; if the loop goes
     // first, it closes us (on_close, reason `local`).
     tie_ = loop_.tie(guard, [this] { close_now(CloseReason::local); });
-    // Completion I/O where the loop has it; TLS reads and writes through
-    // OpenSSL on the socket itself, so it stays with readiness.
-    if (detail::CompletionIo* io = loop_.completion_io(); io && !tls_)
-        cio_ = std::make_unique<detail::CompletionState>(*this, *io, &recv_done, &send_done,
-                                                         &prepare_send);
+    // Completion I/O where the loop has it; TLS does its handshake with
+    // OpenSSL on the socket itself (readiness) and may switch after it.
+    if (!tls_) start_completion();
     self_ = guard;
     try {
         update_interest();  // throws like EventLoop::watch(); ~Connection closes the fd
@@ -174,7 +172,8 @@ void Connection::handle(const ConnectionPtr& guard, Events events) {
             continue_handshake(guard);
             // Done: read at once, as the peer's first data may have come with
             // its last handshake flight (and sit in OpenSSL's buffer).
-            events = handshaking_ || state_ != State::open ? Events::none : Events::read;
+            // (Completion I/O's receive request reads from here.)
+            events = handshaking_ || state_ != State::open || cio_ ? Events::none : Events::read;
         }
         if (state_ == State::open && any(events, Events::write) && tls_ && !handshaking_)
             tls_write_ready(guard);
@@ -485,7 +484,8 @@ void Connection::after_queue_grew() {
     // wait. Crossing high water, ask the kernel now, as readiness would have
     // (unless a request is still in the kernel: then its buffer is full), so
     // that high water means the same on both: the kernel takes no more.
-    if (!above_high_ && queued_ >= opt_.high_water && cio_ && !cio_->send_in_flight) {
+    // (TLS: only through the requests, which carry the records in order.)
+    if (!above_high_ && queued_ >= opt_.high_water && cio_ && !cio_->send_in_flight && !tls_) {
         if (!write_queue()) return;  // failed: closed
         if (queued_ == 0) {          // all taken, as by readiness's send()
             if (wants_drain_) drain_soon();
@@ -581,7 +581,8 @@ void Connection::update_interest() {
         if (!queue_.empty() || (tls_ && (tls_->has_unsent() || tls_->read_wants_write())))
             want |= Events::write;
         // Reading resumes with bytes OpenSSL already holds: no event will come for them.
-        if (tls_ && any(want, Events::read) && !any(interest_, Events::read) && tls_->has_pending())
+        if (tls_ && !cio_ && any(want, Events::read) && !any(interest_, Events::read) &&
+            tls_->has_pending())
             read_pending_soon();
     }
     if (cio_) {
@@ -736,11 +737,22 @@ void Connection::continue_handshake(const ConnectionPtr& self) {
         return;
     }
     handshaking_ = false;
+    if (tls_->own_records() && loop_.completion_io()) {
+        // evmux's record layer over completion I/O from here: the watch goes,
+        // requests move the ciphertext (OpenSSL read nothing past the handshake).
+        if (watching_) loop_.unwatch(fd_);
+        watching_ = false;
+        interest_ = Events::none;
+        tls_->records().use_buffers();
+        start_completion();
+    }
     if (handshake_timer_ != 0) loop_.cancel(std::exchange(handshake_timer_, 0));
     if (cb_.on_connect) cb_.on_connect(self);  // a throw: handle() closes us
     if (state_ != State::open) return;
     if (!queue_.empty()) {
-        handle_write(self);  // sent during on_connect (or before, by an owner)
+        // Sent during on_connect (or before, by an owner). Completion I/O:
+        // with the send request update_interest() makes.
+        if (!cio_) handle_write(self);
     } else if (shut_requested_ && !shut_done_) {
         send_fin();
         maybe_finish_shutdown();

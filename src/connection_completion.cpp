@@ -24,8 +24,15 @@
 #include <unistd.h>
 
 #include "connection_completion.hpp"
+#include "tls_session.hpp"
 
 namespace evmux {
+
+void Connection::start_completion() {
+    if (detail::CompletionIo* io = loop_.completion_io())
+        cio_ = std::make_unique<detail::CompletionState>(*this, *io, &recv_done, &send_done,
+                                                         &prepare_send);
+}
 
 void Connection::completion_interest(Events want) {
     detail::CompletionState& c = *cio_;
@@ -60,7 +67,8 @@ void Connection::prepare_send(detail::CompletionOp* op) {
     Connection& conn = *static_cast<detail::CompletionState::Op*>(op)->conn;
     detail::CompletionState& c = *conn.cio_;
     c.send_prepare = false;
-    if (conn.state_ == State::open && !conn.queue_.empty() && !c.send_in_flight) {
+    if (conn.state_ == State::open && !c.send_in_flight &&
+        (!conn.queue_.empty() || (conn.tls_ && conn.tls_->has_unsent()))) {
         conn.submit_send();  // the op goes on as the request (counted already)
         return;
     }
@@ -72,6 +80,7 @@ void Connection::prepare_send(detail::CompletionOp* op) {
 
 void Connection::submit_send() {
     detail::CompletionState& c = *cio_;
+    if (tls_) return submit_tls_send();
     c.send_chunks = std::min(queue_.size(), detail::CompletionState::max_iov);
     if (c.send_chunks == 1) {
         const Chunk& front = queue_.front();
@@ -115,10 +124,18 @@ void Connection::recv_done(detail::CompletionOp* op, std::int32_t res, std::uint
                 std::uint32_t flags;
                 ~Recycle() { io.recycle(flags); }
             } recycle{c.io, flags};
-            if (self->state_ == State::open)
-                self->deliver(self, c.io.buffer(flags), static_cast<std::size_t>(res));
+            if (self->state_ == State::open) {
+                if (self->tls_)
+                    self->deliver_tls(self, c.io.buffer(flags), static_cast<std::size_t>(res));
+                else
+                    self->deliver(self, c.io.buffer(flags), static_cast<std::size_t>(res));
+            }
         } else if (self->state_ != State::open || res == -ECANCELED || res == -ENOBUFS) {
             // Closed or paused meanwhile, or the buffers ran out: re-armed below if wanted.
+        } else if (res == 0 && self->tls_) {
+            // After close_notify (delivered as the end already) the FIN is
+            // expected; without one the stream was cut.
+            if (!self->tls_->records().end_of_file()) self->fail(EPROTO);
         } else if (res == 0) {
             if (any(self->interest_, Events::read))
                 self->handle_peer_eof(self);
@@ -190,11 +207,14 @@ void Connection::send_done(detail::CompletionOp* op, std::int32_t res, std::uint
     c.send_chunks = 0;
     if (self->state_ != State::open) {
         self->queue_.clear();  // what the request was reading, kept until now
+        std::string().swap(c.tls_out);
     } else {
         ++self->in_handler_;
         try {
             if (res < 0) {
                 self->fail(-res);
+            } else if (self->tls_) {
+                self->tls_sent(self, static_cast<std::size_t>(res));
             } else {
                 self->consume_sent(static_cast<std::size_t>(res));
                 if (self->after_sent()) {
@@ -210,6 +230,95 @@ void Connection::send_done(detail::CompletionOp* op, std::int32_t res, std::uint
         if (--self->in_handler_ == 0 && self->notify_pending_) self->notify_closed();
     }
     self->op_finished();
+}
+
+// ---- TLS over completion I/O: evmux's record layer between the requests and the user ----
+
+// Ciphertext a receive brought: decrypted into the loop's scratch buffer and
+// delivered as plaintext (the provided buffer goes back at once).
+void Connection::deliver_tls(const ConnectionPtr& self, const char* p, std::size_t n) {
+    detail::TlsRecordLayer& records = tls_->records();
+    records.absorb(p, n);
+    std::span<char> out = loop_.scratch();
+    for (;;) {
+        ssize_t got = records.read(out.data(), out.size());
+        if (got > 0) {
+            deliver(self, out.data(), static_cast<std::size_t>(got));
+            if (state_ != State::open) return;
+            continue;
+        }
+        if (got == 0) {  // close_notify
+            if (any(interest_, Events::read))
+                handle_peer_eof(self);
+            else
+                cio_->eof_held = true;
+            return;
+        }
+        if (errno == EAGAIN) break;
+        fail(errno);
+        return;
+    }
+    if (records.has_unsent()) update_interest();  // a KeyUpdate to answer: a send request
+}
+
+// The send request's records: TLS's own first (a KeyUpdate answered,
+// close_notify), then the queue's front sealed, up to 64 KiB of plaintext; a
+// request the socket took part of goes on with the rest, never sealed twice.
+void Connection::submit_tls_send() {
+    detail::CompletionState& c = *cio_;
+    if (c.tls_out_off == c.tls_out.size()) {
+        c.tls_out.clear();
+        c.tls_out_off = 0;
+        c.tls_plain = 0;
+        constexpr std::size_t max_plain = 64 * 1024;
+        detail::TlsRecordLayer& records = tls_->records();
+        bool ok = true;
+        for (std::size_t i = 0; ok && i < queue_.size() && c.tls_plain < max_plain; ++i) {
+            const Chunk& chunk = queue_[i];
+            const std::size_t n =
+                std::min(chunk.bytes.size() - chunk.offset, max_plain - c.tls_plain);
+            ok = records.seal_append(c.tls_out, chunk.bytes.data() + chunk.offset, n);
+            c.tls_plain += n;
+            if (n < chunk.bytes.size() - chunk.offset) break;
+        }
+        if (ok && queue_.empty()) ok = records.seal_append(c.tls_out, nullptr, 0);
+        if (!ok) {
+            // After close_notify nothing more is sealed: what is queued is dropped.
+            // (Inside the loop's wait: the failure is reported from the loop.)
+            c.tls_out.clear();
+            loop_.post([self = shared_from_this()] { self->fail(EPROTO); });
+            op_finished();  // no request made
+            return;
+        }
+    }
+    c.io.send(fd_, c.tls_out.data() + c.tls_out_off, c.tls_out.size() - c.tls_out_off, &c.send_op);
+    c.send_in_flight = true;
+}
+
+void Connection::tls_sent(const ConnectionPtr& self, std::size_t n) {
+    detail::CompletionState& c = *cio_;
+    c.tls_out_off += n;
+    if (c.tls_out_off < c.tls_out.size()) {
+        request_send();  // the rest of these records
+        return;
+    }
+    const std::size_t plain = std::exchange(c.tls_plain, 0);
+    std::string().swap(c.tls_out);
+    c.tls_out_off = 0;
+    if (plain > 0) {
+        consume_sent(plain);
+        if (!after_sent()) return;
+        if (queued_ == 0)
+            written_all(self);
+        else if (state_ == State::open)
+            after_queue_grew();
+    }
+    if (state_ != State::open) return;
+    if (tls_->has_unsent()) {
+        if (!c.send_prepare && !c.send_in_flight) request_send();
+    } else if (queued_ == 0) {
+        tls_flushed();  // close_notify is out: the FIN, or the graceful close
+    }
 }
 
 // Closing: cancel what is in the kernel (the completions still come, and

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "completion_io.hpp"
 #include "evmux/connection.hpp"
@@ -57,6 +58,11 @@ struct CompletionState {
     // The send request's gather list (its bytes are the queue's front chunks).
     iovec iov[max_iov];
     msghdr msg{};
+    // TLS (evmux's record layer): the send request's bytes are records sealed
+    // from the queue's front, `tls_plain` bytes of it, plus TLS's own.
+    std::string tls_out;
+    std::size_t tls_out_off = 0;
+    std::size_t tls_plain = 0;
 };
 
 }  // namespace evmux::detail

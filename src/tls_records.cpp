@@ -242,6 +242,7 @@ bool TlsRecordLayer::maybe_rekey() {
 }
 
 int TlsRecordLayer::flush() {
+    if (!socket_io_) return has_unsent() ? 0 : 1;  // it goes with the next send request
     while (unsent_off_ < unsent_.size()) {
         ssize_t n =
             ::send(fd_, unsent_.data() + unsent_off_, unsent_.size() - unsent_off_, MSG_NOSIGNAL);
@@ -268,6 +269,7 @@ int TlsRecordLayer::close_notify() {
 
 ssize_t TlsRecordLayer::write(const char* buf, std::size_t len) {
     if (failed_ || notify_sealed_) return errno = failed_ ? EPROTO : EPIPE, -1;
+    if (!socket_io_) return errno = EAGAIN, -1;  // completion I/O: seal_append() and a request
     if (has_unsent()) {
         int r = flush();
         if (r <= 0) {
@@ -291,6 +293,8 @@ ssize_t TlsRecordLayer::write(const char* buf, std::size_t len) {
     std::size_t made = 0;
     std::size_t taken = 0;
     while (taken < len && count < batch_records) {
+        // A KeyUpdate due: the next call makes it first.
+        if (key_update_records_ != 0 && write_.records >= key_update_records_) break;
         const std::size_t n = std::min(len - taken, max_plain_);
         const std::size_t size = seal(type_application, p + taken, n, out + made);
         if (size == 0) return fail(0, "TLS: encryption failed");
@@ -325,6 +329,44 @@ ssize_t TlsRecordLayer::write(const char* buf, std::size_t len) {
     if (done_plain > 0) return static_cast<ssize_t>(done_plain);
     errno = EAGAIN;
     return -1;
+}
+
+void TlsRecordLayer::absorb(const char* p, std::size_t n) {
+    in_.append(p, n);
+    const auto* h = reinterpret_cast<const unsigned char*>(in_.data());
+    pending_record_ =
+        in_.size() >= header_len && in_.size() >= header_len + ((std::size_t{h[3]} << 8) | h[4]);
+}
+
+bool TlsRecordLayer::seal_append(std::string& out, const char* p, std::size_t n) {
+    if (failed_ || (notify_sealed_ && n > 0)) return false;
+    const auto* plain = reinterpret_cast<const unsigned char*>(p);
+    for (std::size_t taken = 0;;) {
+        if (!notify_sealed_ && !maybe_rekey()) return fail(0, "TLS: KeyUpdate failed"), false;
+        if (has_unsent()) {  // in order: what was made before goes first
+            out.append(unsent_, unsent_off_);
+            std::string().swap(unsent_);
+            unsent_off_ = 0;
+        }
+        if (taken == n) break;
+        const std::size_t len = std::min(n - taken, max_plain_);
+        const std::size_t at = out.size();
+        out.resize(at + len + overhead);
+        if (seal(type_application, plain + taken, len,
+                 reinterpret_cast<unsigned char*>(&out[at])) == 0)
+            return fail(0, "TLS: encryption failed"), false;
+        taken += len;
+    }
+    return true;
+}
+
+bool TlsRecordLayer::end_of_file() {
+    if (peer_closed_) return true;
+    if (!failed_) {
+        failed_ = true;
+        error_ = "TLS: unexpected eof while reading";
+    }
+    return false;
 }
 
 ssize_t TlsRecordLayer::deliver_plain(char* buf, std::size_t len) {
@@ -388,7 +430,9 @@ ssize_t TlsRecordLayer::read(char* buf, std::size_t len) {
     const std::size_t want = std::min(std::max(len, max_record), sizeof s.in);
     int read_errno = 0;
     bool eof = false;
-    if (have < want) {
+    if (!socket_io_) {
+        socket_drained_ = true;  // what absorb() gave is all there is
+    } else if (have < want) {
         ssize_t n;
         do {
             n = ::recv(fd_, s.in + have, want - have, 0);

@@ -61,6 +61,18 @@ class TlsRecordLayer {
     int flush();
     /// Seal close_notify (once) and flush(); as flush().
     int close_notify();
+    /// Completion I/O: the connection's requests move the ciphertext, not
+    /// this: read() decrypts only what absorb() gave it, and flush() never
+    /// touches the socket (the unsent ciphertext goes with seal_append()).
+    void use_buffers() { socket_io_ = false; }
+    /// Ciphertext a receive request brought (copied until decrypted).
+    void absorb(const char* p, std::size_t n);
+    /// Appends to `out` the unsent ciphertext (a KeyUpdate, close_notify),
+    /// then records of `n` plaintext bytes. False on a failure (error_text()).
+    bool seal_append(std::string& out, const char* p, std::size_t n);
+    /// The socket's end of file came: true if after close_notify, else the
+    /// session fails ("TLS: unexpected eof while reading").
+    bool end_of_file();
     /// Whole records (or plaintext) wait here that no readiness event will
     /// announce.
     bool has_pending() const { return !plain_.empty() || pending_record_; }
@@ -118,6 +130,7 @@ class TlsRecordLayer {
     std::size_t unsent_off_ = 0;
     std::size_t sealed_plain_ = 0;  // plaintext of the caller's next bytes already in unsent_
     bool socket_drained_ = false;
+    bool socket_io_ = true;
     bool peer_closed_ = false;
     bool notify_sealed_ = false;
     bool failed_ = false;

@@ -70,6 +70,9 @@ class TlsSession {
     bool read_wants_write() const { return read_wants_write_; }
     /// Who protects the records now: true once evmux's record layer took over.
     bool own_records() const { return records_ != nullptr; }
+    /// With own_records(): the record layer for completion I/O, where the
+    /// connection's requests move the ciphertext (TlsRecordLayer::use_buffers).
+    TlsRecordLayer& records() { return *records_; }
     /// The reason the last EPROTO was given, e.g. "TLS handshake: certificate
     /// verify failed (hostname mismatch)".
     const std::string& error_text() const {

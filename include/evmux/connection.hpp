@@ -214,6 +214,10 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     std::string tls_peer_subject() const;
     /// The TLS version in use ("TLSv1.3"; "" if plain).
     std::string tls_version() const;
+    /// How this connection's bytes move: IoMode::completion on a completion
+    /// loop (a TLS connection once its handshake is done, with evmux's
+    /// record layer), readiness otherwise.
+    IoMode io_mode() const { return cio_ ? IoMode::completion : IoMode::readiness; }
     /// Who protects the records after the handshake: TlsRecords::evmux once
     /// evmux's record layer has taken over (TLS 1.3), TlsRecords::openssl
     /// otherwise (TLS 1.2, asked for, before the handshake is done, or plain).
@@ -386,6 +390,11 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     void request_send();
     void submit_send();
     void deliver(const ConnectionPtr& self, const char* p, std::size_t n);
+    // TLS over completion I/O (evmux's record layer, after the handshake).
+    void start_completion();
+    void deliver_tls(const ConnectionPtr& self, const char* p, std::size_t n);
+    void submit_tls_send();
+    void tls_sent(const ConnectionPtr& self, std::size_t n);
     void deliver_held();
     void completion_closed();
     void op_finished();

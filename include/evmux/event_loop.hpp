@@ -27,8 +27,10 @@ class CompletionIo;  // backends/completion_io.hpp (internal)
 ///  - completion: the connection hands its receives, sends and accepts to the
 ///    kernel as io_uring requests, submitted together with the loop's wait
 ///    (one io_uring_enter per iteration), and the kernel picks the receive
-///    buffers from a ring the loop provides (io_uring backend only; TLS
-///    connections stay with readiness). See README, "Completion I/O".
+///    buffers from a ring the loop provides (io_uring backend only; a TLS
+///    connection does its handshake on readiness, then goes on with
+///    completion I/O under evmux's record layer, or stays with readiness
+///    under OpenSSL's). See README, "Completion I/O".
 enum class IoMode : std::uint8_t { readiness, completion };
 
 /// "readiness" or "completion".
