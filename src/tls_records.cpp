@@ -418,7 +418,7 @@ bool TlsRecordLayer::handshake_message(const unsigned char* p, std::size_t n) {
 }
 
 ssize_t TlsRecordLayer::read(char* buf, std::size_t len) {
-    if (failed_) return errno = EPROTO, -1;
+    if (failed_) return error_pending_ = false, errno = EPROTO, -1;
     if (!plain_.empty()) return deliver_plain(buf, len);
     if (peer_closed_) return 0;
     Scratch& s = scratch();
@@ -453,13 +453,21 @@ ssize_t TlsRecordLayer::read(char* buf, std::size_t len) {
     std::size_t pos = 0;
     std::size_t out = 0;
     auto* dst_base = reinterpret_cast<unsigned char*>(buf);
+    // A bad record after good ones in the same read: the good ones' plaintext
+    // goes to the caller now, the error with the next read() (has_pending()).
+    auto stop = [&](unsigned char alert, const char* why) -> ssize_t {
+        if (why) fail(alert, why);
+        if (out == 0) return errno = EPROTO, -1;
+        error_pending_ = true;
+        return static_cast<ssize_t>(out);
+    };
     while (have - pos >= header_len && !peer_closed_) {
         unsigned char* rec = s.in + pos;
         const std::size_t clen = (std::size_t{rec[3]} << 8) | rec[4];
         if (rec[0] != type_application)
-            return fail(alert_unexpected_message, "TLS: unexpected record type");
-        if (clen > max_cipher_len) return fail(alert_record_overflow, "TLS: record overflow");
-        if (clen < 1 + tag_len) return fail(alert_decode_error, "TLS: record too short");
+            return stop(alert_unexpected_message, "TLS: unexpected record type");
+        if (clen > max_cipher_len) return stop(alert_record_overflow, "TLS: record overflow");
+        if (clen < 1 + tag_len) return stop(alert_decode_error, "TLS: record too short");
         if (have - pos < header_len + clen) break;  // not whole yet
         const std::size_t inner = clen - tag_len;
         const bool fits = len - out >= inner;
@@ -471,15 +479,15 @@ ssize_t TlsRecordLayer::read(char* buf, std::size_t len) {
         }
         if (!open(rec, clen, dst)) {
             std::string().swap(plain_);
-            return fail(alert_bad_record_mac, "TLS: decryption failed or bad record mac");
+            return stop(alert_bad_record_mac, "TLS: decryption failed or bad record mac");
         }
         pos += header_len + clen;
         std::size_t i = inner;
         while (i > 0 && dst[i - 1] == 0) --i;  // padding
-        if (i == 0) return fail(alert_unexpected_message, "TLS: record without a content type");
+        if (i == 0) return stop(alert_unexpected_message, "TLS: record without a content type");
         const unsigned char type = dst[i - 1];
         const std::size_t n = i - 1;
-        if (n > max_plain_record) return fail(alert_record_overflow, "TLS: record overflow");
+        if (n > max_plain_record) return stop(alert_record_overflow, "TLS: record overflow");
         if (type == type_application) {
             if (fits) {
                 out += n;
@@ -491,7 +499,7 @@ ssize_t TlsRecordLayer::read(char* buf, std::size_t len) {
             break;
         }
         if (type == type_alert) {
-            if (n != 2) return fail(alert_decode_error, "TLS: bad alert");
+            if (n != 2) return stop(alert_decode_error, "TLS: bad alert");
             if (dst[1] == alert_close_notify) {
                 peer_closed_ = true;  // whatever follows it is ignored
             } else {
@@ -500,13 +508,13 @@ ssize_t TlsRecordLayer::read(char* buf, std::size_t len) {
                 fail(0, why.c_str());
             }
         } else if (type == type_handshake) {
-            if (n == 0) return fail(alert_unexpected_message, "TLS: empty handshake record");
+            if (n == 0) return stop(alert_unexpected_message, "TLS: empty handshake record");
             handshake_message(dst, n);
         } else {
             fail(alert_unexpected_message, "TLS: unexpected record type");
         }
         if (!fits) std::string().swap(plain_);
-        if (failed_) return errno = EPROTO, -1;
+        if (failed_) return stop(0, nullptr);
     }
     if (peer_closed_) {
         in_.clear();

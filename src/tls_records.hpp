@@ -75,7 +75,7 @@ class TlsRecordLayer {
     bool end_of_file();
     /// Whole records (or plaintext) wait here that no readiness event will
     /// announce.
-    bool has_pending() const { return !plain_.empty() || pending_record_; }
+    bool has_pending() const { return !plain_.empty() || pending_record_ || error_pending_; }
     /// No more can come without a new readiness event.
     bool drained() const { return socket_drained_ && !has_pending(); }
     bool failed() const { return failed_; }
@@ -134,6 +134,9 @@ class TlsRecordLayer {
     bool peer_closed_ = false;
     bool notify_sealed_ = false;
     bool failed_ = false;
+    // Failed after read() had plaintext of earlier records for its caller:
+    // that went out first, the error comes with the next read().
+    bool error_pending_ = false;
     std::string error_;
 };
 
