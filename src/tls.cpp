@@ -410,7 +410,7 @@ void TlsSession::take_records() {
             records_ = std::make_unique<TlsRecordLayer>(
                 fd_, suite, server ? client_secret_ : server_secret_,
                 server ? server_secret_ : client_secret_, len, peer_records_, own_records_,
-                max_plain, context_->key_update_records());
+                max_plain, context_->key_update_records(), server);
             SSL_free_buffers(ssl_);  // OpenSSL's record buffers are not needed any more
         } catch (const std::runtime_error&) {
             records_.reset();  // OpenSSL's record layer goes on

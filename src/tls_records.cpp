@@ -33,6 +33,7 @@ constexpr unsigned char alert_bad_record_mac = 20;
 constexpr unsigned char alert_record_overflow = 22;
 constexpr unsigned char alert_illegal_parameter = 47;
 constexpr unsigned char alert_decode_error = 50;
+constexpr unsigned char alert_user_canceled = 90;
 constexpr unsigned char msg_new_session_ticket = 4;
 constexpr unsigned char msg_key_update = 24;
 
@@ -109,13 +110,14 @@ const EVP_CIPHER* cipher_of(unsigned suite) {
 TlsRecordLayer::TlsRecordLayer(int fd, unsigned suite, const unsigned char* read_secret,
                                const unsigned char* write_secret, std::size_t secret_len,
                                std::uint64_t read_seq, std::uint64_t write_seq,
-                               std::size_t max_plain, std::uint64_t key_update_records)
+                               std::size_t max_plain, std::uint64_t key_update_records, bool server)
     : fd_(fd),
       md_(suite == 0x1302 ? EVP_sha384() : EVP_sha256()),
       secret_len_(secret_len),
       key_len_(suite == 0x1301 ? 16 : 32),
       max_plain_(std::clamp<std::size_t>(max_plain, 512, max_plain_record)),
-      key_update_records_(key_update_records) {
+      key_update_records_(key_update_records),
+      server_(server) {
     if (!supports(suite) || secret_len != static_cast<std::size_t>(EVP_MD_get_size(md_)))
         throw std::runtime_error("TLS: records: unsupported suite");
     std::memcpy(read_.secret, read_secret, secret_len);
@@ -390,6 +392,10 @@ bool TlsRecordLayer::handshake_message(const unsigned char* p, std::size_t n) {
         if (hs_.size() < 4 + mlen) return true;
         switch (m[0]) {
             case msg_new_session_ticket:
+                if (server_) {
+                    fail(alert_unexpected_message, "TLS: NewSessionTicket from a client");
+                    return false;
+                }
                 break;  // for resumption, which evmux's clients do not do
             case msg_key_update: {
                 // A key change ends the record (RFC 8446 5.1).
@@ -488,6 +494,10 @@ ssize_t TlsRecordLayer::read(char* buf, std::size_t len) {
         const unsigned char type = dst[i - 1];
         const std::size_t n = i - 1;
         if (n > max_plain_record) return stop(alert_record_overflow, "TLS: record overflow");
+        // A handshake message in pieces may not have other records between
+        // them (RFC 8446 5.1).
+        if (type != type_handshake && !hs_.empty())
+            return stop(alert_unexpected_message, "TLS: handshake message interleaved");
         if (type == type_application) {
             if (fits) {
                 out += n;
@@ -502,6 +512,8 @@ ssize_t TlsRecordLayer::read(char* buf, std::size_t len) {
             if (n != 2) return stop(alert_decode_error, "TLS: bad alert");
             if (dst[1] == alert_close_notify) {
                 peer_closed_ = true;  // whatever follows it is ignored
+            } else if (dst[1] == alert_user_canceled) {
+                // A closure alert, not an error (RFC 8446 6.1): close_notify follows.
             } else {
                 std::string why = "TLS: tlsv1 alert ";
                 why += SSL_alert_desc_string_long(dst[1]);

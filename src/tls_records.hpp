@@ -36,11 +36,12 @@ class TlsRecordLayer {
     /// numbers its records under them reached. `max_plain`: the largest
     /// plaintext per record (16 384, less if the peer asked for less).
     /// `key_update_records`: send a KeyUpdate after that many records under
-    /// one key (0: never). Throws std::runtime_error if OpenSSL fails.
+    /// one key (0: never). `server`: this end is the server (a client's
+    /// NewSessionTicket is an error). Throws std::runtime_error if OpenSSL fails.
     TlsRecordLayer(int fd, unsigned suite, const unsigned char* read_secret,
                    const unsigned char* write_secret, std::size_t secret_len,
                    std::uint64_t read_seq, std::uint64_t write_seq, std::size_t max_plain,
-                   std::uint64_t key_update_records);
+                   std::uint64_t key_update_records, bool server);
     ~TlsRecordLayer();
     TlsRecordLayer(const TlsRecordLayer&) = delete;
     TlsRecordLayer& operator=(const TlsRecordLayer&) = delete;
@@ -118,6 +119,7 @@ class TlsRecordLayer {
     std::size_t key_len_;
     std::size_t max_plain_;
     std::uint64_t key_update_records_;
+    bool server_;
     Direction read_;
     Direction write_;
 

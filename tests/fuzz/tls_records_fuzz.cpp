@@ -197,6 +197,8 @@ struct Model {
         const unsigned char type = inner[i - 1];
         const std::size_t n = i - 1;
         if (n > max_content) return invalid = true, false;
+        // No other record between the pieces of a handshake message (5.1).
+        if (type != type_handshake && !hs.empty()) return invalid = true, false;
         if (type == type_application) {
             app.append(reinterpret_cast<const char*>(inner.data()), n);
             return false;
@@ -204,6 +206,7 @@ struct Model {
         if (type == type_alert) {
             if (n != 2) return invalid = true, false;
             if (inner[1] == 0) return closed = true, false;  // close_notify
+            if (inner[1] == 90) return false;                // user_canceled: a closure alert (6.1)
             return invalid = true, false;                    // every other alert ends it (6.2)
         }
         if (type != type_handshake || n == 0) return invalid = true, false;
@@ -217,8 +220,8 @@ struct Model {
                 // A KeyUpdate must end its record (5.1) and ask 0 or 1 (4.6.3).
                 if (mlen != 1 || hs.size() != 5 || hs[4] > 1) return invalid = true, false;
                 key_update = true;
-            } else if (hs[0] != 4) {
-                return invalid = true, false;
+            } else {
+                return invalid = true, false;  // a NewSessionTicket too: the server gets none
             }
             hs.erase(hs.begin(), hs.begin() + 4 + static_cast<long>(mlen));
         }
