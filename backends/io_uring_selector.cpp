@@ -366,7 +366,7 @@ class IoUringSelector final : public Selector, public CompletionIo {
         if (ret < 0 && ret != -ETIME && ret != -EBUSY && ret != -EAGAIN)
             fail(ret, "io_uring_enter");
         reap();
-        set_other_work(!done_.empty());  // completions to dispatch: the wait has news
+        set_other_work(!done_.empty() || !done_early_.empty());  // the wait has news
         return true;
     }
 
@@ -452,6 +452,8 @@ class IoUringSelector final : public Selector, public CompletionIo {
                 if (c.user_data == user_data && !(c.flags & IORING_CQE_F_MORE)) return true;
             for (const Done& d : done_)
                 if (d.op == target && !(d.flags & IORING_CQE_F_MORE)) return true;
+            for (const Done& d : done_early_)
+                if (d.op == target && !(d.flags & IORING_CQE_F_MORE)) return true;
             return false;
         };
         try {
@@ -476,17 +478,12 @@ class IoUringSelector final : public Selector, public CompletionIo {
 
     std::size_t dispatch() override {
         // A completion's handler may submit (never reap: reaping happens in
-        // waits, and in settle() into stashed_), so done_ does not grow under us.
-        // Two passes: the early ones first. A dispatched entry is cleared: its
-        // op (and its owner) may be gone once its last completion has run.
-        for (std::size_t i = 0; i < done_.size(); ++i)
-            if (done_[i].op->early) {
-                const Done d = std::exchange(done_[i], Done{});
-                d.op->complete(d.op, d.res, d.flags);
-            }
-        for (std::size_t i = 0; i < done_.size(); ++i)
-            if (done_[i].op) done_[i].op->complete(done_[i].op, done_[i].res, done_[i].flags);
-        const std::size_t ran = done_.size();
+        // waits, and in settle() into stashed_), so the lists do not grow
+        // under us. The early ones first (handle() sorted them).
+        for (const Done& d : done_early_) d.op->complete(d.op, d.res, d.flags);
+        for (const Done& d : done_) d.op->complete(d.op, d.res, d.flags);
+        const std::size_t ran = done_early_.size() + done_.size();
+        done_early_.clear();
         done_.clear();
         set_other_work(false);
         return ran;
@@ -671,7 +668,8 @@ class IoUringSelector final : public Selector, public CompletionIo {
         // Cancels (and liburing's own timeout, user_data ~0) report nothing.
         if (token & control_bit) return;
         if (token & op_bit) {
-            done_.push_back(Done{reinterpret_cast<CompletionOp*>(user_data & ~op_tag), res, flags});
+            auto* op = reinterpret_cast<CompletionOp*>(user_data & ~op_tag);
+            (op->early ? done_early_ : done_).push_back(Done{op, res, flags});
             return;
         }
         if (fd32 >= slots_.size()) return;
@@ -726,6 +724,7 @@ class IoUringSelector final : public Selector, public CompletionIo {
     std::size_t in_flight_ = 0;  // the sum of the slots' in_flight
     // Completion I/O (enable_completion()).
     std::vector<Done> done_;                 // reaped, not yet dispatched
+    std::vector<Done> done_early_;           // the same, of CompletionOp::early ops
     std::vector<CompletionOp*> to_prepare_;  // prepare_before_wait()
     std::size_t ops_in_flight_ = 0;          // completion requests not finished
     char* buffers_ = nullptr;                // buffer_count x buffer_size

@@ -109,13 +109,14 @@ void Connection::op_finished() {
     }
 }
 
+// `self` is kept by `keep` (this request is in flight) to op_finished(), the
+// last thing here; while open, self_ is the reference the callbacks get.
 void Connection::recv_done(detail::CompletionOp* op, std::int32_t res, std::uint32_t flags) {
-    Connection& self_ref = *static_cast<detail::CompletionState::Op*>(op)->conn;
-    detail::CompletionState& c = *self_ref.cio_;
-    ConnectionPtr self = c.keep;  // alive to the end of this call
+    Connection& self = *static_cast<detail::CompletionState::Op*>(op)->conn;
+    detail::CompletionState& c = *self.cio_;
     const bool ended = !(flags & detail::completion_more);
     if (ended) c.recv_armed = c.recv_cancelling = false;
-    ++self->in_handler_;
+    ++self.in_handler_;
     try {
         if (res > 0) {
             // Hand the buffer back whatever on_message does (a throw included).
@@ -124,32 +125,32 @@ void Connection::recv_done(detail::CompletionOp* op, std::int32_t res, std::uint
                 std::uint32_t flags;
                 ~Recycle() { io.recycle(flags); }
             } recycle{c.io, flags};
-            if (self->state_ == State::open) {
-                if (self->tls_)
-                    self->deliver_tls(self, c.io.buffer(flags), static_cast<std::size_t>(res));
+            if (self.state_ == State::open) {
+                if (self.tls_)
+                    self.deliver_tls(self.self_, c.io.buffer(flags), static_cast<std::size_t>(res));
                 else
-                    self->deliver(self, c.io.buffer(flags), static_cast<std::size_t>(res));
+                    self.deliver(self.self_, c.io.buffer(flags), static_cast<std::size_t>(res));
             }
-        } else if (self->state_ != State::open || res == -ECANCELED || res == -ENOBUFS) {
+        } else if (self.state_ != State::open || res == -ECANCELED || res == -ENOBUFS) {
             // Closed or paused meanwhile, or the buffers ran out: re-armed below if wanted.
-        } else if (res == 0 && self->tls_) {
+        } else if (res == 0 && self.tls_) {
             // After close_notify (delivered as the end already) the FIN is
             // expected; without one the stream was cut.
-            if (!self->tls_->records().end_of_file()) self->fail(EPROTO);
+            if (!self.tls_->records().end_of_file()) self.fail(EPROTO);
         } else if (res == 0) {
-            if (any(self->interest_, Events::read))
-                self->handle_peer_eof(self);
+            if (any(self.interest_, Events::read))
+                self.handle_peer_eof(self.self_);
             else
                 c.eof_held = true;  // after the bytes held, when reading resumes
         } else {
-            self->fail(-res);
+            self.fail(-res);
         }
-        if (ended && self->state_ == State::open) self->update_interest();  // re-arm
+        if (ended && self.state_ == State::open) self.update_interest();  // re-arm
     } catch (...) {
-        self->callback_threw(std::current_exception());
+        self.callback_threw(std::current_exception());
     }
-    if (--self->in_handler_ == 0 && self->notify_pending_) self->notify_closed();
-    if (ended) self->op_finished();
+    if (--self.in_handler_ == 0 && self.notify_pending_) self.notify_closed();
+    if (ended) self.op_finished();
 }
 
 void Connection::deliver(const ConnectionPtr& self, const char* p, std::size_t n) {
@@ -200,36 +201,35 @@ void Connection::deliver_held() {
 }
 
 void Connection::send_done(detail::CompletionOp* op, std::int32_t res, std::uint32_t) {
-    Connection& self_ref = *static_cast<detail::CompletionState::Op*>(op)->conn;
-    detail::CompletionState& c = *self_ref.cio_;
-    ConnectionPtr self = c.keep;
+    Connection& self = *static_cast<detail::CompletionState::Op*>(op)->conn;  // as in recv_done
+    detail::CompletionState& c = *self.cio_;
     c.send_in_flight = false;
     c.send_chunks = 0;
-    if (self->state_ != State::open) {
-        self->queue_.clear();  // what the request was reading, kept until now
+    if (self.state_ != State::open) {
+        self.queue_.clear();  // what the request was reading, kept until now
         std::string().swap(c.tls_out);
     } else {
-        ++self->in_handler_;
+        ++self.in_handler_;
         try {
             if (res < 0) {
-                self->fail(-res);
-            } else if (self->tls_) {
-                self->tls_sent(self, static_cast<std::size_t>(res));
+                self.fail(-res);
+            } else if (self.tls_) {
+                self.tls_sent(self.self_, static_cast<std::size_t>(res));
             } else {
-                self->consume_sent(static_cast<std::size_t>(res));
-                if (self->after_sent()) {
-                    if (self->queued_ == 0)
-                        self->written_all(self);
-                    else if (self->state_ == State::open)
-                        self->after_queue_grew();  // high water if backed up; the next request
+                self.consume_sent(static_cast<std::size_t>(res));
+                if (self.after_sent()) {
+                    if (self.queued_ == 0)
+                        self.written_all(self.self_);
+                    else if (self.state_ == State::open)
+                        self.after_queue_grew();  // high water if backed up; the next request
                 }
             }
         } catch (...) {
-            self->callback_threw(std::current_exception());
+            self.callback_threw(std::current_exception());
         }
-        if (--self->in_handler_ == 0 && self->notify_pending_) self->notify_closed();
+        if (--self.in_handler_ == 0 && self.notify_pending_) self.notify_closed();
     }
-    self->op_finished();
+    self.op_finished();
 }
 
 // ---- TLS over completion I/O: evmux's record layer between the requests and the user ----
