@@ -91,14 +91,28 @@ class CompletionIo {
         spare_strings_.push_back(std::move(s));
     }
 
+    /// Receive buffers lent to sends (a send of received bytes from where
+    /// they arrived, see CompletionState::lendable): at most a quarter of the
+    /// ring, so that connections whose peers do not read cannot starve the
+    /// others' receives; past it, sends copy.
+    bool can_lend() const { return lent_ < lend_limit_; }
+    void lend() { ++lent_; }
+    void unlend() { --lent_; }
+    /// The provided buffer a receive completion's flags name.
+    static std::uint32_t buffer_id(std::uint32_t flags) { return flags >> 16; }
+
     /// Runs the completions the last wait reaped; returns how many ran.
     virtual std::size_t dispatch() = 0;
     /// Waits (bounded) until no request is in flight, dispatching as they
     /// complete: for the loop's destructor, after its owners have closed.
     virtual void drain() = 0;
 
+  protected:
+    std::size_t lend_limit_ = 0;  // set by enable_completion()
+
   private:
     std::vector<std::string> spare_strings_;
+    std::size_t lent_ = 0;
 };
 
 }  // namespace evmux::detail

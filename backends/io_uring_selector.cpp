@@ -54,8 +54,8 @@ constexpr std::uint32_t token_mask = 0x3fff'ffffu;
 constexpr std::uint64_t op_tag = std::uint64_t{op_bit} << 32;
 
 // The provided receive buffers of completion I/O, shared by a loop's
-// connections: a connection holds one only from its receive's completion to
-// the end of that on_message.
+// connections: a connection holds one from its receive's completion to the
+// end of that on_message, or until a send lent it has gone out.
 constexpr unsigned buffer_count = 512;  // a power of two
 constexpr unsigned buffer_size = 4096;
 constexpr int buffer_group = 0;
@@ -402,6 +402,7 @@ class IoUringSelector final : public Selector, public CompletionIo {
             return false;
         }
         buf_ring_ = br;
+        lend_limit_ = buffer_count / 4;
         const int mask = io_uring_buf_ring_mask(buffer_count);
         for (unsigned i = 0; i < buffer_count; ++i)
             io_uring_buf_ring_add(br, buffers_ + std::size_t{i} * buffer_size, buffer_size,

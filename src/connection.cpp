@@ -337,9 +337,9 @@ bool Connection::write_queue() {
             iovec iov[max_iov];
             int count = 0;
             for (; static_cast<std::size_t>(count) < queue_.size() && count < max_iov; ++count) {
-                Chunk& chunk = queue_[static_cast<std::size_t>(count)];
-                iov[count].iov_base = chunk.bytes.data() + chunk.offset;
-                iov[count].iov_len = chunk.bytes.size() - chunk.offset;
+                const Chunk& chunk = queue_[static_cast<std::size_t>(count)];
+                iov[count].iov_base = const_cast<char*>(chunk.rest());
+                iov[count].iov_len = chunk.rest_size();
                 total += iov[count].iov_len;
             }
             msghdr msg{};
@@ -367,12 +367,17 @@ void Connection::consume_sent(std::size_t n) {
     touch_write();
     while (n > 0) {
         Chunk& front = queue_.front();
-        std::size_t rest = front.bytes.size() - front.offset;
+        std::size_t rest = front.rest_size();
         if (n < rest) {
             front.offset += n;
             break;
         }
         n -= rest;
+        if (front.lent) {
+            cio_->give_back(front.lent_buffer);  // the receive buffer it was sent from
+            queue_.drop_front();
+            continue;
+        }
         std::string done = queue_.pop_front();
         if (cio_) cio_->io.give_string(std::move(done));  // the next send's, without an allocation
     }
@@ -419,8 +424,26 @@ void Connection::send(const void* data, std::size_t len) {
     send_rest(p, len);
 }
 
-// Queue what the kernel did not take (kept out of send() so its fast path stays small).
+// Completion I/O: bytes of the receive on_message is handling, sent from its
+// buffer, which is kept from the kernel until they are sent.
+void Connection::send_lent(const char* p, std::size_t len) {
+    if (queued_ + len > opt_.max_buffered) return close_with(CloseReason::overflow);
+    queue_.push_lent(p, len, cio_->recv_flags);  // may throw: nothing lent yet
+    cio_->lend();
+    queued_ += len;
+    after_queue_grew();
+}
+
+// Queue what the kernel did not take (completion I/O: all of it). Kept out of
+// send() so its fast path stays small.
 void Connection::send_rest(const char* p, std::size_t len) {
+    // (Asked here, not in send(): readiness's send() stays as small; and
+    // before queue_copy()'s larger frame is set up.)
+    if (cio_ && cio_->lendable(p, len)) return send_lent(p, len);
+    queue_copy(p, len);
+}
+
+void Connection::queue_copy(const char* p, std::size_t len) {
     if (queued_ + len > opt_.max_buffered) {
         close_with(CloseReason::overflow);
         return;
@@ -428,7 +451,7 @@ void Connection::send_rest(const char* p, std::size_t len) {
     // (Never into a chunk a completion-mode send request is reading.)
     if (len <= coalesce_limit && !queue_.empty() &&
         queue_.back().bytes.size() + len <= coalesce_limit &&
-        !(cio_ && cio_->send_chunks >= queue_.size())) {
+        !(cio_ && (cio_->send_chunks >= queue_.size() || queue_.back().lent))) {
         queue_.back().bytes.append(p, len);
     } else if (cio_) {
         std::string bytes = cio_->io.take_string();  // a sent chunk's storage, if one is spare
@@ -668,7 +691,7 @@ bool Connection::close_quietly(CloseReason reason, int err) {
     // A send request in the kernel still reads the queue's front: completion
     // mode empties the queue when that request completes.
     if (cio_) completion_closed();
-    if (!cio_ || !cio_->send_in_flight) queue_.clear();
+    if (!cio_ || !cio_->send_in_flight) clear_queue();
     queued_ = 0;
     return true;
 }

@@ -9,7 +9,11 @@
 // Differences the contract hides:
 //  - send() always queues (a copy, or the caller's string moved) and the
 //    send request goes out with the next wait; on_drain comes when the
-//    request has written the queue, as after a readiness flush.
+//    request has written the queue, as after a readiness flush. Bytes of the
+//    receive on_message is handling (an echo, a forwarded slice) are queued
+//    without a copy: the chunk sends from the receive buffer, which goes back
+//    to the kernel when the chunk has been sent (CompletionState::lendable:
+//    at most 4 per connection and a quarter of the loop's buffers, else a copy).
 //  - A receive in flight when reading pauses may still complete: its bytes
 //    are kept in the input buffer (counted against max_buffered) and handed
 //    to on_message when reading resumes; so is an end of file.
@@ -84,13 +88,12 @@ void Connection::submit_send() {
     c.send_chunks = std::min(queue_.size(), detail::CompletionState::max_iov);
     if (c.send_chunks == 1) {
         const Chunk& front = queue_.front();
-        c.io.send(fd_, front.bytes.data() + front.offset, front.bytes.size() - front.offset,
-                  &c.send_op);
+        c.io.send(fd_, front.rest(), front.rest_size(), &c.send_op);
     } else {
         for (std::size_t i = 0; i < c.send_chunks; ++i) {
-            Chunk& chunk = queue_[i];
-            c.iov[i].iov_base = chunk.bytes.data() + chunk.offset;
-            c.iov[i].iov_len = chunk.bytes.size() - chunk.offset;
+            const Chunk& chunk = queue_[i];
+            c.iov[i].iov_base = const_cast<char*>(chunk.rest());
+            c.iov[i].iov_len = chunk.rest_size();
         }
         c.msg = msghdr{};
         c.msg.msg_iov = c.iov;
@@ -119,17 +122,24 @@ void Connection::recv_done(detail::CompletionOp* op, std::int32_t res, std::uint
     ++self.in_handler_;
     try {
         if (res > 0) {
-            // Hand the buffer back whatever on_message does (a throw included).
+            // Hand the buffer back whatever on_message does (a throw
+            // included), unless a queued send still reads it.
             struct Recycle {
-                detail::CompletionIo& io;
-                std::uint32_t flags;
-                ~Recycle() { io.recycle(flags); }
-            } recycle{c.io, flags};
+                detail::CompletionState& c;
+                ~Recycle() {
+                    c.recv_bytes = nullptr;
+                    if (!std::exchange(c.recv_lent, false)) c.io.recycle(c.recv_flags);
+                }
+            } recycle{c};
+            c.recv_flags = flags;
             if (self.state_ == State::open) {
-                if (self.tls_)
+                if (self.tls_) {  // decrypted into the loop's scratch: nothing to lend
                     self.deliver_tls(self.self_, c.io.buffer(flags), static_cast<std::size_t>(res));
-                else
-                    self.deliver(self.self_, c.io.buffer(flags), static_cast<std::size_t>(res));
+                } else {
+                    c.recv_bytes = c.io.buffer(flags);
+                    c.recv_len = static_cast<std::size_t>(res);
+                    self.deliver(self.self_, c.recv_bytes, c.recv_len);
+                }
             }
         } else if (self.state_ != State::open || res == -ECANCELED || res == -ENOBUFS) {
             // Closed or paused meanwhile, or the buffers ran out: re-armed below if wanted.
@@ -206,7 +216,7 @@ void Connection::send_done(detail::CompletionOp* op, std::int32_t res, std::uint
     c.send_in_flight = false;
     c.send_chunks = 0;
     if (self.state_ != State::open) {
-        self.queue_.clear();  // what the request was reading, kept until now
+        self.clear_queue();  // what the request was reading, kept until now
         std::string().swap(c.tls_out);
     } else {
         ++self.in_handler_;
@@ -319,6 +329,14 @@ void Connection::tls_sent(const ConnectionPtr& self, std::size_t n) {
     } else if (queued_ == 0) {
         tls_flushed();  // close_notify is out: the FIN, or the graceful close
     }
+}
+
+// Empties the queue; chunks sending from receive buffers give them back.
+void Connection::clear_queue() {
+    if (cio_)
+        for (std::size_t i = 0; i < queue_.size(); ++i)
+            if (queue_[i].lent) cio_->give_back(queue_[i].lent_buffer);
+    queue_.clear();
 }
 
 // Closing: cancel what is in the kernel (the completions still come, and

@@ -41,6 +41,35 @@ struct CompletionState {
         send_op.early = true;
     }
 
+    // A send of bytes inside the receive on_message is handling, while the
+    // connection lends fewer than max_lent buffers and the loop can lend one:
+    // the chunk sends from the receive buffer, which goes back to the kernel
+    // when the chunk is sent (or dropped) rather than after on_message.
+    bool lendable(const char* p, std::size_t len) const {
+        const auto at = reinterpret_cast<std::uintptr_t>(p);
+        const auto from = reinterpret_cast<std::uintptr_t>(recv_bytes);
+        return at >= from && at + len <= from + recv_len && !recv_lent && lent < max_lent &&
+               io.can_lend();
+    }
+    // The current receive's buffer lent to a chunk (queued with recv_flags,
+    // for give_back()).
+    void lend() {
+        recv_lent = true;
+        ++lent;
+        io.lend();
+    }
+    // A lent chunk sent or dropped: its buffer back to the kernel (after
+    // on_message, if it is the receive on_message is still handling).
+    void give_back(std::uint32_t flags) {
+        --lent;
+        io.unlend();
+        if (recv_lent && CompletionIo::buffer_id(flags) == CompletionIo::buffer_id(recv_flags))
+            recv_lent = false;
+        else
+            io.recycle(flags);
+    }
+    static constexpr unsigned max_lent = 4;
+
     CompletionIo& io;
     Op recv_op;
     Op send_op;
@@ -53,8 +82,15 @@ struct CompletionState {
     bool send_prepare = false;    // the send request is to be made right before the next wait
     std::size_t send_chunks = 0;  // queue chunks the send request is reading (from the front)
     int ops = 0;                  // requests in the kernel (or about to be made)
-    int close_fd = -1;            // closed with the last request (see notify_closed)
-    ConnectionPtr keep;           // holds the connection while ops > 0
+    unsigned lent = 0;            // queued chunks sending from receive buffers
+    // The receive on_message is handling (set by recv_done), and whether a
+    // queued chunk sends from its buffer.
+    const char* recv_bytes = nullptr;
+    std::size_t recv_len = 0;
+    std::uint32_t recv_flags = 0;
+    bool recv_lent = false;
+    int close_fd = -1;   // closed with the last request (see notify_closed)
+    ConnectionPtr keep;  // holds the connection while ops > 0
     // The send request's gather list (its bytes are the queue's front chunks).
     iovec iov[max_iov];
     msghdr msg{};

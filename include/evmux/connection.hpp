@@ -310,6 +310,14 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     struct Chunk {
         std::string bytes;
         std::size_t offset = 0;  // written prefix
+        // Completion I/O: the bytes are lent by a provided receive buffer
+        // (sent from where they arrived, no copy) instead of `bytes`; the
+        // buffer goes back to the kernel with the chunk.
+        const char* lent = nullptr;
+        std::size_t lent_len = 0;
+        std::uint32_t lent_buffer = 0;  // the receive completion's flags naming it
+        const char* rest() const { return (lent ? lent : bytes.data()) + offset; }
+        std::size_t rest_size() const { return (lent ? lent_len : bytes.size()) - offset; }
     };
     // The outgoing queue: a ring of chunks. Empty, it holds no memory (a
     // std::deque allocates a map and a node up front); chunks coming and
@@ -326,6 +334,22 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
             if (size_ == slots_.size()) grow();
             (*this)[size_++] = std::move(chunk);
         }
+        // A lent chunk (Chunk::lent): its slot's string stays empty, as
+        // pop_front() and clear() leave every slot's, so nothing is moved.
+        void push_lent(const char* p, std::size_t len, std::uint32_t buffer) {
+            if (size_ == slots_.size()) grow();
+            Chunk& c = (*this)[size_++];
+            c.offset = 0;
+            c.lent = p;
+            c.lent_len = len;
+            c.lent_buffer = buffer;
+        }
+        // The front chunk, dropped (a lent one: no string to keep).
+        void drop_front() {
+            slots_[head_].lent = nullptr;
+            head_ = (head_ + 1) & (slots_.size() - 1);
+            if (--size_ == 0) head_ = 0;
+        }
         // The front chunk's string, moved out (its bytes keep their storage).
         std::string pop_front() {
             std::string bytes = std::move(slots_[head_].bytes);
@@ -339,7 +363,7 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
         }
 
       private:
-        void grow() {
+        [[gnu::noinline]] void grow() {
             std::vector<Chunk> bigger(slots_.empty() ? 2 : slots_.size() * 2);
             for (std::size_t i = 0; i < size_; ++i) bigger[i] = std::move((*this)[i]);
             slots_ = std::move(bigger);
@@ -379,6 +403,9 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
         if (tracking_) last_write_ = loop_.iteration_time();
     }
     void send_rest(const char* p, std::size_t len);
+    [[gnu::always_inline]] inline void send_lent(const char* p, std::size_t len);
+    [[gnu::noinline]] void queue_copy(const char* p, std::size_t len);
+    void clear_queue();  // completion I/O: gives lent receive buffers back
     // The byte transport: the socket itself, or TLS over it.
     std::ptrdiff_t write_some(const char* p, std::size_t len);
     void send_fin();
