@@ -43,7 +43,8 @@ class CompletionIo {
 
     /// Turns completion I/O on for this selector (registers the receive
     /// buffers). False, with the reason in `why`, if a piece the connections
-    /// need is missing here: the loop then stays with readiness.
+    /// need is missing here: the loop then stays with readiness. Throws
+    /// std::invalid_argument for a bad test knob (EVMUX_URING_BUFFERS, ...).
     virtual bool enable_completion(std::string& why) = 0;
     /// What is on ("recv multishot, buffer ring 512 x 4096 B, ...").
     virtual std::string completion_features() const = 0;

@@ -27,12 +27,14 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <stdexcept>
 #include <string>
 #include <system_error>
 #include <utility>
@@ -56,9 +58,53 @@ constexpr std::uint64_t op_tag = std::uint64_t{op_bit} << 32;
 // The provided receive buffers of completion I/O, shared by a loop's
 // connections: a connection holds one from its receive's completion to the
 // end of that on_message, or until a send lent it has gone out.
-constexpr unsigned buffer_count = 512;  // a power of two
+constexpr unsigned default_buffer_count = 512;  // a power of two
 constexpr unsigned buffer_size = 4096;
 constexpr int buffer_group = 0;
+
+// Test and diagnostic knobs, read once per process:
+//  EVMUX_URING_BUFFERS=N       N provided receive buffers per loop (a power of
+//                              two, 1-32768) instead of 512: a small ring makes
+//                              receives run out of buffers (ENOBUFS).
+//  EVMUX_URING_RECV_LIMIT=off  act as a kernel without the multishot receive's
+//                              byte limit: one-shot receives.
+struct Knobs {
+    unsigned buffers = default_buffer_count;
+    bool recv_limit_off = false;
+    std::string error;  // a bad value: what is wrong
+};
+
+Knobs read_knobs() {
+    Knobs k;
+    if (const char* v = std::getenv("EVMUX_URING_BUFFERS")) {
+        char* end = nullptr;
+        errno = 0;
+        const unsigned long n = std::strtoul(v, &end, 10);
+        if (*v < '0' || *v > '9' || *end != '\0' || errno != 0 || n == 0 || n > 32768 ||
+            (n & (n - 1)) != 0) {
+            k.error = "evmux: EVMUX_URING_BUFFERS must be a power of two from 1 to 32768, not '";
+            k.error += v;
+            k.error += "'";
+        } else {
+            k.buffers = static_cast<unsigned>(n);
+        }
+    }
+    if (const char* v = std::getenv("EVMUX_URING_RECV_LIMIT")) {
+        if (std::strcmp(v, "off") == 0) {
+            k.recv_limit_off = true;
+        } else if (*v != '\0' && k.error.empty()) {
+            k.error = "evmux: EVMUX_URING_RECV_LIMIT must be 'off' (or unset), not '";
+            k.error += v;
+            k.error += "'";
+        }
+    }
+    return k;
+}
+
+const Knobs& knobs() {
+    static const Knobs k = read_knobs();
+    return k;
+}
 
 std::uint64_t encode(std::uint32_t token, int fd) {
     return (std::uint64_t{token} << 32) | static_cast<std::uint32_t>(fd);
@@ -238,13 +284,15 @@ CompletionProbe run_completion_probe() {
     if (!p.missing.empty()) return p;
     // Optional: without a byte limit per multishot receive, each receive is
     // one request (a buffer at most), re-armed with the next wait.
-    p.limited_recv = probe_recv(1, "x").empty();
-    p.features = std::string(p.limited_recv ? "multishot recv (64 KiB per request)"
-                                            : "one-shot recv (no multishot byte limit here)") +
-                 " into a provided buffer ring (" + std::to_string(buffer_count) + " x " +
-                 std::to_string(buffer_size) +
-                 " B), multishot accept, send/sendmsg requests; off: SINGLE_ISSUER|DEFER_TASKRUN "
-                 "(a loop may be run and destroyed by different threads), zero-copy send";
+    p.limited_recv = !knobs().recv_limit_off && probe_recv(1, "x").empty();
+    p.features =
+        std::string(p.limited_recv           ? "multishot recv (64 KiB per request)"
+                    : knobs().recv_limit_off ? "one-shot recv (EVMUX_URING_RECV_LIMIT=off)"
+                                             : "one-shot recv (no multishot byte limit here)") +
+        " into a provided buffer ring (" + std::to_string(knobs().buffers) + " x " +
+        std::to_string(buffer_size) +
+        " B), multishot accept, send/sendmsg requests; off: SINGLE_ISSUER|DEFER_TASKRUN "
+        "(a loop may be run and destroyed by different threads), zero-copy send";
     return p;
 }
 
@@ -374,11 +422,14 @@ class IoUringSelector final : public Selector, public CompletionIo {
 
     bool enable_completion(std::string& why) override {
         if (buffers_) return true;
+        if (!knobs().error.empty()) throw std::invalid_argument(knobs().error);
         why = completion_unusable();
         if (!why.empty()) return false;
         // The ring of buffer descriptors must be page-aligned; the buffers need not.
         void* ring_mem = nullptr;
-        const std::size_t ring_bytes = buffer_count * sizeof(io_uring_buf);
+        const unsigned buffer_count = knobs().buffers;
+        const std::size_t ring_bytes =
+            std::max<std::size_t>(buffer_count * sizeof(io_uring_buf), 4096);
         if (posix_memalign(&ring_mem, 4096, ring_bytes) != 0) {
             why = "no memory for the receive buffer ring";
             return false;
@@ -402,8 +453,9 @@ class IoUringSelector final : public Selector, public CompletionIo {
             return false;
         }
         buf_ring_ = br;
+        buffer_mask_ = io_uring_buf_ring_mask(buffer_count);
         lend_limit_ = buffer_count / 4;
-        const int mask = io_uring_buf_ring_mask(buffer_count);
+        const int mask = buffer_mask_;
         for (unsigned i = 0; i < buffer_count; ++i)
             io_uring_buf_ring_add(br, buffers_ + std::size_t{i} * buffer_size, buffer_size,
                                   static_cast<unsigned short>(i), mask, static_cast<int>(i));
@@ -472,8 +524,7 @@ class IoUringSelector final : public Selector, public CompletionIo {
     void recycle(std::uint32_t flags) override {
         const unsigned bid = flags >> IORING_CQE_BUFFER_SHIFT;
         io_uring_buf_ring_add(buf_ring_, buffers_ + std::size_t{bid} * buffer_size, buffer_size,
-                              static_cast<unsigned short>(bid),
-                              io_uring_buf_ring_mask(buffer_count), 0);
+                              static_cast<unsigned short>(bid), buffer_mask_, 0);
         io_uring_buf_ring_advance(buf_ring_, 1);
     }
 
@@ -728,7 +779,8 @@ class IoUringSelector final : public Selector, public CompletionIo {
     std::vector<Done> done_early_;           // the same, of CompletionOp::early ops
     std::vector<CompletionOp*> to_prepare_;  // prepare_before_wait()
     std::size_t ops_in_flight_ = 0;          // completion requests not finished
-    char* buffers_ = nullptr;                // buffer_count x buffer_size
+    char* buffers_ = nullptr;                // knobs().buffers x buffer_size
+    int buffer_mask_ = 0;
     io_uring_buf_ring* buf_ring_ = nullptr;
 };
 
