@@ -85,6 +85,29 @@ bool send_all(int fd, std::string_view data) {
     return true;
 }
 
+/// Makes `fd` non-blocking and sends 64 KiB chunks until the buffers on both
+/// sides are full and stay full for `quiet` (or `cap` bytes went, or 5 s
+/// passed); returns the bytes sent.
+std::size_t send_until_stalled(int fd, std::size_t cap, std::chrono::milliseconds quiet) {
+    ::fcntl(fd, F_SETFL, O_NONBLOCK);
+    const std::string chunk = pattern(64 * 1024);
+    std::size_t sent = 0;
+    const auto deadline = std::chrono::steady_clock::now() + 5s;
+    auto last_progress = std::chrono::steady_clock::now();
+    while (std::chrono::steady_clock::now() < deadline && sent < cap) {
+        ssize_t n = ::send(fd, chunk.data(), chunk.size(), MSG_NOSIGNAL);
+        if (n > 0) {
+            sent += static_cast<std::size_t>(n);
+            last_progress = std::chrono::steady_clock::now();
+        } else if (std::chrono::steady_clock::now() - last_progress > quiet) {
+            break;
+        } else {
+            std::this_thread::sleep_for(1ms);
+        }
+    }
+    return sent;
+}
+
 /// Read exactly n bytes (blocking with the socket's timeout); shorter on EOF/error.
 std::string recv_exact(int fd, std::size_t n, std::size_t chunk = 65536) {
     std::string out;
@@ -677,23 +700,7 @@ TEST(TcpServer, ClientThatNeverReadsIsBounded) {
     ServerThread srv(std::move(sel), loopback4, cb, opt);
 
     Fd greedy = dial(srv.address());
-    ::fcntl(greedy.get(), F_SETFL, O_NONBLOCK);
-    const std::string chunk = pattern(64 * 1024);
-    std::size_t sent = 0;
-    auto deadline = std::chrono::steady_clock::now() + 5s;
-    auto last_progress = std::chrono::steady_clock::now();
-    // Send until the kernel buffers on both sides are full and stay full.
-    while (std::chrono::steady_clock::now() < deadline && sent < (256u << 20)) {
-        ssize_t n = ::send(greedy.get(), chunk.data(), chunk.size(), MSG_NOSIGNAL);
-        if (n > 0) {
-            sent += static_cast<std::size_t>(n);
-            last_progress = std::chrono::steady_clock::now();
-        } else if (std::chrono::steady_clock::now() - last_progress > 300ms) {
-            break;
-        } else {
-            std::this_thread::sleep_for(1ms);
-        }
-    }
+    const std::size_t sent = send_until_stalled(greedy.get(), 256u << 20, 300ms);
     EXPECT_LT(sent, 256u << 20) << "the server never stopped reading";
     // Another client is served meanwhile.
     Fd polite = dial(srv.address());
@@ -706,6 +713,101 @@ TEST(TcpServer, ClientThatNeverReadsIsBounded) {
     EXPECT_LE(max_queued.load(), opt.connection.high_water + EventLoop::scratch_size);
     EXPECT_EQ(high_water.load(), 1);
     EXPECT_EQ(closes.load(), 0) << "backpressure, not overflow, should hold it";
+}
+
+// Several connections echoing large messages at once, every byte checked. On
+// completion I/O with a small receive ring (the suite's
+// connection-io_uring-completion-8-buffers, -1-buffer entries) the receives
+// run out of buffers (ENOBUFS) and are made again with the next wait.
+TEST(TcpServer, ConcurrentLargeEchoesKeepEveryByte) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    ServerThread srv(std::move(sel), loopback4, echo_callbacks());
+    constexpr int n = 4;
+    constexpr std::size_t size = 1 << 20;
+    std::vector<Fd> clients;
+    for (int i = 0; i < n; ++i) clients.push_back(dial(srv.address()));
+    std::vector<std::string> sent(n), got(n);
+    std::vector<char> ok(n, 0);
+    std::vector<std::thread> threads;
+    for (int i = 0; i < n; ++i) {
+        sent[i] = pattern(size, 100 + static_cast<unsigned>(i));
+        threads.emplace_back([&, i] { ok[i] = send_all(clients[i].get(), sent[i]); });
+        threads.emplace_back([&, i] { got[i] = recv_exact(clients[i].get(), size, 3000); });
+    }
+    for (auto& t : threads) t.join();
+    for (int i = 0; i < n; ++i) {
+        ASSERT_TRUE(ok[i]) << "client " << i;
+        ASSERT_EQ(got[i].size(), size) << "client " << i;
+        EXPECT_TRUE(got[i] == sent[i]) << "bytes differ for client " << i;
+    }
+    EXPECT_EQ(srv.stats().bytes_in, srv.stats().bytes_out);
+}
+
+// Peers that never read hold no more of the server than backpressure allows,
+// and another client is still served: on completion I/O an echo sends from
+// the receive buffer itself, and the buffers so held are capped (4 per
+// connection, a quarter of the loop's ring) so that stalled peers cannot take
+// every receive buffer (connection-io_uring-completion-8-buffers: a ring of 8,
+// which 3 stalled echoes would otherwise fill).
+TEST(TcpServer, ClientsThatNeverReadDoNotStarveOthers) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    ServerThread srv(std::move(sel), loopback4, echo_callbacks());
+    std::vector<Fd> greedy;
+    for (int i = 0; i < 3; ++i) {
+        greedy.push_back(dial(srv.address(), 4096));
+        ASSERT_LT(send_until_stalled(greedy.back().get(), 64u << 20, 200ms), 64u << 20)
+            << "the server never stopped reading client " << i;
+    }
+    Fd polite = dial(srv.address());
+    for (int round = 0; round < 5; ++round) {
+        const std::string msg = pattern(64 * 1024, 20 + static_cast<unsigned>(round));
+        bool sent = false;
+        std::thread writer([&] { sent = send_all(polite.get(), msg); });
+        std::string got = recv_exact(polite.get(), msg.size());
+        writer.join();
+        ASSERT_TRUE(sent);
+        ASSERT_EQ(got.size(), msg.size()) << "round " << round;
+        ASSERT_TRUE(got == msg) << "bytes differ in round " << round;
+    }
+}
+
+// Slices of the input sent back (lines, each followed by a separate "\n"
+// send), some from the receive buffer itself on completion I/O and some
+// copied, interleave in the order sent.
+TEST(TcpServer, EchoedLinesKeepTheirOrder) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    Callbacks cb;
+    cb.on_message = [](const ConnectionPtr& c, Buffer& in) {
+        while (auto line = in.take_line(4096)) {
+            c->send(line->data(), line->size());
+            c->send("\n", 1);
+        }
+    };
+    ServerThread srv(std::move(sel), loopback4, cb);
+    Fd c = dial(srv.address());
+    std::string text;
+    for (unsigned i = 0; i < 3000; ++i) {
+        std::string line = pattern(1 + (i * 37) % 300, i);
+        std::replace(line.begin(), line.end(), '\n', 'x');
+        text += line;
+        text += '\n';
+    }
+    bool sent = false;
+    std::thread writer([&] {
+        // Irregular pieces, so that lines straddle receives.
+        std::size_t at = 0;
+        sent = true;
+        for (std::size_t piece = 1; at < text.size() && sent; piece = piece * 7 % 5003 + 1) {
+            const std::size_t len = std::min(piece, text.size() - at);
+            sent = send_all(c.get(), std::string_view(text).substr(at, len));
+            at += len;
+        }
+    });
+    std::string got = recv_exact(c.get(), text.size());
+    writer.join();
+    ASSERT_TRUE(sent);
+    ASSERT_EQ(got.size(), text.size());
+    EXPECT_TRUE(got == text);
 }
 
 // on_low_water: once per crossing back to the low-water mark after
