@@ -51,9 +51,16 @@
 #if EVMUX_LOAD_TLS
 #include <openssl/err.h>
 #include <openssl/ssl.h>
+// Bytes OpenSSL has read ahead that no readiness event will announce.
+inline bool tls_pending(SSL* ssl) {
+    return SSL_has_pending(ssl) == 1;
+}
 #else
 struct ssl_st;  // never made without TLS
 using SSL = ssl_st;
+inline bool tls_pending(SSL*) {
+    return false;
+}
 #endif
 
 namespace {
@@ -301,6 +308,8 @@ SSL_CTX* LoadClient::make_tls_context(const Options& opt) {
     SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
     // Records one by one as the socket takes them; a retry may not move.
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE);
+    // One recv() takes what is there, not a record's header and then its body.
+    SSL_CTX_set_read_ahead(ctx, 1);
     if (opt.tls_ca.empty()) {
         std::fprintf(stderr,
                      "evmux-load: --tls without --tls-ca: the server's certificate is not "
@@ -547,8 +556,9 @@ void LoadClient::on_readable(std::size_t i) {
         }
         // A short read means the socket is empty: skip the EAGAIN round trip
         // to the kernel; level-triggered epoll reports whatever comes later.
-        // (TLS: one record per SSL_read; read on until it would block.)
-        if (got < read_buf_.size() && !c.ssl) return;
+        // (TLS: one record per SSL_read; what OpenSSL read ahead is announced
+        // by no event, so read on while it holds some.)
+        if (got < read_buf_.size() && (!c.ssl || !tls_pending(c.ssl))) return;
     }
 }
 
