@@ -429,6 +429,9 @@ ssize_t TlsRecordLayer::read(char* buf, std::size_t len) {
     if (peer_closed_) return 0;
     Scratch& s = scratch();
     std::size_t have = in_.size();
+    // Never more than a record and one read's worth (absorb() is followed by
+    // reads until EAGAIN); a caller that broke that gets an error, not an overflow.
+    if (have > sizeof s.in) return fail(0, "TLS: too much ciphertext waiting");
     std::memcpy(s.in, in_.data(), have);
     in_.clear();
     pending_record_ = false;
