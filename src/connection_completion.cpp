@@ -284,12 +284,12 @@ void Connection::submit_tls_send() {
         detail::TlsRecordLayer& records = tls_->records();
         bool ok = true;
         for (std::size_t i = 0; ok && i < queue_.size() && c.tls_plain < max_plain; ++i) {
-            const Chunk& chunk = queue_[i];
-            const std::size_t n =
-                std::min(chunk.bytes.size() - chunk.offset, max_plain - c.tls_plain);
-            ok = records.seal_append(c.tls_out, chunk.bytes.data() + chunk.offset, n);
+            const Chunk& chunk =
+                queue_[i];  // (never lent: TLS plaintext is not in a receive buffer)
+            const std::size_t n = std::min(chunk.rest_size(), max_plain - c.tls_plain);
+            ok = records.seal_append(c.tls_out, chunk.rest(), n);
             c.tls_plain += n;
-            if (n < chunk.bytes.size() - chunk.offset) break;
+            if (n < chunk.rest_size()) break;
         }
         if (ok && queue_.empty()) ok = records.seal_append(c.tls_out, nullptr, 0);
         if (!ok) {
