@@ -34,14 +34,15 @@
 //  - on_message sees exactly the application data of the valid records sent
 //    before the first invalid one (nothing lost, doubled or reordered);
 //  - the connection closes with CloseReason::tls and a close_message() after
-//    an invalid record or an EOF without close_notify, with peer_closed after
+//    an invalid record (an intact but forbidden one: not the EOF's message)
+//    or an EOF without close_notify, with peer_closed after
 //    close_notify; on_close exactly once; every loop bounded.
 //
 // Where evmux is more lenient than a strict reading of the RFC the model
-// follows evmux (and says so): a NewSessionTicket from a client is ignored;
-// padding may take the inner plaintext past 2^14 + 1 bytes as long as the
-// record is within 2^14 + 256; application data may come between the pieces
-// of a handshake message.
+// follows evmux (and says so): padding may take the inner plaintext past
+// 2^14 + 1 bytes as long as the record is within 2^14 + 256. (A client's
+// NewSessionTicket, records between a handshake message's pieces: errors;
+// user_canceled: a closure alert, not an error.)
 //
 // Built as a libFuzzer target with -Dfuzz=enabled (clang), and otherwise as a
 // replay program that runs the stored corpus as a regression test.
@@ -431,6 +432,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     Run run(backend, read_budget_of(in.next()), suite_index);
     run.handshake(suite);
 
+    bool refused = false;
     for (int records = 0; records < 64 && !in.done() && !run.model.invalid && !run.model.closed;
          ++records) {
         const std::uint8_t op = in.next();
@@ -523,6 +525,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         } else {
             const std::size_t app_before = run.model.app.size();
             if (run.model.take(inner)) run.sealer.update();
+            refused = run.model.invalid;  // intact, but not allowed: refused for what it is
             run.app_made += run.model.app.size() - app_before;
         }
         std::size_t chunk = 0;
@@ -558,5 +561,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         fail("close reason (got, want)", static_cast<unsigned>(run.reason),
              static_cast<unsigned>(want));
     if (want == CloseReason::tls && run.close_message.empty()) fail("no close_message");
+    // An intact record the RFC forbids is an error of its own, not the end of
+    // file that follows it (which would be all an ignored one leads to).
+    if (refused && run.close_message == "TLS: unexpected eof while reading")
+        fail("a forbidden record was let through: closed only by the end of file");
     return 0;
 }
