@@ -1162,5 +1162,21 @@ TEST_F(Tls, BadRecordLayerNameIsAClearError) {
     ::setenv("EVMUX_TLS_RECORDS", expected_records() == TlsRecords::evmux ? "evmux" : "openssl", 1);
 }
 
+TEST_F(Tls, BadKeyUpdateCountIsAClearError) {
+    for (const char* bad : {"0", "many", "12x"}) {
+        ::setenv("EVMUX_TLS_KEY_UPDATE_RECORDS", bad, 1);
+        try {
+            server_context();
+            ADD_FAILURE() << "no error for EVMUX_TLS_KEY_UPDATE_RECORDS=" << bad;
+        } catch (const std::invalid_argument& e) {
+            EXPECT_EQ(
+                std::string(e.what()),
+                std::string("EVMUX_TLS_KEY_UPDATE_RECORDS must be a count > 0, not '") + bad + "'");
+        }
+    }
+    ::unsetenv("EVMUX_TLS_KEY_UPDATE_RECORDS");
+    EXPECT_EQ(server_context()->key_update_records(), std::uint64_t{1} << 23);
+}
+
 }  // namespace
 }  // namespace evmux
