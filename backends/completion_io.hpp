@@ -60,6 +60,17 @@ class CompletionIo {
     virtual void sendmsg(int fd, const msghdr* msg, CompletionOp* op) = 0;
     /// A multishot accept: a completion per connection, the new fd (non-blocking, close-on-exec).
     virtual void accept_multishot(int fd, CompletionOp* op) = 0;
+    /// Whether close() is a request here (the kernel has IORING_OP_CLOSE); if
+    /// not, the caller calls close() itself.
+    virtual bool close_requests() const = 0;
+    /// close(fd) as a request, submitted with the next wait (drain() waits for
+    /// it): nothing to wait for, the fd is no longer the caller's. Until the
+    /// request runs the number stays taken, so no new socket can get it.
+    virtual void close(int fd) = 0;
+    /// Submits the requests made since the last wait (closes, cancels,
+    /// receives armed again), without waiting; no system call if there are
+    /// none. For the loop returning to its caller.
+    virtual void submit() = 0;
     /// cancel(), then waits (bounded) until the request has ended, so that
     /// the file it held is let go; its last completion is still dispatched
     /// later. For a listener that must free its port at once.

@@ -68,9 +68,12 @@ constexpr int buffer_group = 0;
 //                              receives run out of buffers (ENOBUFS).
 //  EVMUX_URING_RECV_LIMIT=off  act as a kernel without the multishot receive's
 //                              byte limit: one-shot receives.
+//  EVMUX_URING_CLOSE=off       act as a kernel without IORING_OP_CLOSE: a
+//                              connection's socket is closed by close().
 struct Knobs {
     unsigned buffers = default_buffer_count;
     bool recv_limit_off = false;
+    bool close_off = false;
     std::string error;  // a bad value: what is wrong
 };
 
@@ -94,6 +97,15 @@ Knobs read_knobs() {
             k.recv_limit_off = true;
         } else if (*v != '\0' && k.error.empty()) {
             k.error = "evmux: EVMUX_URING_RECV_LIMIT must be 'off' (or unset), not '";
+            k.error += v;
+            k.error += "'";
+        }
+    }
+    if (const char* v = std::getenv("EVMUX_URING_CLOSE")) {
+        if (std::strcmp(v, "off") == 0) {
+            k.close_off = true;
+        } else if (*v != '\0' && k.error.empty()) {
+            k.error = "evmux: EVMUX_URING_CLOSE must be 'off' (or unset), not '";
             k.error += v;
             k.error += "'";
         }
@@ -147,6 +159,7 @@ struct CompletionProbe {
     std::string missing;        // empty: completion I/O works here
     std::string features;       // what was found
     bool limited_recv = false;  // a multishot receive takes a byte limit (sqe->optlen)
+    bool close = false;         // IORING_OP_CLOSE (Linux 5.6)
 };
 
 // Bytes one multishot receive takes before it ends and is armed again: the
@@ -275,6 +288,8 @@ CompletionProbe run_completion_probe() {
                 p.missing = n.name;
                 break;
             }
+        // Optional: without it a connection's socket is closed by close().
+        p.close = !knobs().close_off && io_uring_opcode_supported(ops, IORING_OP_CLOSE);
         io_uring_free_probe(ops);
     }
     io_uring_queue_exit(&ring);
@@ -290,9 +305,13 @@ CompletionProbe run_completion_probe() {
                     : knobs().recv_limit_off ? "one-shot recv (EVMUX_URING_RECV_LIMIT=off)"
                                              : "one-shot recv (no multishot byte limit here)") +
         " into a provided buffer ring (" + std::to_string(knobs().buffers) + " x " +
-        std::to_string(buffer_size) +
-        " B), multishot accept, send/sendmsg requests; off: SINGLE_ISSUER|DEFER_TASKRUN "
-        "(a loop may be run and destroyed by different threads), zero-copy send";
+        std::to_string(buffer_size) + " B), multishot accept, send/sendmsg requests, " +
+        (p.close             ? "close requests"
+         : knobs().close_off ? "close() calls (EVMUX_URING_CLOSE=off)"
+                             : "close() calls (no IORING_OP_CLOSE here)") +
+        "; off: FIN requests (IORING_OP_SHUTDOWN runs on an io-wq thread), "
+        "SINGLE_ISSUER|DEFER_TASKRUN (a loop may be run and destroyed by different threads), "
+        "zero-copy send (slower on loopback)";
     return p;
 }
 
@@ -326,6 +345,8 @@ class IoUringSelector final : public Selector, public CompletionIo {
         } catch (const std::system_error&) {
             // The ring still drops them, a little later.
         }
+        // A close request made after the loop's drain() still runs.
+        if (io_uring_sq_ready(&ring_) > 0) io_uring_submit(&ring_);
         if (buffers_) io_uring_unregister_buf_ring(&ring_, buffer_group);
         io_uring_queue_exit(&ring_);
         if (buffers_) std::free(buffers_);
@@ -489,6 +510,16 @@ class IoUringSelector final : public Selector, public CompletionIo {
         io_uring_prep_multishot_accept(op_sqe(op), fd, nullptr, nullptr,
                                        SOCK_NONBLOCK | SOCK_CLOEXEC);
     }
+
+    bool close_requests() const override { return completion_probe().close; }
+
+    void submit() override {
+        if (io_uring_sq_ready(&ring_) == 0) return;
+        if (int ret = io_uring_submit(&ring_); ret == -EBUSY || ret == -EAGAIN)
+            stash_completions();  // the next wait submits them
+    }
+
+    void close(int fd) override { io_uring_prep_close(op_sqe(&close_op_), fd); }
 
     void prepare_before_wait(CompletionOp* op) override { to_prepare_.push_back(op); }
 
@@ -782,6 +813,8 @@ class IoUringSelector final : public Selector, public CompletionIo {
     char* buffers_ = nullptr;                // knobs().buffers x buffer_size
     int buffer_mask_ = 0;
     io_uring_buf_ring* buf_ring_ = nullptr;
+    // close() requests' op: nobody waits for them (drain() counts them).
+    CompletionOp close_op_{.complete = [](CompletionOp*, std::int32_t, std::uint32_t) {}};
 };
 
 std::string read_sysctl(const char* path) {

@@ -730,7 +730,7 @@ void Connection::notify_closed() noexcept {
     if (cio_ && cio_->ops > 0)
         cio_->close_fd = fd_;
     else
-        ::close(fd_);
+        close_socket(fd_);
     fd_ = -1;
     loop_.untie(std::exchange(tie_, 0));  // `self` keeps us to the end of this call
 }

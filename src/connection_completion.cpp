@@ -107,7 +107,7 @@ void Connection::submit_send() {
 void Connection::op_finished() {
     detail::CompletionState& c = *cio_;
     if (--c.ops == 0) {
-        if (c.close_fd >= 0) ::close(std::exchange(c.close_fd, -1));
+        if (c.close_fd >= 0) close_socket(std::exchange(c.close_fd, -1));
         ConnectionPtr last = std::move(c.keep);  // may be the last reference: dies at return
     }
 }
@@ -337,6 +337,17 @@ void Connection::clear_queue() {
         for (std::size_t i = 0; i < queue_.size(); ++i)
             if (queue_[i].lent) cio_->give_back(queue_[i].lent_buffer);
     queue_.clear();
+}
+
+// The socket's close: a request with the next wait where the kernel has it
+// (after the connection's last request: none names the fd any more). The
+// FIN stays a shutdown() call: the kernel runs IORING_OP_SHUTDOWN on an
+// io-wq worker thread, a thread hop for the system call it would save.
+void Connection::close_socket(int fd) {
+    if (cio_ && cio_->io.close_requests())
+        cio_->io.close(fd);
+    else
+        ::close(fd);
 }
 
 // Closing: cancel what is in the kernel (the completions still come, and

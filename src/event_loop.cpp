@@ -548,15 +548,21 @@ void EventLoop::run() {
     m.claim();
     for (;;) {
         iterate(std::nullopt, true);
-        if (m.stop_requested.load(std::memory_order_relaxed) && m.stop_requested.exchange(false))
+        if (m.stop_requested.load(std::memory_order_relaxed) && m.stop_requested.exchange(false)) {
+            if (completion_io_) completion_io_->submit();  // e.g. the closes on_close made
             return;
+        }
     }
 }
 
 std::size_t EventLoop::run_once(Timeout timeout) {
     impl_->now_valid = false;
     impl_->claim();
-    return iterate(timeout, false);
+    const std::size_t ran = iterate(timeout, false);
+    // Requests made after the wait (a close after on_close) go out now, not
+    // with a next wait that may be long in coming.
+    if (completion_io_) completion_io_->submit();
+    return ran;
 }
 
 std::size_t EventLoop::iterate(Timeout timeout, bool stoppable) {

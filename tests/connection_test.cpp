@@ -23,6 +23,7 @@
 #include <thread>
 #include <vector>
 
+#include "completion_io.hpp"  // backends/ (internal): close_requests()
 #include "evmux/address.hpp"
 #include "evmux/connection.hpp"
 #include "evmux/event_loop.hpp"
@@ -502,6 +503,40 @@ TEST(Connection, PeerResetWithQueuedDataIsAReasonNotASignal) {
     pump_for(loop, 20ms);
     EXPECT_EQ(rec.closes, 1);
     std::signal(SIGPIPE, old);
+}
+
+// Completion I/O where the kernel has IORING_OP_CLOSE: the socket is closed by
+// a request that goes out with the loop's next wait (or as run_once() returns),
+// not by close() right after on_close. A task posted behind the close still
+// finds the fd open; once run_once() has returned it is closed and the peer
+// sees the end of the stream.
+TEST(Connection, CompletionClosesTheSocketByARequest) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    if (!loop.completion_io() || !loop.completion_io()->close_requests())
+        GTEST_SKIP() << "closes are close() calls here (readiness, or EVMUX_URING_CLOSE=off)";
+    auto [client, server] = test::tcp_pair();
+    Recorder rec;
+    ConnectionPtr conn = Connection::adopt(loop, server.release(), rec.callbacks(false));
+    const int fd = conn->fd();
+    ASSERT_GE(fd, 0);
+    loop.run_once(0ms);  // the receive request goes out
+    conn->close();       // on_close is posted: it runs with the next iteration's tasks
+    bool open_after_on_close = false;
+    loop.post([&] {
+        EXPECT_EQ(rec.closes, 1) << "on_close ran before this task";
+        open_after_on_close = ::fcntl(fd, F_GETFD) != -1;
+    });
+    loop.run_once(0ms);
+    EXPECT_TRUE(open_after_on_close) << "closed at on_close: not a request";
+    errno = 0;
+    EXPECT_EQ(::fcntl(fd, F_GETFD), -1) << "still open after run_once() returned";
+    EXPECT_EQ(errno, EBADF);
+    set_timeouts(client.get(), 5000ms);
+    ::fcntl(client.get(), F_SETFL, 0);
+    bool eof = false;
+    EXPECT_EQ(recv_to_eof(client.get(), &eof), "");
+    EXPECT_TRUE(eof);
 }
 
 TEST(Connection, SendToResetPeerReportsOnceFromTheLoop) {

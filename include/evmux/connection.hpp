@@ -425,6 +425,7 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     void deliver_held();
     void completion_closed();
     void op_finished();
+    void close_socket(int fd);
     static void recv_done(detail::CompletionOp* op, std::int32_t res, std::uint32_t flags);
     static void send_done(detail::CompletionOp* op, std::int32_t res, std::uint32_t flags);
     static void prepare_send(detail::CompletionOp* op);
