@@ -19,6 +19,15 @@
 // does not read cannot make us hold more than max_queued buffers (its recv is
 // cancelled until its queue drains); EOF drains the queue, then closes;
 // EMFILE on accept does not spin. Memory is fixed: buffer_count x buffer_size.
+//
+// Two variants, to measure what a piece is worth here (README, "Completion
+// I/O", "Not used, and why"), chosen by the environment:
+//  EVMUX_BASELINE_URING_SETUP=coop  COOP_TASKRUN|TASKRUN_FLAG only (the flags
+//                                   evmux's rings use), not SINGLE_ISSUER|
+//                                   DEFER_TASKRUN.
+//  EVMUX_BASELINE_URING_SEND=zc     zero-copy sends (IORING_OP_SEND_ZC): a
+//                                   buffer goes back to the ring at its last
+//                                   send's notification, not at its completion.
 #include <fcntl.h>
 #include <liburing.h>
 #include <poll.h>
@@ -27,6 +36,8 @@
 #include <sys/signalfd.h>
 
 #include <cstdint>
+#include <cstring>
+#include <span>
 #include <vector>
 
 #include "baseline_common.hpp"
@@ -44,6 +55,9 @@
 #endif
 #ifndef IORING_SETUP_DEFER_TASKRUN
 #define IORING_SETUP_DEFER_TASKRUN (1U << 13)
+#endif
+#ifndef IORING_SETUP_TASKRUN_FLAG
+#define IORING_SETUP_TASKRUN_FLAG (1U << 9)
 #endif
 
 namespace {
@@ -68,6 +82,21 @@ constexpr unsigned op_bits = 3;
 
 std::uint64_t user_data(Op op, int fd) {
     return (static_cast<std::uint64_t>(fd) << op_bits) | op;
+}
+/// A zero-copy send's user_data also names its buffer (its notification
+/// gives that buffer back), above the fd's 32 bits.
+constexpr unsigned buffer_shift = op_bits + 32;
+
+/// The value of environment variable `var`: unset or empty gives "", `allowed`
+/// gives it; anything else is one line and exit 2.
+const char* variant(const char* var, const char* allowed) {
+    const char* v = std::getenv(var);
+    if (!v || *v == '\0') return "";
+    if (std::strcmp(v, allowed) != 0) {
+        std::fprintf(stderr, "%s: %s=%s: must be '%s' or unset\n", name, var, v, allowed);
+        std::exit(2);
+    }
+    return v;
 }
 
 /// No buffer: the end of a connection's queue.
@@ -104,7 +133,13 @@ struct Floor {
     std::vector<Conn> conns = std::vector<Conn>(1024);
     std::vector<int> next;           // per buffer: the next in its queue
     std::vector<unsigned> received;  // per buffer: the bytes in it
-    std::vector<int> starved;        // recv ended with ENOBUFS and nothing queued
+    // Zero-copy sends (EVMUX_BASELINE_URING_SEND=zc): per buffer, the
+    // notifications still to come, and whether it has been sent in full (it
+    // goes back to the ring when both are done).
+    bool zero_copy = false;
+    std::vector<unsigned> notifications;
+    std::vector<char> sent_in_full;
+    std::vector<int> starved;  // recv ended with ENOBUFS and nothing queued
     unsigned buffer_count = default_buffer_count;
     int returned = 0;  // buffers added to the ring since the last advance
     bool running = true;
@@ -127,8 +162,12 @@ struct Floor {
             IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_COOP_TASKRUN,
             IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN,
             IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_COOP_TASKRUN, IORING_SETUP_COOP_TASKRUN, 0};
+        const unsigned coop_sets[] = {IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG, 0};
+        const bool coop = *variant("EVMUX_BASELINE_URING_SETUP", "coop") != '\0';
         int rc = -EINVAL;
-        for (unsigned flags : flag_sets) {
+        const std::span<const unsigned> sets =
+            coop ? std::span<const unsigned>(coop_sets) : std::span<const unsigned>(flag_sets);
+        for (unsigned flags : sets) {
             io_uring_params p{};
             p.flags = flags | IORING_SETUP_SUBMIT_ALL | IORING_SETUP_CQSIZE;
             p.cq_entries = 4 * 4096;
@@ -165,6 +204,9 @@ struct Floor {
         if (r == MAP_FAILED || b == MAP_FAILED) evmux::baseline::die_errno(name, "mmap");
         next.assign(buffer_count, no_buffer);
         received.assign(buffer_count, 0);
+        zero_copy = *variant("EVMUX_BASELINE_URING_SEND", "zc") != '\0';
+        notifications.assign(buffer_count, 0);
+        sent_in_full.assign(buffer_count, 0);
         buf_ring = static_cast<io_uring_buf_ring*>(r);
         buffers = static_cast<char*>(b);
         io_uring_buf_ring_init(buf_ring);
@@ -243,9 +285,13 @@ struct Floor {
     void send_front(int fd) {
         Conn& c = conns[fd];
         io_uring_sqe* e = sqe();
-        io_uring_prep_send(e, fd, buffers + std::size_t(c.head) * buffer_size + c.sent,
-                           received[c.head] - c.sent, MSG_NOSIGNAL);
-        io_uring_sqe_set_data64(e, user_data(op_send, fd));
+        char* at = buffers + std::size_t(c.head) * buffer_size + c.sent;
+        if (zero_copy)
+            io_uring_prep_send_zc(e, fd, at, received[c.head] - c.sent, MSG_NOSIGNAL, 0);
+        else
+            io_uring_prep_send(e, fd, at, received[c.head] - c.sent, MSG_NOSIGNAL);
+        io_uring_sqe_set_data64(
+            e, user_data(op_send, fd) | (static_cast<std::uint64_t>(c.head) << buffer_shift));
         c.send_in_flight = true;
     }
 
@@ -258,8 +304,7 @@ struct Floor {
             return;
         }
         if (c.send_in_flight) return;
-        for (int bid = c.head; bid != no_buffer; bid = next[bid])
-            give_back(static_cast<unsigned short>(bid));
+        for (int bid = c.head; bid != no_buffer; bid = next[bid]) release(bid);
         ::close(fd);
         c = Conn{};
     }
@@ -318,7 +363,25 @@ struct Floor {
         // Otherwise armed again when the queue has drained (on_send).
     }
 
+    /// A buffer done with (sent, or dropped): back to the ring, or once its
+    /// zero-copy sends' notifications have come.
+    void release(int bid) {
+        if (notifications[bid] > 0)
+            sent_in_full[bid] = 1;
+        else
+            give_back(static_cast<unsigned short>(bid));
+    }
+
     void on_send(int fd, const io_uring_cqe* cqe) {
+        const auto bid = static_cast<int>(io_uring_cqe_get_data64(cqe) >> buffer_shift);
+        if (cqe->flags & IORING_CQE_F_NOTIF) {  // the kernel let go of a zero-copy send's bytes
+            if (--notifications[bid] == 0 && sent_in_full[bid]) {
+                sent_in_full[bid] = 0;
+                give_back(static_cast<unsigned short>(bid));
+            }
+            return;
+        }
+        if (cqe->flags & IORING_CQE_F_MORE) ++notifications[bid];  // a notification follows
         Conn& c = conns[fd];
         c.send_in_flight = false;
         if (cqe->res < 0 || c.failed) {
@@ -336,7 +399,7 @@ struct Floor {
         if (c.empty()) c.tail = no_buffer;
         c.sent = 0;
         --c.queued;
-        give_back(static_cast<unsigned short>(done));
+        release(done);
         if (!c.empty()) {
             send_front(fd);
         } else if (c.peer_done) {
@@ -348,7 +411,7 @@ struct Floor {
 
     void on_completion(const io_uring_cqe* cqe) {
         const std::uint64_t ud = io_uring_cqe_get_data64(cqe);
-        const int fd = static_cast<int>(ud >> op_bits);
+        const auto fd = static_cast<int>(static_cast<std::uint32_t>(ud >> op_bits));
         switch (static_cast<Op>(ud & ((1U << op_bits) - 1))) {
             case op_accept:
                 on_accept(cqe);
