@@ -233,3 +233,20 @@ TEST(Instructions, CallgrindTotalsLineIsReadAndTheDifferenceDividesByMessages) {
     EXPECT_TRUE(std::isnan(evmux::bench::instructions_per_message(1000, 10, 2000, 10)));
     EXPECT_TRUE(std::isnan(evmux::bench::instructions_per_message(2000, 10, 1000, 20)));
 }
+
+// A server's environment entries (the io_uring floor's variants) reach the
+// child: added, or replacing the bench's own value of that name, once.
+TEST(ChildProcess, EnvironmentEntriesAreAddedOrReplaceOurs) {
+    ::setenv("EVMUX_CHILD_ENV_TEST", "ours", 1);
+    evmux::bench::ChildProcess child({"/usr/bin/env"}, -1, true, false,
+                                     {"EVMUX_CHILD_ENV_TEST=theirs", "EVMUX_CHILD_ENV_NEW=1"});
+    std::string out;
+    ASSERT_TRUE(child.read_stdout(out, std::chrono::steady_clock::now() + std::chrono::seconds(10),
+                                  [](const std::string&) {}));
+    EXPECT_EQ(child.wait(std::chrono::steady_clock::now() + std::chrono::seconds(10)), 0);
+    ::unsetenv("EVMUX_CHILD_ENV_TEST");
+    EXPECT_NE(out.find("\nEVMUX_CHILD_ENV_TEST=theirs\n"), std::string::npos) << out;
+    EXPECT_EQ(out.find("EVMUX_CHILD_ENV_TEST=ours"), std::string::npos) << out;
+    EXPECT_NE(out.find("\nEVMUX_CHILD_ENV_NEW=1\n"), std::string::npos) << out;
+    EXPECT_NE(out.find("PATH="), std::string::npos) << "the rest of ours: " << out;
+}

@@ -1238,6 +1238,32 @@ TEST(EvmuxBench, IoModesGetARowEachBesideBothFloors) {
         << t.csv;
 }
 
+// The io_uring floor's variants, only when named: a row each, paired with
+// uring-floor's rounds, and their table.
+TEST(EvmuxBench, UringFloorVariantsRunBesideTheFloor) {
+    const std::string bench = program_path("EVMUX_BENCH");
+    if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";
+    const TinyBench t =
+        bench_with_files(bench, {"--servers", "uring-floor,uring-floor-coop,uring-floor-zc",
+                                 "--sizes", "1024", "--sessions", "2", "--duration", "0.2",
+                                 "--rounds", "1", "--no-idle", "--no-plots", "--sweep-fds", "10"});
+    ASSERT_EQ(t.rc, 0) << t.err;
+    static const std::regex ratio(
+        R"re("ok": true.*"ratio_to_uring_floor": \{[^}]*"cpu_us_per_msg": [0-9.]+)re");
+    for (const char* server : {"uring-floor-coop", "uring-floor-zc"}) {
+        const auto at = t.json.find("{\"server\": \"" + std::string(server) + "\", ");
+        ASSERT_NE(at, std::string::npos) << t.json;
+        const std::string row = t.json.substr(at, t.json.find('\n', at) - at);
+        EXPECT_TRUE(std::regex_search(row, ratio)) << row;
+        EXPECT_NE(t.out.find("\n1KiB x 2 "), std::string::npos) << t.out;
+        EXPECT_NE(t.out.find(" " + std::string(server) + " "), std::string::npos) << t.out;
+    }
+    EXPECT_NE(t.out.find("== the io_uring floor's variants against it"), std::string::npos)
+        << t.out;
+    // Not in a default run: only when named.
+    EXPECT_EQ(t.err.find("unknown server"), std::string::npos) << t.err;
+}
+
 TEST(EvmuxBench, BadIoModeExitsTwoWithOneLine) {
     const std::string bench = program_path("EVMUX_BENCH");
     if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";

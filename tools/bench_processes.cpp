@@ -12,6 +12,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cmath>
@@ -20,6 +21,7 @@
 #include <ctime>
 #include <fstream>
 #include <sstream>
+#include <string_view>
 #include <system_error>
 #include <thread>
 
@@ -102,12 +104,24 @@ void install_child_reaper() {
 }
 
 ChildProcess::ChildProcess(const std::vector<std::string>& argv, int cpu, bool capture_stdout,
-                           bool capture_stderr) {
+                           bool capture_stderr, const std::vector<std::string>& env) {
     // Everything the child needs is prepared before fork: after it, only
     // async-signal-safe calls (another thread may hold the allocator's lock).
     std::vector<char*> args;
     for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
     args.push_back(nullptr);
+    // The environment: ours, less the names `env` sets, plus `env`.
+    std::vector<char*> envp;
+    for (char** e = environ; *e; ++e) {
+        const std::string_view entry(*e);
+        const bool replaced = std::any_of(env.begin(), env.end(), [&](const std::string& mine) {
+            const std::size_t eq = mine.find('=');
+            return entry.size() > eq && entry.compare(0, eq + 1, mine, 0, eq + 1) == 0;
+        });
+        if (!replaced) envp.push_back(*e);
+    }
+    for (const auto& e : env) envp.push_back(const_cast<char*>(e.c_str()));
+    envp.push_back(nullptr);
     cpu_set_t cpus;
     CPU_ZERO(&cpus);
     if (cpu >= 0) CPU_SET(cpu, &cpus);
@@ -141,7 +155,7 @@ ChildProcess::ChildProcess(const std::vector<std::string>& argv, int cpu, bool c
         if (capture_stdout) ::dup2(out[1], STDOUT_FILENO);
         if (devnull >= 0) ::dup2(devnull, STDOUT_FILENO);
         if (capture_stderr) ::dup2(err[1], STDERR_FILENO);
-        ::execv(args[0], args.data());
+        ::execve(args[0], args.data(), envp.data());
         static const char msg[] = "evmux-bench: exec failed\n";
         (void)!::write(STDERR_FILENO, msg, sizeof msg - 1);
         ::_exit(127);

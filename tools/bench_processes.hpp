@@ -37,9 +37,10 @@ class ChildProcess {
     /// With `capture_stdout`/`capture_stderr` the stream is readable through
     /// read_stdout()/read_stderr_line(); otherwise it is inherited (stdout) or
     /// sent to /dev/null (stdout). Throws std::system_error if fork or a pipe
-    /// fails; if exec fails the child exits with status 127.
+    /// fails; if exec fails the child exits with status 127. `env`: "NAME=value"
+    /// entries the child gets besides (or instead of) this process's own.
     ChildProcess(const std::vector<std::string>& argv, int cpu, bool capture_stdout,
-                 bool capture_stderr);
+                 bool capture_stderr, const std::vector<std::string>& env = {});
     ~ChildProcess();
     ChildProcess(const ChildProcess&) = delete;
     ChildProcess& operator=(const ChildProcess&) = delete;

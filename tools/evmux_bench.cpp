@@ -69,6 +69,9 @@ struct Server {
     std::string io{};
     /// With tls: evmux-echo --tls-records (empty: its default, evmux's layer).
     std::string tls_records{};
+    /// "NAME=value" entries of the server's environment (the io_uring floor's
+    /// variants: EVMUX_BASELINE_URING_SETUP, EVMUX_BASELINE_URING_SEND).
+    std::vector<std::string> env{};
 };
 
 /// One load shape: message size, connections opened, connections in ping-pong.
@@ -678,7 +681,8 @@ class Runner {
         }
         // Several loops pinned to one CPU would take turns on it: leave a
         // multi-loop server unpinned (it then shares the client's CPU too).
-        ChildProcess srv(server_argv(server), server.threads > 1 ? -1 : server_cpu_, false, true);
+        ChildProcess srv(server_argv(server), server.threads > 1 ? -1 : server_cpu_, false, true,
+                         server.env);
         std::string host;
         int port = 0;
         if (!wait_listening(srv, server, host, port, r.note, &r.skipped)) return r;
@@ -713,7 +717,7 @@ class Runner {
             std::vector<std::string> argv{valgrind.string(), "-q", "--tool=callgrind",
                                           "--callgrind-out-file=" + out.string()};
             for (const auto& a : server_argv(server)) argv.push_back(a);
-            ChildProcess srv(argv, server_cpu_, false, true);
+            ChildProcess srv(argv, server_cpu_, false, true, server.env);
             std::string host;
             int port = 0;
             if (!wait_listening(srv, server, host, port, row.note)) return row;
@@ -1316,7 +1320,9 @@ void add_bench_options(CLI::App& app, Options& opt) {
                    "servers: evmux, evmux-coroutines, evmux-tls, epoll-floor, uring-floor, "
                    "libevent-bufferevent, threads, fork (default: all, uring-floor where "
                    "io_uring is usable; evmux-coroutines and evmux-tls run on the first backend "
-                   "only)")
+                   "only); only when named: evmux-tls-openssl (OpenSSL's record layer), "
+                   "uring-floor-coop (the io_uring floor without SINGLE_ISSUER|DEFER_TASKRUN), "
+                   "uring-floor-zc (with zero-copy sends)")
         ->delimiter(',');
     app.add_option("--sizes", opt.sizes, "message sizes in bytes (default 64,1024,16384)")
         ->delimiter(',')
@@ -1409,26 +1415,22 @@ bool wanted(const Options& opt, const std::string& server) {
 /// Checks --servers, --backends and --idle-active (exit 2 on a mistake), fills
 /// in the defaults that depend on --quick, and returns the backends to run.
 std::vector<std::string> check_and_complete(Options& opt) {
-    static const std::vector<std::string> known_servers{"evmux",
-                                                        "evmux-coroutines",
-                                                        "evmux-tls",
-                                                        "evmux-tls-openssl",
-                                                        "epoll-floor",
-                                                        "uring-floor",
-                                                        "libevent-bufferevent",
-                                                        "threads",
-                                                        "fork",
-                                                        "udp-floor"};
+    static const std::vector<std::string> known_servers{
+        "evmux",       "evmux-coroutines", "evmux-tls",      "evmux-tls-openssl",    "epoll-floor",
+        "uring-floor", "uring-floor-coop", "uring-floor-zc", "libevent-bufferevent", "threads",
+        "fork",        "udp-floor"};
     for (const auto& s : opt.servers)
         if (std::find(known_servers.begin(), known_servers.end(), s) == known_servers.end())
             usage_error("unknown server '" + s +
                         "'; known: evmux, evmux-coroutines, evmux-tls, evmux-tls-openssl, "
-                        "epoll-floor, uring-floor, "
+                        "epoll-floor, uring-floor, uring-floor-coop, uring-floor-zc, "
                         "libevent-bufferevent, threads, fork, udp-floor (with --udp)");
-    if (!opt.servers.empty() && wanted(opt, uring_floor_server)) {
-        const std::string why = io_uring_unusable();
-        if (!why.empty()) usage_error("uring-floor: io_uring is not usable here: " + why);
-    }
+    for (const char* name : {uring_floor_server, "uring-floor-coop", "uring-floor-zc"})
+        if (!opt.servers.empty() && wanted(opt, name)) {
+            const std::string why = io_uring_unusable();
+            if (!why.empty())
+                usage_error(std::string(name) + ": io_uring is not usable here: " + why);
+        }
     for (const char* name : {"evmux-tls", "evmux-tls-openssl"})
         if (!opt.servers.empty() && wanted(opt, name) && !tls_built())
             usage_error(std::string(name) + ": not compiled in (needs libssl-dev)");
@@ -1492,7 +1494,7 @@ std::vector<Server> plan_servers(const Options& opt, const fs::path& tools_dir,
                                  const std::vector<std::string>& backends) {
     std::vector<Server> servers;
     auto add_baseline = [&](const std::string& name, const std::string& exe, bool per_conn,
-                            bool forks, bool udp = false) {
+                            bool forks, bool udp = false, std::vector<std::string> env = {}) {
         if (!wanted(opt, name)) return;
         fs::path bin = find_baseline(tools_dir, exe);
         if (bin.empty()) {
@@ -1502,12 +1504,21 @@ std::vector<Server> plan_servers(const Options& opt, const fs::path& tools_dir,
         }
         if (bin != (tools_dir / exe).lexically_normal())
             std::cerr << "evmux-bench: " << name << ": " << bin.string() << "\n";
-        servers.push_back({name, name, "", bin, per_conn, forks, 1, "", false, udp});
+        servers.push_back(
+            {name, name, "", bin, per_conn, forks, 1, "", false, udp, "", "", std::move(env)});
     };
     add_baseline(floor_server, "evmux-baseline-epoll", false, false);
     // The io_uring floor by default only where io_uring works.
     if (!opt.servers.empty() || io_uring_unusable().empty())
         add_baseline(uring_floor_server, "evmux-baseline-uring", false, false);
+    // Its variants, only when asked for: what SINGLE_ISSUER|DEFER_TASKRUN and
+    // zero-copy sends are worth here (ratios to uring-floor, same rounds).
+    if (!opt.servers.empty()) {
+        add_baseline("uring-floor-coop", "evmux-baseline-uring", false, false, false,
+                     {"EVMUX_BASELINE_URING_SETUP=coop"});
+        add_baseline("uring-floor-zc", "evmux-baseline-uring", false, false, false,
+                     {"EVMUX_BASELINE_URING_SEND=zc"});
+    }
     if (!backends.empty()) {
         fs::path echo = tools_dir / "evmux-echo";
         if (!fs::exists(echo)) {
@@ -1872,6 +1883,36 @@ void print_completion_targets(std::ostream& os, const std::vector<Result>& resul
     }
 }
 
+/// The io_uring floor's variants (--servers uring-floor-coop,uring-floor-zc)
+/// against uring-floor itself: server CPU and system calls per message as
+/// paired-round ratios, i.e. what SINGLE_ISSUER|DEFER_TASKRUN (coop lacks
+/// them) and zero-copy sends are worth on this machine.
+void print_uring_variants(std::ostream& os, const std::vector<Result>& results) {
+    bool header = false;
+    const int width = name_width(results);
+    for (const auto& r : results) {
+        const std::string& n = r.server->name;
+        if (!r.ok || (n != "uring-floor-coop" && n != "uring-floor-zc")) continue;
+        const Result* ufl = run_of(results, uring_floor_server, r.point);
+        if (!header) {
+            os << "\n== the io_uring floor's variants against it (medians; paired-round ratios "
+                  "[range]; coop: without SINGLE_ISSUER|DEFER_TASKRUN, zc: zero-copy sends)\n";
+            char line[256];
+            std::snprintf(line, sizeof line, "%-22s %-*s %10s %18s %12s %18s\n", "point", width,
+                          "server", "cpu us/msg", "/ uring-floor", "syscalls/msg", "/ uring-floor");
+            os << line;
+            header = true;
+        }
+        char head[128];
+        std::snprintf(head, sizeof head, "%-22s %-*s", point_label(r.point).c_str(), width,
+                      n.c_str());
+        os << head << ' ' << pad_left(fmt(r.cpu_us_per_msg, 2), 10) << ' '
+           << pad_left(ratio_text(ratio_to(r, ufl, &Figures::cpu_us_per_msg)), 18) << ' '
+           << pad_left(fmt(r.syscalls_per_msg, 2), 12) << ' '
+           << pad_left(ratio_text(ratio_to(r, ufl, &Figures::syscalls_per_msg)), 18) << "\n";
+    }
+}
+
 /// The first and last line of the report: how many runs other work disturbed.
 std::string disturbance_summary(const std::vector<Result>& results, double percent) {
     std::size_t measured = 0, flagged = 0;
@@ -1943,6 +1984,7 @@ int run_bench(Options& opt) {
     print_table(std::cout, results, points);
     print_tls_target(std::cout, results, points, evp_us);
     print_completion_targets(std::cout, results);
+    print_uring_variants(std::cout, results);
     if (!sweeps.empty()) print_sweeps(backends, fd_counts, sweeps);
     if (opt.instructions) print_instructions(std::cout, instructions);
     std::printf("\nevmux-bench: %zu server x point entries, %d rounds each, in %.1f s\n",
