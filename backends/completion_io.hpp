@@ -63,9 +63,10 @@ class CompletionIo {
     /// Whether close() is a request here (the kernel has IORING_OP_CLOSE); if
     /// not, the caller calls close() itself.
     virtual bool close_requests() const = 0;
-    /// close(fd) as a request, submitted with the next wait (drain() waits for
-    /// it): nothing to wait for, the fd is no longer the caller's. Until the
-    /// request runs the number stays taken, so no new socket can get it.
+    /// close(fd) as a request, submitted with the next wait (or submit(), or
+    /// the selector's destructor): nothing to wait for, the fd is no longer
+    /// the caller's. Until the request runs the number stays taken, so no new
+    /// socket can get it.
     virtual void close(int fd) = 0;
     /// Submits the requests made since the last wait (closes, cancels,
     /// receives armed again), without waiting; no system call if there are

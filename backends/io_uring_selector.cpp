@@ -345,7 +345,7 @@ class IoUringSelector final : public Selector, public CompletionIo {
         } catch (const std::system_error&) {
             // The ring still drops them, a little later.
         }
-        // A close request made after the loop's drain() still runs.
+        // A close request made after the loop's last wait still runs.
         if (io_uring_sq_ready(&ring_) > 0) io_uring_submit(&ring_);
         if (buffers_) io_uring_unregister_buf_ring(&ring_, buffer_group);
         io_uring_queue_exit(&ring_);
@@ -519,7 +519,16 @@ class IoUringSelector final : public Selector, public CompletionIo {
             stash_completions();  // the next wait submits them
     }
 
-    void close(int fd) override { io_uring_prep_close(op_sqe(&close_op_), fd); }
+    // No completion on success (where the kernel skips it): a close must not
+    // wake the loop for another iteration. A failed one's is ignored, as
+    // close()'s result is. It runs inline as it is submitted (a socket has no
+    // flush), so submitting it is enough: nothing waits for it.
+    void close(int fd) override {
+        io_uring_sqe* sqe = get_sqe();
+        io_uring_prep_close(sqe, fd);
+        io_uring_sqe_set_data64(sqe, std::uint64_t{control_bit} << 32);
+        if (ring_.features & IORING_FEAT_CQE_SKIP) sqe->flags |= IOSQE_CQE_SKIP_SUCCESS;
+    }
 
     void prepare_before_wait(CompletionOp* op) override { to_prepare_.push_back(op); }
 
@@ -813,8 +822,6 @@ class IoUringSelector final : public Selector, public CompletionIo {
     char* buffers_ = nullptr;                // knobs().buffers x buffer_size
     int buffer_mask_ = 0;
     io_uring_buf_ring* buf_ring_ = nullptr;
-    // close() requests' op: nobody waits for them (drain() counts them).
-    CompletionOp close_op_{.complete = [](CompletionOp*, std::int32_t, std::uint32_t) {}};
 };
 
 std::string read_sysctl(const char* path) {
