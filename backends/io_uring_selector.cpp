@@ -77,6 +77,22 @@ struct Knobs {
     std::string error;  // a bad value: what is wrong
 };
 
+// An on/off knob: true if `name` is "off"; unset or empty, false; anything
+// else sets `error` (the first bad knob's) and gives false.
+bool off_knob(const char* name, std::string& error) {
+    const char* v = std::getenv(name);
+    if (!v || *v == '\0') return false;
+    if (std::strcmp(v, "off") == 0) return true;
+    if (error.empty()) {
+        error = "evmux: ";
+        error += name;
+        error += " must be 'off' (or unset), not '";
+        error += v;
+        error += "'";
+    }
+    return false;
+}
+
 Knobs read_knobs() {
     Knobs k;
     if (const char* v = std::getenv("EVMUX_URING_BUFFERS")) {
@@ -92,24 +108,8 @@ Knobs read_knobs() {
             k.buffers = static_cast<unsigned>(n);
         }
     }
-    if (const char* v = std::getenv("EVMUX_URING_RECV_LIMIT")) {
-        if (std::strcmp(v, "off") == 0) {
-            k.recv_limit_off = true;
-        } else if (*v != '\0' && k.error.empty()) {
-            k.error = "evmux: EVMUX_URING_RECV_LIMIT must be 'off' (or unset), not '";
-            k.error += v;
-            k.error += "'";
-        }
-    }
-    if (const char* v = std::getenv("EVMUX_URING_CLOSE")) {
-        if (std::strcmp(v, "off") == 0) {
-            k.close_off = true;
-        } else if (*v != '\0' && k.error.empty()) {
-            k.error = "evmux: EVMUX_URING_CLOSE must be 'off' (or unset), not '";
-            k.error += v;
-            k.error += "'";
-        }
-    }
+    k.recv_limit_off = off_knob("EVMUX_URING_RECV_LIMIT", k.error);
+    k.close_off = off_knob("EVMUX_URING_CLOSE", k.error);
     return k;
 }
 
