@@ -507,10 +507,10 @@ void Connection::after_queue_grew() {
     // wait. Crossing high water, ask the kernel now, as readiness would have
     // (unless a request is still in the kernel: then its buffer is full), so
     // that high water means the same on both: the kernel takes no more.
-    // (TLS: only through the requests, which carry the records in order.)
-    if (!above_high_ && queued_ >= opt_.high_water && cio_ && !cio_->send_in_flight && !tls_) {
-        if (!write_queue()) return;  // failed: closed
-        if (queued_ == 0) {          // all taken, as by readiness's send()
+    // (TLS: records sealed now, in order before what the next request sends.)
+    if (!above_high_ && queued_ >= opt_.high_water && cio_ && !cio_->send_in_flight) {
+        if (!(tls_ ? write_tls_now() : write_queue())) return;  // failed: closed
+        if (queued_ == 0) {  // all taken, as by readiness's send()
             if (wants_drain_) drain_soon();
             return update_interest();
         }

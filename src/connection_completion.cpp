@@ -276,33 +276,71 @@ void Connection::deliver_tls(const ConnectionPtr& self, const char* p, std::size
 // request the socket took part of goes on with the rest, never sealed twice.
 void Connection::submit_tls_send() {
     detail::CompletionState& c = *cio_;
-    if (c.tls_out_off == c.tls_out.size()) {
-        c.tls_out.clear();
-        c.tls_out_off = 0;
-        c.tls_plain = 0;
-        constexpr std::size_t max_plain = 64 * 1024;
-        detail::TlsRecordLayer& records = tls_->records();
-        bool ok = true;
-        for (std::size_t i = 0; ok && i < queue_.size() && c.tls_plain < max_plain; ++i) {
-            const Chunk& chunk =
-                queue_[i];  // (never lent: TLS plaintext is not in a receive buffer)
-            const std::size_t n = std::min(chunk.rest_size(), max_plain - c.tls_plain);
-            ok = records.seal_append(c.tls_out, chunk.rest(), n);
-            c.tls_plain += n;
-            if (n < chunk.rest_size()) break;
-        }
-        if (ok && queue_.empty()) ok = records.seal_append(c.tls_out, nullptr, 0);
-        if (!ok) {
-            // After close_notify nothing more is sealed: what is queued is dropped.
-            // (Inside the loop's wait: the failure is reported from the loop.)
-            c.tls_out.clear();
-            loop_.post([self = shared_from_this()] { self->fail(EPROTO); });
-            op_finished();  // no request made
-            return;
-        }
+    if (c.tls_out_off == c.tls_out.size() && !seal_tls_out()) {
+        // After close_notify nothing more is sealed: what is queued is dropped.
+        // (Inside the loop's wait: the failure is reported from the loop.)
+        loop_.post([self = shared_from_this()] { self->fail(EPROTO); });
+        op_finished();  // no request made
+        return;
     }
     c.io.send(fd_, c.tls_out.data() + c.tls_out_off, c.tls_out.size() - c.tls_out_off, &c.send_op);
     c.send_in_flight = true;
+}
+
+// The next records to send (tls_out, sent from tls_out_off): TLS's own, then
+// the queue's front sealed, up to 64 KiB of plaintext (tls_plain of it). False
+// if the record layer refuses (after close_notify, or failed).
+bool Connection::seal_tls_out() {
+    detail::CompletionState& c = *cio_;
+    c.tls_out.clear();
+    c.tls_out_off = 0;
+    c.tls_plain = 0;
+    constexpr std::size_t max_plain = 64 * 1024;
+    detail::TlsRecordLayer& records = tls_->records();
+    bool ok = true;
+    for (std::size_t i = 0; ok && i < queue_.size() && c.tls_plain < max_plain; ++i) {
+        const Chunk& chunk = queue_[i];  // (never lent: TLS plaintext is not in a receive buffer)
+        const std::size_t n = std::min(chunk.rest_size(), max_plain - c.tls_plain);
+        ok = records.seal_append(c.tls_out, chunk.rest(), n);
+        c.tls_plain += n;
+        if (n < chunk.rest_size()) break;
+    }
+    if (ok && queue_.empty()) ok = records.seal_append(c.tls_out, nullptr, 0);
+    if (!ok) c.tls_out.clear();
+    return ok;
+}
+
+// Crossing high water with no send request in the kernel: records sealed from
+// the queue go to the socket now, as readiness's send() writes them, until it
+// takes no more; what it did not take (a record's rest included) is the next
+// request's. False if the connection failed (closed).
+bool Connection::write_tls_now() {
+    detail::CompletionState& c = *cio_;
+    for (;;) {
+        if (c.tls_out_off == c.tls_out.size()) {
+            if (queue_.empty()) {               // all sent (TLS's own records alone: the request's)
+                std::string().swap(c.tls_out);  // as tls_sent(): idle holds none
+                return true;
+            }
+            if (!seal_tls_out()) {
+                fail(EPROTO);
+                return false;
+            }
+        }
+        const ssize_t n = ::send(fd_, c.tls_out.data() + c.tls_out_off,
+                                 c.tls_out.size() - c.tls_out_off, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK) return true;
+            fail(errno);
+            return false;
+        }
+        c.tls_out_off += static_cast<std::size_t>(n);
+        if (c.tls_out_off < c.tls_out.size()) return true;  // the socket is full
+        consume_sent(std::exchange(c.tls_plain, 0));
+        c.tls_out.clear();
+        c.tls_out_off = 0;
+    }
 }
 
 void Connection::tls_sent(const ConnectionPtr& self, std::size_t n) {

@@ -487,7 +487,21 @@ ssize_t TlsSession::read(char* buf, std::size_t len) {
 }
 
 ssize_t TlsSession::write(const char* buf, std::size_t len) {
-    if (records_) return records_->write(buf, len);
+    if (records_) {
+        // Its write() seals a batch of records at a time: on until the socket
+        // is full, as SSL_write below, so that what the kernel takes is taken.
+        std::size_t done = 0;
+        while (done < len) {
+            ssize_t n = records_->write(buf + done, len - done);
+            if (n > 0) {
+                done += static_cast<std::size_t>(n);
+                continue;
+            }
+            if (done > 0 && (n == 0 || errno == EAGAIN)) break;  // the records so far went out
+            return n;
+        }
+        return static_cast<ssize_t>(done);
+    }
     if (failed_) return errno = EPROTO, -1;
     std::size_t done = 0;
     while (done < len) {

@@ -848,6 +848,40 @@ TEST(TcpServer, EchoedLinesKeepTheirOrder) {
 // on_low_water: once per crossing back to the low-water mark after
 // on_high_water, from the loop's write handling, with the queue at or under
 // low water.
+// High water means "the kernel takes no more" on every path: one send() of 4x
+// high water into a roomy socket buffer is taken at once (completion I/O:
+// by a direct sendmsg, not left for the next request), so the connection is
+// not above high water and on_high_water is not called.
+TEST(Connection, ASendTheKernelTakesIsNotAboveHighWater) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    auto [client, server_fd] = test::tcp_pair();
+    const int roomy = 4 * 1024 * 1024;  // fixed: it takes 256 KiB
+    ::setsockopt(server_fd.get(), SOL_SOCKET, SO_SNDBUF, &roomy, sizeof roomy);
+    ConnectionOptions opt;
+    opt.high_water = 64 * 1024;
+    opt.low_water = 16 * 1024;
+    int high = 0;
+    Callbacks cb;
+    cb.on_high_water = [&](const ConnectionPtr&, std::size_t) { ++high; };
+    ConnectionPtr conn = Connection::adopt(loop, server_fd.release(), cb, opt);
+    loop.run_once(0ms);
+    const std::string data = pattern(256 * 1024, 4);
+    conn->send(data);
+    EXPECT_FALSE(conn->above_high_water());
+    EXPECT_LT(conn->queued_bytes(), opt.high_water);
+    EXPECT_EQ(high, 0);
+    std::string got;
+    char buf[65536];
+    ASSERT_TRUE(run_until(loop, [&] {
+        for (ssize_t n; (n = ::recv(client.get(), buf, sizeof buf, MSG_DONTWAIT)) > 0;)
+            got.append(buf, static_cast<std::size_t>(n));
+        return got.size() >= data.size();
+    }));
+    EXPECT_TRUE(got == data);
+    EXPECT_EQ(high, 0);
+    conn->close();
+}
+
 TEST(Connection, LowWaterFollowsHighWaterOncePerCrossing) {
     EVMUX_LOOP_OR_SKIP(loop);
     auto [client, server_fd] = test::tcp_pair();

@@ -612,6 +612,39 @@ TEST_F(Tls, WaterMarksCountPlaintext) {
     EXPECT_FALSE(served->above_high_water());
 }
 
+// High water means "the kernel takes no more" over TLS too, on every path:
+// one send() of 4x high water that a roomy socket buffer takes is written at
+// once (readiness: through the record layer in send(); completion I/O:
+// records sealed and sent right away, not left for the next request), so
+// the connection is not above high water and on_high_water is not called.
+TEST_F(Tls, ASendTheKernelTakesIsNotAboveHighWater) {
+    const std::string data = pattern(256 * 1024, 9);
+    std::size_t high_events = 0;
+    bool above_after_send = true;
+    std::size_t queued_after_send = 0;
+    Callbacks cb;
+    cb.on_connect = [&](const ConnectionPtr& c) {
+        const int sndbuf = 4 * 1024 * 1024;  // fixed, and roomy: it takes 256 KiB of records
+        ::setsockopt(c->fd(), SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
+        c->send(data);
+        above_after_send = c->above_high_water();
+        queued_after_send = c->queued_bytes();
+    };
+    cb.on_high_water = [&](const ConnectionPtr&, std::size_t) { ++high_events; };
+    ServerOptions opt;
+    opt.connection.tls = server_context();
+    opt.connection.high_water = 64 * 1024;
+    opt.connection.low_water = 16 * 1024;
+    TcpServer server(loop(), Address::ip("127.0.0.1", 0), cb, opt);
+    Record& client = record();
+    start_client(loop(), server.local_address(), client_context(), client, ConnectionOptions{});
+    ASSERT_TRUE(run_until(loop(), [&] { return client.got.size() >= data.size(); }));
+    EXPECT_TRUE(client.got == data) << client.got.size();
+    EXPECT_FALSE(above_after_send);
+    EXPECT_LT(queued_after_send, opt.connection.high_water);
+    EXPECT_EQ(high_events, 0u);
+}
+
 TEST_F(Tls, MaxBufferedClosesWithOverflow) {
     // "flood": 16 MB at once to a client that does not read; anything else: echo.
     Record& srv = record();

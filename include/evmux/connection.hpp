@@ -421,6 +421,8 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     void start_completion();
     void deliver_tls(const ConnectionPtr& self, const char* p, std::size_t n);
     void submit_tls_send();
+    bool seal_tls_out();
+    bool write_tls_now();
     void tls_sent(const ConnectionPtr& self, std::size_t n);
     void deliver_held();
     void completion_closed();
