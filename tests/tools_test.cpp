@@ -51,6 +51,12 @@ using namespace std::chrono_literals;
 /// How long any child program may run before the test kills it and fails.
 constexpr auto child_timeout = 30s;
 
+/// Whether evmux-bench was built with TLS rows (meson sets EVMUX_TLS_BUILT).
+bool tls_built() {
+    const char* v = std::getenv("EVMUX_TLS_BUILT");
+    return v && std::string(v) == "1";
+}
+
 /// The path of a program under test: from the environment (meson sets it),
 /// else the program of that name beside this test binary (both are built into
 /// tools/), else "" (the test skips: e.g. libevent not found at build time).
@@ -1190,7 +1196,8 @@ TEST(EvmuxBench, IoModesGetARowEachBesideBothFloors) {
     const std::string echo = program_path("EVMUX_ECHO");
     ASSERT_FALSE(echo.empty()) << "EVMUX_ECHO not set";
     const TinyBench t = bench_with_files(
-        bench, {"--io", "completion,readiness", "--servers", "evmux,uring-floor,epoll-floor",
+        bench, {"--io", "completion,readiness", "--servers",
+                std::string("evmux,uring-floor,epoll-floor") + (tls_built() ? ",evmux-tls" : ""),
                 "--backends", "io_uring", "--sizes", "64", "--sessions", "2", "--duration", "0.2",
                 "--rounds", "1", "--no-idle", "--no-plots", "--sweep-fds", "10"});
     ASSERT_EQ(t.rc, 0) << t.err;
@@ -1222,6 +1229,15 @@ TEST(EvmuxBench, IoModesGetARowEachBesideBothFloors) {
         EXPECT_TRUE(std::regex_search(completion, number_ratio)) << completion;
         EXPECT_NE(t.out.find("== completion I/O against both floors"), std::string::npos) << t.out;
         EXPECT_NE(t.out.find(" evmux/io_uring+completion "), std::string::npos) << t.out;
+        if (tls_built()) {
+            // TLS too: a row per mode, each in the TLS table beside its plain twin.
+            for (const char* row : {"evmux/io_uring/tls", "evmux/io_uring+completion/tls"}) {
+                EXPECT_NE(run(row).find("\"ok\": true"), std::string::npos) << row << ": " << json;
+                EXPECT_NE(t.out.find(" " + std::string(row) + " "), std::string::npos) << t.out;
+            }
+            EXPECT_NE(run("evmux/io_uring+completion/tls").find("\"io\": \"completion\", "),
+                      std::string::npos);
+        }
     } else {
         EXPECT_NE(completion.find("\"ok\": false, \"skipped\": true, \"note\": \"unusable: asked "
                                   "for io=completion, the server runs io=" +

@@ -65,7 +65,8 @@ struct Server {
     bool tls = false;        // evmux-echo --tls-cert/--tls-key, evmux-load --tls
     bool udp = false;        // echoes UDP datagrams (evmux-echo --udp, the UDP floor)
     /// evmux-echo --io (completion or readiness): the run is checked against
-    /// the io= its listening line says. Empty: not asked (baselines, TLS, UDP).
+    /// the io= its listening line says. Empty: not asked (baselines, UDP, TLS
+    /// rows on other backends than io_uring).
     std::string io{};
     /// With tls: evmux-echo --tls-records (empty: its default, evmux's layer).
     std::string tls_records{};
@@ -1547,10 +1548,17 @@ std::vector<Server> plan_servers(const Options& opt, const fs::path& tools_dir,
                 }
             }
             // TLS on the first backend only, one thread: beside evmux/<it>, the
-            // same echo over plain TCP, for the TLS target (print_tls_target).
-            if (wanted(opt, "evmux-tls") && tls_built())
-                servers.push_back({"evmux/" + backends[0] + "/tls", "evmux", backends[0], echo,
-                                   false, false, 1, "", true});
+            // same echo over plain TCP, for the TLS target (print_tls_target);
+            // on io_uring a row per --io mode, as the plain rows (a TLS
+            // connection goes on with completion requests after its handshake).
+            if (wanted(opt, "evmux-tls") && tls_built()) {
+                const std::string& b = backends[0];
+                for (const auto& io : b == "io_uring" ? opt.io : std::vector<std::string>{""}) {
+                    const std::string suffix = io.empty() || io == "readiness" ? "" : "+" + io;
+                    servers.push_back({"evmux/" + b + suffix + "/tls", "evmux", b, echo, false,
+                                       false, 1, "", true, false, io});
+                }
+            }
             // OpenSSL's record layer throughout, against the same client: only
             // when asked for (--servers evmux-tls-openssl).
             if (!opt.servers.empty() && wanted(opt, "evmux-tls-openssl") && tls_built())
@@ -1790,6 +1798,7 @@ void make_plots(const fs::path& json, const std::string& out_dir) {
 void print_tls_target(std::ostream& os, const std::vector<Result>& results,
                       const std::vector<Point>& points, const std::map<int, double>& evp_us) {
     bool header = false;
+    const int width = name_width(results);
     for (const auto& p : points) {
         for (const auto& tls_row : results) {
             if (!tls_row.ok || !tls_row.server->tls || tls_row.point.size != p.size ||
@@ -1800,7 +1809,8 @@ void print_tls_target(std::ostream& os, const std::vector<Result>& results,
             for (const auto& r : results)
                 if (r.ok && !r.server->tls && r.server->kind == "evmux" && r.server->threads == 1 &&
                     r.server->backend == tls->server->backend && r.point.size == p.size &&
-                    r.point.conns == p.conns && r.point.active == p.active)
+                    r.point.conns == p.conns && r.point.active == p.active &&
+                    (r.server->io == "completion") == (tls->server->io == "completion"))
                     plain = &r;
             auto evp = evp_us.find(p.size);
             if (!plain || evp == evp_us.end()) continue;
@@ -1809,17 +1819,18 @@ void print_tls_target(std::ostream& os, const std::vector<Result>& results,
                       "TCP "
                       "and EVP AES-256-GCM seal+open alone\n";
                 char line[256];
-                std::snprintf(line, sizeof line, "%-22s %-26s %10s %10s %10s %12s %8s\n", "point",
-                              "tls row", "plain", "tls", "evp", "extra/evp", "target");
+                std::snprintf(line, sizeof line, "%-22s %-*s %10s %10s %10s %12s %8s\n", "point",
+                              width, "tls row", "plain", "tls", "evp", "extra/evp", "target");
                 os << line;
                 header = true;
             }
             const double extra = tls->cpu_us_per_msg - plain->cpu_us_per_msg;
             const double ratio = evp->second > 0 ? extra / evp->second : NAN;
             char line[256];
-            std::snprintf(line, sizeof line, "%-22s %-26s %10.2f %10.2f %10.2f %12.2f %8s\n",
-                          point_label(p).c_str(), tls->server->name.c_str(), plain->cpu_us_per_msg,
-                          tls->cpu_us_per_msg, evp->second, ratio, ratio <= 1.3 ? "met" : "missed");
+            std::snprintf(line, sizeof line, "%-22s %-*s %10.2f %10.2f %10.2f %12.2f %8s\n",
+                          point_label(p).c_str(), width, tls->server->name.c_str(),
+                          plain->cpu_us_per_msg, tls->cpu_us_per_msg, evp->second, ratio,
+                          ratio <= 1.3 ? "met" : "missed");
             os << line;
         }
     }
