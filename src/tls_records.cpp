@@ -335,9 +335,20 @@ ssize_t TlsRecordLayer::write(const char* buf, std::size_t len) {
 
 void TlsRecordLayer::absorb(const char* p, std::size_t n) {
     in_.append(p, n);
+    pending_record_ = whole_record();
+}
+
+bool TlsRecordLayer::whole_record() const {
     const auto* h = reinterpret_cast<const unsigned char*>(in_.data());
-    pending_record_ =
-        in_.size() >= header_len && in_.size() >= header_len + ((std::size_t{h[3]} << 8) | h[4]);
+    return in_.size() >= header_len && in_.size() >= header_len + ((std::size_t{h[3]} << 8) | h[4]);
+}
+
+// A header read() refuses (a record type or length it will not wait out).
+bool TlsRecordLayer::bad_header() const {
+    if (in_.size() < header_len) return false;
+    const auto* h = reinterpret_cast<const unsigned char*>(in_.data());
+    const std::size_t clen = (std::size_t{h[3]} << 8) | h[4];
+    return h[0] != type_application || clen > max_cipher_len || clen < 1 + tag_len;
 }
 
 bool TlsRecordLayer::seal_append(std::string& out, const char* p, std::size_t n) {
@@ -432,16 +443,25 @@ ssize_t TlsRecordLayer::read(char* buf, std::size_t len) {
     // Never more than a record and one read's worth (absorb() is followed by
     // reads until EAGAIN); a caller that broke that gets an error, not an overflow.
     if (have > sizeof s.in) return fail(0, "TLS: too much ciphertext waiting");
-    std::memcpy(s.in, in_.data(), have);
-    in_.clear();
+    // The ciphertext: completion I/O's absorb() put it in in_, where records
+    // are opened (a record not whole yet just waits there: no copy per piece
+    // that arrives); readiness reads it into the thread's buffer after what
+    // in_ kept.
+    unsigned char* base = reinterpret_cast<unsigned char*>(in_.data());
+    if (!socket_io_) {
+        socket_drained_ = true;  // what absorb() gave is all there is
+        if (!pending_record_ && !bad_header()) return errno = EAGAIN, -1;
+    } else {
+        std::memcpy(s.in, in_.data(), have);
+        in_.clear();
+        base = s.in;
+    }
     pending_record_ = false;
     // Ciphertext no larger than `len` always decrypts into `len` bytes.
     const std::size_t want = std::min(std::max(len, max_record), sizeof s.in);
     int read_errno = 0;
     bool eof = false;
-    if (!socket_io_) {
-        socket_drained_ = true;  // what absorb() gave is all there is
-    } else if (have < want) {
+    if (socket_io_ && have < want) {
         ssize_t n;
         do {
             n = ::recv(fd_, s.in + have, want - have, 0);
@@ -471,7 +491,7 @@ ssize_t TlsRecordLayer::read(char* buf, std::size_t len) {
         return static_cast<ssize_t>(out);
     };
     while (have - pos >= header_len && !peer_closed_) {
-        unsigned char* rec = s.in + pos;
+        unsigned char* rec = base + pos;
         const std::size_t clen = (std::size_t{rec[3]} << 8) | rec[4];
         if (rec[0] != type_application)
             return stop(alert_unexpected_message, "TLS: unexpected record type");
@@ -533,11 +553,12 @@ ssize_t TlsRecordLayer::read(char* buf, std::size_t len) {
     }
     if (peer_closed_) {
         in_.clear();
-    } else if (pos < have) {
-        in_.assign(reinterpret_cast<const char*>(s.in + pos), have - pos);
-        const auto* h = reinterpret_cast<const unsigned char*>(in_.data());
-        pending_record_ = in_.size() >= header_len &&
-                          in_.size() >= header_len + ((std::size_t{h[3]} << 8) | h[4]);
+    } else {
+        if (!socket_io_)
+            in_.erase(0, pos);  // (usually all, or a record's first pieces)
+        else if (pos < have)
+            in_.assign(reinterpret_cast<const char*>(s.in + pos), have - pos);
+        pending_record_ = whole_record();
     }
     if (out > 0) return static_cast<ssize_t>(out);
     if (peer_closed_) return 0;

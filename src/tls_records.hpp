@@ -125,6 +125,8 @@ class TlsRecordLayer {
 
     std::string in_;               // ciphertext read past what was decrypted
     bool pending_record_ = false;  // in_ holds a whole record
+    bool whole_record() const;     // in_ starts with a whole record
+    bool bad_header() const;       // in_ starts with a header read() refuses
     std::string plain_;            // a record's plaintext that did not fit the caller's buffer
     std::size_t plain_off_ = 0;
     std::string hs_;      // a post-handshake message in pieces
