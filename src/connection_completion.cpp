@@ -217,7 +217,7 @@ void Connection::send_done(detail::CompletionOp* op, std::int32_t res, std::uint
     c.send_chunks = 0;
     if (self.state_ != State::open) {
         self.clear_queue();  // what the request was reading, kept until now
-        std::string().swap(c.tls_out);
+        c.io.give_string(std::exchange(c.tls_out, {}));
     } else {
         ++self.in_handler_;
         try {
@@ -292,6 +292,7 @@ void Connection::submit_tls_send() {
 // if the record layer refuses (after close_notify, or failed).
 bool Connection::seal_tls_out() {
     detail::CompletionState& c = *cio_;
+    if (c.tls_out.capacity() <= 15) c.tls_out = c.io.take_string();
     c.tls_out.clear();
     c.tls_out_off = 0;
     c.tls_plain = 0;
@@ -318,8 +319,8 @@ bool Connection::write_tls_now() {
     detail::CompletionState& c = *cio_;
     for (;;) {
         if (c.tls_out_off == c.tls_out.size()) {
-            if (queue_.empty()) {               // all sent (TLS's own records alone: the request's)
-                std::string().swap(c.tls_out);  // as tls_sent(): idle holds none
+            if (queue_.empty()) {  // all sent (TLS's own records alone: the request's)
+                c.io.give_string(std::exchange(c.tls_out, {}));  // as tls_sent()
                 return true;
             }
             if (!seal_tls_out()) {
@@ -351,7 +352,7 @@ void Connection::tls_sent(const ConnectionPtr& self, std::size_t n) {
         return;
     }
     const std::size_t plain = std::exchange(c.tls_plain, 0);
-    std::string().swap(c.tls_out);
+    c.io.give_string(std::exchange(c.tls_out, {}));  // to the loop's spares: idle holds none
     c.tls_out_off = 0;
     if (plain > 0) {
         consume_sent(plain);
