@@ -65,6 +65,15 @@ std::shared_ptr<TlsContext> server_context() {
     return server_context(tls_files().server_cert, tls_files().server_key);
 }
 
+/// A TLS server's options with these water marks.
+ServerOptions tls_water_marks(std::size_t high, std::size_t low) {
+    ServerOptions opt;
+    opt.connection.tls = server_context();
+    opt.connection.high_water = high;
+    opt.connection.low_water = low;
+    return opt;
+}
+
 std::shared_ptr<TlsContext> client_context(const std::string& name = "localhost",
                                            const std::string& ca = tls_files().ca) {
     TlsClientOptions o;
@@ -585,10 +594,7 @@ TEST_F(Tls, WaterMarksCountPlaintext) {
         high_queued = q;
     };
     cb.on_drain = [&](const ConnectionPtr&) { ++drains; };
-    ServerOptions opt;
-    opt.connection.tls = server_context();
-    opt.connection.high_water = 256 * 1024;
-    opt.connection.low_water = 64 * 1024;
+    const ServerOptions opt = tls_water_marks(256 * 1024, 64 * 1024);
     TcpServer server(loop(), Address::ip("127.0.0.1", 0), cb, opt);
     Record& client = record();
     ConnectionOptions copt;
@@ -631,10 +637,7 @@ TEST_F(Tls, ASendTheKernelTakesIsNotAboveHighWater) {
         queued_after_send = c->queued_bytes();
     };
     cb.on_high_water = [&](const ConnectionPtr&, std::size_t) { ++high_events; };
-    ServerOptions opt;
-    opt.connection.tls = server_context();
-    opt.connection.high_water = 64 * 1024;
-    opt.connection.low_water = 16 * 1024;
+    const ServerOptions opt = tls_water_marks(64 * 1024, 16 * 1024);
     TcpServer server(loop(), Address::ip("127.0.0.1", 0), cb, opt);
     Record& client = record();
     start_client(loop(), server.local_address(), client_context(), client, ConnectionOptions{});
