@@ -3,15 +3,16 @@
 // this file makes from the input.
 //
 // Per input: a socketpair; on one end an evmux TLS server Connection (epoll
-// or poll backend), on the other an in-process OpenSSL client (non-blocking,
-// pumped with the loop) that completes a TLS 1.3 handshake with the suite the
-// input picks. The client's keylog callback gives CLIENT_TRAFFIC_SECRET_0;
-// from it this file derives the keys itself (HKDF-Expand-Label written here
-// over HMAC, RFC 8446 7.1/7.3; a KeyUpdate's "traffic upd", 7.2) and writes
-// raw records to the socket. The client's write sequence number is 0 then:
-// it sends nothing after its Finished.
+// or poll backend, or io_uring with completion I/O: records absorbed from the
+// receive requests' buffers, where usable), on the other an in-process OpenSSL client
+// (non-blocking, pumped with the loop) that completes a TLS 1.3 handshake with the suite the input
+// picks. The client's keylog callback gives CLIENT_TRAFFIC_SECRET_0; from it this file derives the
+// keys itself (HKDF-Expand-Label written here over HMAC, RFC 8446 7.1/7.3; a KeyUpdate's "traffic
+// upd", 7.2) and writes raw records to the socket. The client's write sequence number is 0 then: it
+// sends nothing after its Finished.
 //
-// Input: byte 0 the backend and suite, byte 1 the server's read_budget (many
+// Input: byte 0 the backend and suite (bit 0 poll/epoll, bit 7 io_uring
+// completion I/O where it works, the rest the suite), byte 1 the server's read_budget (many
 // small: then a record's plaintext does not fit the caller's buffer), then
 // records, each an op byte and its arguments:
 //   op & 7: 0 application data (length: a byte, with op bit 7 a second one),
@@ -300,16 +301,17 @@ struct Run {
     Bytes hs_out;              // handshake messages queued to go out in pieces
     Bytes unsent;              // records kept to go with the next ones
 
-    Run(const char* backend, std::size_t read_budget, int suite_index)
-        : loop(make_selector(backend)) {
+    Run(const char* backend, IoMode io, std::size_t read_budget, int suite_index)
+        : loop(make_selector(backend), io) {
         int sv[2];
         if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv) < 0)
             fail("socketpair");
         peer = sv[1];
         Callbacks cb;
-        cb.on_connect = [this](const ConnectionPtr& c) {
+        cb.on_connect = [this, io](const ConnectionPtr& c) {
             connected = true;
             if (c->tls_records() != TlsRecords::evmux) fail("not evmux's record layer");
+            if (c->io_mode() != io) fail("not on the I/O path asked for");
         };
         cb.on_message = [this](const ConnectionPtr&, Buffer& in) {
             got.append(in.view());
@@ -426,10 +428,20 @@ std::size_t read_budget_of(std::uint8_t b) {
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
     Input in{data, size};
     const std::uint8_t config = in.next();
-    const char* backend = (config & 1) ? "poll" : "epoll";
+    static const bool completion_usable = [] {
+        try {
+            EventLoop probe(make_selector("io_uring"), IoMode::completion);
+            return probe.io_mode() == IoMode::completion;
+        } catch (const std::exception&) {
+            return false;  // io_uring not compiled in, or not usable here
+        }
+    }();
+    const bool completion = (config & 0x80) && completion_usable;
+    const char* backend = completion ? "io_uring" : (config & 1) ? "poll" : "epoll";
     const int suite_index = (config >> 1) % 3;
     const unsigned suite = 0x1301 + static_cast<unsigned>(suite_index);
-    Run run(backend, read_budget_of(in.next()), suite_index);
+    Run run(backend, completion ? IoMode::completion : IoMode::readiness, read_budget_of(in.next()),
+            suite_index);
     run.handshake(suite);
 
     bool refused = false;
