@@ -48,6 +48,9 @@ class CompletionIo {
     virtual bool enable_completion(std::string& why) = 0;
     /// What is on ("recv multishot, buffer ring 512 x 4096 B, ...").
     virtual std::string completion_features() const = 0;
+    /// Whether the kernel consumes the receive buffers incrementally: each
+    /// receive's bytes follow the previous one's in the buffer it fills.
+    virtual bool incremental() const = 0;
 
     /// A multishot receive into the provided buffers: a completion per
     /// arrival, 0 at end of file, -ENOBUFS when the buffers ran out (the
@@ -83,9 +86,13 @@ class CompletionIo {
     /// or whatever it finished with first). Nothing is posted for the cancel.
     virtual void cancel(CompletionOp* target) = 0;
 
-    /// A receive completion's bytes (res > 0: its flags name a provided buffer), until recycle().
+    /// A receive completion's bytes (res > 0: its flags name a provided
+    /// buffer), until recycle(). Only in that completion's handler: where
+    /// the kernel consumes buffers incrementally, a buffer holds several
+    /// receives' bytes, one after another, and this is where this one's start.
     virtual char* buffer(std::uint32_t flags) = 0;
-    /// Gives the provided buffer of a receive completion back to the kernel.
+    /// Lets go of a receive completion's bytes (once per completion): their
+    /// buffer goes back to the kernel when no receive's bytes in it are held.
     virtual void recycle(std::uint32_t flags) = 0;
 
     /// Storage for a queued send: a string given back by an earlier one (its
@@ -110,13 +117,20 @@ class CompletionIo {
         spare_bytes_ += size;
     }
 
-    /// Receive buffers lent to sends (a send of received bytes from where
-    /// they arrived, see CompletionState::lendable): at most a quarter of the
-    /// ring, so that connections whose peers do not read cannot starve the
-    /// others' receives; past it, sends copy.
-    bool can_lend() const { return lent_ < lend_limit_; }
-    void lend() { ++lent_; }
-    void unlend() { --lent_; }
+    /// Received bytes lent to sends (sent from where they arrived, see
+    /// CompletionState::lendable) keep their buffer from the kernel: at most
+    /// a quarter of the ring's buffers are so kept, so that connections whose
+    /// peers do not read cannot starve the others' receives; past it, sends
+    /// copy. Bytes in a buffer kept already can always be lent.
+    bool can_lend(std::uint32_t flags) const {
+        return lent_in_[buffer_id(flags)] > 0 || kept_ < lend_limit_;
+    }
+    void lend(std::uint32_t flags) {
+        if (lent_in_[buffer_id(flags)]++ == 0) ++kept_;
+    }
+    void unlend(std::uint32_t flags) {
+        if (--lent_in_[buffer_id(flags)] == 0) --kept_;
+    }
     /// The provided buffer a receive completion's flags name.
     static std::uint32_t buffer_id(std::uint32_t flags) { return flags >> 16; }
 
@@ -127,12 +141,18 @@ class CompletionIo {
     virtual void drain() = 0;
 
   protected:
-    std::size_t lend_limit_ = 0;  // set by enable_completion()
+    /// For enable_completion(): `buffers` in the ring, at most `limit` kept by lends.
+    void set_lend_limit(std::size_t buffers, std::size_t limit) {
+        lent_in_.assign(buffers, 0);
+        lend_limit_ = limit;
+    }
 
   private:
     std::vector<std::string> spare_strings_;
-    std::size_t spare_bytes_ = 0;  // their capacities
-    std::size_t lent_ = 0;
+    std::size_t spare_bytes_ = 0;         // their capacities
+    std::vector<std::uint32_t> lent_in_;  // per buffer: lent sends of its bytes
+    std::size_t kept_ = 0;                // buffers with lent_in_ > 0
+    std::size_t lend_limit_ = 0;
 };
 
 }  // namespace evmux::detail

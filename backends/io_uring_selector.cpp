@@ -56,22 +56,39 @@ constexpr std::uint32_t token_mask = 0x3fff'ffffu;
 constexpr std::uint64_t op_tag = std::uint64_t{op_bit} << 32;
 
 // The provided receive buffers of completion I/O, shared by a loop's
-// connections: a connection holds one from its receive's completion to the
-// end of that on_message, or until a send lent it has gone out.
-constexpr unsigned default_buffer_count = 512;  // a power of two
-constexpr unsigned buffer_size = 4096;
+// connections, 2 MiB in all: a receive's bytes (a part of a buffer) are held
+// from its completion to the end of that on_message, or until a send lent
+// them has gone out. Where the kernel consumes buffers incrementally
+// (IOU_PBUF_RING_INC, Linux 6.12) a buffer is 64 KiB and each receive takes
+// only what it brought: a 16 KiB message is one receive, a 64 B one takes
+// 64 B; the buffer goes back to the ring once the kernel has filled it and
+// every part of it has been let go. Elsewhere each receive takes a whole
+// buffer, so they are small (4 KiB) and many.
+constexpr unsigned incremental_buffer_count = 32;  // powers of two
+constexpr unsigned incremental_buffer_size = 64 * 1024;
+constexpr unsigned whole_buffer_count = 512;
+constexpr unsigned whole_buffer_size = 4096;
 constexpr int buffer_group = 0;
+
+// Newer than Debian's 6.1-era headers: io_uring_buf_reg's flags (called `pad`
+// there) and the completion flag saying the kernel goes on filling the buffer.
+constexpr std::uint16_t pbuf_ring_inc = 2;         // IOU_PBUF_RING_INC
+constexpr std::uint32_t cqe_f_buf_more = 1u << 4;  // IORING_CQE_F_BUF_MORE
 
 // Test and diagnostic knobs, read once per process:
 //  EVMUX_URING_BUFFERS=N       N provided receive buffers per loop (a power of
-//                              two, 1-32768) instead of 512: a small ring makes
+//                              two, 1-32768) instead of 32 (or 512 without
+//                              incremental consumption): a small ring makes
 //                              receives run out of buffers (ENOBUFS).
+//  EVMUX_URING_INCREMENTAL=off act as a kernel without incremental buffer
+//                              consumption: 4 KiB buffers, one per receive.
 //  EVMUX_URING_RECV_LIMIT=off  act as a kernel without the multishot receive's
 //                              byte limit: one-shot receives.
 //  EVMUX_URING_CLOSE=off       act as a kernel without IORING_OP_CLOSE: a
 //                              connection's socket is closed by close().
 struct Knobs {
-    unsigned buffers = default_buffer_count;
+    unsigned buffers = 0;  // 0: the default for the kind of buffers
+    bool incremental_off = false;
     bool recv_limit_off = false;
     bool close_off = false;
     std::string error;  // a bad value: what is wrong
@@ -108,6 +125,7 @@ Knobs read_knobs() {
             k.buffers = static_cast<unsigned>(n);
         }
     }
+    k.incremental_off = off_knob("EVMUX_URING_INCREMENTAL", k.error);
     k.recv_limit_off = off_knob("EVMUX_URING_RECV_LIMIT", k.error);
     k.close_off = off_knob("EVMUX_URING_CLOSE", k.error);
     return k;
@@ -160,6 +178,7 @@ struct CompletionProbe {
     std::string features;       // what was found
     bool limited_recv = false;  // a multishot receive takes a byte limit (sqe->optlen)
     bool close = false;         // IORING_OP_CLOSE (Linux 5.6)
+    bool incremental = false;   // IOU_PBUF_RING_INC (Linux 6.12)
 };
 
 // Bytes one multishot receive takes before it ends and is armed again: the
@@ -179,56 +198,105 @@ bool first_completion(io_uring* ring, io_uring_cqe& out) {
     return true;
 }
 
-// A multishot receive on a socketpair, on a ring of its own (a request may
-// still post its end after the probe). `limit` 0: expects one byte with a
+// For a receive probe: a ring of its own (a request may still post its end
+// after the probe), one 64-byte provided buffer in group 7, registered with
+// `flags` (io_uring_buf_reg's, `pad` in 6.1's headers), and a socketpair.
+// `error` says what could not be set up.
+struct RecvProbe {
+    io_uring ring{};
+    void* mem = nullptr;
+    char buf[64] = {};
+    int sv[2] = {-1, -1};
+    std::string error;
+
+    explicit RecvProbe(std::uint16_t flags) {
+        if (int ret = io_uring_queue_init(4, &ring, 0); ret < 0) {
+            error = std::string("io_uring_setup: ") + std::strerror(-ret);
+            ring.ring_fd = -1;
+            return;
+        }
+        if (posix_memalign(&mem, 4096, 4096) != 0) {
+            error = "no memory for the probe";
+            return;
+        }
+        auto* br = static_cast<io_uring_buf_ring*>(mem);
+        io_uring_buf_ring_init(br);
+        io_uring_buf_reg reg{};
+        reg.ring_addr = reinterpret_cast<std::uint64_t>(br);
+        reg.ring_entries = 1;
+        reg.bgid = 7;
+        reg.pad = flags;
+        if (int ret = io_uring_register_buf_ring(&ring, &reg, 0); ret < 0) {
+            error = std::string("provided buffer rings (io_uring_register_buf_ring: ") +
+                    std::strerror(-ret) + ")";
+        } else if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
+            error = std::string("socketpair: ") + std::strerror(errno);
+        } else {
+            io_uring_buf_ring_add(br, buf, sizeof buf, 0, io_uring_buf_ring_mask(1), 0);
+            io_uring_buf_ring_advance(br, 1);
+        }
+    }
+    ~RecvProbe() {
+        for (int fd : sv)
+            if (fd >= 0) ::close(fd);
+        if (ring.ring_fd >= 0) io_uring_queue_exit(&ring);
+        std::free(mem);
+    }
+    RecvProbe(const RecvProbe&) = delete;
+    RecvProbe& operator=(const RecvProbe&) = delete;
+
+    // A receive into the buffer (`multishot`: with the byte limit `limit`).
+    void recv(bool multishot, std::uint32_t limit = 0) {
+        io_uring_sqe* sqe = io_uring_get_sqe(&ring);
+        if (multishot) {
+            io_uring_prep_recv_multishot(sqe, sv[0], nullptr, 0, 0);
+            sqe->file_index = limit;  // sqe->optlen in newer headers
+        } else {
+            io_uring_prep_recv(sqe, sv[0], nullptr, sizeof buf, 0);
+        }
+        sqe->flags |= IOSQE_BUFFER_SELECT;
+        sqe->buf_group = 7;
+    }
+};
+
+// A multishot receive on a socketpair. `limit` 0: expects one byte with a
 // buffer and "more". Otherwise sets the request's byte limit (sqe->optlen,
 // which 6.1's headers call file_index), sends 3 bytes and expects the request
 // to end with them (a kernel without limits goes on, or refuses the field).
 // Returns what is missing, or "".
 std::string probe_recv(std::uint32_t limit, const char* what) {
-    io_uring ring{};
-    if (int ret = io_uring_queue_init(4, &ring, 0); ret < 0)
-        return std::string("io_uring_setup: ") + std::strerror(-ret);
-    void* mem = nullptr;
-    if (posix_memalign(&mem, 4096, 4096) != 0) {
-        io_uring_queue_exit(&ring);
-        return "no memory for the probe";
-    }
-    auto* br = static_cast<io_uring_buf_ring*>(mem);
-    io_uring_buf_ring_init(br);
-    io_uring_buf_reg reg{};
-    reg.ring_addr = reinterpret_cast<std::uint64_t>(br);
-    reg.ring_entries = 1;
-    reg.bgid = 7;
-    char byte_buf[64];
-    std::string missing;
-    int sv[2] = {-1, -1};
-    if (int ret = io_uring_register_buf_ring(&ring, &reg, 0); ret < 0) {
-        missing = std::string("provided buffer rings (io_uring_register_buf_ring: ") +
-                  std::strerror(-ret) + ")";
-    } else if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
-        missing = std::string("socketpair: ") + std::strerror(errno);
-    } else {
-        io_uring_buf_ring_add(br, byte_buf, sizeof byte_buf, 0, io_uring_buf_ring_mask(1), 0);
-        io_uring_buf_ring_advance(br, 1);
-        io_uring_sqe* sqe = io_uring_get_sqe(&ring);
-        io_uring_prep_recv_multishot(sqe, sv[0], nullptr, 0, 0);
-        sqe->flags |= IOSQE_BUFFER_SELECT;
-        sqe->buf_group = 7;
-        sqe->file_index = limit;
-        [[maybe_unused]] ssize_t n = ::write(sv[1], "xyz", limit == 0 ? 1 : 3);
+    RecvProbe p(0);
+    if (!p.error.empty()) return p.error;
+    p.recv(true, limit);
+    [[maybe_unused]] ssize_t n = ::write(p.sv[1], "xyz", limit == 0 ? 1 : 3);
+    io_uring_cqe cqe{};
+    const bool got = first_completion(&p.ring, cqe) && cqe.flags & IORING_CQE_F_BUFFER;
+    const bool more = cqe.flags & IORING_CQE_F_MORE;
+    // With a limit, the receive that reaches it ends the request (it may
+    // take a little more: the limit is checked after each receive).
+    if (!got || (limit == 0 ? cqe.res != 1 || !more : cqe.res <= 0 || more)) return what;
+    return "";
+}
+
+// Incremental buffer consumption: the buffer registered with
+// IOU_PBUF_RING_INC, two receives of 1 and 2 bytes: each must say the kernel
+// goes on with the buffer (IORING_CQE_F_BUF_MORE) and name the same buffer,
+// and the second's bytes must follow the first's. A kernel without it
+// refuses the flag (EINVAL), or ignores it and gives no BUF_MORE.
+bool probe_incremental() {
+    RecvProbe p(pbuf_ring_inc);
+    if (!p.error.empty()) return false;
+    for (const std::string bytes : {"x", "yz"}) {
+        p.recv(false);
+        const auto len = static_cast<std::int32_t>(bytes.size());
         io_uring_cqe cqe{};
-        const bool got = first_completion(&ring, cqe) && cqe.flags & IORING_CQE_F_BUFFER;
-        const bool more = cqe.flags & IORING_CQE_F_MORE;
-        // With a limit, the receive that reaches it ends the request (it may
-        // take a little more: the limit is checked after each receive).
-        if (!got || (limit == 0 ? cqe.res != 1 || !more : cqe.res <= 0 || more)) missing = what;
+        if (::write(p.sv[1], bytes.data(), bytes.size()) != len ||
+            !first_completion(&p.ring, cqe) || cqe.res != len ||
+            !(cqe.flags & IORING_CQE_F_BUFFER) || !(cqe.flags & cqe_f_buf_more) ||
+            cqe.flags >> IORING_CQE_BUFFER_SHIFT != 0)
+            return false;
     }
-    for (int fd : sv)
-        if (fd >= 0) ::close(fd);
-    io_uring_queue_exit(&ring);
-    std::free(mem);
-    return missing;
+    return std::memcmp(p.buf, "xyz", 3) == 0;
 }
 
 // Accept, on a ring of its own (the receive's request may still post its end):
@@ -262,6 +330,15 @@ std::string probe_multishot_accept() {
     ::close(lfd);
     io_uring_queue_exit(ring);
     return missing;
+}
+
+// The receive buffers: their size and (unless EVMUX_URING_BUFFERS says) count.
+unsigned recv_buffer_size(const CompletionProbe& p) {
+    return p.incremental ? incremental_buffer_size : whole_buffer_size;
+}
+unsigned recv_buffer_count(const CompletionProbe& p) {
+    if (knobs().buffers != 0) return knobs().buffers;
+    return p.incremental ? incremental_buffer_count : whole_buffer_count;
 }
 
 CompletionProbe run_completion_probe() {
@@ -300,12 +377,18 @@ CompletionProbe run_completion_probe() {
     // Optional: without a byte limit per multishot receive, each receive is
     // one request (a buffer at most), re-armed with the next wait.
     p.limited_recv = !knobs().recv_limit_off && probe_recv(1, "x").empty();
+    // Optional: without it each receive takes a whole (smaller) buffer.
+    p.incremental = !knobs().incremental_off && probe_incremental();
     p.features =
         std::string(p.limited_recv           ? "multishot recv (64 KiB per request)"
                     : knobs().recv_limit_off ? "one-shot recv (EVMUX_URING_RECV_LIMIT=off)"
                                              : "one-shot recv (no multishot byte limit here)") +
-        " into a provided buffer ring (" + std::to_string(knobs().buffers) + " x " +
-        std::to_string(buffer_size) + " B), multishot accept, send/sendmsg requests, " +
+        " into a provided buffer ring (" + std::to_string(recv_buffer_count(p)) + " x " +
+        std::to_string(recv_buffer_size(p)) + " B, " +
+        (p.incremental             ? "consumed incrementally"
+         : knobs().incremental_off ? "a buffer per receive: EVMUX_URING_INCREMENTAL=off"
+                                   : "a buffer per receive: no incremental consumption here") +
+        "), multishot accept, send/sendmsg requests, " +
         (p.close             ? "close requests"
          : knobs().close_off ? "close() calls (EVMUX_URING_CLOSE=off)"
                              : "close() calls (no IORING_OP_CLOSE here)") +
@@ -448,7 +531,8 @@ class IoUringSelector final : public Selector, public CompletionIo {
         if (!why.empty()) return false;
         // The ring of buffer descriptors must be page-aligned; the buffers need not.
         void* ring_mem = nullptr;
-        const unsigned buffer_count = knobs().buffers;
+        const unsigned buffer_count = recv_buffer_count(completion_probe());
+        buffer_size_ = recv_buffer_size(completion_probe());
         const std::size_t ring_bytes =
             std::max<std::size_t>(buffer_count * sizeof(io_uring_buf), 4096);
         if (posix_memalign(&ring_mem, 4096, ring_bytes) != 0) {
@@ -461,12 +545,13 @@ class IoUringSelector final : public Selector, public CompletionIo {
         reg.ring_addr = reinterpret_cast<std::uint64_t>(br);
         reg.ring_entries = buffer_count;
         reg.bgid = buffer_group;
+        if (completion_probe().incremental) reg.pad = pbuf_ring_inc;  // `flags` in newer headers
         if (int ret = io_uring_register_buf_ring(&ring_, &reg, 0); ret < 0) {
             std::free(ring_mem);
             why = std::string("io_uring_register_buf_ring: ") + std::strerror(-ret);
             return false;
         }
-        buffers_ = static_cast<char*>(std::malloc(std::size_t{buffer_count} * buffer_size));
+        buffers_ = static_cast<char*>(std::malloc(std::size_t{buffer_count} * buffer_size_));
         if (!buffers_) {
             io_uring_unregister_buf_ring(&ring_, buffer_group);
             std::free(ring_mem);
@@ -475,16 +560,18 @@ class IoUringSelector final : public Selector, public CompletionIo {
         }
         buf_ring_ = br;
         buffer_mask_ = io_uring_buf_ring_mask(buffer_count);
-        lend_limit_ = buffer_count / 4;
+        recv_buffers_.assign(buffer_count, RecvBuffer{});
+        set_lend_limit(buffer_count, buffer_count / 4);
         const int mask = buffer_mask_;
         for (unsigned i = 0; i < buffer_count; ++i)
-            io_uring_buf_ring_add(br, buffers_ + std::size_t{i} * buffer_size, buffer_size,
+            io_uring_buf_ring_add(br, buffers_ + std::size_t{i} * buffer_size_, buffer_size_,
                                   static_cast<unsigned short>(i), mask, static_cast<int>(i));
         io_uring_buf_ring_advance(br, static_cast<int>(buffer_count));
         return true;
     }
 
     std::string completion_features() const override { return features_text(); }
+    bool incremental() const override { return completion_probe().incremental; }
 
     void recv_multishot(int fd, CompletionOp* op) override {
         io_uring_sqe* sqe = op_sqe(op);
@@ -492,7 +579,7 @@ class IoUringSelector final : public Selector, public CompletionIo {
             io_uring_prep_recv_multishot(sqe, fd, nullptr, 0, 0);
             sqe->file_index = recv_limit;  // sqe->optlen in newer headers: the byte limit
         } else {
-            io_uring_prep_recv(sqe, fd, nullptr, buffer_size, 0);
+            io_uring_prep_recv(sqe, fd, nullptr, buffer_size_, 0);
         }
         sqe->flags |= IOSQE_BUFFER_SELECT;
         sqe->buf_group = buffer_group;
@@ -557,13 +644,16 @@ class IoUringSelector final : public Selector, public CompletionIo {
         }
     }
 
-    char* buffer(std::uint32_t flags) override {
-        return buffers_ + std::size_t{flags >> IORING_CQE_BUFFER_SHIFT} * buffer_size;
-    }
+    char* buffer(std::uint32_t) override { return part_; }
 
+    // A part let go: its buffer goes back to the kernel when the kernel has
+    // filled it and no other part of it is held.
     void recycle(std::uint32_t flags) override {
-        const unsigned bid = flags >> IORING_CQE_BUFFER_SHIFT;
-        io_uring_buf_ring_add(buf_ring_, buffers_ + std::size_t{bid} * buffer_size, buffer_size,
+        const unsigned bid = buffer_id(flags);
+        RecvBuffer& b = recv_buffers_[bid];
+        if (--b.parts != 0 || !b.filled) return;
+        b = RecvBuffer{};
+        io_uring_buf_ring_add(buf_ring_, buffers_ + std::size_t{bid} * buffer_size_, buffer_size_,
                               static_cast<unsigned short>(bid), buffer_mask_, 0);
         io_uring_buf_ring_advance(buf_ring_, 1);
     }
@@ -572,8 +662,14 @@ class IoUringSelector final : public Selector, public CompletionIo {
         // A completion's handler may submit (never reap: reaping happens in
         // waits, and in settle() into stashed_), so the lists do not grow
         // under us. The early ones first (handle() sorted them).
-        for (const Done& d : done_early_) d.op->complete(d.op, d.res, d.flags);
-        for (const Done& d : done_) d.op->complete(d.op, d.res, d.flags);
+        for (const Done& d : done_early_) {
+            part_ = d.part;
+            d.op->complete(d.op, d.res, d.flags);
+        }
+        for (const Done& d : done_) {
+            part_ = d.part;
+            d.op->complete(d.op, d.res, d.flags);
+        }
         const std::size_t ran = done_early_.size() + done_.size();
         done_early_.clear();
         done_.clear();
@@ -617,6 +713,16 @@ class IoUringSelector final : public Selector, public CompletionIo {
         CompletionOp* op = nullptr;
         std::int32_t res = 0;
         std::uint32_t flags = 0;
+        char* part = nullptr;  // a receive's bytes in its provided buffer
+    };
+    // A provided receive buffer's parts. The kernel fills a buffer from its
+    // start, receive after receive in the order their completions are posted
+    // (incremental consumption; otherwise one receive fills it), so a
+    // completion's bytes start where the previous one's in that buffer ended.
+    struct RecvBuffer {
+        std::uint32_t used = 0;   // bytes the kernel has put in it so far
+        std::uint32_t parts = 0;  // receives of it not yet recycled
+        bool filled = false;      // the kernel has let go of it (no BUF_MORE)
     };
 
     // An SQE for a completion request of `op`, counted in flight until its last completion.
@@ -761,7 +867,18 @@ class IoUringSelector final : public Selector, public CompletionIo {
         if (token & control_bit) return;
         if (token & op_bit) {
             auto* op = reinterpret_cast<CompletionOp*>(user_data & ~op_tag);
-            (op->early ? done_early_ : done_).push_back(Done{op, res, flags});
+            char* part = nullptr;
+            if (flags & IORING_CQE_F_BUFFER && res > 0) {
+                // Where this receive's bytes are: handled in the order the
+                // kernel posted them (stashed ones first), as it filled the buffer.
+                const unsigned bid = buffer_id(flags);
+                RecvBuffer& b = recv_buffers_[bid];
+                part = buffers_ + std::size_t{bid} * buffer_size_ + b.used;
+                b.used += static_cast<std::uint32_t>(res);
+                ++b.parts;
+                b.filled = !(flags & cqe_f_buf_more);
+            }
+            (op->early ? done_early_ : done_).push_back(Done{op, res, flags, part});
             return;
         }
         if (fd32 >= slots_.size()) return;
@@ -819,7 +936,10 @@ class IoUringSelector final : public Selector, public CompletionIo {
     std::vector<Done> done_early_;           // the same, of CompletionOp::early ops
     std::vector<CompletionOp*> to_prepare_;  // prepare_before_wait()
     std::size_t ops_in_flight_ = 0;          // completion requests not finished
-    char* buffers_ = nullptr;                // knobs().buffers x buffer_size
+    char* buffers_ = nullptr;                // recv_buffers_.size() x buffer_size_
+    unsigned buffer_size_ = 0;
+    std::vector<RecvBuffer> recv_buffers_;
+    char* part_ = nullptr;  // the bytes of the receive completion being dispatched
     int buffer_mask_ = 0;
     io_uring_buf_ring* buf_ring_ = nullptr;
 };

@@ -374,7 +374,7 @@ void Connection::consume_sent(std::size_t n) {
         }
         n -= rest;
         if (front.lent) {
-            cio_->give_back(front.lent_buffer);  // the receive buffer it was sent from
+            cio_->give_back(front.lent, front.lent_buffer);  // the receive buffer it was sent from
             queue_.drop_front();
             continue;
         }

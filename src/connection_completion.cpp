@@ -374,7 +374,7 @@ void Connection::tls_sent(const ConnectionPtr& self, std::size_t n) {
 void Connection::clear_queue() {
     if (cio_)
         for (std::size_t i = 0; i < queue_.size(); ++i)
-            if (queue_[i].lent) cio_->give_back(queue_[i].lent_buffer);
+            if (queue_[i].lent) cio_->give_back(queue_[i].lent, queue_[i].lent_buffer);
     queue_.clear();
 }
 

@@ -49,21 +49,22 @@ struct CompletionState {
         const auto at = reinterpret_cast<std::uintptr_t>(p);
         const auto from = reinterpret_cast<std::uintptr_t>(recv_bytes);
         return at >= from && at + len <= from + recv_len && !recv_lent && lent < max_lent &&
-               io.can_lend();
+               io.can_lend(recv_flags);
     }
-    // The current receive's buffer lent to a chunk (queued with recv_flags,
+    // The current receive's bytes lent to a chunk (queued with recv_flags,
     // for give_back()).
     void lend() {
         recv_lent = true;
         ++lent;
-        io.lend();
+        io.lend(recv_flags);
     }
-    // A lent chunk sent or dropped: its buffer back to the kernel (after
-    // on_message, if it is the receive on_message is still handling).
-    void give_back(std::uint32_t flags) {
+    // A lent chunk (its bytes at `p`) sent or dropped: its receive let go
+    // (after on_message, if it is the receive on_message is still handling;
+    // told apart by address: a buffer may hold several receives' bytes).
+    void give_back(const char* p, std::uint32_t flags) {
         --lent;
-        io.unlend();
-        if (recv_lent && CompletionIo::buffer_id(flags) == CompletionIo::buffer_id(recv_flags))
+        io.unlend(flags);
+        if (recv_lent && p >= recv_bytes && p < recv_bytes + recv_len)
             recv_lent = false;
         else
             io.recycle(flags);

@@ -539,6 +539,42 @@ TEST(Connection, CompletionClosesTheSocketByARequest) {
     EXPECT_TRUE(eof);
 }
 
+// Where the kernel consumes provided buffers incrementally, a receive takes
+// only the bytes it brought: the next one's follow in the same buffer (else a
+// 1-byte message would take a whole buffer, and a 16 KiB one four). Without
+// it, each receive starts a buffer of its own.
+TEST(Connection, CompletionReceivesFillTheirBufferOneAfterAnother) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    if (!loop.completion_io()) GTEST_SKIP() << "no provided buffers on readiness";
+    auto [client, server] = test::tcp_pair();
+    std::vector<const char*> at;
+    std::string received;
+    Callbacks cb;
+    cb.on_message = [&](const ConnectionPtr&, Buffer& in) {
+        at.push_back(in.data());
+        received.append(in.data(), in.size());
+        in.consume_all();
+    };
+    ConnectionPtr conn = Connection::adopt(loop, server.release(), cb);
+    for (const std::string msg : {"a", "bc", "def"}) {
+        const std::size_t before = at.size();
+        ASSERT_EQ(::send(client.get(), msg.data(), msg.size(), 0),
+                  static_cast<ssize_t>(msg.size()));
+        ASSERT_TRUE(run_until(loop, [&] { return at.size() > before; }));
+    }
+    ASSERT_EQ(received, "abcdef");
+    ASSERT_EQ(at.size(), 3u);
+    if (loop.completion_io()->incremental()) {
+        EXPECT_EQ(at[1], at[0] + 1);
+        EXPECT_EQ(at[2], at[1] + 2);
+    } else {
+        EXPECT_EQ((at[1] - at[0]) % 4096, 0) << "each receive at a buffer's start";
+        EXPECT_EQ((at[2] - at[1]) % 4096, 0);
+    }
+    conn->close();
+}
+
 TEST(Connection, SendToResetPeerReportsOnceFromTheLoop) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     auto old = std::signal(SIGPIPE, SIG_DFL);
