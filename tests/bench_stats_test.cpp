@@ -68,6 +68,34 @@ TEST(PairedRatio, SkipsRoundsMissingOnEitherSideOrWithAZeroDivisor) {
     EXPECT_TRUE(std::isnan(paired_ratio({1, 2}, {1}).median));  // unequal lengths
 }
 
+// The interval of a median ratio: with up to 8 rounds the smallest and the
+// largest ratio; with more, the order statistics that hold the median with
+// the same probability (>= 93.75 %, the sign test), so that an outlier round
+// among 11 does not decide the verdict alone.
+TEST(PairedRatio, MoreRoundsNarrowTheMediansIntervalInsteadOfWideningIt) {
+    EXPECT_EQ(evmux::bench::median_interval_rank(3), 1u);
+    EXPECT_EQ(evmux::bench::median_interval_rank(5), 1u);
+    EXPECT_EQ(evmux::bench::median_interval_rank(8), 1u);
+    EXPECT_EQ(evmux::bench::median_interval_rank(9), 2u);
+    EXPECT_EQ(evmux::bench::median_interval_rank(11), 2u);
+    EXPECT_EQ(evmux::bench::median_interval_rank(12), 3u);
+    EXPECT_EQ(evmux::bench::median_interval_rank(15), 4u);
+    EXPECT_EQ(evmux::bench::median_interval_rank(21), 6u);
+    const std::vector<double> floor(11, 1.0);
+    // Eleven rounds, one disturbed each way: the interval is the 2nd..10th.
+    const auto q =
+        paired_ratio({1.30, 1.02, 1.03, 1.01, 1.04, 0.80, 1.02, 1.03, 1.04, 1.02, 1.03}, floor);
+    EXPECT_NEAR(q.median, 1.03, 1e-12);
+    EXPECT_NEAR(q.min, 1.01, 1e-12);
+    EXPECT_NEAR(q.max, 1.04, 1e-12);
+    EXPECT_EQ(verdict(q), Verdict::above);
+    // Five rounds: the interval is every round's, as before.
+    const auto five = paired_ratio({1.30, 1.02, 1.03, 1.01, 0.80}, std::vector<double>(5, 1.0));
+    EXPECT_NEAR(five.min, 0.80, 1e-12);
+    EXPECT_NEAR(five.max, 1.30, 1e-12);
+    EXPECT_EQ(verdict(five), Verdict::about);
+}
+
 TEST(Verdict, AStraddlingRangeIsNeitherWinNorLoss) {
     EXPECT_EQ(verdict({1.05, 0.97, 1.12}), Verdict::about);
     EXPECT_EQ(verdict({0.95, 0.90, 1.0}), Verdict::about);  // touching 1.0 is not clear of it

@@ -16,12 +16,33 @@ Spread spread(std::vector<double> values) {
     return {median, values.front(), values.back()};
 }
 
+std::size_t median_interval_rank(std::size_t n) {
+    // P(Bin(n, 1/2) <= j), summed term by term: C(n, j) / 2^n.
+    double term = std::ldexp(1.0, -static_cast<int>(n));  // j = 0
+    double below = term;
+    std::size_t k = 1;
+    for (std::size_t j = 1; 2 * j < n; ++j) {
+        term = term * static_cast<double>(n - j + 1) / static_cast<double>(j);
+        below += term;
+        // [x(j+1), x(n-j)] misses the median with probability 2 * P(Bin <= j).
+        if (1.0 - 2.0 * below < median_coverage) break;
+        k = j + 1;
+    }
+    return k;
+}
+
 Spread paired_ratio(const std::vector<double>& a, const std::vector<double>& b) {
     if (a.size() != b.size()) return {NAN, NAN, NAN};
     std::vector<double> ratios;
     for (std::size_t i = 0; i < a.size(); ++i)
-        ratios.push_back(b[i] > 0 && !std::isnan(a[i]) ? a[i] / b[i] : NAN);
-    return spread(std::move(ratios));
+        if (b[i] > 0 && !std::isnan(a[i])) ratios.push_back(a[i] / b[i]);
+    Spread s = spread(ratios);
+    if (ratios.empty()) return s;
+    std::sort(ratios.begin(), ratios.end());
+    const std::size_t k = median_interval_rank(ratios.size());
+    s.min = ratios[k - 1];
+    s.max = ratios[ratios.size() - k];
+    return s;
 }
 
 Verdict verdict(const Spread& ratio) {

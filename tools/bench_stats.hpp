@@ -5,6 +5,7 @@
 // Internal to tools/; not installed.
 #pragma once
 
+#include <cstddef>
 #include <string>
 #include <vector>
 
@@ -21,8 +22,23 @@ struct Spread {
 /// `values`; NaN values are left out (a round without that figure).
 Spread spread(std::vector<double> values);
 
+/// The coverage the interval of a median ratio has at least: what the
+/// smallest and largest of 5 rounds give (1 - 2 / 2^5).
+constexpr double median_coverage = 0.9375;
+
+/// k (1-based) such that [x(k), x(n+1-k)] of n sorted rounds is the narrowest
+/// such interval that holds their median with probability >= median_coverage
+/// whatever their distribution (order statistics, the sign test): 1 (the
+/// smallest and the largest) up to 8 rounds, 2 at 9-11, 3 at 12-13, 4 at 14-16.
+/// Below 5 rounds no interval has that coverage; 1 still, the widest there is.
+std::size_t median_interval_rank(std::size_t n);
+
 /// The ratio of `a` to `b`, round by round: a[i] / b[i] for each round i in
-/// which both have a figure and b[i] > 0, then the spread of those ratios.
+/// which both have a figure and b[i] > 0; the median of those ratios, and as
+/// min..max the confidence interval of that median (median_interval_rank):
+/// the smallest and largest ratio up to 8 rounds, with more rounds the
+/// order statistics that keep the same coverage, so that more rounds narrow
+/// it rather than widen it.
 ///
 /// Paired, not min(a)/max(b) .. max(a)/min(b): rounds i of A and B ran one
 /// right after the other, so a disturbance that slowed round i (another

@@ -1867,8 +1867,9 @@ void print_completion_targets(std::ostream& os, const std::vector<Result>& resul
         const bool many = !p.idle_heavy && (p.active == 100 || p.active == 1000) &&
                           (p.size == 64 || p.size == 1024);
         const bool one = !p.idle_heavy && p.active == 1;
-        // Each target: met (every paired round within it), missed (none),
-        // unclear (the rounds straddle it) or unknown (a figure or floor missing).
+        // Each target: met (the median ratio's interval within it: up to 8
+        // rounds, every paired round), missed (the interval above it), unclear
+        // (it straddles the target) or unknown (a figure or floor missing).
         std::string verdict;
         auto check = [&](const char* what, const Spread& ratio, double limit) {
             const char* v = std::isnan(ratio.min) || std::isnan(ratio.max) ? " unknown"
