@@ -841,15 +841,14 @@ class IoUringSelector final : public Selector, public CompletionIo {
 
     // Handles every completion there is.
     void reap() {
-        for (const Completion& c : stashed_) handle(c.user_data, c.res, c.flags);
+        for (const Completion& c : stashed_) handle(c.user_data, c.res, c.flags, false);
         stashed_.clear();
         for (;;) {
             unsigned head;
             unsigned n = 0;
             io_uring_cqe* cqe;
             io_uring_for_each_cqe(&ring_, head, cqe) {
-                finished(cqe);
-                handle(cqe->user_data, cqe->res, cqe->flags);
+                handle(cqe->user_data, cqe->res, cqe->flags, true);
                 ++n;
             }
             io_uring_cq_advance(&ring_, n);
@@ -860,12 +859,16 @@ class IoUringSelector final : public Selector, public CompletionIo {
         }
     }
 
-    void handle(std::uint64_t user_data, std::int32_t res, std::uint32_t flags) {
+    // `count`: taken from the ring now, not stashed (stash_completions()
+    // counted those with finished() as it took them).
+    void handle(std::uint64_t user_data, std::int32_t res, std::uint32_t flags, bool count) {
         const auto token = static_cast<std::uint32_t>(user_data >> 32);
         const auto fd32 = static_cast<std::uint32_t>(user_data);
+        const bool last = !(flags & IORING_CQE_F_MORE);
         // Cancels (and liburing's own timeout, user_data ~0) report nothing.
         if (token & control_bit) return;
         if (token & op_bit) {
+            if (count && last) --ops_in_flight_;
             auto* op = reinterpret_cast<CompletionOp*>(user_data & ~op_tag);
             char* part = nullptr;
             if (flags & IORING_CQE_F_BUFFER && res > 0) {
@@ -884,8 +887,12 @@ class IoUringSelector final : public Selector, public CompletionIo {
         if (fd32 >= slots_.size()) return;
         const int fd = static_cast<int>(fd32);
         Slot& s = slots_[fd];
+        if (count && last) {  // as finished()
+            --s.in_flight;
+            --in_flight_;
+        }
         if (!s.registered || token != s.token) return;  // an earlier request
-        if (!(flags & IORING_CQE_F_MORE)) s.armed = false;
+        if (last) s.armed = false;
         if (res == -EBADF) {
             // Closed without remove(): report nothing and stop asking, as the
             // poll backend does on POLLNVAL, so the wait does not spin.

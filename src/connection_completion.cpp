@@ -57,15 +57,6 @@ void Connection::completion_interest(Events want) {
     if (any(want, Events::write) && !c.send_in_flight && !c.send_prepare) request_send();
 }
 
-// The send request is made right before the wait: every send of this
-// iteration in one request.
-void Connection::request_send() {
-    detail::CompletionState& c = *cio_;
-    c.send_prepare = true;
-    if (c.ops++ == 0) c.keep = shared_from_this();
-    c.io.prepare_before_wait(&c.send_op);
-}
-
 // Right before the loop's wait (inside it: no user code here).
 void Connection::prepare_send(detail::CompletionOp* op) {
     Connection& conn = *static_cast<detail::CompletionState::Op*>(op)->conn;

@@ -103,3 +103,16 @@ struct CompletionState {
 };
 
 }  // namespace evmux::detail
+
+namespace evmux {
+
+// The send request is made right before the wait: every send of this
+// iteration in one request. (Here, inline: send() calls it per message.)
+inline void Connection::request_send() {
+    detail::CompletionState& c = *cio_;
+    c.send_prepare = true;
+    if (c.ops++ == 0) c.keep = shared_from_this();
+    c.io.prepare_before_wait(&c.send_op);
+}
+
+}  // namespace evmux
