@@ -68,8 +68,8 @@ Connection::Connection(Private, EventLoop& loop, int fd, Callbacks callbacks,
       fd_(fd),
       wants_drain_(static_cast<bool>(callbacks.on_drain)),
       on_message_(std::move(callbacks.on_message)),
-      cb_(std::move(callbacks)),
-      opt_(options) {
+      opt_(options),
+      cb_(std::move(callbacks)) {
     opt_.low_water = std::min(opt_.low_water, opt_.high_water);
 }
 
@@ -298,7 +298,7 @@ void Connection::tls_flushed() {
 void Connection::written_all(const ConnectionPtr& self) {
     // Drained. on_drain first, whatever follows (the contract is "the queue
     // has been fully written"); then a graceful close or a pending FIN.
-    if (cb_.on_drain) {
+    if (wants_drain_ && cb_.on_drain) {  // (the flag: no cache line of cb_ per message)
         cb_.on_drain(self);
         if (state_ != State::open || queued_ != 0) return;  // it closed, or sent more
     }
