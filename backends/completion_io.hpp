@@ -86,11 +86,12 @@ class CompletionIo {
     /// or whatever it finished with first). Nothing is posted for the cancel.
     virtual void cancel(CompletionOp* target) = 0;
 
-    /// A receive completion's bytes (res > 0: its flags name a provided
-    /// buffer), until recycle(). Only in that completion's handler: where
-    /// the kernel consumes buffers incrementally, a buffer holds several
-    /// receives' bytes, one after another, and this is where this one's start.
-    virtual char* buffer(std::uint32_t flags) = 0;
+    /// The bytes of the receive completion being dispatched (res > 0: its
+    /// flags name a provided buffer), until recycle(). Only in that
+    /// completion's handler: where the kernel consumes buffers incrementally,
+    /// a buffer holds several receives' bytes, one after another, and this is
+    /// where this one's start.
+    virtual char* buffer() = 0;
     /// Lets go of a receive completion's bytes (once per completion): their
     /// buffer goes back to the kernel when no receive's bytes in it are held.
     virtual void recycle(std::uint32_t flags) = 0;

@@ -644,7 +644,7 @@ class IoUringSelector final : public Selector, public CompletionIo {
         }
     }
 
-    char* buffer(std::uint32_t) override { return part_; }
+    char* buffer() override { return part_; }
 
     // A part let go: its buffer goes back to the kernel when the kernel has
     // filled it and no other part of it is held.

@@ -125,9 +125,9 @@ void Connection::recv_done(detail::CompletionOp* op, std::int32_t res, std::uint
             c.recv_flags = flags;
             if (self.state_ == State::open) {
                 if (self.tls_) {  // decrypted into the loop's scratch: nothing to lend
-                    self.deliver_tls(self.self_, c.io.buffer(flags), static_cast<std::size_t>(res));
+                    self.deliver_tls(self.self_, c.io.buffer(), static_cast<std::size_t>(res));
                 } else {
-                    c.recv_bytes = c.io.buffer(flags);
+                    c.recv_bytes = c.io.buffer();
                     c.recv_len = static_cast<std::size_t>(res);
                     self.deliver(self.self_, c.recv_bytes, c.recv_len);
                 }
