@@ -132,6 +132,8 @@ class CompletionIo {
     void unlend(std::uint32_t flags) {
         if (--lent_in_[buffer_id(flags)] == 0) --kept_;
     }
+    /// How many buffers lends may keep (a quarter of the ring).
+    std::size_t lend_limit() const { return lend_limit_; }
     /// The provided buffer a receive completion's flags name.
     static std::uint32_t buffer_id(std::uint32_t flags) { return flags >> 16; }
 

@@ -575,6 +575,35 @@ TEST(Connection, CompletionReceivesFillTheirBufferOneAfterAnother) {
     conn->close();
 }
 
+// Lent receives keep their buffers from the kernel: at most a quarter of the
+// ring's buffers are so kept (past that, sends copy), while bytes in a buffer
+// kept already can always be lent (it costs no further buffer). On every ring
+// the knob suites make: 32 (limit 8), 8 (2), 1 (0), 512 whole ones (128).
+TEST(Connection, CompletionLendsKeepAtMostAQuarterOfTheBuffers) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    detail::CompletionIo* io = loop.completion_io();
+    if (!io) GTEST_SKIP() << "no provided buffers on readiness";
+    auto flags = [](std::uint32_t bid) { return bid << 16 | 1u; };  // IORING_CQE_F_BUFFER
+    const auto limit = static_cast<std::uint32_t>(io->lend_limit());
+    for (std::uint32_t bid = 0; bid < limit; ++bid) {
+        ASSERT_TRUE(io->can_lend(flags(bid))) << "buffer " << bid;
+        io->lend(flags(bid));
+    }
+    EXPECT_FALSE(io->can_lend(flags(limit))) << "a buffer past the limit";
+    if (limit > 0) {
+        EXPECT_TRUE(io->can_lend(flags(0))) << "another receive in a kept buffer";
+        io->lend(flags(0));
+        EXPECT_FALSE(io->can_lend(flags(limit)));
+        io->unlend(flags(0));
+        EXPECT_FALSE(io->can_lend(flags(limit))) << "buffer 0 still kept by its first lend";
+        io->unlend(flags(0));
+        EXPECT_TRUE(io->can_lend(flags(limit))) << "buffer 0 let go";
+    }
+    for (std::uint32_t bid = 1; bid < limit; ++bid) io->unlend(flags(bid));
+    EXPECT_TRUE(limit == 0 || io->can_lend(flags(limit)));
+}
+
 TEST(Connection, SendToResetPeerReportsOnceFromTheLoop) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     auto old = std::signal(SIGPIPE, SIG_DFL);
