@@ -64,10 +64,10 @@ const char* to_string(CloseReason reason) {
 
 Connection::Connection(Private, EventLoop& loop, int fd, Callbacks callbacks,
                        ConnectionOptions options)
-    : loop_(loop),
-      fd_(fd),
+    : fd_(fd),
       wants_drain_(static_cast<bool>(callbacks.on_drain)),
       on_message_(std::move(callbacks.on_message)),
+      loop_(loop),
       opt_(options),
       cb_(std::move(callbacks)) {
     opt_.low_water = std::min(opt_.low_water, opt_.high_water);
