@@ -21,7 +21,7 @@ inline void add_relaxed(std::atomic<std::uint64_t>& counter, std::uint64_t n) {
     counter.store(counter.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
 }
 
-struct CompletionState {
+struct alignas(64) CompletionState {
     // One request of the connection: its receive (multishot) or its send.
     struct Op : CompletionOp {
         Connection* conn = nullptr;
@@ -71,25 +71,28 @@ struct CompletionState {
     }
     static constexpr unsigned max_lent = 4;
 
+    // Two cache lines in the order of use (the send request's phases, its
+    // preparation and its completion, touch only the first; a receive both),
+    // then what only closing and the gather list use.
     CompletionIo& io;
-    Op recv_op;
     Op send_op;
-    bool recv_armed = false;       // the multishot receive is in the kernel
-    bool recv_cancelling = false;  // its cancel is on its way
-    bool send_in_flight = false;   // a send request is in the kernel (made before a wait)
-    bool held = false;             // bytes received while not reading wait in the input buffer
-    bool eof_held = false;         // the peer's FIN came while not reading
-    bool deliver_posted = false;
-    bool send_prepare = false;    // the send request is to be made right before the next wait
     std::size_t send_chunks = 0;  // queue chunks the send request is reading (from the front)
     int ops = 0;                  // requests in the kernel (or about to be made)
     unsigned lent = 0;            // queued chunks sending from receive buffers
+    bool send_in_flight = false;  // a send request is in the kernel (made before a wait)
+    bool send_prepare = false;    // the send request is to be made right before the next wait
     // The receive on_message is handling (set by recv_done), and whether a
-    // queued chunk sends from its buffer.
+    // queued chunk sends from its buffer (here: give_back() tests it).
+    bool recv_lent = false;
+    Op recv_op;
     const char* recv_bytes = nullptr;
     std::size_t recv_len = 0;
     std::uint32_t recv_flags = 0;
-    bool recv_lent = false;
+    bool recv_armed = false;       // the multishot receive is in the kernel
+    bool recv_cancelling = false;  // its cancel is on its way
+    bool held = false;             // bytes received while not reading wait in the input buffer
+    bool eof_held = false;         // the peer's FIN came while not reading
+    bool deliver_posted = false;
     int close_fd = -1;   // closed with the last request (see notify_closed)
     ConnectionPtr keep;  // holds the connection while ops > 0
     // The send request's gather list (its bytes are the queue's front chunks).

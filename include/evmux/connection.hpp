@@ -307,7 +307,7 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
   private:
     // open -> closing (on_close owed; the fd still open, unwatched) -> closed.
     enum class State : std::uint8_t { open, closing, closed };
-    struct Chunk {
+    struct alignas(64) Chunk {  // one cache line each (the ring is touched per message)
         std::string bytes;
         std::size_t offset = 0;  // written prefix
         // Completion I/O: the bytes are lent by a provided receive buffer
