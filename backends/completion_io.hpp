@@ -31,6 +31,7 @@ struct CompletionOp {
     void (*prepare)(CompletionOp* op) = nullptr;
     /// Dispatched before the other completions of the same wait (a send's,
     /// so that a receive handled in the same batch sees the send finished).
+    /// Set once, before the op's first request (its requests carry it).
     bool early = false;
 };
 
