@@ -444,8 +444,9 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     // message, and per phase of it (a receive's, the send request's, its
     // completion's). The first line (after enable_shared_from_this's 16
     // bytes) holds what every phase tests: the completion state, the flags,
-    // the in-handler count; the next what a read or a send counts, the
-    // third the input, the fourth the queue.
+    // the in-handler count; the second what a send counts and the queue (all
+    // that a send request's preparation and completion touch besides the
+    // first), the third and fourth what a read counts, the input, self_.
     std::unique_ptr<detail::TlsSession> tls_;       // null: plain
     std::unique_ptr<detail::CompletionState> cio_;  // completion I/O; null: readiness
     int fd_;
@@ -467,13 +468,14 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     bool pump_posted_ = false;     // TLS: a read of OpenSSL's buffered bytes is posted
     int in_handler_ = 0;           // depth of our own callbacks on the stack
     std::size_t queued_ = 0;       // bytes in queue_; 0 exactly when it is empty
-    std::uint64_t bytes_in_ = 0, bytes_out_ = 0;
+    std::uint64_t bytes_out_ = 0;
     ByteCounters* counters_ = nullptr;
+    ChunkQueue queue_;
+    std::uint64_t bytes_in_ = 0;
     std::function<void(const ConnectionPtr&, Buffer&)> on_message_;  // cb_.on_message, moved here
     Buffer input_;
     EventLoop& loop_;
-    EventLoop::Clock::time_point last_read_{};  // (here: the queue starts a line)
-    ChunkQueue queue_;
+    EventLoop::Clock::time_point last_read_{};
     // Our own reference over the same span: what on_ready() passes to
     // handle() and the callbacks (no reference-count traffic per event).
     ConnectionPtr self_;
