@@ -575,6 +575,48 @@ TEST(Connection, CompletionReceivesFillTheirBufferOneAfterAnother) {
     conn->close();
 }
 
+// A send's completion is dispatched before the receives of the same wait
+// (CompletionOp::early), so that a receive handled in that batch finds the
+// send finished: here the receive is requested first and completes first,
+// and still comes second. Its last completion (the cancel) ends the test.
+TEST(Connection, CompletionSendsAreDispatchedBeforeReceivesOfTheSameWait) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    detail::CompletionIo* io = loop.completion_io();
+    if (!io) GTEST_SKIP() << "no completion requests on readiness";
+    auto [in_peer, in] = test::tcp_pair();
+    auto [out, out_peer] = test::tcp_pair();
+    ASSERT_EQ(::send(in_peer.get(), "x", 1, 0), 1);  // the receive completes at once
+    struct Op : detail::CompletionOp {
+        std::vector<std::string>* order = nullptr;
+        detail::CompletionIo* io = nullptr;
+        const char* name = "";
+        bool ended = false;
+    };
+    std::vector<std::string> order;
+    auto complete = [](detail::CompletionOp* op, std::int32_t res, std::uint32_t flags) {
+        auto* o = static_cast<Op*>(op);
+        o->order->push_back(std::string(o->name) + ":" + std::to_string(res));
+        if (res > 0 && std::string(o->name) == "recv") o->io->recycle(flags);
+        if (!(flags & detail::completion_more)) o->ended = true;
+    };
+    Op recv_op, send_op;
+    recv_op.complete = send_op.complete = complete;
+    recv_op.order = send_op.order = &order;
+    recv_op.io = send_op.io = io;
+    recv_op.name = "recv";
+    send_op.name = "send";
+    send_op.early = true;
+    io->recv_multishot(in.get(), &recv_op);
+    io->send(out.get(), "y", 1, &send_op);
+    ASSERT_TRUE(run_until(loop, [&] { return order.size() >= 2; }));
+    ASSERT_EQ(order.size(), 2u) << "both in one wait";
+    EXPECT_EQ(order[0], "send:1");
+    EXPECT_EQ(order[1], "recv:1");
+    io->cancel(&recv_op);
+    ASSERT_TRUE(run_until(loop, [&] { return recv_op.ended; }));
+}
+
 // Lent receives keep their buffers from the kernel: at most a quarter of the
 // ring's buffers are so kept (past that, sends copy), while bytes in a buffer
 // kept already can always be lent (it costs no further buffer). On every ring
