@@ -1280,6 +1280,28 @@ TEST(EvmuxBench, UringFloorVariantsRunBesideTheFloor) {
     EXPECT_EQ(t.err.find("unknown server"), std::string::npos) << t.err;
 }
 
+// The TLS table: EVP alone timed in every round, extra/evp paired round by
+// round, with its interval and a verdict that says when the rounds disagree.
+TEST(EvmuxBench, TlsTargetPairsEachRoundWithItsOwnEvpTiming) {
+    const std::string bench = program_path("EVMUX_BENCH");
+    if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";
+    if (!tls_built()) GTEST_SKIP() << "built without TLS";
+    const TinyBench t =
+        bench_with_files(bench, {"--servers", "evmux,evmux-tls", "--backends", "epoll", "--sizes",
+                                 "1024", "--sessions", "4", "--duration", "0.2", "--rounds", "2",
+                                 "--no-idle", "--no-plots", "--sweep-fds", "10"});
+    ASSERT_EQ(t.rc, 0) << t.err;
+    EXPECT_NE(t.out.find("== TLS: server CPU us/msg"), std::string::npos) << t.out;
+    EXPECT_NE(t.out.find("(timed each round; extra/evp paired by round: median [interval])"),
+              std::string::npos)
+        << t.out;
+    // "1KiB x 4  evmux/epoll/tls  plain tls evp  median [lo-hi]  verdict": two rounds
+    // give an interval unless their ratios are equal to the digit.
+    static const std::regex row(
+        R"re(\n1KiB x 4 +evmux/epoll/tls +[0-9.]+ +[0-9.]+ +[0-9.]+ +-?[0-9.]+( \[-?[0-9.]+--?[0-9.]+\])? +(met|missed|unclear)\n)re");
+    EXPECT_TRUE(std::regex_search(t.out, row)) << t.out;
+}
+
 TEST(EvmuxBench, BadIoModeExitsTwoWithOneLine) {
     const std::string bench = program_path("EVMUX_BENCH");
     if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";

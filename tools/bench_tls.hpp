@@ -15,10 +15,13 @@ bool tls_built();
 
 /// CPU microseconds (this thread's) to seal (encrypt + tag) and open
 /// (decrypt + check the tag) one `size`-byte message with AES-256-GCM through
-/// EVP: the median of 5 timings of enough iterations for ~50 ms each. What an
-/// echo server does to each message over TLS, minus everything else.
+/// EVP: the median of 5 timings of enough iterations for ~10 ms each, on CPU
+/// `cpu` (the servers' CPU; the thread's affinity is restored afterwards; -1:
+/// wherever it runs). What an echo server does to each message over TLS, minus
+/// everything else. evmux-bench times it once per round, beside the servers'
+/// runs of that round, so that a disturbed moment moves one round's pair only.
 /// Throws std::runtime_error if OpenSSL fails (or TLS is not built).
-double evp_seal_open_us(int size);
+double evp_seal_open_us(int size, int cpu = -1);
 
 /// The server certificate and key evmux-echo --tls-cert/--tls-key gets and the
 /// CA evmux-load --tls-ca checks it with, made on first use (a temporary
