@@ -73,16 +73,30 @@ void Connection::prepare_send(detail::CompletionOp* op) {
     conn.op_finished();
 }
 
+// A request's bytes must stay where they are until it completes, and the
+// queue's ring may grow meanwhile, moving every slot: a string of up to 15
+// bytes keeps them inside its slot (short-string storage), so such a chunk
+// gets heap storage first (a string's heap bytes stay put when it moves).
+// Else the kernel would send, once the peer's window opens, whatever the
+// freed ring holds by then. (A sent chunk's string goes to the loop's spares
+// with its capacity: small messages allocate only until there are spares.)
+static void keep_in_place(std::string& bytes) {
+    const auto* at = reinterpret_cast<const char*>(&bytes);
+    if (bytes.data() >= at && bytes.data() < at + sizeof bytes) bytes.reserve(bytes.capacity() + 1);
+}
+
 void Connection::submit_send() {
     detail::CompletionState& c = *cio_;
     if (tls_) return submit_tls_send();
     c.send_chunks = std::min(queue_.size(), detail::CompletionState::max_iov);
     if (c.send_chunks == 1) {
-        const Chunk& front = queue_.front();
+        Chunk& front = queue_.front();
+        if (!front.lent) keep_in_place(front.bytes);
         c.io.send(fd_, front.rest(), front.rest_size(), &c.send_op);
     } else {
         for (std::size_t i = 0; i < c.send_chunks; ++i) {
-            const Chunk& chunk = queue_[i];
+            Chunk& chunk = queue_[i];
+            if (!chunk.lent) keep_in_place(chunk.bytes);
             c.iov[i].iov_base = const_cast<char*>(chunk.rest());
             c.iov[i].iov_len = chunk.rest_size();
         }

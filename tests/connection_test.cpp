@@ -857,6 +857,72 @@ TEST(TcpServer, ClientThatNeverReadsIsBounded) {
     EXPECT_EQ(closes.load(), 0) << "backpressure, not overflow, should hold it";
 }
 
+// A send request the kernel holds (the socket is full) reads its bytes when
+// it is retried, where they were when it was made. A message of up to 15
+// bytes is kept inside its queue slot's string (short-string storage), so
+// the queue's ring growing while such a request waits must not move them.
+// Here: a blob and a 6-byte message queued together, with small socket
+// buffers at both ends, so that the request for what is left of both waits;
+// then two more messages make the ring grow, the freed memory is written
+// over, and the server's send buffer is made large (the request is retried
+// and takes all it holds at once). On completion I/O the request is the
+// kernel's sendmsg; on readiness the same bytes go by send() when writable.
+// Every byte checked.
+TEST(TcpServer, SmallQueuedMessagesSurviveTheQueueGrowingWhileTheKernelWaits) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    ServerOptions opt;
+    opt.connection.max_buffered = 64u << 20;
+    opt.connection.high_water = 48u << 20;
+    ConnectionPtr conn;
+    Callbacks cb;
+    auto send_buffer = [](int fd, int bytes) {
+        ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes);
+    };
+    cb.on_connect = [&](const ConnectionPtr& c) {
+        conn = c;
+        send_buffer(c->fd(), 4096);
+    };
+    ServerThread srv(std::move(sel), loopback4, cb, opt);
+    Fd client = dial(srv.address(), 4096);
+    ASSERT_TRUE(srv.wait_until([&] { return conn != nullptr; }));
+    const std::string blob(1u << 20, 'a');
+    const std::string small = "small1", third = "third message", fourth = "fourth message";
+    srv.call([&] {
+        conn->send(blob.data(), blob.size());
+        conn->send(small.data(), small.size());
+    });
+    // Until the socket is full: the queue no longer shrinks.
+    std::size_t queued = SIZE_MAX;
+    for (int i = 0; i < 100; ++i) {
+        std::this_thread::sleep_for(20ms);
+        const std::size_t now = srv.call([&] { return conn->queued_bytes(); });
+        if (now == queued) break;
+        queued = now;
+    }
+    ASSERT_GT(queued, small.size()) << "the socket took the whole blob";
+    std::vector<void*> spray;
+    srv.call([&] {
+        conn->send(third.data(), third.size());
+        conn->send(fourth.data(), fourth.size());  // the ring has grown
+        for (int round = 0; round < 8; ++round)
+            for (std::size_t size = 16; size <= 512; size += 8) {
+                void* p = std::malloc(size);
+                std::memset(p, 'Z', size);
+                spray.push_back(p);
+            }
+        send_buffer(conn->fd(), 8 << 20);  // room for all of it: the request is retried
+    });
+    const std::size_t total = blob.size() + small.size() + third.size() + fourth.size();
+    const std::string got = recv_exact(client.get(), total);
+    srv.call([&] {
+        for (void* p : spray) std::free(p);
+        conn.reset();
+    });
+    ASSERT_EQ(got.size(), total);
+    EXPECT_TRUE(got.compare(0, blob.size(), blob) == 0) << "the blob's bytes differ";
+    EXPECT_EQ(got.substr(blob.size()), small + third + fourth);
+}
+
 // Several connections echoing large messages at once, every byte checked. On
 // completion I/O with a small receive ring (the suite's
 // connection-io_uring-completion-8-buffers, -1-buffer entries) the receives
