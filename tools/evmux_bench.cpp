@@ -20,7 +20,6 @@
 #include <fstream>
 #include <functional>
 #include <iostream>
-#include <map>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -1800,6 +1799,16 @@ void make_plots(const fs::path& json, const std::string& out_dir) {
                   << json.string() << "\n";
 }
 
+/// A target on a paired ratio: "met" (the median's interval within `limit`),
+/// "missed" (all of it above), "unclear" (it straddles `limit`) or "unknown"
+/// (a figure missing).
+const char* target_verdict(const Spread& ratio, double limit) {
+    return std::isnan(ratio.min) || std::isnan(ratio.max) ? "unknown"
+           : ratio.max <= limit                           ? "met"
+           : ratio.min > limit                            ? "missed"
+                                                          : "unclear";
+}
+
 /// The TLS target, per point where both evmux/<b> and evmux/<b>/tls ran: the
 /// server CPU per message over TLS against the plain echo's plus 1.3x what
 /// sealing and opening that message costs with EVP alone, timed in each round
@@ -1847,10 +1856,7 @@ void print_tls_target(std::ostream& os, const std::vector<Result>& results,
             std::string text = fmt(ratio.median, 2);
             if (!std::isnan(ratio.min) && ratio.min != ratio.max)
                 text += " [" + fmt(ratio.min, 2) + "-" + fmt(ratio.max, 2) + "]";
-            const char* verdict = std::isnan(ratio.median) ? "-"
-                                  : ratio.max <= 1.3       ? "met"
-                                  : ratio.min > 1.3        ? "missed"
-                                                           : "unclear";
+            const char* verdict = target_verdict(ratio, 1.3);
             char line[256];
             std::snprintf(line, sizeof line, "%-22s %-*s %10.2f %10.2f %10.2f %18s %8s\n",
                           point_label(p).c_str(), width, tls->server->name.c_str(),
@@ -1899,11 +1905,8 @@ void print_completion_targets(std::ostream& os, const std::vector<Result>& resul
         // (it straddles the target) or unknown (a figure or floor missing).
         std::string verdict;
         auto check = [&](const char* what, const Spread& ratio, double limit) {
-            const char* v = std::isnan(ratio.min) || std::isnan(ratio.max) ? " unknown"
-                            : ratio.max <= limit                           ? " met"
-                            : ratio.min > limit                            ? " missed"
-                                                                           : " unclear";
-            verdict += (verdict.empty() ? "" : ", ") + std::string(what) + v;
+            verdict += (verdict.empty() ? "" : ", ") + std::string(what) + " " +
+                       target_verdict(ratio, limit);
         };
         if (many) {
             check("syscalls <= 0.5x epoll", sys_e, 0.5);
