@@ -19,10 +19,11 @@
 #include <cstdint>
 #include <string>
 
-struct evp_cipher_ctx_st;  // OpenSSL's EVP_CIPHER_CTX
-struct evp_md_st;          // OpenSSL's EVP_MD
+struct evp_md_st;  // OpenSSL's EVP_MD
 
 namespace evmux::detail {
+
+struct TlsAead;  // the suite's AEAD, its provider's functions (tls_records.cpp)
 
 class TlsRecordLayer {
   public:
@@ -88,7 +89,7 @@ class TlsRecordLayer {
 
   private:
     struct Direction {
-        evp_cipher_ctx_st* ctx = nullptr;
+        void* ctx = nullptr;  // the AEAD provider's context
         unsigned char secret[max_secret];
         unsigned char iv[12];
         std::uint64_t seq = 0;
@@ -114,6 +115,7 @@ class TlsRecordLayer {
     ssize_t deliver_plain(char* buf, std::size_t len);
 
     int fd_;
+    const TlsAead* aead_;
     const evp_md_st* md_ = nullptr;
     std::size_t secret_len_;
     std::size_t key_len_;

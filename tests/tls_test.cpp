@@ -921,9 +921,12 @@ TEST_F(Tls, BadPemFilesGiveClearErrors) {
 /// An OpenSSL TLS client on a blocking socket, for a thread of its own.
 class OpensslPeer {
   public:
-    explicit OpensslPeer(const Address& to, int max_version = 0) {
+    /// `suites`: the TLS 1.3 cipher suites offered (OpenSSL's default if null).
+    explicit OpensslPeer(const Address& to, int max_version = 0, const char* suites = nullptr) {
         ctx_ = SSL_CTX_new(TLS_client_method());
         if (max_version != 0) SSL_CTX_set_max_proto_version(ctx_, max_version);
+        if (suites && SSL_CTX_set_ciphersuites(ctx_, suites) != 1)
+            throw std::invalid_argument(std::string("cipher suites ") + suites);
         fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
         timeval tv{10, 0};  // nothing here waits for ever
         ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
@@ -992,6 +995,7 @@ class OpensslPeer {
     }
     int fd() const { return fd_; }
     const char* version() const { return SSL_get_version(ssl_); }
+    const char* cipher() const { return SSL_get_cipher_name(ssl_); }
     /// KeyUpdate messages received from the server.
     int key_updates_seen() const { return key_updates_.load(); }
 
@@ -1023,28 +1027,37 @@ std::string run_peer(EventLoop& loop, const std::function<std::string()>& body) 
     return finished ? result : "the peer did not finish in 30 s";
 }
 
-TEST_F(Tls, KeyUpdatesFromThePeerAreAnswered) {
-    EchoServer server(loop(), server_context());
-    OpensslPeer peer(server.address());
-    std::string err = run_peer(loop(), [&]() -> std::string {
-        if (!peer.handshake()) return "handshake failed";
-        for (int round = 0; round < 6; ++round) {
-            // Requested, not requested, in turn: each time new keys both ways
-            // or one way, and the echo must still open on both sides.
-            if (round > 0 && !peer.key_update(round % 2 == 1)) return "SSL_key_update failed";
-            const std::string data = pattern(3000, round);
-            if (!peer.write(data)) return "write failed in round " + std::to_string(round);
-            if (peer.read(data.size()) != data)
-                return "echo differs in round " + std::to_string(round);
-        }
-        return "";
-    });
-    EXPECT_EQ(err, "");
-    // The three requested updates were answered with the server's own.
-    EXPECT_GE(peer.key_updates_seen(), 3);
-    ASSERT_EQ(server.rec.connects, 1);
-    EXPECT_EQ(server.rec.records, expected_records());
-    EXPECT_FALSE(server.rec.closed()) << server.rec.messages[0];
+// In each TLS 1.3 suite (the AEAD each names, evmux's record layer against
+// OpenSSL's), in sizes from one byte to several records.
+TEST_F(Tls, KeyUpdatesFromThePeerAreAnsweredInEachSuite) {
+    for (const char* suite :
+         {"TLS_AES_128_GCM_SHA256", "TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"}) {
+        SCOPED_TRACE(suite);
+        EchoServer server(loop(), server_context());
+        OpensslPeer peer(server.address(), 0, suite);
+        std::string err = run_peer(loop(), [&]() -> std::string {
+            if (!peer.handshake()) return "handshake failed";
+            if (std::string(peer.cipher()) != suite)
+                return std::string("negotiated ") + peer.cipher();
+            const std::size_t sizes[] = {1, 3000, 16384, 40000, 1024, 3000};
+            for (int round = 0; round < 6; ++round) {
+                // Requested, not requested, in turn: each time new keys both
+                // ways or one way, and the echo must still open on both sides.
+                if (round > 0 && !peer.key_update(round % 2 == 1)) return "SSL_key_update failed";
+                const std::string data = pattern(sizes[round], round);
+                if (!peer.write(data)) return "write failed in round " + std::to_string(round);
+                if (peer.read(data.size()) != data)
+                    return "echo differs in round " + std::to_string(round);
+            }
+            return "";
+        });
+        EXPECT_EQ(err, "");
+        // The three requested updates were answered with the server's own.
+        EXPECT_GE(peer.key_updates_seen(), 3);
+        ASSERT_EQ(server.rec.connects, 1);
+        EXPECT_EQ(server.rec.records, expected_records());
+        EXPECT_FALSE(server.rec.closed()) << server.rec.messages[0];
+    }
 }
 
 // The KeyUpdate the server owes comes while its socket is full: it must wait
