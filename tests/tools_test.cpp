@@ -794,6 +794,42 @@ TEST_F(LoadTest, TextReportSaysHowThroughputIsCounted) {
     EXPECT_NE(out.find("round trips"), std::string::npos) << out;
 }
 
+// --rate: the sends follow the schedule, not the echoes: R round trips per
+// second, never more (the schedule holds at most R x duration + one per
+// connection); a server slower than the schedule is seen as latency counted
+// from when each message was due.
+TEST_F(LoadTest, RatePacesTheSendsAndCountsLatencyFromWhenTheyWereDue) {
+    TinyServer server([](int fd, const std::atomic<bool>& stop) {
+        TinyServer::echo(fd, stop, [](std::size_t, char c) { return c; });
+    });
+    std::string out, err;
+    ASSERT_EQ(run_load({"--port", std::to_string(server.port()), "--conns", "4", "--size", "100",
+                        "--duration", "0.5", "--rate", "400", "--json"},
+                       &out, &err),
+              0)
+        << err;
+    LoadReport r = parse_report(out);
+    EXPECT_EQ(r["rate_requested"], 400);
+    EXPECT_LE(r["round_trips"], 400 * 0.5 + 4) << out;
+    EXPECT_GE(r["round_trips"], 400 * 0.5 / 2) << out;  // an idle machine gives about 200
+    // A server that takes 20 ms per echo, paced at one message per 10 ms:
+    // each one goes out later than it was due, and its latency says so.
+    TinyServer slow([](int fd, const std::atomic<bool>& stop) {
+        TinyServer::echo(fd, stop, [](std::size_t off, char c) {
+            if (off % 100 == 0) std::this_thread::sleep_for(20ms);
+            return c;
+        });
+    });
+    ASSERT_EQ(run_load({"--port", std::to_string(slow.port()), "--conns", "1", "--size", "100",
+                        "--duration", "0.4", "--rate", "100", "--json"},
+                       &out, &err),
+              0)
+        << err;
+    r = parse_report(out);
+    EXPECT_LE(r["round_trips"], 21) << out;  // 20 ms each: about 20 in 0.4 s
+    EXPECT_GT(r["p99"], 100000) << out;      // the last was due ~0.2 s before it went
+}
+
 TEST_F(LoadTest, MarkWindowPrintsWindowAndEndBeforeTheJson) {
     TinyServer server([](int fd, const std::atomic<bool>& stop) {
         TinyServer::echo(fd, stop, [](std::size_t, char c) { return c; });
@@ -933,6 +969,8 @@ TEST_F(LoadTest, BadFlagsExitTwoWithOneLine) {
         {"--udp", "--port", "1", "--conns", "1", "--size", "65508", "--duration", "1"},
         {"--udp", "--port", "1", "--conns", "2", "--active", "1", "--size", "8", "--duration", "1"},
         {"--port", "1", "--conns", "1", "--size", "8", "--duration", "1", "--timeout", "0"},
+        {"--port", "1", "--conns", "1", "--size", "8", "--duration", "1", "--rate", "0"},
+        {"--udp", "--port", "1", "--conns", "1", "--size", "8", "--duration", "1", "--rate", "10"},
     };
     for (const auto& args : cases) {
         std::string out, err;

@@ -20,6 +20,16 @@
 //
 // --tls: the same over TLS (OpenSSL's own socket BIO, SSL_read/SSL_write in
 // place of recv/send); the handshake is part of connecting, before the clock.
+//
+// --rate R: paced instead of closed: each active connection sends its
+// messages on a fixed schedule, A/R seconds apart, the connections' schedules
+// staggered by 1/R, so R round trips per second arrive spread evenly (as
+// wrk2's constant throughput). A reply that comes after its connection's next
+// send was due starts that send at once (the schedule is not shifted, so a
+// client or server that falls behind catches up), and latency is counted from
+// when the message was due, not from when it went out (a stalled server is
+// not hidden by the sends it delayed). A server compared with another at the
+// same rate then does the same work per second however fast each could go.
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netdb.h>
@@ -42,7 +52,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "fd_limit.hpp"
@@ -102,7 +114,8 @@ struct Conn {
     unsigned char* msg = nullptr;  // the message in flight (size bytes, preallocated)
     std::size_t sent = 0;          // bytes of msg written so far
     std::size_t received = 0;      // bytes of the echo received and verified
-    Clock::time_point started{};   // connect start, then round start
+    Clock::time_point started{};   // connect start, then round start (--rate: when it was due)
+    Clock::time_point due{};       // --rate: when the next round is to start
 };
 
 /// The counters the report is made of.
@@ -133,6 +146,7 @@ class LoadClient {
             c.active = i < opt.active;
             if (c.active) {
                 c.msg = payload_.data() + i * opt.size;
+                if (opt.rate > 0) waiting_.reserve(opt.active);
                 // Distinct, reproducible streams: seed from the index.
                 c.rng = 0x5EED0000ull + i * 0x100000001B3ull;
             }
@@ -156,7 +170,8 @@ class LoadClient {
     /// starts with every active connection accepted and served. Returns false
     /// (errors counted) if any failed or got no reply within --connect-timeout.
     bool warm_up();
-    /// Runs the ping-pong for the duration, drains, checks the idle ones.
+    /// Runs the ping-pong (paced with --rate) for the duration, drains,
+    /// checks the idle ones.
     void run();
     /// The counters so far.
     const Results& results() const {
@@ -181,6 +196,11 @@ class LoadClient {
     ssize_t io_recv(std::size_t i, void* buf, std::size_t len);
     ssize_t io_send(std::size_t i, const void* buf, std::size_t len);
     void start_round(std::size_t i);
+    // After a round: the next one now (closed loop, or --rate and it is due),
+    // or when it is due.
+    void next_round(std::size_t i, Clock::time_point now);
+    // --rate: starts the rounds that have come due.
+    void start_due(Clock::time_point now);
     static struct ssl_ctx_st* make_tls_context(const Options& opt);
     void start_tls(std::size_t i);
     void on_writable(std::size_t i);
@@ -199,6 +219,10 @@ class LoadClient {
     std::vector<unsigned char> payload_;  // active * size bytes, one slice each
     std::vector<unsigned char> read_buf_;
     std::array<epoll_event, 1024> events_{};
+    // --rate: the connections waiting for their next round, earliest first
+    // (a heap; room for every active connection, reserved up front).
+    std::vector<std::pair<Clock::time_point, std::size_t>> waiting_;
+    Clock::duration period_{};  // --rate: between one connection's sends
     Results res_;
     bool stopping_ = false;      // the duration is over: start no new round
     bool warming_ = false;       // in warm_up(): record nothing
@@ -544,15 +568,15 @@ void LoadClient::on_readable(std::size_t i) {
         }
         c.received += got;
         if (c.received == size) {
+            const auto now = Clock::now();
             if (!warming_) {
-                const auto now = Clock::now();
                 res_.latency.record(static_cast<std::uint64_t>(
                     std::chrono::duration_cast<std::chrono::nanoseconds>(now - c.started).count()));
                 ++res_.round_trips;
             }
             --in_flight_;
             c.state = Conn::State::finished;
-            if (!stopping_) start_round(i);
+            if (!stopping_) next_round(i, now);
         }
         // A short read means the socket is empty: skip the EAGAIN round trip
         // to the kernel; level-triggered epoll reports whatever comes later.
@@ -590,11 +614,47 @@ void LoadClient::check_idle(std::size_t i, bool at_end) {
     close_conn(c);
 }
 
+void LoadClient::next_round(std::size_t i, Clock::time_point now) {
+    Conn& c = conns_[i];
+    if (opt_.rate <= 0) return start_round(i);
+    c.due += period_;
+    if (c.due > now) {
+        waiting_.emplace_back(c.due, i);
+        std::push_heap(waiting_.begin(), waiting_.end(), std::greater<>());
+        return;
+    }
+    start_round(i);
+    c.started = c.due;
+}
+
+void LoadClient::start_due(Clock::time_point now) {
+    while (!waiting_.empty() && waiting_.front().first <= now) {
+        const std::size_t i = waiting_.front().second;
+        std::pop_heap(waiting_.begin(), waiting_.end(), std::greater<>());
+        waiting_.pop_back();
+        if (conns_[i].state != Conn::State::finished) continue;  // closed meanwhile
+        start_round(i);
+        conns_[i].started = conns_[i].due;
+    }
+}
+
 Clock::time_point LoadClient::poll_once(Clock::time_point now, Clock::time_point until) {
-    // Round the timeout up so the wait never returns just before `until`.
-    const auto ms = std::chrono::ceil<std::chrono::milliseconds>(until - now).count();
-    const int n = epoll_wait(epfd_, events_.data(), static_cast<int>(events_.size()),
-                             static_cast<int>(std::max<long long>(ms, 0)));
+    int n = 0;
+    if (opt_.rate > 0 && !stopping_) {
+        // Paced: wake for the next round due, to the nanosecond.
+        if (!waiting_.empty()) until = std::min(until, waiting_.front().first);
+        const auto ns = std::max<std::int64_t>(
+            std::chrono::duration_cast<std::chrono::nanoseconds>(until - now).count(), 0);
+        const timespec timeout{static_cast<time_t>(ns / 1000000000),
+                               static_cast<long>(ns % 1000000000)};
+        n = epoll_pwait2(epfd_, events_.data(), static_cast<int>(events_.size()), &timeout,
+                         nullptr);
+    } else {
+        // Round the timeout up so the wait never returns just before `until`.
+        const auto ms = std::chrono::ceil<std::chrono::milliseconds>(until - now).count();
+        n = epoll_wait(epfd_, events_.data(), static_cast<int>(events_.size()),
+                       static_cast<int>(std::max<long long>(ms, 0)));
+    }
     if (n < 0 && errno != EINTR) die_errno("epoll_wait");
     for (int k = 0; k < n; ++k) {
         const std::size_t i = events_[k].data.u64;
@@ -609,7 +669,9 @@ Clock::time_point LoadClient::poll_once(Clock::time_point now, Clock::time_point
         if (ev & (EPOLLIN | EPOLLERR | EPOLLHUP)) on_readable(i);
         if ((ev & EPOLLOUT) && c.state == Conn::State::in_round) on_writable(i);
     }
-    return Clock::now();
+    now = Clock::now();
+    if (!stopping_ && !waiting_.empty()) start_due(now);
+    return now;
 }
 
 bool LoadClient::warm_up() {
@@ -640,8 +702,22 @@ void LoadClient::run() {
     const auto end = start + std::chrono::duration_cast<Clock::duration>(
                                  std::chrono::duration<double>(opt_.duration_s));
     const auto drain_deadline = end + drain_bound;
-    for (std::size_t i = 0; i < conns_.size(); ++i)
-        if (conns_[i].active && conns_[i].state == Conn::State::finished) start_round(i);
+    if (opt_.rate > 0) {
+        // Connection k's first send at start + k/R, then every A/R.
+        const auto step = std::chrono::duration_cast<Clock::duration>(
+            std::chrono::duration<double>(1.0 / opt_.rate));
+        period_ = step * static_cast<Clock::rep>(opt_.active);
+        Clock::duration offset{};
+        for (std::size_t i = 0; i < conns_.size(); ++i) {
+            if (!conns_[i].active || conns_[i].state != Conn::State::finished) continue;
+            conns_[i].due = start + offset - period_;  // next_round() adds one period
+            offset += step;
+            next_round(i, start);
+        }
+    } else {
+        for (std::size_t i = 0; i < conns_.size(); ++i)
+            if (conns_[i].active && conns_[i].state == Conn::State::finished) start_round(i);
+    }
 
     auto now = Clock::now();
     while (true) {
@@ -716,15 +792,19 @@ void print_report(const Options& opt, const Results& r) {
             ",\"round_trips_per_s\":%.1f,\"mib_per_s\":%.3f,"
             "\"mib_per_s_counts\":\"payload both directions\","
             "\"latency_us\":{\"p50\":%.1f,\"p99\":%.1f,\"max\":%.1f},"
+            "\"rate_requested\":%.1f,"
             "\"mismatches\":%" PRIu64 ",\"errors\":%" PRIu64 "}\n",
             opt.conns, opt.active, opt.size, r.elapsed_s, r.round_trips, rate, mib, p50, p99, max,
-            r.mismatches, r.errors);
+            opt.rate, r.mismatches, r.errors);
     } else {
         std::printf("evmux-load: %s port %d, %zu connections (%zu active), %zu-byte messages%s\n",
                     opt.host.c_str(), opt.port, opt.conns, opt.active, opt.size,
                     opt.upper ? ", expecting uppercase" : "");
         std::printf("  duration     %.3f s\n", r.elapsed_s);
         std::printf("  round trips  %" PRIu64 " (%.1f/s)\n", r.round_trips, rate);
+        if (opt.rate > 0)
+            std::printf("  paced        %.1f/s requested (latency from when each was due)\n",
+                        opt.rate);
         std::printf("  throughput   %.3f MiB/s (payload, both directions)\n", mib);
         std::printf("  latency      p50 %.1f us, p99 %.1f us, max %.1f us\n", p50, p99, max);
         std::printf("  mismatches   %" PRIu64 "\n", r.mismatches);
@@ -761,6 +841,11 @@ int main(int argc, char** argv) {
                  "connections and the warm-up) and a line 'end' as its duration ends, for a "
                  "tool that samples the server then; after its report it keeps the "
                  "connections open until SIGUSR1 (at most 5 s)");
+    app.add_option("--rate", opt.rate,
+                   "paced: this many round trips per second over all active connections, "
+                   "each connection's sends evenly spaced (default: closed loop, each sends "
+                   "again as soon as its echo is back)")
+        ->check(CLI::Range(1.0, 1e9));
     app.add_option("--connect-timeout", opt.connect_timeout_s,
                    "seconds each connect (and TLS handshake) may take (default 10)")
         ->check(CLI::Range(0.001, 3600.0));
@@ -791,6 +876,7 @@ int main(int argc, char** argv) {
             throw CLI::ValidationError(
                 "--size", "--udp: 8 to 65507 bytes (a sequence number rides in each datagram)");
         if (opt.udp && opt.tls) throw CLI::ValidationError("--tls", "not with --udp (no DTLS)");
+        if (opt.udp && opt.rate > 0) throw CLI::ValidationError("--rate", "TCP only, not --udp");
     } catch (const CLI::ParseError& e) {
         if (e.get_exit_code() == 0) return app.exit(e);  // --help
         std::fprintf(stderr, "evmux-load: %s (see --help)\n", e.what());

@@ -28,6 +28,7 @@ struct Options {
     std::size_t active = 0;  // 0 on the command line means "all"
     std::size_t size = 0;
     double duration_s = 0;
+    double rate = 0;  // --rate: round trips per second over all active connections; 0: closed loop
     double connect_timeout_s = 10;
     bool upper = false;
     bool json = false;
