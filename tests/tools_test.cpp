@@ -1340,6 +1340,35 @@ TEST(EvmuxBench, TlsTargetPairsEachRoundWithItsOwnEvpTiming) {
     EXPECT_TRUE(std::regex_search(t.out, row)) << t.out;
 }
 
+// --rate: every TCP point paced (evmux-load --rate), said in the table and
+// the JSON; a run whose client fell behind the rate is not counted.
+TEST(EvmuxBench, RatePacesEveryPointAndDropsARunThatFellBehind) {
+    const std::string bench = program_path("EVMUX_BENCH");
+    if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";
+    const std::vector<std::string> args{"--servers",  "epoll-floor", "--sizes",    "64",
+                                        "--sessions", "2",           "--duration", "0.3",
+                                        "--rounds",   "1",           "--no-idle",  "--no-plots"};
+    std::vector<std::string> paced = args;
+    paced.insert(paced.end(), {"--rate", "300"});
+    TinyBench t = bench_with_files(bench, paced);
+    ASSERT_EQ(t.rc, 0) << t.err << t.out;
+    EXPECT_NE(t.out.find("ping-pong, paced at 300 round trips/s"), std::string::npos) << t.out;
+    EXPECT_NE(t.json.find("\"rate\": 300.0"), std::string::npos) << t.json;
+    std::smatch m;
+    static const std::regex rate(R"re("msgs_per_s": ([0-9.]+))re");
+    ASSERT_TRUE(std::regex_search(t.json, m, rate)) << t.json;
+    EXPECT_GE(std::stod(m[1]), 0.97 * 300) << t.json;
+    EXPECT_LE(std::stod(m[1]), 300 + 2 / 0.3 + 1) << t.json;  // + a round per session at most
+    paced = args;
+    paced.insert(paced.end(), {"--rate", "100000000"});
+    t = bench_with_files(bench, paced);
+    EXPECT_EQ(t.rc, 1) << t.out;
+    EXPECT_NE(t.out.find("epoll-floor: FAILED: did not keep up with --rate 100000000"),
+              std::string::npos)
+        << t.out;
+    EXPECT_NE(t.json.find("\"ok\": false"), std::string::npos) << t.json;
+}
+
 TEST(EvmuxBench, BadIoModeExitsTwoWithOneLine) {
     const std::string bench = program_path("EVMUX_BENCH");
     if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";

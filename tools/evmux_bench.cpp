@@ -294,6 +294,7 @@ struct Options {
     std::vector<int> threads{1};      // evmux-echo --threads, one server entry per value
     bool instructions = false;        // --instructions: callgrind runs after the rest
     bool udp = false;                 // also the UDP echo rows (evmux-echo --udp, udp-floor)
+    double rate = 0;  // --rate: round trips per second of every TCP point (evmux-load --rate)
     /// --io: the io modes of the evmux rows on io_uring (completion,
     /// readiness); default both when io_uring runs. Other backends: readiness.
     std::vector<std::string> io;
@@ -312,6 +313,10 @@ struct InstructionRow {
 /// shut-down cancel in the difference. Under callgrind a server runs about
 /// 50 times slower, so these are a few thousand messages each.
 constexpr Point instructions_point{1024, 10, 10, false};
+
+/// --rate: a run whose client reached less than this share of the rate did
+/// less work per second than the others and is not counted.
+constexpr double min_rate_share = 0.97;
 constexpr double instructions_durations[2] = {1.0, 3.0};
 
 /// A server's figures while the load runs: its CPU time and RSS sampled every
@@ -692,13 +697,22 @@ class Runner {
         ServerSampler sampler(srv.pid(), precise, opt_.tick_split, {cpu, client_cpu_},
                               server.forks);
         r.rss_start_kib = sampler.start_rss_kib();
-        LoadRun load = run_load(point, host, port, srv.pid(), server.forks, server.tls, server.udp,
-                                cpu, [&](pid_t client) { sampler.set_client(client); });
+        const double rate = server.udp ? 0 : opt_.rate;
+        LoadRun load = run_load(
+            point, host, port, srv.pid(), server.forks, server.tls, server.udp, cpu,
+            [&](pid_t client) { sampler.set_client(client); }, 0, rate);
         sampler.stop();  // before reading its samples
         srv.stop();
 
         std::optional<double> duration_s = read_load_figures(load, r);
         if (!duration_s) return r;
+        if (rate > 0 && r.msgs_per_s < min_rate_share * rate) {
+            // Behind the schedule: it did less work per second than the
+            // others, so its CPU per message is not comparable with theirs.
+            r.note = "did not keep up with --rate " + fmt(rate, 0) + ": " + fmt(r.msgs_per_s, 0) +
+                     " round trips/s";
+            return r;
+        }
         measure_server(r, sampler, load, *duration_s, precise);
         r.interference = assess_window(sampler, load, *duration_s, cpu);
         r.ok = true;
@@ -763,7 +777,8 @@ class Runner {
     /// children is read when the figures arrive; one over TLS gets a TLS client.
     LoadRun run_load(const Point& point, const std::string& host, int port, pid_t server,
                      bool forks, bool tls, bool udp, int server_cpu,
-                     const std::function<void(pid_t)>& started, double duration = 0) const {
+                     const std::function<void(pid_t)>& started, double duration = 0,
+                     double rate = 0) const {
         if (duration <= 0) duration = opt_.duration;
         std::vector<std::string> argv{load_.string(),
                                       "--port",
@@ -782,6 +797,7 @@ class Runner {
                                       "--mark-window"};
         if (tls) argv.insert(argv.end(), {"--tls", "--tls-ca", bench_cert().ca});
         if (udp) argv.push_back("--udp");
+        if (rate > 0) argv.insert(argv.end(), {"--rate", fmt(rate, 1)});
         LoadRun run;
         ChildProcess load(argv, client_cpu_, true, false);
         started(load.pid());
@@ -956,13 +972,14 @@ int name_width(const std::vector<Result>& results) {
 }
 
 void print_table(std::ostream& os, const std::vector<Result>& results,
-                 const std::vector<Point>& points) {
+                 const std::vector<Point>& points, double rate) {
     char line[512];
     const int width = name_width(results);
     for (const auto& p : points) {
         const Result* fl = floor_of(results, p);
         const Result* udp_fl = floor_of(results, p, true);
         os << "\n== " << point_label(p) << " ping-pong"
+           << (rate > 0 ? ", paced at " + fmt(rate, 0) + " round trips/s (TCP rows)" : "")
            << (fl ? "  (median; ratio to epoll-floor [its range over paired rounds])"
                   : "  (median ±half its range; no epoll-floor run: no ratios)")
            << (udp_fl ? "; UDP rows: ratio to udp-floor" : "") << "\n";
@@ -1075,6 +1092,7 @@ void write_json(const fs::path& file, const std::vector<Result>& results, const 
     os << "{\n  \"tool\": \"evmux-bench\",\n  \"quick\": " << (opt.quick ? "true" : "false")
        << ",\n  \"duration_s\": " << json_num(opt.duration) << ",\n  \"cpus\": " << usable_cpus()
        << ",\n  \"pinned\": " << (pinned ? "true" : "false") << ",\n  \"rounds\": " << opt.rounds
+       << ",\n  \"rate\": " << (opt.rate > 0 ? json_num(opt.rate, 1) : "null")
        << ",\n  \"interference_threshold_percent\": " << json_num(opt.interference_percent, 1)
        << ",\n  \"ratio_ranges\": \"paired: round i of a server over round i of epoll-floor "
           "(ratio_to_floor) or of uring-floor (ratio_to_uring_floor)\""
@@ -1379,6 +1397,12 @@ void add_bench_options(CLI::App& app, Options& opt) {
                    "(evmux/io_uring+completion), readiness (evmux/io_uring) (default: both when "
                    "io_uring is among the backends; the other backends have readiness only)")
         ->delimiter(',');
+    app.add_option("--rate", opt.rate,
+                   "paced load: evmux-load sends this many round trips per second in all at "
+                   "every TCP point (evmux-load --rate), so the servers compare doing the same "
+                   "work per second rather than each as fast as the client and it can go; a run "
+                   "below 97% of it is not counted (not --instructions, not UDP rows)")
+        ->check(CLI::Range(1.0, 1e9));
     app.add_flag("--udp", opt.udp,
                  "also UDP echo rows: evmux-echo --udp on each backend (evmux/BACKEND/udp) and "
                  "the recvmmsg/sendmmsg floor (udp-floor), against evmux-load --udp");
@@ -2018,7 +2042,7 @@ int run_bench(Options& opt) {
     const std::string disturbed = disturbance_summary(results, opt.interference_percent);
     std::cout << disturbed;
     print_environment(std::cout, env);
-    print_table(std::cout, results, points);
+    print_table(std::cout, results, points, opt.rate);
     print_tls_target(std::cout, results, points, evp_us);
     print_completion_targets(std::cout, results);
     print_uring_variants(std::cout, results);
