@@ -1,7 +1,8 @@
 // TlsRecordLayer: TLS 1.3's record layer, done by evmux once OpenSSL has finished
 // the handshake (not installed). OpenSSL makes the keys (the handshake, the
 // certificates, the key schedule); this protects and checks the records of
-// the application traffic with OpenSSL's AEAD ciphers (EVP) and moves them
+// the application traffic with OpenSSL's AEAD ciphers (their provider's functions,
+// called without EVP's cipher layer: TlsAead) and moves them
 // between the socket and the connection's own buffers: a record is decrypted
 // straight into the connection's scratch buffer and encrypted straight out of
 // its queue, with none of the OpenSSL record layer's copies and bookkeeping
