@@ -141,12 +141,12 @@ class LoadClient {
         epfd_ = epoll_create1(EPOLL_CLOEXEC);
         if (epfd_ < 0) die_errno("epoll_create1");
         if (opt.tls) tls_ctx_ = make_tls_context(opt);
+        if (opt.rate > 0) waiting_.reserve(opt.active);
         for (std::size_t i = 0; i < conns_.size(); ++i) {
             Conn& c = conns_[i];
             c.active = i < opt.active;
             if (c.active) {
                 c.msg = payload_.data() + i * opt.size;
-                if (opt.rate > 0) waiting_.reserve(opt.active);
                 // Distinct, reproducible streams: seed from the index.
                 c.rng = 0x5EED0000ull + i * 0x100000001B3ull;
             }
@@ -657,6 +657,7 @@ Clock::time_point LoadClient::poll_once(Clock::time_point now, Clock::time_point
                                static_cast<long>(ns % 1000000000)};
         n = epoll_pwait2(epfd_, events_.data(), static_cast<int>(events_.size()), &timeout,
                          nullptr);
+        if (n < 0 && errno == ENOSYS) die_errno("epoll_pwait2 (--rate needs Linux 5.11 or later)");
     } else {
         // Round the timeout up so the wait never returns just before `until`.
         const auto ms = std::chrono::ceil<std::chrono::milliseconds>(until - now).count();
