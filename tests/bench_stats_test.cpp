@@ -22,6 +22,7 @@
 
 namespace {
 
+using evmux::bench::median_range_text;
 using evmux::bench::paired_ratio;
 using evmux::bench::ratio_text;
 using evmux::bench::spread;
@@ -109,6 +110,16 @@ TEST(RatioText, ShowsTheMedianOnlyWhenTheRangeIsClearOfOne) {
     EXPECT_EQ(ratio_text({1.02, 0.96, 1.05}), "≈ [0.96-1.05]");
     EXPECT_EQ(ratio_text({0.5, 0.5, 0.5}), "0.50");  // one round
     EXPECT_EQ(ratio_text({NAN, NAN, NAN}), "-");
+}
+
+// The TLS table's extra/evp: its target is 1.3, not 1.0, so the median is
+// always shown with its range.
+TEST(MedianRangeText, ShowsTheMedianAndTheRangeWhateverTheyStraddle) {
+    EXPECT_EQ(median_range_text({1.02, 0.96, 1.05}), "1.02 [0.96-1.05]");
+    EXPECT_EQ(median_range_text({2.014, 1.93, 2.1}), "2.01 [1.93-2.10]");
+    EXPECT_EQ(median_range_text({0.5, 0.5, 0.5}), "0.50");  // one round
+    EXPECT_EQ(median_range_text({0.5, NAN, NAN}), "0.50");
+    EXPECT_EQ(median_range_text({NAN, NAN, NAN}), "-");
 }
 
 // ---- the interference detector -----------------------------------------------

@@ -52,17 +52,30 @@ Verdict verdict(const Spread& ratio) {
     return Verdict::about;
 }
 
+namespace {
+
+std::string num(double v, int decimals) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.*f", decimals, v);
+    return buf;
+}
+
+std::string range_text(const Spread& s, int decimals) {
+    return num(s.min, decimals) + "-" + num(s.max, decimals);
+}
+
+}  // namespace
+
+std::string median_range_text(const Spread& s, int decimals) {
+    if (std::isnan(s.median)) return "-";
+    if (std::isnan(s.min) || std::isnan(s.max) || s.min == s.max) return num(s.median, decimals);
+    return num(s.median, decimals) + " [" + range_text(s, decimals) + "]";
+}
+
 std::string ratio_text(const Spread& ratio, int decimals) {
     if (std::isnan(ratio.median)) return "-";
-    auto num = [&](double v) {
-        char buf[32];
-        std::snprintf(buf, sizeof buf, "%.*f", decimals, v);
-        return std::string(buf);
-    };
-    const std::string range = num(ratio.min) + "-" + num(ratio.max);
-    if (verdict(ratio) == Verdict::about) return "≈ [" + range + "]";
-    if (ratio.min == ratio.max) return num(ratio.median);
-    return num(ratio.median) + " [" + range + "]";
+    if (verdict(ratio) == Verdict::about) return "≈ [" + range_text(ratio, decimals) + "]";
+    return median_range_text(ratio, decimals);
 }
 
 }  // namespace evmux::bench

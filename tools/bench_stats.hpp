@@ -54,6 +54,10 @@ Spread paired_ratio(const std::vector<double>& a, const std::vector<double>& b);
 enum class Verdict { below, about, above };
 Verdict verdict(const Spread& ratio);
 
+/// A spread for the table: "1.12 [1.08-1.15]", its median and the range; a
+/// single round's range is a point ("1.12"); "-" when unknown.
+std::string median_range_text(const Spread& s, int decimals = 2);
+
 /// A ratio for the table: "1.12 [1.08-1.15]" when its range is clear of 1.0;
 /// "≈ [0.96-1.05]" when it straddles 1.0 (no median: the rounds did not
 /// agree on a winner); "-" when unknown. A single round's range is a point:

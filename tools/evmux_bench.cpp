@@ -313,11 +313,11 @@ struct InstructionRow {
 /// shut-down cancel in the difference. Under callgrind a server runs about
 /// 50 times slower, so these are a few thousand messages each.
 constexpr Point instructions_point{1024, 10, 10, false};
+constexpr double instructions_durations[2] = {1.0, 3.0};
 
 /// --rate: a run whose client reached less than this share of the rate did
 /// less work per second than the others and is not counted.
 constexpr double min_rate_share = 0.97;
-constexpr double instructions_durations[2] = {1.0, 3.0};
 
 /// A server's figures while the load runs: its CPU time and RSS sampled every
 /// 20 ms on a thread of ours (the load window is picked from them
@@ -1877,9 +1877,7 @@ void print_tls_target(std::ostream& os, const std::vector<Result>& results,
             for (std::size_t i = 0; i < extra.size() && i < plain_cpu.size(); ++i)
                 extra[i] = tls_cpu[i] - plain_cpu[i];
             const Spread ratio = paired_ratio(extra, evp_us[pi]);
-            std::string text = fmt(ratio.median, 2);
-            if (!std::isnan(ratio.min) && ratio.min != ratio.max)
-                text += " [" + fmt(ratio.min, 2) + "-" + fmt(ratio.max, 2) + "]";
+            const std::string text = median_range_text(ratio);
             const char* verdict = target_verdict(ratio, 1.3);
             char line[256];
             std::snprintf(line, sizeof line, "%-22s %-*s %10.2f %10.2f %10.2f %18s %8s\n",
