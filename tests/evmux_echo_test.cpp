@@ -688,6 +688,46 @@ void serve_tls_to_openssl_and_python(const std::string& records) {
     EXPECT_NE(summary.find("bytes_in=50000 bytes_out=50000"), std::string::npos) << summary;
 }
 
+// evmux-load --tls with each client record layer (its own, the default, and
+// OpenSSL's) against each server record layer, small and multi-record
+// messages, every byte verified; against evmux's records also with a
+// KeyUpdate from the server every 3 records (the client must follow it).
+// evmux-load's own records must take over: a connection left on OpenSSL's
+// would say so on stderr, the first line read here instead of the JSON.
+TEST_F(EvmuxEcho, TlsUnderEvmuxLoadWithEachRecordLayer) {
+    const char* load = std::getenv("EVMUX_LOAD");
+    if (load == nullptr) GTEST_SKIP() << "EVMUX_LOAD not set";
+    const support::TlsFiles& f = support::tls_files();
+    for (const char* key_updates : {"", "3"}) {
+        for (const char* server : {"evmux", "openssl"}) {
+            if (*key_updates && std::string(server) == "openssl") continue;  // evmux's own knob
+            ::setenv("EVMUX_TLS_KEY_UPDATE_RECORDS", key_updates, 1);
+            EchoProcess echo({"--port", "0", "--backend", test::backend_name(), "--tls-cert",
+                              f.server_cert, "--tls-key", f.server_key, "--tls-records", server});
+            ::unsetenv("EVMUX_TLS_KEY_UPDATE_RECORDS");
+            std::string backend;
+            const std::string addr = listening_address(echo.line(), &backend);
+            ASSERT_FALSE(addr.empty());
+            const std::string port = std::to_string(Address::parse(addr).port());
+            for (const char* client : {"own", "openssl"}) {
+                for (const char* size : {"1", "40000"}) {
+                    SCOPED_TRACE(std::string("server ") + server + ", client " + client +
+                                 ", size " + size + ", key updates every " + key_updates);
+                    EchoProcess run(
+                        {"--port", port, "--conns", "3", "--size", size, "--duration", "0.2",
+                         "--tls", "--tls-ca", f.ca, "--tls-records", client, "--json"},
+                        true, load);
+                    const std::string out = run.line(20000ms);
+                    EXPECT_EQ(run.wait(), 0) << out;
+                    EXPECT_TRUE(out.starts_with("{")) << out;
+                    EXPECT_NE(out.find("\"mismatches\":0,\"errors\":0"), std::string::npos) << out;
+                    EXPECT_EQ(out.find("\"round_trips\":0,"), std::string::npos) << out;
+                }
+            }
+        }
+    }
+}
+
 TEST_F(EvmuxEcho, TlsFlagErrorsAreOneLine) {
     const support::TlsFiles& f = support::tls_files();
     struct Case {

@@ -1889,7 +1889,8 @@ void print_tls_target(std::ostream& os, const std::vector<Result>& results,
     }
     if (header)
         os << "(target: tls <= plain + 1.3 x evp, i.e. extra/evp <= 1.3; met if the interval "
-              "is, missed if none of it is)\n";
+              "is, missed if none of it is; the client: evmux-load --tls, its own record "
+              "layer)\n";
 }
 
 /// The completion-I/O targets (issue 18), per completion row: its server CPU

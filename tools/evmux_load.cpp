@@ -18,8 +18,12 @@
 // pseudo-random stream, and every round uses fresh bytes, so a reply routed to
 // the wrong connection, or a stale or repeated reply, is a mismatch.
 //
-// --tls: the same over TLS (OpenSSL's own socket BIO, SSL_read/SSL_write in
-// place of recv/send); the handshake is part of connecting, before the clock.
+// --tls: the same over TLS; the handshake (OpenSSL's) is part of connecting,
+// before the clock. The records after it are sealed and opened by a record
+// layer of evmux-load's own (load_tls.cpp: EVP's ciphers, none of OpenSSL's
+// record layer's bookkeeping), so that a TLS client costs about what the
+// server's records cost and the server, not the client, limits a TLS point;
+// --tls-records openssl keeps SSL_read/SSL_write on OpenSSL's socket BIO.
 //
 // --rate R: paced instead of closed: each active connection sends its
 // messages on a fixed schedule, A/R seconds apart, the connections' schedules
@@ -53,6 +57,7 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -63,16 +68,19 @@
 #if EVMUX_LOAD_TLS
 #include <openssl/err.h>
 #include <openssl/ssl.h>
-// Bytes OpenSSL has read ahead that no readiness event will announce.
-inline bool tls_pending(SSL* ssl) {
-    return SSL_has_pending(ssl) == 1;
-}
+
+#include "load_tls.hpp"
 #else
 struct ssl_st;  // never made without TLS
 using SSL = ssl_st;
-inline bool tls_pending(SSL*) {
-    return false;
-}
+namespace evmux::load {
+struct TlsSecrets {};
+struct TlsRecords {
+    bool drained() const { return true; }
+    bool has_unsent() const { return false; }
+    int flush(int) { return 1; }
+};
+}  // namespace evmux::load
 #endif
 
 namespace {
@@ -107,6 +115,9 @@ struct Conn {
     };
     int fd = -1;
     SSL* ssl = nullptr;  // --tls only
+    // --tls with its own records: the handshake's secrets, then the records.
+    std::unique_ptr<TlsSecrets> secrets;
+    std::unique_ptr<TlsRecords> records;
     State state = State::unused;
     bool active = false;
     bool want_write = false;       // EPOLLOUT is in the registered interest
@@ -205,6 +216,8 @@ class LoadClient {
     void start_tls(std::size_t i);
     void on_writable(std::size_t i);
     void on_readable(std::size_t i);
+    // Reply bytes wait in the TLS layer that no readiness event will announce.
+    static bool tls_buffered(const Conn& c);
     void check_idle(std::size_t i, bool at_end);
     // Waits for events until `until` at the latest, handles them; returns the
     // time after.
@@ -228,6 +241,8 @@ class LoadClient {
     bool warming_ = false;       // in warm_up(): record nothing
     std::size_t in_flight_ = 0;  // conns in State::in_round
     int messages_printed_ = 0;
+    std::size_t openssl_records_ = 0;  // --tls-records own: connections left on OpenSSL's
+    std::string openssl_records_why_;  // the first one's reason
 };
 
 void LoadClient::error(std::size_t i, const char* fmt, ...) {
@@ -255,6 +270,8 @@ void LoadClient::close_conn(Conn& c) {
     SSL_free(c.ssl);  // no close_notify: the server sees the end as an error, as after a kill
 #endif
     c.ssl = nullptr;
+    c.secrets.reset();
+    c.records.reset();
     if (c.fd >= 0) ::close(c.fd);  // close() also removes it from the epoll set
     c.fd = -1;
 }
@@ -332,8 +349,17 @@ SSL_CTX* LoadClient::make_tls_context(const Options& opt) {
     SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
     // Records one by one as the socket takes them; a retry may not move.
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE);
-    // One recv() takes what is there, not a record's header and then its body.
-    SSL_CTX_set_read_ahead(ctx, 1);
+    if (opt.tls_records == "openssl") {
+        // One recv() takes what is there, not a record's header and then its body.
+        SSL_CTX_set_read_ahead(ctx, 1);
+    } else {
+        // Our records take over after the handshake: OpenSSL reads no byte
+        // past it (no read-ahead), and hands over the traffic secrets.
+        SSL_CTX_set_keylog_callback(ctx, [](const SSL* ssl, const char* line) {
+            if (auto* secrets = static_cast<TlsSecrets*>(SSL_get_app_data(ssl)))
+                secrets->note(line);
+        });
+    }
     if (opt.tls_ca.empty()) {
         std::fprintf(stderr,
                      "evmux-load: --tls without --tls-ca: the server's certificate is not "
@@ -357,6 +383,10 @@ void LoadClient::start_tls(std::size_t i) {
         SSL_set_tlsext_host_name(c.ssl, opt_.tls_name.c_str());
         SSL_set1_host(c.ssl, opt_.tls_name.c_str());
     }
+    if (opt_.tls_records != "openssl") {
+        c.secrets = std::make_unique<TlsSecrets>();
+        SSL_set_app_data(c.ssl, c.secrets.get());
+    }
     SSL_set_connect_state(c.ssl);
     c.state = Conn::State::handshaking;
     continue_handshake(i);
@@ -367,6 +397,13 @@ void LoadClient::continue_handshake(std::size_t i) {
     ERR_clear_error();
     const int r = SSL_do_handshake(c.ssl);
     if (r == 1) {
+        if (c.secrets) {
+            std::string why;
+            c.records = TlsRecords::take_over(c.ssl, *c.secrets, why);
+            SSL_set_app_data(c.ssl, nullptr);
+            c.secrets.reset();
+            if (!c.records && openssl_records_++ == 0) openssl_records_why_ = why;
+        }
         c.state = c.active ? Conn::State::finished : Conn::State::idle;
         set_interest(i, c.active ? EPOLLIN : (EPOLLIN | EPOLLRDHUP));
         return;
@@ -394,6 +431,14 @@ void clear_tls_errors() {
 ssize_t LoadClient::io_recv(std::size_t i, void* buf, std::size_t len) {
     Conn& c = conns_[i];
     if (!c.ssl) return ::recv(c.fd, buf, len, 0);
+    if (c.records) {
+        const ssize_t n = c.records->read(c.fd, static_cast<unsigned char*>(buf), len);
+        if (n < 0 && errno == EPROTO) error(i, "%s", c.records->error_text().c_str());
+        // Reading made it answer a KeyUpdate: out now if the socket takes it,
+        // else ahead of the next message (write() sends it first).
+        if (n >= 0 && c.records->has_unsent() && c.records->flush(c.fd) < 0) return -1;
+        return n;
+    }
     clear_tls_errors();
     const int n = SSL_read(c.ssl, buf, static_cast<int>(std::min<std::size_t>(len, INT32_MAX)));
     if (n > 0) return n;
@@ -416,6 +461,11 @@ ssize_t LoadClient::io_recv(std::size_t i, void* buf, std::size_t len) {
 ssize_t LoadClient::io_send(std::size_t i, const void* buf, std::size_t len) {
     Conn& c = conns_[i];
     if (!c.ssl) return ::send(c.fd, buf, len, MSG_NOSIGNAL);
+    if (c.records) {
+        const ssize_t n = c.records->write(c.fd, static_cast<const unsigned char*>(buf), len);
+        if (n < 0 && errno == EPROTO) error(i, "%s", c.records->error_text().c_str());
+        return n;
+    }
     clear_tls_errors();
     const int n = SSL_write(c.ssl, buf, static_cast<int>(std::min<std::size_t>(len, INT32_MAX)));
     if (n > 0) return n;
@@ -429,7 +479,15 @@ ssize_t LoadClient::io_send(std::size_t i, const void* buf, std::size_t len) {
     errno = EPROTO;
     return -1;
 }
+
+bool LoadClient::tls_buffered(const Conn& c) {
+    if (c.records) return !c.records->drained();
+    return c.ssl && SSL_has_pending(c.ssl) == 1;
+}
 #else
+bool LoadClient::tls_buffered(const Conn&) {
+    return false;
+}
 struct ssl_ctx_st* LoadClient::make_tls_context(const Options&) {
     return nullptr;  // --tls is refused at parse time without TLS
 }
@@ -499,6 +557,9 @@ bool LoadClient::connect_all() {
             }
         }
     }
+    if (openssl_records_ > 0)
+        std::fprintf(stderr, "evmux-load: %zu connection(s) keep OpenSSL's record layer (%s)\n",
+                     openssl_records_, openssl_records_why_.c_str());
     return !failed && res_.errors == 0;
 }
 
@@ -516,6 +577,19 @@ void LoadClient::start_round(std::size_t i) {
 
 void LoadClient::on_writable(std::size_t i) {
     Conn& c = conns_[i];
+    // Its own records: the rest of a record the socket took only part of.
+    if (c.records && c.records->has_unsent()) {
+        const int r = c.records->flush(c.fd);
+        if (r < 0) {
+            error(i, "send: %s", std::strerror(errno));
+            close_conn(c);
+            return;
+        }
+        if (r == 0) {
+            if (!c.want_write) set_interest(i, EPOLLIN | EPOLLOUT);
+            return;
+        }
+    }
     while (c.sent < opt_.size) {
         const ssize_t n = io_send(i, c.msg + c.sent, opt_.size - c.sent);
         if (n > 0) {
@@ -531,7 +605,11 @@ void LoadClient::on_writable(std::size_t i) {
         close_conn(c);
         return;
     }
-    if (c.want_write) set_interest(i, EPOLLIN);
+    if (c.records && c.records->has_unsent()) {
+        if (!c.want_write) set_interest(i, EPOLLIN | EPOLLOUT);
+    } else if (c.want_write) {
+        set_interest(i, EPOLLIN);
+    }
 }
 
 void LoadClient::on_readable(std::size_t i) {
@@ -588,9 +666,10 @@ void LoadClient::on_readable(std::size_t i) {
         }
         // A short read means the socket is empty: skip the EAGAIN round trip
         // to the kernel; level-triggered epoll reports whatever comes later.
-        // (TLS: one record per SSL_read; what OpenSSL read ahead is announced
-        // by no event, so read on while it holds some.)
-        if (got < read_buf_.size() && (!c.ssl || !tls_pending(c.ssl))) return;
+        // (TLS: one record per SSL_read, or what one recv() brought with our
+        // own records; what is buffered is announced by no event, so read on
+        // while there is some.)
+        if (got < read_buf_.size() && !tls_buffered(c)) return;
     }
 }
 
@@ -858,7 +937,13 @@ int main(int argc, char** argv) {
     app.add_option("--connect-timeout", opt.connect_timeout_s,
                    "seconds each connect (and TLS handshake) may take (default 10)")
         ->check(CLI::Range(0.001, 3600.0));
-    auto* tls = app.add_flag("--tls", opt.tls, "speak TLS (OpenSSL)");
+    auto* tls = app.add_flag("--tls", opt.tls, "speak TLS (OpenSSL's handshake)");
+    app.add_option("--tls-records", opt.tls_records,
+                   "who seals and opens the TLS 1.3 records after the handshake: own (evmux-load's "
+                   "record layer, the default: as cheap as a server's) or openssl "
+                   "(SSL_read/SSL_write)")
+        ->check(CLI::IsMember({"own", "openssl"}))
+        ->needs(tls);
     app.add_option("--tls-ca", opt.tls_ca,
                    "PEM CA file: check the server's certificate and --tls-name (default: "
                    "not checked, said on stderr)")

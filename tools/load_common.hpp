@@ -36,6 +36,7 @@ struct Options {
     bool tls = false;
     std::string tls_ca;                  // empty: the server's certificate is not checked
     std::string tls_name = "localhost";  // checked (and sent as SNI) with tls_ca
+    std::string tls_records = "own";     // after the handshake: "own" (load_tls.cpp) or "openssl"
     bool udp = false;                    // --udp: sessions are UDP sockets (load_udp.cpp)
     double timeout_s = 0.25;             // --udp: a datagram not echoed within this is lost
 };
