@@ -14,9 +14,10 @@
 // until the duration ends. One unrecorded warm-up round trip per active
 // connection precedes the clock, so it starts with every active connection
 // accepted by the server. The other C-A stay idle and must still be connected
-// at the end. Each active connection draws its payload from its own seeded
-// pseudo-random stream, and every round uses fresh bytes, so a reply routed to
-// the wrong connection, or a stale or repeated reply, is a mismatch.
+// at the end. Each round's message is S bytes of a pool of random bytes (made
+// once, 1 MiB more than S) from an offset drawn from the connection's own
+// seeded stream: other bytes every round at no cost per round, so a reply
+// routed to the wrong connection, or a stale or repeated reply, is a mismatch.
 //
 // --tls: the same over TLS; the handshake (OpenSSL's) is part of connecting,
 // before the clock. The records after it are sealed and opened by a record
@@ -99,6 +100,8 @@ constexpr std::size_t read_buffer_size = 256 * 1024;
 /// After the duration ends, round trips in flight get this long to finish;
 /// one that does not is counted as an error (the server stalled).
 constexpr auto drain_bound = std::chrono::seconds(5);
+/// The random pool the messages are cut from is this much longer than one.
+constexpr std::size_t pool_extra = 1024 * 1024;
 /// Error messages printed to stderr; the rest are only counted.
 constexpr int max_error_messages = 10;
 
@@ -120,13 +123,13 @@ struct Conn {
     std::unique_ptr<TlsRecords> records;
     State state = State::unused;
     bool active = false;
-    bool want_write = false;       // EPOLLOUT is in the registered interest
-    std::uint64_t rng = 0;         // this connection's payload stream
-    unsigned char* msg = nullptr;  // the message in flight (size bytes, preallocated)
-    std::size_t sent = 0;          // bytes of msg written so far
-    std::size_t received = 0;      // bytes of the echo received and verified
-    Clock::time_point started{};   // connect start, then round start (--rate: when it was due)
-    Clock::time_point due{};       // --rate: when the next round is to start
+    bool want_write = false;             // EPOLLOUT is in the registered interest
+    std::uint64_t rng = 0;               // this connection's payload stream
+    const unsigned char* msg = nullptr;  // the message in flight (size bytes of the pool)
+    std::size_t sent = 0;                // bytes of msg written so far
+    std::size_t received = 0;            // bytes of the echo received and verified
+    Clock::time_point started{};  // connect start, then round start (--rate: when it was due)
+    Clock::time_point due{};      // --rate: when the next round is to start
 };
 
 /// The counters the report is made of.
@@ -147,7 +150,7 @@ class LoadClient {
           addr_(addr),
           addr_len_(addr_len),
           conns_(opt.conns),
-          payload_(opt.active * opt.size),
+          pool_(pool_extra + opt.size),
           read_buf_(read_buffer_size) {
         epfd_ = epoll_create1(EPOLL_CLOEXEC);
         if (epfd_ < 0) die_errno("epoll_create1");
@@ -156,12 +159,11 @@ class LoadClient {
         for (std::size_t i = 0; i < conns_.size(); ++i) {
             Conn& c = conns_[i];
             c.active = i < opt.active;
-            if (c.active) {
-                c.msg = payload_.data() + i * opt.size;
-                // Distinct, reproducible streams: seed from the index.
-                c.rng = 0x5EED0000ull + i * 0x100000001B3ull;
-            }
+            // Distinct, reproducible streams: seed from the index.
+            if (c.active) c.rng = 0x5EED0000ull + i * 0x100000001B3ull;
         }
+        std::uint64_t seed = 0x9001;
+        fill_payload(seed, pool_.data(), pool_.size());
     }
     ~LoadClient() {
         for (Conn& c : conns_) close_conn(c);
@@ -229,7 +231,7 @@ class LoadClient {
     int epfd_ = -1;
     struct ssl_ctx_st* tls_ctx_ = nullptr;  // --tls
     std::vector<Conn> conns_;
-    std::vector<unsigned char> payload_;  // active * size bytes, one slice each
+    std::vector<unsigned char> pool_;  // the messages' bytes: pool_extra + size random bytes
     std::vector<unsigned char> read_buf_;
     std::array<epoll_event, 1024> events_{};
     // --rate: the connections waiting for their next round, earliest first
@@ -565,8 +567,8 @@ bool LoadClient::connect_all() {
 
 void LoadClient::start_round(std::size_t i) {
     Conn& c = conns_[i];
-    // Fresh bytes every round, generated before the clock starts for it.
-    fill_payload(c.rng, c.msg, opt_.size);
+    // Other bytes every round, chosen before the clock starts for it.
+    c.msg = pool_.data() + next_random(c.rng) % (pool_extra + 1);
     c.sent = 0;
     c.received = 0;
     c.state = Conn::State::in_round;
