@@ -690,8 +690,10 @@ void serve_tls_to_openssl_and_python(const std::string& records) {
 
 // evmux-load --tls with each client record layer (its own, the default, and
 // OpenSSL's) against each server record layer, small and multi-record
-// messages, every byte verified; against evmux's records also with a
-// KeyUpdate from the server every 3 records (the client must follow it).
+// messages (these also through a 4 KiB send buffer, so that the socket takes
+// part of a record and the rest waits for it), every byte verified; against
+// evmux's records also with a KeyUpdate from the server every 3 records (the
+// client must follow it).
 // evmux-load's own records must take over: a connection left on OpenSSL's
 // would say so on stderr, the first line read here instead of the JSON.
 TEST_F(EvmuxEcho, TlsUnderEvmuxLoadWithEachRecordLayer) {
@@ -710,13 +712,15 @@ TEST_F(EvmuxEcho, TlsUnderEvmuxLoadWithEachRecordLayer) {
             ASSERT_FALSE(addr.empty());
             const std::string port = std::to_string(Address::parse(addr).port());
             for (const char* client : {"own", "openssl"}) {
-                for (const char* size : {"1", "40000"}) {
+                for (const char* size : {"1", "40000", "40000 --sndbuf 4096"}) {
                     SCOPED_TRACE(std::string("server ") + server + ", client " + client +
                                  ", size " + size + ", key updates every " + key_updates);
-                    EchoProcess run(
-                        {"--port", port, "--conns", "3", "--size", size, "--duration", "0.2",
-                         "--tls", "--tls-ca", f.ca, "--tls-records", client, "--json"},
-                        true, load);
+                    std::vector<std::string> args = {
+                        "--port",   port, "--conns",       "3",    "--duration", "0.2",   "--tls",
+                        "--tls-ca", f.ca, "--tls-records", client, "--json",     "--size"};
+                    std::istringstream words(size);
+                    for (std::string w; words >> w;) args.push_back(w);
+                    EchoProcess run(args, true, load);
                     const std::string out = run.line(20000ms);
                     EXPECT_EQ(run.wait(), 0) << out;
                     EXPECT_TRUE(out.starts_with("{")) << out;

@@ -972,6 +972,9 @@ TEST_F(LoadTest, BadFlagsExitTwoWithOneLine) {
         {"--port", "1", "--conns", "1", "--size", "8", "--duration", "1", "--rate", "0"},
         {"--udp", "--port", "1", "--conns", "1", "--size", "8", "--duration", "1", "--rate", "10"},
         {"--port", "1", "--conns", "1", "--size", "8", "--duration", "1", "--tls-records", "own"},
+        {"--port", "1", "--conns", "1", "--size", "8", "--duration", "1", "--sndbuf", "0"},
+        {"--udp", "--port", "1", "--conns", "1", "--size", "8", "--duration", "1", "--sndbuf",
+         "4096"},
         {"--port", "1", "--conns", "1", "--size", "8", "--duration", "1", "--tls", "--tls-records",
          "kernel"},
     };

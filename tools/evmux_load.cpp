@@ -298,6 +298,9 @@ bool LoadClient::start_connect(std::size_t i) {
     // Ping-pong of small messages: without NODELAY, Nagle + delayed ACK would
     // add up to 40 ms to a round trip whose send was split.
     ::setsockopt(c.fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (opt_.sndbuf > 0 &&
+        ::setsockopt(c.fd, SOL_SOCKET, SO_SNDBUF, &opt_.sndbuf, sizeof opt_.sndbuf) < 0)
+        die_errno("setsockopt(SO_SNDBUF)");
     c.started = Clock::now();
     c.state = Conn::State::connecting;
     if (::connect(c.fd, reinterpret_cast<const sockaddr*>(&addr_), addr_len_) == 0) {
@@ -939,6 +942,10 @@ int main(int argc, char** argv) {
     app.add_option("--connect-timeout", opt.connect_timeout_s,
                    "seconds each connect (and TLS handshake) may take (default 10)")
         ->check(CLI::Range(0.001, 3600.0));
+    app.add_option("--sndbuf", opt.sndbuf,
+                   "each connection's socket send buffer (SO_SNDBUF) in bytes, e.g. small to "
+                   "make sends partial (default: the kernel's)")
+        ->check(CLI::Range(1, 1 << 30));
     auto* tls = app.add_flag("--tls", opt.tls, "speak TLS (OpenSSL's handshake)");
     app.add_option("--tls-records", opt.tls_records,
                    "who seals and opens the TLS 1.3 records after the handshake: own (evmux-load's "
@@ -973,6 +980,8 @@ int main(int argc, char** argv) {
                 "--size", "--udp: 8 to 65507 bytes (a sequence number rides in each datagram)");
         if (opt.udp && opt.tls) throw CLI::ValidationError("--tls", "not with --udp (no DTLS)");
         if (opt.udp && opt.rate > 0) throw CLI::ValidationError("--rate", "TCP only, not --udp");
+        if (opt.udp && opt.sndbuf > 0)
+            throw CLI::ValidationError("--sndbuf", "TCP only, not --udp");
     } catch (const CLI::ParseError& e) {
         if (e.get_exit_code() == 0) return app.exit(e);  // --help
         std::fprintf(stderr, "evmux-load: %s (see --help)\n", e.what());

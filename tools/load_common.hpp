@@ -30,6 +30,7 @@ struct Options {
     double duration_s = 0;
     double rate = 0;  // --rate: round trips per second over all active connections; 0: closed loop
     double connect_timeout_s = 10;
+    int sndbuf = 0;  // --sndbuf: each TCP connection's SO_SNDBUF (0: the kernel's)
     bool upper = false;
     bool json = false;
     bool mark_window = false;  // "window\n" on stdout when the measured load starts
