@@ -8,6 +8,7 @@
 #include <openssl/ssl.h>
 #include <sys/socket.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <vector>
@@ -37,7 +38,7 @@ Scratch& scratch() {
     return s;
 }
 
-// HKDF-Expand-Label(secret, label, "", len) (RFC 8446 7.1), len <= 2 hashes.
+// HKDF-Expand-Label(secret, label, "", len) (RFC 8446 7.1; HKDF-Expand, RFC 5869).
 bool expand_label(const EVP_MD* md, const unsigned char* secret, std::size_t secret_len,
                   const char* label, unsigned char* out, std::size_t len) {
     unsigned char info[2 + 1 + 6 + 32 + 1];
@@ -67,6 +68,7 @@ bool expand_label(const EVP_MD* md, const unsigned char* secret, std::size_t sec
         std::memcpy(out + done, t, n);
         done += n;
     }
+    OPENSSL_cleanse(t, sizeof t);
     return true;
 }
 
