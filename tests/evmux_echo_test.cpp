@@ -691,7 +691,8 @@ void serve_tls_to_openssl_and_python(const std::string& records) {
 // evmux-load --tls with each client record layer (its own, the default, and
 // OpenSSL's) against each server record layer, small and multi-record
 // messages (these also through a 4 KiB send buffer, so that the socket takes
-// part of a record and the rest waits for it), every byte verified; against
+// part of a record and the rest waits for it, and in the two suites other
+// than the default AES-256-GCM), every byte verified; against
 // evmux's records also with a KeyUpdate from the server every 3 records (the
 // client must follow it).
 // evmux-load's own records must take over: a connection left on OpenSSL's
@@ -712,7 +713,9 @@ TEST_F(EvmuxEcho, TlsUnderEvmuxLoadWithEachRecordLayer) {
             ASSERT_FALSE(addr.empty());
             const std::string port = std::to_string(Address::parse(addr).port());
             for (const char* client : {"own", "openssl"}) {
-                for (const char* size : {"1", "40000", "40000 --sndbuf 4096"}) {
+                for (const char* size : {"1", "40000", "40000 --sndbuf 4096",
+                                         "40000 --tls-suites TLS_AES_128_GCM_SHA256",
+                                         "40000 --tls-suites TLS_CHACHA20_POLY1305_SHA256"}) {
                     SCOPED_TRACE(std::string("server ") + server + ", client " + client +
                                  ", size " + size + ", key updates every " + key_updates);
                     std::vector<std::string> args = {

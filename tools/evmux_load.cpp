@@ -365,6 +365,11 @@ SSL_CTX* LoadClient::make_tls_context(const Options& opt) {
                 secrets->note(line);
         });
     }
+    if (!opt.tls_suites.empty() && SSL_CTX_set_ciphersuites(ctx, opt.tls_suites.c_str()) != 1) {
+        std::fprintf(stderr, "evmux-load: --tls-suites %s: %s\n", opt.tls_suites.c_str(),
+                     tls_reason());
+        std::exit(2);
+    }
     if (opt.tls_ca.empty()) {
         std::fprintf(stderr,
                      "evmux-load: --tls without --tls-ca: the server's certificate is not "
@@ -952,6 +957,10 @@ int main(int argc, char** argv) {
                    "record layer, the default: as cheap as a server's) or openssl "
                    "(SSL_read/SSL_write)")
         ->check(CLI::IsMember({"own", "openssl"}))
+        ->needs(tls);
+    app.add_option("--tls-suites", opt.tls_suites,
+                   "TLS 1.3 cipher suites to offer, OpenSSL's list syntax, e.g. "
+                   "TLS_CHACHA20_POLY1305_SHA256 (default: OpenSSL's)")
         ->needs(tls);
     app.add_option("--tls-ca", opt.tls_ca,
                    "PEM CA file: check the server's certificate and --tls-name (default: "

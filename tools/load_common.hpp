@@ -38,6 +38,7 @@ struct Options {
     std::string tls_ca;                  // empty: the server's certificate is not checked
     std::string tls_name = "localhost";  // checked (and sent as SNI) with tls_ca
     std::string tls_records = "own";     // after the handshake: "own" (load_tls.cpp) or "openssl"
+    std::string tls_suites;              // TLS 1.3 suites to offer (empty: OpenSSL's default)
     bool udp = false;                    // --udp: sessions are UDP sockets (load_udp.cpp)
     double timeout_s = 0.25;             // --udp: a datagram not echoed within this is lost
 };
