@@ -8,9 +8,11 @@
 // Internal to tools/; not installed.
 #pragma once
 
+#include <sched.h>
 #include <sys/types.h>
 
 #include <string>
+#include <vector>
 
 #include "bench_processes.hpp"
 
@@ -71,5 +73,34 @@ OccupancySample carry_forward(OccupancySample s, const OccupancySample& previous
 /// The delta from `a` to `b`.
 OccupancyDelta occupancy_delta(const OccupancySample& a, const OccupancySample& b, int server_cpu,
                                int client_cpu);
+
+/// This thread pinned to CPU `cpu` for the object's life (nothing if
+/// cpu < 0 or the affinity cannot be read), then back to where it could run.
+class PinnedTo {
+  public:
+    explicit PinnedTo(int cpu);
+    ~PinnedTo();
+    PinnedTo(const PinnedTo&) = delete;
+    PinnedTo& operator=(const PinnedTo&) = delete;
+
+  private:
+    bool pinned_ = false;
+    cpu_set_t before_{};
+};
+
+/// This thread's CPU time in µs.
+double thread_cpu_us();
+
+/// The CPU time (µs) a fixed piece of work (a chain of dependent multiplies)
+/// takes on CPU `cpu` (-1: where this thread runs), the least of three tries.
+/// Taken every round, it shows a machine that ran slower for a while without
+/// other work on it or steal to show for it: a host that lowered the clock or
+/// shared the core with another guest. Other processes do not move it (it is
+/// CPU time).
+double speed_probe_us(int cpu);
+
+/// The indices of the probes (speed_probe_us, in run order) more than `limit`
+/// times their median: rounds the machine itself ran slower.
+std::vector<std::size_t> slow_probes(const std::vector<double>& probes, double limit);
 
 }  // namespace evmux::bench

@@ -1,8 +1,7 @@
 // evmux-bench's TLS point: an EVP-only seal+open timing and the certificate.
 #include "bench_tls.hpp"
 
-#include <sched.h>
-#include <time.h>
+#include "bench_interference.hpp"
 
 #include <algorithm>
 #include <stdexcept>
@@ -19,12 +18,6 @@ namespace evmux::bench {
 #if EVMUX_BENCH_TLS
 
 namespace {
-
-double thread_cpu_us() {
-    timespec ts{};
-    ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-    return static_cast<double>(ts.tv_sec) * 1e6 + static_cast<double>(ts.tv_nsec) / 1e3;
-}
 
 // One AES-256-GCM context each way, keyed once; per message a fresh IV (as
 // TLS 1.3's per-record nonce), the bytes, the tag: what a record costs.
@@ -80,21 +73,7 @@ bool tls_built() {
 
 double evp_seal_open_us(int size, int cpu) {
     // On the servers' CPU for the timing, as the servers are pinned.
-    cpu_set_t before;
-    const bool pin = cpu >= 0 && ::sched_getaffinity(0, sizeof before, &before) == 0;
-    if (pin) {
-        cpu_set_t one;
-        CPU_ZERO(&one);
-        CPU_SET(cpu, &one);
-        ::sched_setaffinity(0, sizeof one, &one);
-    }
-    struct Restore {
-        bool pin;
-        cpu_set_t* before;
-        ~Restore() {
-            if (pin) ::sched_setaffinity(0, sizeof *before, before);
-        }
-    } restore{pin, &before};
+    const PinnedTo pin(cpu);
     Gcm gcm(size);
     std::uint64_t n = 0;
     // Calibrate: iterations for ~10 ms.

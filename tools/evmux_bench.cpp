@@ -1647,6 +1647,33 @@ std::vector<int> plan_sweep(const Options& opt, const std::vector<std::string>& 
 
 // ---- the runs -------------------------------------------------------------------
 
+/// A round whose speed probe took this much longer than the run's median
+/// ran on a slower machine: its runs are flagged as disturbed.
+constexpr double slow_probe_limit = 1.15;
+
+/// Flags the runs of every round whose speed probe (`probes`, one per point
+/// and round in run order) says the machine ran slower then
+/// (slow_probe_limit), with how much slower; a warning on stderr each.
+void flag_slow_rounds(std::vector<std::vector<std::vector<Result>>>& all_runs,
+                      const std::vector<double>& probes, int rounds) {
+    const double median = spread(probes).median;
+    for (std::size_t k : slow_probes(probes, slow_probe_limit)) {
+        const std::size_t pi = k / static_cast<std::size_t>(rounds);
+        const std::size_t round = k % static_cast<std::size_t>(rounds);
+        const std::string why = "the CPU ran " + fmt((probes[k] / median - 1) * 100, 0) +
+                                "% slower than in the run's other rounds (a fixed probe of " +
+                                "work on the servers' CPU: the host, not other work here)";
+        std::fprintf(stderr, "WARNING: round %zu of point %zu: %s\n", round + 1, pi + 1,
+                     why.c_str());
+        for (auto& server_rounds : all_runs[pi]) {
+            if (round >= server_rounds.size() || !server_rounds[round].ok) continue;
+            Interference& in = server_rounds[round].interference;
+            in.details = in.flagged ? in.details + "; " + why : why;
+            in.flagged = true;
+        }
+    }
+}
+
 /// Every server at every point, `rounds` times, the servers interleaved within
 /// each round (A B C A B C ...: a slow spell of the machine then touches every
 /// server, not one), with a progress line each on stderr; one aggregated
@@ -1660,10 +1687,16 @@ bool run_servers(Runner& runner, const std::vector<Point>& points,
     const bool any_tls =
         std::any_of(servers.begin(), servers.end(), [](const Server& s) { return s.tls; });
     evp_rounds.assign(points.size(), {});
+    // Per point, per server, its rounds; aggregated once every round has run
+    // and the rounds the machine itself ran slower are known (speed probes).
+    std::vector<std::vector<std::vector<Result>>> all_runs(points.size());
+    std::vector<double> probes;  // one per (point, round), in run order
     for (std::size_t pi = 0; pi < points.size(); ++pi) {
         const Point& p = points[pi];
-        std::vector<std::vector<Result>> runs(servers.size());
+        std::vector<std::vector<Result>>& runs = all_runs[pi];
+        runs.resize(servers.size());
         for (int round = 1; round <= rounds; ++round) {
+            probes.push_back(speed_probe_us(evp_cpu));
             // EVP alone for the TLS target, once per round beside the servers.
             if (any_tls && !p.idle_heavy)
                 evp_rounds[pi].push_back(evp_seal_open_us(p.size, evp_cpu));
@@ -1686,8 +1719,10 @@ bool run_servers(Runner& runner, const std::vector<Point>& points,
                 runs[i].push_back(std::move(r));
             }
         }
-        for (auto& r : runs) results.push_back(aggregate(std::move(r)));
     }
+    flag_slow_rounds(all_runs, probes, rounds);
+    for (auto& point_runs : all_runs)
+        for (auto& r : point_runs) results.push_back(aggregate(std::move(r)));
     return all_ok;
 }
 
