@@ -1654,7 +1654,8 @@ constexpr double slow_probe_limit = 1.15;
 /// Flags the runs of every round whose speed probe (`probes`, one per point
 /// and round in run order) says the machine ran slower then
 /// (slow_probe_limit), with how much slower; a warning on stderr each.
-void flag_slow_rounds(std::vector<std::vector<std::vector<Result>>>& all_runs,
+void flag_slow_rounds(const std::vector<Point>& points,
+                      std::vector<std::vector<std::vector<Result>>>& all_runs,
                       const std::vector<double>& probes, int rounds) {
     const double median = spread(probes).median;
     for (std::size_t k : slow_probes(probes, slow_probe_limit)) {
@@ -1663,8 +1664,8 @@ void flag_slow_rounds(std::vector<std::vector<std::vector<Result>>>& all_runs,
         const std::string why = "the CPU ran " + fmt((probes[k] / median - 1) * 100, 0) +
                                 "% slower than in the run's other rounds (a fixed probe of " +
                                 "work on the servers' CPU: the host, not other work here)";
-        std::fprintf(stderr, "WARNING: round %zu of point %zu: %s\n", round + 1, pi + 1,
-                     why.c_str());
+        std::fprintf(stderr, "WARNING: round %zu at %s: %s\n", round + 1,
+                     point_label(points[pi]).c_str(), why.c_str());
         for (auto& server_rounds : all_runs[pi]) {
             if (round >= server_rounds.size() || !server_rounds[round].ok) continue;
             Interference& in = server_rounds[round].interference;
@@ -1720,7 +1721,7 @@ bool run_servers(Runner& runner, const std::vector<Point>& points,
             }
         }
     }
-    flag_slow_rounds(all_runs, probes, rounds);
+    flag_slow_rounds(points, all_runs, probes, rounds);
     for (auto& point_runs : all_runs)
         for (auto& r : point_runs) results.push_back(aggregate(std::move(r)));
     return all_ok;
