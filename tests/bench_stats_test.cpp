@@ -290,22 +290,22 @@ TEST(ChildProcess, EnvironmentEntriesAreAddedOrReplaceOurs) {
     EXPECT_NE(out.find("PATH="), std::string::npos) << "the rest of ours: " << out;
 }
 
-using evmux::bench::slow_probes;
+using evmux::bench::above_median;
 using evmux::bench::speed_probe_us;
 
 // The speed probe: rounds whose fixed piece of work took more than the limit
 // times the median of all rounds (a slower host) are named; a missing probe
 // (NaN) is neither counted nor named.
-TEST(SlowProbes, NamesTheRoundsMoreThanTheLimitAboveTheMedian) {
+TEST(AboveMedian, NamesTheRoundsMoreThanTheLimitAboveTheMedian) {
     const std::vector<double> probes = {10, 10.5, 10, 12, 9.8, 20, NAN, 11.7};
     // Median of the seven probes: 10.5; 12 is 1.14x (not named), 20 is 1.9x.
-    EXPECT_EQ(slow_probes(probes, 1.15), (std::vector<std::size_t>{5}));
-    EXPECT_EQ(slow_probes(probes, 1.10), (std::vector<std::size_t>{3, 5, 7}));
-    EXPECT_TRUE(slow_probes({}, 1.15).empty());
-    EXPECT_TRUE(slow_probes({NAN, NAN}, 1.15).empty());
+    EXPECT_EQ(above_median(probes, 1.15), (std::vector<std::size_t>{5}));
+    EXPECT_EQ(above_median(probes, 1.10), (std::vector<std::size_t>{3, 5, 7}));
+    EXPECT_TRUE(above_median({}, 1.15).empty());
+    EXPECT_TRUE(above_median({NAN, NAN}, 1.15).empty());
 }
 
-TEST(SlowProbes, TheProbeIsCpuTimeOfWorkDoneHere) {
+TEST(SpeedProbe, IsCpuTimeOfWorkDoneHere) {
     const double t = speed_probe_us(-1);
     EXPECT_TRUE(std::isfinite(t)) << t;
     EXPECT_GT(t, 0) << t;

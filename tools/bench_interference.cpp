@@ -174,18 +174,4 @@ double speed_probe_us(int cpu) {
     return best;
 }
 
-std::vector<std::size_t> slow_probes(const std::vector<double>& probes, double limit) {
-    std::vector<double> sorted;
-    for (double p : probes)
-        if (std::isfinite(p)) sorted.push_back(p);
-    std::vector<std::size_t> slow;
-    if (sorted.empty()) return slow;
-    std::sort(sorted.begin(), sorted.end());
-    const std::size_t n = sorted.size();
-    const double median = n % 2 ? sorted[n / 2] : (sorted[n / 2 - 1] + sorted[n / 2]) / 2;
-    for (std::size_t i = 0; i < probes.size(); ++i)
-        if (std::isfinite(probes[i]) && probes[i] > median * limit) slow.push_back(i);
-    return slow;
-}
-
 }  // namespace evmux::bench

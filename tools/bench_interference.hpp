@@ -99,8 +99,4 @@ double thread_cpu_us();
 /// CPU time).
 double speed_probe_us(int cpu);
 
-/// The indices of the probes (speed_probe_us, in run order) more than `limit`
-/// times their median: rounds the machine itself ran slower.
-std::vector<std::size_t> slow_probes(const std::vector<double>& probes, double limit);
-
 }  // namespace evmux::bench

@@ -52,6 +52,14 @@ Verdict verdict(const Spread& ratio) {
     return Verdict::about;
 }
 
+std::vector<std::size_t> above_median(const std::vector<double>& values, double limit) {
+    const double median = spread(values).median;
+    std::vector<std::size_t> above;
+    for (std::size_t i = 0; i < values.size(); ++i)
+        if (values[i] > median * limit) above.push_back(i);  // false for NaN
+    return above;
+}
+
 namespace {
 
 std::string num(double v, int decimals) {

@@ -54,6 +54,10 @@ Spread paired_ratio(const std::vector<double>& a, const std::vector<double>& b);
 enum class Verdict { below, about, above };
 Verdict verdict(const Spread& ratio);
 
+/// The indices of `values` (e.g. each round's speed probe, in run order)
+/// more than `limit` times their median (spread()); NaN ones are never named.
+std::vector<std::size_t> above_median(const std::vector<double>& values, double limit);
+
 /// A spread for the table: "1.12 [1.08-1.15]", its median and the range; a
 /// single round's range is a point ("1.12"); "-" when unknown.
 std::string median_range_text(const Spread& s, int decimals = 2);

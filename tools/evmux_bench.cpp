@@ -1658,7 +1658,7 @@ void flag_slow_rounds(const std::vector<Point>& points,
                       std::vector<std::vector<std::vector<Result>>>& all_runs,
                       const std::vector<double>& probes, int rounds) {
     const double median = spread(probes).median;
-    for (std::size_t k : slow_probes(probes, slow_probe_limit)) {
+    for (std::size_t k : above_median(probes, slow_probe_limit)) {
         const std::size_t pi = k / static_cast<std::size_t>(rounds);
         const std::size_t round = k % static_cast<std::size_t>(rounds);
         const std::string why = "the CPU ran " + fmt((probes[k] / median - 1) * 100, 0) +
