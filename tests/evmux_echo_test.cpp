@@ -1,7 +1,9 @@
 // evmux-echo end to end: start the binary (path in EVMUX_ECHO) on the backend
 // under test, parse its "listening on" line, talk to it, stop it with SIGTERM
 // and check the exit code and summary; bad command lines exit 2.
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
@@ -19,6 +21,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -732,6 +735,92 @@ TEST_F(EvmuxEcho, TlsUnderEvmuxLoadWithEachRecordLayer) {
                 }
             }
         }
+    }
+}
+
+/// A relay between one client and `server_port` that, once `at` bytes have
+/// gone from the server to the client, either flips a bit of the next byte or
+/// closes the client's side (a man in the middle, or a peer that vanishes).
+class TamperingRelay {
+  public:
+    TamperingRelay(int server_port, std::size_t at, bool close_instead)
+        : listener_(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0)) {
+        sockaddr_in a{};
+        a.sin_family = AF_INET;
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        socklen_t len = sizeof a;
+        if (::bind(listener_.get(), reinterpret_cast<sockaddr*>(&a), len) != 0 ||
+            ::listen(listener_.get(), 4) != 0 ||
+            ::getsockname(listener_.get(), reinterpret_cast<sockaddr*>(&a), &len) != 0)
+            throw std::system_error(errno, std::generic_category(), "relay listen");
+        port_ = ntohs(a.sin_port);
+        thread_ = std::thread([this, server_port, at, close_instead] {
+            Fd client(::accept4(listener_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+            const Fd server = dial(Address::parse("127.0.0.1:" + std::to_string(server_port)));
+            std::size_t down = 0;  // bytes relayed from the server to the client
+            pollfd fds[2] = {{client.get(), POLLIN, 0}, {server.get(), POLLIN, 0}};
+            while (client.get() >= 0 && ::poll(fds, 2, 10000) > 0) {
+                for (int k = 0; k < 2; ++k) {
+                    if (!(fds[k].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+                    char b[4096];
+                    const ssize_t n = ::read(fds[k].fd, b, sizeof b);
+                    if (n <= 0) return;
+                    std::size_t len = static_cast<std::size_t>(n);
+                    if (k == 1 && down + len > at) {
+                        if (close_instead) {
+                            len = at - down;
+                        } else {
+                            b[at - down] ^= 0x10;
+                        }
+                    }
+                    if (::write(fds[1 - k].fd, b, len) != static_cast<ssize_t>(len)) return;
+                    if (k == 1) down += len;
+                    if (k == 1 && close_instead && down == at) return;  // closes both
+                }
+            }
+        });
+    }
+    ~TamperingRelay() {
+        ::shutdown(listener_.get(), SHUT_RDWR);
+        thread_.join();
+    }
+    int port() const { return port_; }
+
+  private:
+    Fd listener_;
+    int port_ = 0;
+    std::thread thread_;
+};
+
+// evmux-load's own TLS records against a peer that goes wrong mid-stream,
+// well after the handshake (byte 20 000 of the server's side, 1 000-byte
+// messages): a bit flipped there fails the record's authentication, a
+// close there is an EOF without close_notify. Either is a counted error,
+// its reason on stderr and exit 1, not a hang or a crash.
+TEST_F(EvmuxEcho, TlsUnderEvmuxLoadReportsATamperedOrCutStream) {
+    const char* load = std::getenv("EVMUX_LOAD");
+    if (load == nullptr) GTEST_SKIP() << "EVMUX_LOAD not set";
+    const support::TlsFiles& f = support::tls_files();
+    EchoProcess echo({"--port", "0", "--backend", test::backend_name(), "--tls-cert", f.server_cert,
+                      "--tls-key", f.server_key});
+    std::string backend;
+    const std::string addr = listening_address(echo.line(), &backend);
+    ASSERT_FALSE(addr.empty());
+    const int server_port = Address::parse(addr).port();
+    for (const bool cut : {false, true}) {
+        SCOPED_TRACE(cut ? "cut" : "tampered");
+        TamperingRelay relay(server_port, 20000, cut);
+        EchoProcess run({"--port", std::to_string(relay.port()), "--conns", "1", "--size", "1000",
+                         "--duration", "2", "--tls", "--tls-ca", f.ca, "--json"},
+                        true, load);
+        std::string out;
+        for (std::string l; !(l = run.line(20000ms)).empty();) out += l + "\n";
+        EXPECT_EQ(run.wait(), 1) << out;
+        EXPECT_NE(out.find(cut ? "TLS: unexpected eof while reading"
+                               : "TLS: decryption failed or bad record mac"),
+                  std::string::npos)
+            << out;
+        EXPECT_NE(out.find("\"errors\":1}"), std::string::npos) << out;
     }
 }
 
