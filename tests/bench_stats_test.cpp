@@ -305,6 +305,35 @@ TEST(AboveMedian, NamesTheRoundsMoreThanTheLimitAboveTheMedian) {
     EXPECT_TRUE(above_median({NAN, NAN}, 1.15).empty());
 }
 
+using evmux::bench::min_kept_rounds;
+using evmux::bench::rounds_to_leave_out;
+
+// Disturbed rounds are left out of a point's figures only while at least
+// half of its rounds, and at least 3, remain; otherwise none is (the figures
+// are flagged instead).
+TEST(RoundsToLeaveOut, LeavesOutTheDisturbedOnesWhileEnoughOthersRemain) {
+    EXPECT_EQ(min_kept_rounds(1), 3u);
+    EXPECT_EQ(min_kept_rounds(5), 3u);
+    EXPECT_EQ(min_kept_rounds(7), 4u);
+    EXPECT_EQ(min_kept_rounds(41), 21u);
+    using V = std::vector<std::size_t>;
+    EXPECT_EQ(rounds_to_leave_out({false, true, false, false}), (V{1}));
+    EXPECT_EQ(rounds_to_leave_out({true, false, true, false, false}), (V{0, 2}));
+    // Three of five disturbed: two clean rounds cannot stand alone.
+    EXPECT_TRUE(rounds_to_leave_out({true, true, false, true, false}).empty());
+    // Too few rounds to leave any out; none disturbed; none at all.
+    EXPECT_TRUE(rounds_to_leave_out({false, true, false}).empty());
+    EXPECT_TRUE(rounds_to_leave_out({true}).empty());
+    EXPECT_TRUE(rounds_to_leave_out({false, false, false, false, false}).empty());
+    EXPECT_TRUE(rounds_to_leave_out({}).empty());
+    // 41 rounds: up to 20 left out.
+    std::vector<bool> many(41, false);
+    for (std::size_t i = 0; i < 20; ++i) many[i * 2] = true;
+    EXPECT_EQ(rounds_to_leave_out(many).size(), 20u);
+    many[1] = true;
+    EXPECT_TRUE(rounds_to_leave_out(many).empty());
+}
+
 TEST(SpeedProbe, IsCpuTimeOfWorkDoneHere) {
     const double t = speed_probe_us(-1);
     EXPECT_TRUE(std::isfinite(t)) << t;

@@ -60,6 +60,18 @@ std::vector<std::size_t> above_median(const std::vector<double>& values, double 
     return above;
 }
 
+std::size_t min_kept_rounds(std::size_t n) {
+    return std::max<std::size_t>(3, (n + 1) / 2);
+}
+
+std::vector<std::size_t> rounds_to_leave_out(const std::vector<bool>& disturbed) {
+    std::vector<std::size_t> out;
+    for (std::size_t i = 0; i < disturbed.size(); ++i)
+        if (disturbed[i]) out.push_back(i);
+    if (disturbed.size() - out.size() < min_kept_rounds(disturbed.size())) out.clear();
+    return out;
+}
+
 namespace {
 
 std::string num(double v, int decimals) {

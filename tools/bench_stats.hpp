@@ -58,6 +58,16 @@ Verdict verdict(const Spread& ratio);
 /// more than `limit` times their median (spread()); NaN ones are never named.
 std::vector<std::size_t> above_median(const std::vector<double>& values, double limit);
 
+/// The fewest rounds a point's figures stand on once disturbed rounds are
+/// left out: half of its `n` rounds (rounded up), and never fewer than 3.
+std::size_t min_kept_rounds(std::size_t n);
+
+/// The rounds (indices) to leave out of a point's figures: the ones other
+/// work disturbed (`disturbed[i]`), if at least min_kept_rounds() of the
+/// others remain; none otherwise (too few undisturbed rounds to stand alone:
+/// every round is kept, and the figures are flagged instead).
+std::vector<std::size_t> rounds_to_leave_out(const std::vector<bool>& disturbed);
+
 /// A spread for the table: "1.12 [1.08-1.15]", its median and the range; a
 /// single round's range is a point ("1.12"); "-" when unknown.
 std::string median_range_text(const Spread& s, int decimals = 2);
