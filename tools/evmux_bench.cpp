@@ -19,7 +19,9 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <initializer_list>
 #include <iostream>
+#include <map>
 #include <optional>
 #include <sstream>
 #include <string>
@@ -142,6 +144,8 @@ struct Result : Figures {
     /// Other work on the server's or client's CPU in the window; after
     /// aggregate(), flagged if any round was.
     Interference interference;
+    int round = 0;                 ///< a round's number (1-based); 0 in an aggregate
+    std::vector<Result> left_out;  ///< rounds other work disturbed, not in the figures
 };
 
 /// One (server, point)'s rounds as one Result: the medians of their figures,
@@ -291,6 +295,7 @@ struct Options {
     std::string host = "127.0.0.1";
     int rounds = 0;                   // rounds per point; 0: 5, or 3 with --quick
     double interference_percent = 5;  // other work above this share of a CPU flags a point
+    bool keep_disturbed = false;      // keep disturbed rounds in the figures (flagged)
     std::vector<int> threads{1};      // evmux-echo --threads, one server entry per value
     bool instructions = false;        // --instructions: callgrind runs after the rest
     bool udp = false;                 // also the UDP echo rows (evmux-echo --udp, udp-floor)
@@ -971,6 +976,42 @@ int name_width(const std::vector<Result>& results) {
     return static_cast<int>(width);
 }
 
+/// Whether `r` ran at point `p`.
+bool at_point(const Result& r, const Point& p) {
+    return r.point.size == p.size && r.point.conns == p.conns && r.point.active == p.active;
+}
+
+/// The NOTE of a point whose disturbed rounds were left out of its figures:
+/// which rounds, what disturbed them (each flagged run, a reason said once),
+/// and how many rounds the figures stand on. Empty if none was.
+std::string left_out_note(const std::vector<Result>& results, const Point& p) {
+    std::map<int, std::vector<std::string>> why;  // round -> "server: details"
+    std::size_t kept = 0;
+    for (const auto& r : results) {
+        if (!at_point(r, p) || r.left_out.empty()) continue;
+        kept = r.rounds.size();
+        for (const auto& round : r.left_out) {
+            std::vector<std::string>& w = why[round.round];
+            if (!round.interference.flagged) continue;
+            const std::string& d = round.interference.details;
+            if (std::none_of(w.begin(), w.end(),
+                             [&](const std::string& x) { return x.ends_with(": " + d); }))
+                w.push_back(r.server->name + ": " + d);
+        }
+    }
+    if (why.empty()) return {};
+    std::string numbers, details;
+    for (const auto& [n, w] : why) {
+        numbers += (numbers.empty() ? "" : ", ") + std::to_string(n);
+        details += std::string(details.empty() ? "" : "; ") + "round " + std::to_string(n) + ": ";
+        for (std::size_t i = 0; i < w.size(); ++i) details += (i ? ", " : "") + w[i];
+    }
+    return "NOTE: " + point_label(p) + ": round" + (why.size() > 1 ? "s " : " ") + numbers +
+           " left out of every server's figures, disturbed by other work (" + details +
+           "); medians and ratios over the other " + std::to_string(kept) +
+           " (--keep-disturbed keeps them)\n";
+}
+
 void print_table(std::ostream& os, const std::vector<Result>& results,
                  const std::vector<Point>& points, double rate) {
     char line[512];
@@ -1026,6 +1067,7 @@ void print_table(std::ostream& os, const std::vector<Result>& results,
                 r.point.conns == p.conns && r.point.active == p.active)
                 os << "WARNING: " << r.server->name << " at " << point_label(p)
                    << " disturbed by other work: " << r.interference.details << "\n";
+        os << left_out_note(results, p);
     }
 }
 
@@ -1094,6 +1136,7 @@ void write_json(const fs::path& file, const std::vector<Result>& results, const 
        << ",\n  \"pinned\": " << (pinned ? "true" : "false") << ",\n  \"rounds\": " << opt.rounds
        << ",\n  \"rate\": " << (opt.rate > 0 ? json_num(opt.rate, 1) : "null")
        << ",\n  \"interference_threshold_percent\": " << json_num(opt.interference_percent, 1)
+       << ",\n  \"keep_disturbed\": " << (opt.keep_disturbed ? "true" : "false")
        << ",\n  \"ratio_ranges\": \"paired: round i of a server over round i of epoll-floor "
           "(ratio_to_floor) or of uring-floor (ratio_to_uring_floor)\""
        << ",\n  \"total_s\": " << json_num(total_s, 1) << ",\n  \"environment\": {";
@@ -1136,7 +1179,14 @@ void write_json(const fs::path& file, const std::vector<Result>& results, const 
                << ", \"cpu_split\": " << json_str(r.cpu_split)
                << ", \"syscalls\": " << json_str(r.syscalls) << ", \"waits\": " << json_str(r.waits)
                << ", \"interference\": " << json_interference(r.interference)
-               << both_ratios(&Spread::median) << ", \"min\": {"
+               << ", \"rounds_left_out\": [";
+            for (std::size_t i = 0; i < r.left_out.size(); ++i) {
+                const Result& round = r.left_out[i];
+                os << (i ? ", " : "") << "{" << json_figures(round, r.point.idle_heavy)
+                   << ", \"interference\": " << json_interference(round.interference)
+                   << ", \"round\": " << round.round << "}";
+            }
+            os << "]" << both_ratios(&Spread::median) << ", \"min\": {"
                << json_figures(r.min, r.point.idle_heavy) << both_ratios(&Spread::min)
                << "}, \"max\": {" << json_figures(r.max, r.point.idle_heavy)
                << both_ratios(&Spread::max) << "}, \"rounds\": [";
@@ -1156,7 +1206,7 @@ void write_json(const fs::path& file, const std::vector<Result>& results, const 
                     os << (std::exchange(first_key, false) ? "" : ", ") << "\"" << key
                        << "\": " << json_num(q);
                 }
-                os << "}}";
+                os << "}, \"round\": " << round.round << "}";
             }
             os << "]";
         }
@@ -1228,7 +1278,7 @@ void write_csv(const fs::path& file, const std::vector<Result>& results) {
             os << ',' << c.name << "_ratio_uring_floor," << c.name << "_ratio_uring_floor_min,"
                << c.name << "_ratio_uring_floor_max";
     }
-    os << ",cpu_split,interference_flagged,interference,note\n";
+    os << ",cpu_split,interference_flagged,interference,rounds_left_out,note\n";
     auto text = [](std::string t) {
         std::replace(t.begin(), t.end(), ',', ';');
         std::replace(t.begin(), t.end(), '\n', ' ');
@@ -1255,8 +1305,11 @@ void write_csv(const fs::path& file, const std::vector<Result>& results) {
             const Spread u = ufl && ufl != &r ? ratio_to(r, ufl, c.member) : Spread{NAN, NAN, NAN};
             os << ',' << num(u.median, 3) << ',' << num(u.min, 3) << ',' << num(u.max, 3);
         }
+        std::string left;  // "2 5": the rounds' numbers
+        for (const auto& round : r.left_out)
+            left += (left.empty() ? "" : " ") + std::to_string(round.round);
         os << ',' << text(r.cpu_split) << ',' << r.interference.flagged << ','
-           << text(r.interference.details) << ',' << text(r.note) << '\n';
+           << text(r.interference.details) << ',' << left << ',' << text(r.note) << '\n';
     }
     if (!os) throw std::runtime_error("cannot write " + file.string());
 }
@@ -1359,6 +1412,10 @@ void add_bench_options(CLI::App& app, Options& opt) {
                    "flag a run when other work took more than this percentage of the server's "
                    "or the client's CPU, or steal did (default 5)")
         ->check(CLI::Range(0.0, 100.0));
+    app.add_flag("--keep-disturbed", opt.keep_disturbed,
+                 "keep the rounds other work disturbed in the figures, flagged; by default "
+                 "they are left out of every server's figures at their point while at least "
+                 "half of its rounds, and 3, remain");
     app.add_flag("--quick", opt.quick,
                  "a subset that finishes in about a minute (1 s points, fewer idle connections)");
     app.add_option("--out", opt.out_dir, "directory for bench.json, bench.csv and the plots");
@@ -1675,14 +1732,44 @@ void flag_slow_rounds(const std::vector<Point>& points,
     }
 }
 
+/// Takes the rounds other work disturbed (flagged in any server's run of the
+/// round) out of one point's runs, each server's and the EVP timings alike,
+/// so that every ratio stays paired, if enough rounds remain
+/// (rounds_to_leave_out()); returns each server's rounds taken out. A
+/// server with a failed round keeps its rounds: its result is that failure.
+std::vector<std::vector<Result>> leave_out_disturbed(std::vector<std::vector<Result>>& runs,
+                                                     std::vector<double>& evp, int rounds) {
+    std::vector<bool> disturbed(static_cast<std::size_t>(rounds), false);
+    for (const auto& server_rounds : runs)
+        for (std::size_t i = 0; i < server_rounds.size() && i < disturbed.size(); ++i)
+            if (server_rounds[i].ok && server_rounds[i].interference.flagged) disturbed[i] = true;
+    std::vector<std::vector<Result>> left(runs.size());
+    const std::vector<std::size_t> out = rounds_to_leave_out(disturbed);
+    for (std::size_t s = 0; s < runs.size(); ++s) {
+        if (std::any_of(runs[s].begin(), runs[s].end(), [](const Result& r) { return !r.ok; }))
+            continue;
+        for (std::size_t i : out)
+            if (i < runs[s].size()) left[s].push_back(std::move(runs[s][i]));
+        for (auto i = out.rbegin(); i != out.rend(); ++i)
+            if (*i < runs[s].size())
+                runs[s].erase(runs[s].begin() + static_cast<std::ptrdiff_t>(*i));
+    }
+    for (auto i = out.rbegin(); i != out.rend(); ++i)
+        if (*i < evp.size()) evp.erase(evp.begin() + static_cast<std::ptrdiff_t>(*i));
+    return left;
+}
+
 /// Every server at every point, `rounds` times, the servers interleaved within
 /// each round (A B C A B C ...: a slow spell of the machine then touches every
 /// server, not one), with a progress line each on stderr; one aggregated
-/// Result per (point, server). A server skipped or failed in a round is not
-/// run again at that point. False if any run failed (skipped ones do not count).
+/// Result per (point, server), without the rounds other work disturbed
+/// (leave_out_disturbed()) unless `keep_disturbed`. A server skipped or
+/// failed in a round is not run again at that point. False if any run failed
+/// (skipped ones do not count).
 bool run_servers(Runner& runner, const std::vector<Point>& points,
-                 const std::vector<Server>& servers, int rounds, std::vector<Result>& results,
-                 std::vector<std::vector<double>>& evp_rounds, int evp_cpu) {
+                 const std::vector<Server>& servers, int rounds, bool keep_disturbed,
+                 std::vector<Result>& results, std::vector<std::vector<double>>& evp_rounds,
+                 int evp_cpu) {
     std::size_t total = points.size() * servers.size() * static_cast<std::size_t>(rounds), done = 0;
     bool all_ok = true;
     const bool any_tls =
@@ -1717,13 +1804,20 @@ bool run_servers(Runner& runner, const std::vector<Point>& points,
                 else
                     std::fprintf(stderr, " %s%s\n", r.skipped ? "" : "FAILED: ", r.note.c_str());
                 if (!r.ok && !r.skipped) all_ok = false;
+                r.round = round;
                 runs[i].push_back(std::move(r));
             }
         }
     }
     flag_slow_rounds(points, all_runs, probes, rounds);
-    for (auto& point_runs : all_runs)
-        for (auto& r : point_runs) results.push_back(aggregate(std::move(r)));
+    for (std::size_t pi = 0; pi < points.size(); ++pi) {
+        std::vector<std::vector<Result>> left(all_runs[pi].size());
+        if (!keep_disturbed) left = leave_out_disturbed(all_runs[pi], evp_rounds[pi], rounds);
+        for (std::size_t i = 0; i < all_runs[pi].size(); ++i) {
+            results.push_back(aggregate(std::move(all_runs[pi][i])));
+            results.back().left_out = std::move(left[i]);
+        }
+    }
     return all_ok;
 }
 
@@ -1869,6 +1963,14 @@ const char* target_verdict(const Spread& ratio, double limit) {
                                                           : "unclear";
 }
 
+/// What a target's verdict adds when a run it stands on kept rounds other
+/// work disturbed (too many to leave out): its figures are not comparable.
+std::string disturbed_mark(std::initializer_list<const Result*> runs) {
+    for (const Result* r : runs)
+        if (r && r->interference.flagged) return " (disturbed)";
+    return "";
+}
+
 /// The TLS target, per point where both evmux/<b> and evmux/<b>/tls ran: the
 /// server CPU per message over TLS against the plain echo's plus 1.3x what
 /// sealing and opening that message costs with EVP alone, timed in each round
@@ -1914,12 +2016,12 @@ void print_tls_target(std::ostream& os, const std::vector<Result>& results,
                 extra[i] = tls_cpu[i] - plain_cpu[i];
             const Spread ratio = paired_ratio(extra, evp_us[pi]);
             const std::string text = median_range_text(ratio);
-            const char* verdict = target_verdict(ratio, 1.3);
+            const std::string verdict = target_verdict(ratio, 1.3) + disturbed_mark({tls, plain});
             char line[256];
             std::snprintf(line, sizeof line, "%-22s %-*s %10.2f %10.2f %10.2f %18s %8s\n",
                           point_label(p).c_str(), width, tls->server->name.c_str(),
                           plain->cpu_us_per_msg, tls->cpu_us_per_msg, spread(evp_us[pi]).median,
-                          text.c_str(), verdict);
+                          text.c_str(), verdict.c_str());
             os << line;
         }
     }
@@ -1974,6 +2076,7 @@ void print_completion_targets(std::ostream& os, const std::vector<Result>& resul
         } else if (one) {
             check("cpu <= 1.05x uring", cpu_u, 1.05);
         }
+        if (!verdict.empty()) verdict += disturbed_mark({&r, fl, ufl});
         char head[128];
         std::snprintf(head, sizeof head, "%-22s %-*s", point_label(p).c_str(), width,
                       r.server->name.c_str());
@@ -2025,12 +2128,27 @@ std::string disturbance_summary(const std::vector<Result>& results, double perce
         if (++flagged <= 3)
             which += (which.empty() ? "" : ", ") + r.server->name + " at " + point_label(r.point);
     }
+    // Rounds left out: counted once per point (every server's are the same).
+    std::size_t left_out = 0;
+    std::vector<const Result*> counted;
+    for (const auto& r : results) {
+        if (r.left_out.empty() || std::any_of(counted.begin(), counted.end(), [&](const Result* c) {
+                return at_point(*c, r.point);
+            }))
+            continue;
+        counted.push_back(&r);
+        left_out += r.left_out.size();
+    }
+    const std::string left_text =
+        std::to_string(left_out) + " disturbed round" + (left_out > 1 ? "s" : "") + " left out";
     if (flagged == 0)
-        return "evmux-bench: no run disturbed by other work (threshold " + fmt(percent, 1) +
-               "% of a CPU)\n";
+        return "evmux-bench: no " + std::string(left_out ? "figure from a " : "") +
+               "run disturbed by other work (threshold " + fmt(percent, 1) + "% of a CPU" +
+               (left_out ? "; " + left_text + ", see NOTE" : "") + ")\n";
     return "WARNING: " + std::to_string(flagged) + " of " + std::to_string(measured) +
            " runs disturbed by other work (" + which + (flagged > 3 ? ", ..." : "") +
-           "); their figures are not comparable\n";
+           "); their figures are not comparable" + (left_out ? "; elsewhere " + left_text : "") +
+           "\n";
 }
 
 /// The comparison: plan, run every server and the dispatch sweep, report.
@@ -2064,8 +2182,8 @@ int run_bench(Options& opt) {
     Runner runner(opt, load, server_cpu, client_cpu);
     std::vector<Result> results;
     std::vector<std::vector<double>> evp_us;  // per point, per round: EVP alone (TLS target)
-    bool all_ok =
-        run_servers(runner, points, servers, opt.rounds, results, evp_us, pinned ? server_cpu : -1);
+    bool all_ok = run_servers(runner, points, servers, opt.rounds, opt.keep_disturbed, results,
+                              evp_us, pinned ? server_cpu : -1);
     std::vector<int> fd_counts = plan_sweep(opt, backends);
     std::vector<DispatchSweep> sweeps;
     all_ok = run_sweeps(backends, fd_counts, opt.quick, sweeps) && all_ok;
