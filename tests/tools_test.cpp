@@ -1124,6 +1124,15 @@ TEST(EvmuxBench, JsonAndTableRecordTheEnvironment) {
     }
     EXPECT_EQ(env.find("run not finished"), std::string::npos) << env;
     EXPECT_NE(t.out.find("\nenvironment: linux "), std::string::npos) << t.out;
+    // The host's speed, to compare runs by: the speed probe of its one round
+    // (microseconds of a fixed piece of work).
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(env, m, std::regex(R"re("speed_probe_us": "([0-9.]+)")re")))
+        << env;
+    EXPECT_GT(std::stod(m[1]), 0) << env;
+    EXPECT_NE(t.out.find("\n  speed probe " + m[1].str() + " us (median [range] over the rounds"),
+              std::string::npos)
+        << t.out;
 }
 
 // A forking server's CPU is its children's in the load window: a total,

@@ -7,7 +7,10 @@ figure's ratio to the epoll floor is compared likewise.
     tools/bench_agree.py A/bench.json B/bench.json [--server evmux/epoll] [--figure msgs_per_s ...]
 
 Prints one line per (server, shape, figure) and exits 1 if any disagree,
-2 on bad input. Runs that were flagged as disturbed are marked.
+2 on bad input. Runs that were flagged as disturbed are marked. First, the
+two runs' speed probes (the same fixed piece of work timed before every
+round), and whether the hosts ran more than 15 % apart: figures may then
+disagree for that alone.
 """
 import argparse
 import json
@@ -21,10 +24,32 @@ def shape(r):
     return f'{r["size"]}B x {r["conns"]}{idle}'
 
 
-def runs_of(path):
+def load(path):
     with open(path) as f:
-        data = json.load(f)
+        return json.load(f)
+
+
+def runs_of(data):
     return {(r["server"], shape(r)): r for r in data["runs"] if r.get("ok")}
+
+
+def probe_of(data):
+    """The speed probe's median in microseconds ("6811.5 [6803.5-6960.6]"),
+    or None (an older run, or none measured)."""
+    text = data.get("environment", {}).get("speed_probe_us", "")
+    try:
+        return float(text.split()[0])
+    except (IndexError, ValueError):
+        return None
+
+
+def speed_line(pa, pb):
+    if pa is None or pb is None:
+        return "speed probe: not in both runs"
+    apart = pb / pa - 1
+    note = (f": the hosts ran {abs(apart) * 100:.0f}% apart, figures may disagree for that alone"
+            if abs(apart) > 0.15 else "")
+    return f"speed probe {pa:.1f} vs {pb:.1f} us{note}"
 
 
 def within(x, lo, hi):
@@ -51,10 +76,12 @@ def main():
     p.add_argument("--figure", action="append", choices=FIGURES, help="default: all")
     args = p.parse_args()
     try:
-        ra, rb = runs_of(args.a), runs_of(args.b)
-    except (OSError, ValueError, KeyError) as e:
+        da, db = load(args.a), load(args.b)
+        ra, rb = runs_of(da), runs_of(db)
+    except (OSError, ValueError, KeyError, TypeError) as e:
         print(f"bench_agree.py: {e}", file=sys.stderr)
         return 2
+    print(speed_line(probe_of(da), probe_of(db)))
     servers = args.server or ["evmux/epoll"]
     figures = args.figure or FIGURES
     disagree = 0

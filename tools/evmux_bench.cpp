@@ -945,6 +945,10 @@ void print_environment(std::ostream& os, const Environment& env) {
        << env.get("mitigations").substr(0, env.get("mitigations").find(':')) << "; libevent "
        << env.get("libevent") << ", liburing " << env.get("liburing") << ", " << env.get("compiler")
        << ", " << env.get("build_type") << "\n";
+    if (const std::string& probe = env.get("speed_probe_us"); !probe.empty())
+        os << "  speed probe " << probe
+           << " us (median [range] over the rounds: a fixed piece of work on the servers' CPU; "
+              "a higher median in another run means a slower host then)\n";
 }
 
 // The footnote of a point's table: the rows whose `column` (how they were
@@ -1765,11 +1769,12 @@ std::vector<std::vector<Result>> leave_out_disturbed(std::vector<std::vector<Res
 /// Result per (point, server), without the rounds other work disturbed
 /// (leave_out_disturbed()) unless `keep_disturbed`. A server skipped or
 /// failed in a round is not run again at that point. False if any run failed
-/// (skipped ones do not count).
+/// (skipped ones do not count). `probes`: the speed probe of each (point,
+/// round), in run order.
 bool run_servers(Runner& runner, const std::vector<Point>& points,
                  const std::vector<Server>& servers, int rounds, bool keep_disturbed,
                  std::vector<Result>& results, std::vector<std::vector<double>>& evp_rounds,
-                 int evp_cpu) {
+                 std::vector<double>& probes, int evp_cpu) {
     std::size_t total = points.size() * servers.size() * static_cast<std::size_t>(rounds), done = 0;
     bool all_ok = true;
     const bool any_tls =
@@ -1778,7 +1783,7 @@ bool run_servers(Runner& runner, const std::vector<Point>& points,
     // Per point, per server, its rounds; aggregated once every round has run
     // and the rounds the machine itself ran slower are known (speed probes).
     std::vector<std::vector<std::vector<Result>>> all_runs(points.size());
-    std::vector<double> probes;  // one per (point, round), in run order
+    probes.clear();
     for (std::size_t pi = 0; pi < points.size(); ++pi) {
         const Point& p = points[pi];
         std::vector<std::vector<Result>>& runs = all_runs[pi];
@@ -2182,8 +2187,12 @@ int run_bench(Options& opt) {
     Runner runner(opt, load, server_cpu, client_cpu);
     std::vector<Result> results;
     std::vector<std::vector<double>> evp_us;  // per point, per round: EVP alone (TLS target)
+    std::vector<double> probes;               // per point and round: the speed probe
     bool all_ok = run_servers(runner, points, servers, opt.rounds, opt.keep_disturbed, results,
-                              evp_us, pinned ? server_cpu : -1);
+                              evp_us, probes, pinned ? server_cpu : -1);
+    // The host's speed, for comparing runs: the probes' median and range.
+    if (const Spread probe = spread(probes); !std::isnan(probe.median))
+        env.fields.emplace_back("speed_probe_us", median_range_text(probe, 1));
     std::vector<int> fd_counts = plan_sweep(opt, backends);
     std::vector<DispatchSweep> sweeps;
     all_ok = run_sweeps(backends, fd_counts, opt.quick, sweeps) && all_ok;
