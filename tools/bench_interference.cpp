@@ -162,12 +162,21 @@ double speed_probe_us(int cpu) {
     double best = INFINITY;
     for (int attempt = 0; attempt < 3; ++attempt) {
         const double t0 = thread_cpu_us();
-        // 4 M dependent multiply-xors: each waits for the last (no memory,
-        // no vector units), about 5 ms on a 3 GHz core.
+        // 8 independent chains of 1 M multiply-xors each, about 5 ms here:
+        // bound by the core's throughput, not by one multiply's latency, so
+        // a core whose other hyperthread is busy (another guest) runs it
+        // slower, as it runs the servers and EVP slower. One dependent chain
+        // did not see that: on 2026-12-01 it took 6.8 ms throughout while
+        // EVP alone went from 0.90 to 1.45 us a message pair and these 8
+        // chains (4x as long) from 21 to 33-41 ms.
+        std::uint64_t x[8];
+        for (int k = 0; k < 8; ++k)
+            x[k] = 0x9E3779B97F4A7C15ull * static_cast<std::uint64_t>(k + 1) +
+                   static_cast<std::uint64_t>(attempt);
+        for (int i = 0; i < 1'000'000; ++i)
+            for (auto& v : x) v = (v ^ (v >> 29)) * 0xBF58476D1CE4E5B9ull;
         volatile std::uint64_t sink = 0;
-        std::uint64_t x = 0x9E3779B97F4A7C15ull + static_cast<std::uint64_t>(attempt);
-        for (int i = 0; i < 4'000'000; ++i) x = (x ^ (x >> 29)) * 0xBF58476D1CE4E5B9ull;
-        sink = x;
+        for (auto v : x) sink = sink ^ v;
         (void)sink;
         best = std::min(best, thread_cpu_us() - t0);
     }
