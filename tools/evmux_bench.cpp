@@ -145,6 +145,7 @@ struct Result : Figures {
     /// aggregate(), flagged if any round was.
     Interference interference;
     int round = 0;                 ///< a round's number (1-based); 0 in an aggregate
+    std::size_t probe = 0;         ///< a round's: its speed probe's index (run_servers)
     std::vector<Result> left_out;  ///< rounds other work disturbed, not in the figures
 };
 
@@ -947,7 +948,7 @@ void print_environment(std::ostream& os, const Environment& env) {
        << ", " << env.get("build_type") << "\n";
     if (const std::string& probe = env.get("speed_probe_us"); !probe.empty())
         os << "  speed probe " << probe
-           << " us (median [range] over the rounds: a fixed piece of work on the servers' CPU; "
+           << " us (median [range] over the runs: a fixed piece of work on the servers' CPU; "
               "a higher median in another run means a slower host then)\n";
 }
 
@@ -1708,32 +1709,40 @@ std::vector<int> plan_sweep(const Options& opt, const std::vector<std::string>& 
 
 // ---- the runs -------------------------------------------------------------------
 
-/// A round whose speed probe took this much longer than the run's median
-/// ran on a slower machine: its runs are flagged as disturbed.
+/// A run whose speed probe just before or just after it took this much
+/// longer than the median of all probes ran on a slower machine: it is
+/// flagged as disturbed.
 constexpr double slow_probe_limit = 1.15;
 
-/// Flags the runs of every round whose speed probe (`probes`, one per point
-/// and round in run order) says the machine ran slower then
-/// (slow_probe_limit), with how much slower; a warning on stderr each.
-void flag_slow_rounds(const std::vector<Point>& points,
-                      std::vector<std::vector<std::vector<Result>>>& all_runs,
-                      const std::vector<double>& probes, int rounds) {
+/// Flags every run whose speed probe before or after it (`probes`, in run
+/// order: one before each run and one after the last; Result::probe indexes
+/// the one before) says the machine ran slower then (slow_probe_limit), with
+/// how much slower; a warning on stderr each.
+void flag_slow_runs(const std::vector<Point>& points,
+                    std::vector<std::vector<std::vector<Result>>>& all_runs,
+                    const std::vector<double>& probes) {
     const double median = spread(probes).median;
-    for (std::size_t k : above_median(probes, slow_probe_limit)) {
-        const std::size_t pi = k / static_cast<std::size_t>(rounds);
-        const std::size_t round = k % static_cast<std::size_t>(rounds);
-        const std::string why = "the CPU ran " + fmt((probes[k] / median - 1) * 100, 0) +
-                                "% slower than in the run's other rounds (a fixed probe of " +
-                                "work on the servers' CPU: the host, not other work here)";
-        std::fprintf(stderr, "WARNING: round %zu at %s: %s\n", round + 1,
-                     point_label(points[pi]).c_str(), why.c_str());
-        for (auto& server_rounds : all_runs[pi]) {
-            if (round >= server_rounds.size() || !server_rounds[round].ok) continue;
-            Interference& in = server_rounds[round].interference;
-            in.details = in.flagged ? in.details + "; " + why : why;
-            in.flagged = true;
-        }
-    }
+    const std::vector<std::size_t> slow = above_median(probes, slow_probe_limit);
+    auto is_slow = [&](std::size_t k) {
+        return std::find(slow.begin(), slow.end(), k) != slow.end();
+    };
+    for (std::size_t pi = 0; pi < all_runs.size(); ++pi)
+        for (auto& server_rounds : all_runs[pi])
+            for (Result& r : server_rounds) {
+                if (!r.ok || r.probe + 1 >= probes.size()) continue;
+                const std::size_t k = is_slow(r.probe) ? r.probe : r.probe + 1;
+                if (!is_slow(k)) continue;
+                const std::string why =
+                    "the CPU ran " + fmt((probes[k] / median - 1) * 100, 0) + "% slower " +
+                    (k == r.probe ? "before" : "after") +
+                    " this run than the bench's median (a fixed probe of work on the servers' "
+                    "CPU: the host, not other work here)";
+                std::fprintf(stderr, "WARNING: round %d at %s, %s: %s\n", r.round,
+                             point_label(points[pi]).c_str(), r.server->name.c_str(), why.c_str());
+                r.interference.details =
+                    r.interference.flagged ? r.interference.details + "; " + why : why;
+                r.interference.flagged = true;
+            }
 }
 
 /// Takes the rounds other work disturbed (flagged in any server's run of the
@@ -1769,8 +1778,8 @@ std::vector<std::vector<Result>> leave_out_disturbed(std::vector<std::vector<Res
 /// Result per (point, server), without the rounds other work disturbed
 /// (leave_out_disturbed()) unless `keep_disturbed`. A server skipped or
 /// failed in a round is not run again at that point. False if any run failed
-/// (skipped ones do not count). `probes`: the speed probe of each (point,
-/// round), in run order.
+/// (skipped ones do not count). `probes`: the speed probes, in run order:
+/// one before each run, one after the last.
 bool run_servers(Runner& runner, const std::vector<Point>& points,
                  const std::vector<Server>& servers, int rounds, bool keep_disturbed,
                  std::vector<Result>& results, std::vector<std::vector<double>>& evp_rounds,
@@ -1789,7 +1798,6 @@ bool run_servers(Runner& runner, const std::vector<Point>& points,
         std::vector<std::vector<Result>>& runs = all_runs[pi];
         runs.resize(servers.size());
         for (int round = 1; round <= rounds; ++round) {
-            probes.push_back(speed_probe_us(evp_cpu));
             // EVP alone for the TLS target, once per round beside the servers.
             if (any_tls && !p.idle_heavy)
                 evp_rounds[pi].push_back(evp_seal_open_us(p.size, evp_cpu));
@@ -1800,7 +1808,9 @@ bool run_servers(Runner& runner, const std::vector<Point>& points,
                 std::fprintf(stderr, "[%zu/%zu] round %d/%d %s %s ...", done, total, round, rounds,
                              s.name.c_str(), point_label(p).c_str());
                 std::fflush(stderr);
+                probes.push_back(speed_probe_us(evp_cpu));
                 Result r = runner.run(s, p);
+                r.probe = probes.size() - 1;
                 if (r.ok)
                     std::fprintf(stderr, " %.0f msg/s, p99 %.0f us, user/sys split: %s%s%s\n",
                                  r.msgs_per_s, r.p99_us, r.cpu_split.c_str(),
@@ -1814,7 +1824,8 @@ bool run_servers(Runner& runner, const std::vector<Point>& points,
             }
         }
     }
-    flag_slow_rounds(points, all_runs, probes, rounds);
+    probes.push_back(speed_probe_us(evp_cpu));  // after the last run
+    flag_slow_runs(points, all_runs, probes);
     for (std::size_t pi = 0; pi < points.size(); ++pi) {
         std::vector<std::vector<Result>> left(all_runs[pi].size());
         if (!keep_disturbed) left = leave_out_disturbed(all_runs[pi], evp_rounds[pi], rounds);
@@ -2187,7 +2198,7 @@ int run_bench(Options& opt) {
     Runner runner(opt, load, server_cpu, client_cpu);
     std::vector<Result> results;
     std::vector<std::vector<double>> evp_us;  // per point, per round: EVP alone (TLS target)
-    std::vector<double> probes;               // per point and round: the speed probe
+    std::vector<double> probes;               // before each run and after the last
     bool all_ok = run_servers(runner, points, servers, opt.rounds, opt.keep_disturbed, results,
                               evp_us, probes, pinned ? server_cpu : -1);
     // The host's speed, for comparing runs: the probes' median and range.
