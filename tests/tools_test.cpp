@@ -1365,6 +1365,13 @@ TEST(EvmuxBench, TlsTargetPairsEachRoundWithItsOwnEvpTiming) {
     const bool flagged =
         t.json.find("\"flagged\": true") != std::string::npos && t.out.starts_with("WARNING: ");
     EXPECT_EQ(m[3].matched, flagged) << t.out;
+    // The JSON has the row too, with each round's EVP timing (two rounds,
+    // none left out) and the same verdict.
+    static const std::regex json_row(
+        R"re("tls_target": \[\n +\{"server": "evmux/epoll/tls", "plain_server": "evmux/epoll", "size": 1024, "conns": 4, "active": 4, "evp_us": \[[0-9.]+, [0-9.]+\], "evp_us_left_out": \[\], "extra_over_evp": \{"median": -?[0-9.]+, "min": -?[0-9.]+, "max": -?[0-9.]+\}, "limit": 1.3, "verdict": "([a-z ()]+)"\}\n +\])re");
+    std::smatch j;
+    ASSERT_TRUE(std::regex_search(t.json, j, json_row)) << t.json;
+    EXPECT_EQ(j[1].str(), m[2].str() + m[3].str()) << t.json;
 }
 
 // --rate: every TCP point paced (evmux-load --rate), said in the table and

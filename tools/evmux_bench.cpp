@@ -149,6 +149,23 @@ struct Result : Figures {
     std::vector<Result> left_out;  ///< rounds other work disturbed, not in the figures
 };
 
+/// EVP alone (the TLS target), timed once per round at one point: the
+/// rounds in the figures, in order, and those left out with their numbers.
+struct EvpTimings {
+    std::vector<double> kept;
+    std::vector<std::pair<int, double>> left_out;  // (round, us)
+};
+
+/// One row of the TLS target: a TLS run at a point, the plain run beside it,
+/// its point's EVP timings, extra/evp paired by round and the verdict.
+struct TlsTarget {
+    const Result* tls;
+    const Result* plain;
+    const EvpTimings* evp;
+    Spread ratio;
+    std::string verdict;
+};
+
 /// One (server, point)'s rounds as one Result: the medians of their figures,
 /// their minima and maxima, and the rounds. Not ok if any round failed (with
 /// that round's note), skipped if they were.
@@ -1131,7 +1148,8 @@ std::string json_figures(const Figures& f, bool idle_heavy) {
     return os.str();
 }
 
-void write_json(const fs::path& file, const std::vector<Result>& results, const Options& opt,
+void write_json(const fs::path& file, const std::vector<Result>& results,
+                const std::vector<TlsTarget>& tls, const Options& opt,
                 const std::vector<DispatchSweep>& sweeps,
                 const std::vector<InstructionRow>& instructions, bool pinned, double total_s,
                 const Environment& env) {
@@ -1216,6 +1234,25 @@ void write_json(const fs::path& file, const std::vector<Result>& results, const 
             os << "]";
         }
         os << "}";
+        first = false;
+    }
+    // The TLS target's rows (print_tls_target()), with every EVP timing.
+    os << "\n  ],\n  \"tls_target\": [";
+    first = true;
+    for (const TlsTarget& t : tls) {
+        os << (first ? "\n" : ",\n") << "    {\"server\": " << json_str(t.tls->server->name)
+           << ", \"plain_server\": " << json_str(t.plain->server->name)
+           << ", \"size\": " << t.tls->point.size << ", \"conns\": " << t.tls->point.conns
+           << ", \"active\": " << t.tls->point.active << ", \"evp_us\": [";
+        for (std::size_t i = 0; i < t.evp->kept.size(); ++i)
+            os << (i ? ", " : "") << json_num(t.evp->kept[i], 4);
+        os << "], \"evp_us_left_out\": [";
+        for (std::size_t i = 0; i < t.evp->left_out.size(); ++i)
+            os << (i ? ", " : "") << "{\"round\": " << t.evp->left_out[i].first
+               << ", \"us\": " << json_num(t.evp->left_out[i].second, 4) << "}";
+        os << "], \"extra_over_evp\": {\"median\": " << json_num(t.ratio.median)
+           << ", \"min\": " << json_num(t.ratio.min) << ", \"max\": " << json_num(t.ratio.max)
+           << "}, \"limit\": 1.3, \"verdict\": " << json_str(t.verdict) << "}";
         first = false;
     }
     os << "\n  ],\n  \"dispatch\": [";
@@ -1751,7 +1788,7 @@ void flag_slow_runs(const std::vector<Point>& points,
 /// (rounds_to_leave_out()); returns each server's rounds taken out. A
 /// server with a failed round keeps its rounds: its result is that failure.
 std::vector<std::vector<Result>> leave_out_disturbed(std::vector<std::vector<Result>>& runs,
-                                                     std::vector<double>& evp, int rounds) {
+                                                     EvpTimings& evp, int rounds) {
     std::vector<bool> disturbed(static_cast<std::size_t>(rounds), false);
     for (const auto& server_rounds : runs)
         for (std::size_t i = 0; i < server_rounds.size() && i < disturbed.size(); ++i)
@@ -1767,8 +1804,11 @@ std::vector<std::vector<Result>> leave_out_disturbed(std::vector<std::vector<Res
             if (*i < runs[s].size())
                 runs[s].erase(runs[s].begin() + static_cast<std::ptrdiff_t>(*i));
     }
+    for (std::size_t i : out)
+        if (i < evp.kept.size()) evp.left_out.emplace_back(static_cast<int>(i) + 1, evp.kept[i]);
     for (auto i = out.rbegin(); i != out.rend(); ++i)
-        if (*i < evp.size()) evp.erase(evp.begin() + static_cast<std::ptrdiff_t>(*i));
+        if (*i < evp.kept.size())
+            evp.kept.erase(evp.kept.begin() + static_cast<std::ptrdiff_t>(*i));
     return left;
 }
 
@@ -1782,7 +1822,7 @@ std::vector<std::vector<Result>> leave_out_disturbed(std::vector<std::vector<Res
 /// one before each run, one after the last.
 bool run_servers(Runner& runner, const std::vector<Point>& points,
                  const std::vector<Server>& servers, int rounds, bool keep_disturbed,
-                 std::vector<Result>& results, std::vector<std::vector<double>>& evp_rounds,
+                 std::vector<Result>& results, std::vector<EvpTimings>& evp_rounds,
                  std::vector<double>& probes, int evp_cpu) {
     std::size_t total = points.size() * servers.size() * static_cast<std::size_t>(rounds), done = 0;
     bool all_ok = true;
@@ -1800,7 +1840,7 @@ bool run_servers(Runner& runner, const std::vector<Point>& points,
         for (int round = 1; round <= rounds; ++round) {
             // EVP alone for the TLS target, once per round beside the servers.
             if (any_tls && !p.idle_heavy)
-                evp_rounds[pi].push_back(evp_seal_open_us(p.size, evp_cpu));
+                evp_rounds[pi].kept.push_back(evp_seal_open_us(p.size, evp_cpu));
             for (std::size_t i = 0; i < servers.size(); ++i) {
                 const Server& s = servers[i];
                 ++done;
@@ -1935,6 +1975,7 @@ void print_sweeps(const std::vector<std::string>& backends, const std::vector<in
 /// bench.json and bench.csv in --out, --json, --csv; returns the JSON file
 /// the plots are made from (--out's, else --json's), if any.
 std::optional<fs::path> write_files(const Options& opt, const std::vector<Result>& results,
+                                    const std::vector<TlsTarget>& tls,
                                     const std::vector<DispatchSweep>& sweeps,
                                     const std::vector<InstructionRow>& instructions, bool pinned,
                                     double total_s, const Environment& env) {
@@ -1942,11 +1983,11 @@ std::optional<fs::path> write_files(const Options& opt, const std::vector<Result
     if (!opt.out_dir.empty()) {
         fs::create_directories(opt.out_dir);
         json_path = fs::path(opt.out_dir) / "bench.json";
-        write_json(*json_path, results, opt, sweeps, instructions, pinned, total_s, env);
+        write_json(*json_path, results, tls, opt, sweeps, instructions, pinned, total_s, env);
         write_csv(fs::path(opt.out_dir) / "bench.csv", results);
     }
     if (!opt.json_file.empty()) {
-        write_json(opt.json_file, results, opt, sweeps, instructions, pinned, total_s, env);
+        write_json(opt.json_file, results, tls, opt, sweeps, instructions, pinned, total_s, env);
         if (!json_path) json_path = opt.json_file;
     }
     if (!opt.csv_file.empty()) write_csv(opt.csv_file, results);
@@ -1990,61 +2031,58 @@ std::string disturbed_mark(std::initializer_list<const Result*> runs) {
 /// The TLS target, per point where both evmux/<b> and evmux/<b>/tls ran: the
 /// server CPU per message over TLS against the plain echo's plus 1.3x what
 /// sealing and opening that message costs with EVP alone, timed in each round
-/// beside the servers (`evp_us`: per point, per round). extra/evp is paired
-/// round by round, (tls - plain) / evp, as the other ratios: its median and
-/// that median's interval; the target is met if the whole interval is <= 1.3,
+/// beside the servers (`evp`: per point). extra/evp is paired round by
+/// round, (tls - plain) / evp, as the other ratios: its median and that
+/// median's interval; the target is met if the whole interval is <= 1.3,
 /// missed if all of it is above, unclear otherwise.
-void print_tls_target(std::ostream& os, const std::vector<Result>& results,
-                      const std::vector<Point>& points,
-                      const std::vector<std::vector<double>>& evp_us) {
-    bool header = false;
-    const int width = name_width(results);
+std::vector<TlsTarget> tls_targets(const std::vector<Result>& results,
+                                   const std::vector<Point>& points,
+                                   const std::vector<EvpTimings>& evp) {
+    std::vector<TlsTarget> rows;
     for (std::size_t pi = 0; pi < points.size(); ++pi) {
         const Point& p = points[pi];
-        if (p.idle_heavy || pi >= evp_us.size() || evp_us[pi].empty()) continue;
-        for (const auto& tls_row : results) {
-            if (!tls_row.ok || !tls_row.server->tls || tls_row.point.size != p.size ||
-                tls_row.point.conns != p.conns || tls_row.point.active != p.active)
-                continue;
-            const Result* tls = &tls_row;
+        if (p.idle_heavy || pi >= evp.size() || evp[pi].kept.empty()) continue;
+        for (const auto& tls : results) {
+            if (!tls.ok || !tls.server->tls || !at_point(tls, p)) continue;
             const Result* plain = nullptr;
             for (const auto& r : results)
                 if (r.ok && !r.server->tls && r.server->kind == "evmux" && r.server->threads == 1 &&
-                    r.server->backend == tls->server->backend && r.point.size == p.size &&
-                    r.point.conns == p.conns && r.point.active == p.active &&
-                    (r.server->io == "completion") == (tls->server->io == "completion"))
+                    r.server->backend == tls.server->backend && at_point(r, p) &&
+                    (r.server->io == "completion") == (tls.server->io == "completion"))
                     plain = &r;
             if (!plain) continue;
-            if (!header) {
-                os << "\n== TLS: server CPU us/msg (user + sys, medians) over TLS against plain "
-                      "TCP and EVP AES-256-GCM seal+open alone (timed each round; extra/evp "
-                      "paired by round: median [interval])\n";
-                char line[256];
-                std::snprintf(line, sizeof line, "%-22s %-*s %10s %10s %10s %18s %8s\n", "point",
-                              width, "tls row", "plain", "tls", "evp", "extra/evp", "target");
-                os << line;
-                header = true;
-            }
-            const std::vector<double> tls_cpu = round_values(*tls, &Figures::cpu_us_per_msg);
+            const std::vector<double> tls_cpu = round_values(tls, &Figures::cpu_us_per_msg);
             const std::vector<double> plain_cpu = round_values(*plain, &Figures::cpu_us_per_msg);
             std::vector<double> extra(tls_cpu.size(), NAN);
             for (std::size_t i = 0; i < extra.size() && i < plain_cpu.size(); ++i)
                 extra[i] = tls_cpu[i] - plain_cpu[i];
-            const Spread ratio = paired_ratio(extra, evp_us[pi]);
-            const std::string text = median_range_text(ratio);
-            const std::string verdict = target_verdict(ratio, 1.3) + disturbed_mark({tls, plain});
-            char line[256];
-            std::snprintf(line, sizeof line, "%-22s %-*s %10.2f %10.2f %10.2f %18s %8s\n",
-                          point_label(p).c_str(), width, tls->server->name.c_str(),
-                          plain->cpu_us_per_msg, tls->cpu_us_per_msg, spread(evp_us[pi]).median,
-                          text.c_str(), verdict.c_str());
-            os << line;
+            const Spread ratio = paired_ratio(extra, evp[pi].kept);
+            rows.push_back({&tls, plain, &evp[pi], ratio,
+                            target_verdict(ratio, 1.3) + disturbed_mark({&tls, plain})});
         }
     }
-    if (header)
-        os << "(target: tls <= plain + 1.3 x evp, i.e. extra/evp <= 1.3; met if the interval "
-              "is, missed if none of it is; the client: evmux-load --tls, its own record "
-              "layer)\n";
+    return rows;
+}
+
+void print_tls_target(std::ostream& os, const std::vector<TlsTarget>& rows, int width) {
+    if (rows.empty()) return;
+    os << "\n== TLS: server CPU us/msg (user + sys, medians) over TLS against plain "
+          "TCP and EVP AES-256-GCM seal+open alone (timed each round; extra/evp "
+          "paired by round: median [interval])\n";
+    char line[256];
+    std::snprintf(line, sizeof line, "%-22s %-*s %10s %10s %10s %18s %8s\n", "point", width,
+                  "tls row", "plain", "tls", "evp", "extra/evp", "target");
+    os << line;
+    for (const TlsTarget& t : rows) {
+        std::snprintf(line, sizeof line, "%-22s %-*s %10.2f %10.2f %10.2f %18s %8s\n",
+                      point_label(t.tls->point).c_str(), width, t.tls->server->name.c_str(),
+                      t.plain->cpu_us_per_msg, t.tls->cpu_us_per_msg, spread(t.evp->kept).median,
+                      median_range_text(t.ratio).c_str(), t.verdict.c_str());
+        os << line;
+    }
+    os << "(target: tls <= plain + 1.3 x evp, i.e. extra/evp <= 1.3; met if the interval "
+          "is, missed if none of it is; the client: evmux-load --tls, its own record "
+          "layer)\n";
 }
 
 /// The completion-I/O targets (issue 18), per completion row: its server CPU
@@ -2197,8 +2235,8 @@ int run_bench(Options& opt) {
     auto t0 = Clock::now();
     Runner runner(opt, load, server_cpu, client_cpu);
     std::vector<Result> results;
-    std::vector<std::vector<double>> evp_us;  // per point, per round: EVP alone (TLS target)
-    std::vector<double> probes;               // before each run and after the last
+    std::vector<EvpTimings> evp_us;  // per point: EVP alone (TLS target)
+    std::vector<double> probes;      // before each run and after the last
     bool all_ok = run_servers(runner, points, servers, opt.rounds, opt.keep_disturbed, results,
                               evp_us, probes, pinned ? server_cpu : -1);
     // The host's speed, for comparing runs: the probes' median and range.
@@ -2216,7 +2254,8 @@ int run_bench(Options& opt) {
     std::cout << disturbed;
     print_environment(std::cout, env);
     print_table(std::cout, results, points, opt.rate);
-    print_tls_target(std::cout, results, points, evp_us);
+    const std::vector<TlsTarget> tls = tls_targets(results, points, evp_us);
+    print_tls_target(std::cout, tls, name_width(results));
     print_completion_targets(std::cout, results);
     print_uring_variants(std::cout, results);
     if (!sweeps.empty()) print_sweeps(backends, fd_counts, sweeps);
@@ -2227,7 +2266,7 @@ int run_bench(Options& opt) {
     std::fflush(stdout);
 
     std::optional<fs::path> json_path =
-        write_files(opt, results, sweeps, instructions, pinned, total_s, env);
+        write_files(opt, results, tls, sweeps, instructions, pinned, total_s, env);
     if (!opt.out_dir.empty() && !opt.no_plots) make_plots(*json_path, opt.out_dir);
     return all_ok ? 0 : 1;
 }
