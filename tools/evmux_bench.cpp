@@ -144,8 +144,8 @@ struct Result : Figures {
     /// Other work on the server's or client's CPU in the window; after
     /// aggregate(), flagged if any round was.
     Interference interference;
-    int round = 0;                 ///< a round's number (1-based); 0 in an aggregate
-    std::size_t probe = 0;         ///< a round's: its speed probe's index (run_servers)
+    int round = 0;                 ///< a round's number (1-based)
+    std::size_t probe = 0;         ///< a round's: the index of the speed probe before it
     std::vector<Result> left_out;  ///< rounds other work disturbed, not in the figures
 };
 
