@@ -33,6 +33,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <numeric>
 #include <optional>
 #include <regex>
 #include <sstream>
@@ -1435,12 +1436,12 @@ std::optional<std::vector<int>> json_round_numbers(const std::string& run, const
     return out;
 }
 
-// A round that other work disturbed is left out of every server's figures at
-// its point, so that the paired ratios stay paired, while at least half of
-// the rounds (and 3) remain; the report says which round and why. A spinner
-// on the servers' CPU through round 2 disturbs it for real. (Other work on a
-// busy machine may disturb more rounds; if too many are, none is left out
-// and the runs are flagged instead: checked too.)
+// A round that other work disturbed is replaced by an extra round, and left
+// out of every server's figures at its point, so that the paired ratios stay
+// paired, while at least half of the rounds (and 3) remain; the report says
+// which round and why. A spinner on the servers' CPU through round 2 disturbs
+// it for real. (Other work on a busy machine may disturb more rounds; if too
+// many are, none is left out and the runs are flagged instead: checked too.)
 TEST(EvmuxBench, LeavesOutOfTheFiguresARoundOtherWorkDisturbed) {
     const std::string bench = program_path("EVMUX_BENCH");
     if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";
@@ -1524,17 +1525,28 @@ TEST(EvmuxBench, LeavesOutOfTheFiguresARoundOtherWorkDisturbed) {
         std::vector<int> all = *k;
         all.insert(all.end(), l->begin(), l->end());
         std::sort(all.begin(), all.end());
-        EXPECT_EQ(all, (std::vector<int>{1, 2, 3, 4, 5, 6})) << run;
+        // Rounds 1..n, n > 6: at least one extra round ran (round 2's
+        // disturbance was seen at once), at most 6 extra.
+        ASSERT_FALSE(all.empty()) << run;
+        const int n = all.back();
+        EXPECT_GT(n, rounds) << run;
+        EXPECT_LE(n, 2 * rounds) << run;
+        std::vector<int> one_to_n(static_cast<std::size_t>(n));
+        std::iota(one_to_n.begin(), one_to_n.end(), 1);
+        EXPECT_EQ(all, one_to_n) << run;
     }
     EXPECT_EQ(kept[0], kept[1]) << json;
     EXPECT_EQ(left[0], left[1]) << json;
+    EXPECT_NE(seen.find("[extra] round 7, in place of a disturbed one, epoll-floor 64B x 2 ..."),
+              std::string::npos)
+        << seen;
     const std::string& out = c.out();
     const std::string first_line = out.substr(0, out.find('\n'));
     if (!left[0].empty()) {
-        // Left out: round 2 among them, at most half; the figures of the rest
-        // are not flagged, and the report says which rounds and why.
+        // Left out: round 2 among them, at most half of all run; the figures
+        // of the rest are not flagged, and the report says which rounds and why.
         EXPECT_NE(std::find(left[0].begin(), left[0].end(), 2), left[0].end()) << json;
-        EXPECT_LE(left[0].size(), 3u) << json;
+        EXPECT_GE(kept[0].size(), left[0].size()) << json;
         for (const std::string& run : runs)
             EXPECT_EQ(run.find("\"interference\": {"),
                       run.find("\"interference\": {\"flagged\": false"))
@@ -1549,8 +1561,9 @@ TEST(EvmuxBench, LeavesOutOfTheFiguresARoundOtherWorkDisturbed) {
                                    "other work (threshold 30.0% of a CPU; "))
             << out;
     } else {
-        // More than half disturbed: all kept, and the runs flagged.
-        EXPECT_EQ(kept[0].size(), static_cast<std::size_t>(rounds)) << json;
+        // More than half disturbed even with the extra rounds: all kept, and
+        // the runs flagged.
+        EXPECT_GT(kept[0].size(), static_cast<std::size_t>(rounds)) << json;
         EXPECT_TRUE(first_line.starts_with("WARNING: 2 of 2 runs disturbed by other work")) << out;
         EXPECT_EQ(out.find("NOTE: "), std::string::npos) << out;
     }

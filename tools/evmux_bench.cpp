@@ -1455,9 +1455,10 @@ void add_bench_options(CLI::App& app, Options& opt) {
                    "or the client's CPU, or steal did (default 5)")
         ->check(CLI::Range(0.0, 100.0));
     app.add_flag("--keep-disturbed", opt.keep_disturbed,
-                 "keep the rounds other work disturbed in the figures, flagged; by default "
-                 "they are left out of every server's figures at their point while at least "
-                 "half of its rounds, and 3, remain");
+                 "keep the rounds other work disturbed in the figures, flagged, and run no "
+                 "extra round; by default each is replaced by an extra round (up to --rounds "
+                 "more) and left out of every server's figures at its point while at least "
+                 "half of the rounds run, and 3, remain");
     app.add_flag("--quick", opt.quick,
                  "a subset that finishes in about a minute (1 s points, fewer idle connections)");
     app.add_option("--out", opt.out_dir, "directory for bench.json, bench.csv and the plots");
@@ -1782,19 +1783,42 @@ void flag_slow_runs(const std::vector<Point>& points,
             }
 }
 
+/// Per round of one point's runs, whether any server's ok run in it has
+/// `flagged(run)`.
+template <class Flagged>
+std::vector<bool> rounds_where(const std::vector<std::vector<Result>>& runs, Flagged flagged) {
+    std::vector<bool> out;
+    for (const auto& server_rounds : runs)
+        for (std::size_t i = 0; i < server_rounds.size(); ++i) {
+            if (i >= out.size()) out.resize(i + 1, false);
+            if (server_rounds[i].ok && flagged(server_rounds[i])) out[i] = true;
+        }
+    return out;
+}
+
+/// How many of one point's rounds look disturbed so far: a run in them was
+/// flagged by the busy-time check, or the speed probe before it took over
+/// slow_probe_limit times the median of the probes so far (flag_slow_runs()
+/// judges every run again at the end, against all the probes).
+std::size_t disturbed_so_far(const std::vector<std::vector<Result>>& runs,
+                             const std::vector<double>& probes) {
+    const double median = spread(probes).median;
+    const std::vector<bool> disturbed = rounds_where(runs, [&](const Result& r) {
+        return r.interference.flagged || probes[r.probe] > median * slow_probe_limit;
+    });
+    return static_cast<std::size_t>(std::count(disturbed.begin(), disturbed.end(), true));
+}
+
 /// Takes the rounds other work disturbed (flagged in any server's run of the
 /// round) out of one point's runs, each server's and the EVP timings alike,
 /// so that every ratio stays paired, if enough rounds remain
 /// (rounds_to_leave_out()); returns each server's rounds taken out. A
 /// server with a failed round keeps its rounds: its result is that failure.
 std::vector<std::vector<Result>> leave_out_disturbed(std::vector<std::vector<Result>>& runs,
-                                                     EvpTimings& evp, int rounds) {
-    std::vector<bool> disturbed(static_cast<std::size_t>(rounds), false);
-    for (const auto& server_rounds : runs)
-        for (std::size_t i = 0; i < server_rounds.size() && i < disturbed.size(); ++i)
-            if (server_rounds[i].ok && server_rounds[i].interference.flagged) disturbed[i] = true;
+                                                     EvpTimings& evp) {
     std::vector<std::vector<Result>> left(runs.size());
-    const std::vector<std::size_t> out = rounds_to_leave_out(disturbed);
+    const std::vector<std::size_t> out = rounds_to_leave_out(
+        rounds_where(runs, [](const Result& r) { return r.interference.flagged; }));
     for (std::size_t s = 0; s < runs.size(); ++s) {
         if (std::any_of(runs[s].begin(), runs[s].end(), [](const Result& r) { return !r.ok; }))
             continue;
@@ -1816,7 +1840,8 @@ std::vector<std::vector<Result>> leave_out_disturbed(std::vector<std::vector<Res
 /// each round (A B C A B C ...: a slow spell of the machine then touches every
 /// server, not one), with a progress line each on stderr; one aggregated
 /// Result per (point, server), without the rounds other work disturbed
-/// (leave_out_disturbed()) unless `keep_disturbed`. A server skipped or
+/// (leave_out_disturbed()) unless `keep_disturbed`; a disturbed round is
+/// replaced by an extra one (up to `rounds` more per point). A server skipped or
 /// failed in a round is not run again at that point. False if any run failed
 /// (skipped ones do not count). `probes`: the speed probes, in run order:
 /// one before each run, one after the last.
@@ -1837,16 +1862,20 @@ bool run_servers(Runner& runner, const std::vector<Point>& points,
         const Point& p = points[pi];
         std::vector<std::vector<Result>>& runs = all_runs[pi];
         runs.resize(servers.size());
-        for (int round = 1; round <= rounds; ++round) {
-            // EVP alone for the TLS target, once per round beside the servers.
+        // One round: EVP alone for the TLS target, then every server.
+        auto run_round = [&](int round, bool extra) {
             if (any_tls && !p.idle_heavy)
                 evp_rounds[pi].kept.push_back(evp_seal_open_us(p.size, evp_cpu));
             for (std::size_t i = 0; i < servers.size(); ++i) {
                 const Server& s = servers[i];
-                ++done;
+                if (!extra) ++done;
                 if (!runs[i].empty() && !runs[i].back().ok) continue;
-                std::fprintf(stderr, "[%zu/%zu] round %d/%d %s %s ...", done, total, round, rounds,
-                             s.name.c_str(), point_label(p).c_str());
+                if (extra)
+                    std::fprintf(stderr, "[extra] round %d, in place of a disturbed one, %s %s ...",
+                                 round, s.name.c_str(), point_label(p).c_str());
+                else
+                    std::fprintf(stderr, "[%zu/%zu] round %d/%d %s %s ...", done, total, round,
+                                 rounds, s.name.c_str(), point_label(p).c_str());
                 std::fflush(stderr);
                 probes.push_back(speed_probe_us(evp_cpu));
                 Result r = runner.run(s, p);
@@ -1862,13 +1891,23 @@ bool run_servers(Runner& runner, const std::vector<Point>& points,
                 r.round = round;
                 runs[i].push_back(std::move(r));
             }
-        }
+        };
+        for (int round = 1; round <= rounds; ++round) run_round(round, false);
+        // Each disturbed round is replaced by another, up to `rounds` more,
+        // until `rounds` undisturbed ones have run; leave_out_disturbed()
+        // then takes the disturbed ones out. (Below 3 rounds none would be.)
+        for (int round = rounds + 1;
+             !keep_disturbed && rounds >= 3 && round <= 2 * rounds &&
+             static_cast<std::size_t>(round - 1) - disturbed_so_far(runs, probes) <
+                 static_cast<std::size_t>(rounds);
+             ++round)
+            run_round(round, true);
     }
     probes.push_back(speed_probe_us(evp_cpu));  // after the last run
     flag_slow_runs(points, all_runs, probes);
     for (std::size_t pi = 0; pi < points.size(); ++pi) {
         std::vector<std::vector<Result>> left(all_runs[pi].size());
-        if (!keep_disturbed) left = leave_out_disturbed(all_runs[pi], evp_rounds[pi], rounds);
+        if (!keep_disturbed) left = leave_out_disturbed(all_runs[pi], evp_rounds[pi]);
         for (std::size_t i = 0; i < all_runs[pi].size(); ++i) {
             results.push_back(aggregate(std::move(all_runs[pi][i])));
             results.back().left_out = std::move(left[i]);
