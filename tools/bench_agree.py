@@ -8,9 +8,9 @@ figure's ratio to the epoll floor is compared likewise.
 
 Prints one line per (server, shape, figure) and exits 1 if any disagree,
 2 on bad input. Runs that were flagged as disturbed are marked. First, the
-two runs' speed probes (the same fixed piece of work timed before every
-round), and whether the hosts ran more than 15 % apart: figures may then
-disagree for that alone.
+two runs' speed probes (the medians of the same fixed piece of work timed
+around every run), and whether the hosts ran more than 15 % apart: figures
+may then disagree for that alone.
 """
 import argparse
 import json
