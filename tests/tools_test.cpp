@@ -1569,6 +1569,47 @@ TEST(EvmuxBench, LeavesOutOfTheFiguresARoundOtherWorkDisturbed) {
     }
 }
 
+// --keep-disturbed: no extra round and nothing left out, even with every
+// round disturbed (a spinner on the servers' CPU throughout); the runs are
+// flagged instead.
+TEST(EvmuxBench, KeepDisturbedRunsNoExtraRoundAndLeavesNothingOut) {
+    const std::string bench = program_path("EVMUX_BENCH");
+    if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";
+    char dir_template[] = "/tmp/evmux-tools-test-XXXXXX";
+    ASSERT_NE(::mkdtemp(dir_template), nullptr) << std::strerror(errno);
+    const std::string dir = dir_template, json_file = dir + "/bench.json";
+    Child c({bench, "--servers", "epoll-floor", "--sizes", "64", "--sessions", "2", "--duration",
+             "0.3", "--rounds", "4", "--keep-disturbed", "--no-idle", "--no-plots", "--sweep-fds",
+             "10", "--json", json_file});
+    ASSERT_GT(c.pid(), 0);
+    const std::optional<std::string> line = c.stderr_line(20s);
+    ASSERT_TRUE(line) << c.err();
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(*line, m, std::regex("servers on CPU ([0-9]+)"))) << *line;
+    Child spinner({"/bin/sh", "-c", "while :; do :; done"});
+    ASSERT_GT(spinner.pid(), 0);
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(std::stoi(m[1]), &set);
+    ASSERT_EQ(::sched_setaffinity(spinner.pid(), sizeof set, &set), 0) << std::strerror(errno);
+    ASSERT_EQ(c.finish(120s), 0) << c.err() << c.out();
+    std::ifstream in(json_file);
+    std::stringstream text;
+    text << in.rdbuf();
+    const std::string json = text.str();
+    std::remove(json_file.c_str());
+    ::rmdir(dir.c_str());
+    EXPECT_EQ(c.err().find("[extra]"), std::string::npos) << c.err();
+    EXPECT_NE(json.find("\"keep_disturbed\": true"), std::string::npos) << json;
+    const auto kept = json_round_numbers(json, "rounds");
+    const auto left = json_round_numbers(json, "rounds_left_out");
+    ASSERT_TRUE(kept && left) << json;
+    EXPECT_EQ(*kept, (std::vector<int>{1, 2, 3, 4})) << json;
+    EXPECT_TRUE(left->empty()) << json;
+    EXPECT_TRUE(c.out().starts_with("WARNING: 1 of 1 runs disturbed by other work")) << c.out();
+    EXPECT_EQ(c.out().find("NOTE: "), std::string::npos) << c.out();
+}
+
 TEST(EvmuxBench, JsonAndTableCountContextSwitchesPerMessage) {
     const std::string bench = program_path("EVMUX_BENCH");
     if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";
