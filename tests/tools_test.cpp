@@ -1422,6 +1422,24 @@ TEST(EvmuxBench, BadIoModeExitsTwoWithOneLine) {
     }
 }
 
+/// Pins process `pid` to CPU `cpu`; false (errno set) if it cannot.
+bool pin_to_cpu(pid_t pid, int cpu) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET(cpu, &set);
+    return ::sched_setaffinity(pid, sizeof set, &set) == 0;
+}
+
+/// The text of `file` in the temporary directory `dir`, both removed.
+std::string take_file(const std::string& file, const std::string& dir) {
+    std::ifstream in(file);
+    std::stringstream text;
+    text << in.rdbuf();
+    std::remove(file.c_str());
+    ::rmdir(dir.c_str());
+    return text.str();
+}
+
 /// The round numbers in a run's JSON array `key` ("rounds" or
 /// "rounds_left_out"; no array nests inside either), or nullopt if absent.
 std::optional<std::vector<int>> json_round_numbers(const std::string& run, const std::string& key) {
@@ -1490,19 +1508,11 @@ TEST(EvmuxBench, LeavesOutOfTheFiguresARoundOtherWorkDisturbed) {
     {
         Child spinner({"/bin/sh", "-c", "while :; do :; done"});
         ASSERT_GT(spinner.pid(), 0);
-        cpu_set_t set;
-        CPU_ZERO(&set);
-        CPU_SET(server_cpu, &set);
-        ASSERT_EQ(::sched_setaffinity(spinner.pid(), sizeof set, &set), 0) << std::strerror(errno);
+        ASSERT_TRUE(pin_to_cpu(spinner.pid(), server_cpu)) << std::strerror(errno);
         ASSERT_TRUE(wait_for("[4/12] round 2/6 ")) << c.err();
     }  // the spinner is killed here
     ASSERT_EQ(c.finish(120s), 0) << c.err() << c.out();
-    std::ifstream in(json_file);
-    std::stringstream text;
-    text << in.rdbuf();
-    const std::string json = text.str();
-    std::remove(json_file.c_str());
-    ::rmdir(dir.c_str());
+    const std::string json = take_file(json_file, dir);
 
     // Round 2 was flagged as it ran (a line after its run's).
     seen += c.err();
@@ -1588,17 +1598,9 @@ TEST(EvmuxBench, KeepDisturbedRunsNoExtraRoundAndLeavesNothingOut) {
     ASSERT_TRUE(std::regex_search(*line, m, std::regex("servers on CPU ([0-9]+)"))) << *line;
     Child spinner({"/bin/sh", "-c", "while :; do :; done"});
     ASSERT_GT(spinner.pid(), 0);
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    CPU_SET(std::stoi(m[1]), &set);
-    ASSERT_EQ(::sched_setaffinity(spinner.pid(), sizeof set, &set), 0) << std::strerror(errno);
+    ASSERT_TRUE(pin_to_cpu(spinner.pid(), std::stoi(m[1]))) << std::strerror(errno);
     ASSERT_EQ(c.finish(120s), 0) << c.err() << c.out();
-    std::ifstream in(json_file);
-    std::stringstream text;
-    text << in.rdbuf();
-    const std::string json = text.str();
-    std::remove(json_file.c_str());
-    ::rmdir(dir.c_str());
+    const std::string json = take_file(json_file, dir);
     EXPECT_EQ(c.err().find("[extra]"), std::string::npos) << c.err();
     EXPECT_NE(json.find("\"keep_disturbed\": true"), std::string::npos) << json;
     const auto kept = json_round_numbers(json, "rounds");
