@@ -873,13 +873,16 @@ class Runner {
 
 // ---- output ---------------------------------------------------------------------
 
+/// Whether `r` ran at point `p`.
+bool at_point(const Result& r, const Point& p) {
+    return r.point.size == p.size && r.point.conns == p.conns && r.point.active == p.active;
+}
+
 /// `server`'s run at point `p` if it went well, else null.
 const Result* run_of(const std::vector<Result>& results, const std::string& server,
                      const Point& p) {
     for (const auto& r : results)
-        if (r.ok && r.server->name == server && r.point.size == p.size &&
-            r.point.conns == p.conns && r.point.active == p.active)
-            return &r;
+        if (r.ok && r.server->name == server && at_point(r, p)) return &r;
     return nullptr;
 }
 
@@ -918,9 +921,7 @@ std::string split_legend(const std::vector<Result>& results, const Point& p) {
     std::string perf, ticks, unsplit, unknown;
     std::uint64_t fewest = 0;
     for (const auto& r : results) {
-        if (!r.ok || r.point.size != p.size || r.point.conns != p.conns ||
-            r.point.active != p.active)
-            continue;
+        if (!r.ok || !at_point(r, p)) continue;
         std::string& names = r.cpu_split.starts_with("perf")      ? perf
                              : r.cpu_split.starts_with("unsplit") ? unsplit
                              : r.cpu_split.starts_with("unknown") ? unknown
@@ -975,9 +976,7 @@ std::string count_legend(const std::vector<Result>& results, const Point& p,
                          std::string Result::*how, const std::string& column) {
     std::vector<std::pair<std::string, std::string>> why;  // reason, servers
     for (const auto& r : results) {
-        if (!r.ok || r.point.size != p.size || r.point.conns != p.conns ||
-            r.point.active != p.active || !(r.*how).starts_with("unavailable"))
-            continue;
+        if (!r.ok || !at_point(r, p) || !(r.*how).starts_with("unavailable")) continue;
         auto it =
             std::find_if(why.begin(), why.end(), [&](const auto& w) { return w.first == r.*how; });
         if (it == why.end())
@@ -996,11 +995,6 @@ int name_width(const std::vector<Result>& results) {
     std::size_t width = 22;
     for (const auto& r : results) width = std::max(width, r.server->name.size());
     return static_cast<int>(width);
-}
-
-/// Whether `r` ran at point `p`.
-bool at_point(const Result& r, const Point& p) {
-    return r.point.size == p.size && r.point.conns == p.conns && r.point.active == p.active;
 }
 
 /// The NOTE of a point whose disturbed rounds were left out of its figures:
@@ -1051,8 +1045,7 @@ void print_table(std::ostream& os, const std::vector<Result>& results,
                       "sys us/msg", "ctx sw/msg", "syscalls/msg", "waits/msg");
         os << line;
         for (const auto& r : results) {
-            if (r.point.size != p.size || r.point.conns != p.conns || r.point.active != p.active)
-                continue;
+            if (!at_point(r, p)) continue;
             if (!r.ok) {
                 os << "  " << r.server->name << ": " << (r.skipped ? "" : "FAILED: ") << r.note
                    << "\n";
@@ -1076,8 +1069,7 @@ void print_table(std::ostream& os, const std::vector<Result>& results,
                    << " KiB: " << fmt(r.rss_per_idle_conn_bytes, 0) << " B per idle connection\n";
         }
         for (const auto& r : results)
-            if (r.ok && r.udp_lost > 0 && r.point.size == p.size && r.point.conns == p.conns &&
-                r.point.active == p.active)
+            if (r.ok && r.udp_lost > 0 && at_point(r, p))
                 os << "  UDP loss: " << r.server->name << " lost " << fmt(r.udp_lost, 0) << " of "
                    << fmt(r.udp_sent, 0) << " datagrams over its rounds (no echo within "
                    << "evmux-load's --timeout; each loss stalls its session that long)\n";
@@ -1085,8 +1077,7 @@ void print_table(std::ostream& os, const std::vector<Result>& results,
         os << count_legend(results, p, &Result::syscalls, "syscalls/msg");
         os << count_legend(results, p, &Result::waits, "waits/msg");
         for (const auto& r : results)
-            if (r.ok && r.interference.flagged && r.point.size == p.size &&
-                r.point.conns == p.conns && r.point.active == p.active)
+            if (r.ok && r.interference.flagged && at_point(r, p))
                 os << "WARNING: " << r.server->name << " at " << point_label(p)
                    << " disturbed by other work: " << r.interference.details << "\n";
         os << left_out_note(results, p);
