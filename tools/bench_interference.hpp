@@ -93,7 +93,7 @@ double thread_cpu_us();
 
 /// The CPU time (µs) a fixed piece of work (8 independent chains of
 /// multiplies: the core's throughput) takes on CPU `cpu` (-1: where this
-/// thread runs), the least of three tries. Taken every round, it shows a
+/// thread runs), the least of three tries. Taken around every run, it shows a
 /// machine that ran slower for a while without other work on it or steal to
 /// show for it: a host that lowered the clock or shared the core with
 /// another guest. Other processes do not move it (it is CPU time).
