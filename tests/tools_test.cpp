@@ -1713,9 +1713,21 @@ TEST(EvmuxBench, JsonSaysHowUserAndSysWereSplitAndUsesPerfWhenAvailable) {
     EXPECT_TRUE(std::regex_match(first_line, summary)) << out;
     EXPECT_EQ(first_line, last_line) << out;
     if (first_line.starts_with("WARNING")) {
-        EXPECT_NE(out.find("\nWARNING: epoll-floor at 1KiB x 50 disturbed by other work: round "),
-                  std::string::npos)
-            << out;
+        // Each run it names has a WARNING line of its own saying why; which
+        // runs those are is up to the machine (CI once saw only `threads`
+        // disturbed: the hypervisor stole 6% of the client's CPU in a round).
+        int named = 0;
+        for (const std::string server : {"epoll-floor", "threads"}) {
+            const std::string run = server + " at 1KiB x 50";
+            if (first_line.find("(" + run) == std::string::npos &&
+                first_line.find(", " + run) == std::string::npos)
+                continue;
+            ++named;
+            EXPECT_NE(out.find("\nWARNING: " + run + " disturbed by other work: round "),
+                      std::string::npos)
+                << out;
+        }
+        EXPECT_GE(named, 1) << out;
     }
     // Medians, with each round's figures and their minima and maxima.
     static const std::regex rounds(
