@@ -1086,6 +1086,12 @@ TEST(CpuModeSampler, AGoneProcessIsUnavailableWithAReason) {
     EXPECT_EQ(sampler.split(Clock::now() - 1h, Clock::now()).total(), 0u);
 }
 
+/// A new empty directory under /tmp for a bench's files, or "" (errno set).
+std::string make_temp_dir() {
+    char dir_template[] = "/tmp/evmux-tools-test-XXXXXX";
+    return ::mkdtemp(dir_template) != nullptr ? dir_template : "";
+}
+
 /// An evmux-bench run with `args`, writing --json and --csv into a temporary
 /// directory: its exit status, the two files' text, stdout and stderr.
 struct TinyBench {
@@ -1094,13 +1100,12 @@ struct TinyBench {
 };
 TinyBench bench_with_files(const std::string& bench, std::vector<std::string> args,
                            std::chrono::seconds limit = 60s) {
-    char dir_template[] = "/tmp/evmux-tools-test-XXXXXX";
     TinyBench t;
-    if (::mkdtemp(dir_template) == nullptr) {
+    const std::string dir = make_temp_dir();
+    if (dir.empty()) {
         t.err = std::string("mkdtemp: ") + std::strerror(errno);
         return t;
     }
-    const std::string dir = dir_template;
     args.insert(args.begin(), bench);
     for (const char* f : {"--json", "--csv"})
         args.insert(args.end(), {f, dir + (f[2] == 'j' ? "/bench.json" : "/bench.csv")});
@@ -1486,9 +1491,8 @@ std::optional<std::vector<int>> json_round_numbers(const std::string& run, const
 TEST(EvmuxBench, LeavesOutOfTheFiguresARoundOtherWorkDisturbed) {
     const std::string bench = program_path("EVMUX_BENCH");
     if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";
-    char dir_template[] = "/tmp/evmux-tools-test-XXXXXX";
-    ASSERT_NE(::mkdtemp(dir_template), nullptr) << std::strerror(errno);
-    const std::string dir = dir_template, json_file = dir + "/bench.json";
+    const std::string dir = make_temp_dir(), json_file = dir + "/bench.json";
+    ASSERT_FALSE(dir.empty()) << "mkdtemp: " << std::strerror(errno);
     constexpr int rounds = 6;
     Child c({bench,
              "--servers",
@@ -1608,9 +1612,8 @@ TEST(EvmuxBench, LeavesOutOfTheFiguresARoundOtherWorkDisturbed) {
 TEST(EvmuxBench, KeepDisturbedRunsNoExtraRoundAndLeavesNothingOut) {
     const std::string bench = program_path("EVMUX_BENCH");
     if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";
-    char dir_template[] = "/tmp/evmux-tools-test-XXXXXX";
-    ASSERT_NE(::mkdtemp(dir_template), nullptr) << std::strerror(errno);
-    const std::string dir = dir_template, json_file = dir + "/bench.json";
+    const std::string dir = make_temp_dir(), json_file = dir + "/bench.json";
+    ASSERT_FALSE(dir.empty()) << "mkdtemp: " << std::strerror(errno);
     Child c({bench, "--servers", "epoll-floor", "--sizes", "64", "--sessions", "2", "--duration",
              "0.3", "--rounds", "4", "--keep-disturbed", "--no-idle", "--no-plots", "--sweep-fds",
              "10", "--json", json_file});
