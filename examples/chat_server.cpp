@@ -35,6 +35,7 @@
 #include <string_view>
 
 #include "evmux/evmux.hpp"
+#include "example_args.hpp"
 
 namespace {
 
@@ -238,34 +239,19 @@ int self_test(evmux::EventLoop& loop, evmux::TcpServer& server, const ChatRoom& 
 }  // namespace
 
 int main(int argc, char** argv) {
-    std::string backend;
-    long port = 9000;
-    bool test = false;
-    for (int i = 1; i < argc; ++i) {
-        std::string_view arg = argv[i];
-        if (arg == "--self-test") {
-            test = true;
-        } else if (arg == "--backend" && i + 1 < argc) {
-            backend = argv[++i];
-        } else if (arg == "--port" && i + 1 < argc) {
-            port = std::strtol(argv[++i], nullptr, 10);
-            if (port <= 0 || port > 65535) {
-                std::fprintf(stderr, "chat_server: bad port %s\n", argv[i]);
-                return 2;
-            }
-        } else {
-            std::printf("usage: chat_server [--port N] [--backend NAME] [--self-test]\n");
-            return arg == "--help" || arg == "-h" ? 0 : 2;
-        }
-    }
+    example::Args args;
+    const example::Spec spec{"chat_server",
+                             "usage: chat_server [--port N] [--backend NAME] [--self-test] "
+                             "[--version]\n"};
+    if (const auto status = example::parse_args(spec, argc, argv, args)) return *status;
     constexpr std::size_t high_water = 64 * 1024;
     std::string dir;
     try {
-        evmux::EventLoop loop(backend.empty() ? evmux::make_selector()
-                                              : evmux::make_selector(backend));
+        evmux::EventLoop loop(example::make_selector(args));
         ChatRoom room(high_water);
-        evmux::Address address = evmux::Address::ip("127.0.0.1", static_cast<std::uint16_t>(port));
-        if (test) {
+        evmux::Address address =
+            evmux::Address::ip("127.0.0.1", static_cast<std::uint16_t>(args.number));
+        if (args.self_test) {
             // A Unix socket: its buffers are small and fixed (TCP's grow to
             // megabytes), so the slow peer's queue reaches the mark quickly.
             char tmpl[] = "/tmp/evmux-chat.XXXXXX";
@@ -278,7 +264,7 @@ int main(int argc, char** argv) {
             evmux::TcpServer server(loop, address, room.callbacks());
             std::printf("chat_server: %s, backend %s\n", server.local_address().to_string().c_str(),
                         loop.backend_name().c_str());
-            if (test) {
+            if (args.self_test) {
                 rc = self_test(loop, server, room, high_water);
             } else {
                 loop.on_signal(SIGINT, [&](int) { loop.stop(); });

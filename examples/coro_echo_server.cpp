@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "evmux/evmux.hpp"
+#include "example_args.hpp"
 
 namespace {
 
@@ -142,35 +143,21 @@ int self_test(evmux::EventLoop& loop, const evmux::TcpServer& server) {
 }  // namespace
 
 int main(int argc, char** argv) {
-    std::string backend;
-    long port = 16000;
-    bool test = false;
-    for (int i = 1; i < argc; ++i) {
-        std::string_view arg = argv[i];
-        if (arg == "--self-test") {
-            test = true;
-        } else if (arg == "--backend" && i + 1 < argc) {
-            backend = argv[++i];
-        } else if (arg == "--port" && i + 1 < argc) {
-            port = std::strtol(argv[++i], nullptr, 10);
-            if (port <= 0 || port > 65535) {
-                std::fprintf(stderr, "coro_echo_server: bad port %s\n", argv[i]);
-                return 2;
-            }
-        } else {
-            std::printf("usage: coro_echo_server [--port N] [--backend NAME] [--self-test]\n");
-            return arg == "--help" || arg == "-h" ? 0 : 2;
-        }
-    }
+    example::Args args;
+    const example::Spec spec{"coro_echo_server",
+                             "usage: coro_echo_server [--port N] [--backend NAME] [--self-test] "
+                             "[--version]\n",
+                             "--port", 16000};
+    if (const auto status = example::parse_args(spec, argc, argv, args)) return *status;
     try {
-        evmux::EventLoop loop(backend.empty() ? evmux::make_selector()
-                                              : evmux::make_selector(backend));
-        auto address = evmux::Address::ip("127.0.0.1", test ? 0 : static_cast<std::uint16_t>(port));
+        evmux::EventLoop loop(example::make_selector(args));
+        auto address = evmux::Address::ip(
+            "127.0.0.1", args.self_test ? 0 : static_cast<std::uint16_t>(args.number));
         auto server = evmux::coro::serve(loop, address, echo);  // StreamServer(address, echo)
         std::printf("coro_echo_server: %s, backend %s\n",
                     server->local_address().to_string().c_str(), loop.backend_name().c_str());
         std::fflush(stdout);
-        if (test) return self_test(loop, *server);
+        if (args.self_test) return self_test(loop, *server);
 
         loop.on_signal(SIGINT, [&](int) { loop.stop(); });
         loop.on_signal(SIGTERM, [&](int) { loop.stop(); });

@@ -39,6 +39,7 @@
 
 #include "evmux/selector.hpp"
 #include "evmux/version.hpp"
+#include "example_args.hpp"
 
 namespace {
 
@@ -281,54 +282,28 @@ int self_test(std::unique_ptr<evmux::Selector> sel) {
     return ok ? 0 : 1;
 }
 
-void usage(std::FILE* out) {
-    std::fprintf(out,
-                 "usage: select_server [--port N] [--backend NAME] [--self-test] [--version]\n"
-                 "  Uppercase echo server on 127.0.0.1 (default port 9000), on evmux::Selector.\n"
-                 "  --backend   select, poll, epoll, io_uring or libevent (default: EVMUX_BACKEND\n"
-                 "              or the best one here)\n"
-                 "  --self-test serve on a free port, talk to itself, exit 0 on success\n");
-}
+constexpr const char* usage =
+    "usage: select_server [--port N] [--backend NAME] [--self-test] [--version]\n"
+    "  Uppercase echo server on 127.0.0.1 (default port 9000), on evmux::Selector.\n"
+    "  --backend   select, poll, epoll, io_uring or libevent (default: EVMUX_BACKEND\n"
+    "              or the best one here)\n"
+    "  --self-test serve on a free port, talk to itself, exit 0 on success\n";
 
 }  // namespace
 
 int main(int argc, char** argv) {
-    std::string backend;
-    long port = 9000;
-    bool test = false;
-    for (int i = 1; i < argc; ++i) {
-        std::string_view arg = argv[i];
-        if (arg == "--help" || arg == "-h") {
-            usage(stdout);
-            return 0;
-        } else if (arg == "--version") {
-            std::printf("select_server, evmux headers %s, library %s\n", EVMUX_VERSION_STRING,
-                        evmux::version());
-            return 0;
-        } else if (arg == "--self-test") {
-            test = true;
-        } else if (arg == "--backend" && i + 1 < argc) {
-            backend = argv[++i];
-        } else if (arg == "--port" && i + 1 < argc) {
-            port = std::strtol(argv[++i], nullptr, 10);
-            if (port <= 0 || port > 65535) {
-                std::fprintf(stderr, "select_server: bad port %s\n", argv[i]);
-                return 2;
-            }
-        } else {
-            usage(stderr);
-            return 2;
-        }
-    }
+    example::Args args;
+    if (const auto status = example::parse_args({"select_server", usage}, argc, argv, args))
+        return *status;
     try {
-        auto sel = backend.empty() ? evmux::make_selector() : evmux::make_selector(backend);
+        auto sel = example::make_selector(args);
         std::printf("select_server: backend %s\n", sel->name().c_str());
-        if (test) return self_test(std::move(sel));
+        if (args.self_test) return self_test(std::move(sel));
 
         std::signal(SIGINT, on_stop_signal);
         std::signal(SIGTERM, on_stop_signal);
-        const int listener = listen_on(static_cast<std::uint16_t>(port));
-        std::printf("select_server: listening on 127.0.0.1:%ld, Ctrl-C to stop\n", port);
+        const int listener = listen_on(static_cast<std::uint16_t>(args.number));
+        std::printf("select_server: listening on 127.0.0.1:%ld, Ctrl-C to stop\n", args.number);
         SelectServer server(std::move(sel), listener);
         server.run(stop_requested);
         return 0;

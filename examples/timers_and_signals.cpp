@@ -26,6 +26,7 @@
 
 #include "evmux/event_loop.hpp"
 #include "evmux/version.hpp"
+#include "example_args.hpp"
 
 namespace {
 
@@ -113,50 +114,25 @@ Counts run(std::unique_ptr<evmux::Selector> selector, std::chrono::seconds durat
     return counts;
 }
 
-void usage(std::FILE* out) {
-    std::fprintf(out,
-                 "usage: timers_and_signals [--seconds N] [--backend NAME] [--self-test] "
-                 "[--version]\n"
-                 "  Timers, a worker thread posting to the loop, and signals as callbacks.\n"
-                 "  Send SIGUSR1 (kill -USR1 <pid>) to print the state, Ctrl-C to stop.\n");
-}
+constexpr const char* usage =
+    "usage: timers_and_signals [--seconds N] [--backend NAME] [--self-test] [--version]\n"
+    "  Timers, a worker thread posting to the loop, and signals as callbacks.\n"
+    "  Send SIGUSR1 (kill -USR1 <pid>) to print the state, Ctrl-C to stop.\n";
 
 }  // namespace
 
 int main(int argc, char** argv) {
-    std::string backend;
-    long seconds = 10;
-    bool test = false;
-    for (int i = 1; i < argc; ++i) {
-        std::string_view arg = argv[i];
-        if (arg == "--help" || arg == "-h") {
-            usage(stdout);
-            return 0;
-        } else if (arg == "--version") {
-            std::printf("timers_and_signals, evmux headers %s, library %s\n", EVMUX_VERSION_STRING,
-                        evmux::version());
-            return 0;
-        } else if (arg == "--self-test") {
-            test = true;
-        } else if (arg == "--backend" && i + 1 < argc) {
-            backend = argv[++i];
-        } else if (arg == "--seconds" && i + 1 < argc) {
-            seconds = std::strtol(argv[++i], nullptr, 10);
-            if (seconds <= 0) {
-                std::fprintf(stderr, "timers_and_signals: bad --seconds %s\n", argv[i]);
-                return 2;
-            }
-        } else {
-            usage(stderr);
-            return 2;
-        }
-    }
+    example::Args args;
+    const example::Spec spec{"timers_and_signals", usage, "--seconds", 10, 1, 24 * 3600};
+    if (const auto status = example::parse_args(spec, argc, argv, args)) return *status;
     try {
-        auto sel = backend.empty() ? evmux::make_selector() : evmux::make_selector(backend);
+        auto sel = example::make_selector(args);
         std::printf("timers_and_signals: backend %s, pid %d\n", sel->name().c_str(),
                     static_cast<int>(::getpid()));
-        const Counts c = run(std::move(sel), std::chrono::seconds(test ? 10 : seconds), test);
-        if (!test) return 0;
+        const Counts c =
+            run(std::move(sel), std::chrono::seconds(args.self_test ? 10 : args.number),
+                args.self_test);
+        if (!args.self_test) return 0;
         const bool ok =
             c.ticks == 5 && c.posted == 1 && c.usr1 == 1 && !c.cancelled_fired && !c.timed_out;
         std::printf(
