@@ -1413,7 +1413,20 @@ TEST(EvmuxBench, RatePacesEveryPointAndDropsARunThatFellBehind) {
                                         "--rounds",   "1",           "--no-idle",  "--no-plots"};
     std::vector<std::string> paced = args;
     paced.insert(paced.end(), {"--rate", "300"});
-    TinyBench t = bench_with_files(bench, paced);
+    // 300/s is far below what the floor does, but a run is only 0.3 s: a
+    // stall of 10 ms or more (the servers and the load are pinned, and on 2
+    // cores a concurrent suite takes their CPUs at times; 268/s was seen)
+    // drops it below 97 % of the rate, and the bench rightly says so. Up to
+    // three runs, then: each that fell behind must say why, one must keep up.
+    TinyBench t;
+    for (int attempt = 1; attempt <= 3; ++attempt) {
+        t = bench_with_files(bench, paced);
+        if (t.rc == 0) break;
+        ASSERT_EQ(t.rc, 1) << t.err << t.out;
+        ASSERT_NE(t.out.find("epoll-floor: FAILED: did not keep up with --rate 300:"),
+                  std::string::npos)
+            << t.err << t.out;
+    }
     ASSERT_EQ(t.rc, 0) << t.err << t.out;
     EXPECT_NE(t.out.find("ping-pong, paced at 300 round trips/s"), std::string::npos) << t.out;
     EXPECT_NE(t.json.find("\"rate\": 300.0"), std::string::npos) << t.json;
