@@ -271,6 +271,11 @@ TEST(Instructions, CallgrindTotalsLineIsReadAndTheDifferenceDividesByMessages) {
     EXPECT_DOUBLE_EQ(evmux::bench::instructions_per_message(1000, 10, 31000, 110), 300.0);
     EXPECT_TRUE(std::isnan(evmux::bench::instructions_per_message(1000, 10, 2000, 10)));
     EXPECT_TRUE(std::isnan(evmux::bench::instructions_per_message(2000, 10, 1000, 20)));
+    // The longer run must have clearly more messages (1.5x): 14 against 10 is
+    // a busy host's pair, not a figure; 15 is.
+    EXPECT_TRUE(std::isnan(evmux::bench::instructions_per_message(1000, 10, 2000, 14)));
+    EXPECT_DOUBLE_EQ(evmux::bench::instructions_per_message(1000, 10, 2000, 15), 200.0);
+    EXPECT_TRUE(std::isnan(evmux::bench::instructions_per_message(0, 0, 2000, 15)));
 }
 
 // A server's environment entries (the io_uring floor's variants) reach the

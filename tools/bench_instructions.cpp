@@ -27,7 +27,8 @@ std::optional<std::uint64_t> callgrind_total(const std::filesystem::path& file) 
 
 double instructions_per_message(std::uint64_t a_ir, double a_msgs, std::uint64_t b_ir,
                                 double b_msgs) {
-    if (!(b_msgs > a_msgs) || b_ir < a_ir) return NAN;
+    if (!(a_msgs > 0) || !(b_msgs >= instructions_min_msgs_ratio * a_msgs) || b_ir < a_ir)
+        return NAN;
     return static_cast<double>(b_ir - a_ir) / (b_msgs - a_msgs);
 }
 

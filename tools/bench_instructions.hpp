@@ -18,8 +18,15 @@ namespace evmux::bench {
 /// "summary:" line, the first event: Ir); nullopt if there is none.
 std::optional<std::uint64_t> callgrind_total(const std::filesystem::path& file);
 
-/// (b_ir - a_ir) / (b_msgs - a_msgs); NaN unless b has more messages and
-/// at least as many instructions as a.
+/// How many times the shorter run's messages the longer run must have for
+/// the difference to be a figure: it is meant to have three times as many
+/// (3 s of load against 1 s); a host too busy to give the longer run even
+/// half more leaves a difference that start-up and shut-down still sway.
+constexpr double instructions_min_msgs_ratio = 1.5;
+
+/// (b_ir - a_ir) / (b_msgs - a_msgs); NaN unless b has at least
+/// instructions_min_msgs_ratio times a's messages and at least as many
+/// instructions.
 double instructions_per_message(std::uint64_t a_ir, double a_msgs, std::uint64_t b_ir,
                                 double b_msgs);
 
