@@ -32,13 +32,11 @@
 #include <deque>
 #include <memory>
 #include <string>
-#include <string_view>
 #include <system_error>
 #include <thread>
 #include <unordered_map>
 
 #include "evmux/selector.hpp"
-#include "evmux/version.hpp"
 #include "example_args.hpp"
 
 namespace {

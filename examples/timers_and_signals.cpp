@@ -18,14 +18,11 @@
 
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <memory>
 #include <string>
-#include <string_view>
 #include <thread>
 
 #include "evmux/event_loop.hpp"
-#include "evmux/version.hpp"
 #include "example_args.hpp"
 
 namespace {

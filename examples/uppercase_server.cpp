@@ -11,9 +11,7 @@
 #include <cctype>
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <string>
-#include <string_view>
 
 #include "evmux/evmux.hpp"
 #include "example_args.hpp"
