@@ -51,6 +51,9 @@ struct Backend {
     /// For a usable backend, what BackendInfo::reason says about it (libevent:
     /// "method epoll"). Null: nothing.
     std::string (*details)() = nullptr;
+    /// For a usable backend: whether its completion I/O is on here (every
+    /// piece its probe looks for). Null: the backend has none.
+    bool (*completion)() = nullptr;
 };
 
 }  // namespace evmux::detail

@@ -1009,9 +1009,16 @@ std::string details() {
                              : "completion I/O off: " + completion_unusable();
 }
 
+bool completion() {
+    return completion_probe().missing.empty();
+}
+
 }  // namespace
 
-extern const Backend io_uring_backend{
-    .name = "io_uring", .create = create, .unusable = unusable, .details = details};
+extern const Backend io_uring_backend{.name = "io_uring",
+                                      .create = create,
+                                      .unusable = unusable,
+                                      .details = details,
+                                      .completion = completion};
 
 }  // namespace evmux::detail

@@ -25,7 +25,8 @@ extern const Backend epoll_backend, io_uring_backend, poll_backend, select_backe
 namespace {
 
 // Preference order: the first usable one is the default (README's "Default
-// order" says why epoll comes before io_uring).
+// order" says why epoll comes before io_uring), unless the backend with
+// completion I/O is usable with it on (default_backend_name()).
 const detail::Backend* const registry[] = {
     &detail::epoll_backend,     // epoll_selector.cpp
     &detail::io_uring_backend,  // io_uring_selector.cpp (optional: -Dio_uring)
@@ -83,13 +84,16 @@ std::unique_ptr<Selector> make_selector(std::string_view name) {
 std::string default_backend_name() {
     const char* env = std::getenv("EVMUX_BACKEND");
     if (env && *env) return env;
-    // Completion I/O asked for (EVMUX_IO) and no backend named: the one that
-    // has it, if usable here.
+    // Completion I/O, the default I/O mode (EVMUX_IO unset, or "completion"),
+    // and no backend named: the one that has it, if usable here. Unless the
+    // mode was named, only with its completion I/O on: without it, its
+    // readiness is no gain over the first in the order.
     const char* io = std::getenv("EVMUX_IO");
-    if (io && std::string_view(io) == "completion")
+    const std::string_view mode = io ? io : "";
+    if (mode != "readiness")
         for (const detail::Backend* b : registry)
-            if (std::string_view(b->name) == "io_uring" && compiled_in(*b) &&
-                unusable_reason(*b).empty())
+            if (b->completion && compiled_in(*b) && unusable_reason(*b).empty() &&
+                (mode == "completion" || b->completion()))
                 return b->name;
     for (const detail::Backend* b : registry)
         if (compiled_in(*b) && unusable_reason(*b).empty()) return b->name;

@@ -248,19 +248,31 @@ const char* to_string(IoMode mode) {
     return mode == IoMode::completion ? "completion" : "readiness";
 }
 
-IoMode requested_io_mode() {
+namespace {
+
+// EVMUX_IO as set, "" when unset.
+std::string_view io_env() {
     const char* env = std::getenv("EVMUX_IO");
-    const std::string_view value = env ? env : "";
-    if (value.empty() || value == "readiness") return IoMode::readiness;
-    if (value == "completion") return IoMode::completion;
+    return env ? env : "";
+}
+
+}  // namespace
+
+IoMode requested_io_mode() {
+    const std::string_view value = io_env();
+    if (value == "readiness") return IoMode::readiness;
+    if (value.empty() || value == "completion") return IoMode::completion;
     throw std::invalid_argument("evmux: EVMUX_IO must be 'completion' or 'readiness', not '" +
                                 std::string(value) + "'");
 }
 
 EventLoop::EventLoop(std::unique_ptr<Selector> selector)
-    : EventLoop(std::move(selector), requested_io_mode()) {}
+    : EventLoop(std::move(selector), requested_io_mode(), io_env().empty()) {}
 
 EventLoop::EventLoop(std::unique_ptr<Selector> selector, IoMode io)
+    : EventLoop(std::move(selector), io, false) {}
+
+EventLoop::EventLoop(std::unique_ptr<Selector> selector, IoMode io, bool by_default)
     : selector_(std::move(selector)),
       scratch_(std::make_unique_for_overwrite<char[]>(scratch_size)),
       impl_(std::make_unique<Impl>()) {
@@ -275,9 +287,11 @@ EventLoop::EventLoop(std::unique_ptr<Selector> selector, IoMode io)
     impl_->watchers[impl_->wake_fd] = std::move(w);
     if (io == IoMode::completion) {
         auto* cio = dynamic_cast<detail::CompletionIo*>(selector_.get());
-        if (!cio)
-            io_note_ = "the " + selector_->name() + " backend has no completion I/O (io_uring has)";
-        else if (cio->enable_completion(io_note_)) {
+        if (!cio) {
+            if (!by_default)
+                io_note_ =
+                    "the " + selector_->name() + " backend has no completion I/O (io_uring has)";
+        } else if (cio->enable_completion(io_note_)) {
             completion_io_ = cio;
             io_note_ = cio->completion_features();
         }

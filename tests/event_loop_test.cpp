@@ -903,6 +903,42 @@ TEST(EventLoop, IoModeIsCompletionOnlyWhereTheBackendHasIt) {
     EXPECT_STREQ(to_string(IoMode::readiness), "readiness");
 }
 
+// EVMUX_IO unset: completion where the backend has it on, else readiness
+// without a note (nothing was asked for); "readiness" named is readiness.
+TEST(EventLoop, DefaultIoModeIsCompletionWhereTheBackendHasIt) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    const std::string backend = sel->name();
+    bool completion_on = false;
+    for (const BackendInfo& b : backends())
+        if (b.name == "io_uring") completion_on = b.reason.rfind("completion I/O: ", 0) == 0;
+    const char* old = std::getenv("EVMUX_IO");
+    const std::string saved = old ? old : "";
+    ::unsetenv("EVMUX_IO");
+    {
+        EventLoop loop(std::move(sel));
+        if (backend == "io_uring" && completion_on) {
+            EXPECT_EQ(loop.io_mode(), IoMode::completion);
+            EXPECT_NE(loop.completion_io(), nullptr);
+        } else if (backend == "io_uring") {
+            EXPECT_EQ(loop.io_mode(), IoMode::readiness);
+            EXPECT_NE(loop.io_note(), "") << "io_uring without its completion I/O says why";
+        } else {
+            EXPECT_EQ(loop.io_mode(), IoMode::readiness);
+            EXPECT_EQ(loop.io_note(), "") << "a default, not asked for: no note";
+        }
+    }
+    ::setenv("EVMUX_IO", "readiness", 1);
+    {
+        EventLoop loop(make_selector(backend.rfind("libevent", 0) == 0 ? "libevent" : backend));
+        EXPECT_EQ(loop.io_mode(), IoMode::readiness);
+        EXPECT_EQ(loop.io_note(), "");
+    }
+    if (old)
+        ::setenv("EVMUX_IO", saved.c_str(), 1);
+    else
+        ::unsetenv("EVMUX_IO");
+}
+
 TEST(EventLoop, BadIoModeInTheEnvironmentIsAClearError) {
     const char* old = std::getenv("EVMUX_IO");
     const std::string saved = old ? old : "";
@@ -915,7 +951,7 @@ TEST(EventLoop, BadIoModeInTheEnvironmentIsAClearError) {
                      "evmux: EVMUX_IO must be 'completion' or 'readiness', not 'proactor'");
     }
     ::setenv("EVMUX_IO", "", 1);
-    EXPECT_EQ(requested_io_mode(), IoMode::readiness) << "empty: the default";
+    EXPECT_EQ(requested_io_mode(), IoMode::completion) << "empty: the default";
     if (old)
         ::setenv("EVMUX_IO", saved.c_str(), 1);
     else

@@ -1005,7 +1005,9 @@ TEST(Registry, BackendsListed) {
         }
     }
     // The default is the first usable one in preference order; with
-    // EVMUX_IO=completion, io_uring if it is usable (the one that has it).
+    // EVMUX_IO=completion, io_uring if it is usable (the one that has it);
+    // with EVMUX_IO unset (completion, the default mode), io_uring if it is
+    // usable with its completion I/O on.
     const char* env = std::getenv("EVMUX_BACKEND");
     std::string saved = env ? env : "";
     ::unsetenv("EVMUX_BACKEND");
@@ -1013,11 +1015,20 @@ TEST(Registry, BackendsListed) {
     for (const BackendInfo& b : list)
         if (b.usable && first_usable.empty()) first_usable = b.name;
     const char* io = std::getenv("EVMUX_IO");
-    const bool completion = io && std::string(io) == "completion";
-    bool io_uring_usable = false;
+    const std::string io_saved = io ? io : "";
+    bool io_uring_usable = false, io_uring_completion = false;
     for (const BackendInfo& b : list)
-        if (b.name == "io_uring") io_uring_usable = b.usable;
-    EXPECT_EQ(default_backend_name(), completion && io_uring_usable ? "io_uring" : first_usable);
+        if (b.name == "io_uring") {
+            io_uring_usable = b.usable;
+            io_uring_completion = b.usable && b.reason.rfind("completion I/O: ", 0) == 0;
+        }
+    ::setenv("EVMUX_IO", "completion", 1);
+    EXPECT_EQ(default_backend_name(), io_uring_usable ? "io_uring" : first_usable);
+    ::setenv("EVMUX_IO", "readiness", 1);
+    EXPECT_EQ(default_backend_name(), first_usable);
+    ::unsetenv("EVMUX_IO");
+    EXPECT_EQ(default_backend_name(), io_uring_completion ? "io_uring" : first_usable);
+    if (io) ::setenv("EVMUX_IO", io_saved.c_str(), 1);
     if (env) ::setenv("EVMUX_BACKEND", saved.c_str(), 1);
 }
 

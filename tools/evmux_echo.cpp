@@ -281,7 +281,8 @@ int main(int argc, char** argv) {
         ->check(CLI::IsMember({"callbacks", "coroutines"}));
     app.add_option("--io", io,
                    "how connections move bytes: completion (io_uring requests; the io_uring "
-                   "backend only, else readiness) or readiness (default: EVMUX_IO or readiness)")
+                   "backend only, else readiness) or readiness (default: EVMUX_IO, else completion "
+                   "where the backend has it)")
         ->check(CLI::IsMember({"completion", "readiness"}));
     app.add_flag("--list-backends", list, "list the backends and whether they are usable here");
     try {

@@ -37,8 +37,11 @@ enum class IoMode : std::uint8_t { readiness, completion };
 const char* to_string(IoMode mode);
 
 /// What EVMUX_IO asks for: "completion" or "readiness"; unset or empty means
-/// the default, readiness. Throws std::invalid_argument naming the variable
-/// and the accepted values for anything else.
+/// the default, completion (measured the better here: README, "Default:
+/// completion"), which a loop takes where its backend has it (io_uring with
+/// every piece its probe looks for) and quietly does without elsewhere.
+/// Throws std::invalid_argument naming the variable and the accepted values
+/// for anything else.
 IoMode requested_io_mode();
 
 /// A reactor: one per thread. Thread rule: only post(), stop() and
@@ -71,15 +74,17 @@ class EventLoop {
     using ExceptionHandler = std::function<void(std::exception_ptr)>;
 
     /// A loop on `selector`, by default make_selector() (EVMUX_BACKEND or the
-    /// best backend here). Throws std::system_error if the wake-up eventfd
-    /// cannot be created, std::invalid_argument if `selector` is null. The loop
-    /// registers its own fds (eventfd, signalfd) in the selector; do not add
-    /// fds to selector() directly, use watch().
+    /// best backend here), in the I/O mode EVMUX_IO asks for; unset, in
+    /// completion I/O if the selector has it, else readiness with no note.
+    /// Throws std::system_error if the wake-up eventfd cannot be created,
+    /// std::invalid_argument if `selector` is null. The loop registers its own
+    /// fds (eventfd, signalfd) in the selector; do not add fds to selector()
+    /// directly, use watch().
     explicit EventLoop(std::unique_ptr<Selector> selector = make_selector());
     /// A loop whose connections use `io` where they can: completion I/O needs
     /// the io_uring backend and the kernel pieces its probe finds (see
     /// BackendInfo::reason); without them the loop uses readiness and
-    /// io_note() says why. The constructor above asks requested_io_mode().
+    /// io_note() says why.
     EventLoop(std::unique_ptr<Selector> selector, IoMode io);
     /// First runs the `on_loop_end` of every tie() still in place (so
     /// connections still open close and run their on_close, reason `local`,
@@ -256,6 +261,9 @@ class EventLoop {
 
   private:
     struct Impl;
+    /// `io` asked for, or (`by_default`) the default mode: then a backend
+    /// without completion I/O is no fallback to explain in io_note().
+    EventLoop(std::unique_ptr<Selector> selector, IoMode io, bool by_default);
     std::size_t iterate(Timeout timeout, bool stoppable);
 
     std::unique_ptr<Selector> selector_;
