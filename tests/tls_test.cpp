@@ -372,7 +372,7 @@ TEST_F(Tls, ManyConnectionsOfLargeMessagesAllocateNothingInSteadyState) {
     for (int i = 0; i < conns; ++i) {
         Callbacks cb;
         auto got = std::make_shared<std::size_t>(0);
-        cb.on_connect = [&, got](const ConnectionPtr& c) {
+        cb.on_connect = [&](const ConnectionPtr& c) {
             ++connected;
             c->send(message);
         };
