@@ -59,9 +59,10 @@ std::string usable_names() {
 std::vector<BackendInfo> backends() {
     std::vector<BackendInfo> out;
     for (const detail::Backend* b : registry) {
-        BackendInfo info{b->name, compiled_in(*b), false, unusable_reason(*b)};
+        BackendInfo info{b->name, compiled_in(*b), false, unusable_reason(*b), false};
         info.usable = info.compiled_in && info.reason.empty();
         if (info.usable && b->details) info.reason = b->details();
+        info.completion = info.usable && b->completion && b->completion();
         out.push_back(std::move(info));
     }
     return out;

@@ -53,7 +53,7 @@ int main() {
             problem = want + ": " + found->reason;  // "not compiled in (needs ...)"
         } else if (!found->usable) {
             problem = want + ": compiled in but not usable here: " + found->reason;
-        } else if (completion && found->reason.rfind("completion I/O: ", 0) != 0) {
+        } else if (completion && !found->completion) {
             problem = want + ": usable, but " +
                       (found->reason.empty() ? "no completion I/O" : found->reason);
         }

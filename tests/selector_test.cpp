@@ -1003,6 +1003,13 @@ TEST(Registry, BackendsListed) {
             ASSERT_NE(sel, nullptr);
             EXPECT_EQ(sel->name().rfind(b.name, 0), 0u) << sel->name() << " for " << b.name;
         }
+        // Completion I/O: io_uring's, on when its probe found every piece,
+        // and what its reason then begins with.
+        EXPECT_EQ(b.completion, b.usable && b.reason.rfind("completion I/O: ", 0) == 0)
+            << b.name << ": " << b.reason;
+        if (b.name != "io_uring") {
+            EXPECT_FALSE(b.completion) << b.name;
+        }
     }
     // The default is the first usable one in preference order; with
     // EVMUX_IO=completion, io_uring if it is usable (the one that has it);
@@ -1020,7 +1027,7 @@ TEST(Registry, BackendsListed) {
     for (const BackendInfo& b : list)
         if (b.name == "io_uring") {
             io_uring_usable = b.usable;
-            io_uring_completion = b.usable && b.reason.rfind("completion I/O: ", 0) == 0;
+            io_uring_completion = b.completion;
         }
     ::setenv("EVMUX_IO", "completion", 1);
     EXPECT_EQ(default_backend_name(), io_uring_usable ? "io_uring" : first_usable);

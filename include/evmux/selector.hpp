@@ -263,6 +263,7 @@ struct BackendInfo {
     bool compiled_in = false;  ///< built into this library
     bool usable = false;       ///< works on this kernel, now
     std::string reason;        ///< why not usable (empty when usable); details otherwise
+    bool completion = false;   ///< usable, with completion I/O on here (io_uring only)
 };
 
 /// Every backend in preference order (best first), with whether it can be used here.
