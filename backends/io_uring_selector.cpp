@@ -95,11 +95,14 @@ constexpr std::uint32_t cqe_f_buf_more = 1u << 4;  // IORING_CQE_F_BUF_MORE
 //                              byte limit: one-shot receives.
 //  EVMUX_URING_CLOSE=off       act as a kernel without IORING_OP_CLOSE: a
 //                              connection's socket is closed by close().
+//  EVMUX_URING_COMPLETION=off  act as a kernel without what completion I/O
+//                              needs: io_uring is readiness only.
 struct Knobs {
     unsigned buffers = 0;  // 0: the default for the kind of buffers
     bool incremental_off = false;
     bool recv_limit_off = false;
     bool close_off = false;
+    bool completion_off = false;
     std::string error;  // a bad value: what is wrong
 };
 
@@ -137,6 +140,7 @@ Knobs read_knobs() {
     k.incremental_off = off_knob("EVMUX_URING_INCREMENTAL", k.error);
     k.recv_limit_off = off_knob("EVMUX_URING_RECV_LIMIT", k.error);
     k.close_off = off_knob("EVMUX_URING_CLOSE", k.error);
+    k.completion_off = off_knob("EVMUX_URING_COMPLETION", k.error);
     return k;
 }
 
@@ -352,6 +356,10 @@ unsigned recv_buffer_count(const CompletionProbe& p) {
 
 CompletionProbe run_completion_probe() {
     CompletionProbe p;
+    if (knobs().completion_off) {
+        p.missing = "EVMUX_URING_COMPLETION=off";
+        return p;
+    }
     io_uring ring{};
     if (int ret = io_uring_queue_init(8, &ring, 0); ret < 0) {
         p.missing = std::string("io_uring_setup: ") + std::strerror(-ret);
@@ -414,7 +422,8 @@ const CompletionProbe& completion_probe() {
 
 std::string completion_unusable() {
     const std::string& missing = completion_probe().missing;
-    return missing.empty() ? std::string() : "the kernel lacks " + missing;
+    if (missing.empty()) return std::string();
+    return knobs().completion_off ? "turned off (" + missing + ")" : "the kernel lacks " + missing;
 }
 
 std::string features_text() {

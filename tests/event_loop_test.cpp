@@ -911,6 +911,13 @@ TEST(EventLoop, DefaultIoModeIsCompletionWhereTheBackendHasIt) {
     bool completion_on = false;
     for (const BackendInfo& b : backends())
         if (b.name == "io_uring") completion_on = b.completion;
+    // event_loop-io_uring-completion-off: the knob acting as a kernel without
+    // completion I/O, so that the branch for io_uring without it runs.
+    const char* knob = std::getenv("EVMUX_URING_COMPLETION");
+    const bool knob_off = knob && std::string(knob) == "off";
+    if (knob_off) {
+        EXPECT_FALSE(completion_on);
+    }
     const char* old = std::getenv("EVMUX_IO");
     const std::string saved = old ? old : "";
     ::unsetenv("EVMUX_IO");
@@ -922,6 +929,10 @@ TEST(EventLoop, DefaultIoModeIsCompletionWhereTheBackendHasIt) {
         } else if (backend == "io_uring") {
             EXPECT_EQ(loop.io_mode(), IoMode::readiness);
             EXPECT_NE(loop.io_note(), "") << "io_uring without its completion I/O says why";
+            if (knob_off) {
+                EXPECT_NE(loop.io_note().find("EVMUX_URING_COMPLETION=off"), std::string::npos)
+                    << loop.io_note();
+            }
         } else {
             EXPECT_EQ(loop.io_mode(), IoMode::readiness);
             EXPECT_EQ(loop.io_note(), "") << "a default, not asked for: no note";

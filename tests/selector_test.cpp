@@ -1011,6 +1011,15 @@ TEST(Registry, BackendsListed) {
             EXPECT_FALSE(b.completion) << b.name;
         }
     }
+    // The knob that acts as a kernel without completion I/O (meson test
+    // selector-io_uring-completion-off): io_uring usable, its completion off.
+    if (const char* off = std::getenv("EVMUX_URING_COMPLETION"); off && std::string(off) == "off") {
+        for (const BackendInfo& b : list)
+            if (b.name == "io_uring" && b.usable) {
+                EXPECT_FALSE(b.completion);
+                EXPECT_EQ(b.reason, "completion I/O off: turned off (EVMUX_URING_COMPLETION=off)");
+            }
+    }
     // The default is the first usable one in preference order; with
     // EVMUX_IO=completion, io_uring if it is usable (the one that has it);
     // with EVMUX_IO unset (completion, the default mode), io_uring if it is
