@@ -2,13 +2,14 @@
 // 0 picks a free port), until SIGINT or SIGTERM. Public headers only.
 #include <csignal>
 #include <cstdio>
+#include <exception>
 #include <string>
 
 #include "evmux/connection.hpp"
 #include "evmux/event_loop.hpp"
 #include "evmux/server.hpp"
 
-int main(int argc, char** argv) {
+int main(int argc, char** argv) try {
     evmux::EventLoop loop;  // EVMUX_BACKEND, or the best backend here
     evmux::Callbacks cb;
     cb.on_message = [](const evmux::ConnectionPtr& conn, evmux::Buffer& input) {
@@ -26,4 +27,7 @@ int main(int argc, char** argv) {
                 loop.backend_name().c_str());
     std::fflush(stdout);
     loop.run();
+} catch (const std::exception& e) {  // a bad port, the port in use, an unknown backend
+    std::fprintf(stderr, "echo_server: %s\n", e.what());
+    return 1;
 }
