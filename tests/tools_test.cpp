@@ -1684,7 +1684,9 @@ TEST(EvmuxBench, SyscallsPerMessageAreCountedOrSaidToBeUnavailable) {
     // the "unavailable" branch would only hide a broken counter.
     const char* expect = std::getenv("EVMUX_EXPECT_SYSCALL_COUNTS");
     const bool required = expect && *expect;
-    if (required) EXPECT_NE(m[1], "null") << "syscalls: " << m[2];
+    if (required) {
+        EXPECT_NE(m[1], "null") << "syscalls: " << m[2];
+    }
     if (m[1] == "null") {
         // Never a number made up: null, the reason, and the table's footnote.
         EXPECT_TRUE(std::regex_match(m[2].str(), std::regex("unavailable: .+"))) << m[2];
@@ -1698,7 +1700,9 @@ TEST(EvmuxBench, SyscallsPerMessageAreCountedOrSaidToBeUnavailable) {
     // The waits (epoll_wait and kin) likewise.
     static const std::regex waits(R"re("waits_per_msg": ([0-9.]+|null)[^{]*"waits": "([^"]*)")re");
     ASSERT_TRUE(std::regex_search(t.json, m, waits)) << t.json;
-    if (required) EXPECT_NE(m[1], "null") << "waits: " << m[2];
+    if (required) {
+        EXPECT_NE(m[1], "null") << "waits: " << m[2];
+    }
     if (m[1] == "null") {
         EXPECT_TRUE(std::regex_match(m[2].str(), std::regex("unavailable: .+"))) << m[2];
         EXPECT_NE(t.out.find("  waits/msg - for epoll-floor: " + m[2].str()), std::string::npos)
