@@ -315,7 +315,8 @@ TEST_F(EvmuxEcho, ErrorsAreOneLineAndExitTwo) {
     const std::vector<Case> cases = {
         {{"--port", port}, "Address already in use"},
         {{"--bogus"}, "--bogus"},
-        {{"--port", "70000"}, "70000"},
+        {{"--port", "70000"}, "--port: '70000' is not a whole number from 0 to 65535"},
+        {{"--port", "80abc"}, "--port: '80abc' is not a whole number from 0 to 65535"},
         {{"--port", "0", "--backend", "no-such-backend"}, "no-such-backend"},
         {{"--unix", "/nonexistent-evmux-dir/x.sock"}, "No such file or directory"},
         {{}, "--port"},

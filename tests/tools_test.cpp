@@ -39,6 +39,7 @@
 #include <sstream>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "../tools/bench_processes.hpp"
@@ -988,6 +989,26 @@ TEST_F(LoadTest, BadFlagsExitTwoWithOneLine) {
         EXPECT_EQ(run_load(args, &out, &err), 2) << ::testing::PrintToString(args);
         EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
         EXPECT_TRUE(out.empty()) << out;
+    }
+}
+
+// A number flag's bad value is said as what the flag takes, the whole text
+// checked ("5x" is not 5, "nan" is not a number in range), not CLI11's "Value
+// 5x not in range".
+TEST_F(LoadTest, BadNumbersAreSaidAsWhatTheFlagTakes) {
+    const std::vector<std::string> rest = {"--port", "1", "--size", "8", "--duration", "1"};
+    for (const auto& [flag, value, line] :
+         std::vector<std::tuple<std::string, std::string, std::string>>{
+             {"--conns", "5x", "--conns: '5x' is not a whole number from 1 to 1000000"},
+             {"--conns", "-5", "--conns: '-5' is not a whole number from 1 to 1000000"},
+             {"--timeout", "nan", "--timeout: 'nan' is not a number from 0.001 to 60"},
+             {"--rate", "1e10", "--rate: '1e10' is not a number from 1 to 1e+09"}}) {
+        std::vector<std::string> args = rest;
+        if (flag != "--conns") args.insert(args.end(), {"--conns", "1"});
+        args.insert(args.end(), {flag, value});
+        std::string out, err;
+        EXPECT_EQ(run_load(args, &out, &err), 2) << ::testing::PrintToString(args);
+        EXPECT_EQ(err, "evmux-load: " + line + " (see --help)\n");
     }
 }
 

@@ -38,6 +38,7 @@
 #include "bench_stats.hpp"
 #include "bench_syscalls.hpp"
 #include "bench_tls.hpp"
+#include "cli_number.hpp"
 #include "evmux/selector.hpp"
 #include "fd_limit.hpp"
 
@@ -1455,21 +1456,21 @@ void add_bench_options(CLI::App& app, Options& opt) {
         ->delimiter(',');
     app.add_option("--sizes", opt.sizes, "message sizes in bytes (default 64,1024,16384)")
         ->delimiter(',')
-        ->check(CLI::Range(1, 1 << 24));
+        ->check(evmux::support::number_in(1, 1 << 24));
     app.add_option("--sessions", opt.sessions,
                    "concurrent ping-pong sessions (default 1,10,100,1000)")
         ->delimiter(',')
-        ->check(CLI::Range(1, 100000));
+        ->check(evmux::support::number_in(1, 100000));
     app.add_option("--duration", opt.duration, "seconds per point (default 2; 1 with --quick)")
-        ->check(CLI::Range(0.05, 3600.0));
+        ->check(evmux::support::number_in(0.05, 3600.0));
     app.add_option("--rounds", opt.rounds,
                    "rounds per point, the servers interleaved in each; medians and ranges "
                    "over them (default 5; 3 with --quick)")
-        ->check(CLI::Range(1, 1000));
+        ->check(evmux::support::number_in(1, 1000));
     app.add_option("--interference-threshold", opt.interference_percent,
                    "flag a run when other work took more than this percentage of the server's "
                    "or the client's CPU, or steal did (default 5)")
-        ->check(CLI::Range(0.0, 100.0));
+        ->check(evmux::support::number_in(0.0, 100.0));
     app.add_flag("--keep-disturbed", opt.keep_disturbed,
                  "keep the rounds other work disturbed in the figures, flagged, and run no "
                  "extra round; by default each is replaced by an extra round (up to --rounds "
@@ -1482,10 +1483,10 @@ void add_bench_options(CLI::App& app, Options& opt) {
     app.add_option("--csv", opt.csv_file, "write the results as CSV to this file");
     app.add_option("--idle-conns", opt.idle_conns,
                    "connections in the idle-heavy case (default 10000; 2000 with --quick)")
-        ->check(CLI::Range(1, 1000000));
+        ->check(evmux::support::number_in(1, 1000000));
     app.add_option("--idle-active", opt.idle_active,
                    "active connections in the idle-heavy case (default 100)")
-        ->check(CLI::Range(1, 1000000));
+        ->check(evmux::support::number_in(1, 1000000));
     app.add_flag("--no-idle", opt.no_idle, "skip the idle-heavy case");
     app.add_flag("--no-plots", opt.no_plots, "do not run plot_bench.py");
     app.add_flag("--instructions", opt.instructions,
@@ -1498,7 +1499,7 @@ void add_bench_options(CLI::App& app, Options& opt) {
                    "socketpair counts of the dispatch sweep (default 100,1000,10000; "
                    "100,1000,5000 with --quick)")
         ->delimiter(',')
-        ->check(CLI::Range(1, 1000000));
+        ->check(evmux::support::number_in(1, 1000000));
     app.add_option("--tools-dir", opt.tools_dir,
                    "where evmux-echo, evmux-load and the baselines are (default: beside this "
                    "program; baselines also in the installed libexec/evmux)");
@@ -1506,7 +1507,7 @@ void add_bench_options(CLI::App& app, Options& opt) {
                    "evmux-echo loop threads, e.g. 1,2 for throughput vs threads (default 1; "
                    "a server with more than 1 is not pinned)")
         ->delimiter(',')
-        ->check(CLI::Range(1, 1024));
+        ->check(evmux::support::number_in(1, 1024));
     app.add_option("--host", opt.host, "address the servers listen on (default 127.0.0.1)");
     app.add_option("--io", opt.io,
                    "io modes of the evmux rows on io_uring, one row each: completion "
@@ -1518,7 +1519,7 @@ void add_bench_options(CLI::App& app, Options& opt) {
                    "every TCP point (evmux-load --rate), so the servers compare doing the same "
                    "work per second rather than each as fast as the client and it can go; a run "
                    "below 97% of it is not counted (not --instructions, not UDP rows)")
-        ->check(CLI::Range(1.0, 1e9));
+        ->check(evmux::support::number_in(1.0, 1e9));
     app.add_flag("--udp", opt.udp,
                  "also UDP echo rows: evmux-echo --udp on each backend (evmux/BACKEND/udp) and "
                  "the recvmmsg/sendmmsg floor (udp-floor), against evmux-load --udp");
@@ -1535,12 +1536,15 @@ CLI::App* add_dispatch_command(CLI::App& app, DispatchOptions& d) {
         "dispatch",
         "libevent's test/bench.c on an evmux EventLoop: N socketpairs, A active, W writes; "
         "prints the microseconds of each of 25 iterations");
-    dispatch->add_option("-n", d.n, "socketpairs (default 100)")->check(CLI::Range(1, 1000000));
-    dispatch->add_option("-a", d.a, "active chains (default 1)")->check(CLI::Range(1, 1000000));
-    dispatch->add_option("-w", d.w, "writes (default 100)")->check(CLI::Range(0, 100000000));
+    dispatch->add_option("-n", d.n, "socketpairs (default 100)")
+        ->check(evmux::support::number_in(1, 1000000));
+    dispatch->add_option("-a", d.a, "active chains (default 1)")
+        ->check(evmux::support::number_in(1, 1000000));
+    dispatch->add_option("-w", d.w, "writes (default 100)")
+        ->check(evmux::support::number_in(0, 100000000));
     dispatch->add_option("--backend", d.backend, "evmux backend (default: EVMUX_BACKEND or best)");
     dispatch->add_option("--iterations", d.iterations, "iterations (default 25, as bench.c)")
-        ->check(CLI::Range(1, 100000));
+        ->check(evmux::support::number_in(1, 100000));
     return dispatch;
 }
 

@@ -35,6 +35,7 @@
 #include <string>
 #include <string_view>
 
+#include "cli_number.hpp"
 #include "evmux/address.hpp"
 #include "evmux/connection.hpp"
 #include "evmux/coro.hpp"
@@ -260,7 +261,8 @@ int main(int argc, char** argv) {
     evmux::TlsServerOptions tls;
     std::string tls_records = "evmux";
     add_tls_flags(app, tls, tls_records);
-    app.add_option("--port", port, "TCP port (0: any free port)")->check(CLI::Range(0, 65535));
+    app.add_option("--port", port, "TCP port (0: any free port)")
+        ->check(evmux::support::number_in(0, 65535));
     app.add_option("--host", host, "numeric address or name to bind (default 127.0.0.1)");
     app.add_option("--dns", dns,
                    "DNS servers for a --host name, e.g. 127.0.0.1:5353 (default: "
@@ -270,7 +272,7 @@ int main(int argc, char** argv) {
     app.add_option("--unix", unix_path, "listen on this Unix socket path instead of TCP");
     app.add_flag("--udp", udp, "echo UDP datagrams (each back to its sender) instead of TCP");
     app.add_option("--threads", threads, "event loops, one per thread (default 1)")
-        ->check(CLI::Range(1, 1024));
+        ->check(evmux::support::number_in(1, 1024));
     app.add_option("--distribution", distribution,
                    "how connections are spread over the threads: reuse_port (a listener "
                    "per loop) or round_robin (one acceptor hands connections out)")

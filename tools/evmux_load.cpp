@@ -63,6 +63,7 @@
 #include <utility>
 #include <vector>
 
+#include "cli_number.hpp"
 #include "fd_limit.hpp"
 #include "load_common.hpp"
 
@@ -919,19 +920,21 @@ int main(int argc, char** argv) {
         "Closed-loop TCP echo load client: C connections, A of them ping-pong S-byte "
         "messages for a duration; reports round trips, throughput and latency.",
         "evmux-load"};
-    app.add_option("--port", opt.port, "server port")->required()->check(CLI::Range(1, 65535));
+    app.add_option("--port", opt.port, "server port")
+        ->required()
+        ->check(evmux::support::number_in(1, 65535));
     app.add_option("--host", opt.host, "server address or name (default 127.0.0.1)");
     app.add_option("--conns", opt.conns, "connections to open")
         ->required()
-        ->check(CLI::Range(1, 1000000));
+        ->check(evmux::support::number_in(1, 1000000));
     app.add_option("--size", opt.size, "message size in bytes")
         ->required()
-        ->check(CLI::Range(1, 64 * 1024 * 1024));
+        ->check(evmux::support::number_in(1, 64 * 1024 * 1024));
     app.add_option("--duration", opt.duration_s, "seconds of load after all are connected")
         ->required()
-        ->check(CLI::Range(0.001, 86400.0));
+        ->check(evmux::support::number_in(0.001, 86400.0));
     app.add_option("--active", opt.active, "connections that send (default: all)")
-        ->check(CLI::Range(1, 1000000));
+        ->check(evmux::support::number_in(1, 1000000));
     app.add_flag("--upper", opt.upper, "expect the ASCII-uppercased payload back");
     app.add_flag("--json", opt.json, "print one JSON object instead of text");
     app.add_flag("--mark-window", opt.mark_window,
@@ -943,14 +946,14 @@ int main(int argc, char** argv) {
                    "paced: this many round trips per second over all active connections, "
                    "each connection's sends evenly spaced (default: closed loop, each sends "
                    "again as soon as its echo is back)")
-        ->check(CLI::Range(1.0, 1e9));
+        ->check(evmux::support::number_in(1.0, 1e9));
     app.add_option("--connect-timeout", opt.connect_timeout_s,
                    "seconds each connect (and TLS handshake) may take (default 10)")
-        ->check(CLI::Range(0.001, 3600.0));
+        ->check(evmux::support::number_in(0.001, 3600.0));
     app.add_option("--sndbuf", opt.sndbuf,
                    "each connection's socket send buffer (SO_SNDBUF) in bytes, e.g. small to "
                    "make sends partial (default: the kernel's)")
-        ->check(CLI::Range(1, 1 << 30));
+        ->check(evmux::support::number_in(1, 1 << 30));
     auto* tls = app.add_flag("--tls", opt.tls, "speak TLS (OpenSSL's handshake)");
     app.add_option("--tls-records", opt.tls_records,
                    "who seals and opens the TLS 1.3 records after the handshake: own (evmux-load's "
@@ -974,7 +977,7 @@ int main(int argc, char** argv) {
     app.add_option("--timeout", opt.timeout_s,
                    "--udp: seconds a datagram's echo may take before it counts as lost "
                    "(default 0.25)")
-        ->check(CLI::Range(0.001, 60.0));
+        ->check(evmux::support::number_in(0.001, 60.0));
     try {
         app.parse(argc, argv);
         if (opt.active > opt.conns)

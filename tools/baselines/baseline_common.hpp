@@ -20,6 +20,7 @@
 #include <initializer_list>
 #include <string>
 
+#include "cli_number.hpp"
 #include "fd_limit.hpp"
 
 namespace evmux::baseline {
@@ -37,7 +38,7 @@ inline ServerOptions parse_options(const char* name, const char* what, int argc,
     CLI::App app{what, name};
     app.add_option("--port", opt.port, "port to listen on (0: pick a free one)")
         ->required()
-        ->check(CLI::Range(0, 65535));
+        ->check(evmux::support::number_in(0, 65535));
     app.add_option("--host", opt.host, "address to listen on (default 127.0.0.1)");
     try {
         app.parse(argc, argv);
