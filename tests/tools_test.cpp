@@ -1383,12 +1383,12 @@ TEST(EvmuxBench, UringFloorVariantsRunBesideTheFloor) {
     static const std::regex ratio(
         R"re("ok": true.*"ratio_to_uring_floor": \{[^}]*"cpu_us_per_msg": [0-9.]+)re");
     for (const char* server : {"uring-floor-coop", "uring-floor-zc"}) {
-        const auto at = t.json.find("{\"server\": \"" + std::string(server) + "\", ");
+        const auto at = t.json.find(std::string("{\"server\": \"") + server + "\", ");
         ASSERT_NE(at, std::string::npos) << t.json;
         const std::string row = t.json.substr(at, t.json.find('\n', at) - at);
         EXPECT_TRUE(std::regex_search(row, ratio)) << row;
         EXPECT_NE(t.out.find("\n1KiB x 2 "), std::string::npos) << t.out;
-        EXPECT_NE(t.out.find(" " + std::string(server) + " "), std::string::npos) << t.out;
+        EXPECT_NE(t.out.find(std::string(" ") + server + " "), std::string::npos) << t.out;
     }
     EXPECT_NE(t.out.find("== the io_uring floor's variants against it"), std::string::npos)
         << t.out;

@@ -1365,8 +1365,10 @@ void write_csv(const fs::path& file, const std::vector<Result>& results) {
             os << ',' << num(u.median, 3) << ',' << num(u.min, 3) << ',' << num(u.max, 3);
         }
         std::string left;  // "2 5": the rounds' numbers
-        for (const auto& round : r.left_out)
-            left += (left.empty() ? "" : " ") + std::to_string(round.round);
+        for (const auto& round : r.left_out) {
+            if (!left.empty()) left += ' ';
+            left += std::to_string(round.round);
+        }
         os << ',' << text(r.cpu_split) << ',' << r.interference.flagged << ','
            << text(r.interference.details) << ',' << left << ',' << text(r.note) << '\n';
     }
