@@ -1411,11 +1411,17 @@ TEST(EvmuxBench, TlsTargetPairsEachRoundWithItsOwnEvpTiming) {
     EXPECT_NE(t.out.find("(timed each round; extra/evp paired by round: median [interval])"),
               std::string::npos)
         << t.out;
-    // "1KiB x 4  evmux/epoll/tls  plain tls evp  median [lo-hi]  verdict": two rounds
-    // give an interval unless their ratios are equal to the digit; a verdict
-    // from runs other work disturbed says so (two rounds: none is left out).
+    EXPECT_NE(t.out.find("(bare loop: no server; the same seal+open with each message sent over "
+                         "loopback TCP"),
+              std::string::npos)
+        << t.out;
+    // "1KiB x 4  evmux/epoll/tls  plain tls evp  median [lo-hi]  verdict
+    // bare-median [lo-hi]": two rounds give an interval unless their ratios
+    // are equal to the digit; a verdict from runs other work disturbed says so
+    // (two rounds: none is left out). The bare loop's extra/evp beside it,
+    // explained under the table.
     static const std::regex row(
-        R"re(\n1KiB x 4 +evmux/epoll/tls +[0-9.]+ +[0-9.]+ +[0-9.]+ +-?[0-9.]+( \[-?[0-9.]+--?[0-9.]+\])? +(met|missed|unclear)( \(disturbed\))?\n)re");
+        R"re(\n1KiB x 4 +evmux/epoll/tls +[0-9.]+ +[0-9.]+ +[0-9.]+ +-?[0-9.]+( \[-?[0-9.]+--?[0-9.]+\])? +(met|missed|unclear)( \(disturbed\))?  -?[0-9.]+( \[-?[0-9.]+--?[0-9.]+\])?\n)re");
     std::smatch m;
     ASSERT_TRUE(std::regex_search(t.out, m, row)) << t.out;
     // "(disturbed)" exactly when a run it stands on was flagged.
@@ -1425,7 +1431,7 @@ TEST(EvmuxBench, TlsTargetPairsEachRoundWithItsOwnEvpTiming) {
     // The JSON has the row too, with each round's EVP timing (two rounds,
     // none left out) and the same verdict.
     static const std::regex json_row(
-        R"re("tls_target": \[\n +\{"server": "evmux/epoll/tls", "plain_server": "evmux/epoll", "size": 1024, "conns": 4, "active": 4, "evp_us": \[[0-9.]+, [0-9.]+\], "evp_us_left_out": \[\], "extra_over_evp": \{"median": -?[0-9.]+, "min": -?[0-9.]+, "max": -?[0-9.]+\}, "limit": 1.3, "verdict": "([a-z ()]+)"\}\n +\])re");
+        R"re("tls_target": \[\n +\{"server": "evmux/epoll/tls", "plain_server": "evmux/epoll", "size": 1024, "conns": 4, "active": 4, "evp_us": \[[0-9.]+, [0-9.]+\], "evp_us_left_out": \[\], "extra_over_evp": \{"median": -?[0-9.]+, "min": -?[0-9.]+, "max": -?[0-9.]+\}, "limit": 1.3, "verdict": "([a-z ()]+)", "bare_us": \[[0-9.]+, [0-9.]+\], "bare_us_left_out": \[\], "bare_extra_over_evp": \{"median": -?[0-9.]+, "min": -?[0-9.]+, "max": -?[0-9.]+\}\}\n +\])re");
     std::smatch j;
     ASSERT_TRUE(std::regex_search(t.json, j, json_row)) << t.json;
     EXPECT_EQ(j[1].str(), m[2].str() + m[3].str()) << t.json;

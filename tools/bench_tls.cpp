@@ -8,7 +8,15 @@
 #include <vector>
 
 #if EVMUX_BENCH_TLS
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <openssl/evp.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include "test_certs.hpp"
 #endif
@@ -42,6 +50,9 @@ class Gcm {
     Gcm(const Gcm&) = delete;
     Gcm& operator=(const Gcm&) = delete;
 
+    /// The sealed message (valid after round()).
+    const unsigned char* sealed() const { return sealed_.data(); }
+
     void round(std::uint64_t n) {
         unsigned char iv[12] = {};
         for (int i = 0; i < 8; ++i) iv[4 + i] = static_cast<unsigned char>(n >> (8 * i));
@@ -65,6 +76,73 @@ class Gcm {
     EVP_CIPHER_CTX* open_ = nullptr;
 };
 
+/// Two connected loopback TCP sockets, both ends in this thread: one
+/// record's trip through the kernel (a send, then the peer's recv of it).
+class LoopbackPair {
+  public:
+    LoopbackPair() {
+        const int l = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        sockaddr_in a{};
+        a.sin_family = AF_INET;
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        socklen_t len = sizeof a;
+        const bool listening = l >= 0 && ::bind(l, reinterpret_cast<sockaddr*>(&a), len) == 0 &&
+                               ::listen(l, 1) == 0 &&
+                               ::getsockname(l, reinterpret_cast<sockaddr*>(&a), &len) == 0;
+        if (listening) out_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (out_ >= 0 && ::connect(out_, reinterpret_cast<sockaddr*>(&a), len) == 0)
+            in_ = ::accept4(l, nullptr, nullptr, SOCK_CLOEXEC);
+        const int err = errno;
+        if (l >= 0) ::close(l);
+        if (in_ < 0) {
+            if (out_ >= 0) ::close(out_);
+            throw std::runtime_error(std::string("loopback TCP pair for the bare TLS loop: ") +
+                                     std::strerror(err));
+        }
+        const int one = 1;
+        ::setsockopt(out_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    }
+    ~LoopbackPair() {
+        ::close(out_);
+        ::close(in_);
+    }
+    LoopbackPair(const LoopbackPair&) = delete;
+    LoopbackPair& operator=(const LoopbackPair&) = delete;
+
+    /// Sends `n` bytes of `p` and receives them at the other end into `into`.
+    void trip(const unsigned char* p, std::size_t n, unsigned char* into) {
+        if (::send(out_, p, n, 0) != static_cast<ssize_t>(n))
+            throw std::runtime_error("bare TLS loop: send on loopback failed");
+        for (std::size_t got = 0; got < n;) {
+            const ssize_t r = ::recv(in_, into + got, n - got, 0);
+            if (r <= 0) throw std::runtime_error("bare TLS loop: recv on loopback failed");
+            got += static_cast<std::size_t>(r);
+        }
+    }
+
+  private:
+    int out_ = -1;
+    int in_ = -1;
+};
+
+/// The median of 5 per-iteration timings of `step` (this thread's CPU), each
+/// over enough iterations for about `ms` milliseconds (calibrated first).
+template <typename Step>
+double median_us(Step step, double ms) {
+    double t0 = thread_cpu_us();
+    std::uint64_t iterations = 0;
+    while (thread_cpu_us() - t0 < ms * 200) step(), ++iterations;
+    iterations = std::max<std::uint64_t>(iterations * 5, 1);
+    std::vector<double> per;
+    for (int rep = 0; rep < 5; ++rep) {
+        t0 = thread_cpu_us();
+        for (std::uint64_t i = 0; i < iterations; ++i) step();
+        per.push_back((thread_cpu_us() - t0) / static_cast<double>(iterations));
+    }
+    std::sort(per.begin(), per.end());
+    return per[per.size() / 2];
+}
+
 }  // namespace
 
 bool tls_built() {
@@ -76,19 +154,31 @@ double evp_seal_open_us(int size, int cpu) {
     const PinnedTo pin(cpu);
     Gcm gcm(size);
     std::uint64_t n = 0;
-    // Calibrate: iterations for ~10 ms.
-    double t0 = thread_cpu_us();
-    std::uint64_t iterations = 0;
-    while (thread_cpu_us() - t0 < 2000) gcm.round(n++), ++iterations;
-    iterations = std::max<std::uint64_t>(iterations * 5, 1);
-    std::vector<double> per;
-    for (int rep = 0; rep < 5; ++rep) {
-        t0 = thread_cpu_us();
-        for (std::uint64_t i = 0; i < iterations; ++i) gcm.round(n++);
-        per.push_back((thread_cpu_us() - t0) / static_cast<double>(iterations));
+    return median_us([&] { gcm.round(n++); }, 10);
+}
+
+double bare_tls_loop_us(int size, int cpu) {
+    const PinnedTo pin(cpu);
+    Gcm gcm(size);
+    LoopbackPair pair;
+    const auto len = static_cast<std::size_t>(size);
+    std::vector<unsigned char> wire(len, 'x'), got(len);
+    std::uint64_t n = 0;
+    // Interleaved, three times: the I/O alone, then with the cipher; the
+    // difference of their medians, and the median of those three.
+    std::vector<double> cipher;
+    for (int rep = 0; rep < 3; ++rep) {
+        const double io = median_us([&] { pair.trip(wire.data(), len, got.data()); }, 4);
+        const double both = median_us(
+            [&] {
+                gcm.round(n++);
+                pair.trip(gcm.sealed(), len, got.data());
+            },
+            4);
+        cipher.push_back(both - io);
     }
-    std::sort(per.begin(), per.end());
-    return per[per.size() / 2];
+    std::sort(cipher.begin(), cipher.end());
+    return cipher[1];
 }
 
 const BenchCert& bench_cert() {
@@ -106,6 +196,10 @@ bool tls_built() {
 }
 
 double evp_seal_open_us(int, int) {
+    throw std::runtime_error("TLS not built");
+}
+
+double bare_tls_loop_us(int, int) {
     throw std::runtime_error("TLS not built");
 }
 

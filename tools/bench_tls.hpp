@@ -23,6 +23,19 @@ bool tls_built();
 /// Throws std::runtime_error if OpenSSL fails (or TLS is not built).
 double evp_seal_open_us(int size, int cpu = -1);
 
+/// The same seal and open in a bare loop that also sends each sealed message
+/// over loopback TCP and receives it at the other end (both sockets in this
+/// thread, no server, no framework): CPU microseconds per message with the
+/// cipher minus without it, interleaved (the median of three such
+/// differences of medians). On a machine where entering the kernel flushes
+/// the TLB or the kernel's copies evict the cipher's state, this is above
+/// evp_seal_open_us(): (this / EVP alone) is the extra/evp of an echo with
+/// nothing but the system calls around its cipher, a reference for the TLS
+/// target's extra/evp (which stays measured against EVP alone). On CPU `cpu`
+/// as evp_seal_open_us(). Throws std::runtime_error if a socket or OpenSSL
+/// fails (or TLS is not built).
+double bare_tls_loop_us(int size, int cpu = -1);
+
 /// The server certificate and key evmux-echo --tls-cert/--tls-key gets and the
 /// CA evmux-load --tls-ca checks it with, made on first use (a temporary
 /// directory, removed at exit).

@@ -151,10 +151,14 @@ struct Result : Figures {
 };
 
 /// EVP alone (the TLS target), timed once per round at one point: the
-/// rounds in the figures, in order, and those left out with their numbers.
+/// rounds in the figures, in order, and those left out with their numbers;
+/// beside each, the same cipher's cost in a bare loop with loopback I/O
+/// around it (bare_tls_loop_us(): the reference column), kept in step.
 struct EvpTimings {
     std::vector<double> kept;
     std::vector<std::pair<int, double>> left_out;  // (round, us)
+    std::vector<double> bare;
+    std::vector<std::pair<int, double>> bare_left_out;
 };
 
 /// One row of the TLS target: a TLS run at a point, the plain run beside it,
@@ -165,6 +169,7 @@ struct TlsTarget {
     const EvpTimings* evp;
     Spread ratio;
     std::string verdict;
+    Spread bare;  ///< the bare loop's extra/evp, paired by round
 };
 
 /// One (server, point)'s rounds as one Result: the medians of their figures,
@@ -1253,23 +1258,36 @@ void write_json(const fs::path& file, const std::vector<Result>& results,
         os << "}";
         first = false;
     }
-    // The TLS target's rows (print_tls_target()), with every EVP timing.
+    // The TLS target's rows (print_tls_target()), with every EVP timing and
+    // the bare loop's.
     os << "\n  ],\n  \"tls_target\": [";
+    // "NAME": [us, ...], "NAME_left_out": [{"round": N, "us": us}, ...]
+    auto timings = [&os](const char* name, const std::vector<double>& kept,
+                         const std::vector<std::pair<int, double>>& left) {
+        os << ", \"" << name << "\": [";
+        for (std::size_t i = 0; i < kept.size(); ++i) os << (i ? ", " : "") << json_num(kept[i], 4);
+        os << "], \"" << name << "_left_out\": [";
+        for (std::size_t i = 0; i < left.size(); ++i)
+            os << (i ? ", " : "") << "{\"round\": " << left[i].first
+               << ", \"us\": " << json_num(left[i].second, 4) << "}";
+        os << "]";
+    };
+    auto ratio = [&os](const char* name, const Spread& r) {
+        os << ", \"" << name << "\": {\"median\": " << json_num(r.median)
+           << ", \"min\": " << json_num(r.min) << ", \"max\": " << json_num(r.max) << "}";
+    };
     first = true;
     for (const TlsTarget& t : tls) {
         os << (first ? "\n" : ",\n") << "    {\"server\": " << json_str(t.tls->server->name)
            << ", \"plain_server\": " << json_str(t.plain->server->name)
            << ", \"size\": " << t.tls->point.size << ", \"conns\": " << t.tls->point.conns
-           << ", \"active\": " << t.tls->point.active << ", \"evp_us\": [";
-        for (std::size_t i = 0; i < t.evp->kept.size(); ++i)
-            os << (i ? ", " : "") << json_num(t.evp->kept[i], 4);
-        os << "], \"evp_us_left_out\": [";
-        for (std::size_t i = 0; i < t.evp->left_out.size(); ++i)
-            os << (i ? ", " : "") << "{\"round\": " << t.evp->left_out[i].first
-               << ", \"us\": " << json_num(t.evp->left_out[i].second, 4) << "}";
-        os << "], \"extra_over_evp\": {\"median\": " << json_num(t.ratio.median)
-           << ", \"min\": " << json_num(t.ratio.min) << ", \"max\": " << json_num(t.ratio.max)
-           << "}, \"limit\": 1.3, \"verdict\": " << json_str(t.verdict) << "}";
+           << ", \"active\": " << t.tls->point.active;
+        timings("evp_us", t.evp->kept, t.evp->left_out);
+        ratio("extra_over_evp", t.ratio);
+        os << ", \"limit\": 1.3, \"verdict\": " << json_str(t.verdict);
+        timings("bare_us", t.evp->bare, t.evp->bare_left_out);
+        ratio("bare_extra_over_evp", t.bare);
+        os << "}";
         first = false;
     }
     os << "\n  ],\n  \"dispatch\": [";
@@ -1850,11 +1868,14 @@ std::vector<std::vector<Result>> leave_out_disturbed(std::vector<std::vector<Res
             if (*i < runs[s].size())
                 runs[s].erase(runs[s].begin() + static_cast<std::ptrdiff_t>(*i));
     }
-    for (std::size_t i : out)
-        if (i < evp.kept.size()) evp.left_out.emplace_back(static_cast<int>(i) + 1, evp.kept[i]);
-    for (auto i = out.rbegin(); i != out.rend(); ++i)
-        if (*i < evp.kept.size())
-            evp.kept.erase(evp.kept.begin() + static_cast<std::ptrdiff_t>(*i));
+    auto take_out = [&out](std::vector<double>& kept, std::vector<std::pair<int, double>>& left) {
+        for (std::size_t i : out)
+            if (i < kept.size()) left.emplace_back(static_cast<int>(i) + 1, kept[i]);
+        for (auto i = out.rbegin(); i != out.rend(); ++i)
+            if (*i < kept.size()) kept.erase(kept.begin() + static_cast<std::ptrdiff_t>(*i));
+    };
+    take_out(evp.kept, evp.left_out);
+    take_out(evp.bare, evp.bare_left_out);
     return left;
 }
 
@@ -1884,10 +1905,13 @@ bool run_servers(Runner& runner, const std::vector<Point>& points,
         const Point& p = points[pi];
         std::vector<std::vector<Result>>& runs = all_runs[pi];
         runs.resize(servers.size());
-        // One round: EVP alone for the TLS target, then every server.
+        // One round: EVP alone for the TLS target and the bare loop beside
+        // it, then every server.
         auto run_round = [&](int round, bool extra) {
-            if (any_tls && !p.idle_heavy)
+            if (any_tls && !p.idle_heavy) {
                 evp_rounds[pi].kept.push_back(evp_seal_open_us(p.size, evp_cpu));
+                evp_rounds[pi].bare.push_back(bare_tls_loop_us(p.size, evp_cpu));
+            }
             for (std::size_t i = 0; i < servers.size(); ++i) {
                 const Server& s = servers[i];
                 if (!extra) ++done;
@@ -2119,7 +2143,8 @@ std::vector<TlsTarget> tls_targets(const std::vector<Result>& results,
                 extra[i] = tls_cpu[i] - plain_cpu[i];
             const Spread ratio = paired_ratio(extra, evp[pi].kept);
             rows.push_back({&tls, plain, &evp[pi], ratio,
-                            target_verdict(ratio, 1.3) + disturbed_mark({&tls, plain})});
+                            target_verdict(ratio, 1.3) + disturbed_mark({&tls, plain}),
+                            paired_ratio(evp[pi].bare, evp[pi].kept)});
         }
     }
     return rows;
@@ -2131,19 +2156,24 @@ void print_tls_target(std::ostream& os, const std::vector<TlsTarget>& rows, int 
           "TCP and EVP AES-256-GCM seal+open alone (timed each round; extra/evp "
           "paired by round: median [interval])\n";
     char line[256];
-    std::snprintf(line, sizeof line, "%-22s %-*s %10s %10s %10s %18s %8s\n", "point", width,
-                  "tls row", "plain", "tls", "evp", "extra/evp", "target");
+    std::snprintf(line, sizeof line, "%-22s %-*s %10s %10s %10s %18s %8s  %s\n", "point", width,
+                  "tls row", "plain", "tls", "evp", "extra/evp", "target", "bare loop's extra/evp");
     os << line;
     for (const TlsTarget& t : rows) {
-        std::snprintf(line, sizeof line, "%-22s %-*s %10.2f %10.2f %10.2f %18s %8s\n",
+        std::snprintf(line, sizeof line, "%-22s %-*s %10.2f %10.2f %10.2f %18s %8s  %s\n",
                       point_label(t.tls->point).c_str(), width, t.tls->server->name.c_str(),
                       t.plain->cpu_us_per_msg, t.tls->cpu_us_per_msg, spread(t.evp->kept).median,
-                      median_range_text(t.ratio).c_str(), t.verdict.c_str());
+                      median_range_text(t.ratio).c_str(), t.verdict.c_str(),
+                      median_range_text(t.bare).c_str());
         os << line;
     }
     os << "(target: tls <= plain + 1.3 x evp, i.e. extra/evp <= 1.3; met if the interval "
           "is, missed if none of it is; the client: evmux-load --tls, its own record "
-          "layer)\n";
+          "layer)\n"
+          "(bare loop: no server; the same seal+open with each message sent over loopback "
+          "TCP and received between them, in one thread, (with - without the cipher) / evp: "
+          "what the system calls around a record cost its cipher on this machine; a "
+          "reference, not the target's measure)\n";
 }
 
 /// The completion-I/O targets (issue 18), per completion row: its server CPU
