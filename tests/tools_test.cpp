@@ -1437,6 +1437,26 @@ TEST(EvmuxBench, TlsTargetPairsEachRoundWithItsOwnEvpTiming) {
     EXPECT_EQ(j[1].str(), m[2].str() + m[3].str()) << t.json;
 }
 
+// The bare loop sends each sealed message to itself over loopback TCP: a
+// message larger than the socket buffers (4 MiB here, where 1 MiB still
+// fits; --sizes takes up to 16 MiB) must not wait on a send for a recv the
+// same thread has yet to make.
+TEST(EvmuxBench, TlsBareLoopTakesAMessageLargerThanTheSocketBuffers) {
+    const std::string bench = program_path("EVMUX_BENCH");
+    if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";
+    if (!tls_built()) GTEST_SKIP() << "built without TLS";
+    const TinyBench t =
+        bench_with_files(bench, {"--servers", "evmux,evmux-tls", "--backends", "epoll", "--sizes",
+                                 "4194304", "--sessions", "1", "--duration", "0.2", "--rounds", "1",
+                                 "--no-idle", "--no-plots", "--sweep-fds", "10"});
+    ASSERT_EQ(t.rc, 0) << t.err;
+    static const std::regex row(
+        R"re(\n4096KiB x 1 +evmux/epoll/tls +[0-9.]+ +[0-9.]+ +[0-9.]+ +-?[0-9.]+ +[a-z ()]+  ([0-9.]+)\n)re");
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(t.out, m, row)) << t.out;
+    EXPECT_GT(std::stod(m[1].str()), 0) << t.out;
+}
+
 // --rate: every TCP point paced (evmux-load --rate), said in the table and
 // the JSON; a run whose client fell behind the rate is not counted.
 TEST(EvmuxBench, RatePacesEveryPointAndDropsARunThatFellBehind) {

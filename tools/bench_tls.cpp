@@ -12,6 +12,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <openssl/evp.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -109,18 +110,41 @@ class LoopbackPair {
     LoopbackPair(const LoopbackPair&) = delete;
     LoopbackPair& operator=(const LoopbackPair&) = delete;
 
-    /// Sends `n` bytes of `p` and receives them at the other end into `into`.
+    /// Sends `n` bytes of `p` and receives them at the other end into
+    /// `into`. The sends do not block (a message larger than the socket
+    /// buffers would wait for a recv this thread has not made yet); a recv
+    /// waits only for bytes already sent.
     void trip(const unsigned char* p, std::size_t n, unsigned char* into) {
-        if (::send(out_, p, n, 0) != static_cast<ssize_t>(n))
-            throw std::runtime_error("bare TLS loop: send on loopback failed");
-        for (std::size_t got = 0; got < n;) {
-            const ssize_t r = ::recv(in_, into + got, n - got, 0);
-            if (r <= 0) throw std::runtime_error("bare TLS loop: recv on loopback failed");
+        std::size_t sent = 0, got = 0;
+        while (got < n) {
+            if (sent < n) {
+                const ssize_t w = ::send(out_, p + sent, n - sent, MSG_DONTWAIT);
+                if (w > 0)
+                    sent += static_cast<std::size_t>(w);
+                else if (errno != EAGAIN && errno != EINTR)
+                    throw std::runtime_error(std::string("bare TLS loop: send on loopback: ") +
+                                             std::strerror(errno));
+                else if (sent == got)
+                    wait_writable();
+            }
+            if (sent == got) continue;
+            const ssize_t r = ::recv(in_, into + got, sent - got, 0);
+            if (r < 0 && errno == EINTR) continue;
+            if (r <= 0)
+                throw std::runtime_error(std::string("bare TLS loop: recv on loopback: ") +
+                                         (r == 0 ? "the connection closed" : std::strerror(errno)));
             got += static_cast<std::size_t>(r);
         }
     }
 
   private:
+    // Nothing is in flight and the socket still takes nothing: up to 1 s.
+    void wait_writable() {
+        pollfd pfd{out_, POLLOUT, 0};
+        if (::poll(&pfd, 1, 1000) <= 0)
+            throw std::runtime_error("bare TLS loop: loopback socket not writable for 1 s");
+    }
+
     int out_ = -1;
     int in_ = -1;
 };
