@@ -36,6 +36,23 @@ double evp_seal_open_us(int size, int cpu = -1);
 /// fails (or TLS is not built).
 double bare_tls_loop_us(int size, int cpu = -1);
 
+/// The largest message handwritten_tls_echo_us() measures (each connection
+/// must hold a message each way in its socket buffers).
+inline constexpr int max_handwritten_echo_size = 64 * 1024;
+
+/// A hand-written TLS echo, no framework, in the servers' shape: this thread,
+/// on CPU `cpu`, serves `sessions` loopback TCP connections in turn (a
+/// blocking recv of a message, EVP open and seal, a send), and a thread on CPU
+/// `peer_cpu` echoes each message back raw (evmux-load's place). Its CPU
+/// microseconds per message with the cipher minus without it, interleaved
+/// (the median of three such differences); (this / EVP alone) is the
+/// extra/evp of a TLS echo with no framework on this machine, beside the
+/// TLS target's (which stays measured against EVP alone). NaN (not measured) for
+/// a message over max_handwritten_echo_size, or when the fd limit has no room
+/// for both ends of the connections (2 x `sessions` + 64). Throws std::runtime_error if a
+/// socket fails or stalls for 2 s, or OpenSSL fails (or TLS is not built).
+double handwritten_tls_echo_us(int size, int sessions, int cpu = -1, int peer_cpu = -1);
+
 /// The server certificate and key evmux-echo --tls-cert/--tls-key gets and the
 /// CA evmux-load --tls-ca checks it with, made on first use (a temporary
 /// directory, removed at exit).

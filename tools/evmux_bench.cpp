@@ -153,12 +153,15 @@ struct Result : Figures {
 /// EVP alone (the TLS target), timed once per round at one point: the
 /// rounds in the figures, in order, and those left out with their numbers;
 /// beside each, the same cipher's cost in a bare loop with loopback I/O
-/// around it (bare_tls_loop_us(): the reference column), kept in step.
+/// around it (bare_tls_loop_us()) and in a hand-written two-CPU echo
+/// (handwritten_tls_echo_us()): the reference columns, kept in step.
 struct EvpTimings {
     std::vector<double> kept;
     std::vector<std::pair<int, double>> left_out;  // (round, us)
     std::vector<double> bare;
     std::vector<std::pair<int, double>> bare_left_out;
+    std::vector<double> echo;
+    std::vector<std::pair<int, double>> echo_left_out;
 };
 
 /// One row of the TLS target: a TLS run at a point, the plain run beside it,
@@ -170,6 +173,7 @@ struct TlsTarget {
     Spread ratio;
     std::string verdict;
     Spread bare;  ///< the bare loop's extra/evp, paired by round
+    Spread echo;  ///< the hand-written echo's extra/evp, paired by round
 };
 
 /// One (server, point)'s rounds as one Result: the medians of their figures,
@@ -1259,7 +1263,7 @@ void write_json(const fs::path& file, const std::vector<Result>& results,
         first = false;
     }
     // The TLS target's rows (print_tls_target()), with every EVP timing and
-    // the bare loop's.
+    // the reference loops'.
     os << "\n  ],\n  \"tls_target\": [";
     // "NAME": [us, ...], "NAME_left_out": [{"round": N, "us": us}, ...]
     auto timings = [&os](const char* name, const std::vector<double>& kept,
@@ -1287,6 +1291,8 @@ void write_json(const fs::path& file, const std::vector<Result>& results,
         os << ", \"limit\": 1.3, \"verdict\": " << json_str(t.verdict);
         timings("bare_us", t.evp->bare, t.evp->bare_left_out);
         ratio("bare_extra_over_evp", t.bare);
+        timings("handwritten_us", t.evp->echo, t.evp->echo_left_out);
+        ratio("handwritten_extra_over_evp", t.echo);
         os << "}";
         first = false;
     }
@@ -1876,6 +1882,7 @@ std::vector<std::vector<Result>> leave_out_disturbed(std::vector<std::vector<Res
     };
     take_out(evp.kept, evp.left_out);
     take_out(evp.bare, evp.bare_left_out);
+    take_out(evp.echo, evp.echo_left_out);
     return left;
 }
 
@@ -1891,7 +1898,7 @@ std::vector<std::vector<Result>> leave_out_disturbed(std::vector<std::vector<Res
 bool run_servers(Runner& runner, const std::vector<Point>& points,
                  const std::vector<Server>& servers, int rounds, bool keep_disturbed,
                  std::vector<Result>& results, std::vector<EvpTimings>& evp_rounds,
-                 std::vector<double>& probes, int evp_cpu) {
+                 std::vector<double>& probes, int evp_cpu, int client_cpu) {
     std::size_t total = points.size() * servers.size() * static_cast<std::size_t>(rounds), done = 0;
     bool all_ok = true;
     const bool any_tls =
@@ -1905,12 +1912,14 @@ bool run_servers(Runner& runner, const std::vector<Point>& points,
         const Point& p = points[pi];
         std::vector<std::vector<Result>>& runs = all_runs[pi];
         runs.resize(servers.size());
-        // One round: EVP alone for the TLS target and the bare loop beside
-        // it, then every server.
+        // One round: EVP alone for the TLS target and the reference loops
+        // beside it, then every server.
         auto run_round = [&](int round, bool extra) {
             if (any_tls && !p.idle_heavy) {
                 evp_rounds[pi].kept.push_back(evp_seal_open_us(p.size, evp_cpu));
                 evp_rounds[pi].bare.push_back(bare_tls_loop_us(p.size, evp_cpu));
+                evp_rounds[pi].echo.push_back(
+                    handwritten_tls_echo_us(p.size, p.active, evp_cpu, client_cpu));
             }
             for (std::size_t i = 0; i < servers.size(); ++i) {
                 const Server& s = servers[i];
@@ -2144,7 +2153,8 @@ std::vector<TlsTarget> tls_targets(const std::vector<Result>& results,
             const Spread ratio = paired_ratio(extra, evp[pi].kept);
             rows.push_back({&tls, plain, &evp[pi], ratio,
                             target_verdict(ratio, 1.3) + disturbed_mark({&tls, plain}),
-                            paired_ratio(evp[pi].bare, evp[pi].kept)});
+                            paired_ratio(evp[pi].bare, evp[pi].kept),
+                            paired_ratio(evp[pi].echo, evp[pi].kept)});
         }
     }
     return rows;
@@ -2155,16 +2165,17 @@ void print_tls_target(std::ostream& os, const std::vector<TlsTarget>& rows, int 
     os << "\n== TLS: server CPU us/msg (user + sys, medians) over TLS against plain "
           "TCP and EVP AES-256-GCM seal+open alone (timed each round; extra/evp "
           "paired by round: median [interval])\n";
-    char line[256];
-    std::snprintf(line, sizeof line, "%-22s %-*s %10s %10s %10s %18s %8s  %s\n", "point", width,
-                  "tls row", "plain", "tls", "evp", "extra/evp", "target", "bare loop's extra/evp");
+    char line[320];
+    std::snprintf(line, sizeof line, "%-22s %-*s %10s %10s %10s %18s %8s  %-21s  %s\n", "point",
+                  width, "tls row", "plain", "tls", "evp", "extra/evp", "target",
+                  "bare loop's extra/evp", "hand-written echo's extra/evp");
     os << line;
     for (const TlsTarget& t : rows) {
-        std::snprintf(line, sizeof line, "%-22s %-*s %10.2f %10.2f %10.2f %18s %8s  %s\n",
+        std::snprintf(line, sizeof line, "%-22s %-*s %10.2f %10.2f %10.2f %18s %8s  %-21s  %s\n",
                       point_label(t.tls->point).c_str(), width, t.tls->server->name.c_str(),
                       t.plain->cpu_us_per_msg, t.tls->cpu_us_per_msg, spread(t.evp->kept).median,
                       median_range_text(t.ratio).c_str(), t.verdict.c_str(),
-                      median_range_text(t.bare).c_str());
+                      median_range_text(t.bare).c_str(), median_range_text(t.echo).c_str());
         os << line;
     }
     os << "(target: tls <= plain + 1.3 x evp, i.e. extra/evp <= 1.3; met if the interval "
@@ -2173,7 +2184,13 @@ void print_tls_target(std::ostream& os, const std::vector<TlsTarget>& rows, int 
           "(bare loop: no server; the same seal+open with each message sent over loopback "
           "TCP and received between them, in one thread, (with - without the cipher) / evp: "
           "what the system calls around a record cost its cipher on this machine; a "
-          "reference, not the target's measure)\n";
+          "reference, not the target's measure)\n"
+          "(hand-written echo: no framework; on the servers' CPU, the sessions' loopback "
+          "connections served in turn (recv, EVP open and seal, send), a thread on the "
+          "client's CPU echoing the bytes back; (with - without the cipher) / evp: what a "
+          "TLS echo with no framework pays here; a reference, not the target's measure; "
+          "'-' above 64 KiB, or where the fd limit has no room for both ends of the "
+          "sessions)\n";
 }
 
 /// The completion-I/O targets (issue 18), per completion row: its server CPU
@@ -2314,10 +2331,11 @@ int run_bench(Options& opt) {
         return 1;
     }
 
-    // Both ends of 10 000 connections: raise the fd limit (children inherit it).
+    // 10 000 connections: raise the fd limit (children inherit it); this
+    // process holds both ends of the hand-written TLS echo's.
     int max_conns = 0;
     for (const auto& p : points) max_conns = std::max(max_conns, p.conns);
-    raise_fd_limit(max_conns + 256);
+    raise_fd_limit(2 * max_conns + 256);
     const bool pinned = usable_cpus() >= 2;
     const auto [server_cpu, client_cpu] = pick_cpus();
 
@@ -2329,7 +2347,7 @@ int run_bench(Options& opt) {
     std::vector<EvpTimings> evp_us;  // per point: EVP alone (TLS target)
     std::vector<double> probes;      // before each run and after the last
     bool all_ok = run_servers(runner, points, servers, opt.rounds, opt.keep_disturbed, results,
-                              evp_us, probes, pinned ? server_cpu : -1);
+                              evp_us, probes, pinned ? server_cpu : -1, pinned ? client_cpu : -1);
     // The host's speed, for comparing runs: the probes' median and range.
     if (const Spread probe = spread(probes); !std::isnan(probe.median))
         env.fields.emplace_back("speed_probe_us", median_range_text(probe, 1));
