@@ -46,11 +46,12 @@ inline constexpr int max_handwritten_echo_size = 64 * 1024;
 /// `peer_cpu` echoes each message back raw (evmux-load's place). Its CPU
 /// microseconds per message with the cipher minus without it, interleaved
 /// (the median of three such differences); (this / EVP alone) is the
-/// extra/evp of a TLS echo with no framework on this machine, beside the
-/// TLS target's (which stays measured against EVP alone). NaN (not measured) for
-/// a message over max_handwritten_echo_size, or when the fd limit has no room
-/// for both ends of the connections (2 x `sessions` + 64). Throws std::runtime_error if a
-/// socket fails or stalls for 2 s, or OpenSSL fails (or TLS is not built).
+/// extra/evp of a TLS echo with no framework on this machine, beside the TLS
+/// target's (which stays measured against EVP alone). NaN (not measured) for
+/// a message over max_handwritten_echo_size, or when the fd limit has no
+/// room for both ends of the connections (2 x `sessions` + 64). Throws
+/// std::runtime_error if a socket fails or stalls for 2 s, or OpenSSL fails
+/// (or TLS is not built).
 double handwritten_tls_echo_us(int size, int sessions, int cpu = -1, int peer_cpu = -1);
 
 /// The server certificate and key evmux-echo --tls-cert/--tls-key gets and the
