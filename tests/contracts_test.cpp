@@ -168,6 +168,13 @@ struct FaultServer {
             std::string cmd(in.view());
             in.consume_all();
             if (cmd == "big") {
+                // The kernel's send buffer may start at tcp_wmem's maximum
+                // (4 MiB by default) and take nearly all the reply at once:
+                // its cached metrics for 127.0.0.1 set the first buffer's
+                // size, and a reordering of 24 learned under load made it 4
+                // MiB here. A fixed small buffer keeps the reply queued.
+                const int small = 64 * 1024;
+                ASSERT_EQ(::setsockopt(c->fd(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small), 0);
                 c->send(std::string(4 << 20, 'B'));
             } else if (cmd == "small") {
                 c->send("small");
