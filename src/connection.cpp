@@ -679,6 +679,13 @@ bool Connection::close_quietly(CloseReason reason, int err) {
     if (tls_ && !handshaking_ && !shut_done_ && queue_.empty() &&
         (reason == CloseReason::local || reason == CloseReason::timeout))
         tls_->close_notify();
+    // Completion I/O: that close_notify, or the fatal alert a bad record
+    // sealed, waits for a send request, and a closing connection makes none:
+    // it goes on the socket now, best effort, as under readiness. Not behind
+    // a send request still in the kernel, which would then follow it.
+    if (tls_ && cio_ && !cio_->send_in_flight && tls_->own_records() &&
+        tls_->records().has_unsent())
+        tls_->records().send_unsent();
     if (handshake_timer_ != 0) loop_.cancel(std::exchange(handshake_timer_, 0));
     state_ = State::closing;
     reason_ = reason;

@@ -349,6 +349,10 @@ bool TlsRecordLayer::maybe_rekey() {
 
 int TlsRecordLayer::flush() {
     if (!socket_io_) return has_unsent() ? 0 : 1;  // it goes with the next send request
+    return send_unsent();
+}
+
+int TlsRecordLayer::send_unsent() {
     while (unsent_off_ < unsent_.size()) {
         ssize_t n =
             ::send(fd_, unsent_.data() + unsent_off_, unsent_.size() - unsent_off_, MSG_NOSIGNAL);

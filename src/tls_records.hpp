@@ -61,7 +61,12 @@ class TlsRecordLayer {
     /// part of, a KeyUpdate answered while reading, close_notify).
     bool has_unsent() const { return unsent_off_ < unsent_.size(); }
     /// Send it: 1 all sent, 0 the socket is full, -1 an error (errno).
+    /// Under completion I/O (use_buffers()) it stays for the next request: 0.
     int flush();
+    /// As flush(), but on the socket whichever I/O the connection uses: for
+    /// completion I/O's last words (close_notify, a fatal alert) when the
+    /// connection closes with no send request in the kernel.
+    int send_unsent();
     /// Seal close_notify (once) and flush(); as flush().
     int close_notify();
     /// Completion I/O: the connection's requests move the ciphertext, not
