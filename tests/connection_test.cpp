@@ -1076,7 +1076,9 @@ TEST(Connection, LowWaterFollowsHighWaterOncePerCrossing) {
     };
     ConnectionPtr conn = Connection::adopt(loop, server_fd.release(), cb, opt);
     const std::string data = pattern(4 << 20);
-    // The client reads all of `data`, the loop running meanwhile.
+    // The client reads all of `data`, the loop running meanwhile until it
+    // has seen its queue drain too (on completion I/O the last bytes can
+    // arrive before the send's completion is dispatched).
     auto read_it_all = [&] {
         std::string got;
         char buf[65536];
@@ -1086,7 +1088,7 @@ TEST(Connection, LowWaterFollowsHighWaterOncePerCrossing) {
                 if (n <= 0) break;
                 got.append(buf, static_cast<std::size_t>(n));
             }
-            return got.size() == data.size();
+            return got.size() == data.size() && conn->queued_bytes() == 0;
         });
         return got == data;
     };
