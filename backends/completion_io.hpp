@@ -73,8 +73,10 @@ class CompletionIo {
     /// socket can get it.
     virtual void close(int fd) = 0;
     /// Submits the requests made since the last wait (closes, cancels,
-    /// receives armed again), without waiting; no system call if there are
-    /// none. For the loop returning to its caller.
+    /// receives armed again, and the sends prepare_before_wait() gathered:
+    /// their prepare runs first), without waiting; no system call if there
+    /// are none. For the loop returning to its caller: what its last
+    /// iteration sent goes out even if it never runs again.
     virtual void submit() = 0;
     /// cancel(), then waits (bounded) until the request has ended, so that
     /// the file it held is let go; its last completion is still dispatched

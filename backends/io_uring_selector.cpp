@@ -512,10 +512,7 @@ class IoUringSelector final : public Selector, public CompletionIo {
     // closed fd) leave ready_ empty; Selector::select() then waits again for
     // what is left of the timeout, as after EINTR.
     bool backend_wait(Timeout timeout) override {
-        // Index-based: a prepare() may ask again (it does not; cheap to allow).
-        for (std::size_t i = 0; i < to_prepare_.size(); ++i)
-            to_prepare_[i]->prepare(to_prepare_[i]);
-        to_prepare_.clear();
+        prepare_gathered();
         arm_queued();
         int ret;
         if (timeout && timeout->count() <= 0) {
@@ -619,6 +616,7 @@ class IoUringSelector final : public Selector, public CompletionIo {
     bool close_requests() const override { return completion_probe().close; }
 
     void submit() override {
+        prepare_gathered();
         if (io_uring_sq_ready(&ring_) == 0) return;
         if (int ret = io_uring_submit(&ring_); ret == -EBUSY || ret == -EAGAIN)
             stash_completions();  // the next wait submits them
@@ -697,9 +695,7 @@ class IoUringSelector final : public Selector, public CompletionIo {
 
     void drain() override {
         for (int round = 0; round < 100; ++round) {
-            for (std::size_t i = 0; i < to_prepare_.size(); ++i)
-                to_prepare_[i]->prepare(to_prepare_[i]);
-            to_prepare_.clear();
+            prepare_gathered();
             reap();  // what settle() or a full submission queue stashed, too
             dispatch();
             if (ops_in_flight_ == 0 && stashed_.empty() && to_prepare_.empty()) break;
@@ -708,6 +704,14 @@ class IoUringSelector final : public Selector, public CompletionIo {
     }
 
   private:
+    // The sends prepare_before_wait() gathered, made into requests. Index-based:
+    // a prepare() may ask again (it does not; cheap to allow).
+    void prepare_gathered() {
+        for (std::size_t i = 0; i < to_prepare_.size(); ++i)
+            to_prepare_[i]->prepare(to_prepare_[i]);
+        to_prepare_.clear();
+    }
+
     struct Slot {
         std::uint32_t token = 0;  // of the current request; 31 bits
         std::uint32_t generation = 0;

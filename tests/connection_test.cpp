@@ -539,6 +539,28 @@ TEST(Connection, CompletionClosesTheSocketByARequest) {
     EXPECT_TRUE(eof);
 }
 
+// What the last iteration before stop() sent is on the socket when run()
+// returns, though the loop never runs again (on completion I/O sends are
+// requests made right before a wait, and run() once returned without them:
+// the peer got nothing, or only the FIN when the server was destroyed).
+TEST(Connection, SendsOfTheLastIterationGoOutWhenRunReturns) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    auto [client, server] = test::tcp_pair();
+    Callbacks cb;
+    cb.on_message = [&loop](const ConnectionPtr& c, Buffer& in) {
+        in.consume_all();
+        c->send("bye\n");
+        loop.stop();
+    };
+    ConnectionPtr conn = Connection::adopt(loop, server.release(), cb);
+    set_timeouts(client.get(), 5000ms);
+    ::fcntl(client.get(), F_SETFL, 0);
+    ASSERT_TRUE(send_all(client.get(), "x"));
+    loop.run();
+    EXPECT_EQ(recv_exact(client.get(), 4), "bye\n");
+}
+
 // Where the kernel consumes provided buffers incrementally, a receive takes
 // only the bytes it brought: the next one's follow in the same buffer (else a
 // 1-byte message would take a whole buffer, and a 16 KiB one four). Without
