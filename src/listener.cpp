@@ -63,6 +63,23 @@ void remove_stale_unix_socket(const Address& address) {
     if (r < 0 && err == ECONNREFUSED) ::unlink(path.c_str());
 }
 
+}  // namespace
+
+void refuse_port_in_use(const Address& address) {
+    const int fd = ::socket(address.family(), SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) throw_errno(errno, "socket " + address.to_string());
+    const int one = 1;
+    int err = 0;
+    if (::setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) < 0 ||
+        ::bind(fd, static_cast<const sockaddr*>(address.sockaddr_ptr()), address.sockaddr_len()) <
+            0)
+        err = errno;
+    ::close(fd);
+    if (err != 0) throw_errno(err, "bind " + address.to_string());
+}
+
+namespace {
+
 // A bound, listening, non-blocking socket (see Acceptor's constructor).
 int open_listener(const Address& address, bool reuse_port, int backlog) {
     int fd = ::socket(address.family(), SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);

@@ -20,6 +20,13 @@ namespace evmux::detail {
 /// file (unlinked on destruction). Thread rule:
 /// loop thread only; built and destroyed while not watching (before start(),
 /// after stop()) on any thread. Non-copyable, non-movable.
+/// Throws std::system_error ("bind 127.0.0.1:5555: Address already in use")
+/// if a TCP `address` is bound already, by any socket: a probe bound there
+/// without SO_REUSEPORT (with SO_REUSEADDR, as the listeners) fails, and
+/// lets go at once. For SO_REUSEPORT listeners that must not join another
+/// process's, which the kernel allows to any of the same user.
+void refuse_port_in_use(const Address& address);
+
 struct AcceptOp;  // listener.cpp: the multishot accept request of completion I/O
 
 class Acceptor {

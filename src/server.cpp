@@ -252,6 +252,11 @@ void TcpServer::bind_first(const std::vector<Address>& candidates, std::string_v
 // SO_REUSEPORT listeners (reuse_port over a LoopGroup) then join. On a throw
 // the acceptors made so far close (and unlink) as the shards are destroyed.
 void TcpServer::bind_listeners(const Address& address, bool reuse_port) {
+    // The group's SO_REUSEPORT is for its own listeners: unless the user asked
+    // to share the port with other processes (`reuse_port`), a port in use is
+    // refused as it is without SO_REUSEPORT, not joined.
+    if (on_group_ && reuse_port && !opt_.reuse_port && address.port() != 0)
+        detail::refuse_port_in_use(address);
     shards_[0]->listen_on(address, reuse_port);
     local_ = Address::local_of(shards_[0]->acceptor->fd());
     if (distribution_ == Distribution::reuse_port)

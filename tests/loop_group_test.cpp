@@ -526,6 +526,22 @@ TEST(LoopGroup, Errors) {
         EXPECT_EQ(e.code().value(), EADDRINUSE);
         EXPECT_NE(std::string(e.what()).find("bind 127.0.0.1:"), std::string::npos) << e.what();
     }
+    // A second reuse_port server is refused too: its SO_REUSEPORT listeners
+    // would join the first's, and take a share of its connections (another
+    // process of the same user, alike), unless the user asks to share.
+    try {
+        group.listen(first.local_address(), Callbacks{});
+        ADD_FAILURE() << "a second reuse_port server joined the port";
+    } catch (const std::system_error& e) {
+        EXPECT_EQ(e.code().value(), EADDRINUSE);
+        EXPECT_NE(std::string(e.what()).find("bind 127.0.0.1:"), std::string::npos) << e.what();
+    }
+    ServerOptions share;
+    share.reuse_port = true;
+    LoopGroup other(2, test::backend_name());
+    TcpServer& shared = other.listen(Address::ip("127.0.0.1", 0), Callbacks{}, share);
+    EXPECT_NO_THROW(other.listen(shared.local_address(), Callbacks{}, share));
+    other.stop();
     // stop() from a loop thread would join itself.
     std::promise<bool> threw;
     group.post(1, [&] {

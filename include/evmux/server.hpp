@@ -47,7 +47,10 @@ struct ServerOptions {
     /// listen() backlog (of each listener).
     int backlog = 1024;
     /// SO_REUSEPORT on a one-loop server's listener, so several processes can
-    /// share one port. (A LoopGroup server: see `distribution`.)
+    /// share one port. A LoopGroup server's reuse_port listeners have
+    /// SO_REUSEPORT whatever this says (see `distribution`); this lets them
+    /// join a port other processes listen on too, which they otherwise
+    /// refuse ("Address already in use").
     bool reuse_port = false;
     /// Over a LoopGroup: how connections are spread (a Unix socket address
     /// always uses round_robin). Ignored on one loop. The default was chosen
