@@ -96,8 +96,15 @@ int open_listener(const Address& address, bool reuse_port, int backlog) {
                 throw_errno(errno, "setsockopt(SO_REUSEPORT)");
         }
         if (::bind(fd, static_cast<const sockaddr*>(address.sockaddr_ptr()),
-                   address.sockaddr_len()) < 0)
-            throw_errno(errno, "bind " + address.to_string());
+                   address.sockaddr_len()) < 0) {
+            const int err = errno;
+            struct stat st {};
+            if (err == EADDRINUSE && address.is_unix() &&
+                ::lstat(address.path().c_str(), &st) == 0 && !S_ISSOCK(st.st_mode))
+                throw_errno(err, "bind " + address.to_string() +
+                                     ": a file that is not a socket is there (left alone)");
+            throw_errno(err, "bind " + address.to_string());
+        }
         bound = true;
         if (::listen(fd, backlog) < 0) throw_errno(errno, "listen " + address.to_string());
     } catch (...) {

@@ -17,6 +17,7 @@
 #include <chrono>
 #include <csignal>
 #include <cstring>
+#include <fstream>
 #include <future>
 #include <mutex>
 #include <string>
@@ -1318,6 +1319,23 @@ TEST(TcpServer, UnixSocketStaleFileIsReplacedLiveOneIsNot) {
         TcpServer live(loop, addr, {});
         EXPECT_THROW(TcpServer(loop, addr, {}), std::system_error);
     }
+    // A file that is no socket is neither removed nor blamed on a server.
+    const std::string file = std::string(dir) + "/f";
+    ASSERT_TRUE(std::ofstream(file) << "keep me");
+    try {
+        TcpServer server(loop, Address::unix_path(file), {});
+        ADD_FAILURE() << "bound over a regular file";
+    } catch (const std::system_error& e) {
+        EXPECT_EQ(e.code().value(), EADDRINUSE);
+        EXPECT_NE(std::string(e.what()).find("a file that is not a socket is there"),
+                  std::string::npos)
+            << e.what();
+    }
+    std::ifstream kept(file);
+    std::string text;
+    std::getline(kept, text);
+    EXPECT_EQ(text, "keep me");
+    ::unlink(file.c_str());
     ::rmdir(dir);
 }
 
