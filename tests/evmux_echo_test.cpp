@@ -558,6 +558,39 @@ TEST_F(EvmuxEcho, RaisesItsSoftFdLimitToTheHardLimit) {
     EXPECT_EQ(echo.wait(), 0);
 }
 
+// Out of file descriptors, each new connection is accepted and closed at
+// once (the peer sees EOF): said on stderr within a second, and counted in
+// the stopped line, not only seen by the clients. A second server on the
+// port is refused with --threads too (SO_REUSEPORT would have let it join).
+TEST_F(EvmuxEcho, ConnectionsRefusedForWantOfFdsAreSaid) {
+    ASSERT_EQ(::access("/usr/bin/prlimit", X_OK), 0) << "util-linux's prlimit";
+    // The hard limit too: evmux-echo raises its soft limit to the hard one.
+    // (prlimit runs the command in its own process: the pid is evmux-echo's.)
+    EchoProcess echo({"--nofile=32:32", echo_binary(), "--port", "0", "--backend",
+                      test::backend_name(), "--threads", "2"},
+                     false, "/usr/bin/prlimit");
+    std::string backend;
+    const std::string where = listening_address(echo.line(), &backend);
+    ASSERT_FALSE(where.empty());
+    EchoProcess second({"--port", where.substr(where.rfind(':') + 1), "--backend",
+                        test::backend_name(), "--threads", "2"});
+    EXPECT_NE(second.line().find("Address already in use"), std::string::npos);
+    EXPECT_EQ(second.wait(), 2);
+    std::vector<Fd> clients;
+    for (int i = 0; i < 40; ++i) clients.push_back(dial(Address::parse(where)));
+    std::string said;
+    for (std::string l; said.empty() && !(l = echo.line(5000ms)).empty();)
+        if (l.find("connections closed as accepted") != std::string::npos) said = l;
+    EXPECT_NE(said.find("out of file descriptors: ulimit -n is 32"), std::string::npos) << said;
+    ASSERT_EQ(::kill(echo.pid(), SIGTERM), 0);
+    std::string stopped;
+    while (stopped.find("stopped:") == std::string::npos && !(stopped = echo.line()).empty()) {
+    }
+    EXPECT_NE(stopped.find(" rejected="), std::string::npos) << stopped;
+    EXPECT_EQ(stopped.find(" rejected=0 "), std::string::npos) << stopped;
+    EXPECT_EQ(echo.wait(), 0);
+}
+
 // --threads N runs N loops and no other: N epoll instances in the process
 // (there was once an unused one on the main thread as well).
 TEST_F(EvmuxEcho, ThreadsMakeOneLoopEach) {

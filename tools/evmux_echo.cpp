@@ -21,10 +21,12 @@
 // soft RLIMIT_NOFILE to the hard limit at start: a server for thousands of
 // connections must not stop at the usual soft 1024.
 #include <pthread.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 
 #include <CLI/CLI.hpp>
 #include <cctype>
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -34,6 +36,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include "cli_number.hpp"
 #include "evmux/address.hpp"
@@ -101,10 +104,35 @@ void say_stopped(const evmux::TcpServer& server) {
         per_loop += (per_loop.empty() ? "" : ",") + std::to_string(n);
     std::fprintf(stderr,
                  "evmux-echo: stopped: connections=%llu open=%zu bytes_in=%llu bytes_out=%llu "
-                 "per_loop=%s\n",
+                 "per_loop=%s rejected=%llu accept_errors=%llu\n",
                  static_cast<unsigned long long>(s.connections_total), s.connections_now,
                  static_cast<unsigned long long>(s.bytes_in),
-                 static_cast<unsigned long long>(s.bytes_out), per_loop.c_str());
+                 static_cast<unsigned long long>(s.bytes_out), per_loop.c_str(),
+                 static_cast<unsigned long long>(s.rejected),
+                 static_cast<unsigned long long>(s.accept_errors));
+}
+
+// Connections the server could not take (out of file descriptors: each is
+// accepted and closed at once, the peer sees EOF; or accept errors) are said
+// on stderr within a second, at most a line a second, not only in the
+// counters at the end. On `loop`'s thread.
+void report_refusals(evmux::EventLoop& loop, const evmux::TcpServer& server) {
+    auto seen = std::make_shared<std::pair<std::uint64_t, std::uint64_t>>();
+    loop.call_every(std::chrono::seconds(1), [&server, seen] {
+        const evmux::ServerStats s = server.stats();
+        const std::uint64_t rejected = s.rejected - seen->first;
+        const std::uint64_t errors = s.accept_errors - seen->second;
+        if (rejected == 0 && errors == 0) return;
+        *seen = {s.rejected, s.accept_errors};
+        rlimit fds{};
+        ::getrlimit(RLIMIT_NOFILE, &fds);
+        std::fprintf(stderr,
+                     "evmux-echo: in the last second %llu connections closed as accepted "
+                     "(out of file descriptors: ulimit -n is %llu) and %llu accept errors\n",
+                     static_cast<unsigned long long>(rejected),
+                     static_cast<unsigned long long>(fds.rlim_cur),
+                     static_cast<unsigned long long>(errors));
+    });
 }
 
 // The echo as a coroutine per connection (--model coroutines): straight-line,
@@ -206,6 +234,7 @@ int serve(std::size_t threads, const std::string& backend, const std::string& ad
         loop.on_signal(SIGINT, stop);
         loop.on_signal(SIGTERM, stop);
         say_listening(*server, loop.backend_name(), threads, model, tls);
+        report_refusals(loop, *server);
         loop.run();
         say_stopped(*server);
         return 0;
@@ -218,6 +247,7 @@ int serve(std::size_t threads, const std::string& backend, const std::string& ad
     evmux::LoopGroup group(threads, backend);
     evmux::TcpServer& server = group.listen(address, std::move(callbacks), options);
     say_listening(server, group.backend_name(), threads, model, tls);
+    group.loop(0).post([&group, &server] { report_refusals(group.loop(0), server); });
     int signo = 0;
     while (::sigwait(&stop_signals, &signo) != 0) {
     }
