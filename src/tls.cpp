@@ -4,6 +4,7 @@
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <climits>
 #include <cstdlib>
@@ -100,16 +101,36 @@ std::uint64_t key_update_records_from_env(std::uint64_t fallback) {
     char* end = nullptr;
     errno = 0;
     unsigned long long n = std::strtoull(env, &end, 10);
-    if (errno != 0 || *end != '\0' || n == 0)
+    // strtoull takes "-1" (as 2^64 - 1) and leading blanks: digits only.
+    if (!std::isdigit(static_cast<unsigned char>(env[0])) || errno != 0 || *end != '\0' || n == 0)
         throw std::invalid_argument(
             std::string("EVMUX_TLS_KEY_UPDATE_RECORDS must be a count > 0, not '") + env + "'");
     return n;
 }
 
+// OpenSSL's default for an encrypted key prompts on the terminal (and blocks
+// a server): evmux gives no passphrase, and notes that one was asked for.
+int no_passphrase(char*, int, int, void* asked) {
+    *static_cast<bool*>(asked) = true;
+    return -1;
+}
+
 void use_certificate(SSL_CTX* ctx, const std::string& chain_file, const std::string& key_file) {
     if (SSL_CTX_use_certificate_chain_file(ctx, chain_file.c_str()) != 1)
         fail_setup("certificate chain file " + chain_file);
-    if (SSL_CTX_use_PrivateKey_file(ctx, key_file.c_str(), SSL_FILETYPE_PEM) != 1) {
+    bool asked = false;
+    SSL_CTX_set_default_passwd_cb(ctx, no_passphrase);
+    SSL_CTX_set_default_passwd_cb_userdata(ctx, &asked);
+    const bool loaded = SSL_CTX_use_PrivateKey_file(ctx, key_file.c_str(), SSL_FILETYPE_PEM) == 1;
+    SSL_CTX_set_default_passwd_cb_userdata(ctx, nullptr);
+    SSL_CTX_set_default_passwd_cb(ctx, nullptr);
+    if (!loaded && asked) {
+        ERR_clear_error();
+        throw std::runtime_error("TLS: key file " + key_file +
+                                 ": encrypted, and evmux takes no passphrase (decrypt it first: "
+                                 "openssl pkey -in ENCRYPTED -out PLAIN)");
+    }
+    if (!loaded) {
         const unsigned long e = ERR_peek_error();
         if (ERR_GET_LIB(e) == ERR_LIB_X509 && ERR_GET_REASON(e) == X509_R_KEY_VALUES_MISMATCH)
             fail_setup("key file " + key_file + " does not match the certificate");

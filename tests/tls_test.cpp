@@ -10,6 +10,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <openssl/err.h>
+#include <openssl/pem.h>
 #include <openssl/ssl.h>
 #include <poll.h>
 #include <signal.h>
@@ -1011,6 +1012,27 @@ TEST_F(Tls, BadPemFilesGiveClearErrors) {
         << e;
     EXPECT_NE(e.find("key values mismatch"), std::string::npos) << e;
 
+    // An encrypted key is refused at once, never a prompt on the terminal.
+    o.key_file = path("encrypted.key");
+    {
+        FILE* in = std::fopen(tls_files().server_key.c_str(), "r");
+        ASSERT_TRUE(in);
+        EVP_PKEY* key = PEM_read_PrivateKey(in, nullptr, nullptr, nullptr);
+        std::fclose(in);
+        ASSERT_TRUE(key);
+        FILE* out = std::fopen(o.key_file.c_str(), "w");
+        ASSERT_TRUE(out);
+        char pass[] = "secret";
+        const int ok = PEM_write_PrivateKey(out, key, EVP_aes_128_cbc(), nullptr, 0, nullptr, pass);
+        std::fclose(out);
+        EVP_PKEY_free(key);
+        ASSERT_EQ(ok, 1);
+    }
+    e = context_error(o);
+    EXPECT_EQ(e, "TLS: key file " + o.key_file +
+                     ": encrypted, and evmux takes no passphrase (decrypt it first: openssl pkey "
+                     "-in ENCRYPTED -out PLAIN)");
+
     o.key_file = tls_files().server_key;
     o.alpn = {std::string(300, 'x')};
     e = context_error(o);
@@ -1344,7 +1366,7 @@ TEST_F(Tls, BadRecordLayerNameIsAClearError) {
 }
 
 TEST_F(Tls, BadKeyUpdateCountIsAClearError) {
-    for (const char* bad : {"0", "many", "12x"}) {
+    for (const char* bad : {"0", "many", "12x", "-1", " 5"}) {
         ::setenv("EVMUX_TLS_KEY_UPDATE_RECORDS", bad, 1);
         try {
             server_context();
