@@ -39,6 +39,7 @@ step() { echo "== $*"; }
 # Backends come and go with the configure options; the self-tests run on the
 # default one (EVMUX_BACKEND from the environment is honoured, if any).
 cxxflags=(-std=c++20 -Wall -Wextra -Werror -O1)
+header_flags=(-Wpedantic -Wshadow -Wconversion -Wsign-conversion -Wold-style-cast)
 
 install_part() {
     step "meson install --destdir $tmp"
@@ -136,8 +137,11 @@ assert [(r["server"], r["ok"]) for r in runs] == [("epoll-floor", True)], runs' 
         # -H lists every header the compiler opens: a libevent, liburing,
         # c-ares or evmux_config.h there is a leak, whether it happens to
         # compile or not.
+        # The warnings users' projects turn on, too: a header of ours must
+        # not be what breaks their -Werror build.
         echo "#include <evmux/$name>" >"$tmp/only_$name.cpp"
-        "$cxx" "${cxxflags[@]}" -fsyntax-only -H -I"$incdir" "$tmp/only_$name.cpp" 2>"$tmp/only_$name.log" ||
+        "$cxx" "${cxxflags[@]}" "${header_flags[@]}" -fsyntax-only -H -I"$incdir" \
+            "$tmp/only_$name.cpp" 2>"$tmp/only_$name.log" ||
             {
                 cat "$tmp/only_$name.log"
                 fail "$name does not compile on its own"

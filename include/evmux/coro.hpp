@@ -339,7 +339,7 @@ struct ReadWait {
     enum class Kind : std::uint8_t { view, some, exactly, line };
     enum class Status : std::uint8_t { pending, done, eof, closed, too_long };
 
-    ReadWait(StreamCore* core, Kind kind) noexcept : core(core), kind(kind) {}
+    ReadWait(StreamCore* stream, Kind wanted) noexcept : core(stream), kind(wanted) {}
     ReadWait(const ReadWait&) = delete;
     ReadWait& operator=(const ReadWait&) = delete;
     ~ReadWait() {
@@ -383,8 +383,8 @@ struct ReadWait {
 
 // A write: sends at once; waits while the queue is over the high-water mark.
 struct WriteWait {
-    WriteWait(StreamCore* core, const char* p, std::size_t n, std::string* owned) noexcept
-        : core(core), p(p), n(n), owned(owned) {}
+    WriteWait(StreamCore* stream, const char* bytes, std::size_t size, std::string* kept) noexcept
+        : core(stream), p(bytes), n(size), owned(kept) {}
     WriteWait(const WriteWait&) = delete;
     WriteWait& operator=(const WriteWait&) = delete;
     ~WriteWait() {
@@ -425,7 +425,7 @@ struct WriteWait {
 
 // read_some(): a view of what arrived.
 struct ReadView : ReadWait {
-    explicit ReadView(StreamCore* core) noexcept : ReadWait(core, Kind::view) {}
+    explicit ReadView(StreamCore* stream) noexcept : ReadWait(stream, Kind::view) {}
     std::string_view await_resume() const {
         check("read");
         return std::string_view(data, got);
@@ -433,7 +433,7 @@ struct ReadView : ReadWait {
 };
 // read_some(span): copied into the caller's buffer.
 struct ReadSome : ReadWait {
-    ReadSome(StreamCore* core, std::span<char> into) noexcept : ReadWait(core, Kind::some) {
+    ReadSome(StreamCore* stream, std::span<char> into) noexcept : ReadWait(stream, Kind::some) {
         data = into.data();
         cap = into.size();
     }
@@ -444,7 +444,8 @@ struct ReadSome : ReadWait {
 };
 // read_exactly(span).
 struct ReadExactly : ReadWait {
-    ReadExactly(StreamCore* core, std::span<char> into) noexcept : ReadWait(core, Kind::exactly) {
+    ReadExactly(StreamCore* stream, std::span<char> into) noexcept
+        : ReadWait(stream, Kind::exactly) {
         data = into.data();
         cap = into.size();
         if (cap == 0) status = Status::done;
@@ -459,8 +460,8 @@ struct ReadExactlyString : ReadWait {
 };
 // read_line(std::string&, max).
 struct ReadLineInto : ReadWait {
-    ReadLineInto(StreamCore* core, std::string& into, std::size_t max) noexcept
-        : ReadWait(core, Kind::line) {
+    ReadLineInto(StreamCore* stream, std::string& into, std::size_t max) noexcept
+        : ReadWait(stream, Kind::line) {
         into.clear();
         line = &into;
         cap = max;
@@ -472,7 +473,7 @@ struct ReadLineInto : ReadWait {
 };
 // read_line(max): into a string of its own.
 struct ReadLine : ReadWait {
-    ReadLine(StreamCore* core, std::size_t max) noexcept : ReadWait(core, Kind::line) {
+    ReadLine(StreamCore* stream, std::size_t max) noexcept : ReadWait(stream, Kind::line) {
         line = &text;
         cap = max;
     }
@@ -650,7 +651,7 @@ namespace detail {
 struct AcceptorState;
 // co_await acceptor.accept().
 struct AcceptWait {
-    explicit AcceptWait(AcceptorState* state) noexcept : state(state) {}
+    explicit AcceptWait(AcceptorState* acceptor) noexcept : state(acceptor) {}
     AcceptWait(const AcceptWait&) = delete;
     AcceptWait& operator=(const AcceptWait&) = delete;
     ~AcceptWait();
