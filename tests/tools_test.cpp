@@ -691,6 +691,53 @@ TEST_F(LoadTest, DetectsOneCorruptedByte) {
     EXPECT_NE(err.find("at byte 500"), std::string::npos) << err;
 }
 
+// A reply that differs and runs long is reported where it first differs,
+// not where it ran past the message.
+TEST_F(LoadTest, ALongReplyThatDiffersIsReportedWhereItDiffers) {
+    TinyServer server([](int fd, const std::atomic<bool>& stop) {
+        char buf[65536];
+        const ssize_t n = TinyServer::read_for(fd, buf, sizeof buf, 10000, stop);
+        if (n <= 0) return;
+        const std::string reply = "hello\n" + std::string(buf, static_cast<std::size_t>(n));
+        (void)!::send(fd, reply.data(), reply.size(), MSG_NOSIGNAL);
+        TinyServer::read_for(fd, buf, sizeof buf, 10000, stop);  // until the client goes
+    });
+    std::string out, err;
+    EXPECT_EQ(run_load({"--port", std::to_string(server.port()), "--conns", "1", "--size", "64",
+                        "--duration", "0.3"},
+                       &out, &err),
+              1);
+    EXPECT_NE(err.find("reply differs from the message at byte 0\n"), std::string::npos) << err;
+}
+
+// A server that closes a connection while it has no request out (here the
+// first connection, after its warm-up echo, while the second's warm-up is
+// held back) is said to have closed it, not to have sent data.
+TEST_F(LoadTest, AServerClosingWhileNoRequestIsOutIsSaidAsSuch) {
+    std::atomic<int> accepted{0};
+    TinyServer server([&accepted](int fd, const std::atomic<bool>& stop) {
+        const bool first = accepted++ == 0;
+        char buf[64];
+        std::size_t got = 0;
+        while (got < sizeof buf) {
+            const ssize_t n = TinyServer::read_for(fd, buf + got, sizeof buf - got, 10000, stop);
+            if (n <= 0) return;
+            got += static_cast<std::size_t>(n);
+        }
+        if (!first) std::this_thread::sleep_for(500ms);
+        (void)!::send(fd, buf, sizeof buf, MSG_NOSIGNAL);
+        if (first) ::shutdown(fd, SHUT_RDWR);
+        TinyServer::echo(fd, stop, [](std::size_t, char c) { return c; });
+    });
+    std::string out, err;
+    EXPECT_EQ(run_load({"--port", std::to_string(server.port()), "--conns", "2", "--size", "64",
+                        "--duration", "0.3"},
+                       &out, &err),
+              1);
+    EXPECT_NE(err.find("server closed the connection while no request was out"), std::string::npos)
+        << err;
+}
+
 TEST_F(LoadTest, UpperChecksTheUppercasedReply) {
     TinyServer upper([](int fd, const std::atomic<bool>& stop) {
         TinyServer::echo(fd, stop, [](std::size_t, char c) {
@@ -983,6 +1030,7 @@ TEST_F(LoadTest, BadFlagsExitTwoWithOneLine) {
          "4096"},
         {"--port", "1", "--conns", "1", "--size", "8", "--duration", "1", "--tls", "--tls-records",
          "kernel"},
+        {"--port", "1", "--conns", "1", "--size", "8", "--duration", "1", "--timeout", "0.5"},
     };
     for (const auto& args : cases) {
         std::string out, err;
@@ -1566,13 +1614,31 @@ TEST(EvmuxBench, BadIoModeExitsTwoWithOneLine) {
               "--help)\n"},
              {{"--io", "completion", "--backends", "epoll"},
               "evmux-bench: --io completion: only the io_uring backend has it, and it is not "
-              "among the backends run (see --help)\n"}}) {
+              "among the backends run (see --help)\n"},
+             // Where the results go is tried first, not after the whole run.
+             {{"--json", "/nonexistent/dir/x.json"},
+              "evmux-bench: --json /nonexistent/dir/x.json: No such file or directory (see "
+              "--help)\n"},
+             {{"--csv", "/proc/x.csv"},
+              "evmux-bench: --csv /proc/x.csv: No such file or directory (see --help)\n"}}) {
         std::vector<std::string> argv{bench};
         argv.insert(argv.end(), args.begin(), args.end());
         Child c(argv);
         EXPECT_EQ(c.finish(), 2) << ::testing::PrintToString(args);
         EXPECT_EQ(c.err(), line);
     }
+    // EVMUX_IO is checked before the run too (it once failed the run's end).
+    const char* had = std::getenv("EVMUX_IO");
+    const std::string saved = had ? had : "";
+    ::setenv("EVMUX_IO", "nope", 1);
+    Child c({bench, "--servers", "epoll-floor"});
+    if (had)
+        ::setenv("EVMUX_IO", saved.c_str(), 1);
+    else
+        ::unsetenv("EVMUX_IO");
+    EXPECT_EQ(c.finish(), 2);
+    EXPECT_EQ(c.err(),
+              "evmux-bench: EVMUX_IO must be completion or readiness, not 'nope' (see --help)\n");
 }
 
 /// Pins process `pid` to CPU `cpu`; false (errno set) if it cannot.

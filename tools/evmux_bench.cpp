@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <functional>
@@ -1582,6 +1583,17 @@ bool wanted(const Options& opt, const std::string& server) {
            std::find(opt.servers.begin(), opt.servers.end(), server) != opt.servers.end();
 }
 
+/// Exit 2 unless `file` can be written (opened for appending; a file that
+/// was not there is removed again): `flag` names it in the message.
+void check_writable(const char* flag, const std::string& file) {
+    std::error_code ec;
+    const bool existed = fs::exists(file, ec);
+    FILE* f = std::fopen(file.c_str(), "a");
+    if (!f) usage_error(std::string(flag) + " " + file + ": " + std::strerror(errno));
+    std::fclose(f);
+    if (!existed) fs::remove(file, ec);
+}
+
 /// Checks --servers, --backends and --idle-active (exit 2 on a mistake), fills
 /// in the defaults that depend on --quick, and returns the backends to run.
 std::vector<std::string> check_and_complete(Options& opt) {
@@ -1629,6 +1641,19 @@ std::vector<std::string> check_and_complete(Options& opt) {
     if (opt.io.empty())
         opt.io = on_uring ? std::vector<std::string>{"readiness", "completion"}
                           : std::vector<std::string>{"readiness"};
+
+    if (const char* env = std::getenv("EVMUX_IO");
+        env && *env && std::string(env) != "completion" && std::string(env) != "readiness")
+        usage_error(std::string("EVMUX_IO must be completion or readiness, not '") + env + "'");
+    // Where the results go, tried now: not found unwritable after the run.
+    if (!opt.out_dir.empty()) {
+        std::error_code ec;
+        fs::create_directories(opt.out_dir, ec);
+        if (ec) usage_error("--out " + opt.out_dir + ": " + ec.message());
+        check_writable("--out", (fs::path(opt.out_dir) / "bench.json").string());
+    }
+    if (!opt.json_file.empty()) check_writable("--json", opt.json_file);
+    if (!opt.csv_file.empty()) check_writable("--csv", opt.csv_file);
 
     if (opt.duration <= 0) opt.duration = opt.quick ? 1.0 : 2.0;
     if (opt.rounds <= 0) opt.rounds = opt.quick ? 3 : 5;

@@ -344,6 +344,7 @@ namespace {
 const char* tls_reason() {
     const unsigned long e = ERR_get_error();
     ERR_clear_error();
+    if (e != 0 && ERR_SYSTEM_ERROR(e)) return std::strerror(ERR_GET_REASON(e));  // fopen's errno
     const char* r = e ? ERR_reason_error_string(e) : nullptr;
     return r ? r : "unexpected EOF";
 }
@@ -544,7 +545,10 @@ bool LoadClient::connect_all() {
             } else if (conns_[i].state == Conn::State::finished && conns_[i].ssl) {
                 on_readable(i);  // TLS 1.3 session tickets; data would be a mismatch
             } else if (conns_[i].state == Conn::State::finished) {
-                error(i, "server sent data before any request");
+                char b;
+                const bool eof = ::recv(conns_[i].fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) == 0;
+                error(i, eof ? "server closed the connection while no request was out"
+                             : "server sent data while no request was out");
                 close_conn(conns_[i]);
             }
         }
@@ -629,8 +633,11 @@ void LoadClient::on_readable(std::size_t i) {
     while (c.state == Conn::State::in_round || c.state == Conn::State::finished) {
         const ssize_t n = io_recv(i, read_buf_.data(), read_buf_.size());
         if (n == 0) {
-            error(i, "server closed the connection (%zu of %zu reply bytes received)", c.received,
-                  c.state == Conn::State::in_round ? size : std::size_t{0});
+            if (c.state == Conn::State::in_round)
+                error(i, "server closed the connection (%zu of %zu reply bytes received)",
+                      c.received, size);
+            else
+                error(i, "server closed the connection while no request was out");
             close_conn(c);
             return;
         }
@@ -642,26 +649,30 @@ void LoadClient::on_readable(std::size_t i) {
             return;
         }
         const auto got = static_cast<std::size_t>(n);
-        if (c.state != Conn::State::in_round || c.received + got > size) {
-            // More bytes than were sent: the server invented or duplicated some.
-            mismatch(i, c.state == Conn::State::in_round ? size : 0);
-            return;
-        }
+        // The bytes due in this round (none outside one), checked first: a
+        // reply that differs and runs long is reported where it differs.
+        const std::size_t due = c.state == Conn::State::in_round ? size - c.received : 0;
+        const std::size_t check = std::min(got, due);
         const unsigned char* want = c.msg + c.received;
         const unsigned char* have = read_buf_.data();
         if (!opt_.upper) {
-            if (std::memcmp(want, have, got) != 0) {
-                const auto d = std::mismatch(have, have + got, want).first - have;
+            if (std::memcmp(want, have, check) != 0) {
+                const auto d = std::mismatch(have, have + check, want).first - have;
                 mismatch(i, c.received + static_cast<std::size_t>(d));
                 return;
             }
         } else {
-            for (std::size_t k = 0; k < got; ++k) {
+            for (std::size_t k = 0; k < check; ++k) {
                 if (have[k] != expected_byte(want[k], true)) {
                     mismatch(i, c.received + k);
                     return;
                 }
             }
+        }
+        if (got > due) {
+            // More bytes than were sent: the server invented or duplicated some.
+            mismatch(i, c.state == Conn::State::in_round ? size : 0);
+            return;
         }
         c.received += got;
         if (c.received == size) {
@@ -974,10 +985,11 @@ int main(int argc, char** argv) {
     app.add_flag("--udp", opt.udp,
                  "UDP: --conns sessions (sockets) each send a datagram and wait for its echo; "
                  "reports loss too");
-    app.add_option("--timeout", opt.timeout_s,
-                   "--udp: seconds a datagram's echo may take before it counts as lost "
-                   "(default 0.25)")
-        ->check(evmux::support::number_in(0.001, 60.0));
+    auto* timeout =
+        app.add_option("--timeout", opt.timeout_s,
+                       "--udp: seconds a datagram's echo may take before it counts as lost "
+                       "(default 0.25)")
+            ->check(evmux::support::number_in(0.001, 60.0));
     try {
         app.parse(argc, argv);
         if (opt.active > opt.conns)
@@ -994,6 +1006,8 @@ int main(int argc, char** argv) {
         if (opt.udp && opt.rate > 0) throw CLI::ValidationError("--rate", "TCP only, not --udp");
         if (opt.udp && opt.sndbuf > 0)
             throw CLI::ValidationError("--sndbuf", "TCP only, not --udp");
+        if (!opt.udp && timeout->count() > 0)
+            throw CLI::ValidationError("--timeout", "--udp only (TCP: --connect-timeout)");
     } catch (const CLI::ParseError& e) {
         if (e.get_exit_code() == 0) return app.exit(e);  // --help
         std::fprintf(stderr, "evmux-load: %s (see --help)\n", e.what());
