@@ -19,6 +19,7 @@
 #include <signal.h>
 #include <spawn.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -1639,6 +1640,37 @@ TEST(EvmuxBench, BadIoModeExitsTwoWithOneLine) {
     EXPECT_EQ(c.finish(), 2);
     EXPECT_EQ(c.err(),
               "evmux-bench: EVMUX_IO must be completion or readiness, not 'nope' (see --help)\n");
+}
+
+// A failed evmux-load is summed up with what it reported (its counts), or
+// pointed at its own error above when it made no report: the FAILED note
+// once ended in an empty reason or a raw JSON line. A stand-in evmux-load
+// (--tools-dir) fails each way.
+TEST(EvmuxBench, ALoadFailureIsSaidWithItsCountsOrItsError) {
+    const std::string bench = program_path("EVMUX_BENCH");
+    const std::string floor = program_path("EVMUX_BASELINE_EPOLL");
+    if (bench.empty() || floor.empty()) GTEST_SKIP() << "EVMUX_BENCH or the floor not built here";
+    const std::string dir = make_temp_dir();
+    ASSERT_FALSE(dir.empty()) << "mkdtemp: " << std::strerror(errno);
+    ASSERT_EQ(::symlink(floor.c_str(), (dir + "/evmux-baseline-epoll").c_str()), 0);
+    const std::string load = dir + "/evmux-load";
+    for (const auto& [script, note] : std::vector<std::pair<std::string, std::string>>{
+             {"echo '{\"round_trips\":0,\"mismatches\":1,\"errors\":0}'",
+              "FAILED: evmux-load exit 1: 1 mismatches, 0 errors"},
+             {"echo 'evmux-load: refused' >&2",
+              "FAILED: evmux-load exit 1: no report (its error is above)"}}) {
+        std::ofstream(load) << "#!/bin/sh\n" << script << "\nexit 1\n";
+        ASSERT_EQ(::chmod(load.c_str(), 0755), 0);
+        Child c({bench, "--tools-dir", dir, "--servers", "epoll-floor", "--sizes", "64",
+                 "--sessions", "1", "--duration", "0.2", "--rounds", "1", "--no-idle",
+                 "--no-plots"});
+        EXPECT_EQ(c.finish(), 1);
+        EXPECT_NE((c.out() + c.err()).find("epoll-floor: " + note), std::string::npos)
+            << c.out() << c.err();
+    }
+    std::remove(load.c_str());
+    std::remove((dir + "/evmux-baseline-epoll").c_str());
+    ::rmdir(dir.c_str());
 }
 
 /// Pins process `pid` to CPU `cpu`; false (errno set) if it cannot.

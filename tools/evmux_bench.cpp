@@ -522,8 +522,15 @@ std::optional<double> read_load_figures(const LoadRun& load, Result& r) {
     r.errors = json_number(json, "errors");
     double duration_s = json_number(json, "duration_s");
     if (load.status != 0 || std::isnan(r.msgs_per_s) || std::isnan(duration_s)) {
-        r.note = "evmux-load exit " + std::to_string(load.status) + ": " +
-                 json.substr(0, json.find('\n'));
+        // Its report's counts if it made one; its own error went to stderr.
+        std::string why;
+        if (r.mismatches > 0 || r.errors > 0)
+            why = fmt(r.mismatches, 0) + " mismatches, " + fmt(r.errors, 0) + " errors";
+        else if (json.empty())
+            why = "no report (its error is above)";
+        else
+            why = json.substr(0, json.find('\n'));
+        r.note = "evmux-load exit " + std::to_string(load.status) + ": " + why;
         return std::nullopt;
     }
     if (r.mismatches > 0 || r.errors > 0) {
