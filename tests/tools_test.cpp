@@ -1041,6 +1041,18 @@ TEST_F(LoadTest, BadFlagsExitTwoWithOneLine) {
     }
 }
 
+// A --tls-ca file that is not there says so (OpenSSL's error queue has only
+// the system error for it; the reason once read "unexpected EOF").
+TEST_F(LoadTest, AMissingCaFileSaysSo) {
+    if (!tls_built()) GTEST_SKIP() << "TLS not compiled in";
+    std::string out, err;
+    EXPECT_EQ(run_load({"--port", "1", "--conns", "1", "--size", "8", "--duration", "1", "--tls",
+                        "--tls-ca", "/nonexistent/ca.pem"},
+                       &out, &err),
+              2);
+    EXPECT_EQ(err, "evmux-load: --tls-ca /nonexistent/ca.pem: No such file or directory\n");
+}
+
 // A number flag's bad value is said as what the flag takes, the whole text
 // checked ("5x" is not 5, "nan" is not a number in range), not CLI11's "Value
 // 5x not in range".
