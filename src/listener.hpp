@@ -10,6 +10,13 @@
 
 namespace evmux::detail {
 
+/// Throws std::system_error ("bind 127.0.0.1:5555: Address already in use")
+/// if a TCP `address` is bound already, by any socket: a probe bound there
+/// without SO_REUSEPORT (with SO_REUSEADDR, as the listeners) fails, and
+/// lets go at once. For SO_REUSEPORT listeners that must not join another
+/// process's, which the kernel allows to any of the same user.
+void refuse_port_in_use(const Address& address);
+
 /// A listening socket and its accept loop on one loop: at most `budget` accept4()
 /// calls per wake-up, handing each fd and its peer's address (from accept4
 /// itself: no getpeername) to the callback, which owns the fd. On
@@ -20,13 +27,6 @@ namespace evmux::detail {
 /// file (unlinked on destruction). Thread rule:
 /// loop thread only; built and destroyed while not watching (before start(),
 /// after stop()) on any thread. Non-copyable, non-movable.
-/// Throws std::system_error ("bind 127.0.0.1:5555: Address already in use")
-/// if a TCP `address` is bound already, by any socket: a probe bound there
-/// without SO_REUSEPORT (with SO_REUSEADDR, as the listeners) fails, and
-/// lets go at once. For SO_REUSEPORT listeners that must not join another
-/// process's, which the kernel allows to any of the same user.
-void refuse_port_in_use(const Address& address);
-
 struct AcceptOp;  // listener.cpp: the multishot accept request of completion I/O
 
 class Acceptor {
