@@ -113,7 +113,8 @@ void say_stopped(const evmux::TcpServer& server) {
 }
 
 // Connections the server could not take (out of file descriptors: each is
-// accepted and closed at once, the peer sees EOF; or accept errors) are said
+// accepted and closed at once, the peer sees EOF, or, when even that fails,
+// accept errors, and accepting pauses a moment) are said
 // on stderr within a second, at most a line a second, not only in the
 // counters at the end. On `loop`'s thread.
 void report_refusals(evmux::EventLoop& loop, const evmux::TcpServer& server) {
@@ -127,11 +128,11 @@ void report_refusals(evmux::EventLoop& loop, const evmux::TcpServer& server) {
         rlimit fds{};
         ::getrlimit(RLIMIT_NOFILE, &fds);
         std::fprintf(stderr,
-                     "evmux-echo: in the last second %llu connections closed as accepted "
-                     "(out of file descriptors: ulimit -n is %llu) and %llu accept errors\n",
+                     "evmux-echo: in the last second %llu connections closed as accepted and "
+                     "%llu accept errors (out of file descriptors? ulimit -n is %llu)\n",
                      static_cast<unsigned long long>(rejected),
-                     static_cast<unsigned long long>(fds.rlim_cur),
-                     static_cast<unsigned long long>(errors));
+                     static_cast<unsigned long long>(errors),
+                     static_cast<unsigned long long>(fds.rlim_cur));
     });
 }
 
