@@ -565,38 +565,42 @@ TEST_F(EvmuxEcho, RaisesItsSoftFdLimitToTheHardLimit) {
 // port is refused with --threads too (SO_REUSEPORT would have let it join).
 TEST_F(EvmuxEcho, ConnectionsRefusedForWantOfFdsAreSaid) {
     ASSERT_EQ(::access("/usr/bin/prlimit", X_OK), 0) << "util-linux's prlimit";
-    // The hard limit too: evmux-echo raises its soft limit to the hard one.
-    // (prlimit runs the command in its own process: the pid is evmux-echo's.)
-    EchoProcess echo({"--nofile=32:32", echo_binary(), "--port", "0", "--backend",
-                      test::backend_name(), "--threads", "2"},
-                     false, "/usr/bin/prlimit");
-    std::string backend;
-    const std::string where = listening_address(echo.line(), &backend);
-    ASSERT_FALSE(where.empty());
-    EchoProcess second({"--port", where.substr(where.rfind(':') + 1), "--backend",
-                        test::backend_name(), "--threads", "2"});
-    EXPECT_NE(second.line().find("Address already in use"), std::string::npos);
-    EXPECT_EQ(second.wait(), 2);
-    std::vector<Fd> clients;
-    for (int i = 0; i < 40; ++i) clients.push_back(dial(Address::parse(where)));
-    std::string said;
-    for (std::string l; said.empty() && !(l = echo.line(5000ms)).empty();)
-        if (l.find("connections closed as accepted") != std::string::npos) said = l;
-    EXPECT_NE(said.find("accept errors (out of file descriptors? ulimit -n is 32)"),
-              std::string::npos)
-        << said;
-    ASSERT_EQ(::kill(echo.pid(), SIGTERM), 0);
-    std::string stopped;
-    while (stopped.find("stopped:") == std::string::npos && !(stopped = echo.line()).empty()) {
+    // Each I/O path (--io completion is readiness where the backend has none).
+    for (const char* io : {"readiness", "completion"}) {
+        SCOPED_TRACE(std::string("--io ") + io);
+        // The hard limit too: evmux-echo raises its soft limit to the hard one.
+        // (prlimit runs the command in its own process: the pid is evmux-echo's.)
+        EchoProcess echo({"--nofile=32:32", echo_binary(), "--port", "0", "--backend",
+                          test::backend_name(), "--threads", "2", "--io", io},
+                         false, "/usr/bin/prlimit");
+        std::string backend;
+        const std::string where = listening_address(echo.line(), &backend);
+        ASSERT_FALSE(where.empty());
+        EchoProcess second({"--port", where.substr(where.rfind(':') + 1), "--backend",
+                            test::backend_name(), "--threads", "2", "--io", io});
+        EXPECT_NE(second.line().find("Address already in use"), std::string::npos);
+        EXPECT_EQ(second.wait(), 2);
+        std::vector<Fd> clients;
+        for (int i = 0; i < 40; ++i) clients.push_back(dial(Address::parse(where)));
+        std::string said;
+        for (std::string l; said.empty() && !(l = echo.line(5000ms)).empty();)
+            if (l.find("connections closed as accepted") != std::string::npos) said = l;
+        EXPECT_NE(said.find("accept errors (out of file descriptors? ulimit -n is 32)"),
+                  std::string::npos)
+            << said;
+        ASSERT_EQ(::kill(echo.pid(), SIGTERM), 0);
+        std::string stopped;
+        while (stopped.find("stopped:") == std::string::npos && !(stopped = echo.line()).empty()) {
+        }
+        // Closed as accepted (the spare fd's trick) or, when even that fails,
+        // accept errors: some of either.
+        std::smatch m;
+        ASSERT_TRUE(
+            std::regex_search(stopped, m, std::regex(" rejected=([0-9]+) accept_errors=([0-9]+)")))
+            << stopped;
+        EXPECT_GT(std::stoull(m[1]) + std::stoull(m[2]), 0u) << stopped;
+        EXPECT_EQ(echo.wait(), 0);
     }
-    // Closed as accepted (the spare fd's trick) or, when even that fails,
-    // accept errors: some of either.
-    std::smatch m;
-    ASSERT_TRUE(
-        std::regex_search(stopped, m, std::regex(" rejected=([0-9]+) accept_errors=([0-9]+)")))
-        << stopped;
-    EXPECT_GT(std::stoull(m[1]) + std::stoull(m[2]), 0u) << stopped;
-    EXPECT_EQ(echo.wait(), 0);
 }
 
 // --threads N runs N loops and no other: N epoll instances in the process
