@@ -413,6 +413,9 @@ struct ConnectState {
 ConnectAwaiter::ConnectAwaiter(EventLoop& loop, const Address& address, ConnectOptions options)
     : loop_(loop), address_(address), options_(options) {}
 
+ConnectAwaiter::ConnectAwaiter(EventLoop& loop, std::string_view target, ConnectOptions options)
+    : loop_(loop), target_(target), by_text_(true), options_(options) {}
+
 ConnectAwaiter::~ConnectAwaiter() {
     // Destroyed while waiting: the attempt is abandoned (its on_error, if it
     // comes, finds no state; a connection made meanwhile is closed).
@@ -433,14 +436,20 @@ void ConnectAwaiter::await_suspend(std::coroutine_handle<> waiting) {
         st->stream = std::move(stream);
         std::exchange(st->waiting, {}).resume();
     };
-    cb.on_error = [weak, where = "connect " + address_.to_string()](std::error_code ec,
-                                                                    const std::string&) {
+    cb.on_error = [weak](std::error_code ec, const std::string& message) {
         auto st = weak.lock();
         if (!st || !st->waiting) return;
-        st->error = std::make_exception_ptr(std::system_error(ec, where));
+        // The connector's text ends with ec.message(), which system_error
+        // appends itself: "connect HOST:PORT: ...: Connection refused".
+        const std::string said = ": " + ec.message();
+        const bool ends_so = message.size() > said.size() &&
+                             message.compare(message.size() - said.size(), said.size(), said) == 0;
+        st->error = std::make_exception_ptr(std::system_error(
+            ec, ends_so ? message.substr(0, message.size() - said.size()) : message));
         std::exchange(st->waiting, {}).resume();
     };
-    connector_ = evmux::connect(loop_, address_, std::move(cb), options_);
+    connector_ = by_text_ ? evmux::connect(loop_, target_, std::move(cb), options_)
+                          : evmux::connect(loop_, address_, std::move(cb), options_);
 }
 
 Stream ConnectAwaiter::await_resume() {

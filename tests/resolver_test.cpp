@@ -21,6 +21,7 @@
 #include "dns_responder.hpp"
 #include "evmux/address.hpp"
 #include "evmux/connection.hpp"
+#include "evmux/coro.hpp"
 #include "evmux/event_loop.hpp"
 #include "evmux/loop_group.hpp"
 #include "evmux/resolver.hpp"
@@ -520,6 +521,138 @@ TEST(ConnectByName, LocalhostWithAResolverOfItsOwn) {
     n.conn->close();
     pump_for(loop, 20ms);
     EXPECT_THROW(connect(loop, "localhost", r.callbacks()), std::invalid_argument);
+}
+
+// ---- coro::connect() by name ----------------------------------------------------
+
+// What a connecting coroutine ended with: the echo of what it wrote and the
+// peer, or the exception's code and text.
+struct CoroConnected {
+    bool done = false;
+    std::string echoed;
+    Address peer;
+    std::error_code ec;
+    std::string what;
+};
+
+coro::Task<void> connect_and_echo(EventLoop& loop, std::string target, ConnectOptions options,
+                                  CoroConnected* out) {
+    try {
+        coro::Stream s = co_await coro::connect(loop, target, options);
+        out->peer = s.connection()->peer_address();
+        co_await s.write("ping\n");
+        out->echoed = co_await s.read_line();
+    } catch (const std::system_error& e) {
+        out->ec = e.code();
+        out->what = e.what();
+    } catch (const std::exception& e) {
+        out->what = std::string("other: ") + e.what();
+    }
+    out->done = true;
+}
+
+TEST(CoroConnectByName, TriesEachAddressInOrderUntilOneConnects) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    TcpServer server(loop, Address::parse("127.0.0.1:0"), echo_callbacks());
+    const std::uint16_t port = server.local_address().port();
+    Fd refuses = bound_not_listening("127.0.0.2", port);
+    DnsResponder dns({{"multi.test", {{"127.0.0.2", "127.0.0.1"}, {}}}});
+    ResolverOptions o = asking(dns);
+    o.family = AF_INET;
+    Resolver resolver(loop, o);
+    ConnectOptions co;
+    co.resolver = &resolver;
+    CoroConnected out;
+    coro::spawn(loop, connect_and_echo(loop, "multi.test:" + std::to_string(port), co, &out));
+    ASSERT_TRUE(run_until(loop, [&] { return out.done; }));
+    EXPECT_EQ(out.what, "");
+    EXPECT_EQ(out.echoed, "ping\n");
+    EXPECT_EQ(out.peer, Address::ip("127.0.0.1", port));
+    EXPECT_EQ(dns.questions(), 1u);
+}
+
+TEST(CoroConnectByName, LocalhostAndNumericTextWithoutAResolver) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    TcpServer server(loop, Address::parse("127.0.0.1:0"), echo_callbacks());
+    const std::string port = std::to_string(server.local_address().port());
+    for (const std::string& target : {"localhost:" + port, "127.0.0.1:" + port}) {
+        CoroConnected out;
+        coro::spawn(loop, connect_and_echo(loop, target, {}, &out));
+        ASSERT_TRUE(run_until(loop, [&] { return out.done; })) << target;
+        EXPECT_EQ(out.what, "") << target;
+        EXPECT_EQ(out.echoed, "ping\n") << target;
+        EXPECT_EQ(out.peer, server.local_address()) << target;
+    }
+}
+
+TEST(CoroConnectByName, FailuresThrowTheConnectorsText) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Fd a = bound_not_listening("127.0.0.2", 0);
+    const std::uint16_t port = Address::local_of(a.get()).port();
+    Fd b = bound_not_listening("127.0.0.3", port);
+    DnsResponder dns({{"dead.test", {{"127.0.0.2", "127.0.0.3"}, {}}}});
+    ResolverOptions o = asking(dns);
+    o.family = AF_INET;
+    Resolver resolver(loop, o);
+    ConnectOptions co;
+    co.resolver = &resolver;
+    const std::string p = std::to_string(port);
+
+    CoroConnected refused;
+    coro::spawn(loop, connect_and_echo(loop, "dead.test:" + p, co, &refused));
+    CoroConnected unknown;
+    coro::spawn(loop, connect_and_echo(loop, "nosuch.invalid:80", co, &unknown));
+    CoroConnected numeric;
+    coro::spawn(loop, connect_and_echo(loop, "127.0.0.2:" + p, co, &numeric));
+    CoroConnected bad;
+    coro::spawn(loop, connect_and_echo(loop, "no-port-here", co, &bad));
+    ASSERT_TRUE(
+        run_until(loop, [&] { return refused.done && unknown.done && numeric.done && bad.done; }));
+    EXPECT_EQ(refused.ec, std::errc::connection_refused);
+    EXPECT_EQ(refused.what, "connect dead.test:" + p + ": 127.0.0.2:" + p +
+                                ": Connection refused; 127.0.0.3:" + p + ": Connection refused");
+    EXPECT_EQ(unknown.ec, ResolveErrc::not_found);
+    EXPECT_EQ(unknown.what,
+              "connect nosuch.invalid:80: cannot resolve 'nosuch.invalid': Domain name not found");
+    EXPECT_EQ(numeric.ec, std::errc::connection_refused);
+    EXPECT_EQ(numeric.what, "connect 127.0.0.2:" + p + ": Connection refused");
+    EXPECT_EQ(bad.what.rfind("other: ", 0), 0u) << bad.what;  // std::invalid_argument
+    EXPECT_NE(bad.what.find("no-port-here"), std::string::npos) << bad.what;
+}
+
+TEST(CoroConnectByName, TheTimeoutCoversTheLookupAndDestroyingTheTaskCancelsIt) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    DnsResponder dns(names());
+    dns.set_silent(true);
+    Resolver resolver(loop, asking(dns, 2000ms, 3));
+    ConnectOptions co;
+    co.resolver = &resolver;
+    co.timeout = 150ms;
+    CoroConnected out;
+    const auto start = std::chrono::steady_clock::now();
+    coro::spawn(loop, connect_and_echo(loop, "one.test:80", co, &out));
+    ASSERT_TRUE(run_until(loop, [&] { return out.done; }));
+    EXPECT_GE(std::chrono::steady_clock::now() - start, 150ms);
+    EXPECT_EQ(out.ec, std::errc::timed_out);
+    EXPECT_EQ(out.what, "connect one.test:80: Connection timed out");
+    EXPECT_EQ(resolver.pending(), 0u);
+
+    // A task destroyed while its lookup is out: the lookup goes with it.
+    co.timeout = 0ms;  // none
+    bool resumed = false;
+    {
+        auto body = [](EventLoop& l, ConnectOptions o, bool* r) -> coro::Task<void> {
+            coro::Stream s = co_await coro::connect(l, "two.test:80", o);
+            *r = true;
+        };
+        coro::Task<void> t = body(loop, co, &resumed);
+        auto awaiter = std::move(t).operator co_await();  // started as a co_await would
+        awaiter.await_suspend(std::noop_coroutine()).resume();
+        ASSERT_TRUE(run_until(loop, [&] { return resolver.pending() == 1; }));
+    }
+    pump_for(loop, 20ms);
+    EXPECT_FALSE(resumed);
+    EXPECT_EQ(resolver.pending(), 0u) << "the lookup was cancelled with the task";
 }
 
 TEST(ServerByName, ListensOnLocalhost) {

@@ -620,6 +620,7 @@ struct ConnectState;
 class ConnectAwaiter {
   public:
     ConnectAwaiter(EventLoop& loop, const Address& address, ConnectOptions options);
+    ConnectAwaiter(EventLoop& loop, std::string_view target, ConnectOptions options);
     ConnectAwaiter(const ConnectAwaiter&) = delete;
     ConnectAwaiter& operator=(const ConnectAwaiter&) = delete;
     ~ConnectAwaiter();
@@ -630,6 +631,8 @@ class ConnectAwaiter {
   private:
     EventLoop& loop_;
     Address address_;
+    std::string target_;  // "host:port" text, when by_text_
+    bool by_text_ = false;
     ConnectOptions options_;
     std::shared_ptr<ConnectState> state_;
     std::shared_ptr<Connector> connector_;
@@ -643,6 +646,22 @@ class ConnectAwaiter {
 inline detail::ConnectAwaiter connect(EventLoop& loop, const Address& address,
                                       ConnectOptions options = {}) {
     return detail::ConnectAwaiter(loop, address, options);
+}
+
+/// `Stream s = co_await connect(loop, "localhost:8080");`: "host:port" text,
+/// as evmux::connect() takes it (asyncio's open_connection(host, port)): a
+/// numeric address ("127.0.0.1:80", "[::1]:80", "unix:/path") or a name,
+/// looked up without blocking by options.resolver (or a Resolver made for
+/// it), its addresses tried in turn until one connects. Throws
+/// std::system_error with evmux::connect()'s on_error text, e.g. "connect
+/// localhost:1: 127.0.0.1:1: Connection refused" or "connect
+/// nosuch.invalid:80: cannot resolve 'nosuch.invalid': Domain name not
+/// found" (code(): the errno, or the ResolveErrc); options.timeout covers the
+/// lookup too. Text that is not HOST:PORT throws std::invalid_argument from
+/// the co_await. Destroying the waiting task cancels the lookup or attempt.
+inline detail::ConnectAwaiter connect(EventLoop& loop, std::string_view target,
+                                      ConnectOptions options = {}) {
+    return detail::ConnectAwaiter(loop, target, options);
 }
 
 // ---- accepting -----------------------------------------------------------------
