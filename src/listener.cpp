@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstdint>
+#include <exception>
 #include <string>
 #include <system_error>
 #include <utility>
@@ -27,10 +28,16 @@ namespace {
 void accept_done(CompletionOp* op, std::int32_t res, std::uint32_t flags) {
     auto* a = static_cast<AcceptOp*>(op);
     const bool ended = !(flags & completion_more);
-    if (a->owner)
-        a->owner->on_accepted(res, ended);
-    else if (ended)
-        delete a;
+    if (a->owner) {
+        a->owner->on_accepted(res, ended);  // may let go of the op (stop(), or destroyed)
+        if (a->owner) return;
+    } else if (res >= 0) {
+        // Accepted by the kernel after the acceptor let go (reaped by
+        // cancel_and_wait(), or later in the same batch): nobody will serve
+        // it, and the peer sees the end rather than a hang.
+        ::close(res);
+    }
+    if (ended) delete a;
 }
 
 // The counters are plain fields of a ServerStats, bumped atomically so that
@@ -130,6 +137,7 @@ Acceptor::Acceptor(EventLoop& loop, const Address& address, bool reuse_port, int
       on_accept_(std::move(on_accept)) {}
 
 Acceptor::~Acceptor() {
+    if (gone_) *gone_ = true;  // destroyed by the callback hand_over() runs
     stop();
     if (spare_fd_ >= 0) ::close(spare_fd_);
     if (!unix_path_.empty()) ::unlink(unix_path_.c_str());
@@ -156,27 +164,41 @@ void Acceptor::stop() {
     if (resume_timer_ != 0) loop_.cancel(std::exchange(resume_timer_, 0));
     if (std::exchange(accepting_, false) && !accept_op_) loop_.unwatch(listen_fd_);
     if (AcceptOp* op = std::exchange(accept_op_, nullptr)) {
+        op->owner = nullptr;
         if (std::exchange(accept_armed_, false)) {
             // The request holds the listening socket: end it now, so that the
-            // port is free when stop() returns, as with readiness.
-            op->owner = nullptr;
+            // port is free when stop() returns, as with readiness. The op
+            // frees itself with its last completion.
             loop_.completion_io()->cancel_and_wait(op);
-        } else {
-            delete op;
+        } else if (!in_completion_) {
+            delete op;  // (inside its completion, accept_done() frees it)
         }
     }
     if (listen_fd_ >= 0) ::close(std::exchange(listen_fd_, -1));
 }
 
+bool Acceptor::hand_over(int fd, const Address& peer) {
+    bool gone = false;
+    gone_ = &gone;
+    EventLoop& loop = loop_;
+    std::exception_ptr error;
+    try {
+        on_accept_(fd, peer);
+    } catch (...) {
+        error = std::current_exception();
+    }
+    if (!gone) gone_ = nullptr;
+    if (error) loop.handle_exception(error);  // the accept loop goes on
+    return !gone;
+}
+
 void Acceptor::on_accepted(int res, bool ended) {
+    in_completion_ = true;
     if (res >= 0) {
         bump(counters_.accept_calls);
-        try {
-            on_accept_(res, Address());  // the peer is asked of the socket
-        } catch (...) {
-            loop_.handle_exception(std::current_exception());
-        }
+        if (!hand_over(res, Address())) return;  // the peer is asked of the socket
     }
+    in_completion_ = false;
     if (!ended) return;
     accept_armed_ = false;
     if (!accepting_) return;
@@ -186,7 +208,9 @@ void Acceptor::on_accepted(int res, bool ended) {
     // backlog (the kernel takes the fd first): pause, as readiness does when
     // shedding fails, rather than ask again and again.
     if (res < 0) {
-        on_acceptable();
+        in_completion_ = true;
+        if (!on_acceptable()) return;
+        in_completion_ = false;
         if (res == -EMFILE || res == -ENFILE || res == -ENOBUFS || res == -ENOMEM)
             pause_accepting();
     }
@@ -196,7 +220,7 @@ void Acceptor::on_accepted(int res, bool ended) {
     }
 }
 
-void Acceptor::on_acceptable() {
+bool Acceptor::on_acceptable() {
     for (std::size_t i = 0; i < budget_; ++i) {
         bump(counters_.accept_calls);
         sockaddr_storage peer;
@@ -204,11 +228,11 @@ void Acceptor::on_acceptable() {
         int fd = ::accept4(listen_fd_, reinterpret_cast<sockaddr*>(&peer), &peer_len,
                            SOCK_NONBLOCK | SOCK_CLOEXEC);
         if (fd >= 0) {
-            on_accept_(fd, Address::from_sockaddr(&peer, peer_len));
+            if (!hand_over(fd, Address::from_sockaddr(&peer, peer_len))) return false;
             continue;
         }
         const int err = errno;
-        if (err == EAGAIN || err == EWOULDBLOCK) return;
+        if (err == EAGAIN || err == EWOULDBLOCK) return true;
         if (err == EINTR) continue;
         bump(counters_.accept_errors);
         if (err == EMFILE || err == ENFILE) {
@@ -228,18 +252,19 @@ void Acceptor::on_acceptable() {
                 spare_fd_ = open_spare();
                 if (spare_fd_ >= 0) {
                     if (shed >= 0) continue;
-                    if (shed_err == EAGAIN || shed_err == EWOULDBLOCK) return;  // backlog empty
+                    if (shed_err == EAGAIN || shed_err == EWOULDBLOCK) return true;  // empty
                 }
             }
             pause_accepting();  // still failing: wait for fds to free up
-            return;
+            return true;
         }
         if (err == ENOBUFS || err == ENOMEM) {
             pause_accepting();
-            return;
+            return true;
         }
         // ECONNABORTED, EPROTO, EPERM (firewall)...: that one connection failed.
     }
+    return true;
 }
 
 void Acceptor::pause_accepting() {

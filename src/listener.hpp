@@ -62,8 +62,12 @@ class Acceptor {
     void on_accepted(int res, bool ended);
 
   private:
-    void on_acceptable();
+    // Accepts up to the budget; false if a callback destroyed us (return at once).
+    bool on_acceptable();
     void pause_accepting();
+    // Runs on_accept_ (its exception to the loop's handler); false if it
+    // destroyed us (a server destroyed in on_connect): touch nothing then.
+    bool hand_over(int fd, const Address& peer);
 
     EventLoop& loop_;
     int listen_fd_;
@@ -80,6 +84,8 @@ class Acceptor {
     // the kernel: the op frees itself with its last completion.
     AcceptOp* accept_op_ = nullptr;
     bool accept_armed_ = false;
+    bool in_completion_ = false;  // on_accepted() runs: stop() leaves the op to accept_done()
+    bool* gone_ = nullptr;        // hand_over()'s flag, set by the destructor
 };
 
 /// A server's idle timeouts (Netty's IdleStateHandler: reader, writer, all),

@@ -596,6 +596,67 @@ TEST(OnClose, ServerDestroyedFromItsOwnConnectionsCallback) {
     EXPECT_EQ(log.reasons.size(), 2u);
 }
 
+// "Serve one client, then stop listening": the server destroyed in
+// on_connect while more connections wait in the same accept batch. The
+// accept loop must not go on in the destroyed server (a use-after-free the
+// sanitize suites see); every client sees the end; no fd is left.
+TEST(OnClose, ServerDestroyedInOnConnectWithMoreAcceptsPending) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    const std::size_t fds_before = test::open_fds();
+    CloseLog log;
+    std::unique_ptr<TcpServer> server;
+    Callbacks cb = log.callbacks();
+    int connects = 0;
+    cb.on_connect = [&](const ConnectionPtr&) {
+        ++connects;
+        server.reset();
+    };
+    server = std::make_unique<TcpServer>(loop, loopback, cb);
+    loop.run_once(0ms);  // (completion I/O: the accept request goes out)
+    std::vector<Client> clients;
+    for (int i = 0; i < 4; ++i) clients.emplace_back(server->local_address());
+    ASSERT_TRUE(run_until(loop, [&] { return !server; }));
+    for (Client& c : clients) {
+        ASSERT_TRUE(run_until(loop, [&] {
+            c.pump();
+            return c.ended;
+        }));
+    }
+    for (int i = 0; i < 5; ++i) loop.run_once(1ms);
+    EXPECT_EQ(connects, 1);
+    ASSERT_EQ(log.reasons.size(), 1u);
+    EXPECT_EQ(log.reasons[0], CloseReason::local);
+    clients.clear();
+    EXPECT_EQ(test::open_fds(), fds_before) << "fds left behind";
+}
+
+// Connections the kernel has accepted (completion I/O: a multishot accept's
+// completions not yet handed over) when the server is destroyed: closed, as
+// a listening socket's backlog is, never leaked.
+TEST(OnClose, ServerDestroyedWithAcceptsNotYetHandedOver) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    const std::size_t fds_before = test::open_fds();
+    int connects = 0;
+    Callbacks cb;
+    cb.on_connect = [&](const ConnectionPtr&) { ++connects; };
+    auto server = std::make_unique<TcpServer>(loop, loopback, cb);
+    loop.run_once(0ms);  // (completion I/O: the accept request goes out)
+    std::vector<Client> clients;
+    for (int i = 0; i < 3; ++i) clients.emplace_back(server->local_address());
+    std::this_thread::sleep_for(20ms);  // the kernel accepts (and completes) them
+    server.reset();
+    for (Client& c : clients) {
+        ASSERT_TRUE(run_until(loop, [&] {
+            c.pump();
+            return c.ended;
+        })) << "a client hangs";
+    }
+    EXPECT_EQ(connects, 0);
+    clients.clear();
+    for (int i = 0; i < 5; ++i) loop.run_once(1ms);
+    EXPECT_EQ(test::open_fds(), fds_before) << "accepted sockets leaked";
+}
+
 TEST(OnClose, LoopGroupDestroyedRunsEachOnItsLoop) {
     EVMUX_SELECTOR_OR_SKIP(probe);
     probe.reset();

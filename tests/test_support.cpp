@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdlib>
+#include <filesystem>
 #include <stdexcept>
 #include <string_view>
 #include <system_error>
@@ -102,6 +103,12 @@ std::size_t drain(int fd) {
         if (n <= 0) return total;
         total += static_cast<std::size_t>(n);
     }
+}
+
+std::size_t open_fds() {
+    std::size_t n = 0;
+    for ([[maybe_unused]] auto& e : std::filesystem::directory_iterator("/proc/self/fd")) ++n;
+    return n;
 }
 
 void send_all(EventLoop& loop, int fd, std::string_view data) {

@@ -150,6 +150,8 @@ using support::raise_fd_limit;
 void write_byte(int fd, char c = 'x');
 /// Read everything available (non-blocking); returns the byte count.
 std::size_t drain(int fd);
+/// The fds this process has open now (/proc/self/fd).
+std::size_t open_fds();
 /// Send all of `data` on the non-blocking socket `fd`, running `loop`
 /// whenever the socket buffer is full (the loop's side drains it). Throws
 /// std::system_error if send() fails, std::runtime_error if stuck for 10 s.
