@@ -2,6 +2,8 @@
 // connections gracefully on their own loops before joining.
 #include "evmux/loop_group.hpp"
 
+#include <pthread.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -13,6 +15,50 @@
 #include <utility>
 
 namespace evmux {
+
+namespace {
+
+// What a group's threads block from their start: every asynchronous signal,
+// so that a process-directed one (kill(1), Ctrl-C, a timer's SIGALRM) is
+// never taken by a loop thread, where its default action (for most:
+// terminate the process) would run although the user handles it elsewhere
+// (a main-thread loop's on_signal(), a sigwait()). The kernel hands it to a
+// thread that has it unblocked, or leaves it pending for a signalfd. Left
+// unblocked: the synchronous faults, which go to the faulting thread (blocked,
+// the kernel kills the process anyway, past any handler), and SIGPROF, which a
+// setitimer(ITIMER_PROF) profiler needs delivered to the thread that is
+// running. SIGKILL and SIGSTOP cannot be blocked; glibc keeps its own (the
+// thread-cancellation and setxid ones) unblocked.
+sigset_t loop_thread_blocked_signals() {
+    sigset_t set;
+    sigfillset(&set);
+    for (int fault : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGSYS, SIGPROF})
+        sigdelset(&set, fault);
+    return set;
+}
+
+// Blocks them in the calling thread while it starts the group's threads, which
+// inherit the mask (blocked from their first instruction: no moment in which
+// a signal could reach one), and gives the caller its own mask back after.
+// A signal sent to the caller meanwhile is delivered when it is restored.
+class BlockedWhileStarting {
+  public:
+    BlockedWhileStarting() {
+        const sigset_t set = loop_thread_blocked_signals();
+        ok_ = ::pthread_sigmask(SIG_BLOCK, &set, &saved_) == 0;
+    }
+    ~BlockedWhileStarting() {
+        if (ok_) ::pthread_sigmask(SIG_SETMASK, &saved_, nullptr);
+    }
+    BlockedWhileStarting(const BlockedWhileStarting&) = delete;
+    BlockedWhileStarting& operator=(const BlockedWhileStarting&) = delete;
+
+  private:
+    sigset_t saved_{};
+    bool ok_ = false;
+};
+
+}  // namespace
 
 // ---- LoopGroup ------------------------------------------------------------------------
 
@@ -28,6 +74,7 @@ LoopGroup::LoopGroup(std::size_t threads, const std::string& backend) {
     threads_.reserve(threads);
     std::exception_ptr error;
     try {
+        const BlockedWhileStarting blocked;  // for the threads to inherit
         for (std::size_t i = 0; i < threads; ++i) {
             threads_.emplace_back([this, i, ready, backend] {
                 try {

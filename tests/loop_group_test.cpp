@@ -3,6 +3,8 @@
 // clients are blocking sockets on the test thread, each read bounded by
 // SO_RCVTIMEO so a broken server fails the test instead of hanging it.
 #include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -12,6 +14,8 @@
 #include <chrono>
 #include <cstring>
 #include <future>
+#include <iterator>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <ostream>
@@ -576,6 +580,165 @@ TEST(LoopGroup, ExceptionInATaskIsReportedByStop) {
         EXPECT_STREQ(e.what(), "task failed");
     }
     group.stop();  // reported once
+}
+
+// ---- signals ------------------------------------------------------------------
+
+// Whether `signo` is blocked in the calling thread.
+bool blocked_here(int signo) {
+    sigset_t mask;
+    ::pthread_sigmask(SIG_BLOCK, nullptr, &mask);
+    return sigismember(&mask, signo) == 1;
+}
+
+// Gives the calling thread its signal mask back at the end of a test,
+// however it ends.
+class MaskRestorer {
+  public:
+    MaskRestorer() { ::pthread_sigmask(SIG_BLOCK, nullptr, &saved_); }
+    ~MaskRestorer() { ::pthread_sigmask(SIG_SETMASK, &saved_, nullptr); }
+    MaskRestorer(const MaskRestorer&) = delete;
+    MaskRestorer& operator=(const MaskRestorer&) = delete;
+
+  private:
+    sigset_t saved_{};
+};
+
+// The signals a group's threads must leave to the others, and the faults they
+// must keep (a fault is delivered to the thread that caused it; blocked, the
+// kernel kills the process anyway).
+const int async_signals[] = {SIGINT,  SIGTERM, SIGHUP,  SIGQUIT, SIGUSR1,
+                             SIGUSR2, SIGALRM, SIGCHLD, SIGPIPE, SIGWINCH};
+const int fault_signals[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGSYS};
+
+// Loop `index`'s answer to blocked_here() for each of `signals`.
+std::vector<bool> blocked_on_loop(LoopGroup& group, std::size_t index,
+                                  const std::vector<int>& signals) {
+    // Shared: a loop that answers late must not touch a promise gone with us.
+    auto answer = std::make_shared<std::promise<std::vector<bool>>>();
+    group.post(index, [answer, signals] {
+        std::vector<bool> out;
+        for (int s : signals) out.push_back(blocked_here(s));
+        answer->set_value(out);
+    });
+    auto f = answer->get_future();
+    if (f.wait_for(5s) != std::future_status::ready) return {};
+    return f.get();
+}
+
+// The natural order: the group, its server, and only then the signal handling
+// on a loop of the main thread. The group's threads block the asynchronous
+// signals from their start, so a process-directed signal cannot land on one of
+// them (and take its default action there: SIGUSR1, SIGTERM terminate the
+// process) but waits for the one thread that left it unblocked, or, blocked
+// there too by on_signal(), for the main loop's signalfd.
+TEST(LoopGroup, ProcessSignalsReachAMainLoopSetUpAfterTheGroup) {
+    EVMUX_SELECTOR_OR_SKIP(probe);
+    const MaskRestorer restore;
+    ASSERT_FALSE(blocked_here(SIGUSR1)) << "the test needs SIGUSR1 unblocked to start";
+
+    EchoRecorder rec;  // outlives the group: its loops call into it until joined
+    LoopGroup group(2, test::backend_name());
+    TcpServer& server = group.listen(Address::ip("127.0.0.1", 0), rec.callbacks());
+
+    const std::vector<int> asyncs(std::begin(async_signals), std::end(async_signals));
+    const std::vector<int> faults(std::begin(fault_signals), std::end(fault_signals));
+    for (std::size_t i = 0; i < group.size(); ++i) {
+        const std::vector<bool> blocked = blocked_on_loop(group, i, asyncs);
+        ASSERT_EQ(blocked.size(), asyncs.size()) << "loop " << i << " did not answer";
+        for (std::size_t k = 0; k < asyncs.size(); ++k)
+            EXPECT_TRUE(blocked[k]) << "signal " << asyncs[k] << " unblocked on loop " << i;
+        const std::vector<bool> faulted = blocked_on_loop(group, i, faults);
+        ASSERT_EQ(faulted.size(), faults.size()) << "loop " << i << " did not answer";
+        for (std::size_t k = 0; k < faults.size(); ++k)
+            EXPECT_FALSE(faulted[k]) << "fault " << faults[k] << " blocked on loop " << i;
+    }
+    // Before any kill(): an unblocked group thread would take SIGUSR1's
+    // default action and end the whole test program.
+    ASSERT_FALSE(::testing::Test::HasFailure())
+        << "a process-directed signal could reach a group thread";
+
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop main_loop(std::move(sel));
+    int seen = 0;
+    bool on_main_loop = true;
+    main_loop.on_signal(SIGUSR1, [&](int signo) {
+        on_main_loop = on_main_loop && main_loop.in_loop_thread() && signo == SIGUSR1;
+        ++seen;
+    });
+    EXPECT_TRUE(blocked_here(SIGUSR1));
+    // One at a time (standard signals do not queue: two sent before the
+    // first is read would be one).
+    for (int k = 1; k <= 20; ++k) {
+        ASSERT_EQ(::kill(::getpid(), SIGUSR1), 0);
+        ASSERT_TRUE(test::run_until(main_loop, [&] { return seen == k; }))
+            << "signal " << k << " not delivered to the main loop";
+    }
+    EXPECT_TRUE(on_main_loop);
+
+    // The group served on through them.
+    Fd client = connect_blocking(server.local_address());
+    send_all(client.get(), "ping");
+    EXPECT_EQ(read_n(client.get(), 4), "ping");
+    client = Fd();
+
+    main_loop.remove_signal(SIGUSR1);
+    group.stop();
+    EXPECT_EQ(rec.closed.load(), 1);
+    EXPECT_EQ(rec.wrong_thread.load(), 0);
+}
+
+// on_signal() on one of the group's own loops: its thread blocks the signal
+// already, as do the others of the group; the main thread (and every thread
+// the user made) must block it too, as on_signal() says, or the kernel hands
+// it to that thread instead of leaving it to the loop's signalfd.
+TEST(LoopGroup, SignalOnAGroupLoopWhenTheMainThreadBlocksIt) {
+    EVMUX_SELECTOR_OR_SKIP(probe);
+    const MaskRestorer restore;
+    ASSERT_FALSE(blocked_here(SIGUSR2)) << "the test needs SIGUSR2 unblocked to start";
+    std::atomic<int> seen{0};  // before the group: its loop 0 counts here until joined
+    std::atomic<bool> on_loop_0{true};
+    LoopGroup group(2, test::backend_name());
+    // The documented rule, after the group: no thread inherits this.
+    sigset_t usr2;
+    sigemptyset(&usr2);
+    sigaddset(&usr2, SIGUSR2);
+    ::pthread_sigmask(SIG_BLOCK, &usr2, nullptr);
+
+    std::promise<void> set_up;
+    group.post(0, [&] {
+        group.loop(0).on_signal(SIGUSR2, [&](int) {
+            if (!group.loop(0).in_loop_thread()) on_loop_0 = false;
+            ++seen;
+        });
+        set_up.set_value();
+    });
+    ASSERT_EQ(set_up.get_future().wait_for(5s), std::future_status::ready);
+    // Before any kill(): loop 1's thread, had it SIGUSR2 unblocked, would
+    // take its default action and end the whole test program.
+    ASSERT_EQ(blocked_on_loop(group, 1, {SIGUSR2}), std::vector<bool>{true})
+        << "a process-directed signal could reach loop 1's thread";
+    for (int k = 1; k <= 20; ++k) {
+        ASSERT_EQ(::kill(::getpid(), SIGUSR2), 0);
+        const auto end = std::chrono::steady_clock::now() + 10s;
+        while (seen.load() < k && std::chrono::steady_clock::now() < end)
+            std::this_thread::sleep_for(1ms);
+        ASSERT_EQ(seen.load(), k) << "signal " << k << " not delivered to loop 0";
+    }
+    EXPECT_TRUE(on_loop_0.load());
+
+    // remove_signal() unblocks the signal in the calling thread, a group
+    // thread included: loop 1's thread keeps it blocked, loop 0's no longer.
+    std::promise<bool> removed;
+    group.post(0, [&] {
+        group.loop(0).remove_signal(SIGUSR2);
+        removed.set_value(blocked_here(SIGUSR2));
+    });
+    auto f = removed.get_future();
+    ASSERT_EQ(f.wait_for(5s), std::future_status::ready);
+    EXPECT_FALSE(f.get());
+    EXPECT_EQ(blocked_on_loop(group, 1, {SIGUSR2}), std::vector<bool>{true});
+    group.stop();
 }
 
 }  // namespace

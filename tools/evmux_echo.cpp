@@ -240,8 +240,8 @@ int serve_udp(const std::string& backend, const std::vector<evmux::Address>& add
 // single-threaded, which glibc's system call wrappers reward: no
 // cancellation-point bookkeeping around each recv/send, ~90 instructions per
 // echoed message under callgrind). N threads: a LoopGroup, with SIGINT/SIGTERM
-// blocked before its threads start (they inherit the mask) and taken here by
-// sigwait, so no loop thread is interrupted by them.
+// blocked in this thread and taken here by sigwait (the group's threads block
+// them themselves: before the group or after, no loop thread takes them).
 int serve(std::size_t threads, const std::string& backend, const std::string& address,
           evmux::Callbacks callbacks, const evmux::ServerOptions& options,
           const std::string& model) {

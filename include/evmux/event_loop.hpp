@@ -195,14 +195,22 @@ class EventLoop {
 
     // ---- signals ----------------------------------------------------------------
     /// Deliver `signo` as a callback on this loop (signalfd). The signal is
-    /// blocked in the calling thread; block it in every thread (call before
-    /// starting others) for reliable delivery. Replaces an earlier callback.
+    /// blocked in the calling thread; it must be blocked in every thread of
+    /// the process, or the kernel may hand a process-directed instance (kill,
+    /// Ctrl-C) to one that has it unblocked, where its default action (for
+    /// most signals: terminate) runs instead. Threads inherit the mask: call
+    /// this before starting your own threads. A LoopGroup's threads block the
+    /// asynchronous signals themselves, so the main thread's loop may call
+    /// this before or after the group is made; a loop of the group may call
+    /// it too, once every thread not of the group blocks the signal.
+    /// Replaces an earlier callback.
     /// Throws std::invalid_argument for SIGKILL, SIGSTOP, a number out of range
     /// or an empty callback; std::system_error if signalfd fails (nothing
     /// changed then). The loop's destruction leaves the signal blocked.
     void on_signal(int signo, std::function<void(int signo)> callback);
-    /// Stop delivering `signo` and unblock it in the calling thread; an
-    /// instance that arrived but was not delivered yet is discarded (it would
+    /// Stop delivering `signo` and unblock it in the calling thread (a
+    /// LoopGroup's thread too, which may then take it again); an instance
+    /// that arrived but was not delivered yet is discarded (it would
     /// otherwise take its default action, usually termination, on unblock).
     /// A no-op if `signo` is not delivered by this loop.
     void remove_signal(int signo);

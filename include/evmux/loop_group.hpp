@@ -29,6 +29,18 @@ namespace evmux {
 /// Thread rule: every member may be called from any thread, except stop()
 /// and the destructor, which must not be called from one of the group's loop
 /// threads (they join them). Non-copyable, non-movable.
+///
+/// Signals: the threads block every asynchronous signal from their start
+/// (all but the faults SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGTRAP, SIGSYS, and
+/// SIGPROF for profilers), so a process-directed signal (kill, Ctrl-C) is
+/// never taken by a loop thread: the kernel gives it to a thread of yours that
+/// has it unblocked (the main thread: its default action, as without a
+/// group), or leaves it to the signalfd of a loop whose on_signal() takes it.
+/// A main-thread loop's on_signal(SIGTERM, ...) calling stop() therefore works
+/// whether it is set up before or after the group. A loop of the group may
+/// call on_signal() too; every thread not of the group (the main thread
+/// included) must then block that signal, and that loop's remove_signal()
+/// unblocks it in its thread again.
 class LoopGroup {
   public:
     /// Start `threads` loops (at least 1) on backend `backend` (empty: what
