@@ -369,7 +369,8 @@ Connector::Connector(Private, EventLoop& loop, std::string target, Callbacks cal
     : loop_(loop), target_(std::move(target)), cb_(std::move(callbacks)), opt_(options) {}
 
 Connector::~Connector() {
-    // Only reached while connecting if the loop went away first.
+    // Never reached while connecting (the loop's tie holds us, and its
+    // destruction ends the attempt first); closed here all the same.
     close_socket();
 }
 
@@ -401,7 +402,9 @@ std::shared_ptr<Connector> connect(EventLoop& loop, std::string_view address, Ca
 }
 
 void Connector::start(std::vector<Address> candidates) {
-    self_ = shared_from_this();
+    // The loop holds us until the outcome is told; destroyed first, it ends
+    // the attempt there (end_with_loop()), so nothing is left of it.
+    tie_ = loop_.tie(shared_from_this(), [this] { end_with_loop(); });
     active_ = true;
     candidates_ = std::move(candidates);
     if (opt_.timeout.count() > 0) {
@@ -441,6 +444,12 @@ void Connector::on_resolved(const std::string& host, std::error_code error,
                             std::vector<Address> addresses) {
     if (!active_ || !query_) return;  // cancelled or timed out meanwhile
     query_.reset();
+    if (error == std::errc::operation_canceled) {
+        // Not by us: the resolver was destroyed, or the loop is being
+        // destroyed (its resolvers may close before us). Said as cancel() says it.
+        fail(error, "connect " + target_ + ": " + error.message(), false);
+        return;
+    }
     if (error) {
         fail(error, "connect " + target_ + ": " + resolve_message(host, error), false);
         return;
@@ -513,14 +522,34 @@ void Connector::fail(std::error_code error, const std::string& message, bool def
     if (auto query = std::exchange(query_, nullptr)) query->cancel();
     auto on_error = std::move(cb_.on_error);
     cb_ = Callbacks{};
-    auto self = std::move(self_);  // released when this call (or the task) ends
-    if (!on_error) return;
-    if (defer) {
-        loop_.post(
-            [self, on_error = std::move(on_error), error, message] { on_error(error, message); });
-    } else {
-        on_error(error, message);
+    if (on_error && defer) {  // the tie stays until it has run (from the task, or the loop's end)
+        deferred_ = [on_error = std::move(on_error), error, message] { on_error(error, message); };
+        loop_.post([self = shared_from_this()] { self->deliver_deferred(); });
+        return;
     }
+    auto self = shared_from_this();       // the tie may hold the last other reference
+    loop_.untie(std::exchange(tie_, 0));  // a no-op inside the loop's destructor
+    if (on_error) on_error(error, message);
+}
+
+// Runs an on_error fail() posted (once), and lets the loop go of us.
+void Connector::deliver_deferred() {
+    auto deliver = std::exchange(deferred_, nullptr);
+    auto self = shared_from_this();
+    loop_.untie(std::exchange(tie_, 0));
+    if (deliver) deliver();
+}
+
+// The loop is being destroyed: an attempt still in progress ends as cancel()
+// ends it, but on_error runs now (a task posted now would never run), as
+// does one posted earlier and not run yet.
+void Connector::end_with_loop() {
+    if (active_) {
+        const std::error_code ec(ECANCELED, std::generic_category());
+        fail(ec, "connect " + target_ + ": " + ec.message(), false);
+        return;
+    }
+    deliver_deferred();
 }
 
 void Connector::finish() {
@@ -530,7 +559,8 @@ void Connector::finish() {
     loop_.unwatch(fd_);
     watching_ = false;
     int fd = std::exchange(fd_, -1);
-    auto self = std::move(self_);
+    auto self = shared_from_this();
+    loop_.untie(std::exchange(tie_, 0));
     auto on_error = cb_.on_error;
     try {
         ConnectionPtr conn =

@@ -1453,5 +1453,43 @@ TEST(Connect, CancelWhileConnectingRunsTheCallbackOnce) {
     EXPECT_EQ(r.connects, 0);
 }
 
+// The loop destroyed while a connect() is in progress: the connect ends as
+// cancel() ends it (on_error once, ECANCELED and cancel()'s text), its socket
+// is closed and nothing of it is left (the Connector is freed). Destroyed
+// before the loop ever ran (the connect to a listening socket in progress or
+// done, not yet seen), and while a full backlog keeps the connect pending.
+TEST(Connect, LoopDestroyedWhileConnectingEndsItAsCancel) {
+    for (const bool pending : {false, true}) {
+        SCOPED_TRACE(pending ? "pending on a full backlog" : "the loop never ran");
+        FullBacklog full;
+        Fd listener(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+        Address open = loopback4;
+        ASSERT_EQ(::bind(listener.get(), static_cast<const sockaddr*>(open.sockaddr_ptr()),
+                         open.sockaddr_len()),
+                  0);
+        ASSERT_EQ(::listen(listener.get(), 16), 0);
+        open = Address::local_of(listener.get());
+        const Address target = pending ? full.address : open;
+        const std::size_t fds_before = test::open_fds();  // the loop's own included
+        ConnectResult r;
+        std::weak_ptr<Connector> weak;
+        {
+            EVMUX_SELECTOR_OR_SKIP(sel);
+            EventLoop loop(std::move(sel));
+            weak = connect(loop, target, r.callbacks(), timeout(10s));
+            if (pending) pump_for(loop, 50ms);
+            ASSERT_FALSE(weak.expired());
+            EXPECT_TRUE(weak.lock()->connecting());
+            EXPECT_EQ(r.errors + r.connects, 0);
+        }
+        EXPECT_EQ(r.connects, 0);
+        EXPECT_EQ(r.errors, 1);
+        EXPECT_EQ(r.ec, std::errc::operation_canceled);
+        EXPECT_EQ(r.message, "connect " + target.to_string() + ": Operation canceled");
+        EXPECT_TRUE(weak.expired()) << "the Connector outlived its loop (leaked)";
+        EXPECT_EQ(test::open_fds(), fds_before) << "the connecting socket leaked";
+    }
+}
+
 }  // namespace
 }  // namespace evmux

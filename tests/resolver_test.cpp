@@ -523,6 +523,50 @@ TEST(ConnectByName, LocalhostWithAResolverOfItsOwn) {
     EXPECT_THROW(connect(loop, "localhost", r.callbacks()), std::invalid_argument);
 }
 
+// The loop destroyed while a connect() by name looks its name up: the
+// connect ends as cancel() ends it (on_error once, operation_canceled and
+// cancel()'s text), and nothing of it is left: the Connector, and the
+// Resolver it made for itself, are freed with their sockets. With a resolver
+// of the options' (a question the silent server never answers) and with one
+// of its own ("localhost", from /etc/hosts, not delivered yet).
+TEST(ConnectByName, LoopDestroyedDuringTheLookupEndsItAsCancel) {
+    DnsResponder dns(names());
+    dns.set_silent(true);
+    for (const bool own : {false, true}) {
+        SCOPED_TRACE(own ? "a resolver of its own" : "the options' resolver");
+        const std::size_t fds_before = test::open_fds();
+        const std::string target = own ? "localhost:80" : "one.test:80";
+        ConnectResult r;
+        std::weak_ptr<Connector> weak;
+        {
+            EVMUX_SELECTOR_OR_SKIP(sel);
+            auto loop = std::make_unique<EventLoop>(std::move(sel));
+            std::unique_ptr<Resolver> resolver;
+            ConnectOptions co;
+            co.timeout = 10s;
+            if (!own) {
+                resolver = std::make_unique<Resolver>(*loop, asking(dns, 2000ms, 3));
+                co.resolver = resolver.get();
+            }
+            weak = connect(*loop, target, r.callbacks(), co);
+            if (!own) {
+                ASSERT_TRUE(run_until(*loop, [&] { return dns.questions() > 0; }));
+            }
+            ASSERT_FALSE(weak.expired());
+            EXPECT_TRUE(weak.lock()->connecting());
+            EXPECT_EQ(r.errors + r.connects, 0);
+            loop.reset();
+            EXPECT_EQ(r.errors, 1) << "on_error runs while the loop is destroyed";
+        }
+        EXPECT_EQ(r.connects, 0);
+        EXPECT_EQ(r.errors, 1);
+        EXPECT_EQ(r.ec, std::errc::operation_canceled);
+        EXPECT_EQ(r.message, "connect " + target + ": Operation canceled");
+        EXPECT_TRUE(weak.expired()) << "the Connector outlived its loop (leaked)";
+        EXPECT_EQ(test::open_fds(), fds_before) << "a socket of the connect leaked";
+    }
+}
+
 // ---- coro::connect() by name ----------------------------------------------------
 
 // What a connecting coroutine ended with: the echo of what it wrote and the

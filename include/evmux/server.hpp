@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -205,7 +206,10 @@ struct ConnectOptions {
     Resolver* resolver = nullptr;
 };
 
-/// A connect() in progress. Thread rule: loop thread only.
+/// A connect() in progress. The loop holds it (EventLoop::tie) until its
+/// outcome has been reported, so the handle need not be kept; a loop
+/// destroyed first ends the attempt as cancel() does, running on_error in
+/// its destructor. Thread rule: loop thread only.
 class Connector : public std::enable_shared_from_this<Connector> {
     struct Private {};
 
@@ -243,6 +247,8 @@ class Connector : public std::enable_shared_from_this<Connector> {
     void on_writable();
     void close_socket();
     void fail(std::error_code error, const std::string& message, bool defer);
+    void deliver_deferred();
+    void end_with_loop();
     void finish();
 
     EventLoop& loop_;
@@ -261,14 +267,16 @@ class Connector : public std::enable_shared_from_this<Connector> {
     EventLoop::TimerId timer_ = 0;
     std::unique_ptr<Resolver> own_resolver_;  // when options.resolver is null
     std::shared_ptr<ResolveQuery> query_;     // while looking up
-    std::shared_ptr<Connector> self_;         // alive while connecting
+    EventLoop::TieId tie_ = 0;                // the loop's reference, until the outcome is told
+    std::function<void()> deferred_;          // an on_error posted, not run yet
 };
 
 /// Connect to `address` without blocking. On success a Connection is made
 /// with `callbacks` (on_connect runs); on failure on_error runs once with the
 /// error and a message like "connect 127.0.0.1:1: Connection refused"
-/// (ETIMEDOUT after options.timeout, ECANCELED after cancel()). Callbacks
-/// never run inside connect() itself. Returns a handle to cancel with; it
+/// (ETIMEDOUT after options.timeout, ECANCELED after cancel() or when the
+/// loop is destroyed first: then inside ~EventLoop, with the socket closed).
+/// Callbacks never run inside connect() itself. Returns a handle to cancel with; it
 /// need not be kept. Throws std::invalid_argument for an address without a
 /// family. Loop thread only.
 std::shared_ptr<Connector> connect(EventLoop& loop, const Address& address, Callbacks callbacks,
