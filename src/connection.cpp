@@ -84,7 +84,8 @@ Connection::~Connection() {
 }
 
 ConnectionPtr Connection::create(EventLoop& loop, int fd, Callbacks callbacks,
-                                 const ConnectionOptions& options, const Address& peer) {
+                                 const ConnectionOptions& options, const Address& peer,
+                                 const std::string& host_name) {
     int flags = ::fcntl(fd, F_GETFL);
     if (flags < 0 || (!(flags & O_NONBLOCK) && ::fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0)) {
         int err = errno;
@@ -100,9 +101,10 @@ ConnectionPtr Connection::create(EventLoop& loop, int fd, Callbacks callbacks,
     // Kept, not asked at close: after a reset getpeername() fails (ENOTCONN).
     conn->peer_ = peer.family() != 0 ? peer : Address::peer_of(fd);
     if (options.tls) {
-        // A client with no name checks the peer's IP address ("::1").
+        // A client with no name, given none to connect to, checks the peer's
+        // IP address ("::1").
         try {
-            conn->tls_ = std::make_unique<detail::TlsSession>(*options.tls, fd, std::string(),
+            conn->tls_ = std::make_unique<detail::TlsSession>(*options.tls, fd, host_name,
                                                               conn->peer_.host());
         } catch (const std::runtime_error& e) {  // ~Connection closes the fd
             throw std::system_error(ENOMEM, std::generic_category(), e.what());

@@ -426,6 +426,7 @@ void Connector::start(std::vector<Address> candidates) {
 // timer; candidates come with the answer.
 void Connector::start_lookup(const std::string& host, const std::string& service) {
     by_name_ = true;
+    host_ = host;
     Resolver* resolver = opt_.resolver;
     if (resolver == nullptr) {
         own_resolver_ = std::make_unique<Resolver>(loop_);
@@ -563,8 +564,10 @@ void Connector::finish() {
     loop_.untie(std::exchange(tie_, 0));
     auto on_error = cb_.on_error;
     try {
+        // By name: a TLS client context without a name of its own checks the
+        // name connected to, not the address it gave.
         ConnectionPtr conn =
-            Connection::create(loop_, fd, std::move(cb_), opt_.connection, address_);
+            Connection::create(loop_, fd, std::move(cb_), opt_.connection, address_, host_);
         conn->start();
     } catch (const std::system_error& e) {
         if (on_error) on_error(e.code(), "connect " + address_.to_string() + ": " + e.what());

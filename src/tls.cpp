@@ -347,7 +347,7 @@ TlsContext::~TlsContext() {
 
 namespace detail {
 
-TlsSession::TlsSession(const TlsContext& context, int fd, const std::string& server_name,
+TlsSession::TlsSession(const TlsContext& context, int fd, const std::string& host_name,
                        const std::string& peer_ip)
     : fd_(fd), context_(&context), want_records_(context.records() == TlsRecords::evmux) {
     ssl_ = SSL_new(context.native_handle());
@@ -372,7 +372,9 @@ TlsSession::TlsSession(const TlsContext& context, int fd, const std::string& ser
     }
     SSL_set_connect_state(ssl_);
     wants_write_ = true;  // the ClientHello goes first
-    std::string name = !server_name.empty() ? server_name : context.server_name();
+    // The name given explicitly; else the one connected to (as curl, Python
+    // and Go do); else the address.
+    std::string name = !context.server_name().empty() ? context.server_name() : host_name;
     if (name.empty()) name = peer_ip;
     if (name.empty()) return;  // a Unix socket without a name: the chain alone is checked
     bool ok = true;

@@ -26,9 +26,10 @@ namespace evmux::detail {
 class TlsSession {
   public:
     /// Throws std::runtime_error with OpenSSL's reason if the SSL object
-    /// cannot be made. `server_name`: a client's name to send and check
-    /// (empty: the context's; both empty: `peer_ip`, checked as an address).
-    TlsSession(const TlsContext& context, int fd, const std::string& server_name,
+    /// cannot be made. A client sends and checks the context's server name;
+    /// without one, `host_name` (the name connected to); without both,
+    /// `peer_ip`, checked as an address.
+    TlsSession(const TlsContext& context, int fd, const std::string& host_name,
                const std::string& peer_ip);
     ~TlsSession();
     TlsSession(const TlsSession&) = delete;

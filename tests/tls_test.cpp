@@ -36,6 +36,7 @@
 
 #include "evmux/connection.hpp"
 #include "evmux/event_loop.hpp"
+#include "evmux/resolver.hpp"
 #include "evmux/server.hpp"
 #include "evmux/tls.hpp"
 #include "test_certs.hpp"
@@ -663,6 +664,86 @@ TEST_F(Tls, ClientChecksThePeerIpWhenGivenNoName) {
     start_client(loop(), server.address(), TlsContext::client(co), named);
     ASSERT_TRUE(run_until(loop(), [&] { return named.closed(); }));
     EXPECT_NE(named.messages[0].find("hostname mismatch"), std::string::npos) << named.messages[0];
+}
+
+/// Starts an evmux TLS client to "host:port" text (connect() by name when
+/// the host is a name), recording into `r` as start_client() does.
+void start_client_to(EventLoop& loop, const std::string& target, std::shared_ptr<TlsContext> ctx,
+                     Record& r) {
+    ConnectOptions o;
+    o.connection.tls = std::move(ctx);
+    Callbacks cb = recording(r, false);
+    cb.on_error = [&r](std::error_code, const std::string& m) {
+        r.reasons.push_back(CloseReason::error);
+        r.messages.push_back(m);
+    };
+    connect(loop, target, std::move(cb), o);
+}
+
+/// Each SNI name a server context's handshakes received ("" for none), in order.
+void record_sni(const TlsContext& server_ctx, std::vector<std::string>& names) {
+    SSL_CTX* ctx = server_ctx.native_handle();
+    SSL_CTX_set_tlsext_servername_arg(ctx, &names);
+    SSL_CTX_set_tlsext_servername_callback(
+        ctx, +[](SSL* ssl, int*, void* arg) -> int {
+            const char* name = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+            static_cast<std::vector<std::string>*>(arg)->push_back(name ? name : "");
+            return SSL_TLSEXT_ERR_OK;
+        });
+}
+
+// A client context that names no server, connecting by "host:port" text:
+// a host name is sent as SNI and checked (as curl, Python and Go do), so a
+// certificate for DNS:localhost alone verifies for "localhost:PORT"; a
+// numeric host is checked as an address, and fails against it; a
+// server_name given explicitly wins over the host connected to.
+TEST_F(Tls, ConnectByNameSendsAndChecksTheHostName) {
+    const std::string no_resolver = resolver_unavailable_reason();
+    if (!no_resolver.empty()) GTEST_SKIP() << "names do not resolve: " << no_resolver;
+    auto server_ctx = server_context(tls_files().name_only_cert, tls_files().name_only_key);
+    std::vector<std::string> sni;
+    record_sni(*server_ctx, sni);
+    EchoServer server(loop(), server_ctx);
+    const std::string port = std::to_string(server.port());
+    TlsClientOptions co;
+    co.ca_file = tls_files().ca;  // no server_name
+    auto unnamed = TlsContext::client(co);
+
+    Record& by_name = record();
+    start_client_to(loop(), "localhost:" + port, unnamed, by_name);
+    ASSERT_TRUE(run_until(loop(), [&] { return by_name.connects == 1 || by_name.closed(); }));
+    EXPECT_EQ(by_name.connects, 1) << (by_name.messages.empty() ? "" : by_name.messages[0]);
+    EXPECT_EQ(sni, std::vector<std::string>{"localhost"});
+    if (by_name.conn) {
+        by_name.conn->send("hi");
+        ASSERT_TRUE(run_until(loop(), [&] { return by_name.got == "hi" || by_name.closed(); }));
+        EXPECT_EQ(by_name.got, "hi");
+    }
+
+    Record& by_ip = record();
+    start_client_to(loop(), "127.0.0.1:" + port, unnamed, by_ip);
+    ASSERT_TRUE(run_until(loop(), [&] { return by_ip.connects == 1 || by_ip.closed(); }));
+    EXPECT_EQ(by_ip.connects, 0);
+    ASSERT_FALSE(by_ip.messages.empty());
+    EXPECT_EQ(by_ip.reasons[0], CloseReason::tls);
+    EXPECT_NE(by_ip.messages[0].find("certificate verify failed (IP address mismatch)"),
+              std::string::npos)
+        << by_ip.messages[0];
+
+    co.server_name = "other.example";  // explicit: checked whatever the host
+    Record& named = record();
+    start_client_to(loop(), "localhost:" + port, TlsContext::client(co), named);
+    ASSERT_TRUE(run_until(loop(), [&] { return named.connects == 1 || named.closed(); }));
+    EXPECT_EQ(named.connects, 0);
+    ASSERT_FALSE(named.messages.empty());
+    EXPECT_NE(named.messages[0].find("hostname mismatch"), std::string::npos) << named.messages[0];
+    co.server_name = "localhost";  // explicit, to a numeric host: the name is checked
+    Record& named_ip = record();
+    start_client_to(loop(), "127.0.0.1:" + port, TlsContext::client(co), named_ip);
+    ASSERT_TRUE(run_until(loop(), [&] { return named_ip.connects == 1 || named_ip.closed(); }));
+    EXPECT_EQ(named_ip.connects, 1) << (named_ip.messages.empty() ? "" : named_ip.messages[0]);
+    ASSERT_TRUE(run_until(loop(), [&] { return sni.size() >= 4; }));
+    EXPECT_EQ(sni, (std::vector<std::string>{"localhost", "", "other.example", "localhost"}));
 }
 
 // ---- the connection contract over TLS --------------------------------------------------

@@ -278,10 +278,14 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     /// As adopt() without start(): takes ownership of `fd` (non-blocking,
     /// TCP_NODELAY per options) and returns the connection unstarted, for an
     /// owner to set its hooks first. `peer`: the address accept() or connect()
-    /// had (family 0: getpeername() here, once). On failure the fd is closed
-    /// and std::system_error is thrown naming the call.
+    /// had (family 0: getpeername() here, once). `host_name`: the name a
+    /// client connected to (connect() by name); with a client TLS context
+    /// that names no server, it is sent as SNI and checked instead of the
+    /// peer's IP address. On failure the fd is closed and std::system_error
+    /// is thrown naming the call.
     static ConnectionPtr create(EventLoop& loop, int fd, Callbacks callbacks,
-                                const ConnectionOptions& options, const Address& peer = {});
+                                const ConnectionOptions& options, const Address& peer = {},
+                                const std::string& host_name = {});
     /// Watch the socket and run on_connect; call once, after create(). Throws
     /// what EventLoop::watch() throws (then the connection was never open to
     /// its user: no on_close; destroying it closes the fd).

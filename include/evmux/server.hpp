@@ -253,6 +253,7 @@ class Connector : public std::enable_shared_from_this<Connector> {
 
     EventLoop& loop_;
     std::string target_;
+    std::string host_;  // the name looked up (connect() by name), for TLS
     Address address_;
     std::vector<Address> candidates_;  // in the order to try them
     std::size_t next_ = 0;             // the next candidate
@@ -292,7 +293,10 @@ std::shared_ptr<Connector> connect(EventLoop& loop, const Address& address, Call
 /// localhost:1: 127.0.0.1:1: Connection refused"; if the name does not
 /// resolve, with the resolver's error: "connect nosuch.invalid:80: cannot
 /// resolve 'nosuch.invalid': Domain name not found". options.timeout and
-/// cancel() cover the lookup too. Throws std::invalid_argument for text that
+/// cancel() cover the lookup too. With a client TLS context
+/// (options.connection.tls) that names no server, the name is the one sent
+/// as SNI and checked against the certificate (numeric text: the address is
+/// checked). Throws std::invalid_argument for text that
 /// is not HOST:PORT, or a resolver on another loop. Loop thread only.
 std::shared_ptr<Connector> connect(EventLoop& loop, std::string_view address, Callbacks callbacks,
                                    ConnectOptions options = {});

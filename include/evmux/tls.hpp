@@ -65,7 +65,8 @@ struct TlsClientOptions {
     std::string ca_dir;
     /// The name sent as SNI and checked against the certificate (DNS name,
     /// or an IP address: then checked against its IP SANs, and no SNI).
-    /// Empty: the connection's peer IP address is checked.
+    /// Empty: connect() to "host:port" text whose host is a name sends and
+    /// checks that name; otherwise the connection's peer IP address is checked.
     std::string server_name;
     /// Verify the server's certificate chain and name. false only for tests
     /// and load tools: the connection is then open to any impostor.

@@ -123,6 +123,8 @@ TlsFiles make_files() {
     issue("server", "localhost", -hour, year, local_san, "serverAuth", f.server_cert, f.server_key);
     issue("expired", "localhost", -2 * year, -hour, local_san, "serverAuth", f.expired_cert,
           f.expired_key);
+    issue("name-only", "localhost", -hour, year, "DNS:localhost", "serverAuth", f.name_only_cert,
+          f.name_only_key);
     issue("other", "other.example", -hour, year, "DNS:other.example", "serverAuth", f.other_cert,
           f.other_key);
     issue("client", "evmux test client", -hour, year, "DNS:client.test", "clientAuth",

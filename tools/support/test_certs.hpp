@@ -14,11 +14,12 @@ struct TlsFiles {
     std::string dir;
     std::string ca;                       ///< the test CA's certificate
     std::string server_cert, server_key;  ///< CN=localhost, SAN DNS:localhost, IP:127.0.0.1, IP:::1
-    std::string expired_cert, expired_key;  ///< as server, but expired an hour ago
-    std::string other_cert, other_key;      ///< CN=other.example, SAN DNS:other.example only
-    std::string client_cert, client_key;    ///< CN=evmux test client (clientAuth)
-    std::string other_ca;                   ///< a second CA that signed none of these
-    std::string garbage;                    ///< a file that is not PEM at all
+    std::string expired_cert, expired_key;      ///< as server, but expired an hour ago
+    std::string name_only_cert, name_only_key;  ///< CN=localhost, SAN DNS:localhost only (no IP)
+    std::string other_cert, other_key;          ///< CN=other.example, SAN DNS:other.example only
+    std::string client_cert, client_key;        ///< CN=evmux test client (clientAuth)
+    std::string other_ca;                       ///< a second CA that signed none of these
+    std::string garbage;                        ///< a file that is not PEM at all
 };
 
 /// The files, made on the first call (throws std::runtime_error if OpenSSL
