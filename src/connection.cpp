@@ -610,11 +610,18 @@ void Connection::update_interest() {
             tls_->has_pending())
             read_pending_soon();
     }
+    // Reading resumes (pause_reading() undone, low water reached) with input
+    // a handler left unconsumed, such as pipelined requests taken one at a
+    // time: on_message comes again for it, as no event will announce it.
+    const bool resumes_with_input =
+        any(want, Events::read) && !any(interest_, Events::read) && !input_.empty();
     if (cio_) {
+        if (resumes_with_input) cio_->held = true;  // delivered before the receive is armed
         interest_ = want;
         completion_interest(want);
         return;
     }
+    if (resumes_with_input) deliver_unconsumed_soon();
     if (watching_ && want == interest_) return;
     if (want == Events::none) {
         // No interest left (e.g. half-closed and drained): selectors take no
@@ -799,6 +806,25 @@ void Connection::read_pending_soon() {
         self->pump_posted_ = false;
         if (self->state_ == State::open && any(self->interest_, Events::read))
             self->handle(self, Events::read);
+    });
+}
+
+void Connection::deliver_unconsumed_soon() {
+    if (unconsumed_posted_) return;
+    unconsumed_posted_ = true;
+    loop_.post([self = shared_from_this()] {
+        Connection& c = *self;
+        c.unconsumed_posted_ = false;
+        if (c.state_ != State::open || !any(c.interest_, Events::read) || c.input_.empty() ||
+            !c.on_message_)
+            return;
+        ++c.in_handler_;
+        try {
+            c.on_message_(self, c.input_);
+        } catch (...) {
+            c.callback_threw(std::current_exception());
+        }
+        if (--c.in_handler_ == 0 && c.notify_pending_) c.notify_closed();
     });
 }
 

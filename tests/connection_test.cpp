@@ -462,6 +462,33 @@ TEST(Connection, FramingKeepsUnconsumedInput) {
     conn->close();
 }
 
+// A handler that takes one request at a time, pausing reading until it is
+// done (as an HTTP server with pipelined requests): resume_reading() brings
+// on_message back for the requests still in the input, though no more bytes
+// come from the peer to announce them.
+TEST(Connection, ResumedReadingDeliversTheInputLeftUnconsumed) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    auto [client, server] = test::tcp_pair();
+    std::vector<std::string> frames;
+    Callbacks cb;
+    cb.on_message = [&](const ConnectionPtr& c, Buffer& in) {
+        if (in.size() < 10) return;
+        frames.push_back(in.take(10));
+        c->pause_reading();  // "working on it"; done in 2 ms
+        loop.call_after(2ms, [c] { c->resume_reading(); });
+    };
+    ConnectionPtr conn = Connection::adopt(loop, server.release(), cb);
+    const std::string stream = pattern(50);  // five requests at once, then nothing
+    ASSERT_TRUE(send_all(client.get(), stream));
+    ASSERT_TRUE(run_until(
+        loop, [&] { return frames.size() == 5; }, 3s))
+        << frames.size() << " of 5 requests handled";
+    for (std::size_t i = 0; i < frames.size(); ++i) EXPECT_EQ(frames[i], stream.substr(i * 10, 10));
+    EXPECT_EQ(conn->input_bytes(), 0u);
+    conn->close();
+}
+
 TEST(Connection, IdleConnectionHoldsNoInput) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     EventLoop loop(std::move(sel));

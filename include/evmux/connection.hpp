@@ -189,7 +189,8 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     /// of the automatic pause at the high-water mark).
     void pause_reading();
     /// Undo pause_reading(); reading stays paused while the queue is above the
-    /// high-water mark.
+    /// high-water mark. Input left unconsumed comes to on_message again
+    /// (posted) when reading resumes, though the peer sends nothing more.
     void resume_reading();
 
     // ---- state ------------------------------------------------------------------
@@ -440,6 +441,7 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     void start_tls();
     [[gnu::cold]] void continue_handshake(const ConnectionPtr& self);
     void read_pending_soon();
+    void deliver_unconsumed_soon();
 
     // Members in the order of use: what every read and send touches comes
     // first, within the object's first five cache lines (the class is
@@ -465,13 +467,14 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     bool fin_after_notify_ = false;  // TLS: FIN once close_notify is on the socket
     bool close_after_drain_ = false;
     bool tracking_ = false;
-    bool notify_pending_ = false;  // on_close due when the handler unwinds
-    bool wants_drain_ = false;     // cb_.on_drain is set: a complete send() schedules it
-    bool drain_posted_ = false;    // deliver_drain() is posted
-    bool handshaking_ = false;     // TLS: on_connect still to come
-    bool pump_posted_ = false;     // TLS: a read of OpenSSL's buffered bytes is posted
-    int in_handler_ = 0;           // depth of our own callbacks on the stack
-    std::size_t queued_ = 0;       // bytes in queue_; 0 exactly when it is empty
+    bool notify_pending_ = false;     // on_close due when the handler unwinds
+    bool wants_drain_ = false;        // cb_.on_drain is set: a complete send() schedules it
+    bool drain_posted_ = false;       // deliver_drain() is posted
+    bool handshaking_ = false;        // TLS: on_connect still to come
+    bool pump_posted_ = false;        // TLS: a read of OpenSSL's buffered bytes is posted
+    bool unconsumed_posted_ = false;  // reading resumed: on_message for input_ is posted
+    int in_handler_ = 0;              // depth of our own callbacks on the stack
+    std::size_t queued_ = 0;          // bytes in queue_; 0 exactly when it is empty
     std::uint64_t bytes_out_ = 0;
     ByteCounters* counters_ = nullptr;
     ChunkQueue queue_;
