@@ -718,9 +718,12 @@ void Connection::callback_threw(std::exception_ptr error) noexcept {
 }
 
 void Connection::reset_state() noexcept {
-    // Emptied first: the state's destructor may look at (or replace) it.
-    UserState old = std::exchange(user_state_, UserState{});
-    if (old.object) old.destroy(old.object);
+    // Emptied first: the state's destructor may look at it, or put another
+    // in its place, which goes too (emplace_state() would overwrite it).
+    while (user_state_.object) {
+        UserState old = std::exchange(user_state_, UserState{});
+        old.destroy(old.object);
+    }
 }
 
 void Connection::notify_closed() noexcept {

@@ -364,6 +364,46 @@ TEST(ConnectionState, ReplaceAndResetDestroyTheOldOne) {
     ASSERT_TRUE(run_until(loop, [&] { return destroyed == 2; }));
 }
 
+// A state whose destructor puts another in its place (a session that leaves
+// a "closed" record, say): that one is destroyed too, whether the first went
+// by emplace_state(), reset_state() or the connection's end; none is leaked.
+struct Successor {
+    explicit Successor(int* l) : live(l) { ++*live; }
+    ~Successor() { --*live; }
+    int* live;
+};
+struct LeavesASuccessor {
+    LeavesASuccessor(Connection* c, int* l) : conn(c), live(l) { ++*live; }
+    ~LeavesASuccessor() {
+        --*live;
+        conn->emplace_state<Successor>(live);
+    }
+    Connection* conn;
+    int* live;
+};
+
+TEST(ConnectionState, AStatePutInPlaceByTheOldOnesDestructorIsNotLeaked) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    auto [client, server] = test::tcp_pair();
+    ConnectionPtr conn = Connection::adopt(loop, server.release(), Callbacks{});
+    int live = 0;
+    conn->emplace_state<LeavesASuccessor>(conn.get(), &live);
+    conn->emplace_state<std::string>("next");
+    EXPECT_EQ(live, 0) << "the successor replaced at once";
+    EXPECT_EQ(*conn->state<std::string>(), "next");
+    conn->emplace_state<LeavesASuccessor>(conn.get(), &live);
+    conn->reset_state();
+    EXPECT_EQ(live, 0);
+    EXPECT_EQ(conn->state<Successor>(), nullptr);
+    conn->emplace_state<LeavesASuccessor>(conn.get(), &live);
+    std::weak_ptr<Connection> weak = conn;
+    conn.reset();
+    client.reset();
+    ASSERT_TRUE(run_until(loop, [&] { return weak.expired(); }));
+    EXPECT_EQ(live, 0) << "the connection's end";
+}
+
 TEST(Connection, DataAndFinInOneWakeupArriveInOrder) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     EventLoop loop(std::move(sel));

@@ -254,7 +254,8 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     /// callback. It lives until on_close has returned (so on_close can read
     /// it, and a state holding a ConnectionPtr makes no cycle), or until the
     /// connection is destroyed if it never opened. Throws what `T`'s
-    /// constructor throws (the previous state is gone then).
+    /// constructor throws (the previous state is gone then). A state that
+    /// the previous one's destructor puts in place is destroyed as well.
     template <class T, class... Args>
     T& emplace_state(Args&&... args) {
         reset_state();
