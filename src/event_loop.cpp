@@ -661,7 +661,10 @@ std::size_t EventLoop::iterate(Timeout timeout, bool stoppable) {
     // 5. Posted tasks. Acquire pairs with the poster's store so a task seen is
     // a task run; one missed here is seen by the next iteration's check.
     if (m.has_tasks.load(std::memory_order_acquire)) ran += m.run_tasks();
-    // With the default handler, the iteration's first escaped exception.
+    // With the default handler, the iteration's first escaped exception; the
+    // requests the iteration made (a reply another callback sent) go out
+    // first, as when run() returns: the loop may never run again.
+    if (m.pending_error && completion_io_) completion_io_->submit();
     m.rethrow_pending();
     return ran;
 }

@@ -629,6 +629,27 @@ TEST(Connection, SendsOfTheLastIterationGoOutWhenRunReturns) {
     EXPECT_EQ(recv_exact(client.get(), 4), "bye\n");
 }
 
+// The same when run() ends by rethrowing what a callback of that iteration
+// threw (a task here): the reply another callback sent goes out all the same,
+// though the loop may never run again.
+TEST(Connection, SendsOfTheLastIterationGoOutWhenRunRethrows) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    auto [client, server] = test::tcp_pair();
+    Callbacks cb;
+    cb.on_message = [&loop](const ConnectionPtr& c, Buffer& in) {
+        in.consume_all();
+        c->send("bye\n");
+        loop.post([] { throw std::runtime_error("a task failed"); });
+    };
+    ConnectionPtr conn = Connection::adopt(loop, server.release(), cb);
+    set_timeouts(client.get(), 5000ms);
+    ::fcntl(client.get(), F_SETFL, 0);
+    ASSERT_TRUE(send_all(client.get(), "x"));
+    EXPECT_THROW(loop.run(), std::runtime_error);
+    EXPECT_EQ(recv_exact(client.get(), 4), "bye\n");
+}
+
 // Where the kernel consumes provided buffers incrementally, a receive takes
 // only the bytes it brought: the next one's follow in the same buffer (else a
 // 1-byte message would take a whole buffer, and a 16 KiB one four). Without
