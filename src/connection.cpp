@@ -12,8 +12,10 @@
 #include "evmux/connection.hpp"
 
 #include <fcntl.h>
+#include <linux/sockios.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -156,6 +158,91 @@ void Connection::start() {
 Address Connection::local_address() const {
     return fd_ >= 0 ? Address::local_of(fd_) : Address();  // closed after on_close
 }
+
+// ---- lingering close ------------------------------------------------------------------
+
+namespace detail {
+namespace {
+
+// Reads and drops what has arrived (at most 256 KiB a call: a peer that
+// floods does not hold the loop); true at the end of the stream (or an
+// error: nothing more will come either way), false otherwise.
+bool drop_input(int fd) {
+    char sink[16 * 1024];
+    for (int reads = 0; reads < 16;) {
+        const ssize_t n = ::recv(fd, sink, sizeof sink, 0);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK);
+        ++reads;
+    }
+    return false;
+}
+
+// Bytes of ours the peer has not acknowledged yet (sent or not); 0 on error.
+int unacknowledged(int fd) {
+    int n = 0;
+    return ::ioctl(fd, SIOCOUTQ, &n) == 0 ? n : 0;
+}
+
+struct Linger {
+    EventLoop& loop;
+    int fd;
+    EventLoop::Clock::time_point deadline;
+    EventLoop::TimerId timer = 0;
+    EventLoop::TieId tie = 0;
+
+    // Done once the peer has ended its stream or has everything of ours:
+    // closing then resets nothing we still had to deliver.
+    void check() {
+        timer = 0;
+        if (drop_input(fd) || unacknowledged(fd) == 0 || EventLoop::now() >= deadline)
+            return finish();
+        timer = loop.call_after(std::min<EventLoop::Duration>(std::chrono::milliseconds(50),
+                                                              deadline - EventLoop::now()),
+                                [this] { check(); });
+    }
+    void finish() {
+        if (fd < 0) return;
+        loop.unwatch(fd);
+        if (timer != 0) loop.cancel(std::exchange(timer, 0));
+        ::close(std::exchange(fd, -1));
+        loop.untie(std::exchange(tie, 0));  // may destroy us: last
+    }
+};
+
+}  // namespace
+
+void linger_close(EventLoop& loop, int fd, std::chrono::milliseconds limit) {
+    int domain = 0;
+    socklen_t len = sizeof domain;
+    ::getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len);
+    // A Unix socket resets nothing: its peer reads all that was sent.
+    if (domain != AF_INET && domain != AF_INET6) {
+        ::close(fd);
+        return;
+    }
+    ::shutdown(fd, SHUT_WR);  // FIN after what is queued in the kernel
+    // The common case: the peer has all of ours (or has gone): close now.
+    if (drop_input(fd) || unacknowledged(fd) == 0) {
+        ::close(fd);
+        return;
+    }
+    auto linger = std::make_shared<Linger>(Linger{loop, fd, EventLoop::now() + limit});
+    Linger* raw = linger.get();
+    try {
+        loop.watch(fd, Events::read, [raw](Events) {
+            if (drop_input(raw->fd)) raw->finish();
+        });
+        raw->tie = loop.tie(std::move(linger), [raw] { raw->finish(); });
+    } catch (const std::exception&) {
+        loop.unwatch(fd);
+        ::close(fd);  // cannot wait (no memory, a selector full): close as before
+        return;
+    }
+    raw->timer = loop.call_after(std::chrono::milliseconds(50), [raw] { raw->check(); });
+}
+
+}  // namespace detail
 
 // ---- events -------------------------------------------------------------------------
 
@@ -639,6 +726,7 @@ void Connection::update_interest() {
 
 void Connection::close(CloseMode mode) {
     if (state_ != State::open) return;
+    graceful_ = mode == CloseMode::graceful;
     if (mode == CloseMode::graceful &&
         (!queue_.empty() || (tls_ && !handshaking_ && tls_->close_notify() == 0))) {
         close_after_drain_ = true;  // TLS: or close_notify still to go out

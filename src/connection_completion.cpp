@@ -388,6 +388,9 @@ void Connection::clear_queue() {
 // FIN stays a shutdown() call: the kernel runs IORING_OP_SHUTDOWN on an
 // io-wq worker thread, a thread hop for the system call it would save.
 void Connection::close_socket(int fd) {
+    // A graceful close that got as far as closing: linger (see ConnectionOptions::linger).
+    if (graceful_ && reason_ == CloseReason::local && opt_.linger.count() > 0)
+        return detail::linger_close(loop_, fd, opt_.linger);
     if (cio_ && cio_->io.close_requests())
         cio_->io.close(fd);
     else

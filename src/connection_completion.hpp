@@ -6,6 +6,7 @@
 #include <sys/uio.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -20,6 +21,14 @@ namespace evmux::detail {
 inline void add_relaxed(std::atomic<std::uint64_t>& counter, std::uint64_t n) {
     counter.store(counter.load(std::memory_order_relaxed) + n, std::memory_order_relaxed);
 }
+
+// Closes a connection's socket after a graceful close the way nginx's
+// lingering close does (see ConnectionOptions::linger): FIN now, then input
+// read and dropped until the peer has acknowledged all we sent, or ends its
+// stream, or `limit` passes, then close() (at once for a Unix socket, or
+// when that holds already). Owns `fd` from here; a loop destroyed meanwhile
+// closes it. (connection.cpp)
+void linger_close(EventLoop& loop, int fd, std::chrono::milliseconds limit);
 
 struct alignas(64) CompletionState {
     // One request of the connection: its receive (multishot) or its send.

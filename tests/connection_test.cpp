@@ -832,6 +832,59 @@ TEST(Connection, GracefulCloseSendsTheQueueFirst) {
     EXPECT_EQ(rec.drains, 1) << "the queue was fully written: on_drain, then the close";
 }
 
+// The same with input the server never read (the peer sent more after the
+// close began, as a client pipelining requests): closing the socket so would
+// make the kernel reset the connection and drop what our send buffer still
+// held. The close lingers instead, so the whole reply and then EOF arrive,
+// and the socket is let go once the peer has everything.
+TEST(Connection, GracefulCloseWithInputUnreadStillDeliversEverything) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    const std::size_t fds_before = test::open_fds();
+    {
+        auto [client, server] = test::tcp_pair();
+        int small = 4096;
+        ::setsockopt(server.get(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
+        Recorder rec;
+        ConnectionPtr conn = Connection::adopt(loop, server.release(), rec.callbacks(false));
+        const std::string big = pattern(512 * 1024, 5);
+        conn->send(std::string(big));
+        conn->close(CloseMode::graceful);
+        ASSERT_TRUE(send_all(client.get(), "GET /next HTTP/1.1\r\n\r\n"));  // never read
+        int tiny = 4096;  // and a slow reader: the end of the reply waits in our send buffer
+        ::setsockopt(client.get(), SOL_SOCKET, SO_RCVBUF, &tiny, sizeof tiny);
+        ReadToClose r;
+        std::thread reader([&r, fd = client.get()] {
+            ::fcntl(fd, F_SETFL, 0);
+            set_timeouts(fd, 10000ms);
+            char buf[4096];
+            for (;;) {
+                std::this_thread::sleep_for(200us);
+                const ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+                if (n > 0) {
+                    r.got.append(buf, static_cast<std::size_t>(n));
+                    continue;
+                }
+                if (n < 0 && errno == EINTR) continue;
+                r.eof = n == 0;  // not a reset
+                break;
+            }
+        });
+        r.closed = run_until(loop, [&] { return rec.closes > 0; });
+        reader.join();
+        ASSERT_TRUE(r.closed);
+        EXPECT_EQ(rec.reason, CloseReason::local);
+        EXPECT_TRUE(r.eof);
+        EXPECT_EQ(r.got.size(), big.size()) << "a reset dropped the end of the reply";
+        EXPECT_TRUE(r.got == big);
+        conn.reset();
+    }
+    // The client has closed: the lingering socket goes (at the next check).
+    ASSERT_TRUE(run_until(
+        loop, [&] { return test::open_fds() == fds_before; }, 3000ms))
+        << test::open_fds() << " fds open, " << fds_before << " before";
+}
+
 TEST(Connection, CallbackClosesAnotherInTheSameBatch) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     EventLoop loop(std::move(sel));

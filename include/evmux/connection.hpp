@@ -125,6 +125,15 @@ struct ConnectionOptions {
     std::size_t read_budget = 256 * 1024;
     /// TCP_NODELAY on TCP sockets (ignored for Unix sockets).
     bool tcp_nodelay = true;
+    /// How long a graceful close (close(CloseMode::graceful), a server's
+    /// stop) may linger, as nginx's lingering close: closing a TCP socket
+    /// with input unread makes the kernel reset the connection and drop what
+    /// our send buffer still holds, the reply the close promised. So once
+    /// the queue is written (and on_close has run), FIN goes out and input is
+    /// read and dropped until the peer has acknowledged all we sent, or ends
+    /// its stream, or this limit passes; then the socket closes. Most closes
+    /// find that done at once and close there. Zero: close at once.
+    std::chrono::milliseconds linger{5000};
     /// Speak TLS with this context: a server context for accepted (and
     /// adopted) connections, a client context for connect(). Null: plain.
     /// Water marks, max_buffered, queued_bytes() and the byte counts are
@@ -135,7 +144,7 @@ struct ConnectionOptions {
 /// How close() treats the outgoing queue.
 enum class CloseMode {
     immediate,  ///< drop the queue and close now
-    graceful,   ///< stop reading, send the queue, then close
+    graceful,   ///< stop reading, send the queue, then close (see ConnectionOptions::linger)
 };
 
 /// One connected, non-blocking stream socket on one EventLoop; owns the fd.
@@ -467,6 +476,7 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     bool shut_done_ = false;         // FIN sent
     bool fin_after_notify_ = false;  // TLS: FIN once close_notify is on the socket
     bool close_after_drain_ = false;
+    bool graceful_ = false;  // close(graceful) called: the socket's close lingers
     bool tracking_ = false;
     bool notify_pending_ = false;     // on_close due when the handler unwinds
     bool wants_drain_ = false;        // cb_.on_drain is set: a complete send() schedules it
