@@ -973,6 +973,50 @@ TEST_F(Tls, GracefulCloseEndsWithCloseNotify) {
     EXPECT_EQ(client.reasons[0], CloseReason::peer_closed) << client.messages[0];
 }
 
+// The same with input the server never read (the client sent more after the
+// close began) and a slow client: the close lingers (see
+// Connection.GracefulCloseWithInputUnreadStillDeliversEverything) instead of
+// resetting, which cut the stream before the end of the data and its
+// close_notify (seen here on io_uring-completion: reason `reset`).
+TEST_F(Tls, GracefulCloseWithInputUnreadIsNotCut) {
+    const std::string data = pattern(1024 * 1024, 4);
+    Callbacks cb;
+    cb.on_connect = [&](const ConnectionPtr& c) {
+        int small = 4096;
+        ::setsockopt(c->fd(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
+        c->send(data);
+        c->close(CloseMode::graceful);
+    };
+    ServerOptions opt;
+    opt.connection.tls = server_context();
+    TcpServer server(loop(), Address::ip("127.0.0.1", 0), cb, opt);
+    Record client;
+    ConnectOptions o;
+    o.connection.tls = client_context();
+    Callbacks ccb = recording(client, false);
+    auto recorded_connect = ccb.on_connect;
+    ccb.on_connect = [&, recorded_connect](const ConnectionPtr& c) {
+        recorded_connect(c);
+        int tiny = 32 * 1024;
+        ::setsockopt(c->fd(), SOL_SOCKET, SO_RCVBUF, &tiny, sizeof tiny);
+        // After the server's close began: bytes it will never read.
+        loop().call_after(20ms, [c] { c->send("GET /next HTTP/1.1\r\n\r\n"); });
+    };
+    auto recorded_message = ccb.on_message;
+    ccb.on_message = [&, recorded_message](const ConnectionPtr& c, Buffer& in) {
+        recorded_message(c, in);
+        c->pause_reading();  // a slow reader
+        loop().call_after(1ms, [c] { c->resume_reading(); });
+    };
+    ccb.on_error = [&](std::error_code, const std::string& m) { client.messages.push_back(m); };
+    connect(loop(), server.local_address(), std::move(ccb), o);
+    ASSERT_TRUE(run_until(
+        loop(), [&] { return client.closed(); }, 20000ms));
+    EXPECT_EQ(client.got.size(), data.size());
+    EXPECT_TRUE(client.got == data);
+    EXPECT_EQ(client.reasons[0], CloseReason::peer_closed) << client.messages[0];
+}
+
 // close() with nothing queued ends the stream with close_notify, from
 // either side and on either I/O path (on completion I/O it once waited for a
 // send request a closing connection never makes): the peer sees peer_closed,
