@@ -23,6 +23,8 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <mutex>
+#include <unordered_map>
 
 #include "completion_io.hpp"
 #include "connection_completion.hpp"
@@ -184,12 +186,33 @@ int unacknowledged(int fd) {
     return ::ioctl(fd, SIOCOUTQ, &n) == 0 ? n : 0;
 }
 
+// Lingering closes in progress per loop (lingering_closes()); a mutex, not
+// the loop's thread rule: a group's stop reads it, and a loop may be
+// destroyed on another thread than it ran on. Rare: most closes do not linger.
+std::mutex lingering_mutex;
+std::unordered_map<const EventLoop*, std::size_t>& lingering_counts() {
+    static std::unordered_map<const EventLoop*, std::size_t> counts;
+    return counts;
+}
+
+void count_lingering(const EventLoop& loop, bool more) {
+    std::lock_guard lock(lingering_mutex);
+    auto& counts = lingering_counts();
+    if (more) {
+        ++counts[&loop];
+        return;
+    }
+    auto it = counts.find(&loop);
+    if (it != counts.end() && --it->second == 0) counts.erase(it);
+}
+
 struct Linger {
     EventLoop& loop;
     int fd;
     EventLoop::Clock::time_point deadline;
     EventLoop::TimerId timer = 0;
     EventLoop::TieId tie = 0;
+    bool counted = false;
 
     // Done once the peer has ended its stream or has everything of ours:
     // closing then resets nothing we still had to deliver.
@@ -206,6 +229,7 @@ struct Linger {
         loop.unwatch(fd);
         if (timer != 0) loop.cancel(std::exchange(timer, 0));
         ::close(std::exchange(fd, -1));
+        if (std::exchange(counted, false)) count_lingering(loop, false);
         loop.untie(std::exchange(tie, 0));  // may destroy us: last
     }
 };
@@ -240,6 +264,14 @@ void linger_close(EventLoop& loop, int fd, std::chrono::milliseconds limit) {
         return;
     }
     raw->timer = loop.call_after(std::chrono::milliseconds(50), [raw] { raw->check(); });
+    count_lingering(loop, true);
+    raw->counted = true;
+}
+
+std::size_t lingering_closes(const EventLoop& loop) {
+    std::lock_guard lock(lingering_mutex);
+    auto it = lingering_counts().find(&loop);
+    return it == lingering_counts().end() ? 0 : it->second;
 }
 
 }  // namespace detail

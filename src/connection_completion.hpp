@@ -30,6 +30,10 @@ inline void add_relaxed(std::atomic<std::uint64_t>& counter, std::uint64_t n) {
 // closes it. (connection.cpp)
 void linger_close(EventLoop& loop, int fd, std::chrono::milliseconds limit);
 
+// How many of linger_close()'s sockets on `loop` are still lingering (a
+// group's graceful stop waits for them as for its connections). Any thread.
+std::size_t lingering_closes(const EventLoop& loop);
+
 struct alignas(64) CompletionState {
     // One request of the connection: its receive (multishot) or its send.
     struct Op : CompletionOp {

@@ -14,6 +14,8 @@
 #include <unordered_map>
 #include <utility>
 
+#include "connection_completion.hpp"
+
 namespace evmux {
 
 namespace {
@@ -194,6 +196,10 @@ void LoopGroup::check_drained(std::size_t index) {
     EventLoop& loop = *loops_[index];
     bool drained = true;
     for (TcpServer* s : servers()) drained = drained && s->drained(index);
+    // The closes of those connections that linger (ConnectionOptions::linger):
+    // the group's loops go after stop(), and closing such a socket with input
+    // unread would reset it.
+    drained = drained && detail::lingering_closes(loop) == 0;
     if (drained || EventLoop::now() >= deadline_) {
         loop.stop();
         return;

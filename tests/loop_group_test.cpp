@@ -231,6 +231,65 @@ TEST_P(LoopGroupTest, GracefulStopDeliversQueuedReplies) {
     EXPECT_EQ(server.connections_now(), 0u);
 }
 
+// A graceful stop waits for the lingering closes too (see
+// ConnectionOptions::linger), not only for the queues: when stop() returns
+// the client has been sent everything, so input that comes after (the
+// server's loops no longer read it) cannot make the group's destruction reset
+// the socket and drop the end of the reply a slow client has not read yet.
+TEST_P(LoopGroupTest, GracefulStopWaitsForLingeringCloses) {
+    EVMUX_SELECTOR_OR_SKIP(probe);
+    auto group = std::make_unique<LoopGroup>(2, test::backend_name());
+    std::atomic<bool> replied{false};
+    Callbacks cb;
+    cb.on_connect = [](const ConnectionPtr& conn) {  // the whole reply fits in the kernel
+        int big = 1 << 20;
+        ::setsockopt(conn->fd(), SOL_SOCKET, SO_SNDBUF, &big, sizeof big);
+    };
+    cb.on_message = [&](const ConnectionPtr& conn, Buffer& in) {
+        in.consume_all();
+        conn->send(std::string(2 * reply_chunk, 'q'));
+        replied.store(true);
+    };
+    ServerOptions opt;
+    opt.distribution = GetParam();
+    TcpServer& server = group->listen(Address::ip("127.0.0.1", 0), cb, opt);
+    Fd client = connect_blocking(server.local_address(), 4096);
+    send_all(client.get(), "r");
+    auto until = std::chrono::steady_clock::now() + 5s;
+    while (!replied.load() && std::chrono::steady_clock::now() < until)
+        std::this_thread::sleep_for(1ms);
+    ASSERT_TRUE(replied.load());
+
+    std::atomic<bool> stopped{false};
+    std::atomic<bool> sent_more{false};
+    std::thread stopper([&] {
+        group->stop(10s);
+        stopped.store(true);
+        while (!sent_more.load()) std::this_thread::sleep_for(1ms);
+        group.reset();  // the loops, and what they still hold, go
+    });
+    std::string got;
+    int err = 0;
+    char buf[4096];
+    for (;;) {  // a slow reader: the end of the reply waits in the server's socket
+        std::this_thread::sleep_for(3ms);
+        if (stopped.load() && !sent_more.load()) {
+            send_all(client.get(), "another request");
+            sent_more.store(true);
+        }
+        const ssize_t n = ::recv(client.get(), buf, sizeof buf, 0);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) err = errno;
+        if (n <= 0) break;
+        got.append(buf, static_cast<std::size_t>(n));
+    }
+    sent_more.store(true);
+    stopper.join();
+    EXPECT_EQ(err, 0) << std::strerror(err);
+    EXPECT_EQ(got.size(), 2 * reply_chunk) << "a reset dropped the end of the reply";
+    EXPECT_EQ(got.find_first_not_of('q'), std::string::npos);
+}
+
 // A peer that never reads cannot hold stop() past its grace: the rest is
 // closed at once and stop() returns.
 TEST_P(LoopGroupTest, StopIsBoundedByGrace) {

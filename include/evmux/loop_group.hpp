@@ -92,7 +92,8 @@ class LoopGroup {
 
     /// Stop every loop and join its thread. Each loop first stops accepting
     /// and closes its connections gracefully (CloseMode::graceful: a queued
-    /// reply is still sent), waits until they have closed or `grace` has
+    /// reply is still sent), waits until they have closed, and their sockets
+    /// have finished lingering (ConnectionOptions::linger), or `grace` has
     /// passed (then closes the rest immediately, reason `local`), runs every
     /// on_close, and exits. Idempotent; concurrent calls wait for the first. Throws
     /// std::logic_error from a loop thread of this group; after joining,
