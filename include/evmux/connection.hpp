@@ -175,7 +175,9 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     /// the queue and written when the socket is writable. A no-op once closed
     /// or after shutdown_write(). A write error closes the connection
     /// (on_close runs from the loop, never inside send()). May close with
-    /// `overflow` if the queue would pass max_buffered.
+    /// `overflow` if the queue would pass max_buffered. On completion I/O
+    /// the bytes are queued for the send request made before the next wait
+    /// (written at once only when they take the queue past high_water).
     void send(const void* data, std::size_t len);
     /// As send(const void*, std::size_t).
     void send(std::string_view bytes) { send(bytes.data(), bytes.size()); }
