@@ -327,6 +327,19 @@ ReadExactlyString::ReadExactlyString(StreamCore* core, std::size_t n)
     if (n == 0) status = Status::done;
 }
 
+void ReadWait::abandon() noexcept {
+    registered = false;
+    core->reader = nullptr;
+    // Waiting, it has taken every byte that arrived (the core keeps none then).
+    const char* taken = kind == Kind::line ? line->data() : data;
+    const std::size_t n = kind == Kind::line ? line->size() : kind == Kind::exactly ? got : 0;
+    if (n == 0) return;
+    try {
+        core->in.insert(core->in_start, taken, n);
+    } catch (...) {  // out of memory: the bytes are lost, as they were before
+    }
+}
+
 std::string ReadExactlyString::await_resume() {
     check("read_exactly");
     if (status == Status::eof) throw IncompleteRead(got, cap);

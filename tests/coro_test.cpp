@@ -694,6 +694,28 @@ TEST(CoroStream, WriteWaitsAtHighWaterUntilTheQueueDrains) {
             << "chunk " << i;
 }
 
+TEST(CoroStream, AReadCancelledWhileWaitingLeavesItsBytesForTheNextRead) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Pair p(loop);
+    auto exactly = [](Stream& s) -> Task<std::string> { co_return co_await s.read_exactly(10); };
+    auto line = [](Stream& s) -> Task<std::string> { co_return co_await s.read_line(); };
+    {
+        Task<std::string> t = exactly(p.server);
+        start_owned(t);
+        send_all(loop, p.client.get(), "abcd");
+        for (int i = 0; i < 4; ++i) loop.run_once(5ms);
+        EXPECT_FALSE(t.done());
+    }  // destroyed while it waits for 6 more
+    {
+        Task<std::string> t = line(p.server);
+        start_owned(t);
+        EXPECT_FALSE(t.done());
+    }  // destroyed as it waits for a newline (the 4 bytes given back are all it saw)
+    send_all(loop, p.client.get(), "efghij\n");
+    EXPECT_EQ(run_task(loop, exactly(p.server)), "abcdefghij");
+    EXPECT_EQ(run_task(loop, line(p.server)), "\n");
+}
+
 TEST(CoroStream, ShutdownWriteSendsFinAndForbidsWrites) {
     EVMUX_LOOP_OR_SKIP(loop);
     Pair p(loop);

@@ -343,8 +343,13 @@ struct ReadWait {
     ReadWait(const ReadWait&) = delete;
     ReadWait& operator=(const ReadWait&) = delete;
     ~ReadWait() {
-        if (registered) core->reader = nullptr;
+        if (registered) abandon();
     }
+    // Destroyed while waiting (its task destroyed, with_timeout() expired):
+    // unregister, and give back the bytes a read_exactly() or read_line()
+    // had taken so far, so that the next read finds them. (A subclass whose
+    // buffer is its own member calls it first, while that buffer lives.)
+    void abandon() noexcept;
 
     // Nothing buffered and the stream open: wait (the usual case, inline).
     bool await_ready() {
@@ -455,6 +460,11 @@ struct ReadExactly : ReadWait {
 // read_exactly(n): into a string of its own.
 struct ReadExactlyString : ReadWait {
     ReadExactlyString(StreamCore* core, std::size_t n);
+    ReadExactlyString(const ReadExactlyString&) = delete;
+    ReadExactlyString& operator=(const ReadExactlyString&) = delete;
+    ~ReadExactlyString() {
+        if (registered) abandon();
+    }
     std::string await_resume();
     std::string bytes;
 };
@@ -476,6 +486,11 @@ struct ReadLine : ReadWait {
     ReadLine(StreamCore* stream, std::size_t max) noexcept : ReadWait(stream, Kind::line) {
         line = &text;
         cap = max;
+    }
+    ReadLine(const ReadLine&) = delete;
+    ReadLine& operator=(const ReadLine&) = delete;
+    ~ReadLine() {
+        if (registered) abandon();
     }
     std::string await_resume() {
         check("read_line");
