@@ -95,6 +95,14 @@ ConnectionClosed::ConnectionClosed(const char* operation, CloseReason reason, in
                         std::string(operation) + ": connection closed (" + to_string(reason) + ")"),
       reason_(reason) {}
 
+TimedOut::TimedOut(EventLoop::Duration limit)
+    : std::system_error(
+          ETIMEDOUT, std::generic_category(),
+          "timed out after " +
+              std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(limit).count()) +
+              " ms"),
+      limit_(limit) {}
+
 IncompleteRead::IncompleteRead(std::size_t got, std::size_t wanted)
     : std::runtime_error("read_exactly: end of stream after " + std::to_string(got) + " of " +
                          std::to_string(wanted) + " bytes"),

@@ -716,6 +716,128 @@ TEST(CoroStream, AReadCancelledWhileWaitingLeavesItsBytesForTheNextRead) {
     EXPECT_EQ(run_task(loop, line(p.server)), "\n");
 }
 
+// ---- with_timeout ----------------------------------------------------------------
+
+Task<int> seven_after(EventLoop& loop, EventLoop::Duration d, FrameGuard) {
+    co_await coro::sleep(loop, d);
+    co_return 7;
+}
+
+template <class T>
+Task<T> timed(EventLoop& loop, EventLoop::Duration limit, Task<T> task) {
+    co_return co_await coro::with_timeout(loop, limit, std::move(task));
+}
+
+TEST(CoroTimeout, ATaskDoneInTimeGivesItsValueAndItsTimerIsGone) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    bool freed = false;
+    EXPECT_EQ(run_task(loop, timed(loop, 1s, seven_after(loop, 5ms, FrameGuard(&freed)))), 7);
+    EXPECT_TRUE(freed);
+    // The timer was cancelled: nothing wakes later (ASan: no use of the frame).
+    auto end = std::chrono::steady_clock::now() + 30ms;
+    while (std::chrono::steady_clock::now() < end) loop.run_once(5ms);
+    EXPECT_EQ(run_task(loop, timed(loop, 0ms, []() -> Task<int> { co_return 8; }())), 8)
+        << "a task that does not wait never times out";
+}
+
+TEST(CoroTimeout, ATaskTooSlowIsDestroyedWhereItWaitsAndTimedOutThrown) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    bool freed = false;
+    const auto start = std::chrono::steady_clock::now();
+    try {
+        run_task(loop, timed(loop, 30ms, seven_after(loop, 10s, FrameGuard(&freed))));
+        ADD_FAILURE() << "no TimedOut";
+    } catch (const coro::TimedOut& e) {
+        EXPECT_EQ(e.code(), std::errc::timed_out);
+        EXPECT_EQ(e.limit(), 30ms);
+        EXPECT_STREQ(e.what(), "timed out after 30 ms: Connection timed out");
+    }
+    EXPECT_GE(std::chrono::steady_clock::now() - start, 30ms);
+    EXPECT_LT(std::chrono::steady_clock::now() - start, 5s);
+    EXPECT_TRUE(freed) << "the task's frame was not destroyed";
+    EXPECT_THROW(run_task(loop, timed(loop, 1s, throws_inner())), std::runtime_error)
+        << "the task's own exception passes through";
+}
+
+TEST(CoroTimeout, AReadLineTimedOutKeepsWhatArrivedForTheNextRead) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Pair p(loop);
+    send_all(loop, p.client.get(), "ab");
+    auto read = [](EventLoop& loop, Stream& s) -> Task<std::string> {
+        std::string seen;
+        try {
+            co_await coro::with_timeout(loop, 30ms, s.read_line());
+        } catch (const coro::TimedOut&) {
+            seen = "timed out, ";
+        }
+        std::string line = co_await s.read_line();
+        co_return seen + line;
+    };
+    Outcome<std::string> out;
+    spawn_capture(loop, read(loop, p.server), &out);
+    auto end = std::chrono::steady_clock::now() + 60ms;
+    while (std::chrono::steady_clock::now() < end) loop.run_once(5ms);
+    send_all(loop, p.client.get(), "c\n");
+    ASSERT_TRUE(run_until(loop, [&] { return out.done; }));
+    ASSERT_FALSE(out.error);
+    EXPECT_EQ(*out.value, "timed out, abc\n");
+}
+
+TEST(CoroTimeout, AReadExactlyTimedOutKeepsWhatArrivedForTheNextRead) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Pair p(loop);
+    auto read = [](EventLoop& loop, Stream& s) -> Task<std::string> {
+        std::string seen;
+        char buf[10];
+        try {
+            co_await coro::with_timeout(loop, 30ms, s.read_exactly(std::span<char>(buf)));
+        } catch (const coro::TimedOut&) {
+            seen = "timed out, ";
+        }
+        try {
+            co_await coro::with_timeout(loop, 30ms, s.read_exactly(10));
+        } catch (const coro::TimedOut&) {
+            seen += "timed out, ";
+        }
+        std::string ten = co_await s.read_exactly(10);
+        co_return seen + ten;
+    };
+    Outcome<std::string> out;
+    spawn_capture(loop, read(loop, p.server), &out);
+    loop.run_once(5ms);
+    send_all(loop, p.client.get(), "abcd");  // arrives while the first read waits
+    auto end = std::chrono::steady_clock::now() + 100ms;
+    while (std::chrono::steady_clock::now() < end) loop.run_once(5ms);
+    send_all(loop, p.client.get(), "efghij");
+    ASSERT_TRUE(run_until(loop, [&] { return out.done; }));
+    ASSERT_FALSE(out.error);
+    EXPECT_EQ(*out.value, "timed out, timed out, abcdefghij");
+    EXPECT_EQ(p.server.buffered(), 0u);
+}
+
+TEST(CoroTimeout, AWriteTimedOutLeavesItsBytesQueuedAndTheStreamWritable) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    ServerOptions options;
+    options.connection.high_water = 64 * 1024;
+    Pair p(loop, options, 4096);
+    const std::string big = pattern(256 * 1024);
+    auto write = [](EventLoop& loop, Stream& s, const std::string& bytes) -> Task<int> {
+        int timeouts = 0;
+        for (int i = 0; i < 2; ++i) {
+            try {
+                co_await coro::with_timeout(loop, 30ms, s.write(bytes));
+            } catch (const coro::TimedOut&) {
+                ++timeouts;  // the client does not read: the queue stays over high water
+            }
+        }
+        co_return timeouts;
+    };
+    EXPECT_EQ(run_task(loop, write(loop, p.server, big)), 2);
+    std::string got = recv_n(loop, p.client.get(), 2 * big.size());
+    ASSERT_EQ(got.size(), 2 * big.size()) << "the timed-out writes' bytes were sent";
+    EXPECT_TRUE(got == big + big);
+}
+
 TEST(CoroStream, ShutdownWriteSendsFinAndForbidsWrites) {
     EVMUX_LOOP_OR_SKIP(loop);
     Pair p(loop);

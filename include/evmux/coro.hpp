@@ -235,6 +235,108 @@ Sleep sleep(EventLoop& loop, std::chrono::duration<Rep, Period> delay) {
     return Sleep(loop, saturating_nanoseconds(delay));
 }
 
+// ---- timeouts --------------------------------------------------------------------
+
+/// with_timeout() ran out of time (asyncio's TimeoutError). code(): ETIMEDOUT;
+/// what() reads like "timed out after 250 ms: Connection timed out".
+class TimedOut : public std::system_error {
+  public:
+    /// `limit`: the time that was given.
+    explicit TimedOut(EventLoop::Duration limit);
+    /// The time that was given.
+    EventLoop::Duration limit() const noexcept { return limit_; }
+
+  private:
+    EventLoop::Duration limit_;
+};
+
+namespace detail {
+
+// co_await with_timeout(...): runs the task; a timer on the loop destroys
+// it where it waits and resumes the awaiting coroutine with TimedOut.
+template <class T>
+class [[nodiscard]] TimeoutAwaiter {
+  public:
+    TimeoutAwaiter(EventLoop& loop, EventLoop::Duration limit, Task<T> task) noexcept
+        : loop_(loop), limit_(limit), task_(std::move(task)) {}
+    TimeoutAwaiter(const TimeoutAwaiter&) = delete;
+    TimeoutAwaiter& operator=(const TimeoutAwaiter&) = delete;
+    ~TimeoutAwaiter() {
+        if (timer_ != 0) loop_.cancel(timer_);
+    }  // then task_ goes, and with it the task wherever it waits
+
+    bool await_ready() const noexcept { return false; }
+    std::coroutine_handle<> await_suspend(std::coroutine_handle<> waiting) {
+        if (inner_.await_ready()) return waiting;  // empty or finished: no timer
+        waiting_ = waiting;
+        timer_ = loop_.call_after(limit_, [this] { expire(); });
+        return inner_.await_suspend(waiting);  // start it: symmetric transfer
+    }
+    T await_resume() {
+        if (timer_ != 0) loop_.cancel(std::exchange(timer_, 0));
+        if (expired_) throw TimedOut(limit_);
+        return inner_.await_resume();
+    }
+
+  private:
+    void expire() {
+        timer_ = 0;
+        expired_ = true;
+        task_ = Task<T>();  // destroyed where it waits: its read, sleep... unregisters
+        waiting_.resume();
+    }
+
+    EventLoop& loop_;
+    EventLoop::Duration limit_;
+    Task<T> task_;
+    decltype(std::declval<Task<T>>().operator co_await()) inner_ =
+        std::move(task_).operator co_await();
+    std::coroutine_handle<> waiting_;
+    EventLoop::TimerId timer_ = 0;
+    bool expired_ = false;
+};
+
+// An awaitable run as a task (with_timeout() of a stream's read or write).
+template <class Awaitable>
+auto await_as_task(Awaitable& operation)
+    -> Task<decltype(std::declval<Awaitable&>().await_resume())> {
+    if constexpr (std::is_void_v<decltype(operation.await_resume())>)
+        co_await operation;
+    else
+        co_return co_await operation;
+}
+
+template <class X>
+inline constexpr bool is_task = false;
+template <class T>
+inline constexpr bool is_task<Task<T>> = true;
+
+}  // namespace detail
+
+/// `T value = co_await with_timeout(loop, 5s, task)`: runs the task and
+/// returns its value or rethrows its exception, unless `limit` passes first:
+/// then the task is destroyed where it waits (its read, write, sleep,
+/// connect or accept is cancelled, as when any Task is destroyed) and
+/// TimedOut is thrown (asyncio's wait_for, Asio's cancel_after). A task that
+/// finishes without waiting never times out. Use the loop the task runs on.
+template <class T, class Rep, class Period>
+detail::TimeoutAwaiter<T> with_timeout(EventLoop& loop, std::chrono::duration<Rep, Period> limit,
+                                       Task<T> task) {
+    return detail::TimeoutAwaiter<T>(loop, saturating_nanoseconds(limit), std::move(task));
+}
+
+/// `std::string line = co_await with_timeout(loop, 5s, stream.read_line())`:
+/// as above, for one of a Stream's reads or writes (an awaitable, awaited
+/// at once as those must be). The stream stays usable after TimedOut: what
+/// a timed-out read_exactly() or read_line() had received is read next, and
+/// a timed-out write's bytes are queued still (only the wait for the queue
+/// to drain ended).
+template <class Awaitable, class Rep, class Period>
+requires(!detail::is_task<std::remove_cvref_t<Awaitable>>) auto with_timeout(
+    EventLoop& loop, std::chrono::duration<Rep, Period> limit, Awaitable&& operation) {
+    return with_timeout(loop, limit, detail::await_as_task(operation));
+}
+
 // ---- errors ----------------------------------------------------------------------
 
 /// A read or write on a connection that has closed, or that closes while the
