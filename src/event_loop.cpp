@@ -211,6 +211,7 @@ struct EventLoop::Impl {
     // ---- signals ------------------------------------------------------------------
     int signal_fd = -1;
     sigset_t signal_set{};
+    sigset_t blocked_before{};  // watched signals the thread had blocked already
     // shared_ptr: a callback that replaces or removes its own signal keeps
     // running on the copy taken for the call (a refcount, not an allocation).
     std::array<std::shared_ptr<std::function<void(int)>>, NSIG> signal_callbacks{};
@@ -278,6 +279,7 @@ EventLoop::EventLoop(std::unique_ptr<Selector> selector, IoMode io, bool by_defa
       impl_(std::make_unique<Impl>()) {
     if (!selector_) throw std::invalid_argument("evmux: EventLoop needs a selector");
     sigemptyset(&impl_->signal_set);
+    sigemptyset(&impl_->blocked_before);
     impl_->wake_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (impl_->wake_fd < 0) throw_errno(errno, "eventfd");
     auto w = std::make_unique<Impl::Watcher>(
@@ -532,6 +534,12 @@ void EventLoop::on_signal(int signo, std::function<void(int)> callback) {
         m.signal_fd = fd;
     }
     m.signal_set = wanted;
+    if (!m.signal_callbacks[signo]) {  // first watched: how remove_signal() leaves the mask
+        if (sigismember(&old, signo))
+            sigaddset(&m.blocked_before, signo);
+        else
+            sigdelset(&m.blocked_before, signo);
+    }
     m.signal_callbacks[signo] = std::move(shared);
 }
 
@@ -542,15 +550,17 @@ void EventLoop::remove_signal(int signo) {
     ::signalfd(m.signal_fd, &m.signal_set, SFD_NONBLOCK | SFD_CLOEXEC);
     m.signal_callbacks[signo].reset();
     // An instance that arrived but was not read yet would be delivered the
-    // default way (for most signals: terminate) the moment it is unblocked:
-    // discard it first.
+    // default way (for most signals: terminate) the moment it is unblocked,
+    // here or in any thread: discard it first.
     sigset_t one;
     sigemptyset(&one);
     sigaddset(&one, signo);
     const timespec zero{0, 0};
     while (::sigtimedwait(&one, nullptr, &zero) == signo) {
     }
-    ::pthread_sigmask(SIG_UNBLOCK, &one, nullptr);
+    // The mask as on_signal() found it: a LoopGroup's thread, which blocks
+    // the asynchronous signals from its start, keeps it blocked.
+    if (!sigismember(&m.blocked_before, signo)) ::pthread_sigmask(SIG_UNBLOCK, &one, nullptr);
 }
 
 // ---- running ------------------------------------------------------------------

@@ -779,13 +779,28 @@ TEST(EventLoop, SignalDelivery) {
     ASSERT_TRUE(run_until(loop, [&] { return replaced == 1; }));
     EXPECT_EQ(seen.size(), 1u);
 
-    // Removing discards a pending instance instead of dying of it on unblock.
+    // Removing discards a pending instance, and leaves the mask as
+    // on_signal() found it: this suite blocks SIGUSR1 in every thread.
     ASSERT_EQ(::raise(SIGUSR1), 0);
     loop.remove_signal(SIGUSR1);
     sigset_t mask;
     ::pthread_sigmask(SIG_BLOCK, nullptr, &mask);
-    EXPECT_FALSE(sigismember(&mask, SIGUSR1));
+    EXPECT_TRUE(sigismember(&mask, SIGUSR1));
+    sigset_t pending;
+    ::sigpending(&pending);
+    EXPECT_FALSE(sigismember(&pending, SIGUSR1)) << "the pending instance was not discarded";
     loop.run_once(0ns);
+    EXPECT_EQ(replaced, 1);
+
+    // A signal the thread had unblocked is unblocked again by remove_signal()
+    // (a pending instance discarded first instead of dying of it on unblock).
+    sigdelset(&mask, SIGUSR1);
+    ::pthread_sigmask(SIG_SETMASK, &mask, nullptr);
+    loop.on_signal(SIGUSR1, [&](int) { ++replaced; });
+    ASSERT_EQ(::raise(SIGUSR1), 0);
+    loop.remove_signal(SIGUSR1);
+    ::pthread_sigmask(SIG_BLOCK, nullptr, &mask);
+    EXPECT_FALSE(sigismember(&mask, SIGUSR1));
     EXPECT_EQ(replaced, 1);
     // Back to the suite's state.
     sigaddset(&mask, SIGUSR1);

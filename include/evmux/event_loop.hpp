@@ -208,10 +208,12 @@ class EventLoop {
     /// or an empty callback; std::system_error if signalfd fails (nothing
     /// changed then). The loop's destruction leaves the signal blocked.
     void on_signal(int signo, std::function<void(int signo)> callback);
-    /// Stop delivering `signo` and unblock it in the calling thread (a
-    /// LoopGroup's thread too, which may then take it again); an instance
-    /// that arrived but was not delivered yet is discarded (it would
-    /// otherwise take its default action, usually termination, on unblock).
+    /// Stop delivering `signo` and leave it in the calling thread's mask as
+    /// on_signal() found it: unblocked again if it was unblocked then (a
+    /// main thread's usual case), still blocked if it was blocked already (a
+    /// LoopGroup's thread, or one whose mask blocked it); an instance that
+    /// arrived but was not delivered yet is discarded (it would otherwise
+    /// take its default action, usually termination, on unblock).
     /// A no-op if `signo` is not delivered by this loop.
     void remove_signal(int signo);
 
