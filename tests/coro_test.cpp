@@ -838,6 +838,30 @@ TEST(CoroTimeout, AWriteTimedOutLeavesItsBytesQueuedAndTheStreamWritable) {
     EXPECT_TRUE(got == big + big);
 }
 
+TEST(CoroTimeout, AnAcceptTimedOutLeavesTheAcceptorUsable) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Acceptor acceptor(loop, any_port);
+    auto accept = [](EventLoop& loop, Acceptor& a) -> Task<std::string> {
+        std::string seen;
+        try {
+            co_await coro::with_timeout(loop, 20ms, a.accept());
+        } catch (const coro::TimedOut&) {
+            seen = "timed out, ";
+        }
+        Stream s = co_await coro::with_timeout(loop, 5s, a.accept());
+        co_return seen + (co_await s.read_line());
+    };
+    Outcome<std::string> out;
+    spawn_capture(loop, accept(loop, acceptor), &out);
+    auto end = std::chrono::steady_clock::now() + 50ms;
+    while (std::chrono::steady_clock::now() < end) loop.run_once(5ms);
+    Fd client = dial(acceptor.local_address());
+    send_all(loop, client.get(), "hi\n");
+    ASSERT_TRUE(run_until(loop, [&] { return out.done; }));
+    ASSERT_FALSE(out.error);
+    EXPECT_EQ(*out.value, "timed out, hi\n");
+}
+
 TEST(CoroStream, ShutdownWriteSendsFinAndForbidsWrites) {
     EVMUX_LOOP_OR_SKIP(loop);
     Pair p(loop);
