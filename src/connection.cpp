@@ -87,6 +87,26 @@ Connection::~Connection() {
     }
 }
 
+namespace {
+
+// SO_KEEPALIVE and its timing, clamped to Linux's ranges; fails harmlessly
+// on a Unix socket, as TCP_NODELAY does.
+void set_keepalive(int fd, const TcpKeepalive& k) {
+    auto clamp_s = [](std::chrono::seconds v) {
+        return static_cast<int>(std::clamp<std::chrono::seconds::rep>(v.count(), 1, 32767));
+    };
+    const int one = 1;
+    const int idle = clamp_s(k.idle);
+    const int interval = clamp_s(k.interval);
+    const int probes = std::clamp(k.probes, 1, 127);
+    if (::setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one) != 0) return;
+    ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle);
+    ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof interval);
+    ::setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof probes);
+}
+
+}  // namespace
+
 ConnectionPtr Connection::create(EventLoop& loop, int fd, Callbacks callbacks,
                                  const ConnectionOptions& options, const Address& peer,
                                  const std::string& host_name) {
@@ -101,6 +121,7 @@ ConnectionPtr Connection::create(EventLoop& loop, int fd, Callbacks callbacks,
         int one = 1;
         ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
     }
+    if (options.keepalive.idle.count() > 0) set_keepalive(fd, options.keepalive);
     auto conn = std::make_shared<Connection>(Private{}, loop, fd, std::move(callbacks), options);
     // Kept, not asked at close: after a reset getpeername() fails (ENOTCONN).
     conn->peer_ = peer.family() != 0 ? peer : Address::peer_of(fd);

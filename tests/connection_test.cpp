@@ -5,6 +5,7 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -917,6 +918,46 @@ TEST(Connection, CallbackClosesAnotherInTheSameBatch) {
 }
 
 // ---- TcpServer ---------------------------------------------------------------------
+
+// ConnectionOptions::keepalive reaches the sockets of accepted and connected
+// connections (the kernel does the probing), clamped to Linux's ranges; off
+// by default.
+TEST(TcpServer, KeepaliveOptionSetsTheSocketsProbes) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    auto opt = [](int fd, int level, int name) {
+        int v = -1;
+        socklen_t len = sizeof v;
+        return ::getsockopt(fd, level, name, &v, &len) == 0 ? v : -1;
+    };
+    ServerOptions so;
+    so.connection.keepalive = {7s, 3s, 2};
+    std::vector<ConnectionPtr> accepted;
+    Callbacks cb;
+    cb.on_connect = [&](const ConnectionPtr& c) { accepted.push_back(c); };
+    TcpServer server(loop, loopback4, cb, so);
+    ConnectOptions with;
+    with.connection.keepalive = {std::chrono::hours(24), 0s, 1000};  // clamped
+    ConnectResult r1, r2;
+    auto h1 = connect(loop, server.local_address(), r1.callbacks(), with);
+    auto h2 = connect(loop, server.local_address(), r2.callbacks());  // off
+    ASSERT_TRUE(run_until(loop, [&] { return accepted.size() == 2 && r1.conn && r2.conn; }));
+    for (const ConnectionPtr& c : accepted) {
+        EXPECT_EQ(opt(c->fd(), SOL_SOCKET, SO_KEEPALIVE), 1);
+        EXPECT_EQ(opt(c->fd(), IPPROTO_TCP, TCP_KEEPIDLE), 7);
+        EXPECT_EQ(opt(c->fd(), IPPROTO_TCP, TCP_KEEPINTVL), 3);
+        EXPECT_EQ(opt(c->fd(), IPPROTO_TCP, TCP_KEEPCNT), 2);
+    }
+    EXPECT_EQ(opt(r1.conn->fd(), SOL_SOCKET, SO_KEEPALIVE), 1);
+    EXPECT_EQ(opt(r1.conn->fd(), IPPROTO_TCP, TCP_KEEPIDLE), 32767);
+    EXPECT_EQ(opt(r1.conn->fd(), IPPROTO_TCP, TCP_KEEPINTVL), 1);
+    EXPECT_EQ(opt(r1.conn->fd(), IPPROTO_TCP, TCP_KEEPCNT), 127);
+    EXPECT_EQ(opt(r2.conn->fd(), SOL_SOCKET, SO_KEEPALIVE), 0);
+    for (const ConnectionPtr& c : accepted) c->close();
+    r1.conn->close();
+    r2.conn->close();
+    pump_for(loop, 20ms);
+}
 
 TEST(TcpServer, PingPongOneByteToFourMiB) {
     EVMUX_SELECTOR_OR_SKIP(sel);

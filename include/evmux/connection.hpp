@@ -112,6 +112,22 @@ struct ByteCounters {
     std::atomic<std::uint64_t> out{0};  ///< bytes written to the kernel (over TLS: plaintext)
 };
 
+/// TCP keepalive probes (SO_KEEPALIVE; libuv's uv_tcp_keepalive, muduo's
+/// setKeepAlive): a peer that vanished without a FIN or a reset (its host
+/// down, its network gone) is found while the connection is idle, which
+/// reading alone never does. After `idle` without traffic the kernel sends a
+/// probe every `interval`; `probes` unanswered in a row close the
+/// connection with reason `error`, ETIMEDOUT. Values are clamped to what
+/// Linux takes (1 to 32 767 s, 1 to 127 probes).
+struct TcpKeepalive {
+    /// Idle time before the first probe; zero: keepalive off (the default).
+    std::chrono::seconds idle{0};
+    /// Time between probes.
+    std::chrono::seconds interval{15};
+    /// Unanswered probes that end the connection.
+    int probes = 4;
+};
+
 /// Per-connection limits. The defaults are asyncio's water marks.
 struct ConnectionOptions {
     /// Queue size at which reading from the peer pauses (and on_high_water fires).
@@ -125,6 +141,8 @@ struct ConnectionOptions {
     std::size_t read_budget = 256 * 1024;
     /// TCP_NODELAY on TCP sockets (ignored for Unix sockets).
     bool tcp_nodelay = true;
+    /// TCP keepalive on TCP sockets (ignored for Unix sockets); off by default.
+    TcpKeepalive keepalive;
     /// How long a graceful close (close(CloseMode::graceful), a server's
     /// stop) may linger, as nginx's lingering close: closing a TCP socket
     /// with input unread makes the kernel reset the connection and drop what
