@@ -346,6 +346,7 @@ void ReadWait::abandon() noexcept {
         core->in.insert(core->in_start, taken, n);
     } catch (...) {  // out of memory: the bytes are lost, as they were before
     }
+    if (kind == Kind::line) line->clear();  // read_line(into): they are the stream's again
 }
 
 std::string ReadExactlyString::await_resume() {

@@ -699,6 +699,10 @@ TEST(CoroStream, AReadCancelledWhileWaitingLeavesItsBytesForTheNextRead) {
     Pair p(loop);
     auto exactly = [](Stream& s) -> Task<std::string> { co_return co_await s.read_exactly(10); };
     auto line = [](Stream& s) -> Task<std::string> { co_return co_await s.read_line(); };
+    std::string into = "stale";
+    auto line_into = [](Stream& s, std::string& l) -> Task<bool> {
+        co_return co_await s.read_line(l);
+    };
     {
         Task<std::string> t = exactly(p.server);
         start_owned(t);
@@ -711,6 +715,12 @@ TEST(CoroStream, AReadCancelledWhileWaitingLeavesItsBytesForTheNextRead) {
         start_owned(t);
         EXPECT_FALSE(t.done());
     }  // destroyed as it waits for a newline (the 4 bytes given back are all it saw)
+    {
+        Task<bool> t = line_into(p.server, into);
+        start_owned(t);
+        EXPECT_EQ(into, "abcd");
+    }  // the same, into the caller's string: emptied, the bytes the stream's again
+    EXPECT_EQ(into, "");
     send_all(loop, p.client.get(), "efghij\n");
     EXPECT_EQ(run_task(loop, exactly(p.server)), "abcdefghij");
     EXPECT_EQ(run_task(loop, line(p.server)), "\n");

@@ -674,7 +674,8 @@ class Stream {
     /// `while (co_await s.read_line(line)) ...`: as read_line(max), into
     /// `into` (cleared first; reuse it and no read allocates in steady
     /// state); false at the end of the stream with nothing read. On
-    /// LineTooLong `into` holds the bytes read.
+    /// LineTooLong `into` holds the bytes read; cancelled (timed out), it is
+    /// empty, and what it had taken is the stream's next input.
     detail::ReadLineInto read_line(std::string& into, std::size_t max = default_max_line) {
         return detail::ReadLineInto(core_for("read_line"), into, max);
     }
