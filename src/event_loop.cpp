@@ -305,22 +305,29 @@ EventLoop::~EventLoop() {
     // Owners first, while the loop is whole: a connection still open closes
     // and runs its on_close here. What they tie anew meanwhile gets its turn
     // in a further (bounded) round.
-    for (int round = 0; round < 4 && !m.ties.empty(); ++round) {
-        std::vector<Impl::Tie> ties = std::move(m.ties);
-        m.ties.clear();
-        m.free_ties.clear();
-        for (Impl::Tie& t : ties) {
-            if (!t.owner || !t.on_loop_end) continue;
-            try {
-                t.on_loop_end();
-            } catch (...) {
-                m.handle_exception(std::current_exception());
+    for (int pass = 0; pass < 4; ++pass) {
+        for (int round = 0; round < 4 && !m.ties.empty(); ++round) {
+            std::vector<Impl::Tie> ties = std::move(m.ties);
+            m.ties.clear();
+            m.free_ties.clear();
+            for (Impl::Tie& t : ties) {
+                if (!t.owner || !t.on_loop_end) continue;
+                try {
+                    t.on_loop_end();
+                } catch (...) {
+                    m.handle_exception(std::current_exception());
+                }
             }
         }
+        // Completion requests still in the kernel point at their owners
+        // (closed above, their cancels queued): let them finish, so the
+        // owners go. A connection's last request lets its socket go, and a
+        // graceful close's socket then lingers, tied anew: ended by the
+        // next pass, not dropped with the timers below (the fd leaked).
+        if (!completion_io_) break;
+        completion_io_->drain();
+        if (m.ties.empty()) break;
     }
-    // Completion requests still in the kernel point at their owners (closed
-    // above, their cancels queued): let them finish, so the owners go.
-    if (completion_io_) completion_io_->drain();
     if (m.pending_error)
         Impl::report_to_stderr("evmux: an exception while the loop was destroyed",
                                std::exchange(m.pending_error, nullptr));

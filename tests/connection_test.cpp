@@ -886,6 +886,41 @@ TEST(Connection, GracefulCloseWithInputUnreadStillDeliversEverything) {
         << test::open_fds() << " fds open, " << fds_before << " before";
 }
 
+// The usual shutdown, `{ EventLoop loop; TcpServer server(loop, ...); }`, right
+// after a graceful close began on a connection whose peer reads nothing: the
+// server's destruction closes it (on_close), its socket is to linger, and the
+// loop's destruction then closes that socket. On completion I/O the socket
+// was let go only when the connection's last request finished, inside the
+// loop's destructor after its owners had been ended, and the lingering close
+// begun there was dropped with the loop's timers: the fd leaked.
+TEST(Connection, LingeringSocketOfAServerClosedJustBeforeItsLoopIsClosedToo) {
+    const std::size_t fds_before = test::open_fds();
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    Fd client;
+    {
+        auto loop = std::make_unique<EventLoop>(std::move(sel));
+        ConnectionPtr conn;
+        int closes = 0;
+        Callbacks cb;
+        cb.on_connect = [&](const ConnectionPtr& c) { conn = c; };
+        cb.on_close = [&](const ConnectionPtr&, CloseReason, int) { ++closes; };
+        auto server = std::make_unique<TcpServer>(*loop, Address::parse("127.0.0.1:0"), cb);
+        client = dial(server->local_address(), 4096);  // and never read
+        ASSERT_TRUE(run_until(*loop, [&] { return conn != nullptr; }));
+        conn->send(pattern(4 << 20));
+        pump_for(*loop, 50ms);
+        conn->close(CloseMode::graceful);  // the queue is still full
+        pump_for(*loop, 20ms);
+        EXPECT_EQ(closes, 0);
+        conn.reset();
+        server.reset();
+        EXPECT_EQ(closes, 1);
+        loop.reset();
+    }
+    client.reset();
+    EXPECT_EQ(test::open_fds(), fds_before) << "the lingering socket leaked (fds after, before)";
+}
+
 TEST(Connection, CallbackClosesAnotherInTheSameBatch) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     EventLoop loop(std::move(sel));
