@@ -99,6 +99,26 @@ struct EventLoop::Impl {
     };
     std::vector<Tie> ties;
     std::vector<std::uint32_t> free_ties;
+    // Every tie in place, taken out of its slot as untie() takes one (its
+    // generation bumped, the slot freed): for the loop's end. An id handed
+    // out before then matches no tie made after (one an on_loop_end makes,
+    // such as a lingering close), so an owner that unties itself late does
+    // not drop another's.
+    std::vector<Tie> take_ties() {
+        std::vector<Tie> taken;
+        for (std::uint32_t slot = 0; slot < ties.size(); ++slot) {
+            Tie& t = ties[slot];
+            if (!t.owner) continue;
+            taken.push_back(Tie{std::move(t.owner), std::move(t.on_loop_end)});
+            if (++t.generation == 0) t.generation = 1;
+            free_ties.push_back(slot);
+        }
+        return taken;
+    }
+    bool tied() const {
+        return std::any_of(ties.begin(), ties.end(),
+                           [](const Tie& t) { return t.owner != nullptr; });
+    }
 
     // ---- exceptions ---------------------------------------------------------------
     ExceptionHandler exception_handler;  // empty: the default (rethrow from run)
@@ -306,10 +326,9 @@ EventLoop::~EventLoop() {
     // and runs its on_close here. What they tie anew meanwhile gets its turn
     // in a further (bounded) round.
     for (int pass = 0; pass < 4; ++pass) {
-        for (int round = 0; round < 4 && !m.ties.empty(); ++round) {
-            std::vector<Impl::Tie> ties = std::move(m.ties);
-            m.ties.clear();
-            m.free_ties.clear();
+        for (int round = 0; round < 4; ++round) {
+            std::vector<Impl::Tie> ties = m.take_ties();
+            if (ties.empty()) break;
             for (Impl::Tie& t : ties) {
                 if (!t.owner || !t.on_loop_end) continue;
                 try {
@@ -326,7 +345,7 @@ EventLoop::~EventLoop() {
         // next pass, not dropped with the timers below (the fd leaked).
         if (!completion_io_) break;
         completion_io_->drain();
-        if (m.ties.empty()) break;
+        if (!m.tied()) break;
     }
     if (m.pending_error)
         Impl::report_to_stderr("evmux: an exception while the loop was destroyed",
@@ -351,8 +370,7 @@ EventLoop::~EventLoop() {
         std::vector<std::shared_ptr<std::function<void(int)>>> signals;
         for (auto& callback : m.signal_callbacks)
             if (callback) signals.push_back(std::move(callback));
-        auto ties = std::move(m.ties);
-        m.ties.clear();
+        std::vector<Impl::Tie> ties = m.take_ties();
         if (watchers.empty() && tasks.empty() && timers.empty() && signals.empty() && ties.empty())
             break;
     }

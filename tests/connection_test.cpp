@@ -921,6 +921,35 @@ TEST(Connection, LingeringSocketOfAServerClosedJustBeforeItsLoopIsClosedToo) {
     EXPECT_EQ(test::open_fds(), fds_before) << "the lingering socket leaked (fds after, before)";
 }
 
+// A connection of no server, closing gracefully with its queue still full
+// (the peer reads nothing) when its loop is destroyed: the loop closes it
+// (on_close, reason local) and its socket lingers, then closes with the
+// loop. Its lingering close was tied anew and then untied by the
+// connection's own stale tie id (see
+// EventLoop.TieMadeWhileTheLoopEndsIsNotUntiedByAStaleId): the fd leaked.
+TEST(Connection, LingeringSocketOfAConnectionClosedByItsLoopsEndIsClosedToo) {
+    const std::size_t fds_before = test::open_fds();
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    {
+        auto [client, server] = test::tcp_pair();
+        int tiny = 4096;  // and never read
+        ::setsockopt(client.get(), SOL_SOCKET, SO_RCVBUF, &tiny, sizeof tiny);
+        auto loop = std::make_unique<EventLoop>(std::move(sel));
+        Recorder rec;
+        ConnectionPtr conn = Connection::adopt(*loop, server.release(), rec.callbacks(false));
+        conn->send(pattern(4 << 20));
+        pump_for(*loop, 50ms);
+        conn->close(CloseMode::graceful);
+        pump_for(*loop, 20ms);
+        EXPECT_EQ(rec.closes, 0);
+        conn.reset();
+        loop.reset();
+        EXPECT_EQ(rec.closes, 1);
+        EXPECT_EQ(rec.reason, CloseReason::local);
+    }
+    EXPECT_EQ(test::open_fds(), fds_before) << "the lingering socket leaked (fds after, before)";
+}
+
 TEST(Connection, CallbackClosesAnotherInTheSameBatch) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     EventLoop loop(std::move(sel));

@@ -879,6 +879,28 @@ TEST(EventLoop, DestroyWithPendingWorkLeaksNothing) {
     EXPECT_EQ(drain(a.get()), 1u);
 }
 
+// An owner's on_loop_end that ties another owner (as a connection's
+// graceful close does: its socket lingers) and then unties itself, inside
+// ~EventLoop: the new tie gets its turn. The loop ended its ties by taking
+// them all out and starting the table afresh, so the new tie took the
+// first owner's slot and generation, and that owner's untie of its own
+// (stale) id dropped the new one, whose on_loop_end never ran.
+TEST(EventLoop, TieMadeWhileTheLoopEndsIsNotUntiedByAStaleId) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    int later_ended = 0;
+    auto later = std::make_shared<int>(0);
+    {
+        EventLoop loop(std::move(sel));
+        EventLoop::TieId first = 0;
+        first = loop.tie(std::make_shared<int>(1), [&] {
+            loop.tie(later, [&] { ++later_ended; });
+            loop.untie(first);  // its own id, as Connection::notify_closed unties
+        });
+    }
+    EXPECT_EQ(later_ended, 1);
+    EXPECT_EQ(later.use_count(), 1);
+}
+
 TEST(EventLoop, Scratch) {
     EVMUX_LOOP_OR_SKIP(loop);
     auto s = loop.scratch();
