@@ -439,7 +439,10 @@ void Connection::tls_flushed() {
 
 void Connection::written_all(const ConnectionPtr& self) {
     // Drained. on_drain first, whatever follows (the contract is "the queue
-    // has been fully written"); then a graceful close or a pending FIN.
+    // has been fully written"); then a graceful close or a pending FIN. It
+    // also answers for a send taken whole before the queue grew, whose
+    // on_drain is posted and not run yet: that one is no longer owed.
+    drain_posted_ = false;
     if (wants_drain_ && cb_.on_drain) {  // (the flag: no cache line of cb_ per message)
         cb_.on_drain(self);
         if (state_ != State::open || queued_ != 0) return;  // it closed, or sent more
@@ -683,7 +686,8 @@ void Connection::drain_soon() {
 }
 
 void Connection::deliver_drain() {
-    drain_posted_ = false;
+    // Not owed any more: a drained queue reported it meanwhile (written_all()).
+    if (!std::exchange(drain_posted_, false)) return;
     // Queued since (then handle_write reports the drain) or closed: nothing to say.
     if (state_ != State::open || queued_ != 0 || !cb_.on_drain) return;
     ++in_handler_;

@@ -500,7 +500,7 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     bool tracking_ = false;
     bool notify_pending_ = false;     // on_close due when the handler unwinds
     bool wants_drain_ = false;        // cb_.on_drain is set: a complete send() schedules it
-    bool drain_posted_ = false;       // deliver_drain() is posted
+    bool drain_posted_ = false;       // deliver_drain() is posted and owed
     bool handshaking_ = false;        // TLS: on_connect still to come
     bool pump_posted_ = false;        // TLS: a read of OpenSSL's buffered bytes is posted
     bool unconsumed_posted_ = false;  // reading resumed: on_message for input_ is posted
