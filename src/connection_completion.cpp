@@ -226,7 +226,14 @@ void Connection::send_done(detail::CompletionOp* op, std::int32_t res, std::uint
     } else {
         ++self.in_handler_;
         try {
-            if (res < 0) {
+            if (res == -EAGAIN || res == -EINTR) {
+                // Nothing sent: the kernel gave up on a full socket (its poll
+                // was woken by something other than room, e.g. the peer's
+                // FIN, and the retry found the socket still full). Ask again:
+                // a new request waits for room. (The TLS records stay as
+                // sealed, from tls_out_off.)
+                self.request_send();
+            } else if (res < 0) {
                 self.fail(-res);
             } else if (self.tls_) {
                 self.tls_sent(self.self_, static_cast<std::size_t>(res));

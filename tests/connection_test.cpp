@@ -452,6 +452,49 @@ TEST(Connection, DefaultPeerShutdownFinishesQueueThenCloses) {
     EXPECT_GE(rec.drains, 1) << "on_drain comes before the FIN that follows the drained queue";
 }
 
+// The peer half-closes while the queue waits for a full socket (an HTTP client
+// that pipelined its requests, shut down its side and reads slowly): its FIN
+// wakes whatever waits on the socket without making it writable. Nothing may
+// be lost and the close is peer_closed. (io_uring completion I/O: the send
+// request, woken by the FIN, retried into the full socket and completed with
+// -EAGAIN, which closed the connection with reason `error`, EAGAIN.)
+TEST(Connection, PeerHalfCloseWhileQueueWaitsForFullSocket) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    auto [client, server] = test::tcp_pair();
+    Recorder rec;
+    ConnectionPtr conn = Connection::adopt(loop, server.release(), rec.callbacks(false));
+    const std::string big = pattern(8 << 20);
+    for (std::size_t at = 0; at < big.size(); at += 2000) conn->send(big.substr(at, 2000));
+    pump_for(loop, 50ms);  // the socket is full: the queue waits (a send request, on completion)
+    ASSERT_GT(conn->queued_bytes(), 0u);
+    ASSERT_EQ(::shutdown(client.get(), SHUT_WR), 0);
+    // A slow reader: the FIN and every read of it wake what waits on the socket.
+    ReadToClose r;
+    std::thread reader([&r, fd = client.get()] {
+        ::fcntl(fd, F_SETFL, 0);
+        set_timeouts(fd, 10000ms);
+        char buf[16384];
+        for (;;) {
+            ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+            if (n <= 0) {
+                r.eof = n == 0;
+                break;
+            }
+            r.got.append(buf, static_cast<std::size_t>(n));
+            std::this_thread::sleep_for(200us);
+        }
+    });
+    r.closed = run_until(
+        loop, [&] { return rec.closes > 0; }, 20000ms);
+    reader.join();
+    ASSERT_TRUE(r.closed);
+    EXPECT_EQ(rec.reason, CloseReason::peer_closed)
+        << "err " << rec.err << " (" << std::strerror(rec.err) << ")";
+    EXPECT_TRUE(r.eof);
+    EXPECT_TRUE(r.got == big) << "got " << r.got.size() << " of " << big.size() << " bytes";
+}
+
 // on_message's Buffer& can be read and consumed, not filled or reset: attach,
 // append, keep_rest and clear are the owning Connection's alone.
 template <class B>
