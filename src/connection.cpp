@@ -347,6 +347,15 @@ void Connection::handle(const ConnectionPtr& guard, Events events) {
 }
 
 void Connection::handle_read(const ConnectionPtr& self, Events events) {
+    if (unconsumed_posted_) {
+        // Reading resumed with input left unconsumed and its on_message is
+        // posted (deliver_unconsumed_soon()) but has not run yet: it comes
+        // now, before anything read from the socket; above all before an end
+        // of file, whose half-close would otherwise overtake that input (and,
+        // by default, close the connection with it never delivered).
+        unconsumed_posted_ = false;
+        if (on_message_ && !input_.empty()) on_message_(self, input_);
+    }
     std::span<char> scratch = loop_.scratch();
     std::size_t budget = std::max<std::size_t>(opt_.read_budget, 1);
     const bool more_signalled = any(events, Events::hangup | Events::error);
@@ -962,6 +971,7 @@ void Connection::deliver_unconsumed_soon() {
     unconsumed_posted_ = true;
     loop_.post([self = shared_from_this()] {
         Connection& c = *self;
+        if (!c.unconsumed_posted_) return;  // handle_read() delivered it first
         c.unconsumed_posted_ = false;
         if (c.state_ != State::open || !any(c.interest_, Events::read) || c.input_.empty() ||
             !c.on_message_)

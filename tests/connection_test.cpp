@@ -21,6 +21,7 @@
 #include <fstream>
 #include <future>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -493,6 +494,55 @@ TEST(Connection, PeerHalfCloseWhileQueueWaitsForFullSocket) {
         << "err " << rec.err << " (" << std::strerror(rec.err) << ")";
     EXPECT_TRUE(r.eof);
     EXPECT_TRUE(r.got == big) << "got " << r.got.size() << " of " << big.size() << " bytes";
+}
+
+// A server that takes one pipelined request at a time, pausing reading while
+// it works, and resumes from a posted task (as work done on another thread
+// hands its result back with EventLoop::post()). The client sent its requests
+// and shut down its side: the half-close must come after every request, and
+// every request must be answered. (Readiness: the task resuming reading posted
+// the re-delivery of the unconsumed input, which ran after the next wait; that
+// wait found the FIN, whose default handling shut our side down and closed
+// the connection: the requests left were never delivered.)
+TEST(Connection, HalfCloseComesAfterInputLeftUnconsumedWhenReadingResumes) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    auto [client, server] = test::tcp_pair();
+    std::string order;
+    int closes = 0;
+    CloseReason reason = CloseReason::local;
+    Callbacks cb;
+    cb.on_message = [&](const ConnectionPtr& c, Buffer& in) {
+        std::optional<std::string_view> line = in.take_line(100);
+        if (!line) return;
+        order += std::string(*line) + ",";
+        c->pause_reading();  // one at a time: the work is done elsewhere
+        std::string reply = "re:" + std::string(*line) + "\n";
+        loop.post([&loop, c, reply] {
+            loop.post([c, reply] {  // the work's result, handed back to the loop
+                c->send(reply);
+                c->resume_reading();
+            });
+        });
+    };
+    cb.on_close = [&](const ConnectionPtr&, CloseReason r, int) {
+        ++closes;
+        reason = r;
+        order += std::string("C") + to_string(r);
+    };
+    ConnectionPtr conn = Connection::adopt(loop, server.release(), cb);
+    ASSERT_TRUE(send_all(client.get(), "a\nb\nc\nd\n"));
+    ASSERT_EQ(::shutdown(client.get(), SHUT_WR), 0);
+    ASSERT_TRUE(run_until(
+        loop, [&] { return closes > 0; }, 5000ms))
+        << order;
+    EXPECT_EQ(order, "a,b,c,d,Cpeer_closed");
+    EXPECT_EQ(reason, CloseReason::peer_closed);
+    ::fcntl(client.get(), F_SETFL, 0);
+    set_timeouts(client.get(), 5000ms);
+    bool eof = false;
+    EXPECT_EQ(recv_to_eof(client.get(), &eof), "re:a\nre:b\nre:c\nre:d\n");
+    EXPECT_TRUE(eof);
 }
 
 // on_message's Buffer& can be read and consumed, not filled or reset: attach,
