@@ -347,19 +347,27 @@ void Connection::handle(const ConnectionPtr& guard, Events events) {
 }
 
 void Connection::handle_read(const ConnectionPtr& self, Events events) {
-    if (unconsumed_posted_) {
-        // Reading resumed with input left unconsumed and its on_message is
-        // posted (deliver_unconsumed_soon()) but has not run yet: it comes
-        // now, before anything read from the socket; above all before an end
-        // of file, whose half-close would otherwise overtake that input (and,
-        // by default, close the connection with it never delivered).
-        unconsumed_posted_ = false;
-        if (on_message_ && !input_.empty()) on_message_(self, input_);
-    }
     std::span<char> scratch = loop_.scratch();
     std::size_t budget = std::max<std::size_t>(opt_.read_budget, 1);
     const bool more_signalled = any(events, Events::hangup | Events::error);
     while (state_ == State::open && any(interest_, Events::read)) {
+        if (unconsumed_posted_) {
+            // Reading resumed with input left unconsumed and its on_message
+            // is posted (deliver_unconsumed_soon()) but has not run yet: it
+            // comes now, before anything read from the socket; above all
+            // before an end of file, whose half-close would otherwise
+            // overtake that input (and, by default, close the connection
+            // with it never delivered).
+            // (Again while it consumes some, as the posted one would; a
+            // handler that consumes nothing has seen it: on to the socket.)
+            unconsumed_posted_ = false;
+            if (on_message_ && !input_.empty()) {
+                const std::size_t before = input_.size();
+                on_message_(self, input_);
+                if (input_.size() < before) continue;
+                if (state_ != State::open || !any(interest_, Events::read)) break;
+            }
+        }
         std::size_t want = std::min(scratch.size(), budget);
         ssize_t n = tls_ ? tls_->read(scratch.data(), want) : ::recv(fd_, scratch.data(), want, 0);
         if (n > 0) {

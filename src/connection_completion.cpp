@@ -153,10 +153,11 @@ void Connection::recv_done(detail::CompletionOp* op, std::int32_t res, std::uint
             // expected; without one the stream was cut.
             if (!self.tls_->records().end_of_file()) self.fail(EPROTO);
         } else if (res == 0) {
-            if (any(self.interest_, Events::read))
+            if (any(self.interest_, Events::read) && !c.held)
                 self.handle_peer_eof(self.self_);
             else
-                c.eof_held = true;  // after the bytes held, when reading resumes
+                c.eof_held = true;  // after the bytes held (reading resumed: their
+                                    // on_message is posted, or still to come)
         } else {
             self.fail(-res);
         }
@@ -204,7 +205,7 @@ void Connection::deliver_held() {
                 if (state_ == State::open) input_.keep_rest();
             }
         }
-        if (state_ == State::open && c.eof_held && any(interest_, Events::read)) {
+        if (state_ == State::open && c.eof_held && !c.held && any(interest_, Events::read)) {
             c.eof_held = false;
             handle_peer_eof(self);
         }
@@ -270,7 +271,7 @@ void Connection::deliver_tls(const ConnectionPtr& self, const char* p, std::size
             continue;
         }
         if (got == 0) {  // close_notify
-            if (any(interest_, Events::read))
+            if (any(interest_, Events::read) && !cio_->held)
                 handle_peer_eof(self);
             else
                 cio_->eof_held = true;

@@ -545,6 +545,47 @@ TEST(Connection, HalfCloseComesAfterInputLeftUnconsumedWhenReadingResumes) {
     EXPECT_TRUE(eof);
 }
 
+// As above, with reading paused and resumed within the same batch of events
+// (here inside on_message itself; in a relay, another connection's callback
+// resuming it): the end of file that the same read or batch brings must still
+// wait for the input left unconsumed.
+TEST(Connection, HalfCloseWaitsForUnconsumedInputWhenResumedInTheSameBatch) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    auto [client, server] = test::tcp_pair();
+    std::string order;
+    int closes = 0;
+    Callbacks cb;
+    cb.on_message = [&](const ConnectionPtr& c, Buffer& in) {
+        std::optional<std::string_view> line = in.take_line(100);
+        if (!line) return;
+        order += std::string(*line) + ",";
+        c->send("re:" + std::string(*line) + "\n");
+        c->pause_reading();
+        c->resume_reading();  // on_message comes again for the rest
+    };
+    cb.on_peer_shutdown = [&](const ConnectionPtr& c) {
+        order += "S,";
+        c->shutdown_write();
+    };
+    cb.on_close = [&](const ConnectionPtr&, CloseReason r, int) {
+        ++closes;
+        order += std::string("C") + to_string(r);
+    };
+    ASSERT_TRUE(send_all(client.get(), "a\nb\nc\nd\n"));
+    ASSERT_EQ(::shutdown(client.get(), SHUT_WR), 0);  // the data and the FIN wait together
+    ConnectionPtr conn = Connection::adopt(loop, server.release(), cb);
+    ASSERT_TRUE(run_until(
+        loop, [&] { return closes > 0; }, 5000ms))
+        << order;
+    EXPECT_EQ(order, "a,b,c,d,S,Cpeer_closed");
+    ::fcntl(client.get(), F_SETFL, 0);
+    set_timeouts(client.get(), 5000ms);
+    bool eof = false;
+    EXPECT_EQ(recv_to_eof(client.get(), &eof), "re:a\nre:b\nre:c\nre:d\n");
+    EXPECT_TRUE(eof);
+}
+
 // on_message's Buffer& can be read and consumed, not filled or reset: attach,
 // append, keep_rest and clear are the owning Connection's alone.
 template <class B>
