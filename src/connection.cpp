@@ -801,6 +801,11 @@ void Connection::update_interest() {
 void Connection::close(CloseMode mode) {
     if (state_ != State::open) return;
     graceful_ = mode == CloseMode::graceful;
+    if (mode == CloseMode::reset) {
+        resetting_ = true;
+        const ::linger abort{1, 0};  // close() then sends RST, dropping what is unsent
+        ::setsockopt(fd_, SOL_SOCKET, SO_LINGER, &abort, sizeof abort);
+    }
     if (mode == CloseMode::graceful &&
         (!queue_.empty() || (tls_ && !handshaking_ && tls_->close_notify() == 0))) {
         close_after_drain_ = true;  // TLS: or close_notify still to go out
@@ -847,14 +852,14 @@ bool Connection::close_quietly(CloseReason reason, int err) {
     if (state_ != State::open) return false;
     // A TLS peer told of a complete stream (nothing of ours was dropped) can
     // tell it from a cut one.
-    if (tls_ && !handshaking_ && !shut_done_ && queue_.empty() &&
+    if (tls_ && !handshaking_ && !shut_done_ && !resetting_ && queue_.empty() &&
         (reason == CloseReason::local || reason == CloseReason::timeout))
         tls_->close_notify();
     // Completion I/O: that close_notify, or the fatal alert a bad record
     // sealed, waits for a send request, and a closing connection makes none:
     // it goes on the socket now, best effort, as under readiness. Not behind
     // a send request still in the kernel, which would then follow it.
-    if (tls_ && cio_ && !cio_->send_in_flight && tls_->own_records() &&
+    if (tls_ && cio_ && !cio_->send_in_flight && !resetting_ && tls_->own_records() &&
         tls_->records().has_unsent())
         tls_->records().send_unsent();
     if (handshake_timer_ != 0) loop_.cancel(std::exchange(handshake_timer_, 0));

@@ -1084,6 +1084,39 @@ TEST(Connection, LingeringSocketOfAConnectionClosedByItsLoopsEndIsClosedToo) {
     EXPECT_EQ(test::open_fds(), fds_before) << "the lingering socket leaked (fds after, before)";
 }
 
+// close(CloseMode::reset) resets the connection: what was queued or still in
+// the kernel is dropped and the peer's read fails with ECONNRESET, not an end
+// of stream; on_close says `local`, once.
+TEST(Connection, ResetCloseResetsThePeer) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    const std::size_t fds_before = test::open_fds();
+    {
+        auto [client, server] = test::tcp_pair();
+        Recorder rec;
+        ConnectionPtr conn = Connection::adopt(loop, server.release(), rec.callbacks(false));
+        conn->send(pattern(1 << 20));  // more than the client reads at once: some is in flight
+        pump_for(loop, 10ms);
+        conn->close(CloseMode::reset);
+        ASSERT_TRUE(run_until(loop, [&] { return rec.closes > 0; }));
+        EXPECT_EQ(rec.closes, 1);
+        EXPECT_EQ(rec.reason, CloseReason::local);
+        ::fcntl(client.get(), F_SETFL, 0);
+        set_timeouts(client.get(), 5000ms);
+        char buf[65536];
+        ssize_t n;
+        std::size_t got = 0;
+        while ((n = ::recv(client.get(), buf, sizeof buf, 0)) > 0)
+            got += static_cast<std::size_t>(n);
+        EXPECT_EQ(n, -1) << "an end of stream after " << got << " bytes, not a reset";
+        EXPECT_EQ(errno, ECONNRESET) << std::strerror(errno);
+        EXPECT_LT(got, std::size_t{1} << 20);
+        conn.reset();
+    }
+    pump_for(loop, 20ms);
+    EXPECT_EQ(test::open_fds(), fds_before);
+}
+
 TEST(Connection, CallbackClosesAnotherInTheSameBatch) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     EventLoop loop(std::move(sel));

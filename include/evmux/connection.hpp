@@ -163,6 +163,11 @@ struct ConnectionOptions {
 enum class CloseMode {
     immediate,  ///< drop the queue and close now
     graceful,   ///< stop reading, send the queue, then close (see ConnectionOptions::linger)
+    /// drop the queue and reset the connection (libuv's uv_tcp_close_reset):
+    /// TCP sends RST instead of FIN (SO_LINGER 0), so the peer's reads fail
+    /// with ECONNRESET, as a relay passes on a reset; no TLS close_notify. A
+    /// Unix socket closes as with `immediate`.
+    reset,
 };
 
 /// One connected, non-blocking stream socket on one EventLoop; owns the fd.
@@ -496,7 +501,8 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     bool shut_done_ = false;         // FIN sent
     bool fin_after_notify_ = false;  // TLS: FIN once close_notify is on the socket
     bool close_after_drain_ = false;
-    bool graceful_ = false;  // close(graceful) called: the socket's close lingers
+    bool graceful_ = false;   // close(graceful) called: the socket's close lingers
+    bool resetting_ = false;  // close(reset) called: no close_notify, RST on close
     bool tracking_ = false;
     bool notify_pending_ = false;     // on_close due when the handler unwinds
     bool wants_drain_ = false;        // cb_.on_drain is set: a complete send() schedules it

@@ -701,7 +701,8 @@ class Stream {
     /// throw std::logic_error.
     void shutdown_write();
     /// Close the connection: graceful (the default here, unlike
-    /// Connection::close()) sends the queue first, immediate drops it. Later
+    /// Connection::close()) sends the queue first, immediate drops it, reset
+    /// drops it and resets the connection (the peer reads ECONNRESET). Later
     /// reads and writes throw ConnectionClosed (reason `local`); a read or
     /// write waiting in another task is resumed with it when on_close runs.
     void close(CloseMode mode = CloseMode::graceful);
