@@ -90,9 +90,11 @@ int errno_for(CloseReason reason, int err) {
 }
 }  // namespace
 
-ConnectionClosed::ConnectionClosed(const char* operation, CloseReason reason, int err)
+ConnectionClosed::ConnectionClosed(const char* operation, CloseReason reason, int err,
+                                   const std::string& detail)
     : std::system_error(errno_for(reason, err), std::generic_category(),
-                        std::string(operation) + ": connection closed (" + to_string(reason) + ")"),
+                        std::string(operation) + ": connection closed (" + to_string(reason) + ")" +
+                            (detail.empty() ? "" : ": " + detail)),
       reason_(reason) {}
 
 TimedOut::TimedOut(EventLoop::Duration limit)
@@ -144,7 +146,9 @@ void StreamCore::resume_peer() {
 void StreamCore::throw_closed(const char* operation) const {
     // Not closed yet but closing: our own close(), reason local.
     if (!has(closed)) throw ConnectionClosed(operation, CloseReason::local, 0);
-    throw ConnectionClosed(operation, reason, err);
+    // OpenSSL's reason, the handshake's time limit: what the errno cannot say.
+    const bool in_words = reason == CloseReason::tls || reason == CloseReason::timeout;
+    throw ConnectionClosed(operation, reason, err, in_words ? conn->close_message() : "");
 }
 
 namespace {

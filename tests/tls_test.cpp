@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "evmux/connection.hpp"
+#include "evmux/coro.hpp"
 #include "evmux/event_loop.hpp"
 #include "evmux/resolver.hpp"
 #include "evmux/server.hpp"
@@ -1052,6 +1053,32 @@ TEST_F(Tls, EofWithoutCloseNotifyIsATlsError) {
     EXPECT_EQ(server.rec.reasons[0], CloseReason::tls);
     EXPECT_NE(server.rec.messages[0].find("unexpected eof"), std::string::npos)
         << server.rec.messages[0];
+}
+
+// The same seen by a coroutine: its read's ConnectionClosed says OpenSSL's
+// reason, not only the errno's "Protocol error".
+TEST_F(Tls, ACoroutinesReadSaysOpensslsReason) {
+    std::string seen;
+    auto handler = [&seen](coro::Stream s) -> coro::Task<void> {
+        try {
+            co_await s.read_line();
+            co_await s.read_line();
+        } catch (const coro::ConnectionClosed& e) {
+            seen = e.what();
+        }
+    };
+    ServerOptions opt;
+    opt.connection.tls = server_context();
+    auto server = coro::serve(loop(), Address::ip("127.0.0.1", 0), handler, opt);
+    Record& client = record();
+    start_client(loop(), server->local_address(), client_context(), client);
+    ASSERT_TRUE(run_until(loop(), [&] { return client.connects == 1; }));
+    client.conn->send("one line\n");
+    pump_for(loop(), 20ms);
+    ::shutdown(client.conn->fd(), SHUT_WR);  // a FIN under TLS's feet
+    ASSERT_TRUE(run_until(loop(), [&] { return !seen.empty(); }));
+    EXPECT_EQ(seen.rfind("read_line: connection closed (tls): ", 0), 0u) << seen;
+    EXPECT_NE(seen.find("unexpected eof"), std::string::npos) << seen;
 }
 
 TEST_F(Tls, ThrowingCallbackClosesOnlyItsConnection) {

@@ -344,11 +344,15 @@ requires(!detail::is_task<std::remove_cvref_t<Awaitable>>) auto with_timeout(
 /// ...), ECANCELED for `local` and `exception`, ENOBUFS for `overflow`,
 /// ETIMEDOUT for `timeout`, EPIPE for `peer_closed` (a write after the peer
 /// closed). what() reads like "read: connection closed (reset): Connection
-/// reset by peer".
+/// reset by peer"; for `tls` and `timeout` it has the connection's
+/// close_message() too: "read: connection closed (tls): unexpected eof while
+/// reading: Protocol error".
 class ConnectionClosed : public std::system_error {
   public:
-    /// `operation`: "read", "write", ...; `reason`, `err` as on_close had them.
-    ConnectionClosed(const char* operation, CloseReason reason, int err);
+    /// `operation`: "read", "write", ...; `reason`, `err` as on_close had them;
+    /// `detail`: Connection::close_message(), or "".
+    ConnectionClosed(const char* operation, CloseReason reason, int err,
+                     const std::string& detail = {});
     /// Why the connection closed.
     CloseReason reason() const noexcept { return reason_; }
 
