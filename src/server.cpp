@@ -471,10 +471,21 @@ void Connector::try_next(bool defer) {
                          errno == EINPROGRESS)) {
             // Connected or in progress: either way completion is reported as
             // writability (at once if already connected), so callbacks never
-            // run inside connect().
-            loop_.watch(fd_, Events::write, [this](Events) { on_writable(); });
-            watching_ = true;
-            return;
+            // run inside connect(). A selector that refuses the socket (out
+            // of watches or memory) fails this attempt as a refusal would.
+            int refused = 0;
+            try {
+                loop_.watch(fd_, Events::write, [this](Events) { on_writable(); });
+            } catch (const std::system_error& e) {
+                refused = e.code().value() != 0 ? e.code().value() : EIO;
+            } catch (const std::bad_alloc&) {
+                refused = ENOMEM;
+            }
+            if (refused == 0) {
+                watching_ = true;
+                return;
+            }
+            errno = refused;
         }
         attempt_failed(errno);  // includes EAGAIN: a Unix listener's backlog is full
     }

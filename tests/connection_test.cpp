@@ -1810,6 +1810,61 @@ TEST(Connect, RefusedIsAClearError) {
     EXPECT_EQ(r.errors, 1);
 }
 
+/// The backend it wraps, except that it refuses to watch the next `refusals`
+/// fds as epoll does out of watches (max_user_watches: ENOSPC), which no test
+/// can bring about on the real selector without changing the machine.
+class RefusingSelector : public Selector {
+  public:
+    explicit RefusingSelector(std::unique_ptr<Selector> inner) : inner_(std::move(inner)) {}
+    std::string name() const override { return inner_->name(); }
+    int refusals = 0;
+
+  protected:
+    void backend_add(const SelectorKey& key) override {
+        if (refusals > 0) {
+            --refusals;
+            throw std::system_error(ENOSPC, std::generic_category(), "epoll_ctl");
+        }
+        inner_->add(key.fd, key.interest);
+    }
+    void backend_modify(const SelectorKey&, const SelectorKey& key) override {
+        inner_->modify(key.fd, key.interest);
+    }
+    void backend_remove(const SelectorKey& key) override { inner_->remove(key.fd); }
+    bool backend_wait(Timeout timeout) override {
+        for (const ReadyEvent& e : inner_->select(timeout)) report(e.key.fd, e.events);
+        return true;
+    }
+
+  private:
+    std::unique_ptr<Selector> inner_;
+};
+
+// A socket the selector refuses to watch is a failed attempt like a refused
+// connect: on_error once, from the loop (connect() neither throws nor
+// leaves the attempt half made: its socket open, its timer still armed).
+TEST(Connect, ASocketTheSelectorRefusesIsAFailedAttempt) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    auto refusing = std::make_unique<RefusingSelector>(std::move(sel));
+    RefusingSelector* selector = refusing.get();
+    EventLoop loop(std::move(refusing));
+    TcpServer server(loop, loopback4, echo_callbacks());
+    const std::size_t fds_before = test::open_fds();
+    selector->refusals = 1;
+    ConnectResult r;
+    auto handle = connect(loop, server.local_address(), r.callbacks(), timeout(100ms));
+    EXPECT_EQ(r.errors, 0) << "on_error inside connect()";
+    ASSERT_TRUE(run_until(loop, [&] { return r.errors > 0 || r.connects > 0; }));
+    EXPECT_EQ(r.connects, 0);
+    EXPECT_EQ(r.ec.value(), ENOSPC);
+    EXPECT_EQ(r.message, "connect " + server.local_address().to_string() + ": " +
+                             std::error_code(ENOSPC, std::generic_category()).message());
+    EXPECT_FALSE(handle->connecting());
+    pump_for(loop, 200ms);  // past the timeout: nothing more
+    EXPECT_EQ(r.errors, 1);
+    EXPECT_EQ(test::open_fds(), fds_before) << "the refused socket leaked";
+}
+
 /// A listener whose accept queue is full: further connects stay pending
 /// (Linux drops their SYNs), all on 127.0.0.1.
 struct FullBacklog {
