@@ -1055,6 +1055,21 @@ TEST_F(Tls, EofWithoutCloseNotifyIsATlsError) {
         << server.rec.messages[0];
 }
 
+// close(CloseMode::reset) over TLS sends no close_notify: the peer sees a
+// reset, not a clean end (nor the "unexpected eof" of a cut stream).
+TEST_F(Tls, ResetCloseSendsNoCloseNotify) {
+    EchoServer server(loop(), server_context());
+    Record& client = record();
+    start_client(loop(), server.address(), client_context(), client);
+    ASSERT_TRUE(
+        run_until(loop(), [&] { return client.connects == 1 && server.rec.connects == 1; }));
+    client.conn->close(CloseMode::reset);
+    ASSERT_TRUE(run_until(loop(), [&] { return server.rec.closed() && client.closed(); }));
+    EXPECT_EQ(client.reasons[0], CloseReason::local);
+    EXPECT_EQ(server.rec.reasons[0], CloseReason::reset) << server.rec.messages[0];
+    EXPECT_EQ(server.rec.peer_shutdowns, 0) << "a close_notify arrived";
+}
+
 // The same seen by a coroutine: its read's ConnectionClosed says OpenSSL's
 // reason, not only the errno's "Protocol error".
 TEST_F(Tls, ACoroutinesReadSaysOpensslsReason) {
