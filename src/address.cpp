@@ -5,7 +5,9 @@
 #include <net/if.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
+#include <unistd.h>
 
 #include <charconv>
 #include <cstring>
@@ -200,5 +202,28 @@ std::string Address::to_string() const {
 bool operator==(const Address& a, const Address& b) {
     return a.len_ == b.len_ && std::memcmp(a.storage_, b.storage_, a.len_) == 0;
 }
+
+namespace detail {
+
+UnixSocketFile UnixSocketFile::of(const Address& bound) {
+    UnixSocketFile file;
+    file.path = bound.path();
+    struct stat st {};
+    if (file.path.empty() || ::lstat(file.path.c_str(), &st) != 0) return UnixSocketFile{};
+    file.device = static_cast<std::uint64_t>(st.st_dev);
+    file.inode = static_cast<std::uint64_t>(st.st_ino);
+    return file;
+}
+
+void UnixSocketFile::remove() noexcept {
+    struct stat st {};
+    if (!path.empty() && ::lstat(path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode) &&
+        static_cast<std::uint64_t>(st.st_dev) == device &&
+        static_cast<std::uint64_t>(st.st_ino) == inode)
+        ::unlink(path.c_str());
+    path.clear();
+}
+
+}  // namespace detail
 
 }  // namespace evmux

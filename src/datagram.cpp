@@ -199,8 +199,15 @@ UdpEndpointPtr UdpEndpoint::bind(EventLoop& loop, const Address& local, UdpCallb
         ::close(fd);
         throw_errno(err, "bind " + local.to_string());
     }
-    UdpEndpointPtr ep = start(loop, fd, false, std::move(callbacks), options);
-    ep->unix_path_ = local.path();  // "" for IP
+    detail::UnixSocketFile file = detail::UnixSocketFile::of(local);  // empty for IP
+    UdpEndpointPtr ep;
+    try {
+        ep = start(loop, fd, false, std::move(callbacks), options);
+    } catch (...) {
+        file.remove();  // the file bind() made would block the next bind of the path
+        throw;
+    }
+    ep->unix_file_ = std::move(file);
     return ep;
 }
 
@@ -507,7 +514,7 @@ void UdpEndpoint::close() {
     loop_.unwatch(fd_);
     ::close(fd_);
     fd_ = -1;
-    if (!unix_path_.empty()) ::unlink(unix_path_.c_str());
+    unix_file_.remove();  // if no one took the path over meanwhile
     stats_.dropped += queue_.size();
     queue_.clear();
     queued_bytes_ = 0;

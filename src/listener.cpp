@@ -130,7 +130,7 @@ Acceptor::Acceptor(EventLoop& loop, const Address& address, bool reuse_port, int
                    std::function<void(int fd, const Address& peer)> on_accept)
     : loop_(loop),
       listen_fd_(open_listener(address, reuse_port, backlog)),
-      unix_path_(address.is_unix() ? address.path() : std::string()),
+      unix_file_(detail::UnixSocketFile::of(address)),
       budget_(std::max<std::size_t>(budget, 1)),
       pause_(pause),
       counters_(counters),
@@ -140,7 +140,7 @@ Acceptor::~Acceptor() {
     if (gone_) *gone_ = true;  // destroyed by the callback hand_over() runs
     stop();
     if (spare_fd_ >= 0) ::close(spare_fd_);
-    if (!unix_path_.empty()) ::unlink(unix_path_.c_str());
+    unix_file_.remove();  // if no one took the path over meanwhile
 }
 
 void Acceptor::start() {

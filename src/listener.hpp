@@ -72,7 +72,7 @@ class Acceptor {
     EventLoop& loop_;
     int listen_fd_;
     int spare_fd_ = -1;
-    std::string unix_path_;
+    detail::UnixSocketFile unix_file_;  // removed at the end (the listener's own)
     std::size_t budget_;
     std::chrono::milliseconds pause_;
     ServerStats& counters_;

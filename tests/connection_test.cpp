@@ -41,6 +41,7 @@ using test::ConnectResult;
 using test::echo_callbacks;
 using test::Fd;
 using test::pump_for;
+using test::RefusingSelector;
 using test::run_until;
 
 // ---- helpers ------------------------------------------------------------------
@@ -1752,6 +1753,35 @@ TEST(TcpServer, UnixSocketStaleFileIsReplacedLiveOneIsNot) {
     ::rmdir(dir);
 }
 
+// A new instance takes the path over (removes the file, binds its own) while
+// the old one drains, as a restart without downtime does: the old server's
+// end must not remove the new one's socket file.
+TEST(TcpServer, UnixSocketFileTakenOverIsNotRemovedByTheOldServer) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    char dir[] = "/tmp/evmux-conn-XXXXXX";
+    ASSERT_NE(::mkdtemp(dir), nullptr);
+    const std::string path = std::string(dir) + "/s";
+    const Address addr = Address::unix_path(path);
+    auto old_server = std::make_unique<TcpServer>(loop, addr, Callbacks{});
+    ASSERT_EQ(::unlink(path.c_str()), 0);
+    Fd next(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    ASSERT_EQ(
+        ::bind(next.get(), static_cast<const sockaddr*>(addr.sockaddr_ptr()), addr.sockaddr_len()),
+        0);
+    ASSERT_EQ(::listen(next.get(), 4), 0);
+    old_server.reset();
+    struct stat st {};
+    EXPECT_EQ(::lstat(path.c_str(), &st), 0) << "the new instance's socket file was removed";
+    Fd c = dial(addr);
+    EXPECT_TRUE(c) << "the new instance cannot be reached by its path";
+    // Its own file (not taken over) is still removed when it ends.
+    ::unlink(path.c_str());
+    { TcpServer again(loop, addr, {}); }
+    EXPECT_NE(::lstat(path.c_str(), &st), 0) << "socket file left behind";
+    ::rmdir(dir);
+}
+
 TEST(TcpServer, Ipv6) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     {
@@ -1809,36 +1839,6 @@ TEST(Connect, RefusedIsAClearError) {
     pump_for(loop, 20ms);
     EXPECT_EQ(r.errors, 1);
 }
-
-/// The backend it wraps, except that it refuses to watch the next `refusals`
-/// fds as epoll does out of watches (max_user_watches: ENOSPC), which no test
-/// can bring about on the real selector without changing the machine.
-class RefusingSelector : public Selector {
-  public:
-    explicit RefusingSelector(std::unique_ptr<Selector> inner) : inner_(std::move(inner)) {}
-    std::string name() const override { return inner_->name(); }
-    int refusals = 0;
-
-  protected:
-    void backend_add(const SelectorKey& key) override {
-        if (refusals > 0) {
-            --refusals;
-            throw std::system_error(ENOSPC, std::generic_category(), "epoll_ctl");
-        }
-        inner_->add(key.fd, key.interest);
-    }
-    void backend_modify(const SelectorKey&, const SelectorKey& key) override {
-        inner_->modify(key.fd, key.interest);
-    }
-    void backend_remove(const SelectorKey& key) override { inner_->remove(key.fd); }
-    bool backend_wait(Timeout timeout) override {
-        for (const ReadyEvent& e : inner_->select(timeout)) report(e.key.fd, e.events);
-        return true;
-    }
-
-  private:
-    std::unique_ptr<Selector> inner_;
-};
 
 // A socket the selector refuses to watch is a failed attempt like a refused
 // connect: on_error once, from the loop (connect() neither throws nor

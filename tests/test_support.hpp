@@ -3,6 +3,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cstddef>
 #include <memory>
@@ -115,6 +116,36 @@ std::string pattern(std::size_t n, unsigned seed = 7);
 /// Sets `loop`'s exception handler to append each exception's what() to
 /// `texts` (which must outlive the loop's use of it).
 void collect_exceptions(EventLoop& loop, std::vector<std::string>& texts);
+
+/// The backend it wraps, except that it refuses to watch the next `refusals`
+/// fds as epoll does out of watches (max_user_watches: ENOSPC), which no test
+/// can bring about on the real selector without changing the machine.
+class RefusingSelector : public Selector {
+  public:
+    explicit RefusingSelector(std::unique_ptr<Selector> inner) : inner_(std::move(inner)) {}
+    std::string name() const override { return inner_->name(); }
+    int refusals = 0;
+
+  protected:
+    void backend_add(const SelectorKey& key) override {
+        if (refusals > 0) {
+            --refusals;
+            throw std::system_error(ENOSPC, std::generic_category(), "epoll_ctl");
+        }
+        inner_->add(key.fd, key.interest);
+    }
+    void backend_modify(const SelectorKey&, const SelectorKey& key) override {
+        inner_->modify(key.fd, key.interest);
+    }
+    void backend_remove(const SelectorKey& key) override { inner_->remove(key.fd); }
+    bool backend_wait(Timeout timeout) override {
+        for (const ReadyEvent& e : inner_->select(timeout)) report(e.key.fd, e.events);
+        return true;
+    }
+
+  private:
+    std::unique_ptr<Selector> inner_;
+};
 
 /// An owned fd, closed on destruction.
 class Fd {

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -469,6 +470,57 @@ TEST(Udp, UnixDatagramEndpointsTalkByPath) {
         client->close();
     }
     // close() removed the socket files: the directory is empty.
+    EXPECT_EQ(::rmdir(dir.c_str()), 0) << std::strerror(errno);
+}
+
+// A second endpoint takes the path over (the file removed, bound again) while
+// the first is still open: the first one's close() leaves the new file alone.
+TEST(Udp, UnixSocketFileTakenOverIsNotRemovedByTheOldEndpoint) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    char dir_template[] = "/tmp/evmux-udp-XXXXXX";
+    ASSERT_NE(::mkdtemp(dir_template), nullptr);
+    const std::string dir = dir_template;
+    const Address at = Address::unix_path(dir + "/s");
+    auto old_endpoint = UdpEndpoint::bind(loop, at, {});
+    ASSERT_EQ(::unlink(at.path().c_str()), 0);
+    std::vector<std::string> got;
+    UdpCallbacks cb;
+    cb.on_datagram = [&](UdpEndpoint&, std::string_view data, const Address&) {
+        got.emplace_back(data);
+    };
+    auto next = UdpEndpoint::bind(loop, at, std::move(cb));
+    old_endpoint->close();
+    struct stat st {};
+    EXPECT_EQ(::lstat(at.path().c_str(), &st), 0) << "the new endpoint's socket file was removed";
+    auto sender = UdpEndpoint::bind(loop, Address::unix_path(dir + "/sender"), {});
+    ASSERT_TRUE(sender->send_to(at, "still here"));
+    ASSERT_TRUE(run_until(loop, [&] { return got.size() == 1; }));
+    EXPECT_EQ(got[0], "still here");
+    next->close();
+    sender->close();
+    EXPECT_EQ(::rmdir(dir.c_str()), 0) << std::strerror(errno);
+}
+
+// bind() that fails after the kernel made the socket file (here the selector
+// refuses to watch the socket) removes the file: the next bind of the path
+// succeeds, and no fd is left open.
+TEST(Udp, AFailedBindLeavesNoSocketFile) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    auto refusing = std::make_unique<test::RefusingSelector>(std::move(sel));
+    test::RefusingSelector* selector = refusing.get();
+    EventLoop loop(std::move(refusing));
+    char dir_template[] = "/tmp/evmux-udp-XXXXXX";
+    ASSERT_NE(::mkdtemp(dir_template), nullptr);
+    const std::string dir = dir_template;
+    const Address at = Address::unix_path(dir + "/s");
+    const std::size_t fds_before = test::open_fds();
+    selector->refusals = 1;
+    EXPECT_THROW(UdpEndpoint::bind(loop, at, {}), std::system_error);
+    EXPECT_EQ(test::open_fds(), fds_before);
+    struct stat st {};
+    EXPECT_NE(::lstat(at.path().c_str(), &st), 0) << "the failed bind left its socket file";
+    auto ep = UdpEndpoint::bind(loop, at, {});
+    ep->close();
     EXPECT_EQ(::rmdir(dir.c_str()), 0) << std::strerror(errno);
 }
 

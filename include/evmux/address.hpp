@@ -70,4 +70,22 @@ class Address {
     unsigned len_ = 0;
 };
 
+namespace detail {
+/// The socket file a bind() made at a Unix path, known by its device and
+/// inode: removed when its owner closes only if the path still names that
+/// file, so that a server which took the path over meanwhile (a restart
+/// without downtime: the file removed and bound again) keeps its socket.
+/// Empty for IP addresses and abstract Unix sockets.
+struct UnixSocketFile {
+    std::string path;
+    std::uint64_t device = 0;
+    std::uint64_t inode = 0;
+
+    /// The file at `bound`'s path, right after a successful bind().
+    static UnixSocketFile of(const Address& bound);
+    /// Unlinks the path if it still names this file; empties this either way.
+    void remove() noexcept;
+};
+}  // namespace detail
+
 }  // namespace evmux

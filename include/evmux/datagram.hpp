@@ -112,7 +112,8 @@ class UdpEndpoint : public std::enable_shared_from_this<UdpEndpoint> {
   public:
     /// A socket bound to `local` ("127.0.0.1:0", "[::1]:53", "unix:/path"),
     /// unconnected: send_to() anyone (a Unix socket file is removed again by
-    /// close()). Throws std::system_error naming the call and address
+    /// close(), unless another socket was bound at the path since; and if
+    /// bind() fails after making it). Throws std::system_error naming the call and address
     /// ("bind 127.0.0.1:53: Address already in use"), std::invalid_argument
     /// for an unspecified address or bad options.
     static UdpEndpointPtr bind(EventLoop& loop, const Address& local, UdpCallbacks callbacks,
@@ -207,7 +208,7 @@ class UdpEndpoint : public std::enable_shared_from_this<UdpEndpoint> {
     UdpCallbacks cb_;
     UdpOptions opt_;
     Address peer_;
-    std::string unix_path_;  // the socket file bind() made; close() removes it
+    detail::UnixSocketFile unix_file_;  // the socket file bind() made; close() removes it
     EventLoop::TieId tie_ = 0;
 };
 

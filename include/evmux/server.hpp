@@ -111,7 +111,8 @@ struct ServerStats {
 /// On one loop: built, used and destroyed on that loop's thread (stats() and
 /// connections_now() from any thread). Destroying it stops accepting, closes
 /// every connection and runs its on_close (reason `local`) before the
-/// destructor returns, and unlinks a Unix socket path.
+/// destructor returns, and unlinks a Unix socket path (if it still names
+/// the file this server bound: not one another server bound there since).
 ///
 /// Over a LoopGroup (LoopGroup::listen()): owned by the group; every member
 /// may be called from any thread. The callbacks run on every loop's thread,
