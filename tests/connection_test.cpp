@@ -407,6 +407,32 @@ TEST(ConnectionState, AStatePutInPlaceByTheOldOnesDestructorIsNotLeaked) {
     EXPECT_EQ(live, 0) << "the connection's end";
 }
 
+// A state whose constructor puts another in place (emplace_state() from
+// inside emplace_state()): the one being made wins when it is done, and the
+// one its constructor put there is destroyed, not leaked.
+struct PutsAPlaceholder {
+    PutsAPlaceholder(Connection* c, int* l) : live(l) {
+        c->emplace_state<Successor>(live);
+        ++*live;
+    }
+    ~PutsAPlaceholder() { --*live; }
+    int* live;
+};
+
+TEST(ConnectionState, AStatePutInPlaceByTheNewOnesConstructorIsNotLeaked) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    auto [client, server] = test::tcp_pair();
+    ConnectionPtr conn = Connection::adopt(loop, server.release(), Callbacks{});
+    int live = 0;
+    conn->emplace_state<PutsAPlaceholder>(conn.get(), &live);
+    EXPECT_EQ(live, 1) << "the placeholder is gone, the new state is there";
+    EXPECT_NE(conn->state<PutsAPlaceholder>(), nullptr);
+    EXPECT_EQ(conn->state<Successor>(), nullptr);
+    conn->reset_state();
+    EXPECT_EQ(live, 0);
+}
+
 TEST(Connection, DataAndFinInOneWakeupArriveInOrder) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     EventLoop loop(std::move(sel));

@@ -289,11 +289,13 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     /// it, and a state holding a ConnectionPtr makes no cycle), or until the
     /// connection is destroyed if it never opened. Throws what `T`'s
     /// constructor throws (the previous state is gone then). A state that
-    /// the previous one's destructor puts in place is destroyed as well.
+    /// the previous one's destructor, or `T`'s constructor, puts in place is
+    /// destroyed as well.
     template <class T, class... Args>
     T& emplace_state(Args&&... args) {
         reset_state();
         T* made = new T(std::forward<Args>(args)...);
+        reset_state();  // one that T's constructor put in place: `made` wins
         user_state_.object = made;
         user_state_.type = &state_type_tag<T>;
         user_state_.destroy = [](void* p) noexcept { delete static_cast<T*>(p); };
