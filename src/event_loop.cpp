@@ -115,6 +115,20 @@ struct EventLoop::Impl {
         }
         return taken;
     }
+    // Takes every tie out and runs its on_loop_end (~EventLoop); false if
+    // there was none.
+    bool end_ties() {
+        std::vector<Tie> taken = take_ties();
+        for (Tie& t : taken) {
+            if (!t.owner || !t.on_loop_end) continue;
+            try {
+                t.on_loop_end();
+            } catch (...) {
+                handle_exception(std::current_exception());
+            }
+        }
+        return !taken.empty();
+    }
     bool tied() const {
         return std::any_of(ties.begin(), ties.end(),
                            [](const Tie& t) { return t.owner != nullptr; });
@@ -326,18 +340,8 @@ EventLoop::~EventLoop() {
     // and runs its on_close here. What they tie anew meanwhile gets its turn
     // in a further (bounded) round.
     for (int pass = 0; pass < 4; ++pass) {
-        for (int round = 0; round < 4; ++round) {
-            std::vector<Impl::Tie> ties = m.take_ties();
-            if (ties.empty()) break;
-            for (Impl::Tie& t : ties) {
-                if (!t.owner || !t.on_loop_end) continue;
-                try {
-                    t.on_loop_end();
-                } catch (...) {
-                    m.handle_exception(std::current_exception());
-                }
-            }
-        }
+        for (int round = 0; round < 4; ++round)
+            if (!m.end_ties()) break;
         // Completion requests still in the kernel point at their owners
         // (closed above, their cancels queued): let them finish, so the
         // owners go. A connection's last request lets its socket go, and a
@@ -347,9 +351,6 @@ EventLoop::~EventLoop() {
         completion_io_->drain();
         if (!m.tied()) break;
     }
-    if (m.pending_error)
-        Impl::report_to_stderr("evmux: an exception while the loop was destroyed",
-                               std::exchange(m.pending_error, nullptr));
     // Destroy the callbacks first, while the loop is still whole: what they
     // captured may reach for the loop from its destructor (an owner that
     // unwatches its fd or cancels its timer, as ~Connection does); those
@@ -370,10 +371,15 @@ EventLoop::~EventLoop() {
         std::vector<std::shared_ptr<std::function<void(int)>>> signals;
         for (auto& callback : m.signal_callbacks)
             if (callback) signals.push_back(std::move(callback));
-        std::vector<Impl::Tie> ties = m.take_ties();
-        if (watchers.empty() && tasks.empty() && timers.empty() && signals.empty() && ties.empty())
-            break;
+        // A capture's destructor may have tied an owner (a socket left to
+        // linger): it is ended as the others were, not dropped unended.
+        const bool ended = m.end_ties();
+        if (ended && completion_io_) completion_io_->drain();
+        if (watchers.empty() && tasks.empty() && timers.empty() && signals.empty() && !ended) break;
     }
+    if (m.pending_error)
+        Impl::report_to_stderr("evmux: an exception while the loop was destroyed",
+                               std::exchange(m.pending_error, nullptr));
     // Unregister the loop's own fds before Impl closes them (a backend may
     // have a request in flight on them); user fds are simply forgotten with
     // the selector.

@@ -901,6 +901,33 @@ TEST(EventLoop, TieMadeWhileTheLoopEndsIsNotUntiedByAStaleId) {
     EXPECT_EQ(later.use_count(), 1);
 }
 
+// A callback the loop destroys without calling (a timer's, a task's, a
+// watcher's) whose captures tie an owner as they go (a connection's socket
+// left to linger, say): that tie's on_loop_end runs too, as every tie's
+// does, rather than the owner being dropped unended (its fd never closed).
+TEST(EventLoop, TieMadeWhileTheLoopDestroysItsCallbacksIsEnded) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    int ended = 0;
+    auto owner = std::make_shared<int>(0);
+    {
+        EventLoop loop(std::move(sel));
+        struct TiesWhenDestroyed {
+            TiesWhenDestroyed(EventLoop& l, std::shared_ptr<int> o, int* e)
+                : loop(l), owner(std::move(o)), ended(e) {}
+            ~TiesWhenDestroyed() {
+                loop.tie(owner, [e = ended] { ++*e; });
+            }
+            EventLoop& loop;
+            std::shared_ptr<int> owner;
+            int* ended;
+        };
+        auto guard = std::make_shared<TiesWhenDestroyed>(loop, owner, &ended);
+        loop.call_after(1h, [guard] {});
+    }
+    EXPECT_EQ(ended, 1) << "the tie was dropped without its on_loop_end";
+    EXPECT_EQ(owner.use_count(), 1);
+}
+
 TEST(EventLoop, Scratch) {
     EVMUX_LOOP_OR_SKIP(loop);
     auto s = loop.scratch();

@@ -89,7 +89,8 @@ class EventLoop {
     /// First runs the `on_loop_end` of every tie() still in place (so
     /// connections still open close and run their on_close, reason `local`,
     /// before this returns), then destroys pending tasks, timers and
-    /// watchers without calling them. The fds being watched are not closed
+    /// watchers without calling them (a tie that destroying them makes is
+    /// ended too, its on_loop_end run). The fds being watched are not closed
     /// (the loop does not own them). An exception from an `on_loop_end` goes
     /// to the exception handler; with the default one it is written to stderr
     /// (there is no run() left to rethrow it from).
