@@ -983,6 +983,28 @@ TEST(CoroCancel, ReaderWhenAnotherTaskClosesTheStream) {
               "closed local " + std::to_string(ECANCELED));
 }
 
+// close(CloseMode::reset) from another task: the waiting reader gets
+// ConnectionClosed (local), the queued bytes are dropped and the peer reads
+// a reset, not an end of stream.
+TEST(CoroCancel, ReaderWhenAnotherTaskResetsTheStream) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Pair p(loop);
+    p.server.connection()->send(pattern(1 << 20));  // more than the socket takes: queued
+    EXPECT_EQ(waiting_read_ends(loop, p, [&] { p.server.close(CloseMode::reset); }),
+              "closed local " + std::to_string(ECANCELED));
+    EXPECT_FALSE(p.server.is_open());
+    ::fcntl(p.client.get(), F_SETFL, 0);
+    const timeval five_seconds{5, 0};
+    ::setsockopt(p.client.get(), SOL_SOCKET, SO_RCVTIMEO, &five_seconds, sizeof five_seconds);
+    char buf[65536];
+    ssize_t n;
+    std::size_t got = 0;
+    while ((n = ::recv(p.client.get(), buf, sizeof buf, 0)) > 0) got += static_cast<std::size_t>(n);
+    EXPECT_EQ(n, -1) << "an end of stream after " << got << " bytes, not a reset";
+    EXPECT_EQ(errno, ECONNRESET) << std::strerror(errno);
+    EXPECT_LT(got, std::size_t{1} << 20);
+}
+
 TEST(CoroCancel, WriterAtHighWaterWhenTheConnectionCloses) {
     EVMUX_LOOP_OR_SKIP(loop);
     Pair p(loop, {}, 4096);
