@@ -11,6 +11,8 @@
 #include <cerrno>
 #include <cstdint>
 #include <exception>
+#include <mutex>
+#include <shared_mutex>
 #include <string>
 #include <system_error>
 #include <utility>
@@ -50,7 +52,21 @@ void bump(std::uint64_t& counter) {
     throw std::system_error(err, std::generic_category(), what);
 }
 
+// The spare-fd trick gives an fd number up for a moment (close the spare,
+// accept the pending connection into it, close that, reopen the spare). Out
+// of fds, every accepting thread of the process (a LoopGroup's loops) is in
+// the same state, and another loop's accept4() or reopened spare could take
+// the number in that moment: this listener then has no spare for as long as
+// fds stay short, and its pending clients hang in the backlog instead of
+// seeing the end. So the acceptors' fd-taking calls hold this lock shared
+// (they do not wait on each other) and the trick holds it exclusively.
+std::shared_mutex& fd_reservation() {
+    static std::shared_mutex mutex;
+    return mutex;
+}
+
 int open_spare() {
+    const std::shared_lock lock(fd_reservation());
     return ::open("/dev/null", O_RDONLY | O_CLOEXEC);
 }
 
@@ -225,13 +241,18 @@ bool Acceptor::on_acceptable() {
         bump(counters_.accept_calls);
         sockaddr_storage peer;
         socklen_t peer_len = sizeof peer;
-        int fd = ::accept4(listen_fd_, reinterpret_cast<sockaddr*>(&peer), &peer_len,
+        int fd;
+        int err;
+        {
+            const std::shared_lock lock(fd_reservation());  // see fd_reservation()
+            fd = ::accept4(listen_fd_, reinterpret_cast<sockaddr*>(&peer), &peer_len,
                            SOCK_NONBLOCK | SOCK_CLOEXEC);
+            err = errno;
+        }
         if (fd >= 0) {
             if (!hand_over(fd, Address::from_sockaddr(&peer, peer_len))) return false;
             continue;
         }
-        const int err = errno;
         if (err == EAGAIN || err == EWOULDBLOCK) return true;
         if (err == EINTR) continue;
         bump(counters_.accept_errors);
@@ -241,15 +262,19 @@ bool Acceptor::on_acceptable() {
             // spare fd, take the connection and close it (the peer sees EOF
             // rather than hanging), then reserve the spare again.
             if (spare_fd_ >= 0) {
-                ::close(spare_fd_);
-                bump(counters_.accept_calls);
-                int shed = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
-                const int shed_err = errno;
-                if (shed >= 0) {
-                    ::close(shed);
-                    bump(counters_.rejected);
+                int shed;
+                int shed_err;
+                {
+                    // No other acceptor takes the number meanwhile (fd_reservation()).
+                    const std::unique_lock lock(fd_reservation());
+                    ::close(spare_fd_);
+                    shed = ::accept4(listen_fd_, nullptr, nullptr, SOCK_CLOEXEC);
+                    shed_err = errno;
+                    if (shed >= 0) ::close(shed);
+                    spare_fd_ = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
                 }
-                spare_fd_ = open_spare();
+                bump(counters_.accept_calls);
+                if (shed >= 0) bump(counters_.rejected);
                 if (spare_fd_ >= 0) {
                     if (shed >= 0) continue;
                     if (shed_err == EAGAIN || shed_err == EWOULDBLOCK) return true;  // empty

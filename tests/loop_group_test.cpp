@@ -2,9 +2,13 @@
 // backend (EVMUX_BACKEND). The group's loops run on their own threads; the
 // clients are blocking sockets on the test thread, each read bounded by
 // SO_RCVTIMEO so a broken server fails the test instead of hanging it.
+#include <dirent.h>
+#include <fcntl.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -12,6 +16,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <future>
 #include <iterator>
@@ -513,6 +518,98 @@ TEST_P(LoopGroupTest, StatsCountTheBytesOfOpenAndClosedConnections) {
     EXPECT_GE(st.accept_calls, static_cast<std::uint64_t>(n));
     group.stop();
     EXPECT_EQ(server.stats().bytes_in, sent);
+}
+
+// Out of fds, every loop of a group sheds its pending connections (each
+// client sees the end) as one loop does, and serving resumes once fds are
+// back. With reuse_port every loop has its own listener and spare fd; while
+// one gave its spare up for a moment another loop's accept4() could take the
+// number, and that listener's clients then hung in its backlog as long as
+// fds stayed short (failed before on the readiness backends, reuse_port:
+// dozens of 110 clients hung in a round, in about half the runs).
+// Completion I/O is left out: there the kernel's multishot accept takes fds
+// outside any lock of ours (and keeps the limit it was armed with), so
+// another loop's accept can still take a shedding loop's spare.
+TEST_P(LoopGroupTest, OutOfFdsEveryLoopShedsItsPendingClients) {
+    EVMUX_SELECTOR_OR_SKIP(probe);
+    LoopGroup group(2, test::backend_name());
+    if (group.loop(0).io_mode() == IoMode::completion)
+        GTEST_SKIP() << "completion I/O: the kernel accepts outside the spare's lock";
+    ServerOptions opt;
+    opt.distribution = GetParam();
+    TcpServer& server = group.listen(Address::ip("127.0.0.1", 0), test::echo_callbacks(), opt);
+    const Address addr = server.local_address();
+    rlimit old{};
+    ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &old), 0);
+    constexpr int rounds = 4;
+    constexpr int n = 150;
+    for (int round = 0; round < rounds; ++round) {
+        SCOPED_TRACE("round " + std::to_string(round));
+        std::vector<Fd> clients;  // made before the limit falls
+        std::vector<Fd> holes_taken;
+        for (int i = 0; i < n; ++i)
+            clients.emplace_back(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+        {
+            // Room for about 40 connections of the server: the rest are shed.
+            // Above every fd open (the loops' spares included: one above the
+            // limit could not be given up and taken back, which never
+            // happens unless the limit falls under it).
+            int highest = 0;
+            if (DIR* dir = ::opendir("/proc/self/fd")) {
+                while (const dirent* e = ::readdir(dir))
+                    highest = std::max(highest, std::atoi(e->d_name));
+                ::closedir(dir);
+            }
+            for (;;) {
+                Fd p(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+                if (!p || p.get() > highest) break;
+                holes_taken.push_back(std::move(p));
+            }
+            rlimit low = old;
+            low.rlim_cur = static_cast<rlim_t>(highest + 1 + 40);
+            ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+        }
+        for (auto& c : clients)
+            ::connect(c.get(), static_cast<const sockaddr*>(addr.sockaddr_ptr()),
+                      addr.sockaddr_len());
+        // Each client either is served (its byte echoed) or sees the end;
+        // none is left waiting.
+        std::vector<int> state(n, 0);  // 0 waiting, 1 sent, 2 settled
+        int served = 0;
+        int ended = 0;
+        const auto deadline = std::chrono::steady_clock::now() + 3s;
+        while (served + ended < n && std::chrono::steady_clock::now() < deadline) {
+            for (int i = 0; i < n; ++i) {
+                const int fd = clients[static_cast<std::size_t>(i)].get();
+                int& st = state[static_cast<std::size_t>(i)];
+                if (st == 0 && ::send(fd, "x", 1, MSG_NOSIGNAL) == 1) st = 1;
+                if (st == 2) continue;
+                char b;
+                const ssize_t r = ::recv(fd, &b, 1, MSG_DONTWAIT);
+                if (r == 1) {
+                    ++served;
+                    st = 2;
+                } else if (r == 0 || (errno != EAGAIN && errno != EWOULDBLOCK &&
+                                      errno != ENOTCONN && errno != EINTR)) {
+                    ++ended;
+                    st = 2;
+                }
+            }
+            std::this_thread::sleep_for(10ms);
+        }
+        EXPECT_EQ(n - served - ended, 0)
+            << "clients neither served nor closed (served " << served << ", ended " << ended << ")";
+        EXPECT_GT(ended, 0) << "nothing was shed: the limit was not reached";
+        clients.clear();
+        holes_taken.clear();
+        ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
+        ASSERT_TRUE(eventually([&] { return server.connections_now() == 0; }));
+    }
+    // Recovered: a new client is served.
+    Fd fresh = connect_blocking(addr);
+    send_all(fresh.get(), "ok");
+    EXPECT_EQ(read_n(fresh.get(), 2), "ok");
+    group.stop();
 }
 
 INSTANTIATE_TEST_SUITE_P(Distributions, LoopGroupTest,
