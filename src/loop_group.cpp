@@ -67,6 +67,7 @@ class BlockedWhileStarting {
 LoopGroup::LoopGroup(std::size_t threads, const std::string& backend) {
     if (threads == 0) throw std::invalid_argument("LoopGroup: at least one thread");
     loops_.resize(threads);
+    stopped_by_group_ = std::make_unique<std::atomic<bool>[]>(threads);
     // Each loop (and its selector) is built on the thread that runs it: a
     // kernel object may belong to its creating thread (io_uring queues its
     // completion work to the submitter, which then sees EINTR in blocking
@@ -102,8 +103,10 @@ LoopGroup::LoopGroup(std::size_t threads, const std::string& backend) {
         }
     }
     if (error) {
-        for (auto& loop : loops_)
-            if (loop) loop->stop();
+        for (std::size_t i = 0; i < loops_.size(); ++i) {
+            stopped_by_group_[i].store(true);
+            if (loops_[i]) loops_[i]->stop();
+        }
         for (auto& t : threads_) t.join();
         std::rethrow_exception(error);
     }
@@ -176,7 +179,11 @@ void LoopGroup::run_loop(std::size_t index) {
     for (;;) {
         try {
             loop.run();
-            break;
+            // run() also returns for a stop() of the loop's own (from any
+            // thread, or a callback of it, as a one-loop program stops its
+            // loop); the thread stays until the group's stop(), or tasks
+            // posted to it and connections handed to it would never run.
+            if (stopped_by_group_[index].load()) break;
         } catch (...) {
             // The loop stays usable (EventLoop's rule); keep serving the
             // others and report the first failure from stop().
@@ -201,6 +208,7 @@ void LoopGroup::check_drained(std::size_t index) {
     // unread would reset it.
     drained = drained && detail::lingering_closes(loop) == 0;
     if (drained || EventLoop::now() >= deadline_) {
+        stopped_by_group_[index].store(true);
         loop.stop();
         return;
     }

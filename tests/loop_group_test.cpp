@@ -616,6 +616,37 @@ INSTANTIATE_TEST_SUITE_P(Distributions, LoopGroupTest,
                          ::testing::Values(Distribution::reuse_port, Distribution::round_robin),
                          [](const auto& info) { return std::string(to_string(info.param)); });
 
+// A group's loop may be stopped from any thread (EventLoop::stop(), which the
+// thread rule of loop() allows), or from its own callbacks, as a one-loop
+// program stops its loop; the group's threads still run until the group's
+// stop(). Such a stop used to end that loop's thread for good: tasks posted
+// to it were never run, and the connections handed to it (round_robin)
+// hung, neither served nor closed (failed before on every backend).
+TEST(LoopGroup, ALoopStoppedByItselfKeepsServingUntilTheGroupStops) {
+    EVMUX_SELECTOR_OR_SKIP(probe);
+    EchoRecorder rec;  // outlives the group
+    LoopGroup group(2, test::backend_name());
+    ServerOptions opt;
+    opt.distribution = Distribution::round_robin;
+    TcpServer& server = group.listen(Address::ip("127.0.0.1", 0), rec.callbacks(), opt);
+    group.loop(0).stop();                          // from another thread
+    group.post(1, [&] { group.loop(1).stop(); });  // from its own thread
+    std::this_thread::sleep_for(50ms);
+    for (std::size_t i = 0; i < 2; ++i) {
+        std::promise<void> ran;
+        group.post(i, [&] { ran.set_value(); });
+        EXPECT_EQ(ran.get_future().wait_for(2s), std::future_status::ready) << "loop " << i;
+    }
+    for (int i = 0; i < 4; ++i) {  // two on each loop
+        Fd c = connect_blocking(server.local_address());
+        send_all(c.get(), "ping");
+        EXPECT_EQ(read_n(c.get(), 4), "ping") << "connection " << i;
+    }
+    group.stop();
+    EXPECT_EQ(rec.closed.load(), 4);
+    EXPECT_EQ(server.connections_now(), 0u);
+}
+
 TEST(LoopGroup, PostRunsOnTheChosenLoopThread) {
     EVMUX_SELECTOR_OR_SKIP(probe);
     LoopGroup group(3, test::backend_name());

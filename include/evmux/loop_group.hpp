@@ -66,6 +66,8 @@ class LoopGroup {
     /// Loop `index` (throws std::out_of_range). The reference stays valid
     /// until the group is destroyed; from other threads only its post(),
     /// stop() and in_loop_thread() may be used (the EventLoop thread rule).
+    /// Its stop() (from anywhere) returns it to the group, which runs it
+    /// again: a group's loop ends only with the group's stop().
     EventLoop& loop(std::size_t index) const;
     /// The backend name of the loops, e.g. "epoll".
     std::string backend_name() const { return loops_.front()->backend_name(); }
@@ -115,6 +117,9 @@ class LoopGroup {
     std::vector<std::unique_ptr<EventLoop>> loops_;
     std::vector<std::thread> threads_;
     std::vector<std::thread::id> thread_ids_;  // fixed after construction (join clears get_id())
+    // Per loop: the group (its stop(), or a failed construction) ended it,
+    // not a stop() of the loop's own.
+    std::unique_ptr<std::atomic<bool>[]> stopped_by_group_;
     std::atomic<std::size_t> next_{0};
     std::atomic<bool> stopping_{false};
     EventLoop::Clock::time_point deadline_{};  // written before the stop tasks are posted
