@@ -13,7 +13,9 @@
 // aborts under glibc's fortify checks. Its poll and epoll methods take any fd.
 #include <errno.h>
 #include <event2/event.h>
+#include <fcntl.h>
 #include <poll.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
@@ -35,6 +37,26 @@ void log_errors_only(int severity, const char* msg) {
     if (severity >= EVENT_LOG_ERR) std::fprintf(stderr, "libevent: %s\n", msg);
 }
 
+// libevent ends the process (exit(1), in evsig_init_'s event_sock_err) when
+// a new event_base cannot make its signal socketpair, as it cannot when fds
+// run out: throw first, as the other backends do, if the fds it takes (its
+// epoll or poll fd and the socketpair) are not to be had now. (Another
+// thread taking the last fds meanwhile can still beat this check.)
+void check_fds_for_a_base() {
+    int fds[3] = {-1, -1, -1};
+    int err = 0;
+    for (int& fd : fds) {
+        fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+        if (fd < 0) {
+            err = errno;
+            break;
+        }
+    }
+    for (int fd : fds)
+        if (fd >= 0) ::close(fd);
+    if (err != 0) throw std::system_error(err, std::generic_category(), "libevent: event_base_new");
+}
+
 // A new event_base, configured the same way for the selector and the probe.
 event_base* new_base() {
     static std::once_flag quiet;
@@ -44,7 +66,20 @@ event_base* new_base() {
     event_config_avoid_method(cfg, "select");
     // One thread uses a selector at a time: no locks needed.
     event_config_set_flag(cfg, EVENT_BASE_FLAG_NOLOCK);
-    event_base* base = event_base_new_with_config(cfg);
+    event_base* base;
+    {
+        // One base at a time: a LoopGroup's threads make theirs at once, and
+        // each must find the fds it checked for still there.
+        static std::mutex making;
+        const std::lock_guard lock(making);
+        try {
+            check_fds_for_a_base();
+        } catch (...) {
+            event_config_free(cfg);
+            throw;
+        }
+        base = event_base_new_with_config(cfg);
+    }
     event_config_free(cfg);
     if (!base)
         // Every method left was disabled, e.g. by EVENT_NOEPOLL and EVENT_NOPOLL

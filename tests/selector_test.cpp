@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/timerfd.h>
@@ -1102,4 +1103,46 @@ TEST(Events, ToString) {
     EXPECT_EQ(to_string(Events::read | Events::hangup), "read|hangup");
     EXPECT_EQ(to_string(Events::read | Events::write | Events::error | Events::hangup),
               "read|write|error|hangup");
+}
+
+// Out of fds, making a selector (any backend, or one whose error message
+// lists the usable backends, which asks libevent) throws; it used to end the
+// process with exit status 1 from inside libevent, whose event_base cannot
+// make its signal socketpair then and treats that as fatal (failed before:
+// the test binary exited 1 before the limit was restored).
+TEST(Selector, OutOfFdsThrowsInsteadOfEndingTheProcess) {
+    rlimit old{};
+    ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &old), 0);
+    std::vector<int> filler;
+    {
+        const int probe = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+        ASSERT_GE(probe, 0);
+        ::close(probe);
+        rlimit low = old;
+        low.rlim_cur = static_cast<rlim_t>(probe + 2);  // room for two fds
+        ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+    }
+    int thrown = 0;
+    for (const char* name : {"libevent", "epoll", "io_uring", "poll", "select"}) {
+        for (int room = 2; room >= 0; --room) {
+            while (static_cast<int>(filler.size()) < 2 - room) {
+                const int fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+                if (fd < 0) break;
+                filler.push_back(fd);
+            }
+            try {
+                auto selector = make_selector(name);
+            } catch (const std::exception&) {
+                ++thrown;
+            }
+        }
+        for (int fd : filler) ::close(fd);
+        filler.clear();
+    }
+    try {
+        (void)backends();  // probes every backend
+    } catch (const std::exception&) {
+    }
+    ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
+    EXPECT_GT(thrown, 0);  // reached: nothing ended the process
 }
