@@ -8,10 +8,12 @@
 #include "evmux/resolver.hpp"
 
 #include <arpa/inet.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <charconv>
 #include <deque>
 #include <limits>
@@ -68,22 +70,36 @@ class ResolveCategory final : public std::error_category {
     }
 };
 
-// The port of a numeric service ("" is 0); nullopt for a service name.
-std::optional<std::uint16_t> numeric_port(std::string_view service) {
+// The port of `service`: a number ("" is 0), or a service name looked up in
+// /etc/services (TCP's), as c-ares would; nullopt for text that is neither.
+// Not left to c-ares: for text it does not find there it falls back on
+// strtoul(service, NULL, 0) cast to 16 bits with no end check, so "80x" was
+// port 80, "-5" port 65531 and "70000x" port 4464.
+std::optional<std::uint16_t> service_port(std::string_view service) {
     if (service.empty()) return 0;
-    if (!std::all_of(service.begin(), service.end(), [](char c) { return c >= '0' && c <= '9'; }))
-        return std::nullopt;
-    unsigned port = 0;
-    auto [p, ec] = std::from_chars(service.data(), service.data() + service.size(), port);
-    if (ec != std::errc() || port > 65535)
-        throw std::invalid_argument("evmux: resolve: port \"" + std::string(service) +
-                                    "\" is not 0..65535");
-    return static_cast<std::uint16_t>(port);
+    if (std::all_of(service.begin(), service.end(), [](char c) { return c >= '0' && c <= '9'; })) {
+        unsigned port = 0;
+        auto [p, ec] = std::from_chars(service.data(), service.data() + service.size(), port);
+        if (ec != std::errc() || port > 65535)
+            throw std::invalid_argument("evmux: resolve: port \"" + std::string(service) +
+                                        "\" is not 0..65535");
+        return static_cast<std::uint16_t>(port);
+    }
+    const std::string name(service);
+    servent entry{};
+    servent* found = nullptr;
+    std::vector<char> buffer(1024);
+    while (::getservbyname_r(name.c_str(), "tcp", &entry, buffer.data(), buffer.size(), &found) ==
+               ERANGE &&
+           buffer.size() < (1u << 20))
+        buffer.resize(buffer.size() * 2);
+    if (found == nullptr) return std::nullopt;
+    return ntohs(static_cast<std::uint16_t>(found->s_port));
 }
 
 // A numeric host needs no lookup: its one address, or nullopt for a name.
 std::optional<Address> numeric_address(std::string_view host, std::optional<std::uint16_t> port) {
-    if (!port) return std::nullopt;  // a service name: c-ares looks it up
+    if (!port) return std::nullopt;  // an unknown service: resolve() reports it
     try {
         return Address::ip(host, *port);
     } catch (const std::invalid_argument&) {
@@ -226,7 +242,7 @@ std::shared_ptr<ResolveQuery> ResolverState::resolve(std::string_view host,
         throw std::logic_error(
             "evmux: Resolver::resolve: the resolver is being destroyed or its loop has gone");
     if (host.empty()) throw std::invalid_argument("evmux: resolve: empty host name");
-    const std::optional<std::uint16_t> port = numeric_port(service);
+    const std::optional<std::uint16_t> port = service_port(service);
     auto query = std::make_shared<ResolveQuery>(ResolveQuery::Private{}, std::string(host),
                                                 std::move(callback));
     query->owner_ = this;
@@ -234,6 +250,11 @@ std::shared_ptr<ResolveQuery> ResolverState::resolve(std::string_view host,
     queries.emplace(query.get(), query);
     ++owed;
 
+    if (!port) {  // neither a port number nor a service name
+        finish(*query, make_error_code(ResolveErrc::unknown_service), {});
+        post_delivery();
+        return query;
+    }
     if (std::optional<Address> numeric = numeric_address(host, port)) {
         if (options.family != 0 && numeric->family() != options.family)
             finish(*query, make_error_code(ResolveErrc::no_data), {});
@@ -247,13 +268,12 @@ std::shared_ptr<ResolveQuery> ResolverState::resolve(std::string_view host,
     hints.ai_family = options.family;
     hints.ai_socktype = SOCK_STREAM;  // one entry per address
     const std::string name(unbracketed(host));
-    // A port number is set on the answers here (c-ares 1.18 refuses "0"); a
-    // service name is c-ares's to look up.
-    const std::string service_name(port ? std::string_view() : service);
-    if (port) query->port_ = *port;
+    // The port is set on the answers here (c-ares 1.18 refuses "0"; see
+    // service_port() for its reading of other text).
+    query->port_ = *port;
     query->in_cares_ = true;
-    ::ares_getaddrinfo(channel, name.c_str(), port ? nullptr : service_name.c_str(), &hints,
-                       &ResolverState::on_addrinfo, query.get());
+    ::ares_getaddrinfo(channel, name.c_str(), nullptr, &hints, &ResolverState::on_addrinfo,
+                       query.get());
     // Answered at once from /etc/hosts, or a question sent: either way the
     // callback waits for the loop (and c-ares may have a timeout to arm).
     arm_timer();
@@ -495,7 +515,7 @@ std::vector<Address> resolve_now(std::string_view host, std::string_view service
                                  const ResolverOptions& options) {
     // A numeric host answers without a loop.
     if (!host.empty() && (options.family == 0))
-        if (std::optional<Address> a = numeric_address(host, numeric_port(service))) return {*a};
+        if (std::optional<Address> a = numeric_address(host, service_port(service))) return {*a};
     EventLoop loop;
     Resolver resolver(loop, options);
     std::error_code error;

@@ -372,6 +372,33 @@ TEST(Resolver, BadArgumentsAreClearErrors) {
     EXPECT_EQ(resolver_unavailable_reason(), "");
 }
 
+TEST(Resolver, ServiceTextIsAPortNumberOrAServiceNameNothingElse) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    DnsResponder dns(names());
+    // c-ares reads a service that is no name in /etc/services with strtoul,
+    // base 0, no end check, cast to 16 bits: "80x" was port 80, "-5" 65531.
+    const std::vector<std::pair<std::string, std::string>> asks = {
+        {"one.test", "80x"},     {"one.test", "-5"},  {"one.test", "0x50"}, {"localhost", " 80"},
+        {"127.0.0.1", "70000x"}, {"one.test", "+80"}, {"one.test", "http"}, {"127.0.0.1", "http"},
+    };
+    auto r = lookups(loop, of_family(asking(dns), AF_INET), asks);
+    for (std::size_t i = 0; i + 2 < asks.size(); ++i) {
+        EXPECT_EQ(r[i].error, ResolveErrc::unknown_service)
+            << "'" << asks[i].second << "': " << r[i].error.message();
+        EXPECT_TRUE(r[i].addresses.empty())
+            << "'" << asks[i].second << "' gave " << r[i].texts().at(0);
+    }
+    EXPECT_EQ(r[6].texts(), std::vector<std::string>{"127.0.0.11:80"});
+    EXPECT_EQ(r[7].texts(), std::vector<std::string>{"127.0.0.1:80"});
+    // "host:port" text: the port is not cut at its first non-digit either.
+    try {
+        resolve_address_now("[::1]:80x", asking(dns));
+        ADD_FAILURE() << "[::1]:80x resolved";
+    } catch (const std::system_error& e) {
+        EXPECT_EQ(e.code(), ResolveErrc::unknown_service) << e.what();
+    }
+}
+
 TEST(Resolver, TheLoopsDestructionCancelsPendingLookups) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     DnsResponder dns(names());

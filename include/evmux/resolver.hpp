@@ -104,7 +104,7 @@ class ResolveQuery {
     ResolveCallback callback_;
     detail::ResolverState* owner_ = nullptr;  // set while the callback is owed
     std::uint64_t sequence_ = 0;              // the order of resolve() calls
-    int port_ = -1;  // a numeric service, set on each address (-1: a service name)
+    int port_ = -1;  // the service's port (resolve() sets it), set on each address
     std::error_code error_;
     std::vector<Address> addresses_;
     bool in_cares_ = false;   // c-ares holds a pointer to this lookup
@@ -139,7 +139,8 @@ class Resolver {
     Resolver& operator=(const Resolver&) = delete;
 
     /// Look up `host` (a name or a numeric address) for `service` (a port
-    /// number "80", a service name "http", or "" for port 0). `callback` runs
+    /// number "80", a service name "http", or "" for port 0; other text, e.g.
+    /// "80x" or "-5", is ResolveErrc::unknown_service). `callback` runs
     /// once, from the loop: with the addresses, each with the port set, or an
     /// error (ResolveErrc; resolve_message() words it for a user). Returns a
     /// handle to cancel with. Throws std::invalid_argument for an empty host
