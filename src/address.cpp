@@ -20,12 +20,16 @@ namespace {
 static_assert(sizeof(sockaddr_storage) <= 128, "Address storage too small");
 
 [[noreturn]] void bad(std::string_view text, const char* why) {
-    throw std::invalid_argument("bad address \"" + std::string(text) + "\": " + why);
+    std::string shown;  // a NUL byte shown as \0, not ending the message there
+    for (char c : text) shown += c == '\0' ? std::string("\\0") : std::string(1, c);
+    throw std::invalid_argument("bad address \"" + shown + "\": " + why);
 }
 
 }  // namespace
 
 Address Address::ip(std::string_view host, std::uint16_t port) {
+    // inet_pton reads a C string: "127.0.0.1\0junk" would be 127.0.0.1.
+    if (host.find('\0') != std::string_view::npos) bad(host, "contains a NUL byte");
     std::string h(host);
     if (h.size() >= 2 && h.front() == '[' && h.back() == ']') h = h.substr(1, h.size() - 2);
     Address a;
@@ -77,6 +81,7 @@ Address Address::unix_path(std::string_view path) {
 
 Address Address::parse(std::string_view text) {
     if (text.starts_with("unix:")) return unix_path(text.substr(5));
+    if (text.find('\0') != std::string_view::npos) bad(text, "contains a NUL byte");
     auto colon = text.rfind(':');
     if (colon == std::string_view::npos) bad(text, "expected HOST:PORT, [HOST]:PORT or unix:PATH");
     std::string_view host = text.substr(0, colon);

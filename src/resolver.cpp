@@ -70,6 +70,15 @@ class ResolveCategory final : public std::error_category {
     }
 };
 
+// c-ares and getservbyname_r read C strings: a NUL byte would cut the text
+// short, "localhost\0.example.com" looked up as "localhost". Refused instead.
+void refuse_nul(std::string_view host, std::string_view service) {
+    if (host.find('\0') != std::string_view::npos)
+        throw std::invalid_argument("evmux: resolve: the host name contains a NUL byte");
+    if (service.find('\0') != std::string_view::npos)
+        throw std::invalid_argument("evmux: resolve: the service contains a NUL byte");
+}
+
 // The port of `service`: a number ("" is 0), or a service name looked up in
 // /etc/services (TCP's), as c-ares would; nullopt for text that is neither.
 // Not left to c-ares: for text it does not find there it falls back on
@@ -242,6 +251,7 @@ std::shared_ptr<ResolveQuery> ResolverState::resolve(std::string_view host,
         throw std::logic_error(
             "evmux: Resolver::resolve: the resolver is being destroyed or its loop has gone");
     if (host.empty()) throw std::invalid_argument("evmux: resolve: empty host name");
+    refuse_nul(host, service);
     const std::optional<std::uint16_t> port = service_port(service);
     auto query = std::make_shared<ResolveQuery>(ResolveQuery::Private{}, std::string(host),
                                                 std::move(callback));
@@ -513,6 +523,7 @@ std::pair<std::string, std::string> split_host_port(std::string_view text) {
 
 std::vector<Address> resolve_now(std::string_view host, std::string_view service,
                                  const ResolverOptions& options) {
+    refuse_nul(host, service);
     // A numeric host answers without a loop.
     if (!host.empty() && (options.family == 0))
         if (std::optional<Address> a = numeric_address(host, service_port(service))) return {*a};

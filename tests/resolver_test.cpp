@@ -399,6 +399,29 @@ TEST(Resolver, ServiceTextIsAPortNumberOrAServiceNameNothingElse) {
     }
 }
 
+TEST(Resolver, TextWithANulByteIsRefusedNotCutShortAtIt) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    DnsResponder dns(names());
+    Resolver resolver(loop, asking(dns));
+    using std::string_literals::operator""s;
+    // c-ares and inet_pton read C strings: these were "localhost", port 80
+    // and 127.0.0.1, the bytes after the NUL ignored.
+    const std::string host = "localhost\0.example.com"s;
+    Outcome r;
+    EXPECT_THROW(resolver.resolve(host, "80", r.callback()), std::invalid_argument);
+    EXPECT_THROW(resolver.resolve("one.test", "http\0x"s, r.callback()), std::invalid_argument);
+    EXPECT_THROW(resolver.resolve("127.0.0.1\0x"s, "80", r.callback()), std::invalid_argument);
+    EXPECT_EQ(resolver.pending(), 0u);
+    EXPECT_THROW(Address::ip("127.0.0.1\0.5"s, 80), std::invalid_argument);
+    EXPECT_THROW(Address::parse("127.0.0.1\0x:80"s), std::invalid_argument);
+    EXPECT_THROW(resolve_now(host, "80", asking(dns)), std::invalid_argument);
+    EXPECT_THROW(resolve_address_now(host + ":80", asking(dns)), std::invalid_argument);
+    EXPECT_THROW(connect(loop, host + ":80", {}, {}), std::invalid_argument);
+    pump_for(loop, 20ms);
+    EXPECT_EQ(r.calls, 0);
+    EXPECT_EQ(dns.questions(), 0u);
+}
+
 TEST(Resolver, TheLoopsDestructionCancelsPendingLookups) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     DnsResponder dns(names());

@@ -23,8 +23,8 @@ class Address {
     /// refused with a message pointing to evmux::Resolver (resolver.hpp) and
     /// to connect(), TcpServer and LoopGroup::listen(), which take
     /// "host:port" text. Throws std::invalid_argument naming the text if it
-    /// is not one of these forms, the port is not 0..65535, or the Unix path
-    /// is empty or too long for sockaddr_un.
+    /// is not one of these forms (a host with a NUL byte included), the port
+    /// is not 0..65535, or the Unix path is empty or too long for sockaddr_un.
     static Address parse(std::string_view text);
     /// A numeric IPv4 or IPv6 host ("127.0.0.1", "::1", "[::1]") and a port.
     /// Throws std::invalid_argument like parse().

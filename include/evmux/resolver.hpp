@@ -143,8 +143,9 @@ class Resolver {
     /// "80x" or "-5", is ResolveErrc::unknown_service). `callback` runs
     /// once, from the loop: with the addresses, each with the port set, or an
     /// error (ResolveErrc; resolve_message() words it for a user). Returns a
-    /// handle to cancel with. Throws std::invalid_argument for an empty host
-    /// or a numeric service over 65535, std::logic_error while the resolver
+    /// handle to cancel with. Throws std::invalid_argument for an empty host,
+    /// a host or service with a NUL byte (never looked up as the text before
+    /// it) or a numeric service over 65535, std::logic_error while the resolver
     /// is being destroyed or its loop has gone.
     std::shared_ptr<ResolveQuery> resolve(std::string_view host, std::string_view service,
                                           ResolveCallback callback);
