@@ -82,6 +82,14 @@ Address Address::unix_path(std::string_view path) {
 Address Address::parse(std::string_view text) {
     if (text.starts_with("unix:")) return unix_path(text.substr(5));
     if (text.find('\0') != std::string_view::npos) bad(text, "contains a NUL byte");
+    // A bracketed host first: the last ':' would be inside the brackets when
+    // the port or the ']' is missing, and "[::1]" told to use brackets.
+    if (text.starts_with('[')) {
+        const auto close = text.find(']');
+        if (close == std::string_view::npos) bad(text, "no closing bracket: [HOST]:PORT");
+        if (close + 1 == text.size()) bad(text, "no port: [HOST]:PORT");
+        if (text[close + 1] != ':') bad(text, "no ':' after the bracket: [HOST]:PORT");
+    }
     auto colon = text.rfind(':');
     if (colon == std::string_view::npos) bad(text, "expected HOST:PORT, [HOST]:PORT or unix:PATH");
     std::string_view host = text.substr(0, colon);

@@ -510,6 +510,14 @@ std::pair<std::string, std::string> split_host_port(std::string_view text) {
     auto bad = [&](const char* why) {
         return std::invalid_argument("bad address \"" + std::string(text) + "\": " + why);
     };
+    // As Address::parse(): a bracketed host first, or the last ':' is inside
+    // the brackets when the port or the ']' is missing.
+    if (text.starts_with('[')) {
+        const auto close = text.find(']');
+        if (close == std::string_view::npos) throw bad("no closing bracket: [HOST]:PORT");
+        if (close + 1 == text.size()) throw bad("no port: [HOST]:PORT");
+        if (text[close + 1] != ':') throw bad("no ':' after the bracket: [HOST]:PORT");
+    }
     const auto colon = text.rfind(':');
     if (colon == std::string_view::npos) throw bad("expected HOST:PORT or [HOST]:PORT");
     std::string_view host = text.substr(0, colon);

@@ -422,6 +422,32 @@ TEST(Resolver, TextWithANulByteIsRefusedNotCutShortAtIt) {
     EXPECT_EQ(dns.questions(), 0u);
 }
 
+TEST(Resolver, ABracketedHostWithoutItsPortOrClosingBracketIsSaidSo) {
+    // Both read the last ':' as the port's, inside the brackets: "[::1]" was
+    // told "IPv6 hosts are written in brackets", which it is.
+    auto message = [](auto parse, const std::string& text) -> std::string {
+        try {
+            parse(text);
+        } catch (const std::invalid_argument& e) {
+            return e.what();
+        }
+        return "no error";
+    };
+    auto by_parse = [](const std::string& t) { Address::parse(t); };
+    auto by_split = [](const std::string& t) { split_host_port(t); };
+    for (auto parse : {+by_parse, +by_split}) {
+        EXPECT_EQ(message(parse, "[::1]"), "bad address \"[::1]\": no port: [HOST]:PORT");
+        EXPECT_EQ(message(parse, "[::1"), "bad address \"[::1\": no closing bracket: [HOST]:PORT");
+        EXPECT_EQ(message(parse, "[::1]80"),
+                  "bad address \"[::1]80\": no ':' after the bracket: [HOST]:PORT");
+        EXPECT_EQ(message(parse, "[::1:80"),
+                  "bad address \"[::1:80\": no closing bracket: [HOST]:PORT");
+    }
+    EXPECT_EQ(Address::parse("[::1]:80").to_string(), "[::1]:80");
+    EXPECT_EQ(split_host_port("[one.test]:80"),
+              std::make_pair(std::string("[one.test]"), std::string("80")));
+}
+
 TEST(Resolver, TheLoopsDestructionCancelsPendingLookups) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     DnsResponder dns(names());
