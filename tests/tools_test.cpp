@@ -831,6 +831,27 @@ TEST_F(LoadTest, DetectsARefusedConnection) {
     EXPECT_NE(err.find("Connection refused"), std::string::npos) << err;
 }
 
+// evmux-echo takes "[::1]" and prints "[::1]:PORT" when it listens there;
+// evmux-load handed the brackets to getaddrinfo and stopped at once with
+// "--host [::1]: Name or service not known", exit 2.
+TEST_F(LoadTest, ABracketedIpv6HostIsTheAddressInside) {
+    int port;
+    {
+        Listener gone;  // a port that was free a moment ago, now closed
+        port = gone.port;
+    }
+    for (const char* udp : {"", "--udp"}) {
+        std::vector<std::string> args = {"--host",     "[::1]", "--port", std::to_string(port),
+                                         "--conns",    "1",     "--size", "10",
+                                         "--duration", "0.2"};
+        if (*udp) args.push_back(udp);
+        std::string out, err;
+        // Connected (or tried to): refused, or no IPv6 here; never a bad name.
+        EXPECT_EQ(run_load(args, &out, &err), 1) << udp << ": " << err;
+        EXPECT_EQ(err.find("Name or service not known"), std::string::npos) << err;
+    }
+}
+
 TEST_F(LoadTest, TextReportSaysHowThroughputIsCounted) {
     TinyServer server([](int fd, const std::atomic<bool>& stop) {
         TinyServer::echo(fd, stop, [](std::size_t, char c) { return c; });

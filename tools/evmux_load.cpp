@@ -870,7 +870,12 @@ bool resolve(const Options& opt, sockaddr_storage& out, socklen_t& len, std::str
     hints.ai_flags = AI_NUMERICSERV;
     addrinfo* res = nullptr;
     const std::string port = std::to_string(opt.port);
-    const int rc = ::getaddrinfo(opt.host.c_str(), port.c_str(), &hints, &res);
+    // "[::1]", as evmux-echo takes it and prints it: the address inside (to
+    // getaddrinfo the brackets made it a name, "Name or service not known").
+    std::string host = opt.host;
+    if (host.size() >= 2 && host.front() == '[' && host.back() == ']')
+        host = host.substr(1, host.size() - 2);
+    const int rc = ::getaddrinfo(host.c_str(), port.c_str(), &hints, &res);
     if (rc != 0) {
         why = ::gai_strerror(rc);
         return false;
