@@ -328,6 +328,10 @@ TEST_F(EvmuxEcho, ErrorsAreOneLineAndExitTwo) {
         {{"--udp", "--port", "0", "--model", "coroutines"}, "--model coroutines is TCP-only"},
         {{"--port", "0", "--io", "completions"}, "--io: completions not in {completion,readiness}"},
         {{"--udp", "--port", "0", "--io", "completion"}, "--io completion is TCP-only"},
+        // An empty --unix was taken for none: "--port or --unix is required"
+        // alone, and beside --port it served TCP.
+        {{"--unix", ""}, "--unix: an empty path"},
+        {{"--port", "0", "--unix", ""}, "--unix: an empty path"},
     };
     for (const Case& c : cases) {
         EchoProcess echo(c.args);

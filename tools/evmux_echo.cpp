@@ -349,6 +349,8 @@ int main(int argc, char** argv) {
         return fail(e.what());
     }
     if (list) return list_backends();
+    // Given but empty: not "no --unix", which served TCP beside --port.
+    if (app.count("--unix") > 0 && unix_path.empty()) return fail("--unix: an empty path");
     if (!port && unix_path.empty()) return fail("--port or --unix is required (see --help)");
     if (port && !unix_path.empty()) return fail("--port and --unix exclude each other");
     if (udp && !unix_path.empty()) return fail("--udp and --unix exclude each other");
