@@ -4,9 +4,11 @@
 // what it says about itself are in its own file. Built explicitly, not by
 // static self-registration: a static library's linker leaves out an object
 // file nothing refers to, and with it the backend.
+#include <cerrno>
 #include <cstdlib>
 #include <stdexcept>
 #include <string_view>
+#include <system_error>
 
 #include "backend.hpp"
 
@@ -72,6 +74,20 @@ std::unique_ptr<Selector> make_selector(std::string_view name) {
     for (const detail::Backend* b : registry) {
         if (name != b->name) continue;
         std::string why = unusable_reason(*b);
+        if (compiled_in(*b) && !why.empty()) {
+            // The probe fails for want of fds or memory too (EMFILE, ENFILE,
+            // ENOMEM): then the backend is usable and this process is short,
+            // which making it says as the system_error it is, rather than
+            // "not usable here" and a list that depends on the fds left.
+            try {
+                return b->create();
+            } catch (const std::system_error& e) {
+                const int err = e.code().value();
+                if (e.code().category() == std::generic_category() &&
+                    (err == EMFILE || err == ENFILE || err == ENOMEM))
+                    throw;
+            }
+        }
         if (!compiled_in(*b) || !why.empty())
             throw std::invalid_argument("evmux: backend '" + std::string(name) +
                                         "' is not usable here: " + why +

@@ -1146,3 +1146,41 @@ TEST(Selector, OutOfFdsThrowsInsteadOfEndingTheProcess) {
     ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
     EXPECT_GT(thrown, 0);  // reached: nothing ended the process
 }
+
+// Out of fds, a backend that needs one says so (EMFILE, as the
+// std::system_error it is) rather than "not usable here" with a list of
+// the backends that happened to need none.
+TEST(Selector, OutOfFdsIsSaidAsSuchNotAsABackendUnusableHere) {
+    std::vector<std::string> wanted;
+    for (const BackendInfo& b : backends())
+        if (b.usable && (b.name == "epoll" || b.name == "io_uring")) wanted.push_back(b.name);
+    if (wanted.empty()) GTEST_SKIP() << "neither epoll nor io_uring is usable here";
+    rlimit old{};
+    ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &old), 0);
+    std::vector<std::string> said;
+    {
+        const int probe = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+        ASSERT_GE(probe, 0);
+        ::close(probe);
+        rlimit none = old;
+        none.rlim_cur = static_cast<rlim_t>(probe);  // the lowest free number is past the limit
+        ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &none), 0);
+        for (const std::string& name : wanted) {
+            try {
+                auto selector = make_selector(name);
+                said.push_back(name + ": made");
+            } catch (const std::system_error& e) {
+                said.push_back(name + ": system_error " + std::to_string(e.code().value()) + " " +
+                               e.what());
+            } catch (const std::exception& e) {
+                said.push_back(name + ": " + e.what());
+            }
+        }
+    }
+    ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
+    for (std::size_t i = 0; i < wanted.size(); ++i) {
+        EXPECT_TRUE(said[i].starts_with(wanted[i] + ": system_error " + std::to_string(EMFILE)))
+            << said[i];
+        EXPECT_EQ(said[i].find("not usable here"), std::string::npos) << said[i];
+    }
+}

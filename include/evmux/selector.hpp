@@ -271,7 +271,8 @@ std::vector<BackendInfo> backends();
 
 /// Create a selector by name ("epoll", "poll", ...). Throws std::invalid_argument
 /// naming the usable backends if `name` is unknown, not compiled in, or not
-/// usable here (with the reason).
+/// usable here (with the reason); std::system_error (EMFILE, ENFILE, ENOMEM)
+/// if it is usable but this process is out of fds or memory.
 std::unique_ptr<Selector> make_selector(std::string_view name);
 
 /// Create the default selector: the EVMUX_BACKEND environment variable if set
