@@ -146,6 +146,10 @@ Acceptor::Acceptor(EventLoop& loop, const Address& address, bool reuse_port, int
                    std::function<void(int fd, const Address& peer)> on_accept)
     : loop_(loop),
       listen_fd_(open_listener(address, reuse_port, backlog)),
+      // Reserved here, not first in start(): a LoopGroup's loops start
+      // their acceptors later, from their own threads, and one that found
+      // fds already short then would have no spare to shed with.
+      spare_fd_(open_spare()),
       unix_file_(detail::UnixSocketFile::of(address)),
       budget_(std::max<std::size_t>(budget, 1)),
       pause_(pause),

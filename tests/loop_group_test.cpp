@@ -537,6 +537,19 @@ TEST_P(LoopGroupTest, OutOfFdsEveryLoopShedsItsPendingClients) {
         GTEST_SKIP() << "completion I/O: the kernel accepts outside the spare's lock";
     ServerOptions opt;
     opt.distribution = GetParam();
+    // The second loop starts its acceptor (posted by listen()) only once the
+    // first has taken every fd there is, as a busy machine can make it: its
+    // spare fd must have been reserved by listen() already. (It was reserved
+    // by the start; that loop had none and its clients hung.)
+    std::atomic<bool> go[2] = {false, false};
+    struct Release {  // whatever happens below: the group can stop
+        std::atomic<bool>* go;
+        ~Release() { go[0] = go[1] = true; }
+    } release{go};
+    for (std::size_t i = 0; i < 2; ++i)
+        group.post(i, [flag = &go[i]] {
+            while (!flag->load()) std::this_thread::sleep_for(1ms);
+        });
     TcpServer& server = group.listen(Address::ip("127.0.0.1", 0), test::echo_callbacks(), opt);
     const Address addr = server.local_address();
     rlimit old{};
@@ -569,9 +582,14 @@ TEST_P(LoopGroupTest, OutOfFdsEveryLoopShedsItsPendingClients) {
             low.rlim_cur = static_cast<rlim_t>(highest + 1 + 40);
             ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
         }
+        go[0] = true;
         for (auto& c : clients)
             ::connect(c.get(), static_cast<const sockaddr*>(addr.sockaddr_ptr()),
                       addr.sockaddr_len());
+        if (round == 0) {
+            EXPECT_TRUE(eventually([&] { return server.stats().accept_errors > 0; }));
+            go[1] = true;
+        }
         // Each client either is served (its byte echoed) or sees the end;
         // none is left waiting.
         std::vector<int> state(n, 0);  // 0 waiting, 1 sent, 2 settled
