@@ -1,6 +1,8 @@
 // What the baseline echo servers share: the command line, the fd limit, the
-// stop signals, the listening socket and the "NAME listening on HOST:PORT" line. Header-only so
-// each baseline stays one self-contained executable with nothing of evmux in it.
+// stop signals, the listening socket and the "NAME listening on HOST:PORT" line.
+// Nothing of evmux in it: each baseline is a self-contained executable. The
+// command line is parsed in baseline_common.cpp, compiled once for all of them
+// (CLI11 is header-only and takes ~17 s of compiling per file that includes it).
 #pragma once
 
 #include <netdb.h>
@@ -12,7 +14,6 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-#include <CLI/CLI.hpp>
 #include <cerrno>
 #include <cstdio>
 #include <cstdlib>
@@ -20,7 +21,6 @@
 #include <initializer_list>
 #include <string>
 
-#include "cli_number.hpp"
 #include "fd_limit.hpp"
 
 namespace evmux::baseline {
@@ -32,23 +32,8 @@ struct ServerOptions {
 };
 
 /// Parses --port/--host. Exits 2 with a one-line error on bad flags, 0 after
-/// --help. `name` is the program name used in messages.
-inline ServerOptions parse_options(const char* name, const char* what, int argc, char** argv) {
-    ServerOptions opt;
-    CLI::App app{what, name};
-    app.add_option("--port", opt.port, "port to listen on (0: pick a free one)")
-        ->required()
-        ->check(evmux::support::number_in(0, 65535));
-    app.add_option("--host", opt.host, "address to listen on (default 127.0.0.1)");
-    try {
-        app.parse(argc, argv);
-    } catch (const CLI::ParseError& e) {
-        if (e.get_exit_code() == 0) std::exit(app.exit(e));  // --help
-        std::fprintf(stderr, "%s: %s (see --help)\n", name, e.what());
-        std::exit(2);
-    }
-    return opt;
-}
+/// --help. `name` is the program name used in messages. (baseline_common.cpp)
+ServerOptions parse_options(const char* name, const char* what, int argc, char** argv);
 
 /// Prints "what: strerror(errno)" and exits 1.
 [[noreturn]] inline void die_errno(const char* name, const char* what) {
