@@ -9,7 +9,7 @@ provides what such fragments use by name: `loop` (an EventLoop), `cb` and
 `client_cb` (Callbacks). Indented blocks (inside a list: placeholders such as
 NAME) are not code to copy and are left out.
 
-usage: check_readme_code.py SOURCE_ROOT CXX   (exit 0: all compile; 1: each failure said)
+usage: check_readme_code.py SOURCE_ROOT CXX [CXX ARGS...]   (exit 0: all compile; 1: each failure said)
 """
 import pathlib
 import re
@@ -40,11 +40,11 @@ def as_fragment(code: str) -> str:
     return FRAGMENT_HEAD + "\n".join(includes) + "\n" + FRAGMENT_OPEN + "\n".join(body) + "\n}\n"
 
 
-def compiles(cxx: str, include: pathlib.Path, source: str, tmp: pathlib.Path) -> str:
+def compiles(cxx: list, include: pathlib.Path, source: str, tmp: pathlib.Path) -> str:
     """'' if `source` compiles, else the compiler's first lines."""
     path = tmp / "readme_block.cpp"
     path.write_text(source)
-    r = subprocess.run([cxx, "-std=c++20", "-fsyntax-only", f"-I{include}", str(path)],
+    r = subprocess.run(cxx + ["-std=c++20", "-fsyntax-only", f"-I{include}", str(path)],
                        capture_output=True, text=True)
     if r.returncode == 0:
         return ""
@@ -53,7 +53,7 @@ def compiles(cxx: str, include: pathlib.Path, source: str, tmp: pathlib.Path) ->
 
 def main() -> int:
     root = pathlib.Path(sys.argv[1])
-    cxx = sys.argv[2]
+    cxx = sys.argv[2:]  # the compiler as meson runs it (e.g. ccache c++)
     readme = (root / "README.md").read_text()
     failures = 0
     count = 0
