@@ -400,6 +400,9 @@ void UdpEndpoint::report(int err) noexcept {
 // ---- sending ---------------------------------------------------------------------------
 
 bool UdpEndpoint::send_to(const Address& to, std::string_view data) {
+    // Not left to sendto() (a system_error), nor queued, where Address()
+    // means "the connected peer".
+    check_ip_or_unix(to, "send_to");
     return submit(&to, data);
 }
 

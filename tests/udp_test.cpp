@@ -145,6 +145,38 @@ TEST(Udp, DatagramsOverTheMaximumAreTheCallersMistake) {
     v4->close();
 }
 
+// Address() is the caller's mistake, not the kernel's: it was handed to
+// sendto() (std::system_error, EDESTADDRREQ or EINVAL), and with a queue
+// formed on a connected endpoint it was queued and went to the peer.
+TEST(Udp, SendToNoAddressIsTheCallersMistake) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    auto v4 = UdpEndpoint::bind(loop, Address::parse("127.0.0.1:0"), {});
+    try {
+        v4->send_to(Address(), "x");
+        FAIL() << "no exception";
+    } catch (const std::invalid_argument& e) {
+        EXPECT_EQ(std::string(e.what()), "evmux::UdpEndpoint::send_to: no address (Address())");
+    } catch (const std::exception& e) {
+        FAIL() << "not invalid_argument: " << e.what();
+    }
+    EXPECT_EQ(v4->stats().sent, 0u);
+    EXPECT_EQ(v4->stats().errors, 0u);
+    EXPECT_TRUE(v4->is_open());
+    v4->close();
+
+    // A connected endpoint with datagrams queued (a Unix pair whose reader
+    // does not read): refused all the same, nothing queued for the peer.
+    int sv[2];
+    ASSERT_EQ(::socketpair(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sv), 0);
+    Fd reader(sv[1]);
+    auto ep = UdpEndpoint::adopt(loop, sv[0], {});
+    while (ep->queued_datagrams() == 0) ASSERT_TRUE(ep->send(std::string(1000, 'q')));
+    const std::size_t queued = ep->queued_datagrams();
+    EXPECT_THROW(ep->send_to(Address(), "x"), std::invalid_argument);
+    EXPECT_EQ(ep->queued_datagrams(), queued);
+    ep->close();
+}
+
 // ---- truncation ----------------------------------------------------------------
 
 TEST(Udp, LongerThanMaxDatagramIsCountedAndNotDelivered) {

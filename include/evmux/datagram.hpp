@@ -143,7 +143,8 @@ class UdpEndpoint : public std::enable_shared_from_this<UdpEndpoint> {
     /// full: counted in `dropped`; an unconnected Unix socket whose receiver
     /// is full: also `dropped`, as its writability cannot be waited for), if
     /// the endpoint is closed, or on an asynchronous error (ECONNREFUSED...:
-    /// counted, then on_error from the loop). A caller's mistake throws
+    /// counted, then on_error from the loop). Address() throws
+    /// std::invalid_argument; a datagram the kernel refuses throws
     /// std::system_error naming the call and address ("sendto 127.0.0.1:9:
     /// Message too long" for more than 65507 bytes over IPv4; an IPv6
     /// address on an IPv4 socket).
