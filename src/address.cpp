@@ -30,8 +30,7 @@ static_assert(sizeof(sockaddr_storage) <= 128, "Address storage too small");
 Address Address::ip(std::string_view host, std::uint16_t port) {
     // inet_pton reads a C string: "127.0.0.1\0junk" would be 127.0.0.1.
     if (host.find('\0') != std::string_view::npos) bad(host, "contains a NUL byte");
-    std::string h(host);
-    if (h.size() >= 2 && h.front() == '[' && h.back() == ']') h = h.substr(1, h.size() - 2);
+    std::string h(detail::unbracketed_host(host, host));
     Address a;
     sockaddr_in v4{};
     if (::inet_pton(AF_INET, h.c_str(), &v4.sin_addr) == 1) {
@@ -82,21 +81,8 @@ Address Address::unix_path(std::string_view path) {
 Address Address::parse(std::string_view text) {
     if (text.starts_with("unix:")) return unix_path(text.substr(5));
     if (text.find('\0') != std::string_view::npos) bad(text, "contains a NUL byte");
-    // A bracketed host first: the last ':' would be inside the brackets when
-    // the port or the ']' is missing, and "[::1]" told to use brackets.
-    if (text.starts_with('[')) {
-        const auto close = text.find(']');
-        if (close == std::string_view::npos) bad(text, "no closing bracket: [HOST]:PORT");
-        if (close + 1 == text.size()) bad(text, "no port: [HOST]:PORT");
-        if (text[close + 1] != ':') bad(text, "no ':' after the bracket: [HOST]:PORT");
-    }
-    auto colon = text.rfind(':');
-    if (colon == std::string_view::npos) bad(text, "expected HOST:PORT, [HOST]:PORT or unix:PATH");
-    std::string_view host = text.substr(0, colon);
-    std::string_view port_text = text.substr(colon + 1);
-    // A bare IPv6 host must be bracketed, or its last group would read as the port.
-    if (host.find(':') != std::string_view::npos && !(host.starts_with('[') && host.ends_with(']')))
-        bad(text, "IPv6 hosts are written in brackets: [::1]:80");
+    const auto [host, port_text] =
+        detail::split_host_port_text(text, "expected HOST:PORT, [HOST]:PORT or unix:PATH");
     unsigned port = 0;
     auto [p, ec] = std::from_chars(port_text.data(), port_text.data() + port_text.size(), port);
     if (port_text.empty() || ec != std::errc() || p != port_text.data() + port_text.size() ||
@@ -217,6 +203,37 @@ bool operator==(const Address& a, const Address& b) {
 }
 
 namespace detail {
+
+std::string_view unbracketed_host(std::string_view host, std::string_view text) {
+    if (!host.starts_with('[')) return host;
+    if (!host.ends_with(']')) bad(text, "no closing bracket: [HOST]:PORT");
+    const std::string_view inside = host.substr(1, host.size() - 2);
+    // The zone ("%eth0") is no part of the address inet_pton reads.
+    const std::string address(inside.substr(0, inside.find('%')));
+    in6_addr v6{};
+    if (::inet_pton(AF_INET6, address.c_str(), &v6) != 1)
+        bad(text, "brackets hold an IPv6 address only, as in [::1]:80");
+    return inside;
+}
+
+HostPortText split_host_port_text(std::string_view text, const char* expected) {
+    // A bracketed host first: the last ':' would be inside the brackets when
+    // the port or the ']' is missing, and "[::1]" told to use brackets.
+    if (text.starts_with('[')) {
+        const auto close = text.find(']');
+        if (close == std::string_view::npos) bad(text, "no closing bracket: [HOST]:PORT");
+        if (close + 1 == text.size()) bad(text, "no port: [HOST]:PORT");
+        if (text[close + 1] != ':') bad(text, "no ':' after the bracket: [HOST]:PORT");
+    }
+    const auto colon = text.rfind(':');
+    if (colon == std::string_view::npos) bad(text, expected);
+    const std::string_view host = text.substr(0, colon);
+    // A bare IPv6 host must be bracketed, or its last group would read as the port.
+    if (host.find(':') != std::string_view::npos && !(host.starts_with('[') && host.ends_with(']')))
+        bad(text, "IPv6 hosts are written in brackets: [::1]:80");
+    unbracketed_host(host, text);
+    return {host, text.substr(colon + 1)};
+}
 
 UnixSocketFile UnixSocketFile::of(const Address& bound) {
     UnixSocketFile file;

@@ -116,13 +116,6 @@ std::optional<Address> numeric_address(std::string_view host, std::optional<std:
     }
 }
 
-// "[::1]" -> "::1": c-ares takes hosts without brackets.
-[[maybe_unused]] std::string_view unbracketed(std::string_view host) {
-    if (host.size() >= 2 && host.front() == '[' && host.back() == ']')
-        return host.substr(1, host.size() - 2);
-    return host;
-}
-
 std::error_code cancelled() {
     return std::make_error_code(std::errc::operation_canceled);
 }
@@ -252,6 +245,8 @@ std::shared_ptr<ResolveQuery> ResolverState::resolve(std::string_view host,
             "evmux: Resolver::resolve: the resolver is being destroyed or its loop has gone");
     if (host.empty()) throw std::invalid_argument("evmux: resolve: empty host name");
     refuse_nul(host, service);
+    // "[::1]" -> "::1" (c-ares takes hosts without brackets); "[localhost]" refused.
+    [[maybe_unused]] const std::string_view unbracketed = detail::unbracketed_host(host, host);
     const std::optional<std::uint16_t> port = service_port(service);
     auto query = std::make_shared<ResolveQuery>(ResolveQuery::Private{}, std::string(host),
                                                 std::move(callback));
@@ -277,7 +272,7 @@ std::shared_ptr<ResolveQuery> ResolverState::resolve(std::string_view host,
     ares_addrinfo_hints hints{};
     hints.ai_family = options.family;
     hints.ai_socktype = SOCK_STREAM;  // one entry per address
-    const std::string name(unbracketed(host));
+    const std::string name(unbracketed);
     // The port is set on the answers here (c-ares 1.18 refuses "0"; see
     // service_port() for its reading of other text).
     query->port_ = *port;
@@ -510,21 +505,9 @@ std::pair<std::string, std::string> split_host_port(std::string_view text) {
     auto bad = [&](const char* why) {
         return std::invalid_argument("bad address \"" + std::string(text) + "\": " + why);
     };
-    // As Address::parse(): a bracketed host first, or the last ':' is inside
-    // the brackets when the port or the ']' is missing.
-    if (text.starts_with('[')) {
-        const auto close = text.find(']');
-        if (close == std::string_view::npos) throw bad("no closing bracket: [HOST]:PORT");
-        if (close + 1 == text.size()) throw bad("no port: [HOST]:PORT");
-        if (text[close + 1] != ':') throw bad("no ':' after the bracket: [HOST]:PORT");
-    }
-    const auto colon = text.rfind(':');
-    if (colon == std::string_view::npos) throw bad("expected HOST:PORT or [HOST]:PORT");
-    std::string_view host = text.substr(0, colon);
-    const std::string_view port = text.substr(colon + 1);
-    if (host.find(':') != std::string_view::npos && !(host.starts_with('[') && host.ends_with(']')))
-        throw bad("IPv6 hosts are written in brackets: [::1]:80");
-    if (host.empty() || host == "[]") throw bad("no host");
+    const auto [host, port] =
+        detail::split_host_port_text(text, "expected HOST:PORT or [HOST]:PORT");
+    if (host.empty()) throw bad("no host");
     if (port.empty()) throw bad("no port");
     return {std::string(host), std::string(port)};
 }

@@ -332,6 +332,9 @@ TEST_F(EvmuxEcho, ErrorsAreOneLineAndExitTwo) {
         // alone, and beside --port it served TCP.
         {{"--unix", ""}, "--unix: an empty path"},
         {{"--port", "0", "--unix", ""}, "--unix: an empty path"},
+        // Brackets are for IPv6 only: this was looked up as localhost.
+        {{"--port", "0", "--host", "[localhost]"}, "brackets hold an IPv6 address only"},
+        {{"--udp", "--port", "0", "--host", "[127.0.0.1]"}, "brackets hold an IPv6 address only"},
     };
     for (const Case& c : cases) {
         EchoProcess echo(c.args);

@@ -422,20 +422,26 @@ TEST(Resolver, TextWithANulByteIsRefusedNotCutShortAtIt) {
     EXPECT_EQ(dns.questions(), 0u);
 }
 
+/// What `parse(text)` throws as std::invalid_argument, or "no error".
+std::string message(void (*parse)(const std::string&), const std::string& text) {
+    try {
+        parse(text);
+    } catch (const std::invalid_argument& e) {
+        return e.what();
+    }
+    return "no error";
+}
+void by_parse(const std::string& text) {
+    Address::parse(text);
+}
+void by_split(const std::string& text) {
+    split_host_port(text);
+}
+
 TEST(Resolver, ABracketedHostWithoutItsPortOrClosingBracketIsSaidSo) {
     // Both read the last ':' as the port's, inside the brackets: "[::1]" was
     // told "IPv6 hosts are written in brackets", which it is.
-    auto message = [](auto parse, const std::string& text) -> std::string {
-        try {
-            parse(text);
-        } catch (const std::invalid_argument& e) {
-            return e.what();
-        }
-        return "no error";
-    };
-    auto by_parse = [](const std::string& t) { Address::parse(t); };
-    auto by_split = [](const std::string& t) { split_host_port(t); };
-    for (auto parse : {+by_parse, +by_split}) {
+    for (auto parse : {by_parse, by_split}) {
         EXPECT_EQ(message(parse, "[::1]"), "bad address \"[::1]\": no port: [HOST]:PORT");
         EXPECT_EQ(message(parse, "[::1"), "bad address \"[::1\": no closing bracket: [HOST]:PORT");
         EXPECT_EQ(message(parse, "[::1]80"),
@@ -444,8 +450,40 @@ TEST(Resolver, ABracketedHostWithoutItsPortOrClosingBracketIsSaidSo) {
                   "bad address \"[::1:80\": no closing bracket: [HOST]:PORT");
     }
     EXPECT_EQ(Address::parse("[::1]:80").to_string(), "[::1]:80");
-    EXPECT_EQ(split_host_port("[one.test]:80"),
-              std::make_pair(std::string("[one.test]"), std::string("80")));
+}
+
+TEST(Resolver, BracketsAreForIpv6AddressesOnly) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    DnsResponder dns(names());
+    // RFC 3986: "[...]" is an IPv6 literal. "[localhost]:80" was split into
+    // "[localhost]" and looked up as localhost; Address::ip() took
+    // "[127.0.0.1]" as 127.0.0.1.
+    for (auto parse : {by_parse, by_split})
+        for (const char* text : {"[localhost]:80", "[127.0.0.1]:80", "[one.test]:80", "[]:80"})
+            EXPECT_EQ(message(parse, text), std::string("bad address \"") + text +
+                                                "\": brackets hold an IPv6 address only, as in "
+                                                "[::1]:80");
+    EXPECT_EQ(message([](const std::string& t) { Address::ip(t, 80); }, "[127.0.0.1]"),
+              "bad address \"[127.0.0.1]\": brackets hold an IPv6 address only, as in [::1]:80");
+    EXPECT_THROW(resolve_address_now("[localhost]:80", asking(dns)), std::invalid_argument);
+    EXPECT_THROW(resolve_now("[localhost]", "80", asking(dns)), std::invalid_argument);
+    EXPECT_THROW(connect(loop, "[one.test]:80", {}, {}), std::invalid_argument);
+    EXPECT_THROW(TcpServer(loop, "[localhost]:0", {}), std::invalid_argument);
+    Resolver resolver(loop, asking(dns));
+    Outcome r;
+    EXPECT_THROW(resolver.resolve("[localhost]", "80", r.callback()), std::invalid_argument);
+    EXPECT_THROW(resolver.resolve("[one.test]", "80", r.callback()), std::invalid_argument);
+    EXPECT_EQ(resolver.pending(), 0u);
+    // IPv6 inside brackets, with or without a zone, is what they are for.
+    EXPECT_EQ(split_host_port("[::1]:80"), std::make_pair(std::string("[::1]"), std::string("80")));
+    EXPECT_EQ(split_host_port("[fe80::1%lo]:80").first, "[fe80::1%lo]");
+    EXPECT_EQ(Address::parse("[::ffff:127.0.0.1]:80").port(), 80);
+    EXPECT_EQ(resolve_address_now("[::1]:80", asking(dns)).at(0).to_string(), "[::1]:80");
+    resolver.resolve("[::1]", "80", r.callback());
+    ASSERT_TRUE(run_until(loop, [&] { return r.calls > 0; }));
+    EXPECT_EQ(r.texts(), std::vector<std::string>{"[::1]:80"});
+    pump_for(loop, 20ms);
+    EXPECT_EQ(dns.questions(), 0u);
 }
 
 TEST(Resolver, TheLoopsDestructionCancelsPendingLookups) {

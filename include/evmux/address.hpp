@@ -23,7 +23,8 @@ class Address {
     /// refused with a message pointing to evmux::Resolver (resolver.hpp) and
     /// to connect(), TcpServer and LoopGroup::listen(), which take
     /// "host:port" text. Throws std::invalid_argument naming the text if it
-    /// is not one of these forms (a host with a NUL byte included), the port
+    /// is not one of these forms (a host with a NUL byte included; brackets
+    /// around anything but an IPv6 address, "[127.0.0.1]:80"), the port
     /// is not 0..65535, or the Unix path is empty or too long for sockaddr_un.
     static Address parse(std::string_view text);
     /// A numeric IPv4 or IPv6 host ("127.0.0.1", "::1", "[::1]") and a port.
@@ -71,6 +72,25 @@ class Address {
 };
 
 namespace detail {
+/// `host` without its brackets ("[::1]" -> "::1", "[fe80::1%eth0]" ->
+/// "fe80::1%eth0"; "localhost" as it is). Brackets hold an IPv6 address only
+/// (RFC 3986's IP-literal): "[localhost]", "[127.0.0.1]", "[]" or "[::1"
+/// throw std::invalid_argument naming `text` (the whole text the host came
+/// from). Address::ip(), Resolver::resolve() and split_host_port() read
+/// hosts through it.
+std::string_view unbracketed_host(std::string_view host, std::string_view text);
+
+/// Host and port of "host:port" or "[v6]:port" text, the host's brackets
+/// kept; the checks Address::parse() and split_host_port() share. Throws
+/// std::invalid_argument naming `text` for a bracket not closed or not
+/// followed by ':', no ':' (`expected` says what is), a bare IPv6 host, or a
+/// bracketed host that is not IPv6 (unbracketed_host()).
+struct HostPortText {
+    std::string_view host;
+    std::string_view port;
+};
+HostPortText split_host_port_text(std::string_view text, const char* expected);
+
 /// The socket file a bind() made at a Unix path, known by its device and
 /// inode: removed when its owner closes only if the path still names that
 /// file, so that a server which took the path over meanwhile (a restart

@@ -145,7 +145,9 @@ class Resolver {
     /// error (ResolveErrc; resolve_message() words it for a user). Returns a
     /// handle to cancel with. Throws std::invalid_argument for an empty host,
     /// a host or service with a NUL byte (never looked up as the text before
-    /// it) or a numeric service over 65535, std::logic_error while the resolver
+    /// it), a bracketed host that is not an IPv6 address ("[localhost]": the
+    /// brackets are for IPv6 only) or a numeric service over 65535,
+    /// std::logic_error while the resolver
     /// is being destroyed or its loop has gone.
     std::shared_ptr<ResolveQuery> resolve(std::string_view host, std::string_view service,
                                           ResolveCallback callback);
@@ -166,7 +168,8 @@ class Resolver {
 std::string resolve_message(std::string_view host, std::error_code error);
 
 /// Splits "host:port", "[v6 host]:port" into host and port text, as
-/// Address::parse() reads them; a bare IPv6 host must be bracketed. Throws
+/// Address::parse() reads them; a bare IPv6 host must be bracketed, and
+/// brackets hold an IPv6 address only ("[localhost]:80" is refused). Throws
 /// std::invalid_argument naming the text otherwise.
 std::pair<std::string, std::string> split_host_port(std::string_view text);
 
