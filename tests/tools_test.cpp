@@ -852,6 +852,21 @@ TEST_F(LoadTest, ABracketedIpv6HostIsTheAddressInside) {
     }
 }
 
+// Brackets hold an IPv6 address only (RFC 3986): "[localhost]" was looked
+// up as localhost, "[127.0.0.1]" connected to 127.0.0.1.
+TEST_F(LoadTest, BracketsAroundAnythingButIpv6AreRefused) {
+    for (const char* host : {"[localhost]", "[127.0.0.1]", "[::1"}) {
+        std::string out, err;
+        EXPECT_EQ(run_load({"--host", host, "--port", "9", "--conns", "1", "--size", "10",
+                            "--duration", "0.2"},
+                           &out, &err),
+                  2)
+            << host << ": " << err;
+        EXPECT_EQ(err, std::string("evmux-load: --host ") + host +
+                           ": brackets hold an IPv6 address only, as in [::1]\n");
+    }
+}
+
 TEST_F(LoadTest, TextReportSaysHowThroughputIsCounted) {
     TinyServer server([](int fd, const std::atomic<bool>& stop) {
         TinyServer::echo(fd, stop, [](std::size_t, char c) { return c; });

@@ -872,9 +872,18 @@ bool resolve(const Options& opt, sockaddr_storage& out, socklen_t& len, std::str
     const std::string port = std::to_string(opt.port);
     // "[::1]", as evmux-echo takes it and prints it: the address inside (to
     // getaddrinfo the brackets made it a name, "Name or service not known").
+    // Brackets hold an IPv6 address only (RFC 3986), as evmux's parsers say:
+    // "[localhost]" is refused, not looked up as localhost.
     std::string host = opt.host;
-    if (host.size() >= 2 && host.front() == '[' && host.back() == ']')
-        host = host.substr(1, host.size() - 2);
+    if (host.starts_with('[')) {
+        host = host.substr(1, host.size() - (host.ends_with(']') ? 2 : 1));
+        in6_addr v6{};
+        if (!opt.host.ends_with(']') ||
+            ::inet_pton(AF_INET6, host.substr(0, host.find('%')).c_str(), &v6) != 1) {
+            why = "brackets hold an IPv6 address only, as in [::1]";
+            return false;
+        }
+    }
     const int rc = ::getaddrinfo(host.c_str(), port.c_str(), &hints, &res);
     if (rc != 0) {
         why = ::gai_strerror(rc);
