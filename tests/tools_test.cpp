@@ -852,6 +852,40 @@ TEST_F(LoadTest, ABracketedIpv6HostIsTheAddressInside) {
     }
 }
 
+// The server killed mid-run: evmux-load ran on to the end of --duration with
+// nothing to load (10 s here), then exited 1. It now stops at once.
+TEST_F(LoadTest, StopsPromptlyWhenTheServerDies) {
+    int port;
+    {
+        Listener gone;  // a port that was free a moment ago
+        port = gone.port;
+    }
+    Child echo({program_path("EVMUX_ECHO"), "--host", "127.0.0.1", "--port", std::to_string(port)});
+    ASSERT_GT(echo.pid(), 0);
+    bool up = false;  // listening yet?
+    for (int i = 0; i < 250 && !up; ++i) {
+        const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        sockaddr_in a{};
+        a.sin_family = AF_INET;
+        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+        a.sin_port = htons(static_cast<std::uint16_t>(port));
+        up = ::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0;
+        ::close(fd);
+        if (!up) std::this_thread::sleep_for(20ms);
+    }
+    ASSERT_TRUE(up) << "evmux-echo did not listen on " << port;
+    Child load({program_path("EVMUX_LOAD"), "--port", std::to_string(port), "--conns", "4",
+                "--size", "64", "--duration", "10"});
+    std::this_thread::sleep_for(500ms);
+    const auto killed = Clock::now();
+    ::kill(echo.pid(), SIGKILL);
+    EXPECT_EQ(load.finish(), 1) << load.err();
+    EXPECT_LT(Clock::now() - killed, 3s) << "ran on after the server died";
+    EXPECT_NE(load.err().find("evmux-load: every active connection failed; stopped after "),
+              std::string::npos)
+        << load.err();
+}
+
 // Brackets hold an IPv6 address only (RFC 3986): "[localhost]" was looked
 // up as localhost, "[127.0.0.1]" connected to 127.0.0.1.
 TEST_F(LoadTest, BracketsAroundAnythingButIpv6AreRefused) {

@@ -240,9 +240,10 @@ class LoadClient {
     std::vector<std::pair<Clock::time_point, std::size_t>> waiting_;
     Clock::duration period_{};  // --rate: between one connection's sends
     Results res_;
-    bool stopping_ = false;      // the duration is over: start no new round
-    bool warming_ = false;       // in warm_up(): record nothing
-    std::size_t in_flight_ = 0;  // conns in State::in_round
+    bool stopping_ = false;          // the duration is over: start no new round
+    bool warming_ = false;           // in warm_up(): record nothing
+    std::size_t in_flight_ = 0;      // conns in State::in_round
+    std::size_t active_closed_ = 0;  // active conns closed (failed), none to load with
     int messages_printed_ = 0;
     std::size_t openssl_records_ = 0;  // --tls-records own: connections left on OpenSSL's
     std::string openssl_records_why_;  // the first one's reason
@@ -267,6 +268,7 @@ void LoadClient::mismatch(std::size_t i, std::size_t offset) {
 }
 
 void LoadClient::close_conn(Conn& c) {
+    if (c.active && c.state != Conn::State::closed) ++active_closed_;
     if (c.state == Conn::State::in_round) --in_flight_;
     c.state = Conn::State::closed;
 #if EVMUX_LOAD_TLS
@@ -832,6 +834,14 @@ void LoadClient::run() {
             mark_window(opt_, "end\n");
         }
         if (stopping_ && (in_flight_ == 0 || now >= drain_deadline)) break;
+        if (!stopping_ && active_closed_ == opt_.active) {
+            // The server died or dropped every one: nothing left to measure.
+            std::fprintf(stderr,
+                         "evmux-load: every active connection failed; stopped after %.2f s of "
+                         "%.3g s\n",
+                         std::chrono::duration<double>(now - start).count(), opt_.duration_s);
+            break;
+        }
         now = poll_once(now, stopping_ ? drain_deadline : end);
     }
     res_.elapsed_s = std::chrono::duration<double>(now - start).count();
