@@ -2,6 +2,7 @@
 #include "listener.hpp"
 
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -63,6 +64,18 @@ void bump(std::uint64_t& counter) {
 std::shared_mutex& fd_reservation() {
     static std::shared_mutex mutex;
     return mutex;
+}
+
+// A multishot accept keeps the RLIMIT_NOFILE it was made with: the kernel
+// reads the limit once, when the request is submitted, and the request lasts
+// as long as the server accepts. After the limit was lowered it hands out
+// numbers at or above the new one, where accept4() would fail with EMFILE.
+// (A raised limit needs nothing: the request fails with EMFILE at the old
+// one, ends, and is made again with the new one.)
+bool above_fd_limit(int fd) {
+    rlimit limit{};
+    return ::getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur != RLIM_INFINITY &&
+           static_cast<rlim_t>(fd) >= limit.rlim_cur;
 }
 
 int open_spare() {
@@ -216,7 +229,15 @@ void Acceptor::on_accepted(int res, bool ended) {
     in_completion_ = true;
     if (res >= 0) {
         bump(counters_.accept_calls);
-        if (!hand_over(res, Address())) return;  // the peer is asked of the socket
+        if (above_fd_limit(res)) {
+            // Past the limit as it is now (see above_fd_limit()): shed, as
+            // readiness sheds what accept4() refuses; the peer sees the end.
+            ::close(res);
+            bump(counters_.accept_errors);
+            bump(counters_.rejected);
+        } else if (!hand_over(res, Address())) {
+            return;  // (the peer is asked of the socket)
+        }
     }
     in_completion_ = false;
     if (!ended) return;

@@ -1669,6 +1669,91 @@ TEST(TcpServer, EmfileOnAcceptDoesNotSpinAndRecovers) {
     EXPECT_EQ(server.stats().connections_now, 1u);
 }
 
+// A multishot accept (completion I/O) keeps the RLIMIT_NOFILE it was made
+// with: the kernel reads the limit once, when the request is submitted, and
+// the request lasts as long as the server accepts. A limit lowered while the
+// server runs must still hold: a connection that would take a number at or
+// above it is shed (its client sees the end), as accept4() refuses it with
+// EMFILE on readiness, and none is served past the limit. (Failed before on
+// completion I/O: the 5 clients were served on fds above the limit, none shed.)
+TEST(TcpServer, AFdLimitLoweredWhileServingHoldsForAccepts) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    std::vector<int> fds;  // the accepted connections'
+    Callbacks cb = echo_callbacks();
+    cb.on_connect = [&](const ConnectionPtr& c) { fds.push_back(c->fd()); };
+    TcpServer server(loop, loopback4, cb);
+    const Address addr = server.local_address();
+    auto echoed = [&](int fd) {
+        bool sent = false;
+        std::string got;
+        return run_until(loop, [&] {
+            if (!sent) sent = ::send(fd, "ok", 2, MSG_NOSIGNAL) == 2;
+            char b[8];
+            const ssize_t r = ::recv(fd, b, sizeof b, MSG_DONTWAIT);
+            if (r > 0) got.append(b, static_cast<std::size_t>(r));
+            return got == "ok";
+        });
+    };
+    // Served before the limit falls: the server's accept request is armed.
+    Fd first(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    ::connect(first.get(), static_cast<const sockaddr*>(addr.sockaddr_ptr()), addr.sockaddr_len());
+    ASSERT_TRUE(echoed(first.get()));
+    constexpr int n = 5;
+    std::vector<Fd> clients;
+    for (int i = 0; i < n; ++i)
+        clients.emplace_back(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    rlimit old{};
+    ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &old), 0);
+    rlimit low = old;
+    std::vector<Fd> filler;  // every number under the lowered limit
+    {
+        Fd probe(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+        low.rlim_cur = static_cast<rlim_t>(probe.get() + 16);
+        ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+    }
+    for (;;) {
+        const int fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+        if (fd < 0) break;
+        filler.emplace_back(fd);
+    }
+    for (auto& c : clients)
+        ::connect(c.get(), static_cast<const sockaddr*>(addr.sockaddr_ptr()), addr.sockaddr_len());
+    // Each client is either served or sees the end; out of fds, the end.
+    int served = 0;
+    int ended = 0;
+    std::vector<bool> settled(n, false);
+    run_until(loop, [&] {
+        for (int i = 0; i < n; ++i) {
+            if (settled[static_cast<std::size_t>(i)]) continue;
+            const int fd = clients[static_cast<std::size_t>(i)].get();
+            ::send(fd, "x", 1, MSG_NOSIGNAL);
+            char b;
+            const ssize_t r = ::recv(fd, &b, 1, MSG_DONTWAIT);
+            if (r == 1) {
+                ++served;
+            } else if (r == 0 || (errno != EAGAIN && errno != ENOTCONN)) {
+                ++ended;
+            } else {
+                continue;
+            }
+            settled[static_cast<std::size_t>(i)] = true;
+        }
+        return served + ended == n;
+    });
+    const ServerStats st = server.stats();
+    filler.clear();
+    ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);
+    EXPECT_EQ(ended, n) << "served " << served << " of " << n << " with no fd to spare";
+    for (int fd : fds) EXPECT_LT(fd, static_cast<int>(low.rlim_cur)) << "accepted past the limit";
+    EXPECT_GE(st.rejected, static_cast<std::uint64_t>(n));
+    EXPECT_GE(st.accept_errors, 1u);
+    // Served again once fds are back.
+    Fd fresh(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    ::connect(fresh.get(), static_cast<const sockaddr*>(addr.sockaddr_ptr()), addr.sockaddr_len());
+    EXPECT_TRUE(echoed(fresh.get()));
+}
+
 TEST(TcpServer, MaxConnections) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     ServerOptions opt;
