@@ -64,6 +64,14 @@ class CompletionIo {
     virtual void sendmsg(int fd, const msghdr* msg, CompletionOp* op) = 0;
     /// A multishot accept: a completion per connection, the new fd (non-blocking, close-on-exec).
     virtual void accept_multishot(int fd, CompletionOp* op) = 0;
+    /// Whether shed_accept() can be asked here.
+    virtual bool sheds_accepts() const = 0;
+    /// Out of fds: takes one connection pending on listening socket `fd`
+    /// without an fd number (into the ring's own file table, which no other
+    /// thread's call can take from) and closes it there, so that its peer sees
+    /// the end. One completion: >= 0 a connection was shed, -EAGAIN none was
+    /// pending (nothing is waited for), -EINVAL the kernel cannot, or -errno.
+    virtual void shed_accept(int fd, CompletionOp* op) = 0;
     /// Whether close() is a request here (the kernel has IORING_OP_CLOSE); if
     /// not, the caller calls close() itself.
     virtual bool close_requests() const = 0;

@@ -81,8 +81,9 @@ constexpr int buffer_group = 0;
 
 // Newer than Debian's 6.1-era headers: io_uring_buf_reg's flags (called `pad`
 // there) and the completion flag saying the kernel goes on filling the buffer.
-constexpr std::uint16_t pbuf_ring_inc = 2;         // IOU_PBUF_RING_INC
-constexpr std::uint32_t cqe_f_buf_more = 1u << 4;  // IORING_CQE_F_BUF_MORE
+constexpr std::uint16_t pbuf_ring_inc = 2;          // IOU_PBUF_RING_INC
+constexpr std::uint16_t accept_dontwait = 1u << 1;  // IORING_ACCEPT_DONTWAIT, in sqe->ioprio
+constexpr std::uint32_t cqe_f_buf_more = 1u << 4;   // IORING_CQE_F_BUF_MORE
 
 // Test and diagnostic knobs, read once per process:
 //  EVMUX_URING_BUFFERS=N       N provided receive buffers per loop (a power of
@@ -585,6 +586,9 @@ class IoUringSelector final : public Selector, public CompletionIo {
             io_uring_buf_ring_add(br, buffers_ + std::size_t{i} * buffer_size_, buffer_size_,
                                   static_cast<unsigned short>(i), mask, static_cast<int>(i));
         io_uring_buf_ring_advance(br, static_cast<int>(buffer_count));
+        // One slot for shed_accept() (Linux 5.19); without it the acceptor
+        // sheds with its spare fd.
+        file_table_ = io_uring_register_files_sparse(&ring_, 1) == 0;
         return true;
     }
 
@@ -614,6 +618,24 @@ class IoUringSelector final : public Selector, public CompletionIo {
     void accept_multishot(int fd, CompletionOp* op) override {
         io_uring_prep_multishot_accept(op_sqe(op), fd, nullptr, nullptr,
                                        SOCK_NONBLOCK | SOCK_CLOEXEC);
+    }
+
+    bool sheds_accepts() const override { return file_table_; }
+
+    // A direct descriptor (the kernel refuses SOCK_CLOEXEC for one) in slot 0
+    // of the ring's file table, closed there by a linked request; with
+    // IORING_ACCEPT_DONTWAIT (Linux 6.10) an empty backlog is -EAGAIN, not a
+    // wait (an older kernel refuses the flag: -EINVAL). The close's
+    // completion is ignored (-ECANCELED when nothing was accepted).
+    void shed_accept(int fd, CompletionOp* op) override {
+        io_uring_sqe* sqe = op_sqe(op);
+        io_uring_prep_accept_direct(sqe, fd, nullptr, nullptr, 0, 0);
+        sqe->ioprio |= accept_dontwait;
+        sqe->flags |= IOSQE_IO_LINK;
+        io_uring_sqe* close = get_sqe();
+        io_uring_prep_close_direct(close, 0);
+        io_uring_sqe_set_data64(close, std::uint64_t{control_bit} << 32);
+        if (ring_.features & IORING_FEAT_CQE_SKIP) close->flags |= IOSQE_CQE_SKIP_SUCCESS;
     }
 
     bool close_requests() const override { return completion_probe().close; }
@@ -981,6 +1003,7 @@ class IoUringSelector final : public Selector, public CompletionIo {
     std::vector<RecvBuffer> recv_buffers_;
     char* part_ = nullptr;  // the bytes of the receive completion being dispatched
     int buffer_mask_ = 0;
+    bool file_table_ = false;  // registered: shed_accept() can be asked
     io_uring_buf_ring* buf_ring_ = nullptr;
 };
 

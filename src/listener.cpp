@@ -194,6 +194,7 @@ void Acceptor::start() {
 }
 
 void Acceptor::stop() {
+    shedding_ = false;
     if (resume_timer_ != 0) loop_.cancel(std::exchange(resume_timer_, 0));
     if (std::exchange(accepting_, false) && !accept_op_) loop_.unwatch(listen_fd_);
     if (AcceptOp* op = std::exchange(accept_op_, nullptr)) {
@@ -226,8 +227,12 @@ bool Acceptor::hand_over(int fd, const Address& peer) {
 }
 
 void Acceptor::on_accepted(int res, bool ended) {
+    const bool shed = std::exchange(shedding_, false);  // shed_accept()'s one completion
     in_completion_ = true;
-    if (res >= 0) {
+    if (shed) {
+        bump(counters_.accept_calls);
+        if (res >= 0) bump(counters_.rejected);
+    } else if (res >= 0) {
         bump(counters_.accept_calls);
         if (above_fd_limit(res)) {
             // Past the limit as it is now (see above_fd_limit()): shed, as
@@ -243,15 +248,22 @@ void Acceptor::on_accepted(int res, bool ended) {
     if (!ended) return;
     accept_armed_ = false;
     if (!accepting_) return;
-    // The request ended with an error (it does at the first). The readiness
-    // path handles it (shedding the backlog with the spare fd, pausing).
-    // Out of fds or memory, the request fails at once however empty the
-    // backlog (the kernel takes the fd first): pause, as readiness does when
-    // shedding fails, rather than ask again and again.
-    if (res < 0) {
+    if (shed && res == -EAGAIN) {
+        pause_accepting();  // none pending, fds still short: as readiness after shedding
+    } else if (shed && res < 0 && res != -EINVAL) {
+        pause_accepting();  // shedding failed (ENFILE, ENOMEM): wait for fds, as readiness
+    } else if (res < 0 || shed) {
+        // The request ended with an error (it does at the first), or one
+        // connection was shed: the readiness path goes on (accept4(), then
+        // shedding out of fds, or pausing). Out of fds or memory, the request
+        // fails at once however empty the backlog (the kernel takes the fd
+        // first): pause, as readiness does when shedding fails, rather than
+        // ask again and again.
+        if (shed && res == -EINVAL) no_shed_requests_ = true;  // the kernel cannot
         in_completion_ = true;
         if (!on_acceptable()) return;
         in_completion_ = false;
+        if (shedding_) return;  // on_acceptable() asked for a shed_accept()
         if (res == -EMFILE || res == -ENFILE || res == -ENOBUFS || res == -ENOMEM)
             pause_accepting();
     }
@@ -282,6 +294,18 @@ bool Acceptor::on_acceptable() {
         if (err == EINTR) continue;
         bump(counters_.accept_errors);
         if (err == EMFILE || err == ENFILE) {
+            if (accept_op_ && !no_shed_requests_ && loop_.completion_io()->sheds_accepts()) {
+                // Completion I/O: shed without an fd number (shed_accept()).
+                // The spare's number, given up for a moment, could be taken by
+                // another loop's accept request, which the kernel makes
+                // outside fd_reservation(): this loop would be left with no
+                // spare and its clients hanging in the backlog for as long as
+                // fds stay short. Its completion comes back here (in
+                // on_accepted()), as the loop below goes on after a shed.
+                loop_.completion_io()->shed_accept(listen_fd_, accept_op_);
+                accept_armed_ = shedding_ = true;
+                return true;
+            }
             // Out of fds: the pending connection stays in the backlog and a
             // level-triggered listener would wake us forever. Give up the
             // spare fd, take the connection and close it (the peer sees EOF

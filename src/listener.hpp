@@ -84,8 +84,10 @@ class Acceptor {
     // the kernel: the op frees itself with its last completion.
     AcceptOp* accept_op_ = nullptr;
     bool accept_armed_ = false;
-    bool in_completion_ = false;  // on_accepted() runs: stop() leaves the op to accept_done()
-    bool* gone_ = nullptr;        // hand_over()'s flag, set by the destructor
+    bool in_completion_ = false;     // on_accepted() runs: stop() leaves the op to accept_done()
+    bool shedding_ = false;          // the op's request in the kernel is a shed_accept()
+    bool no_shed_requests_ = false;  // the kernel refused one: shed with the spare fd
+    bool* gone_ = nullptr;           // hand_over()'s flag, set by the destructor
 };
 
 /// A server's idle timeouts (Netty's IdleStateHandler: reader, writer, all),
