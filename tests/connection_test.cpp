@@ -1287,12 +1287,20 @@ TEST(TcpServer, PartialWritesWithSmallBuffers) {
     EXPECT_TRUE(srv.wait_until([&] { return drains.load() >= 1; }));
 }
 
+// The queue stops at high water plus what one read brought, and stays there.
+// High water is reported once per crossing: a transient one while the
+// connection ramps up (the socket full for a moment, its send buffer still
+// growing, then taking the queue below low water) is a crossing too, so the
+// count is one more than the low waters, not one. (It was expected to be 1
+// and once was 2 on connection-io_uring-completion-no-recv-limit, whose
+// receives are whole 64 KiB reads; 0 of 150 runs here showed a low water.)
 TEST(TcpServer, ClientThatNeverReadsIsBounded) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     ServerOptions opt;
     opt.connection.max_buffered = 1 << 20;
     std::atomic<std::size_t> max_queued{0};
     std::atomic<int> high_water{0};
+    std::atomic<int> low_water{0};
     std::atomic<int> closes{0};
     Callbacks cb;
     cb.on_message = [&](const ConnectionPtr& c, Buffer& in) {
@@ -1301,6 +1309,7 @@ TEST(TcpServer, ClientThatNeverReadsIsBounded) {
         if (c->queued_bytes() > max_queued) max_queued = c->queued_bytes();
     };
     cb.on_high_water = [&](const ConnectionPtr&, std::size_t) { ++high_water; };
+    cb.on_low_water = [&](const ConnectionPtr&, std::size_t) { ++low_water; };
     cb.on_close = [&](const ConnectionPtr&, CloseReason, int) { ++closes; };
     ServerThread srv(std::move(sel), loopback4, cb, opt);
 
@@ -1316,7 +1325,10 @@ TEST(TcpServer, ClientThatNeverReadsIsBounded) {
     }
     EXPECT_LE(max_queued.load(), opt.connection.max_buffered);
     EXPECT_LE(max_queued.load(), opt.connection.high_water + EventLoop::scratch_size);
-    EXPECT_EQ(high_water.load(), 1);
+    // Above high water in the end (the peer takes nothing), each crossing once.
+    EXPECT_TRUE(srv.wait_until([&] { return high_water.load() == low_water.load() + 1; }))
+        << high_water.load() << " high waters, " << low_water.load() << " low";
+    EXPECT_GE(high_water.load(), 1);
     EXPECT_EQ(closes.load(), 0) << "backpressure, not overflow, should hold it";
 }
 
