@@ -1766,6 +1766,68 @@ TEST(TcpServer, AFdLimitLoweredWhileServingHoldsForAccepts) {
     EXPECT_TRUE(echoed(fresh.get()));
 }
 
+// The other way: a limit raised while the server runs holds too. On
+// completion I/O the accept request made under the old limit fails with
+// EMFILE at it; the backlog is then accepted with accept4(), under the new
+// one, and the request made again (README, Completion I/O, Accepting).
+TEST(TcpServer, AFdLimitRaisedWhileServingHoldsForAccepts) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    rlimit old{};
+    ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &old), 0);
+    std::vector<Fd> filler;  // every number under the low limit
+    const auto restore = [&] {
+        filler.clear();
+        ::setrlimit(RLIMIT_NOFILE, &old);
+    };
+    struct Restore {
+        std::function<void()> f;
+        ~Restore() { f(); }
+    } restore_at_exit{restore};
+    EventLoop loop(std::move(sel));
+    std::vector<int> fds;  // the accepted connections'
+    Callbacks cb = echo_callbacks();
+    cb.on_connect = [&](const ConnectionPtr& c) { fds.push_back(c->fd()); };
+    TcpServer server(loop, loopback4, cb);
+    const Address addr = server.local_address();
+    constexpr int n = 5;
+    std::vector<Fd> clients;
+    for (int i = 0; i < n; ++i)
+        clients.emplace_back(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    rlimit low = old;
+    {
+        Fd probe(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+        low.rlim_cur = static_cast<rlim_t>(probe.get() + 16);
+        ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+    }
+    for (;;) {
+        const int fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+        if (fd < 0) break;
+        filler.emplace_back(fd);
+    }
+    pump_for(loop, 50ms);  // the accept request is made under the low limit
+    ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);  // raised; the filler stays
+    for (auto& c : clients)
+        ::connect(c.get(), static_cast<const sockaddr*>(addr.sockaddr_ptr()), addr.sockaddr_len());
+    std::vector<std::string> got(n);
+    std::vector<bool> sent(n, false);
+    EXPECT_TRUE(run_until(loop,
+                          [&] {
+                              bool all = true;
+                              for (std::size_t i = 0; i < n; ++i) {
+                                  const int fd = clients[i].get();
+                                  if (!sent[i]) sent[i] = ::send(fd, "ok", 2, MSG_NOSIGNAL) == 2;
+                                  char b[8];
+                                  const ssize_t r = ::recv(fd, b, sizeof b, MSG_DONTWAIT);
+                                  if (r > 0) got[i].append(b, static_cast<std::size_t>(r));
+                                  all = all && got[i] == "ok";
+                              }
+                              return all;
+                          }))
+        << "served under the raised limit: " << fds.size() << " of " << n;
+    for (int fd : fds) EXPECT_GE(fd, static_cast<int>(low.rlim_cur)) << "not above the old limit";
+    EXPECT_EQ(server.stats().rejected, 0u);
+}
+
 TEST(TcpServer, MaxConnections) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     ServerOptions opt;
