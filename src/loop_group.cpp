@@ -7,6 +7,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <future>
 #include <optional>
 #include <stdexcept>
@@ -113,6 +115,14 @@ LoopGroup::LoopGroup(std::size_t threads, const std::string& backend) {
 }
 
 LoopGroup::~LoopGroup() {
+    // On one of its loop threads it would join that thread: say so, rather
+    // than end in std::terminate with no word of why.
+    const auto me = std::this_thread::get_id();
+    if (std::find(thread_ids_.begin(), thread_ids_.end(), me) != thread_ids_.end()) {
+        std::fputs("evmux: ~LoopGroup on one of its own loop threads (it joins them): aborting\n",
+                   stderr);
+        std::abort();
+    }
     try {
         stop();
     } catch (...) {

@@ -769,6 +769,21 @@ TEST(LoopGroup, Errors) {
     EXPECT_THROW(group.listen(Address::ip("127.0.0.1", 0), Callbacks{}), std::logic_error);
 }
 
+// The destructor on one of the group's own loop threads would join that
+// thread: it says so and aborts (it ended in std::terminate, with no word of
+// why, before).
+TEST(LoopGroupDeathTest, DestroyedOnItsOwnLoopThreadSaysSoAndAborts) {
+    EVMUX_SELECTOR_OR_SKIP(probe);
+    testing::FLAGS_gtest_death_test_style = "threadsafe";  // threads in the child
+    EXPECT_DEATH(
+        {
+            auto* group = new LoopGroup(2, test::backend_name());
+            group->post(0, [group] { delete group; });
+            std::this_thread::sleep_for(5s);  // the abort comes long before
+        },
+        "evmux: ~LoopGroup on one of its own loop threads \\(it joins them\\): aborting");
+}
+
 // A task that throws does not end its loop; stop() reports it.
 TEST(LoopGroup, ExceptionInATaskIsReportedByStop) {
     EVMUX_SELECTOR_OR_SKIP(probe);
