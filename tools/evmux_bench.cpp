@@ -1511,7 +1511,7 @@ void add_bench_options(CLI::App& app, Options& opt) {
                  "more) and left out of every server's figures at its point while at least "
                  "half of the rounds run, and 3, remain");
     app.add_flag("--quick", opt.quick,
-                 "a subset that finishes in about a minute (1 s points, fewer idle connections)");
+                 "a subset that finishes in 3-7 minutes (1 s points, fewer idle connections)");
     app.add_option("--out", opt.out_dir, "directory for bench.json, bench.csv and the plots");
     app.add_option("--json", opt.json_file, "write the results as JSON to this file");
     app.add_option("--csv", opt.csv_file, "write the results as CSV to this file");

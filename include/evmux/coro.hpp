@@ -345,8 +345,8 @@ requires(!detail::is_task<std::remove_cvref_t<Awaitable>>) auto with_timeout(
 /// ETIMEDOUT for `timeout`, EPIPE for `peer_closed` (a write after the peer
 /// closed). what() reads like "read: connection closed (reset): Connection
 /// reset by peer"; for `tls` and `timeout` it has the connection's
-/// close_message() too: "read: connection closed (tls): unexpected eof while
-/// reading: Protocol error".
+/// close_message() too: "read: connection closed (tls): TLS: unexpected eof
+/// while reading: Protocol error".
 class ConnectionClosed : public std::system_error {
   public:
     /// `operation`: "read", "write", ...; `reason`, `err` as on_close had them;

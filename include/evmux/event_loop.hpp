@@ -37,8 +37,8 @@ enum class IoMode : std::uint8_t { readiness, completion };
 const char* to_string(IoMode mode);
 
 /// What EVMUX_IO asks for: "completion" or "readiness"; unset or empty means
-/// the default, completion (measured the better here: README, "Default:
-/// completion"), which a loop takes where its backend has it (io_uring with
+/// the default, completion (measured the better here: docs/measurements.md,
+/// "Default: completion"), which a loop takes where its backend has it (io_uring with
 /// every piece its probe looks for) and quietly does without elsewhere.
 /// Throws std::invalid_argument naming the variable and the accepted values
 /// for anything else.

@@ -105,7 +105,7 @@ constexpr auto settle_time = 10s;
 /// leak grows with every round instead: over 6 rounds (50 000 connections
 /// between the readings) one of 252 bytes per connection fails the bound
 /// (12 MiB / 50 000 = 251.7 B: one of 250 B does not), over 5 rounds one of
-/// 315, over 4 rounds one of 420 (419.4); a leaked Connection (576 bytes,
+/// 315, over 4 rounds one of 420 (419.4); a leaked Connection (896 bytes,
 /// plus its control block) fails any of them. See README, Reliability.
 constexpr long rss_slack_ki_b = 12 * 1024;
 /// Failure messages printed; the rest are only counted.
