@@ -1724,6 +1724,58 @@ TEST(EvmuxBench, BadIoModeExitsTwoWithOneLine) {
               "evmux-bench: EVMUX_IO must be completion or readiness, not 'nope' (see --help)\n");
 }
 
+// Without --backends, EVMUX_BACKEND picks the backend, as it does for every
+// evmux program, and the bench says so; --backends overrides it; a name it
+// does not know is one line naming the variable, exit 2. (It was ignored:
+// every usable backend ran.)
+TEST(EvmuxBench, EvmuxBackendPicksTheBackendUnlessBackendsIsGiven) {
+    const std::string bench = program_path("EVMUX_BENCH");
+    if (bench.empty()) GTEST_SKIP() << "EVMUX_BENCH not set (not built here)";
+    const char* had = std::getenv("EVMUX_BACKEND");
+    const std::string saved = had ? had : "";
+    auto run = [&](const char* env, std::vector<std::string> extra) {
+        ::setenv("EVMUX_BACKEND", env, 1);
+        std::vector<std::string> argv{bench,        "--servers",   "evmux", "--sizes",
+                                      "64",         "--sessions",  "1",     "--duration",
+                                      "0.2",        "--rounds",    "1",     "--no-idle",
+                                      "--no-plots", "--sweep-fds", "100"};
+        argv.insert(argv.end(), extra.begin(), extra.end());
+        Child c(argv);
+        if (had)
+            ::setenv("EVMUX_BACKEND", saved.c_str(), 1);
+        else
+            ::unsetenv("EVMUX_BACKEND");
+        const int rc = c.finish();
+        return std::tuple{rc, c.out(), c.err()};
+    };
+    {
+        const auto [rc, out, err] = run("poll", {});
+        ASSERT_EQ(rc, 0) << err;
+        EXPECT_NE(out.find("evmux/poll "), std::string::npos) << out;
+        EXPECT_EQ(out.find("evmux/epoll "), std::string::npos) << out;
+        EXPECT_NE(err.find("evmux-bench: backend poll from EVMUX_BACKEND (--backends overrides "
+                           "it)\n"),
+                  std::string::npos)
+            << err;
+    }
+    {
+        const auto [rc, out, err] = run("poll", {"--backends", "epoll"});
+        ASSERT_EQ(rc, 0) << err;
+        EXPECT_NE(out.find("evmux/epoll "), std::string::npos) << out;
+        EXPECT_EQ(out.find("evmux/poll "), std::string::npos) << out;
+        EXPECT_EQ(err.find("EVMUX_BACKEND"), std::string::npos) << err;
+    }
+    {
+        const auto [rc, out, err] = run("nope", {});
+        EXPECT_EQ(rc, 2);
+        EXPECT_EQ(
+            err.rfind("evmux-bench: EVMUX_BACKEND: unknown backend 'nope'; usable backends: ", 0),
+            0u)
+            << err;
+        EXPECT_EQ(std::count(err.begin(), err.end(), '\n'), 1) << err;
+    }
+}
+
 // A failed evmux-load is summed up with what it reported (its counts), or
 // pointed at its own error above when it made no report: the FAILED note
 // once ended in an empty reason or a raw JSON line. A stand-in evmux-load

@@ -1450,7 +1450,11 @@ std::string io_uring_unusable() {
 }
 
 // Every usable backend, or the requested ones after checking each.
-std::vector<std::string> pick_backends(const std::vector<std::string>& requested) {
+/// `requested` checked against the usable backends (exit 2 naming `source`,
+/// the flag or variable they came from, for one that is not), or every usable
+/// one if it is empty.
+std::vector<std::string> pick_backends(const std::vector<std::string>& requested,
+                                       const std::string& source = "") {
     std::vector<std::string> usable, all;
     for (const auto& b : evmux::backends()) {
         all.push_back(b.name);
@@ -1461,10 +1465,11 @@ std::vector<std::string> pick_backends(const std::vector<std::string>& requested
     for (const auto& u : usable) usable_list += (usable_list.empty() ? "" : ", ") + u;
     for (const auto& name : requested) {
         if (std::find(usable.begin(), usable.end(), name) != usable.end()) continue;
+        const std::string from = source.empty() ? "" : source + ": ";
         if (std::find(all.begin(), all.end(), name) != all.end())
-            usage_error("backend '" + name +
+            usage_error(from + "backend '" + name +
                         "' is not usable here; usable backends: " + usable_list);
-        usage_error("unknown backend '" + name + "'; usable backends: " + usable_list);
+        usage_error(from + "unknown backend '" + name + "'; usable backends: " + usable_list);
     }
     return requested;
 }
@@ -1478,7 +1483,8 @@ int run_dispatch_command(int n, int a, int w, const std::string& backend, int it
 
 /// The flags of the comparison (everything but `dispatch`).
 void add_bench_options(CLI::App& app, Options& opt) {
-    app.add_option("--backends", opt.backends, "evmux backends (default: every usable one)")
+    app.add_option("--backends", opt.backends,
+                   "evmux backends (default: EVMUX_BACKEND if set, else every usable one)")
         ->delimiter(',');
     app.add_option("--servers", opt.servers,
                    "servers: evmux, evmux-coroutines, evmux-tls, epoll-floor, uring-floor, "
@@ -1628,8 +1634,19 @@ std::vector<std::string> check_and_complete(Options& opt) {
     const bool on_evmux =
         wanted(opt, "evmux") || wanted(opt, "evmux-coroutines") ||
         ((wanted(opt, "evmux-tls") || wanted(opt, "evmux-tls-openssl")) && tls_built());
+    // Without --backends, EVMUX_BACKEND picks the backend as for every evmux
+    // program (said on stderr: the bench compares every usable one otherwise).
+    std::string source;
+    if (const char* env = std::getenv("EVMUX_BACKEND");
+        env && *env && on_evmux && opt.backends.empty()) {
+        opt.backends = {env};
+        source = "EVMUX_BACKEND";
+    }
     std::vector<std::string> backends =
-        on_evmux ? pick_backends(opt.backends) : std::vector<std::string>{};
+        on_evmux ? pick_backends(opt.backends, source) : std::vector<std::string>{};
+    if (!source.empty())
+        std::cerr << "evmux-bench: backend " << backends.front()
+                  << " from EVMUX_BACKEND (--backends overrides it)\n";
     if (!on_evmux && !opt.backends.empty())
         usage_error(
             "--backends given but none of 'evmux', 'evmux-coroutines', 'evmux-tls' is among "
