@@ -1681,6 +1681,22 @@ TEST(TcpServer, EmfileOnAcceptDoesNotSpinAndRecovers) {
     EXPECT_EQ(server.stats().connections_now, 1u);
 }
 
+// Lowers the soft RLIMIT_NOFILE in `low` to 16 above the lowest free fd
+// number and fills every number under it into `filler` (/dev/null), so that
+// the next fd asked for fails with EMFILE. False if the limit could not be set.
+bool lower_fd_limit_and_fill(rlimit& low, std::vector<Fd>& filler) {
+    {
+        Fd probe(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+        low.rlim_cur = static_cast<rlim_t>(probe.get() + 16);
+        if (::setrlimit(RLIMIT_NOFILE, &low) != 0) return false;
+    }
+    for (;;) {
+        const int fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+        if (fd < 0) return true;
+        filler.emplace_back(fd);
+    }
+}
+
 // A multishot accept (completion I/O) keeps the RLIMIT_NOFILE it was made
 // with: the kernel reads the limit once, when the request is submitted, and
 // the request lasts as long as the server accepts. A limit lowered while the
@@ -1719,16 +1735,7 @@ TEST(TcpServer, AFdLimitLoweredWhileServingHoldsForAccepts) {
     ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &old), 0);
     rlimit low = old;
     std::vector<Fd> filler;  // every number under the lowered limit
-    {
-        Fd probe(::open("/dev/null", O_RDONLY | O_CLOEXEC));
-        low.rlim_cur = static_cast<rlim_t>(probe.get() + 16);
-        ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
-    }
-    for (;;) {
-        const int fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
-        if (fd < 0) break;
-        filler.emplace_back(fd);
-    }
+    ASSERT_TRUE(lower_fd_limit_and_fill(low, filler));
     for (auto& c : clients)
         ::connect(c.get(), static_cast<const sockaddr*>(addr.sockaddr_ptr()), addr.sockaddr_len());
     // Each client is either served or sees the end; out of fds, the end.
@@ -1794,16 +1801,7 @@ TEST(TcpServer, AFdLimitRaisedWhileServingHoldsForAccepts) {
     for (int i = 0; i < n; ++i)
         clients.emplace_back(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
     rlimit low = old;
-    {
-        Fd probe(::open("/dev/null", O_RDONLY | O_CLOEXEC));
-        low.rlim_cur = static_cast<rlim_t>(probe.get() + 16);
-        ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
-    }
-    for (;;) {
-        const int fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
-        if (fd < 0) break;
-        filler.emplace_back(fd);
-    }
+    ASSERT_TRUE(lower_fd_limit_and_fill(low, filler));
     pump_for(loop, 50ms);  // the accept request is made under the low limit
     ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &old), 0);  // raised; the filler stays
     for (auto& c : clients)
