@@ -1075,6 +1075,46 @@ TEST_F(LoadTest, UdpRefusedPortIsAnError) {
     EXPECT_NE(err.find("Connection refused"), std::string::npos) << err;
 }
 
+// A refused datagram (ICMP port unreachable) is an answer: that session is
+// done at once. It was taken for a lost one, and the warm-up sent again every
+// --timeout until --connect-timeout (10 s by default) had passed.
+TEST_F(LoadTest, UdpRefusedPortEndsTheWarmUpAtOnceWithOneErrorPerSession) {
+    int port;
+    {
+        TinyUdpServer gone([](std::size_t, std::string&) { return true; });
+        port = gone.port();
+    }
+    std::string out, err;
+    const auto start = Clock::now();
+    EXPECT_EQ(run_load({"--udp", "--port", std::to_string(port), "--conns", "3", "--size", "10",
+                        "--duration", "0.2", "--json"},
+                       &out, &err),
+              1);
+    EXPECT_LT(Clock::now() - start, 5s) << "waited for the connect timeout: " << err;
+    const LoadReport r = parse_report(out);
+    EXPECT_EQ(r["errors"], 3) << err;
+    EXPECT_EQ(r["sent"], 0);
+    for (const char* session : {"session 0: ", "session 1: ", "session 2: "})
+        EXPECT_NE(err.find(std::string("evmux-load: ") + session), std::string::npos) << err;
+    EXPECT_EQ(err.find("no echo"), std::string::npos) << err;
+    EXPECT_NE(err.find("no load sent"), std::string::npos) << err;
+}
+
+TEST_F(LoadTest, UdpStopsPromptlyWhenTheServerGoes) {
+    auto server = std::make_unique<TinyUdpServer>([](std::size_t, std::string&) { return true; });
+    Child load({program_path("EVMUX_LOAD"), "--udp", "--port", std::to_string(server->port()),
+                "--conns", "4", "--size", "64", "--duration", "10"});
+    std::this_thread::sleep_for(500ms);
+    const auto gone = Clock::now();
+    server.reset();
+    EXPECT_EQ(load.finish(), 1) << load.err();
+    EXPECT_LT(Clock::now() - gone, 3s) << "ran on after the server went";
+    EXPECT_NE(load.err().find("evmux-load: every session's datagrams were refused (nothing "
+                              "listens there any more); stopped after "),
+              std::string::npos)
+        << load.err();
+}
+
 TEST_F(LoadTest, BadFlagsExitTwoWithOneLine) {
     const std::vector<std::vector<std::string>> cases = {
         {},

@@ -51,6 +51,7 @@ struct Session {
     std::uint64_t seq = 0;  // of the datagram in flight, or the last one sent
     bool waiting = false;   // a datagram is in flight
     bool warmed = false;    // its warm-up datagram came back
+    bool refused = false;   // ECONNREFUSED: nothing listens there; sends no more
     Clock::time_point sent_at{};
     unsigned char* msg = nullptr;  // size bytes, preallocated
 };
@@ -93,8 +94,10 @@ class UdpLoad {
         s.waiting = false;
         --in_flight_;
     }
+    void refuse(std::size_t i, const char* call);
     void expire(Clock::time_point now);
     void poll_once(Clock::time_point until);
+    bool all_refused() const { return refused_ == sessions_.size(); }
 
     const Options& opt_;
     sockaddr_storage addr_;
@@ -108,6 +111,7 @@ class UdpLoad {
     std::deque<Deadline> deadlines_;
     Phase phase_ = Phase::warm;
     std::size_t in_flight_ = 0;
+    std::size_t refused_ = 0;  // sessions refused
     Clock::time_point last_reply_{};
     UdpResults res_;
     int messages_printed_ = 0;
@@ -178,8 +182,9 @@ void UdpLoad::send_next(std::size_t i, Clock::time_point now) {
     do {
         n = ::send(s.fd, s.msg, opt_.size, 0);
     } while (n < 0 && errno == EINTR);
+    if (n < 0 && errno == ECONNREFUSED) return refuse(i, "send");
     // EAGAIN or ENOBUFS: the datagram is as good as lost, and its timeout
-    // says so. Anything else (ECONNREFUSED: nobody listens) is an error too.
+    // says so. Anything else is an error too.
     if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != ENOBUFS)
         error(i, "send: %s", std::strerror(errno));
     if (phase_ == Phase::run) ++res_.sent;
@@ -187,6 +192,18 @@ void UdpLoad::send_next(std::size_t i, Clock::time_point now) {
     s.sent_at = now;
     ++in_flight_;
     deadlines_.push_back({now + timeout_, i, s.seq});
+}
+
+// The kernel got an ICMP port unreachable for an earlier datagram: nothing
+// listens there (or no longer). Waiting for that session's echoes, or sending
+// it more, cannot help: it is done, with one error.
+void UdpLoad::refuse(std::size_t i, const char* call) {
+    Session& s = sessions_[i];
+    error(i, "%s: %s", call, std::strerror(ECONNREFUSED));
+    if (s.refused) return;
+    s.refused = true;
+    ++refused_;
+    if (s.waiting) settle(s);
 }
 
 void UdpLoad::on_readable(std::size_t i) {
@@ -198,7 +215,8 @@ void UdpLoad::on_readable(std::size_t i) {
         }
         if (errno == EINTR) continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK) return;
-        error(i, "recv: %s", std::strerror(errno));  // reading it cleared it
+        if (errno == ECONNREFUSED) return refuse(i, "recv");  // reading it cleared it
+        error(i, "recv: %s", std::strerror(errno));
         return;
     }
 }
@@ -267,7 +285,7 @@ bool UdpLoad::warm_up() {
                                     std::chrono::duration<double>(opt_.connect_timeout_s));
     while (in_flight_ > 0 && Clock::now() < deadline) poll_once(deadline);
     for (std::size_t i = 0; i < sessions_.size(); ++i)
-        if (!sessions_[i].warmed)
+        if (!sessions_[i].warmed && !sessions_[i].refused)
             error(i, "no echo to the warm-up datagram within %.3g s", opt_.connect_timeout_s);
     return res_.errors == 0 && res_.mismatches == 0;
 }
@@ -283,7 +301,12 @@ void UdpLoad::run() {
     const auto end = start + std::chrono::duration_cast<Clock::duration>(
                                  std::chrono::duration<double>(opt_.duration_s));
     for (std::size_t i = 0; i < sessions_.size(); ++i) send_next(i, start);
-    while (Clock::now() < end) poll_once(end);
+    while (Clock::now() < end && !all_refused()) poll_once(end);
+    if (all_refused())
+        std::fprintf(stderr,
+                     "evmux-load: every session's datagrams were refused (nothing listens "
+                     "there any more); stopped after %.1f s\n",
+                     std::chrono::duration<double>(Clock::now() - start).count());
     mark_window(opt_, "end\n");
     phase_ = Phase::drain;
     // Every datagram in flight is answered or expires within the timeout.
