@@ -1776,7 +1776,7 @@ TEST(TcpServer, AFdLimitLoweredWhileServingHoldsForAccepts) {
 // The other way: a limit raised while the server runs holds too. On
 // completion I/O the accept request made under the old limit fails with
 // EMFILE at it; the backlog is then accepted with accept4(), under the new
-// one, and the request made again (README, Completion I/O, Accepting).
+// one, and the request made again (docs/completion-io.md, Accepting).
 TEST(TcpServer, AFdLimitRaisedWhileServingHoldsForAccepts) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     rlimit old{};

@@ -524,10 +524,10 @@ TEST_P(UringFloorTest, SessionsOutOfBuffersWaitForOneAndNoneStalls) {
     EXPECT_EQ(server->signal_and_wait(SIGTERM), 0) << server->err();
 }
 
-// The variants README's "Not used, and why" measures: zero-copy sends (a
-// buffer back to the ring only at its notification: with 4 buffers, sends
-// still waiting for theirs starve the receives unless they come back) and
-// evmux's own ring flags. Every byte still comes back.
+// The variants docs/completion-io.md's "Not used, and why" measures:
+// zero-copy sends (a buffer back to the ring only at its notification: with
+// 4 buffers, sends still waiting for theirs starve the receives unless they
+// come back) and evmux's own ring flags. Every byte still comes back.
 TEST_P(UringFloorTest, ZeroCopyAndCoopVariantsEchoEveryByte) {
     for (const auto& [var, value] : {std::pair{"EVMUX_BASELINE_URING_SEND", "zc"},
                                      std::pair{"EVMUX_BASELINE_URING_SETUP", "coop"}}) {

@@ -20,8 +20,8 @@
 // cancelled until its queue drains); EOF drains the queue, then closes;
 // EMFILE on accept does not spin. Memory is fixed: buffer_count x buffer_size.
 //
-// Two variants, to measure what a piece is worth here (README, "Completion
-// I/O", "Not used, and why"), chosen by the environment:
+// Two variants, to measure what a piece is worth here (docs/completion-io.md,
+// "Not used, and why"), chosen by the environment:
 //  EVMUX_BASELINE_URING_SETUP=coop  COOP_TASKRUN|TASKRUN_FLAG only (the flags
 //                                   evmux's rings use), not SINGLE_ISSUER|
 //                                   DEFER_TASKRUN.
