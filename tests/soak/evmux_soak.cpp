@@ -106,7 +106,7 @@ constexpr auto settle_time = 10s;
 /// between the readings) one of 252 bytes per connection fails the bound
 /// (12 MiB / 50 000 = 251.7 B: one of 250 B does not), over 5 rounds one of
 /// 315, over 4 rounds one of 420 (419.4); a leaked Connection (896 bytes,
-/// plus its control block) fails any of them. See README, Reliability.
+/// plus its control block) fails any of them. See docs/reliability.md.
 constexpr long rss_slack_ki_b = 12 * 1024;
 /// Failure messages printed; the rest are only counted.
 constexpr int max_messages = 20;
