@@ -54,8 +54,10 @@ struct ServerOptions {
     /// refuse ("Address already in use").
     bool reuse_port = false;
     /// Over a LoopGroup: how connections are spread (a Unix socket address
-    /// always uses round_robin). Ignored on one loop. The default was chosen
-    /// by measurement (README "Many cores").
+    /// always uses round_robin). Ignored on one loop. reuse_port is the
+    /// default for its design (no hand-off between threads, no single
+    /// acceptor), not by measurement: a steady-state benchmark cannot tell
+    /// the two apart (README "Many cores").
     Distribution distribution = Distribution::reuse_port;
     /// Connections open at once (over all loops); 0 = no limit. Beyond it a
     /// new connection is accepted and closed at once (the peer sees EOF), and
