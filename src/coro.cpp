@@ -474,6 +474,20 @@ void ConnectAwaiter::await_suspend(std::coroutine_handle<> waiting) {
             ec, ends_so ? message.substr(0, message.size() - said.size()) : message));
         std::exchange(st->waiting, {}).resume();
     };
+    // A connection that closes before on_connect (over TLS: its handshake
+    // failed or ran out of time) has no stream; it ends the wait too, with
+    // the connection's reason: "connect 127.0.0.1:443: connection closed
+    // (tls): TLS handshake: certificate verify failed (hostname mismatch)".
+    cb.on_close = [weak, target = by_text_ ? target_ : address_.to_string()](
+                      const ConnectionPtr& conn, CloseReason reason, int err) {
+        if (find(conn)) return on_close(conn, reason, err);  // a stream's
+        auto st = weak.lock();
+        if (!st || !st->waiting) return;
+        const std::string operation = "connect " + target;
+        st->error = std::make_exception_ptr(
+            ConnectionClosed(operation.c_str(), reason, err, conn->close_message()));
+        std::exchange(st->waiting, {}).resume();
+    };
     connector_ = by_text_ ? evmux::connect(loop_, target_, std::move(cb), options_)
                           : evmux::connect(loop_, address_, std::move(cb), options_);
 }

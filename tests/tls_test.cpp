@@ -1096,6 +1096,73 @@ TEST_F(Tls, ACoroutinesReadSaysOpensslsReason) {
     EXPECT_NE(seen.find("unexpected eof"), std::string::npos) << seen;
 }
 
+namespace {
+// co_await coro::connect(...) with a TLS context; what it threw, if anything.
+coro::Task<void> tls_connect(EventLoop* loop, Address to, ConnectOptions options, std::string* seen,
+                             int* code, bool* done) {
+    try {
+        coro::Stream s = co_await coro::connect(*loop, to, options);
+        *seen = "connected";
+    } catch (const coro::ConnectionClosed& e) {
+        *seen = e.what();
+        *code = e.code().value();
+    } catch (const std::exception& e) {
+        *seen = std::string("another exception: ") + e.what();
+    }
+    *done = true;
+}
+}  // namespace
+
+// A coroutine's connect() whose TLS handshake fails (a wrong name) or does
+// not finish in time throws, as a failed TCP connect does (it waited forever:
+// the connection closed without on_connect, and nothing resumed it).
+TEST_F(Tls, ACoroutinesConnectThrowsWhenTheHandshakeFails) {
+    EchoServer server(loop(), server_context());
+    ConnectOptions wrong;
+    wrong.connection.tls = client_context("wrong.example");
+    std::string seen;
+    int code = 0;
+    bool done = false;
+    coro::spawn(loop(), tls_connect(&loop(), server.address(), wrong, &seen, &code, &done));
+    ASSERT_TRUE(run_until(
+        loop(), [&] { return done; }, 5s))
+        << "connect() never returned";
+    EXPECT_EQ(seen.rfind("connect " + server.address().to_string() +
+                             ": connection closed (tls): TLS handshake: certificate verify failed "
+                             "(hostname mismatch)",
+                         0),
+              0u)
+        << seen;
+    EXPECT_EQ(code, EPROTO);
+
+    // A server that never answers the ClientHello: the handshake's time limit.
+    TcpServer mute(loop(), Address::ip("127.0.0.1", 0), Callbacks{});
+    TlsClientOptions co;
+    co.ca_file = tls_files().ca;
+    co.server_name = "localhost";
+    co.handshake_timeout = 200ms;
+    ConnectOptions slow;
+    slow.connection.tls = TlsContext::client(co);
+    done = false;
+    coro::spawn(loop(), tls_connect(&loop(), mute.local_address(), slow, &seen, &code, &done));
+    ASSERT_TRUE(run_until(
+        loop(), [&] { return done; }, 5s))
+        << "connect() never returned";
+    EXPECT_EQ(seen, "connect " + mute.local_address().to_string() +
+                        ": connection closed (timeout): TLS handshake timed out after 200 ms: "
+                        "Connection timed out");
+    EXPECT_EQ(code, ETIMEDOUT);
+
+    // The right name: a stream, and the server still serves.
+    ConnectOptions good;
+    good.connection.tls = client_context();
+    done = false;
+    coro::spawn(loop(), tls_connect(&loop(), server.address(), good, &seen, &code, &done));
+    ASSERT_TRUE(run_until(
+        loop(), [&] { return done; }, 5s));
+    EXPECT_EQ(seen, "connected");
+}
+
 TEST_F(Tls, ThrowingCallbackClosesOnlyItsConnection) {
     Record& srv = record();
     Callbacks cb = recording(srv, true);

@@ -765,7 +765,10 @@ class ConnectAwaiter {
 /// `Stream s = co_await connect(loop, address);`: a non-blocking connect
 /// (evmux::connect()). Throws std::system_error on failure, what() like
 /// "connect 127.0.0.1:1: Connection refused" (ETIMEDOUT after
-/// options.timeout). Destroying the waiting task cancels the attempt.
+/// options.timeout). Over TLS (options.connection.tls) it returns once the
+/// handshake is done; a failed or timed-out handshake throws ConnectionClosed
+/// (reason `tls` or `timeout`, what() with the connection's close_message()).
+/// Destroying the waiting task cancels the attempt.
 inline detail::ConnectAwaiter connect(EventLoop& loop, const Address& address,
                                       ConnectOptions options = {}) {
     return detail::ConnectAwaiter(loop, address, options);
