@@ -9,6 +9,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <charconv>
 #include <cstring>
 #include <stdexcept>
@@ -83,6 +84,13 @@ Address Address::parse(std::string_view text) {
     if (text.find('\0') != std::string_view::npos) bad(text, "contains a NUL byte");
     const auto [host, port_text] =
         detail::split_host_port_text(text, "expected HOST:PORT, [HOST]:PORT or unix:PATH");
+    // A service name ("http"): what the text-taking calls resolve.
+    if (!port_text.empty() && std::isalpha(static_cast<unsigned char>(port_text.front())))
+        bad(text,
+            ("the port is not a number (a service name such as '" + std::string(port_text) +
+             "' is looked up by evmux::Resolver; connect(), TcpServer and LoopGroup::listen() "
+             "take \"host:port\" text)")
+                .c_str());
     unsigned port = 0;
     auto [p, ec] = std::from_chars(port_text.data(), port_text.data() + port_text.size(), port);
     if (port_text.empty() || ec != std::errc() || p != port_text.data() + port_text.size() ||

@@ -452,6 +452,22 @@ TEST(Resolver, ABracketedHostWithoutItsPortOrClosingBracketIsSaidSo) {
     EXPECT_EQ(Address::parse("[::1]:80").to_string(), "[::1]:80");
 }
 
+TEST(Resolver, AServiceNameGivenToParseIsSaidToBeTakenByTheTextCalls) {
+    // "127.0.0.1:http" was told "port must be 0..65535", as if http were a
+    // number out of range; connect() and TcpServer take it as it is.
+    EXPECT_EQ(message(by_parse, "127.0.0.1:http"),
+              "bad address \"127.0.0.1:http\": the port is not a number (a service name such "
+              "as 'http' is looked up by evmux::Resolver; connect(), TcpServer and "
+              "LoopGroup::listen() take \"host:port\" text)");
+    EXPECT_EQ(message(by_parse, "127.0.0.1:70000"),
+              "bad address \"127.0.0.1:70000\": port must be 0..65535");
+    EXPECT_EQ(message(by_parse, "127.0.0.1:-1"),
+              "bad address \"127.0.0.1:-1\": port must be 0..65535");
+    EXPECT_EQ(message(by_parse, "127.0.0.1:80x"),
+              "bad address \"127.0.0.1:80x\": port must be 0..65535");
+    EXPECT_EQ(message(by_parse, "127.0.0.1:"), "bad address \"127.0.0.1:\": port must be 0..65535");
+}
+
 TEST(Resolver, BracketsAreForIpv6AddressesOnly) {
     EVMUX_LOOP_OR_SKIP(loop);
     DnsResponder dns(names());
