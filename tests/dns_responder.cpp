@@ -6,9 +6,13 @@
 #include <cstdint>
 #include <future>
 #include <stdexcept>
+#include <system_error>
 #include <utility>
 
+#include "evmux/buffer.hpp"
+#include "evmux/connection.hpp"
 #include "evmux/datagram.hpp"
+#include "evmux/server.hpp"
 
 namespace evmux::test {
 
@@ -72,11 +76,13 @@ std::string lower(std::string s) {
 }  // namespace
 
 std::optional<std::string> dns_reply(std::string_view question,
-                                     const std::map<std::string, DnsRecords>& table) {
+                                     const std::map<std::string, DnsRecords>& table,
+                                     bool over_udp) {
     const std::optional<Question> q = parse(question);
     if (!q) return std::nullopt;
     const unsigned opcode = q->flags >> 11 & 0xf;
     unsigned rcode = 0;
+    bool truncated = false;
     std::vector<std::string> answers;  // RDATA of each record
     auto found = table.find(q->name);
     if (found != table.end() && found->second.never_answer) return std::nullopt;
@@ -84,6 +90,10 @@ std::optional<std::string> dns_reply(std::string_view question,
         rcode = 4;  // NOTIMP
     } else if (found == table.end()) {
         rcode = 3;  // NXDOMAIN
+    } else if (over_udp && found->second.truncated_over_udp) {
+        truncated = true;  // no records: ask again over TCP
+    } else if (found->second.rcode != 0) {
+        rcode = found->second.rcode & 0xf;
     } else if (q->type == type_a || q->type == type_aaaa) {
         const bool v4 = q->type == type_a;
         for (const std::string& text : v4 ? found->second.a : found->second.aaaa) {
@@ -95,8 +105,9 @@ std::optional<std::string> dns_reply(std::string_view question,
     }
     std::string out;
     put16(out, q->id);
-    // QR, the opcode, AA, RD as asked, RA, the rcode.
-    put16(out, 0x8000u | opcode << 11 | 0x0400u | (q->flags & 0x0100u) | 0x0080u | rcode);
+    // QR, the opcode, AA, TC, RD as asked, RA, the rcode.
+    put16(out, 0x8000u | opcode << 11 | 0x0400u | (truncated ? 0x0200u : 0u) |
+                   (q->flags & 0x0100u) | 0x0080u | rcode);
     put16(out, 1);
     put16(out, static_cast<unsigned>(answers.size()));
     put16(out, 0);
@@ -150,24 +161,46 @@ std::vector<std::string> DnsResponder::asked() const {
     return asked_;
 }
 
+std::optional<std::string> DnsResponder::answer(std::string_view question, bool over_udp) {
+    ++questions_;
+    if (!over_udp) ++tcp_questions_;
+    std::lock_guard lock(mutex_);
+    asked_.push_back(dns_question_text(question));
+    if (silent_.load()) return std::nullopt;
+    return dns_reply(question, table_, over_udp);
+}
+
 void DnsResponder::serve(std::shared_ptr<std::promise<Address>> bound) {
     UdpEndpointPtr endpoint;
+    std::unique_ptr<TcpServer> tcp;
     std::unique_ptr<EventLoop> loop;
     try {
         loop = std::make_unique<EventLoop>();
-        UdpCallbacks callbacks;
-        callbacks.on_datagram = [this](UdpEndpoint& ep, std::string_view data,
-                                       const Address& from) {
-            ++questions_;
-            std::optional<std::string> reply;
-            {
-                std::lock_guard lock(mutex_);
-                asked_.push_back(dns_question_text(data));
-                if (!silent_.load()) reply = dns_reply(data, table_);
-            }
-            if (reply) ep.send_to(from, *reply);
+        UdpCallbacks udp;
+        udp.on_datagram = [this](UdpEndpoint& ep, std::string_view data, const Address& from) {
+            if (std::optional<std::string> reply = answer(data, true)) ep.send_to(from, *reply);
         };
-        endpoint = UdpEndpoint::bind(*loop, Address::parse("127.0.0.1:0"), std::move(callbacks));
+        Callbacks stream;
+        stream.on_message = [this](const ConnectionPtr& c, Buffer& in) {
+            while (std::optional<std::string_view> question = in.take_frame(Prefix::u16_be, 65535))
+                if (std::optional<std::string> reply = answer(*question, false)) {
+                    std::string framed;
+                    put16(framed, static_cast<unsigned>(reply->size()));
+                    c->send(framed + *reply);
+                }
+        };
+        // UDP on a free port, then TCP on the same one (taken by someone
+        // else now and then: then another port).
+        for (int attempt = 1;; ++attempt) {
+            endpoint = UdpEndpoint::bind(*loop, Address::parse("127.0.0.1:0"), udp);
+            try {
+                tcp = std::make_unique<TcpServer>(*loop, endpoint->local_address(), stream);
+                break;
+            } catch (const std::system_error&) {
+                endpoint->close();
+                if (attempt == 20) throw;
+            }
+        }
         loop_ = loop.get();
         bound->set_value(endpoint->local_address());
     } catch (...) {
@@ -175,6 +208,7 @@ void DnsResponder::serve(std::shared_ptr<std::promise<Address>> bound) {
         return;
     }
     loop->run();
+    tcp.reset();
     endpoint->close();
 }
 
