@@ -4,13 +4,18 @@
 // re-armed from ares_timeout() after every call into c-ares, drives its
 // retries and timeouts. Answers are delivered after c-ares has returned, never
 // from inside it, so a callback may start lookups, cancel them or destroy the
-// resolver.
+// resolver. With c-ares before 1.20 the resolver also reads the head of each
+// answer c-ares receives, through socket functions of its own, to report a
+// server's SERVFAIL, NOTIMP or REFUSED as such (see ResolverState::heard()).
 #include "evmux/resolver.hpp"
 
 #include <arpa/inet.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -23,6 +28,7 @@
 #include <utility>
 #include <vector>
 
+#include "dns_answer.hpp"
 #include "evmux_config.h"
 #if EVMUX_HAVE_CARES
 #include <ares.h>
@@ -166,6 +172,15 @@ struct ResolverState : std::enable_shared_from_this<ResolverState> {
     bool closed = false;
     bool delivering = false;
     bool delivery_posted = false;
+    // c-ares before 1.20 hides failure answers (see heard()): its sockets are
+    // then made and read by the socket functions below, which look at each
+    // answer received. Empty otherwise.
+    std::vector<std::string> search_domains;  // dns_name_key()s, for asks()
+    struct CaresSocket {
+        bool stream = false;  // TCP: its bytes are cut into messages
+        DnsStreamCutter cutter;
+    };
+    std::unordered_map<int, CaresSocket> cares_sockets;  // c-ares's, open
 
     ResolverState(EventLoop& l, ResolverOptions o) : loop(l), options(std::move(o)) {}
     ~ResolverState() {
@@ -190,6 +205,18 @@ struct ResolverState : std::enable_shared_from_this<ResolverState> {
     void sock_state(int fd, bool readable, bool writable);
     void process(ares_socket_t read_fd, ares_socket_t write_fd);
     void arm_timer();
+    void watch_failure_answers();
+    static const ares_socket_functions socket_functions;
+    static ares_socket_t open_socket(int family, int type, int protocol, void* data);
+    static int close_socket(ares_socket_t fd, void* data);
+    static int connect_socket(ares_socket_t fd, const sockaddr* to, ares_socklen_t length,
+                              void* data);
+    static ares_ssize_t receive(ares_socket_t fd, void* buffer, std::size_t size, int flags,
+                                sockaddr* from, ares_socklen_t* from_length, void* data);
+    static ares_ssize_t send_vector(ares_socket_t fd, const iovec* parts, int count, void* data);
+    void received(int fd, std::string_view bytes);
+    void heard(std::string_view message, bool over_tcp);
+    bool asks(const ResolveQuery& query, std::string_view name) const;
 #endif
 };
 
@@ -228,6 +255,11 @@ void ResolverState::open() {
                                         "\": " + ::ares_strerror(rc));
         }
     }
+    // The c-ares that runs, not the one compiled against: a newer shared
+    // library reports failure answers itself.
+    int version = 0;
+    ::ares_version(&version);
+    if (version < 0x011400) watch_failure_answers();
 #endif
 }
 
@@ -453,6 +485,18 @@ void ResolverState::on_addrinfo(void* arg, int status, int, ares_addrinfo* resul
         }
     if (result != nullptr) ::ares_freeaddrinfo(result);
     query->in_cares_ = false;
+    // c-ares before 1.20 ends a lookup whose every try was answered SERVFAIL,
+    // NOTIMP or REFUSED, or failed on its socket, with the status it starts
+    // each query with, ARES_ECONNREFUSED ("Could not contact DNS servers"):
+    // if a server did answer, its answer is the reason (the last one heard,
+    // as c-ares 1.20 reports it). A try that timed out makes it
+    // ARES_ETIMEOUT instead, which stays.
+    if (status == ARES_ECONNREFUSED && query->heard_rcode_ == dns_rcode_servfail)
+        status = ARES_ESERVFAIL;
+    else if (status == ARES_ECONNREFUSED && query->heard_rcode_ == dns_rcode_notimp)
+        status = ARES_ENOTIMP;
+    else if (status == ARES_ECONNREFUSED && query->heard_rcode_ == dns_rcode_refused)
+        status = ARES_EREFUSED;
     std::error_code error;
     if (status == ARES_EDESTRUCTION || status == ARES_ECANCELLED)
         error = cancelled();
@@ -464,6 +508,144 @@ void ResolverState::on_addrinfo(void* arg, int status, int, ares_addrinfo* resul
         self.queries.erase(query);
     else
         self.finish(*query, error, std::move(addresses));
+}
+
+// ---- failure answers (c-ares before 1.20) ----------------------------------------------
+//
+// c-ares 1.18 and 1.19 (ares_process.c, process_answer()) drop an answer
+// whose RCODE is SERVFAIL, NOTIMP or REFUSED and try the next server (or the
+// same one again, if it is the only one), without noting why; once every try
+// is spent the query ends with query->error_status, which ares_send() sets to
+// ARES_ECONNREFUSED and only a timeout changes (to ARES_ETIMEOUT). So a
+// server that answered "refused" read as "Could not contact DNS servers".
+// (c-ares 1.20 sets error_status from the RCODE.) ARES_FLAG_NOCHECKRESP
+// would hand such an answer over, but also stop c-ares from asking the next
+// server. Instead the resolver opens and reads c-ares's sockets for it
+// (ares_set_socket_functions(): the system calls c-ares makes itself) and
+// looks at the head of each answer that arrives, before c-ares does: a
+// failure RCODE is noted on every pending lookup that asks the answer's
+// question, and on_addrinfo() reports it if c-ares ends the lookup with
+// ARES_ECONNREFUSED.
+
+const ares_socket_functions ResolverState::socket_functions = {
+    &ResolverState::open_socket, &ResolverState::close_socket, &ResolverState::connect_socket,
+    &ResolverState::receive,     &ResolverState::send_vector,
+};
+
+void ResolverState::watch_failure_answers() {
+    ::ares_set_socket_functions(channel, &socket_functions, this);
+    // The names a lookup asks: the host, and the host in each search domain
+    // (resolv.conf's "search", LOCALDOMAIN).
+    ares_options saved{};
+    int mask = 0;
+    if (::ares_save_options(channel, &saved, &mask) != ARES_SUCCESS) return;
+    try {
+        for (int i = 0; i < saved.ndomains; ++i)
+            search_domains.push_back(dns_name_key(saved.domains[i]));
+    } catch (...) {
+        ::ares_destroy_options(&saved);
+        throw;
+    }
+    ::ares_destroy_options(&saved);
+}
+
+// c-ares sets no option on a socket of its socket functions: what it would
+// have set (non-blocking, close-on-exec, TCP_NODELAY) is set here. (It binds
+// only for ARES_OPT_LOCAL*, which a Resolver does not set.)
+ares_socket_t ResolverState::open_socket(int family, int type, int protocol, void* data) {
+    auto* self = static_cast<ResolverState*>(data);
+    const int fd = ::socket(family, type | SOCK_NONBLOCK | SOCK_CLOEXEC, protocol);
+    if (fd < 0) return ARES_SOCKET_BAD;
+    const int on = 1;
+    if (type == SOCK_STREAM && ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on) != 0) {
+        const int err = errno;
+        ::close(fd);
+        errno = err;
+        return ARES_SOCKET_BAD;
+    }
+    try {
+        self->cares_sockets[fd] = CaresSocket{type == SOCK_STREAM, {}};
+    } catch (const std::bad_alloc&) {
+        ::close(fd);
+        errno = ENOMEM;
+        return ARES_SOCKET_BAD;
+    }
+    return fd;
+}
+
+int ResolverState::close_socket(ares_socket_t fd, void* data) {
+    static_cast<ResolverState*>(data)->cares_sockets.erase(fd);
+    return ::close(fd);
+}
+
+int ResolverState::connect_socket(ares_socket_t fd, const sockaddr* to, ares_socklen_t length,
+                                  void*) {
+    return ::connect(fd, to, length);
+}
+
+ares_ssize_t ResolverState::receive(ares_socket_t fd, void* buffer, std::size_t size, int flags,
+                                    sockaddr* from, ares_socklen_t* from_length, void* data) {
+    const ssize_t n = ::recvfrom(fd, buffer, size, flags, from, from_length);
+    if (n > 0 && (flags & MSG_PEEK) == 0) {
+        const int err = errno;  // c-ares reads errno only after a failure; kept anyway
+        static_cast<ResolverState*>(data)->received(
+            fd, std::string_view(static_cast<const char*>(buffer), static_cast<std::size_t>(n)));
+        errno = err;
+    }
+    return n;
+}
+
+// MSG_NOSIGNAL: a TCP server that has gone is an EPIPE for c-ares to handle,
+// not a SIGPIPE for the process (c-ares itself writes with writev()).
+ares_ssize_t ResolverState::send_vector(ares_socket_t fd, const iovec* parts, int count, void*) {
+    msghdr message{};
+    message.msg_iov = const_cast<iovec*>(parts);
+    message.msg_iovlen = static_cast<std::size_t>(count);
+    return ::sendmsg(fd, &message, MSG_NOSIGNAL);
+}
+
+// Bytes c-ares has just received on `fd`: a datagram is one message; a TCP
+// stream is cut into its messages.
+void ResolverState::received(int fd, std::string_view bytes) {
+    const auto at = cares_sockets.find(fd);
+    if (at == cares_sockets.end()) return;
+    try {
+        if (!at->second.stream)
+            heard(bytes, false);
+        else
+            at->second.cutter.feed(bytes, [this](std::string_view m) { heard(m, true); });
+    } catch (const std::bad_alloc&) {
+        // Only a better message is lost: c-ares has the answer either way.
+    }
+}
+
+// An answer is about to reach c-ares. One whose RCODE is SERVFAIL, NOTIMP or
+// REFUSED is noted on each pending lookup that asks its question (c-ares
+// checks the id as well; the name is enough here: two lookups that ask the
+// same question of the same servers get the same answers). A truncated UDP
+// answer is not one: c-ares asks again over TCP without looking at its RCODE.
+void ResolverState::heard(std::string_view message, bool over_tcp) {
+    const std::optional<DnsAnswerHead> head = read_dns_answer_head(message);
+    if (!head || (head->truncated && !over_tcp)) return;
+    if (head->rcode != dns_rcode_servfail && head->rcode != dns_rcode_notimp &&
+        head->rcode != dns_rcode_refused)
+        return;
+    for (auto& [raw, query] : queries)
+        if (query->in_cares_ && !query->finished_ && asks(*query, head->name))
+            query->heard_rcode_ = head->rcode;
+}
+
+// Whether c-ares asks `name` (a dns_name_key()) for `query`: its host, or
+// its host in one of the search domains (ares_getaddrinfo() tries those too,
+// unless the host ends with a dot).
+bool ResolverState::asks(const ResolveQuery& query, std::string_view name) const {
+    const std::string host = dns_name_key(query.host_);
+    if (name == host) return true;
+    if (query.host_.ends_with('.') || name.size() <= host.size() + 1 || !name.starts_with(host) ||
+        name[host.size()] != '.')
+        return false;
+    const std::string_view domain = name.substr(host.size() + 1);
+    return std::find(search_domains.begin(), search_domains.end(), domain) != search_domains.end();
 }
 
 #endif  // EVMUX_HAVE_CARES

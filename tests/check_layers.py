@@ -23,7 +23,8 @@ LAYERS = [
                     "src/connection_completion.cpp", "src/buffer.cpp",
                     "src/address.cpp"]),
     # Names sit below the servers and clients, which take "host:port" text.
-    ("names", ["include/evmux/resolver.hpp", "src/resolver.cpp"]),
+    ("names", ["include/evmux/resolver.hpp", "src/resolver.cpp", "src/dns_answer.hpp",
+               "src/dns_answer.cpp"]),
     ("server / client", ["include/evmux/server.hpp", "include/evmux/loop_group.hpp",
                          "src/server.cpp", "src/listener.hpp", "src/listener.cpp",
                          "src/loop_group.cpp"]),

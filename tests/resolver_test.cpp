@@ -13,11 +13,15 @@
 #include <cstdlib>
 #include <map>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <system_error>
 #include <vector>
 
+#include <ares.h>
+
+#include "../src/dns_answer.hpp"  // internal: what the resolver reads of answers
 #include "dns_responder.hpp"
 #include "evmux/address.hpp"
 #include "evmux/connection.hpp"
@@ -200,6 +204,244 @@ TEST(Resolver, ServerThatNeverAnswersTimesOut) {
     EXPECT_GE(dns.questions(), 4u) << "A and AAAA, each tried twice";
     // c-ares closed its socket and the loop watches nothing of it.
     EXPECT_EQ(loop.selector().size(), watched_before) << "the resolver's socket is still watched";
+}
+
+// ---- servers that answer with a failure, or cannot be reached ----------------------------
+//
+// c-ares 1.18 (Debian 12's) takes an answer SERVFAIL, NOTIMP or REFUSED as
+// "try the next server", and a lookup whose every try ended so as
+// ARES_ECONNREFUSED, "Could not contact DNS servers": the status it starts
+// each query with, which only a timeout replaces. Users read that as the
+// host refusing, when a server answered. (c-ares 1.20 reports the answer.)
+
+/// A question for `name`'s A record, id 0x1234, as a client sends it.
+std::string a_question(const std::string& name) {
+    std::string q = {'\x12', '\x34', '\x01', '\x00', 0, 1, 0, 0, 0, 0, 0, 0};
+    std::size_t start = 0;
+    while (start <= name.size()) {
+        const std::size_t dot = std::min(name.find('.', start), name.size());
+        q += static_cast<char>(dot - start);
+        q += name.substr(start, dot - start);
+        start = dot + 1;
+    }
+    return q + std::string{0, 0, 1, 0, 1};
+}
+
+// What the resolver reads of the answers c-ares receives (src/dns_answer.hpp).
+TEST(DnsAnswer, TheHeadOfAnAnswerAndTcpMessagesInAnyPieces) {
+    const std::map<std::string, DnsRecords> table = {
+        {"fail.test", {{}, {}, false, 5}}, {"big.test", {{"127.0.0.1"}, {}, false, 0, true}}};
+    const std::string question = a_question("Fail.TEST");
+    const std::string refused = *test::dns_reply(question, table);
+    auto head = detail::read_dns_answer_head(refused);
+    ASSERT_TRUE(head);
+    EXPECT_EQ(head->id, 0x1234);
+    EXPECT_EQ(head->rcode, detail::dns_rcode_refused);
+    EXPECT_FALSE(head->truncated);
+    EXPECT_EQ(head->name, "fail.test");
+    head = detail::read_dns_answer_head(*test::dns_reply(a_question("big.test"), table));
+    ASSERT_TRUE(head);
+    EXPECT_TRUE(head->truncated);
+    EXPECT_EQ(head->rcode, 0u);
+    EXPECT_FALSE(detail::read_dns_answer_head(question)) << "a query, not an answer";
+    for (std::size_t n = 0; n < refused.size(); ++n)
+        EXPECT_FALSE(detail::read_dns_answer_head(refused.substr(0, n)))
+            << "cut at " << n << " of " << refused.size();
+    EXPECT_EQ(detail::dns_name_key("One.Test."), "one.test");
+
+    // Two messages, each after its length: whole, and a byte at a time.
+    const std::string ok = *test::dns_reply(a_question("big.test"), table, false);
+    std::string stream;
+    for (const std::string* m : {&refused, &ok}) {
+        stream += static_cast<char>(m->size() >> 8);
+        stream += static_cast<char>(m->size() & 0xff);
+        stream += *m;
+    }
+    for (const std::size_t piece : {stream.size(), std::size_t{1}, std::size_t{3}}) {
+        detail::DnsStreamCutter cutter;
+        std::vector<std::string> messages;
+        for (std::size_t at = 0; at < stream.size(); at += piece)
+            cutter.feed(std::string_view(stream).substr(at, piece),
+                        [&](std::string_view m) { messages.emplace_back(m); });
+        EXPECT_EQ(messages, (std::vector<std::string>{refused, ok})) << "pieces of " << piece;
+    }
+}
+
+/// A table of names answered with a failure code: SERVFAIL, REFUSED, NOTIMP.
+std::map<std::string, DnsRecords> failing_names() {
+    std::map<std::string, DnsRecords> table = names();
+    table["servfail.test"] = {{}, {}, false, 2};
+    table["refused.test"] = {{}, {}, false, 5};
+    table["notimp.test"] = {{}, {}, false, 4};
+    return table;
+}
+
+/// "127.0.0.1:PORT" where no UDP socket is bound (one was, a moment ago): a
+/// question sent there is answered by ICMP port unreachable.
+std::string closed_udp_server() {
+    const Address any = Address::parse("127.0.0.1:0");
+    Fd fd(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+    if (!fd ||
+        ::bind(fd.get(), static_cast<const sockaddr*>(any.sockaddr_ptr()), any.sockaddr_len()) != 0)
+        throw std::system_error(errno, std::generic_category(), "bind 127.0.0.1:0");
+    return Address::local_of(fd.get()).to_string();  // closed on return
+}
+
+TEST(Resolver, AServfailAnswerIsServerFailureNotCouldNotContact) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    DnsResponder dns(failing_names());
+    // Both families (A and AAAA), each tried twice: every answer SERVFAIL.
+    auto r = lookups(loop, asking(dns), {{"servfail.test", "80"}});
+    EXPECT_EQ(r[0].calls, 1);
+    EXPECT_EQ(r[0].error, ResolveErrc::server_failure) << r[0].error.message();
+    EXPECT_TRUE(r[0].addresses.empty());
+    EXPECT_EQ(resolve_message("servfail.test", r[0].error),
+              "cannot resolve 'servfail.test': DNS server returned general failure");
+    EXPECT_GE(dns.questions(), 2u);
+    try {
+        resolve_now("servfail.test", "80", asking(dns));
+        ADD_FAILURE() << "resolve_now did not throw";
+    } catch (const std::system_error& e) {
+        EXPECT_EQ(e.code(), ResolveErrc::server_failure);
+        EXPECT_STREQ(e.what(),
+                     "evmux: cannot resolve 'servfail.test': DNS server returned general failure");
+    }
+}
+
+TEST(Resolver, ARefusedAnswerIsRefusedNotCouldNotContact) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    DnsResponder dns(failing_names());
+    auto r = lookups(loop, of_family(asking(dns), AF_INET), {{"refused.test", "80"}});
+    EXPECT_EQ(r[0].calls, 1);
+    EXPECT_EQ(r[0].error, ResolveErrc::refused) << r[0].error.message();
+    EXPECT_EQ(resolve_message("refused.test", r[0].error),
+              "cannot resolve 'refused.test': DNS server refused query");
+    // connect() by name says it in its text.
+    Resolver resolver(loop, asking(dns));
+    ConnectOptions co;
+    co.resolver = &resolver;
+    ConnectResult c;
+    connect(loop, "refused.test:80", c.callbacks(), co);
+    ASSERT_TRUE(run_until(loop, [&] { return c.errors > 0 || c.connects > 0; }));
+    EXPECT_EQ(c.ec, ResolveErrc::refused);
+    EXPECT_EQ(c.message,
+              "connect refused.test:80: cannot resolve 'refused.test': DNS server refused query");
+}
+
+TEST(Resolver, ANotimpAnswerIsSaidAsSuch) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    DnsResponder dns(failing_names());
+    auto r = lookups(loop, asking(dns), {{"notimp.test", "80"}});
+    // c-ares's ARES_ENOTIMP: no ResolveErrc of its own, in the category by number.
+    EXPECT_EQ(r[0].error.category(), resolve_category());
+    EXPECT_EQ(r[0].error.value(), 5) << r[0].error.message();
+    EXPECT_EQ(r[0].error.message(), "DNS server does not implement requested operation");
+}
+
+// The answer comes over TCP (the UDP one was truncated): heard there too.
+TEST(Resolver, AFailureAnswerOverTcpIsSaidAsSuch) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    std::map<std::string, DnsRecords> table = names();
+    table["big.test"] = {{}, {}, false, 2, true};
+    table["bigok.test"] = {{"127.0.0.41"}, {}, false, 0, true};
+    DnsResponder dns(table);
+    auto r =
+        lookups(loop, of_family(asking(dns), AF_INET), {{"big.test", "80"}, {"bigok.test", "80"}});
+    EXPECT_EQ(r[0].error, ResolveErrc::server_failure) << r[0].error.message();
+    EXPECT_EQ(r[1].texts(), std::vector<std::string>{"127.0.0.41:80"}) << r[1].error.message();
+    EXPECT_GE(dns.tcp_questions(), 2u) << "c-ares did not ask again over TCP";
+}
+
+// Servers that disagree: the last answer heard decides, as c-ares 1.20 and
+// later decide (the servers are asked in order, each once per round).
+TEST(Resolver, ServersThatAnswerDifferentlyReportTheLastAnswer) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    std::map<std::string, DnsRecords> servfail = names(), refused = names();
+    servfail["x.test"] = {{}, {}, false, 2};
+    refused["x.test"] = {{}, {}, false, 5};
+    DnsResponder failing(servfail), refusing(refused);
+    for (const bool refused_last : {true, false}) {
+        SCOPED_TRACE(refused_last ? "SERVFAIL, then REFUSED" : "REFUSED, then SERVFAIL");
+        ResolverOptions o = of_family(asking(failing), AF_INET);
+        o.servers = refused_last ? failing.server() + "," + refusing.server()
+                                 : refusing.server() + "," + failing.server();
+        auto r = lookups(loop, o, {{"x.test", "80"}});
+        EXPECT_EQ(r[0].error, refused_last ? ResolveErrc::refused : ResolveErrc::server_failure)
+            << r[0].error.message();
+    }
+    EXPECT_GE(failing.questions(), 2u);
+    EXPECT_GE(refusing.questions(), 2u);
+}
+
+// A closed port (ICMP port unreachable) is "Could not contact DNS servers",
+// as it was; beside a server that answers REFUSED, the answer is reported.
+// Asked last, the closed port is what c-ares 1.20 and later report (the last
+// try's outcome); evmux on an older c-ares reports the answer. (One question
+// at a time: a second one sent on the socket would take the ICMP error in its
+// send(), and the first would wait for its timeout: c-ares reports a timeout
+// then.)
+TEST(Resolver, AClosedPortIsConnectionRefusedUnlessAnotherServerAnswered) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    DnsResponder dns(failing_names());
+    ResolverOptions closed = asking(dns);
+    closed.servers = closed_udp_server();
+    auto r = lookups(loop, closed, {{"one.test", "80"}});
+    EXPECT_EQ(r[0].error, ResolveErrc::connection_refused) << r[0].error.message();
+    EXPECT_EQ(resolve_message("one.test", r[0].error),
+              "cannot resolve 'one.test': Could not contact DNS servers");
+    int cares_version = 0;
+    ::ares_version(&cares_version);
+    for (const bool closed_first : {true, false}) {
+        SCOPED_TRACE(closed_first ? "closed port first" : "closed port last");
+        ResolverOptions both = of_family(asking(dns), AF_INET);
+        both.servers = closed_first ? closed_udp_server() + "," + dns.server()
+                                    : dns.server() + "," + closed_udp_server();
+        auto b = lookups(loop, both, {{"refused.test", "80"}});
+        EXPECT_EQ(b[0].error, closed_first || cares_version < 0x011400
+                                  ? ResolveErrc::refused
+                                  : ResolveErrc::connection_refused)
+            << b[0].error.message();
+        b = lookups(loop, both, {{"one.test", "80"}});
+        EXPECT_EQ(b[0].texts(), std::vector<std::string>{"127.0.0.11:80"}) << b[0].error.message();
+    }
+}
+
+/// Sets an environment variable for its lifetime (c-ares reads some when a
+/// channel is made).
+class ScopedEnv {
+  public:
+    ScopedEnv(const char* name, const char* value) : name_(name) {
+        if (const char* old = std::getenv(name)) old_ = old;
+        ::setenv(name, value, 1);
+    }
+    ~ScopedEnv() {
+        if (old_)
+            ::setenv(name_, old_->c_str(), 1);
+        else
+            ::unsetenv(name_);
+    }
+    ScopedEnv(const ScopedEnv&) = delete;
+    ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+  private:
+    const char* name_;
+    std::optional<std::string> old_;
+};
+
+// A name with fewer dots than ndots is asked in the search domains first
+// (LOCALDOMAIN and RES_OPTIONS, as resolv.conf's "search" and "options"):
+// that question's answer counts. (Two labels: c-ares 1.34 goes on to the
+// next name after a single-label name's failure, for systemd-resolved.)
+TEST(Resolver, AFailureAnswerToASearchDomainsQuestionIsSaidAsSuch) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    std::map<std::string, DnsRecords> table = names();
+    table["a.short.search.test"] = {{}, {}, false, 5};
+    DnsResponder dns(table);
+    ScopedEnv search("LOCALDOMAIN", "search.test");
+    ScopedEnv ndots("RES_OPTIONS", "ndots:2");
+    auto r = lookups(loop, of_family(asking(dns), AF_INET), {{"a.short", "80"}});
+    EXPECT_EQ(r[0].error, ResolveErrc::refused) << r[0].error.message();
+    EXPECT_EQ(dns.asked().at(0), "A a.short.search.test");
 }
 
 TEST(Resolver, CancelWhilePendingCallsBackOnceWithCanceled) {

@@ -24,16 +24,23 @@ namespace evmux {
 
 /// Why a name could not be resolved: c-ares's status codes (the numbers are
 /// c-ares's `ARES_E*`), in resolve_category(); any other c-ares status shows
-/// up in the same category under its own number. A cancelled lookup is not
-/// one of these: it reports std::errc::operation_canceled.
+/// up in the same category under its own number (5, ARES_ENOTIMP: a server
+/// answered NOTIMP). A cancelled lookup is not one of these: it reports
+/// std::errc::operation_canceled. A server that answers SERVFAIL, NOTIMP or
+/// REFUSED is passed over for the next one; when no server gives an answer,
+/// the error is the last such failure answered (server_failure, 5, refused).
+/// c-ares 1.20 and later report it so (the last try's outcome: a timeout or
+/// an unreachable server after the answer is reported instead); for c-ares
+/// before 1.20, which said connection_refused, evmux reads the answers
+/// itself, and any try that timed out makes it timeout.
 enum class ResolveErrc {
     no_data = 1,              ///< the name exists but has no address of the family asked
-    server_failure = 3,       ///< the server failed (SERVFAIL)
+    server_failure = 3,       ///< the (last) server that answered said SERVFAIL
     not_found = 4,            ///< no such name (NXDOMAIN): "Domain name not found"
-    refused = 6,              ///< the server refused the query
+    refused = 6,              ///< the (last) server that answered said REFUSED
     bad_name = 8,             ///< not a well-formed host name
-    connection_refused = 11,  ///< no server could be reached (ICMP port unreachable)
-    timeout = 12,             ///< no answer within ResolverOptions' timeout and tries
+    connection_refused = 11,  ///< no server answered or could be reached (ICMP port unreachable)
+    timeout = 12,             ///< a server did not answer within ResolverOptions' timeout and tries
     unknown_service = 25,     ///< the service name is not in /etc/services
     not_compiled_in = 1000,   ///< evmux was built without c-ares: only numeric hosts
 };
@@ -107,9 +114,10 @@ class ResolveQuery {
     int port_ = -1;  // the service's port (resolve() sets it), set on each address
     std::error_code error_;
     std::vector<Address> addresses_;
-    bool in_cares_ = false;   // c-ares holds a pointer to this lookup
-    bool finished_ = false;   // the outcome is known (answer, error or cancel)
-    bool delivered_ = false;  // the callback has run
+    unsigned heard_rcode_ = 0;  // the last SERVFAIL, NOTIMP or REFUSED a server answered it
+    bool in_cares_ = false;     // c-ares holds a pointer to this lookup
+    bool finished_ = false;     // the outcome is known (answer, error or cancel)
+    bool delivered_ = false;    // the callback has run
 };
 
 /// Resolves host names to addresses without blocking (c-ares, its sockets
