@@ -999,6 +999,15 @@ TEST(Connection, GracefulCloseSendsTheQueueFirst) {
 // make the kernel reset the connection and drop what our send buffer still
 // held. The close lingers instead, so the whole reply and then EOF arrive,
 // and the socket is let go once the peer has everything.
+//
+// 64 KiB: more than the client takes in without reading (its window, about
+// 32 KiB here once its receive buffer is cut to 4 KiB), so when the close
+// comes the end of the reply waits in our send buffer: with a plain close(),
+// the reset drops it (the client got 32 KiB, then ECONNRESET). Not more: a
+// reader behind a 4 KiB buffer gets data only as fast as TCP's window
+// updates and zero-window probes come, about 50 KB/s on loopback whatever
+// the CPU does, and 512 KiB took 9.8 s against the 10 s that run_until
+// waited for the close (it failed once under load).
 TEST(Connection, GracefulCloseWithInputUnreadStillDeliversEverything) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     EventLoop loop(std::move(sel));
@@ -1009,7 +1018,7 @@ TEST(Connection, GracefulCloseWithInputUnreadStillDeliversEverything) {
         ::setsockopt(server.get(), SOL_SOCKET, SO_SNDBUF, &small, sizeof small);
         Recorder rec;
         ConnectionPtr conn = Connection::adopt(loop, server.release(), rec.callbacks(false));
-        const std::string big = pattern(512 * 1024, 5);
+        const std::string big = pattern(64 * 1024, 5);
         conn->send(std::string(big));
         conn->close(CloseMode::graceful);
         ASSERT_TRUE(send_all(client.get(), "GET /next HTTP/1.1\r\n\r\n"));  // never read
@@ -1032,11 +1041,14 @@ TEST(Connection, GracefulCloseWithInputUnreadStillDeliversEverything) {
                 break;
             }
         });
-        r.closed = run_until(loop, [&] { return rec.closes > 0; });
+        // Bounded for a hang only (where the kernel takes in less at once, the
+        // close waits for the slow reader).
+        r.closed = run_until(
+            loop, [&] { return rec.closes > 0; }, 60s);
         reader.join();
         ASSERT_TRUE(r.closed);
         EXPECT_EQ(rec.reason, CloseReason::local);
-        EXPECT_TRUE(r.eof);
+        EXPECT_TRUE(r.eof) << "a reset after " << r.got.size() << " bytes";
         EXPECT_EQ(r.got.size(), big.size()) << "a reset dropped the end of the reply";
         EXPECT_TRUE(r.got == big);
         conn.reset();
