@@ -123,11 +123,13 @@ std::string frame(Prefix prefix, std::string_view payload) {
     return out;
 }
 
-void Buffer::append(const char* p, std::size_t len) {
+void Buffer::append(const void* bytes, std::size_t len) {
+    const char* p = static_cast<const char*>(bytes);
     if (ext_) keep_rest();
-    // Drop the consumed prefix before growing, so a framing user that keeps a
-    // partial message does not make the storage creep forward forever.
-    if (start_ > 0 && store_.size() + len > store_.capacity()) {
+    // Drop the consumed prefix when all of it was consumed (nothing moves) or
+    // before growing, so a framing user that keeps a partial message does not
+    // make the storage creep forward forever.
+    if (start_ > 0 && (start_ == store_.size() || store_.size() + len > store_.capacity())) {
         store_.erase(store_.begin(), store_.begin() + static_cast<std::ptrdiff_t>(start_));
         start_ = 0;
     }

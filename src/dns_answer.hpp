@@ -11,6 +11,8 @@
 #include <string>
 #include <string_view>
 
+#include "evmux/buffer.hpp"
+
 namespace evmux::detail {
 
 /// RFC 1035's RCODEs that c-ares takes as "try the next server".
@@ -38,7 +40,8 @@ std::string dns_name_key(std::string_view name);
 
 /// DNS over TCP (RFC 1035 section 4.2.2) cut into messages: each comes after
 /// its length in 2 bytes, big-endian. Given the bytes as they arrive, in any
-/// pieces. Holds at most one message (up to 65 535 bytes) and a length.
+/// pieces (Buffer::take_frame() with a u16_be prefix). Keeps only the bytes of
+/// the message not yet whole.
 class DnsStreamCutter {
   public:
     /// Appends `bytes` and calls `each(std::string_view message)` for every
@@ -46,19 +49,11 @@ class DnsStreamCutter {
     template <class F>
     void feed(std::string_view bytes, F&& each) {
         pending_.append(bytes);
-        std::size_t at = 0;
-        while (pending_.size() - at >= 2) {
-            const std::size_t length = static_cast<unsigned char>(pending_[at]) << 8 |
-                                       static_cast<unsigned char>(pending_[at + 1]);
-            if (pending_.size() - at - 2 < length) break;
-            each(std::string_view(pending_).substr(at + 2, length));
-            at += 2 + length;
-        }
-        pending_.erase(0, at);
+        while (auto message = pending_.take_frame(Prefix::u16_be, 65535)) each(*message);
     }
 
   private:
-    std::string pending_;  // the bytes of a message not yet whole
+    Buffer pending_;  // the bytes of a message not yet whole
 };
 
 }  // namespace evmux::detail

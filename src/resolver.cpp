@@ -564,7 +564,8 @@ ares_socket_t ResolverState::open_socket(int family, int type, int protocol, voi
         return ARES_SOCKET_BAD;
     }
     try {
-        self->cares_sockets[fd] = CaresSocket{type == SOCK_STREAM, {}};
+        self->cares_sockets.erase(fd);  // a fresh stream: no bytes of an earlier socket
+        self->cares_sockets[fd].stream = type == SOCK_STREAM;
     } catch (const std::bad_alloc&) {
         ::close(fd);
         errno = ENOMEM;

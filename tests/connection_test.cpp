@@ -613,8 +613,9 @@ TEST(Connection, HalfCloseWaitsForUnconsumedInputWhenResumedInTheSameBatch) {
     EXPECT_TRUE(eof);
 }
 
-// on_message's Buffer& can be read and consumed, not filled or reset: attach,
-// append, keep_rest and clear are the owning Connection's alone.
+// on_message's Buffer& cannot be attached to or reset: attach, keep_rest and
+// clear are the owning Connection's alone. append() is public, for Buffers of
+// one's own (tests/frame_test.cpp, OwnBuffer).
 template <class B>
 concept has_attach = requires(B& b) {
     b.attach("", 0);
@@ -639,7 +640,7 @@ struct AllPublic {  // the probes do find public members
 };
 static_assert(has_attach<AllPublic> && has_append<AllPublic> && has_keep_rest<AllPublic> &&
               has_clear<AllPublic>);
-static_assert(!has_attach<Buffer> && !has_append<Buffer> && !has_keep_rest<Buffer> &&
+static_assert(!has_attach<Buffer> && has_append<Buffer> && !has_keep_rest<Buffer> &&
               !has_clear<Buffer>);
 
 TEST(Connection, FramingKeepsUnconsumedInput) {

@@ -1,9 +1,10 @@
 // Framing: Buffer::take_line(), take_frame(), frame() and append_frame(), run
-// once per backend (EVMUX_BACKEND). A Buffer is only ever filled by its
-// Connection, so the helpers are tested on real ones: first over a socketpair
+// once per backend (EVMUX_BACKEND). The helpers are tested on real
+// connections: first over a socketpair
 // fed one chunk at a time (each chunk one on_message call: the edge cases),
 // then on a TcpServer over loopback with clients writing byte by byte, in big
-// batches, and over the limits.
+// batches, and over the limits; and on Buffers of the test's own, filled with
+// append().
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -360,6 +361,54 @@ TEST(Framing, FrameTooLongForItsPrefixIsALengthError) {
     std::string out = "kept";
     EXPECT_THROW(append_frame(out, Prefix::u16_be, std::string(70000, 'x')), std::length_error);
     EXPECT_EQ(out, "kept") << "nothing appended";
+}
+
+// ---- a Buffer of one's own -------------------------------------------------------
+
+TEST(Framing, OwnBufferFedByteByByte) {
+    // A parser tested without a socket: the bytes fed one at a time, lines and
+    // frames taken as they complete, the partial rest kept.
+    Buffer b;
+    std::vector<std::string> lines;
+    for (char c : "one\r\ntwo\nthree"sv) {
+        b.append(&c, 1);
+        while (auto line = b.take_line(8, LineEnd::lf_or_crlf)) lines.emplace_back(*line);
+    }
+    EXPECT_EQ(lines, (Strings{"one", "two"}));
+    EXPECT_EQ(b.view(), "three");
+
+    Buffer f;
+    f.append(frame(Prefix::u16_be, "ab") + frame(Prefix::u16_be, "") + "\0"s);
+    EXPECT_EQ(f.take_frame(Prefix::u16_be, 16), "ab");
+    EXPECT_EQ(f.take_frame(Prefix::u16_be, 16), "");
+    EXPECT_EQ(f.take_frame(Prefix::u16_be, 16), std::nullopt);
+    f.append("\x03xyz"sv);
+    EXPECT_EQ(f.take_frame(Prefix::u16_be, 16), "xyz");
+    EXPECT_TRUE(f.empty());
+}
+
+TEST(Framing, OwnBufferFedForeverStaysSmall) {
+    // Fed and drained in a loop with a partial frame always held: the consumed
+    // prefix is dropped when the storage would grow, so it never creeps.
+    Buffer b;
+    const std::string msg = frame(Prefix::u32_be, std::string(100, 'x'));
+    for (int i = 0; i < 10000; ++i) {
+        b.append(msg.data(), 60);  // a message in two halves: a partial one is held
+        while (b.take_frame(Prefix::u32_be, 1000)) {
+        }
+        b.append(msg.data() + 60, msg.size() - 60);
+        while (b.take_frame(Prefix::u32_be, 1000)) {
+        }
+    }
+    EXPECT_TRUE(b.empty());
+    EXPECT_LE(b.capacity(), 2 * msg.size());
+}
+
+TEST(Framing, OwnBufferLineTooLongLeavesItAsItWas) {
+    Buffer b;
+    b.append("0123456789"sv);
+    EXPECT_THROW(b.take_line(4), FrameError);
+    EXPECT_EQ(b.view(), "0123456789") << "nothing consumed";
 }
 
 // ---- a server ------------------------------------------------------------------

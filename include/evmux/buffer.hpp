@@ -64,8 +64,12 @@ class FrameError : public std::runtime_error {
 /// is left is kept and shown again, followed by new bytes, on the next call.
 /// Valid only inside on_message: do not keep a pointer to it or its data. Loop
 /// thread only. Throws only FrameError (take_line(), take_frame(): the peer
-/// broke the framing) and std::bad_alloc (take()). Only the Connection that
-/// owns it adds bytes to it.
+/// broke the framing) and std::bad_alloc (take(), append()).
+///
+/// A Buffer of your own works the same way: fill it with append() and take
+/// lines or frames out of it, e.g. to test a parser without a socket, or to
+/// cut a datagram's payload into frames. Do not append to a connection's
+/// input in on_message: only its Connection fills that one.
 class Buffer {
   public:
     Buffer() = default;
@@ -95,9 +99,19 @@ class Buffer {
     /// Copy out and consume everything.
     std::string take_all() { return take(size()); }
 
+    /// Add a copy of `len` bytes at `p` after the unconsumed ones (libevent's
+    /// evbuffer_add, muduo's Buffer::append, asyncio's feed_data), for a
+    /// Buffer of your own. The consumed prefix is dropped when the storage
+    /// must grow, so a Buffer fed and drained forever stays as large as its
+    /// largest unconsumed stretch.
+    void append(const void* p, std::size_t len);
+    /// As append(const void*, std::size_t).
+    void append(std::string_view bytes) { append(bytes.data(), bytes.size()); }
+
     // ---- framing ------------------------------------------------------------------
     // The views returned point into this buffer's bytes, which consuming does
-    // not move: they stay valid until on_message returns. Copy what you keep.
+    // not move: they stay valid until on_message returns (in a Buffer of your
+    // own: until the next append()). Copy what you keep.
 
     /// The next line, without its line end, consumed with its line end; or
     /// nullopt while the line end has not arrived (nothing consumed). A line
@@ -119,8 +133,7 @@ class Buffer {
     std::size_t capacity() const { return store_.capacity(); }
 
   private:
-    // Filling and emptying are for the owning Connection only (same layer):
-    // on_message sees a Buffer& and can only read and consume.
+    // Attaching and resetting are for the owning Connection only (same layer).
     friend class Connection;
 
     // Show `len` bytes at `p` (the loop's scratch) without copying; only
@@ -129,9 +142,6 @@ class Buffer {
         ext_ = p;
         ext_len_ = len;
     }
-    // Append bytes to the own storage (after moving attached bytes there).
-    // Throws std::bad_alloc.
-    void append(const char* p, std::size_t len);
     // After on_message: copy attached bytes that were not consumed into own
     // storage, and free the storage once it is empty, so an idle connection
     // holds no input memory. Returns the bytes kept (size()). Throws std::bad_alloc.
