@@ -40,6 +40,33 @@ constexpr int max_iov = 64;
 // size, so a stream of tiny messages does not become a deque of tiny strings.
 constexpr std::size_t coalesce_limit = 16 * 1024;
 
+// A handshake that ended in a close, as connect() reports it (on_error).
+std::error_code handshake_error(CloseReason reason, int err) {
+    int code = ECANCELED;  // local, exception: closed by us, or the loop went away
+    switch (reason) {
+        case CloseReason::tls:
+            code = EPROTO;  // the reason in words: close_message()
+            break;
+        case CloseReason::timeout:
+            code = ETIMEDOUT;
+            break;
+        case CloseReason::reset:
+        case CloseReason::peer_closed:
+            code = err != 0 ? err : ECONNRESET;
+            break;
+        case CloseReason::error:
+            code = err != 0 ? err : EIO;
+            break;
+        case CloseReason::overflow:
+            code = ENOBUFS;
+            break;
+        case CloseReason::local:
+        case CloseReason::exception:
+            break;
+    }
+    return {code, std::generic_category()};
+}
+
 }  // namespace
 
 const char* to_string(CloseReason reason) {
@@ -900,7 +927,15 @@ void Connection::notify_closed() noexcept {
     ConnectionPtr self = shared_from_this();
     self_.reset();   // `self` keeps us to the end of this call
     input_.clear();  // drops a view into the loop's scratch buffer, if a throw left one
-    if (auto on_close = std::move(cb_.on_close)) {
+    if (auto hook = std::exchange(handshake_hook_, nullptr)) {
+        // connect() over TLS, closed before on_connect: its owner says so
+        // (on_error), not on_close: the connection was never open to the user.
+        try {
+            hook(self, handshake_error(reason_, err_));
+        } catch (...) {
+            loop_.handle_exception(std::current_exception());
+        }
+    } else if (auto on_close = std::move(cb_.on_close)) {
         try {
             on_close(self, reason_, err_);
         } catch (...) {
@@ -956,6 +991,7 @@ void Connection::continue_handshake(const ConnectionPtr& self) {
         start_completion();
     }
     if (handshake_timer_ != 0) loop_.cancel(std::exchange(handshake_timer_, 0));
+    if (auto hook = std::exchange(handshake_hook_, nullptr)) hook(self, {});  // connect(): done
     if (cb_.on_connect) cb_.on_connect(self);  // a throw: handle() closes us
     if (state_ != State::open) return;
     if (!queue_.empty()) {

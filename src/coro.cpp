@@ -444,7 +444,8 @@ ConnectAwaiter::ConnectAwaiter(EventLoop& loop, std::string_view target, Connect
 
 ConnectAwaiter::~ConnectAwaiter() {
     // Destroyed while waiting: the attempt is abandoned (its on_error, if it
-    // comes, finds no state; a connection made meanwhile is closed).
+    // comes, finds no state; a connection whose TLS handshake runs is closed
+    // now; one made meanwhile is closed by its on_connect).
     if (state_ && state_->waiting && connector_) connector_->cancel();
 }
 
@@ -466,26 +467,14 @@ void ConnectAwaiter::await_suspend(std::coroutine_handle<> waiting) {
         auto st = weak.lock();
         if (!st || !st->waiting) return;
         // The connector's text ends with ec.message(), which system_error
-        // appends itself: "connect HOST:PORT: ...: Connection refused".
+        // appends itself: "connect HOST:PORT: ...: Connection refused". Over
+        // TLS a failed handshake comes here too: "connect 127.0.0.1:443: TLS
+        // handshake: certificate verify failed (hostname mismatch)", EPROTO.
         const std::string said = ": " + ec.message();
         const bool ends_so = message.size() > said.size() &&
                              message.compare(message.size() - said.size(), said.size(), said) == 0;
         st->error = std::make_exception_ptr(std::system_error(
             ec, ends_so ? message.substr(0, message.size() - said.size()) : message));
-        std::exchange(st->waiting, {}).resume();
-    };
-    // A connection that closes before on_connect (over TLS: its handshake
-    // failed or ran out of time) has no stream; it ends the wait too, with
-    // the connection's reason: "connect 127.0.0.1:443: connection closed
-    // (tls): TLS handshake: certificate verify failed (hostname mismatch)".
-    cb.on_close = [weak, target = by_text_ ? target_ : address_.to_string()](
-                      const ConnectionPtr& conn, CloseReason reason, int err) {
-        if (find(conn)) return on_close(conn, reason, err);  // a stream's
-        auto st = weak.lock();
-        if (!st || !st->waiting) return;
-        const std::string operation = "connect " + target;
-        st->error = std::make_exception_ptr(
-            ConnectionClosed(operation.c_str(), reason, err, conn->close_message()));
         std::exchange(st->waiting, {}).resume();
     };
     connector_ = by_text_ ? evmux::connect(loop_, target_, std::move(cb), options_)

@@ -1,6 +1,7 @@
 // TcpServer (listen/accept on one loop or over a LoopGroup's loops, with
 // fd-exhaustion handling, limits, an idle sweep and counters) and connect()
-// (non-blocking connect with timeout and cancel).
+// (non-blocking connect with timeout and cancel, over TLS until the
+// handshake is done).
 #include "evmux/server.hpp"
 
 #include <sys/socket.h>
@@ -410,6 +411,12 @@ void Connector::start(std::vector<Address> candidates) {
     if (opt_.timeout.count() > 0) {
         timer_ = loop_.call_after(opt_.timeout, [this] {
             timer_ = 0;
+            if (conn_) {  // connected, the TLS handshake still running
+                const std::error_code timed_out(ETIMEDOUT, std::generic_category());
+                fail(timed_out, "connect " + target_ + ": timed out during the TLS handshake",
+                     false);
+                return;
+            }
             if (by_name_ && !query_) {  // connecting to one of the name's addresses
                 attempt_failed(ETIMEDOUT);
                 fail(last_error_, "connect " + target_ + ": " + tried_, false);
@@ -531,6 +538,9 @@ void Connector::fail(std::error_code error, const std::string& message, bool def
     if (timer_ != 0) loop_.cancel(timer_);
     timer_ = 0;
     close_socket();
+    // Over TLS, during the handshake: the connection closes now, and its
+    // on_close does not run (its handshake hook ignores it: we are not active).
+    if (auto conn = std::exchange(conn_, nullptr)) conn->close_now(CloseReason::local);
     if (auto query = std::exchange(query_, nullptr)) query->cancel();
     auto on_error = std::move(cb_.on_error);
     cb_ = Callbacks{};
@@ -564,25 +574,76 @@ void Connector::end_with_loop() {
     deliver_deferred();
 }
 
+// Connected: the connection takes the socket. Plain, the attempt ends here
+// (on_connect runs in start()). Over TLS it goes on until the handshake has
+// ended (handshake_ended()): options.timeout and cancel() cover it too, and
+// a failed handshake is this attempt's on_error, not the connection's
+// on_close (asyncio's open_connection raises, and connection_lost is never
+// called for a connection_made that never was).
 void Connector::finish() {
-    active_ = false;
-    if (timer_ != 0) loop_.cancel(timer_);
-    timer_ = 0;
     loop_.unwatch(fd_);
     watching_ = false;
-    int fd = std::exchange(fd_, -1);
+    const int fd = std::exchange(fd_, -1);
     auto self = shared_from_this();
-    loop_.untie(std::exchange(tie_, 0));
-    auto on_error = cb_.on_error;
+    const bool tls = opt_.connection.tls != nullptr;
+    if (!tls) end_attempt();
+    Callbacks callbacks = std::move(cb_);
+    cb_ = Callbacks{};
+    cb_.on_error = callbacks.on_error;  // for fail()
+    ConnectionPtr conn;
     try {
         // By name: a TLS client context without a name of its own checks the
         // name connected to, not the address it gave.
-        ConnectionPtr conn =
-            Connection::create(loop_, fd, std::move(cb_), opt_.connection, address_, host_);
+        conn =
+            Connection::create(loop_, fd, std::move(callbacks), opt_.connection, address_, host_);
+        if (tls) {
+            conn->set_handshake_hook(
+                [weak = weak_from_this()](const ConnectionPtr& c, std::error_code error) {
+                    if (auto connector = weak.lock()) connector->handshake_ended(c, error);
+                });
+            conn_ = conn;
+        }
         conn->start();
     } catch (const std::system_error& e) {
-        if (on_error) on_error(e.code(), "connect " + address_.to_string() + ": " + e.what());
+        conn_.reset();
+        const std::string message = "connect " + address_.to_string() + ": " + e.what();
+        if (tls) {
+            fail(e.code(), message, false);
+        } else if (cb_.on_error) {
+            auto on_error = std::move(cb_.on_error);
+            on_error(e.code(), message);
+        }
     }
+}
+
+// The attempt is over (it succeeded): the timer goes, and the loop lets go of us.
+void Connector::end_attempt() {
+    active_ = false;
+    if (timer_ != 0) loop_.cancel(std::exchange(timer_, 0));
+    loop_.untie(std::exchange(tie_, 0));
+}
+
+// The TLS connection's handshake ended: completed (on_connect follows), or
+// the connection closed first (its on_close does not run): on_error, with
+// its reason, "connect 127.0.0.1:443: TLS handshake: certificate verify
+// failed (hostname mismatch)". Nothing if we ended the attempt ourselves
+// (timeout, cancel(): fail() closed the connection).
+void Connector::handshake_ended(const ConnectionPtr& conn, std::error_code error) {
+    if (!active_ || conn != conn_) return;
+    auto self = shared_from_this();  // the tie may hold the last other reference
+    conn_.reset();
+    if (!error) {
+        cb_ = Callbacks{};
+        end_attempt();
+        return;
+    }
+    std::string why = conn->close_message();
+    if (error == std::errc::operation_canceled) {
+        why = error.message();  // closed by the loop's end: as cancel() says it
+    } else if (why.rfind("TLS", 0) != 0) {
+        why = "TLS handshake: " + (why.empty() ? error.message() : why);
+    }
+    fail(error, "connect " + target_ + ": " + why, false);
 }
 
 }  // namespace evmux

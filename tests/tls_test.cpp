@@ -109,13 +109,16 @@ std::shared_ptr<TlsContext> client_context(const std::string& name = "localhost"
     return TlsContext::client(o);
 }
 
-/// What one side saw: on_connect, the bytes, each on_close.
+/// What one side saw: on_connect, the bytes, each on_close (and a client's
+/// on_error, recorded as reason `error`, its message and its code).
 struct Record {
     int connects = 0;
     int peer_shutdowns = 0;
+    int on_closes = 0;  // on_close itself
     std::string got;
     std::vector<CloseReason> reasons;
     std::vector<std::string> messages;
+    std::vector<std::error_code> errors;  // on_error's
     std::string alpn, version, subject;
     TlsRecords records = TlsRecords::openssl;
     ConnectionPtr conn;  // the last one connected (a client's own)
@@ -146,8 +149,21 @@ Callbacks recording(Record& r, bool echo) {
         in.consume_all();
     };
     cb.on_close = [&r](const ConnectionPtr& c, CloseReason reason, int) {
+        ++r.on_closes;
         r.reasons.push_back(reason);
         r.messages.push_back(c->close_message());
+    };
+    return cb;
+}
+
+/// As recording(), and on_error recorded as reason `error` (so closed()
+/// covers it), with its message and code.
+Callbacks recording_client(Record& r) {
+    Callbacks cb = recording(r, false);
+    cb.on_error = [&r](std::error_code ec, const std::string& m) {
+        r.reasons.push_back(CloseReason::error);
+        r.messages.push_back(m);
+        r.errors.push_back(ec);
     };
     return cb;
 }
@@ -172,12 +188,7 @@ void start_client(EventLoop& loop, const Address& to, std::shared_ptr<TlsContext
     ConnectOptions o;
     o.connection = std::move(copt);
     o.connection.tls = std::move(ctx);
-    Callbacks cb = recording(r, false);
-    cb.on_error = [&r](std::error_code, const std::string& m) {
-        r.reasons.push_back(CloseReason::error);
-        r.messages.push_back(m);
-    };
-    connect(loop, to, std::move(cb), o);
+    connect(loop, to, recording_client(r), o);
 }
 
 /// A second, well-behaved client kept connected while a bad peer misbehaves:
@@ -461,7 +472,10 @@ TEST_F(Tls, AlpnWithNoCommonProtocolIsRefused) {
     EXPECT_EQ(server.rec.reasons[0], CloseReason::tls);
     EXPECT_NE(server.rec.messages[0].find("no application protocol"), std::string::npos)
         << server.rec.messages[0];
-    EXPECT_EQ(client.reasons[0], CloseReason::tls);
+    // A failed handshake of connect() is its on_error, not an on_close.
+    ASSERT_EQ(client.errors.size(), 1u);
+    EXPECT_EQ(client.errors[0], std::errc::protocol_error);
+    EXPECT_EQ(client.on_closes, 0);
     EXPECT_NE(client.messages[0].find("no application protocol"), std::string::npos)
         << client.messages[0];
 }
@@ -606,10 +620,12 @@ TEST_F(Tls, WrongHostnameFailsOnBothSides) {
     start_client(loop(), server.address(), client_context("wrong.example"), client);
     ASSERT_TRUE(run_until(loop(), [&] { return client.closed() && server.rec.closed(); }));
     EXPECT_EQ(client.connects, 0);
-    EXPECT_EQ(client.reasons[0], CloseReason::tls);
-    EXPECT_NE(client.messages[0].find("certificate verify failed (hostname mismatch)"),
-              std::string::npos)
-        << client.messages[0];
+    ASSERT_EQ(client.errors.size(), 1u);
+    EXPECT_EQ(client.errors[0], std::errc::protocol_error);
+    EXPECT_EQ(client.on_closes, 0);
+    EXPECT_EQ(client.messages[0], "connect " + server.address().to_string() +
+                                      ": TLS handshake: certificate verify failed (hostname "
+                                      "mismatch)");
     EXPECT_EQ(server.rec.reasons[0], CloseReason::tls);
     EXPECT_NE(server.rec.messages[0].find("alert"), std::string::npos) << server.rec.messages[0];
     by.check_served(loop());
@@ -621,7 +637,8 @@ TEST_F(Tls, ExpiredCertificate) {
     start_client(loop(), server.address(), client_context(), client);
     ASSERT_TRUE(run_until(loop(), [&] { return client.closed() && server.rec.closed(); }));
     EXPECT_EQ(client.connects, 0);
-    EXPECT_EQ(client.reasons[0], CloseReason::tls);
+    ASSERT_EQ(client.errors.size(), 1u);
+    EXPECT_EQ(client.errors[0], std::errc::protocol_error);
     EXPECT_NE(client.messages[0].find("(certificate has expired)"), std::string::npos)
         << client.messages[0];
     EXPECT_EQ(server.rec.reasons[0], CloseReason::tls);
@@ -629,7 +646,7 @@ TEST_F(Tls, ExpiredCertificate) {
     Record& again = record();
     start_client(loop(), server.address(), client_context(), again);
     ASSERT_TRUE(run_until(loop(), [&] { return again.closed(); }));
-    EXPECT_EQ(again.reasons[0], CloseReason::tls);
+    EXPECT_EQ(again.errors.size(), 1u);
 }
 
 TEST_F(Tls, CertificateOfAnotherCaOrNameIsRefused) {
@@ -673,12 +690,7 @@ void start_client_to(EventLoop& loop, const std::string& target, std::shared_ptr
                      Record& r) {
     ConnectOptions o;
     o.connection.tls = std::move(ctx);
-    Callbacks cb = recording(r, false);
-    cb.on_error = [&r](std::error_code, const std::string& m) {
-        r.reasons.push_back(CloseReason::error);
-        r.messages.push_back(m);
-    };
-    connect(loop, target, std::move(cb), o);
+    connect(loop, target, recording_client(r), o);
 }
 
 /// Each SNI name a server context's handshakes received ("" for none), in order.
@@ -726,7 +738,7 @@ TEST_F(Tls, ConnectByNameSendsAndChecksTheHostName) {
     ASSERT_TRUE(run_until(loop(), [&] { return by_ip.connects == 1 || by_ip.closed(); }));
     EXPECT_EQ(by_ip.connects, 0);
     ASSERT_FALSE(by_ip.messages.empty());
-    EXPECT_EQ(by_ip.reasons[0], CloseReason::tls);
+    EXPECT_EQ(by_ip.errors.size(), 1u);
     EXPECT_NE(by_ip.messages[0].find("certificate verify failed (IP address mismatch)"),
               std::string::npos)
         << by_ip.messages[0];
@@ -1104,6 +1116,8 @@ coro::Task<void> tls_connect(EventLoop* loop, Address to, ConnectOptions options
         coro::Stream s = co_await coro::connect(*loop, to, options);
         *seen = "connected";
     } catch (const coro::ConnectionClosed& e) {
+        *seen = std::string("ConnectionClosed: ") + e.what();
+    } catch (const std::system_error& e) {
         *seen = e.what();
         *code = e.code().value();
     } catch (const std::exception& e) {
@@ -1115,7 +1129,9 @@ coro::Task<void> tls_connect(EventLoop* loop, Address to, ConnectOptions options
 
 // A coroutine's connect() whose TLS handshake fails (a wrong name) or does
 // not finish in time throws, as a failed TCP connect does (it waited forever:
-// the connection closed without on_connect, and nothing resumed it).
+// the connection closed without on_connect, and nothing resumed it): the
+// std::system_error of connect()'s on_error, not a ConnectionClosed (no
+// connection was ever open to it).
 TEST_F(Tls, ACoroutinesConnectThrowsWhenTheHandshakeFails) {
     EchoServer server(loop(), server_context());
     ConnectOptions wrong;
@@ -1127,12 +1143,9 @@ TEST_F(Tls, ACoroutinesConnectThrowsWhenTheHandshakeFails) {
     ASSERT_TRUE(run_until(
         loop(), [&] { return done; }, 5s))
         << "connect() never returned";
-    EXPECT_EQ(seen.rfind("connect " + server.address().to_string() +
-                             ": connection closed (tls): TLS handshake: certificate verify failed "
-                             "(hostname mismatch)",
-                         0),
-              0u)
-        << seen;
+    EXPECT_EQ(seen, "connect " + server.address().to_string() +
+                        ": TLS handshake: certificate verify failed (hostname mismatch): "
+                        "Protocol error");
     EXPECT_EQ(code, EPROTO);
 
     // A server that never answers the ClientHello: the handshake's time limit.
@@ -1149,8 +1162,7 @@ TEST_F(Tls, ACoroutinesConnectThrowsWhenTheHandshakeFails) {
         loop(), [&] { return done; }, 5s))
         << "connect() never returned";
     EXPECT_EQ(seen, "connect " + mute.local_address().to_string() +
-                        ": connection closed (timeout): TLS handshake timed out after 200 ms: "
-                        "Connection timed out");
+                        ": TLS handshake timed out after 200 ms: Connection timed out");
     EXPECT_EQ(code, ETIMEDOUT);
 
     // The right name: a stream, and the server still serves.
@@ -1161,6 +1173,173 @@ TEST_F(Tls, ACoroutinesConnectThrowsWhenTheHandshakeFails) {
     ASSERT_TRUE(run_until(
         loop(), [&] { return done; }, 5s));
     EXPECT_EQ(seen, "connected");
+}
+
+/// A plain TCP server that never answers a ClientHello, counting the
+/// connections it accepted and those their clients ended.
+struct MuteServer {
+    int accepted = 0;
+    int ended = 0;
+    std::unique_ptr<TcpServer> server;
+    explicit MuteServer(EventLoop& loop) {
+        Callbacks cb;
+        cb.on_connect = [this](const ConnectionPtr&) { ++accepted; };
+        cb.on_close = [this](const ConnectionPtr&, CloseReason, int) { ++ended; };
+        server = std::make_unique<TcpServer>(loop, Address::ip("127.0.0.1", 0), cb);
+    }
+    const Address& address() const { return server->local_address(); }
+};
+
+/// A client context whose handshake_timeout is `limit`.
+std::shared_ptr<TlsContext> client_context_timing_out(std::chrono::milliseconds limit) {
+    TlsClientOptions co;
+    co.ca_file = tls_files().ca;
+    co.server_name = "localhost";
+    co.handshake_timeout = limit;
+    return TlsContext::client(co);
+}
+
+// connect()'s timeout covers the TLS handshake too (asyncio's
+// wait_for(open_connection(ssl=...), t)): a server that never answers the
+// ClientHello ends the attempt at options.timeout, not at the context's
+// handshake_timeout (10 s), with on_error (ETIMEDOUT) saying where it was,
+// no on_close, and the connection closed. A shorter handshake_timeout still
+// ends it first.
+TEST_F(Tls, ConnectTimeoutCoversTheHandshake) {
+    MuteServer mute(loop());
+    Record& client = record();
+    ConnectOptions o;
+    o.timeout = 300ms;
+    o.connection.tls = client_context();  // handshake_timeout 10 s
+    const auto start = std::chrono::steady_clock::now();
+    auto handle = connect(loop(), mute.address(), recording_client(client), o);
+    ASSERT_TRUE(run_until(
+        loop(), [&] { return client.closed() && mute.ended == 1; }, 5s))
+        << "still connecting after 5 s: the connect timeout did not cover the handshake";
+    EXPECT_GE(std::chrono::steady_clock::now() - start, 250ms);
+    EXPECT_EQ(mute.accepted, 1);
+    EXPECT_EQ(client.connects, 0);
+    EXPECT_EQ(client.on_closes, 0);
+    ASSERT_EQ(client.errors.size(), 1u);
+    EXPECT_EQ(client.errors[0], std::errc::timed_out);
+    EXPECT_EQ(client.messages[0],
+              "connect " + mute.address().to_string() + ": timed out during the TLS handshake");
+    EXPECT_FALSE(handle->connecting());
+
+    // The handshake's own limit, shorter: it ends the attempt, in its words.
+    Record& quick = record();
+    o.timeout = 5s;
+    o.connection.tls = client_context_timing_out(200ms);
+    connect(loop(), mute.address(), recording_client(quick), o);
+    ASSERT_TRUE(run_until(
+        loop(), [&] { return quick.closed() && mute.ended == 2; }, 3s));
+    EXPECT_EQ(quick.on_closes, 0);
+    ASSERT_EQ(quick.errors.size(), 1u);
+    EXPECT_EQ(quick.errors[0], std::errc::timed_out);
+    EXPECT_EQ(quick.messages[0],
+              "connect " + mute.address().to_string() + ": TLS handshake timed out after 200 ms");
+}
+
+// A connect() whose handshake fails ends in on_error (EPROTO, OpenSSL's
+// reason), never on_connect nor on_close; the server's side of the same
+// handshake still ends in on_close (tls). A server that does not speak TLS
+// at all fails the same way.
+TEST_F(Tls, AFailedHandshakeOfConnectIsOnErrorNotOnClose) {
+    EchoServer server(loop(), server_context());
+    Record& client = record();
+    start_client(loop(), server.address(), client_context("wrong.example"), client);
+    ASSERT_TRUE(run_until(loop(), [&] { return client.closed() && server.rec.closed(); }));
+    pump_for(loop(), 50ms);  // an on_close, if one came after on_error
+    EXPECT_EQ(client.connects, 0);
+    EXPECT_EQ(client.on_closes, 0);
+    ASSERT_EQ(client.errors.size(), 1u);
+    EXPECT_EQ(client.errors[0], std::errc::protocol_error);
+    EXPECT_EQ(client.messages[0], "connect " + server.address().to_string() +
+                                      ": TLS handshake: certificate verify failed (hostname "
+                                      "mismatch)");
+    ASSERT_EQ(server.rec.reasons.size(), 1u);
+    EXPECT_EQ(server.rec.reasons[0], CloseReason::tls);
+    EXPECT_EQ(server.rec.on_closes, 1);
+
+    // A plain HTTP server answering the ClientHello with a 400 and closing.
+    Callbacks http;
+    http.on_message = [](const ConnectionPtr& c, Buffer& in) {
+        in.consume_all();
+        c->send("HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+        c->close(CloseMode::graceful);
+    };
+    TcpServer plain(loop(), Address::ip("127.0.0.1", 0), http);
+    Record& to_plain = record();
+    start_client(loop(), plain.local_address(), client_context(), to_plain);
+    ASSERT_TRUE(run_until(loop(), [&] { return to_plain.closed(); }));
+    pump_for(loop(), 50ms);
+    EXPECT_EQ(to_plain.connects, 0);
+    EXPECT_EQ(to_plain.on_closes, 0);
+    ASSERT_EQ(to_plain.errors.size(), 1u);
+    EXPECT_EQ(to_plain.errors[0], std::errc::protocol_error);
+    EXPECT_EQ(to_plain.messages[0].rfind(
+                  "connect " + plain.local_address().to_string() + ": TLS handshake: ", 0),
+              0u)
+        << to_plain.messages[0];
+}
+
+// cancel() while the handshake runs: on_error (ECANCELED) from the loop,
+// and the connection closed at once, not at the handshake's time limit.
+TEST_F(Tls, CancelDuringTheHandshakeClosesTheConnection) {
+    MuteServer mute(loop());
+    Record& client = record();
+    ConnectOptions o;
+    o.connection.tls = client_context();  // handshake_timeout 10 s
+    auto handle = connect(loop(), mute.address(), recording_client(client), o);
+    ASSERT_TRUE(run_until(loop(), [&] { return mute.accepted == 1; }));
+    pump_for(loop(), 50ms);  // the ClientHello sent, the handshake waiting
+    EXPECT_TRUE(handle->connecting()) << "the attempt ended before the handshake did";
+    handle->cancel();
+    EXPECT_EQ(client.errors.size(), 0u) << "on_error inside cancel()";
+    ASSERT_TRUE(run_until(
+        loop(), [&] { return client.closed() && mute.ended == 1; }, 2s))
+        << "the connection outlived cancel()";
+    EXPECT_EQ(client.connects, 0);
+    EXPECT_EQ(client.on_closes, 0);
+    ASSERT_EQ(client.errors.size(), 1u);
+    EXPECT_EQ(client.errors[0], std::errc::operation_canceled);
+    EXPECT_EQ(client.messages[0], "connect " + mute.address().to_string() + ": Operation canceled");
+}
+
+namespace {
+coro::Task<coro::Stream> connect_task(EventLoop* loop, Address to, ConnectOptions options) {
+    co_return co_await coro::connect(*loop, to, options);
+}
+
+// with_timeout(limit, coro::connect(...)); what it threw, if anything.
+coro::Task<void> tls_connect_within(EventLoop* loop, Address to, ConnectOptions options,
+                                    std::chrono::milliseconds limit, std::string* seen) {
+    try {
+        coro::Stream s = co_await coro::with_timeout(*loop, limit, connect_task(loop, to, options));
+        *seen = "connected";
+    } catch (const coro::TimedOut&) {
+        *seen = "timed out";
+    } catch (const std::exception& e) {
+        *seen = std::string("another exception: ") + e.what();
+    }
+}
+}  // namespace
+
+// A coroutine's connect() abandoned by with_timeout() during the handshake
+// closes that connection at once (it kept it until handshake_timeout).
+TEST_F(Tls, ACoroutinesConnectAbandonedDuringTheHandshakeClosesIt) {
+    MuteServer mute(loop());
+    ConnectOptions o;
+    o.connection.tls = client_context();  // handshake_timeout 10 s
+    std::string seen;
+    coro::spawn(loop(), tls_connect_within(&loop(), mute.address(), o, 200ms, &seen));
+    ASSERT_TRUE(run_until(
+        loop(), [&] { return !seen.empty(); }, 5s));
+    EXPECT_EQ(seen, "timed out");
+    EXPECT_EQ(mute.accepted, 1);
+    EXPECT_TRUE(run_until(
+        loop(), [&] { return mute.ended == 1; }, 2s))
+        << "the abandoned connection is still open";
 }
 
 TEST_F(Tls, ThrowingCallbackClosesOnlyItsConnection) {

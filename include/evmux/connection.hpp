@@ -48,7 +48,8 @@ enum class CloseReason {
     exception,    ///< one of this connection's callbacks threw (the loop's exception
                   ///< handler received the exception)
     tls,          ///< a TLS error: a failed handshake (bad certificate, wrong name, not
-                  ///< TLS at all), a bad record, or an EOF without close_notify;
+                  ///< TLS at all; a connect() reports its own as on_error instead),
+                  ///< a bad record, or an EOF without close_notify;
                   ///< Connection::close_message() has OpenSSL's reason
 };
 
@@ -67,8 +68,10 @@ const char* to_string(CloseReason reason);
 /// on_close itself goes to the handler too.
 struct Callbacks {
     /// The connection is established (accepted, or connect() completed);
-    /// over TLS, once the handshake has completed (a failed handshake ends
-    /// in on_close without on_connect).
+    /// over TLS, once the handshake has completed. A failed handshake (or
+    /// one that ran out of time) never reaches on_connect: an accepted (or
+    /// adopted) connection then ends in on_close (reason `tls`, `timeout`,
+    /// ...), one made by connect() in on_error and no on_close.
     std::function<void(const ConnectionPtr&)> on_connect;
     /// New bytes arrived. Consume what you handle; the rest is kept and shown
     /// again with the next bytes. Unset: input is discarded.
@@ -83,9 +86,14 @@ struct Callbacks {
     /// The connection closed; called exactly once for every connection that
     /// was started, whatever ends it: the peer, an error, close(), a throwing
     /// callback, or the destruction of its server, LoopGroup or loop (then
-    /// before that destructor returns, reason `local`). Sends are no-ops by
-    /// now; peer_address() and local_address() still answer, and the socket
-    /// is closed when this returns. `err` is the errno for reset/error, else 0.
+    /// before that destructor returns, reason `local`). Started means: any
+    /// accepted or adopted connection (over TLS, also one whose handshake
+    /// failed: without on_connect); for connect(), one whose on_connect ran
+    /// (a connect() that fails, over TLS also in its handshake, has on_error
+    /// and never on_close, as asyncio's connection_lost follows only a
+    /// connection_made). Sends are no-ops by now; peer_address() and
+    /// local_address() still answer, and the socket is closed when this
+    /// returns. `err` is the errno for reset/error, else 0.
     std::function<void(const ConnectionPtr&, CloseReason reason, int err)> on_close;
     /// The queue passed the high-water mark (reading from this peer is now
     /// paused until it falls under the low-water mark). Once per crossing.
@@ -100,7 +108,12 @@ struct Callbacks {
     /// our side is shut down too, and the connection closes with peer_closed.
     std::function<void(const ConnectionPtr&)> on_peer_shutdown;
     /// connect() only: the connection could not be made (refused, timed out,
-    /// cancelled). `message` reads like "connect 127.0.0.1:1: Connection refused".
+    /// cancelled; over TLS also a failed handshake, EPROTO with OpenSSL's
+    /// reason, or a reset or timeout during it). Runs once, instead of
+    /// on_connect, and no on_close follows. `message` reads like "connect
+    /// 127.0.0.1:1: Connection refused", "connect 127.0.0.1:443: TLS
+    /// handshake: certificate verify failed (hostname mismatch)", "connect
+    /// 127.0.0.1:443: timed out during the TLS handshake".
     std::function<void(std::error_code ec, const std::string& message)> on_error;
 };
 
@@ -331,6 +344,19 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     /// Run `hook` right after on_close, for the owner's bookkeeping (forget
     /// the connection, free its slot). Empty: none.
     void set_close_hook(std::function<void(Connection&)> hook) { close_hook_ = std::move(hook); }
+    /// For connect() over TLS, whose handshake is part of connecting (as
+    /// asyncio's open_connection(ssl=...)): `hook` is told how the handshake
+    /// ended, once. An empty error code: it completed, and on_connect runs
+    /// right after. Otherwise the connection closed first (before
+    /// on_connect), and the hook runs instead of on_close, which never runs
+    /// for it: EPROTO for a TLS error (close_message() has OpenSSL's
+    /// reason), ETIMEDOUT for handshake_timeout, the socket's errno, or
+    /// ECANCELED when it was closed (close_now(), the loop destroyed). Set
+    /// between create() and start(); empty (a server's connections): a
+    /// failed handshake ends in on_close (reason `tls`, `timeout`, ...).
+    void set_handshake_hook(std::function<void(const ConnectionPtr&, std::error_code)> hook) {
+        handshake_hook_ = std::move(hook);
+    }
     /// Keep last_read() and last_write() (for idle timeouts); off by default.
     void track_activity(bool on) { tracking_ = on; }
     /// Also add every byte read and written to `counters` (an owner's totals
@@ -533,6 +559,8 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     int err_ = 0;
     EventLoop::TieId tie_ = 0;                     // the loop's reference, from start() to on_close
     std::function<void(Connection&)> close_hook_;  // owner's bookkeeping, after on_close
+    // connect() over TLS: told how the handshake ended (instead of on_close if it failed).
+    std::function<void(const ConnectionPtr&, std::error_code)> handshake_hook_;
     template <class T>
     static constexpr char state_type_tag = 0;  // one address per type: state()'s check
     struct UserState {

@@ -766,9 +766,12 @@ class ConnectAwaiter {
 /// (evmux::connect()). Throws std::system_error on failure, what() like
 /// "connect 127.0.0.1:1: Connection refused" (ETIMEDOUT after
 /// options.timeout). Over TLS (options.connection.tls) it returns once the
-/// handshake is done; a failed or timed-out handshake throws ConnectionClosed
-/// (reason `tls` or `timeout`, what() with the connection's close_message()).
-/// Destroying the waiting task cancels the attempt.
+/// handshake is done; a failed handshake throws std::system_error too, with
+/// evmux::connect()'s on_error text: "connect 127.0.0.1:443: TLS handshake:
+/// certificate verify failed (hostname mismatch): Protocol error" (code()
+/// EPROTO; ETIMEDOUT for options.timeout or the context's
+/// handshake_timeout). Destroying the waiting task (with_timeout() expiring)
+/// cancels the attempt, and closes a connection whose handshake runs at once.
 inline detail::ConnectAwaiter connect(EventLoop& loop, const Address& address,
                                       ConnectOptions options = {}) {
     return detail::ConnectAwaiter(loop, address, options);

@@ -201,6 +201,9 @@ class TcpServer {
 struct ConnectOptions {
     /// Give up after this long (on_error with ETIMEDOUT); zero = never. For a
     /// name it covers the whole attempt: the lookup and every address tried.
+    /// Over TLS it covers the handshake too, until on_connect would run
+    /// ("connect 127.0.0.1:443: timed out during the TLS handshake"); the
+    /// context's handshake_timeout applies as well, whichever ends first.
     std::chrono::milliseconds timeout{0};
     /// Limits for the connection once established.
     ConnectionOptions connection;
@@ -209,10 +212,11 @@ struct ConnectOptions {
     Resolver* resolver = nullptr;
 };
 
-/// A connect() in progress. The loop holds it (EventLoop::tie) until its
-/// outcome has been reported, so the handle need not be kept; a loop
-/// destroyed first ends the attempt as cancel() does, running on_error in
-/// its destructor. Thread rule: loop thread only.
+/// A connect() in progress: over TLS until the handshake is done (on_connect
+/// about to run). The loop holds it (EventLoop::tie) until its outcome has
+/// been reported, so the handle need not be kept; a loop destroyed first
+/// ends the attempt as cancel() does, running on_error in its destructor.
+/// Thread rule: loop thread only.
 class Connector : public std::enable_shared_from_this<Connector> {
     struct Private {};
 
@@ -224,9 +228,10 @@ class Connector : public std::enable_shared_from_this<Connector> {
     Connector(const Connector&) = delete;
     Connector& operator=(const Connector&) = delete;
 
-    /// Abandon the attempt (the lookup or the connect): on_error runs (from
-    /// the loop) with ECANCELED, unless the attempt already finished; then a
-    /// no-op. Closes the socket and cancels the timer.
+    /// Abandon the attempt (the lookup, the connect or the TLS handshake):
+    /// on_error runs (from the loop) with ECANCELED, unless the attempt
+    /// already finished; then a no-op. Closes the socket (a connection whose
+    /// handshake runs: at once, without on_close) and cancels the timer.
     void cancel();
     /// True until the attempt has succeeded or failed.
     bool connecting() const { return active_; }
@@ -253,6 +258,8 @@ class Connector : public std::enable_shared_from_this<Connector> {
     void deliver_deferred();
     void end_with_loop();
     void finish();
+    void end_attempt();
+    void handshake_ended(const ConnectionPtr& conn, std::error_code error);
 
     EventLoop& loop_;
     std::string target_;
@@ -273,6 +280,7 @@ class Connector : public std::enable_shared_from_this<Connector> {
     std::shared_ptr<ResolveQuery> query_;     // while looking up
     EventLoop::TieId tie_ = 0;                // the loop's reference, until the outcome is told
     std::function<void()> deferred_;          // an on_error posted, not run yet
+    ConnectionPtr conn_;                      // over TLS: connected, handshaking
 };
 
 /// Connect to `address` without blocking. On success a Connection is made
@@ -280,6 +288,11 @@ class Connector : public std::enable_shared_from_this<Connector> {
 /// error and a message like "connect 127.0.0.1:1: Connection refused"
 /// (ETIMEDOUT after options.timeout, ECANCELED after cancel() or when the
 /// loop is destroyed first: then inside ~EventLoop, with the socket closed).
+/// With a client TLS context (options.connection.tls) connecting includes
+/// the handshake: on_connect runs once it is done, and a failed handshake
+/// is this on_error (EPROTO, "connect 127.0.0.1:443: TLS handshake:
+/// certificate verify failed (hostname mismatch)"; ETIMEDOUT for the
+/// handshake's time limit; the socket's errno for a reset), never on_close.
 /// Callbacks never run inside connect() itself. Returns a handle to cancel with; it
 /// need not be kept. Throws std::invalid_argument for an address without a
 /// family. Loop thread only.
