@@ -243,6 +243,17 @@ void Connection::send_done(detail::CompletionOp* op, std::int32_t res, std::uint
                 // a new request waits for room. (The TLS records stay as
                 // sealed, from tls_out_off.)
                 self.request_send();
+            } else if (res < 0 && self.tls_ && self.peer_eof_ && self.fin_after_notify_ &&
+                       c.tls_plain == 0 && (res == -EPIPE || res == -ECONNRESET)) {
+                // Our close_notify answering the peer's, refused: the peer
+                // closed its socket without waiting for it (RFC 8446 6.1
+                // lets it; unread session tickets there make its kernel
+                // reset). Its stream ended in order, and nothing of ours
+                // was lost but the answer: peer_closed, as readiness's
+                // send_fin() ignores the same refusal.
+                c.io.give_string(std::exchange(c.tls_out, {}));
+                c.tls_out_off = 0;
+                self.tls_flushed();  // the FIN, then peer_closed
             } else if (res < 0) {
                 self.fail(-res);
             } else if (self.tls_) {

@@ -1052,6 +1052,30 @@ TEST_F(Tls, CloseWithNothingQueuedSendsCloseNotify) {
     }
 }
 
+// A client that closes right in on_connect (close_notify, then its socket,
+// with the server's session tickets unread: the kernel resets) ended its
+// stream in order: the server sees peer_closed on every I/O path. On
+// completion I/O its close_notify answer, refused (EPIPE), made it `reset:
+// Broken pipe`; readiness ignored the same refusal.
+TEST_F(Tls, AClientClosingInOnConnectIsPeerClosedForTheServer) {
+    EchoServer server(loop(), server_context());
+    for (int i = 0; i < 3; ++i) {
+        Record& client = record();
+        ConnectOptions o;
+        o.connection.tls = client_context();
+        Callbacks cb = recording_client(client);
+        cb.on_connect = [&client](const ConnectionPtr& c) {
+            ++client.connects;
+            c->close();
+        };
+        connect(loop(), server.address(), cb, o);
+        ASSERT_TRUE(run_until(loop(), [&] { return server.rec.closed(i + 1) && client.closed(); }));
+        EXPECT_EQ(client.reasons[0], CloseReason::local);
+        EXPECT_EQ(server.rec.reasons[i], CloseReason::peer_closed)
+            << to_string(server.rec.reasons[i]) << ": " << server.rec.messages[i];
+    }
+}
+
 // A peer that closes TCP without close_notify has cut the stream: a TLS error
 // (a truncation attack looks the same), not an orderly close.
 TEST_F(Tls, EofWithoutCloseNotifyIsATlsError) {
