@@ -246,6 +246,9 @@ struct EventLoop::Impl {
     int signal_fd = -1;
     sigset_t signal_set{};
     sigset_t blocked_before{};  // watched signals the thread had blocked already
+    // The thread whose mask on_signal() changed, per watched signal: only
+    // that thread can undo it (pthread_sigmask changes the caller's mask).
+    std::array<std::thread::id, NSIG> blocked_in{};
     // shared_ptr: a callback that replaces or removes its own signal keeps
     // running on the copy taken for the call (a refcount, not an allocation).
     std::array<std::shared_ptr<std::function<void(int)>>, NSIG> signal_callbacks{};
@@ -271,6 +274,24 @@ struct EventLoop::Impl {
             }
             if (count < std::size(infos)) return ran;
         }
+    }
+
+    // Gives `signo` back as on_signal() found it (remove_signal(), ~EventLoop):
+    // an instance that arrived but was not read is discarded (unblocked, it
+    // would take its default action, for most signals termination); then
+    // unblocked if it was unblocked then, on the thread that blocked it. On
+    // another thread nothing is unblocked: that thread's mask is not ours to
+    // change, and the blocking thread's cannot be changed from here.
+    void give_back_signal(int signo) {
+        sigset_t one;
+        sigemptyset(&one);
+        sigaddset(&one, signo);
+        const timespec zero{0, 0};
+        while (::sigtimedwait(&one, nullptr, &zero) == signo) {
+        }
+        if (!sigismember(&blocked_before, signo) && blocked_in[signo] == std::this_thread::get_id())
+            ::pthread_sigmask(SIG_UNBLOCK, &one, nullptr);
+        sigdelset(&signal_set, signo);
     }
 
     ~Impl() {
@@ -377,6 +398,11 @@ EventLoop::~EventLoop() {
         if (ended && completion_io_) completion_io_->drain();
         if (watchers.empty() && tasks.empty() && timers.empty() && signals.empty() && !ended) break;
     }
+    // Every signal still delivered here goes back as remove_signal() leaves
+    // it: unblocked where on_signal() found it unblocked (Ctrl-C works again
+    // during the program's cleanup), one not read yet discarded.
+    for (int signo = 1; signo < NSIG; ++signo)
+        if (sigismember(&m.signal_set, signo)) m.give_back_signal(signo);
     if (m.pending_error)
         Impl::report_to_stderr("evmux: an exception while the loop was destroyed",
                                std::exchange(m.pending_error, nullptr));
@@ -570,6 +596,7 @@ void EventLoop::on_signal(int signo, std::function<void(int)> callback) {
             sigaddset(&m.blocked_before, signo);
         else
             sigdelset(&m.blocked_before, signo);
+        m.blocked_in[signo] = std::this_thread::get_id();
     }
     m.signal_callbacks[signo] = std::move(shared);
 }
@@ -580,18 +607,9 @@ void EventLoop::remove_signal(int signo) {
     sigdelset(&m.signal_set, signo);
     ::signalfd(m.signal_fd, &m.signal_set, SFD_NONBLOCK | SFD_CLOEXEC);
     m.signal_callbacks[signo].reset();
-    // An instance that arrived but was not read yet would be delivered the
-    // default way (for most signals: terminate) the moment it is unblocked,
-    // here or in any thread: discard it first.
-    sigset_t one;
-    sigemptyset(&one);
-    sigaddset(&one, signo);
-    const timespec zero{0, 0};
-    while (::sigtimedwait(&one, nullptr, &zero) == signo) {
-    }
     // The mask as on_signal() found it: a LoopGroup's thread, which blocks
     // the asynchronous signals from its start, keeps it blocked.
-    if (!sigismember(&m.blocked_before, signo)) ::pthread_sigmask(SIG_UNBLOCK, &one, nullptr);
+    m.give_back_signal(signo);
 }
 
 // ---- running ------------------------------------------------------------------

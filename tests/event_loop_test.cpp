@@ -856,6 +856,71 @@ TEST(EventLoop, SignalCallbackRemovesItself) {
     ::pthread_sigmask(SIG_BLOCK, &set, nullptr);
 }
 
+// A loop destroyed with a signal still delivered gives it back as
+// remove_signal() does: it stayed blocked, so Ctrl-C (or a SIGTERM) during the
+// program's cleanup was lost. SIGVTALRM, which no other test uses, with a
+// counting handler: an instance taken the ordinary way shows in the count,
+// where its default action would end the test binary. Each case runs on a
+// thread of its own, so the main thread's mask is never at stake.
+std::atomic<int> vtalrm_handled{0};
+
+bool vtalrm_blocked() {
+    sigset_t mask;
+    ::pthread_sigmask(SIG_BLOCK, nullptr, &mask);
+    return sigismember(&mask, SIGVTALRM);
+}
+
+TEST(EventLoop, DestroyedLoopGivesItsSignalsBack) {
+    struct sigaction counting {
+    }, old{};
+    counting.sa_handler = [](int) { vtalrm_handled.fetch_add(1); };
+    sigemptyset(&counting.sa_mask);
+    ASSERT_EQ(::sigaction(SIGVTALRM, &counting, &old), 0);
+    sigset_t one;
+    sigemptyset(&one);
+    sigaddset(&one, SIGVTALRM);
+    for (const bool blocked_before : {false, true}) {
+        SCOPED_TRACE(blocked_before ? "blocked before on_signal" : "unblocked before on_signal");
+        std::thread([&] {
+            ::pthread_sigmask(blocked_before ? SIG_BLOCK : SIG_UNBLOCK, &one, nullptr);
+            EVMUX_SELECTOR_OR_SKIP(sel);
+            {
+                EventLoop loop(std::move(sel));
+                int seen = 0;
+                loop.on_signal(SIGVTALRM, [&](int) { ++seen; });
+                EXPECT_TRUE(vtalrm_blocked());
+                ASSERT_EQ(::raise(SIGVTALRM), 0);
+                EXPECT_TRUE(run_until(loop, [&] { return seen == 1; }));
+                // One more after the last wait: not read when the loop goes.
+                ASSERT_EQ(::raise(SIGVTALRM), 0);
+            }
+            EXPECT_EQ(vtalrm_blocked(), blocked_before)
+                << "the mask is not as on_signal() found it";
+            EXPECT_EQ(vtalrm_handled.load(), 0) << "the unread instance was not discarded";
+            sigset_t pending;
+            ::sigpending(&pending);
+            EXPECT_FALSE(sigismember(&pending, SIGVTALRM));
+        }).join();
+    }
+    // Destroyed on another thread than on_signal()'s: neither mask changes
+    // (that thread's is not the loop's to change; the other's cannot be).
+    std::thread([&] {
+        ::pthread_sigmask(SIG_UNBLOCK, &one, nullptr);
+        EVMUX_SELECTOR_OR_SKIP(sel);
+        auto loop = std::make_unique<EventLoop>(std::move(sel));
+        loop->on_signal(SIGVTALRM, [](int) {});
+        std::thread destroyer([&] {
+            ::pthread_sigmask(SIG_BLOCK, &one, nullptr);
+            loop.reset();
+            EXPECT_TRUE(vtalrm_blocked()) << "the destroying thread's mask changed";
+        });
+        destroyer.join();
+        EXPECT_TRUE(vtalrm_blocked());
+    }).join();
+    EXPECT_EQ(vtalrm_handled.load(), 0);
+    ::sigaction(SIGVTALRM, &old, nullptr);
+}
+
 // ---- lifetime -------------------------------------------------------------------
 
 TEST(EventLoop, DestroyWithPendingWorkLeaksNothing) {

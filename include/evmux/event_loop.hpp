@@ -93,7 +93,15 @@ class EventLoop {
     /// ended too, its on_loop_end run). The fds being watched are not closed
     /// (the loop does not own them). An exception from an `on_loop_end` goes
     /// to the exception handler; with the default one it is written to stderr
-    /// (there is no run() left to rethrow it from).
+    /// (there is no run() left to rethrow it from). Every signal still
+    /// delivered by the loop is then given back as remove_signal() does: an
+    /// instance not read yet is discarded (the loop was its handler, as
+    /// asyncio drops a signal whose callback has not run when its loop
+    /// closes) and the signal unblocked if on_signal() found it unblocked, so
+    /// Ctrl-C and SIGTERM take their default action during the program's
+    /// cleanup; unblocked only when destroyed on the thread that called
+    /// on_signal(): a LoopGroup's loop, destroyed by the group's owner, leaves
+    /// its own thread's mask (which blocked the signal anyway) as it was.
     ~EventLoop();
     EventLoop(const EventLoop&) = delete;
     EventLoop& operator=(const EventLoop&) = delete;
@@ -207,15 +215,17 @@ class EventLoop {
     /// Replaces an earlier callback.
     /// Throws std::invalid_argument for SIGKILL, SIGSTOP, a number out of range
     /// or an empty callback; std::system_error if signalfd fails (nothing
-    /// changed then). The loop's destruction leaves the signal blocked.
+    /// changed then). The loop's destruction undoes it as remove_signal() does.
     void on_signal(int signo, std::function<void(int signo)> callback);
-    /// Stop delivering `signo` and leave it in the calling thread's mask as
-    /// on_signal() found it: unblocked again if it was unblocked then (a
-    /// main thread's usual case), still blocked if it was blocked already (a
-    /// LoopGroup's thread, or one whose mask blocked it); an instance that
-    /// arrived but was not delivered yet is discarded (it would otherwise
-    /// take its default action, usually termination, on unblock).
-    /// A no-op if `signo` is not delivered by this loop.
+    /// Stop delivering `signo` and leave it in the mask as on_signal() found
+    /// it: unblocked again if it was unblocked then (a main thread's usual
+    /// case), still blocked if it was blocked already (a LoopGroup's thread,
+    /// or one whose mask blocked it); an instance that arrived but was not
+    /// delivered yet is discarded (it would otherwise take its default
+    /// action, usually termination, on unblock). A mask is a thread's own:
+    /// called on another thread than on_signal() was (the loop ran on a
+    /// thread other than the one that set it up), it unblocks nothing, in
+    /// neither thread. A no-op if `signo` is not delivered by this loop.
     void remove_signal(int signo);
 
     // ---- running ----------------------------------------------------------------
