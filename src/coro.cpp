@@ -20,11 +20,16 @@ namespace evmux::coro {
 namespace detail {
 
 namespace {
-bool is_connection_closed(const std::exception_ptr& error) {
+// Whether `error` ends a detached task quietly: AcceptorClosed always (a
+// server's ordinary end), ConnectionClosed in a serve() handler (the peer
+// went away).
+bool ends_quietly(const std::exception_ptr& error, bool quiet_close) {
     try {
         std::rethrow_exception(error);
-    } catch (const ConnectionClosed&) {
+    } catch (const AcceptorClosed&) {
         return true;
+    } catch (const ConnectionClosed&) {
+        return quiet_close;
     } catch (...) {
         return false;
     }
@@ -34,7 +39,7 @@ bool is_connection_closed(const std::exception_ptr& error) {
 void finish_detached(PromiseBase& promise) noexcept {
     EventLoop& loop = *promise.loop;
     const EventLoop::TieId tie = promise.tie;
-    if (promise.error && !(promise.quiet_close && is_connection_closed(promise.error)))
+    if (promise.error && !ends_quietly(promise.error, promise.quiet_close))
         loop.handle_exception(promise.error);
     loop.untie(tie);  // drops the frame's owner: the frame is destroyed here
 }
@@ -96,6 +101,9 @@ ConnectionClosed::ConnectionClosed(const char* operation, CloseReason reason, in
                         std::string(operation) + ": connection closed (" + to_string(reason) + ")" +
                             (detail.empty() ? "" : ": " + detail)),
       reason_(reason) {}
+
+AcceptorClosed::AcceptorClosed()
+    : std::system_error(ECANCELED, std::generic_category(), "accept: the acceptor is closed") {}
 
 TimedOut::TimedOut(EventLoop::Duration limit)
     : std::system_error(
@@ -522,9 +530,7 @@ void AcceptWait::await_suspend(std::coroutine_handle<> h) {
 }
 
 Stream AcceptWait::await_resume() {
-    if (closed)
-        throw std::system_error(ECANCELED, std::generic_category(),
-                                "accept: the acceptor is closed");
+    if (closed) throw AcceptorClosed();
     Stream s = std::move(state->pending.front());
     state->pending.pop_front();
     return s;

@@ -1187,6 +1187,78 @@ TEST(CoroCancel, AcceptorClosedFromInsideItsConnectionsRead) {
     EXPECT_TRUE(eof);
 }
 
+// A server coroutine waiting in accept() when the program ends (its
+// Acceptor destroyed, then the loop): the ordinary end of a server, said
+// nowhere. It used to print "evmux: an exception while the loop was
+// destroyed: accept: the acceptor is closed: Operation canceled".
+Task<void> serves_until_closed(Acceptor& a, int* accepted) {
+    for (;;) {
+        Stream s = co_await a.accept();
+        ++*accepted;
+    }
+}
+
+Task<void> owns_its_acceptor(EventLoop& loop, bool* listening) {
+    Acceptor a(loop, any_port);
+    *listening = true;
+    for (;;) co_await a.accept();
+}
+
+Task<void> fails_when_closed(Acceptor& a) {
+    try {
+        co_await a.accept();
+    } catch (const std::system_error&) {
+        throw std::runtime_error("a real failure");
+    }
+}
+
+TEST(CoroShutdown, AServerWaitingInAcceptEndsQuietly) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    int accepted = 0;
+    testing::internal::CaptureStderr();
+    {
+        EventLoop loop(std::move(sel));
+        Acceptor acceptor(loop, any_port);
+        coro::spawn(loop, serves_until_closed(acceptor, &accepted));
+        Fd client = dial(acceptor.local_address());
+        EXPECT_TRUE(run_until(loop, [&] { return accepted == 1; }));
+    }  // the acceptor goes first, resuming the task; then the loop
+    EXPECT_EQ(testing::internal::GetCapturedStderr(), "");
+    EXPECT_EQ(accepted, 1);
+
+    // The Acceptor in the task's own frame, closed with the loop.
+    EVMUX_SELECTOR_OR_SKIP(sel2);
+    bool listening = false;
+    testing::internal::CaptureStderr();
+    {
+        EventLoop loop(std::move(sel2));
+        coro::spawn(loop, owns_its_acceptor(loop, &listening));
+        EXPECT_TRUE(run_until(loop, [&] { return listening; }));
+    }
+    EXPECT_EQ(testing::internal::GetCapturedStderr(), "");
+
+    // Explicitly closed while the loop runs: quiet too, run() throws nothing.
+    EVMUX_LOOP_OR_SKIP(loop);
+    Acceptor acceptor(loop, any_port);
+    coro::spawn(loop, serves_until_closed(acceptor, &accepted));
+    loop.run_once(10ms);
+    acceptor.close();
+    EXPECT_NO_THROW(loop.run_once(10ms));
+}
+
+TEST(CoroShutdown, ARealExceptionAtTheEndIsStillReported) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    testing::internal::CaptureStderr();
+    {
+        EventLoop loop(std::move(sel));
+        Acceptor acceptor(loop, any_port);
+        coro::spawn(loop, fails_when_closed(acceptor));
+        loop.run_once(10ms);
+    }
+    EXPECT_EQ(testing::internal::GetCapturedStderr(),
+              "evmux: an exception while the loop was destroyed: a real failure\n");
+}
+
 TEST(CoroCancel, AcceptTaskDestroyedLeavesConnectionsPending) {
     EVMUX_LOOP_OR_SKIP(loop);
     Acceptor acceptor(loop, any_port);

@@ -188,10 +188,11 @@ inline Task<void> Promise<void>::get_return_object() noexcept {
 /// started from the loop (posted, so this never runs it inline), and its frame
 /// is freed when it ends. An exception that escapes it goes to the loop's
 /// exception handler (EventLoop::set_exception_handler(); by default run()
-/// rethrows it). If the loop is destroyed first, a task not yet started is
-/// destroyed unstarted and a suspended one is destroyed where it waits (after
-/// the loop's connections have closed, so a read sees ConnectionClosed first).
-/// Any thread (the task then runs on the loop's thread only).
+/// rethrows it), except AcceptorClosed: a server task that waited in
+/// accept() ends quietly when its Acceptor closes. If the loop is destroyed first, a task not yet
+/// started is destroyed unstarted and a suspended one is destroyed where it waits (after the loop's
+/// connections have closed, so a read sees ConnectionClosed first). Any thread (the task then runs
+/// on the loop's thread only).
 void spawn(EventLoop& loop, Task<void> task);
 
 // ---- sleeping ------------------------------------------------------------------
@@ -358,6 +359,17 @@ class ConnectionClosed : public std::system_error {
 
   private:
     CloseReason reason_;
+};
+
+/// Acceptor::accept() on a closed Acceptor, or waiting when it closed (its
+/// close() or destructor): the server's ordinary end, so one that escapes
+/// a detached task (spawn(), serve()) ends it quietly, never reaching the
+/// loop's exception handler (as asyncio's server task cancelled at shutdown
+/// is no error). code(): ECANCELED; what(): "accept: the acceptor is
+/// closed: Operation canceled".
+class AcceptorClosed : public std::system_error {
+  public:
+    AcceptorClosed();
 };
 
 /// read_exactly() met the end of the stream first. what() reads like
@@ -832,8 +844,9 @@ class Acceptor {
     Acceptor& operator=(const Acceptor&) = delete;
 
     /// The next connection (waits for one). After close(), and for an accept()
-    /// waiting when close() is called: std::system_error ECANCELED, "accept:
-    /// the acceptor is closed".
+    /// waiting when close() is called: AcceptorClosed (a std::system_error,
+    /// ECANCELED, "accept: the acceptor is closed"), which ends a detached
+    /// task quietly.
     detail::AcceptWait accept() { return detail::AcceptWait(state_.get()); }
     /// Stop: the listener closes and so does every connection it accepted,
     /// pending or handed out (TcpServer's rule: connections belong to their
