@@ -42,6 +42,23 @@ void bump(std::atomic<std::uint64_t>& counter) {
     counter.store(counter.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
 }
 
+// The on_error of a connect() whose user left it empty: a failure nobody
+// handles goes to the loop's exception handler, as an exception escaping a
+// callback does (by default run() rethrows it); a cancel is no failure.
+// A std::system_error whose what() is `message` ("connect 127.0.0.1:1:
+// Connection refused": message ends with ec.message(), which system_error
+// appends itself).
+std::function<void(std::error_code, const std::string&)> unhandled_connect_error(EventLoop& loop) {
+    return [&loop](std::error_code ec, const std::string& message) {
+        if (ec == std::errc::operation_canceled) return;
+        const std::string said = ": " + ec.message();
+        const bool ends_so = message.size() > said.size() &&
+                             message.compare(message.size() - said.size(), said.size(), said) == 0;
+        loop.handle_exception(std::make_exception_ptr(std::system_error(
+            ec, ends_so ? message.substr(0, message.size() - said.size()) : message)));
+    };
+}
+
 }  // namespace
 
 const char* to_string(Distribution distribution) {
@@ -543,6 +560,8 @@ void Connector::fail(std::error_code error, const std::string& message, bool def
     if (auto conn = std::exchange(conn_, nullptr)) conn->close_now(CloseReason::local);
     if (auto query = std::exchange(query_, nullptr)) query->cancel();
     auto on_error = std::move(cb_.on_error);
+    if (!on_error && error != std::errc::operation_canceled)
+        on_error = unhandled_connect_error(loop_);
     cb_ = Callbacks{};
     if (on_error && defer) {  // the tie stays until it has run (from the task, or the loop's end)
         deferred_ = [on_error = std::move(on_error), error, message] { on_error(error, message); };
@@ -609,8 +628,9 @@ void Connector::finish() {
         const std::string message = "connect " + address_.to_string() + ": " + e.what();
         if (tls) {
             fail(e.code(), message, false);
-        } else if (cb_.on_error) {
+        } else {
             auto on_error = std::move(cb_.on_error);
+            if (!on_error) on_error = unhandled_connect_error(loop_);
             on_error(e.code(), message);
         }
     }

@@ -2036,6 +2036,54 @@ TEST(Connect, RefusedIsAClearError) {
     EXPECT_EQ(r.errors, 1);
 }
 
+// No on_error: a refused connect was lost without a trace. It goes to the
+// loop's exception handler now, as an exception escaping a callback does;
+// by default run() rethrows it. A cancel is no failure: nothing is said.
+TEST(Connect, RefusedWithoutOnErrorGoesToTheExceptionHandler) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    EventLoop loop(std::move(sel));
+    Fd holder(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    Address a = loopback4;
+    ASSERT_EQ(
+        ::bind(holder.get(), static_cast<const sockaddr*>(a.sockaddr_ptr()), a.sockaddr_len()), 0);
+    a = Address::local_of(holder.get());
+    Callbacks no_on_error;
+    bool connected = false;
+    no_on_error.on_connect = [&](const ConnectionPtr&) { connected = true; };
+    auto handle = connect(loop, a, no_on_error);
+    std::optional<std::system_error> thrown;
+    for (int i = 0; i < 2000 && !thrown && handle->connecting(); ++i) {
+        try {
+            loop.run_once(5ms);
+        } catch (const std::system_error& e) {
+            thrown = e;
+        }
+    }
+    ASSERT_TRUE(thrown) << "run() said nothing of the refused connect";
+    EXPECT_EQ(thrown->code().value(), ECONNREFUSED);
+    EXPECT_STREQ(thrown->what(), ("connect " + a.to_string() + ": Connection refused").c_str());
+    EXPECT_FALSE(connected);
+
+    // With a handler of the user's, there.
+    std::vector<std::string> seen;
+    loop.set_exception_handler([&](std::exception_ptr e) {
+        try {
+            std::rethrow_exception(e);
+        } catch (const std::exception& x) {
+            seen.push_back(x.what());
+        }
+    });
+    connect(loop, a, no_on_error);
+    ASSERT_TRUE(run_until(loop, [&] { return !seen.empty(); }));
+    EXPECT_EQ(seen.at(0), "connect " + a.to_string() + ": Connection refused");
+
+    // Cancelled, or ended by the loop's destruction: nothing to report.
+    seen.clear();
+    connect(loop, a, no_on_error)->cancel();
+    pump_for(loop, 20ms);
+    EXPECT_TRUE(seen.empty());
+}
+
 // A socket the selector refuses to watch is a failed attempt like a refused
 // connect: on_error once, from the loop (connect() neither throws nor
 // leaves the attempt half made: its socket open, its timer still armed).

@@ -114,6 +114,11 @@ struct Callbacks {
     /// 127.0.0.1:1: Connection refused", "connect 127.0.0.1:443: TLS
     /// handshake: certificate verify failed (hostname mismatch)", "connect
     /// 127.0.0.1:443: timed out during the TLS handshake".
+    /// Unset, a failure is not lost: it goes to the loop's exception handler
+    /// as a std::system_error (code `ec`, what() `message`), as an exception
+    /// escaping a callback does (EventLoop::set_exception_handler(); by
+    /// default run() rethrows it). A cancel (cancel(), the loop destroyed
+    /// first) is no failure and goes nowhere.
     std::function<void(std::error_code ec, const std::string& message)> on_error;
 };
 

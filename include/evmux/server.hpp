@@ -292,7 +292,9 @@ class Connector : public std::enable_shared_from_this<Connector> {
 /// the handshake: on_connect runs once it is done, and a failed handshake
 /// is this on_error (EPROTO, "connect 127.0.0.1:443: TLS handshake:
 /// certificate verify failed (hostname mismatch)"; ETIMEDOUT for the
-/// handshake's time limit; the socket's errno for a reset), never on_close.
+/// handshake's time limit; the socket's errno for a reset), never on_close. Without
+/// an on_error, a failure other than ECANCELED goes to the loop's exception
+/// handler instead (see Callbacks::on_error).
 /// Callbacks never run inside connect() itself. Returns a handle to cancel with; it
 /// need not be kept. Throws std::invalid_argument for an address without a
 /// family. Loop thread only.
