@@ -719,6 +719,20 @@ std::vector<Address> resolve_now(std::string_view host, std::string_view service
 
 std::vector<Address> resolve_address_now(std::string_view text, const ResolverOptions& options) {
     if (text.starts_with("unix:")) return {Address::parse(text)};
+    // A server's ":8080" (Go's net.Listen): every IPv4 interface. A port
+    // alone is refused, but told what to write.
+    const bool digits_only = !text.empty() && std::all_of(text.begin(), text.end(), [](char c) {
+        return c >= '0' && c <= '9';
+    });
+    if (digits_only)
+        throw std::invalid_argument("bad address \"" + std::string(text) +
+                                    "\": no host (every interface: 0.0.0.0:" + std::string(text) +
+                                    " or :" + std::string(text) + ")");
+    std::string every_interface;
+    if (text.starts_with(':')) {
+        every_interface = "0.0.0.0" + std::string(text);
+        text = every_interface;
+    }
     try {
         return {Address::parse(text)};
     } catch (const std::invalid_argument&) {

@@ -1086,6 +1086,38 @@ TEST(ServerByName, ListensOnLocalhost) {
     pump_for(loop, 20ms);
 }
 
+// A server's ":8080" listens on every IPv4 interface, as Go's net.Listen
+// reads it; "8080" alone is refused, told what to write. Both were refused
+// with "no host" or "expected HOST:PORT". connect() takes neither.
+TEST(ServerByName, AnEmptyHostListensOnEveryInterface) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    EXPECT_EQ(resolve_address_now(":8080").at(0), Address::parse("0.0.0.0:8080"));
+    TcpServer server(loop, ":0", echo_callbacks());
+    EXPECT_EQ(server.local_address().host(), "0.0.0.0");
+    ASSERT_NE(server.local_address().port(), 0);
+    ConnectResult r;
+    connect(loop, Address::ip("127.0.0.1", server.local_address().port()), r.callbacks("any"));
+    ASSERT_TRUE(run_until(loop, [&] { return r.echoed == "any" || r.errors > 0; }));
+    EXPECT_EQ(r.errors, 0) << r.message;
+    r.conn->close();
+    pump_for(loop, 20ms);
+    LoopGroup group(1);
+    EXPECT_EQ(group.listen(":0", echo_callbacks()).local_address().host(), "0.0.0.0");
+    group.stop();
+
+    auto what = [](auto make) {
+        try {
+            make();
+        } catch (const std::invalid_argument& e) {
+            return std::string(e.what());
+        }
+        return std::string("no error");
+    };
+    EXPECT_EQ(what([&] { TcpServer(loop, "8080", {}); }),
+              "bad address \"8080\": no host (every interface: 0.0.0.0:8080 or :8080)");
+    EXPECT_EQ(what([&] { connect(loop, ":8080", {}); }), "bad address \":8080\": no host");
+}
+
 TEST(ServerByName, BindsTheFirstAddressThatBinds) {
     EVMUX_LOOP_OR_SKIP(loop);
     TcpServer taken(loop, Address::parse("127.0.0.1:0"), {});

@@ -193,8 +193,12 @@ std::vector<Address> resolve_now(std::string_view host, std::string_view service
 
 /// The addresses of "host:port" text, for start-up code: the one address
 /// Address::parse() reads ("127.0.0.1:80", "[::1]:80", "unix:/path"), or
-/// else resolve_now() of its host and port (split_host_port()). Throws as
-/// those do.
+/// else resolve_now() of its host and port (split_host_port()). For a
+/// server's address (TcpServer, LoopGroup::listen(), a UdpEndpoint to
+/// bind), ":8080" means every IPv4 interface, "0.0.0.0:8080" (Go's
+/// net.Listen(":8080"); "[::]:8080" for IPv6); connect() does not take it.
+/// Throws as those do; a port alone ("8080") is refused with what to write:
+/// "bad address "8080": no host (every interface: 0.0.0.0:8080 or :8080)".
 std::vector<Address> resolve_address_now(std::string_view text,
                                          const ResolverOptions& options = {});
 

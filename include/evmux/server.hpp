@@ -132,7 +132,8 @@ class TcpServer {
     TcpServer(EventLoop& loop, const Address& address, Callbacks callbacks,
               ServerOptions options = {});
     /// The same on "host:port" text: an address Address::parse() reads
-    /// ("127.0.0.1:0", "[::1]:80", "unix:/run/app.sock"), or a name
+    /// ("127.0.0.1:0", "[::1]:80", "unix:/run/app.sock"), ":8080" for every
+    /// IPv4 interface (0.0.0.0:8080, as Go's net.Listen reads it), or a name
     /// ("localhost:0", "example.org:http"), which is resolved here, blocking
     /// (resolve_now() with options.resolver; /etc/hosts first), and the first
     /// of its addresses that binds is the one listened on (see
