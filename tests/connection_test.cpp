@@ -2017,15 +2017,22 @@ TEST(Connect, ToServerOnTheSameLoopTcpAndUnix) {
     ::rmdir(dir);
 }
 
+// An address on loopback where connects are refused: bound by `holder` (so
+// the port stays ours) but not listening.
+Address refusing_address(Fd& holder) {
+    holder = Fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    const Address any = loopback4;
+    if (::bind(holder.get(), static_cast<const sockaddr*>(any.sockaddr_ptr()),
+               any.sockaddr_len()) != 0)
+        throw std::system_error(errno, std::generic_category(), "bind");
+    return Address::local_of(holder.get());
+}
+
 TEST(Connect, RefusedIsAClearError) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     EventLoop loop(std::move(sel));
-    // Bound but not listening: the port stays ours, and connects are refused.
-    Fd holder(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    Address a = loopback4;
-    ASSERT_EQ(
-        ::bind(holder.get(), static_cast<const sockaddr*>(a.sockaddr_ptr()), a.sockaddr_len()), 0);
-    a = Address::local_of(holder.get());
+    Fd holder;
+    const Address a = refusing_address(holder);
     ConnectResult r;
     connect(loop, a, r.callbacks());
     ASSERT_TRUE(run_until(loop, [&] { return r.errors > 0 || r.connects > 0; }));
@@ -2042,11 +2049,8 @@ TEST(Connect, RefusedIsAClearError) {
 TEST(Connect, RefusedWithoutOnErrorGoesToTheExceptionHandler) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     EventLoop loop(std::move(sel));
-    Fd holder(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
-    Address a = loopback4;
-    ASSERT_EQ(
-        ::bind(holder.get(), static_cast<const sockaddr*>(a.sockaddr_ptr()), a.sockaddr_len()), 0);
-    a = Address::local_of(holder.get());
+    Fd holder;
+    const Address a = refusing_address(holder);
     Callbacks no_on_error;
     bool connected = false;
     no_on_error.on_connect = [&](const ConnectionPtr&) { connected = true; };
