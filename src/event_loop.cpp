@@ -545,7 +545,7 @@ void EventLoop::stop() {
     impl_->wake_if_sleeping();
 }
 
-bool EventLoop::in_loop_thread() const {
+bool EventLoop::owned_by_this_thread() const {
     return impl_->owner.load(std::memory_order_relaxed) == std::this_thread::get_id();
 }
 
@@ -614,11 +614,32 @@ void EventLoop::remove_signal(int signo) {
 
 // ---- running ------------------------------------------------------------------
 
+constinit thread_local EventLoop* detail::running_loop = nullptr;
+
+namespace {
+
+// detail::running_loop names `loop` while run() or run_once() is on the
+// stack; the outer loop's again after (one loop's callback may run another).
+class RunningHere {
+  public:
+    explicit RunningHere(EventLoop* loop) noexcept
+        : outer_(std::exchange(detail::running_loop, loop)) {}
+    ~RunningHere() { detail::running_loop = outer_; }
+    RunningHere(const RunningHere&) = delete;
+    RunningHere& operator=(const RunningHere&) = delete;
+
+  private:
+    EventLoop* outer_;
+};
+
+}  // namespace
+
 void EventLoop::run() {
     Impl& m = *impl_;
     if (m.stop_requested.exchange(false)) return;
     m.now_valid = false;  // the clock was last read in another run, if ever
     m.claim();
+    const RunningHere here(this);
     for (;;) {
         iterate(std::nullopt, true);
         if (m.stop_requested.load(std::memory_order_relaxed) && m.stop_requested.exchange(false)) {
@@ -631,6 +652,7 @@ void EventLoop::run() {
 std::size_t EventLoop::run_once(Timeout timeout) {
     impl_->now_valid = false;
     impl_->claim();
+    const RunningHere here(this);
     const std::size_t ran = iterate(timeout, false);
     // Requests made after the wait (a close after on_close) go out now, not
     // with a next wait that may be long in coming.

@@ -17,9 +17,15 @@
 
 namespace evmux {
 
+class EventLoop;
+
 namespace detail {
 class CompletionIo;  // backends/completion_io.hpp (internal)
-}
+/// The loop whose run() or run_once() is on this thread's stack (the
+/// innermost), null outside them: EventLoop::in_loop_thread()'s and
+/// Connection's check that needs no call (initial-exec: one load).
+extern constinit thread_local EventLoop* running_loop [[gnu::tls_model("initial-exec")]];
+}  // namespace detail
 
 /// How a loop's connections move their bytes.
 ///  - readiness: the loop waits until a socket is ready, then the connection
@@ -199,8 +205,10 @@ class EventLoop {
     /// consumes the request; run_once() does not (but a stop() from another
     /// thread wakes its wait).
     void stop();
-    /// True on the thread that runs (or ran, or constructed) this loop.
-    bool in_loop_thread() const;
+    /// True on the thread that runs (or ran, or constructed) this loop. A
+    /// few instructions inside run() and run_once() (a thread_local compared
+    /// with `this`), a call outside them.
+    bool in_loop_thread() const { return detail::running_loop == this || owned_by_this_thread(); }
 
     // ---- signals ----------------------------------------------------------------
     /// Deliver `signo` as a callback on this loop (signalfd). The signal is
@@ -286,6 +294,7 @@ class EventLoop {
     /// without completion I/O is no fallback to explain in io_note().
     EventLoop(std::unique_ptr<Selector> selector, IoMode io, bool by_default);
     std::size_t iterate(Timeout timeout, bool stoppable);
+    bool owned_by_this_thread() const;  // in_loop_thread() outside run()/run_once()
 
     std::unique_ptr<Selector> selector_;
     std::unique_ptr<char[]> scratch_;
