@@ -591,6 +591,8 @@ bool Connection::after_sent() {
 // ---- sending --------------------------------------------------------------------------
 
 void Connection::send(const void* data, std::size_t len) {
+    if (detail::running_loop != &loop_ && send_elsewhere(static_cast<const char*>(data), len))
+        return;
     if (state_ != State::open || shut_requested_ || close_after_drain_ || len == 0) return;
     const char* p = static_cast<const char*>(data);
     if (queued_ == 0 && !handshaking_ && !cio_) {
@@ -654,6 +656,7 @@ void Connection::queue_copy(const char* p, std::size_t len) {
 }
 
 void Connection::send(std::string&& bytes) {
+    if (detail::running_loop != &loop_ && send_elsewhere(bytes)) return;
     if (state_ != State::open || shut_requested_ || close_after_drain_ || bytes.empty()) return;
     std::size_t written = 0;
     if (queue_.empty() && !handshaking_ && !cio_) {
@@ -744,6 +747,9 @@ void Connection::deliver_drain() {
 }
 
 void Connection::shutdown_write() {
+    if (detail::running_loop != &loop_ &&
+        call_elsewhere([](Connection& c, int) { c.shutdown_write(); }, 0))
+        return;
     if (state_ != State::open || shut_requested_) return;
     shut_requested_ = true;
     if (queue_.empty() && !handshaking_) {
@@ -772,13 +778,58 @@ void Connection::maybe_finish_shutdown() {
 }
 
 void Connection::pause_reading() {
+    if (detail::running_loop != &loop_ &&
+        call_elsewhere([](Connection& c, int) { c.pause_reading(); }, 0))
+        return;
     user_paused_ = true;
     update_interest();
 }
 
 void Connection::resume_reading() {
+    if (detail::running_loop != &loop_ &&
+        call_elsewhere([](Connection& c, int) { c.resume_reading(); }, 0))
+        return;
     user_paused_ = false;
     update_interest();
+}
+
+// ---- calls from other threads ------------------------------------------------------------
+// send(), shutdown_write(), close(), pause_reading() and resume_reading() made
+// off the thread running our loop (detail::running_loop is another loop, or
+// none). Under remote_mutex_: closed, a no-op (the loop may be gone: it is
+// not touched); open, the loop is alive until the lock is released (it
+// closes us before it goes, and closing takes the lock), and the call is
+// posted, holding us and a copy of the bytes, or runs here on the loop's own
+// thread outside run() (the constructing thread between run_once() calls).
+
+bool Connection::send_elsewhere(const char* p, std::size_t len) {
+    const std::lock_guard lock(remote_mutex_);
+    if (remote_closed_) return true;
+    if (loop_.in_loop_thread()) return false;
+    if (len != 0)
+        loop_.post([self = shared_from_this(), bytes = std::string(p, len)]() mutable {
+            self->send(std::move(bytes));
+        });
+    return true;
+}
+
+bool Connection::send_elsewhere(std::string& bytes) {
+    const std::lock_guard lock(remote_mutex_);
+    if (remote_closed_) return true;
+    if (loop_.in_loop_thread()) return false;
+    if (!bytes.empty())
+        loop_.post([self = shared_from_this(), bytes = std::move(bytes)]() mutable {
+            self->send(std::move(bytes));
+        });
+    return true;
+}
+
+bool Connection::call_elsewhere(void (*call)(Connection&, int), int arg) {
+    const std::lock_guard lock(remote_mutex_);
+    if (remote_closed_) return true;
+    if (loop_.in_loop_thread()) return false;
+    loop_.post([self = shared_from_this(), call, arg] { call(*self, arg); });
+    return true;
 }
 
 // ---- interest and closing ---------------------------------------------------------------
@@ -826,6 +877,10 @@ void Connection::update_interest() {
 }
 
 void Connection::close(CloseMode mode) {
+    if (detail::running_loop != &loop_ &&
+        call_elsewhere([](Connection& c, int m) { c.close(static_cast<CloseMode>(m)); },
+                       static_cast<int>(mode)))
+        return;
     if (state_ != State::open) return;
     graceful_ = mode == CloseMode::graceful;
     if (mode == CloseMode::reset) {
@@ -890,6 +945,11 @@ bool Connection::close_quietly(CloseReason reason, int err) {
         tls_->records().has_unsent())
         tls_->records().send_unsent();
     if (handshake_timer_ != 0) loop_.cancel(std::exchange(handshake_timer_, 0));
+    {
+        // Waits for a call being posted from another thread; later ones are no-ops.
+        const std::lock_guard lock(remote_mutex_);
+        remote_closed_ = true;
+    }
     state_ = State::closing;
     reason_ = reason;
     err_ = err;

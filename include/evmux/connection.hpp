@@ -12,6 +12,7 @@
 #include <exception>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <system_error>
@@ -192,8 +193,22 @@ enum class CloseMode {
 /// Create with Connection::adopt(), TcpServer or connect(). The loop keeps a
 /// connection alive (EventLoop::tie) from its start until its on_close has
 /// run, so a user needs to hold a ConnectionPtr only to talk to it later; a
-/// loop destroyed first closes it (on_close, reason `local`). Thread rule:
-/// loop thread only, every member. Non-copyable.
+/// loop destroyed first closes it (on_close, reason `local`). Non-copyable.
+///
+/// Threads (muduo's rule): send() (every overload), shutdown_write(),
+/// close(), pause_reading() and resume_reading() may be called from any
+/// thread. On the thread running the loop they act at once, as documented;
+/// from another thread the call is posted to the loop (EventLoop::post()),
+/// holding the connection and a copy of the bytes (send(std::string&&):
+/// the string, moved), and acts there, in post order: one thread's sends
+/// arrive in the order it made them, each whole. A call that arrives after
+/// the connection has closed is a no-op, as on the loop thread; once it has
+/// closed, calls from anywhere are no-ops that touch nothing of the loop's,
+/// so they are safe after the loop is gone. Every other member (the state
+/// queries is_open(), queued_bytes(), bytes_in(), ..., emplace_state() and
+/// state(), the owner's calls) is loop thread only: a query from another
+/// thread reads state the loop is changing, and a posted call may not have
+/// acted yet.
 class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     struct Private {};
 
@@ -219,33 +234,37 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     /// `overflow` if the queue would pass max_buffered. On completion I/O
     /// the bytes are queued for the send request made before the next wait
     /// (written at once only when they take the queue past high_water).
+    /// Any thread: from another, a copy is posted (see the class comment).
     void send(const void* data, std::size_t len);
     /// As send(const void*, std::size_t).
     void send(std::string_view bytes) { send(bytes.data(), bytes.size()); }
     /// A NUL-terminated text (without the NUL); as send(std::string_view).
     void send(const char* text) { send(std::string_view(text)); }
-    /// As send(), but a queued remainder keeps `bytes`' storage: no copy.
+    /// As send(), but a queued remainder keeps `bytes`' storage: no copy
+    /// (from another thread the string is moved into the posted call).
     void send(std::string&& bytes);
 
     /// Send FIN (over TLS: close_notify, then FIN) once the queue has
     /// drained; later sends are no-ops. If the peer has already shut down
-    /// too, the connection then closes (peer_closed).
+    /// too, the connection then closes (peer_closed). Any thread (posted).
     void shutdown_write();
     /// Close (see CloseMode); reason `local`. Idempotent. on_close runs after
     /// close() has returned, never inside it. Over TLS, close_notify is sent
     /// first if the queue is empty by then (the peer can tell a complete
-    /// stream from a cut one).
+    /// stream from a cut one). Any thread (posted): then on_close runs on
+    /// the loop, and is_open() there turns false when the call arrives.
     void close(CloseMode mode = CloseMode::immediate);
 
     /// Stop / restart reading from the peer (user-level flow control; independent
-    /// of the automatic pause at the high-water mark).
+    /// of the automatic pause at the high-water mark). Any thread (posted).
     void pause_reading();
     /// Undo pause_reading(); reading stays paused while the queue is above the
     /// high-water mark. Input left unconsumed comes to on_message again
     /// (posted) when reading resumes, though the peer sends nothing more.
+    /// Any thread (posted).
     void resume_reading();
 
-    // ---- state ------------------------------------------------------------------
+    // ---- state (loop thread only) -------------------------------------------------
     /// False once closing has started (close(), error, peer gone).
     bool is_open() const { return state_ == State::open; }
     /// Bytes waiting in the outgoing queue.
@@ -510,6 +529,12 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     [[gnu::cold]] void continue_handshake(const ConnectionPtr& self);
     void read_pending_soon();
     void deliver_unconsumed_soon();
+    // A call made off the thread running our loop: true if it is done (posted
+    // to the loop, or a no-op once closed); false on the loop's thread outside
+    // run()/run_once(), where the caller goes on as usual.
+    [[gnu::cold]] bool send_elsewhere(const char* p, std::size_t len);
+    [[gnu::cold]] bool send_elsewhere(std::string& bytes);
+    [[gnu::cold]] bool call_elsewhere(void (*call)(Connection&, int), int arg);
 
     // Members in the order of use: what every read and send touches comes
     // first, within the object's first five cache lines (the class is
@@ -576,6 +601,12 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     Address peer_;
     EventLoop::TimerId handshake_timer_ = 0;
     std::string close_message_;  // set for `tls` and the handshake timeout
+    // Calls from other threads (send(), close(), ...): posted under this lock
+    // while the connection is open, so never to a loop that has gone (the
+    // loop closes its connections before it frees anything); closing sets
+    // `remote_closed_` under it, and later calls from anywhere are no-ops.
+    std::mutex remote_mutex_;
+    bool remote_closed_ = false;
 };
 
 }  // namespace evmux

@@ -51,7 +51,8 @@ const char* to_string(IoMode mode);
 IoMode requested_io_mode();
 
 /// A reactor: one per thread. Thread rule: only post(), stop() and
-/// in_loop_thread() may be called from another thread; everything else must
+/// in_loop_thread() may be called from another thread (and a Connection's
+/// send(), close() and the like, which post); everything else must
 /// be called on the loop's thread (the thread that calls run()/run_once(), or
 /// the constructing thread before that). Non-copyable, non-movable.
 ///
