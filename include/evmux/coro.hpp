@@ -643,7 +643,10 @@ Stream attach_stream(const ConnectionPtr& conn, std::size_t input_limit);
 /// Bytes that arrived before a close or the end are always read first.
 ///
 /// Destroying the Stream closes the connection gracefully (queued bytes are
-/// sent first). Move-only; loop thread only. Awaiters are the `co_await`
+/// sent first). Move-only; loop thread only, write() included (its wait is
+/// resumed by the loop only): another thread sends through a ConnectionPtr
+/// copied on the loop thread (connection()), whose send() posts (see
+/// Connection), bypassing the stream's backpressure. Awaiters are the `co_await`
 /// operands returned below; await each at once (they refer to the stream).
 class Stream {
   public:
