@@ -796,14 +796,14 @@ void Connection::resume_reading() {
 // ---- calls from other threads ------------------------------------------------------------
 // send(), shutdown_write(), close(), pause_reading() and resume_reading() made
 // off the thread running our loop (detail::running_loop is another loop, or
-// none). Under remote_mutex_: closed, a no-op (the loop may be gone: it is
+// none). Under remote_lock_: closed, a no-op (the loop may be gone: it is
 // not touched); open, the loop is alive until the lock is released (it
 // closes us before it goes, and closing takes the lock), and the call is
 // posted, holding us and a copy of the bytes, or runs here on the loop's own
 // thread outside run() (the constructing thread between run_once() calls).
 
 bool Connection::send_elsewhere(const char* p, std::size_t len) {
-    const std::lock_guard lock(remote_mutex_);
+    const std::lock_guard lock(remote_lock_);
     if (remote_closed_) return true;
     if (loop_.in_loop_thread()) return false;
     if (len != 0)
@@ -814,7 +814,7 @@ bool Connection::send_elsewhere(const char* p, std::size_t len) {
 }
 
 bool Connection::send_elsewhere(std::string& bytes) {
-    const std::lock_guard lock(remote_mutex_);
+    const std::lock_guard lock(remote_lock_);
     if (remote_closed_) return true;
     if (loop_.in_loop_thread()) return false;
     if (!bytes.empty())
@@ -825,7 +825,7 @@ bool Connection::send_elsewhere(std::string& bytes) {
 }
 
 bool Connection::call_elsewhere(void (*call)(Connection&, int), int arg) {
-    const std::lock_guard lock(remote_mutex_);
+    const std::lock_guard lock(remote_lock_);
     if (remote_closed_) return true;
     if (loop_.in_loop_thread()) return false;
     loop_.post([self = shared_from_this(), call, arg] { call(*self, arg); });
@@ -947,7 +947,7 @@ bool Connection::close_quietly(CloseReason reason, int err) {
     if (handshake_timer_ != 0) loop_.cancel(std::exchange(handshake_timer_, 0));
     {
         // Waits for a call being posted from another thread; later ones are no-ops.
-        const std::lock_guard lock(remote_mutex_);
+        const std::lock_guard lock(remote_lock_);
         remote_closed_ = true;
     }
     state_ = State::closing;

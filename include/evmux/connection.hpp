@@ -12,10 +12,10 @@
 #include <exception>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -30,6 +30,18 @@ namespace detail {
 class TlsSession;        // src/tls_session.hpp, not installed
 struct CompletionOp;     // backends/completion_io.hpp, not installed
 struct CompletionState;  // src/connection_completion.hpp, not installed
+/// A lock of one byte (std::mutex takes 40): Connection's guard for calls
+/// from other threads, held only to check a flag and post, rarely contended.
+class ByteLock {
+  public:
+    void lock() noexcept {
+        while (held_.test_and_set(std::memory_order_acquire)) std::this_thread::yield();
+    }
+    void unlock() noexcept { held_.clear(std::memory_order_release); }
+
+  private:
+    std::atomic_flag held_;
+};
 }  // namespace detail
 
 class Connection;
@@ -605,7 +617,7 @@ class alignas(64) Connection : public std::enable_shared_from_this<Connection> {
     // while the connection is open, so never to a loop that has gone (the
     // loop closes its connections before it frees anything); closing sets
     // `remote_closed_` under it, and later calls from anywhere are no-ops.
-    std::mutex remote_mutex_;
+    detail::ByteLock remote_lock_;
     bool remote_closed_ = false;
 };
 
