@@ -208,6 +208,25 @@ struct EventLoop::Impl {
     }
     int wake_fd = -1;
 
+    // stop() and post() from other threads, still touching the loop: the
+    // loop's thread may have returned from run() and be destroying it.
+    std::atomic<int> calls_in_flight{0};
+    class CallInFlight {
+      public:
+        explicit CallInFlight(Impl& m) noexcept : m_(m) {
+            m_.calls_in_flight.fetch_add(1, std::memory_order_seq_cst);
+        }
+        ~CallInFlight() { m_.calls_in_flight.fetch_sub(1, std::memory_order_release); }
+        CallInFlight(const CallInFlight&) = delete;
+        CallInFlight& operator=(const CallInFlight&) = delete;
+
+      private:
+        Impl& m_;
+    };
+    void wait_for_calls_in_flight() const {
+        while (calls_in_flight.load(std::memory_order_acquire) != 0) std::this_thread::yield();
+    }
+
     void wake_if_sleeping() {
         if (!sleeping.load(std::memory_order_seq_cst)) return;
         if (!sleeping.exchange(false, std::memory_order_seq_cst)) return;  // another thread woke it
@@ -357,6 +376,8 @@ EventLoop::EventLoop(std::unique_ptr<Selector> selector, IoMode io, bool by_defa
 
 EventLoop::~EventLoop() {
     Impl& m = *impl_;
+    // A stop() or post() that made run() return may still be waking us.
+    m.wait_for_calls_in_flight();
     // Owners first, while the loop is whole: a connection still open closes
     // and runs its on_close here. What they tie anew meanwhile gets its turn
     // in a further (bounded) round.
@@ -532,6 +553,7 @@ bool EventLoop::cancel(TimerId id) {
 void EventLoop::post(Task fn) {
     if (!fn) throw std::invalid_argument("evmux: empty task");
     Impl& m = *impl_;
+    const Impl::CallInFlight here(m);  // the task may make run() return: see stop()
     {
         std::lock_guard lock(m.task_mutex);
         m.pending.push_back(std::move(fn));
@@ -541,8 +563,15 @@ void EventLoop::post(Task fn) {
 }
 
 void EventLoop::stop() {
-    impl_->stop_requested.store(true, std::memory_order_seq_cst);
-    impl_->wake_if_sleeping();
+    // The loop's thread may return from run() as soon as it sees the request
+    // and destroy the loop at once (the usual shutdown: stop() from another
+    // thread, then join). ~EventLoop first waits until no stop() or post()
+    // is still touching the loop. Lock-free: stop() stays callable from a
+    // signal handler.
+    Impl& m = *impl_;
+    const Impl::CallInFlight here(m);
+    m.stop_requested.store(true, std::memory_order_seq_cst);
+    m.wake_if_sleeping();
 }
 
 bool EventLoop::owned_by_this_thread() const {

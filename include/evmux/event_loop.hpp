@@ -204,7 +204,10 @@ class EventLoop {
     void post(Task fn);
     /// Make run() return after the current iteration. Any thread. run()
     /// consumes the request; run_once() does not (but a stop() from another
-    /// thread wakes its wait).
+    /// thread wakes its wait). The loop's thread may destroy the loop as soon
+    /// as run() returns, while this call (or a post() whose task stopped it)
+    /// is still returning: ~EventLoop waits for it first. Lock-free (callable
+    /// from a signal handler); the loop must exist when the call starts.
     void stop();
     /// True on the thread that runs (or ran, or constructed) this loop. A
     /// few instructions inside run() and run_once() (a thread_local compared
