@@ -302,7 +302,10 @@ evmux static library" ] || fail "evmux adds more than its library to the consume
     local want
     for want in /include/evmux/evmux.hpp /libevmux.so /libevmux.a /pkgconfig/evmux.pc \
         /cmake/evmux/evmuxConfig.cmake /bin/consumer; do
-        echo "$installed" | grep -q -- "$want\$" || {
+        # A here-string, not echo | grep -q: grep -q stops at the first match and
+        # echo's further writes then fail (SIGPIPE), which pipefail turns into a
+        # false "not installed" (CI saw it once).
+        grep -q -- "$want\$" <<<"$installed" || {
             echo "$installed"
             fail "$want not installed with evmux:install=enabled"
         }
@@ -321,7 +324,7 @@ docs_part() {
     fi
     step "doxygen (Doxyfile, FAIL_ON_WARNINGS)"
     local version
-    version=$(sed -n "s/^ *version: '\([^']*\)',$/\1/p" "$src/meson.build" | head -n 1)
+    version=$(sed -n "s/^ *version: '\([^']*\)',$/\1/p;T;q" "$src/meson.build")
     (cd "$src" && { cat Doxyfile; echo "PROJECT_NUMBER = $version"; echo "OUTPUT_DIRECTORY = $tmp"; } |
         doxygen -) || fail "doxygen warnings (above)"
     [ -f "$tmp/html/index.html" ] || fail "no html/index.html"
