@@ -21,15 +21,17 @@ namespace detail {
 
 namespace {
 // Whether `error` ends a detached task quietly: AcceptorClosed always (a
-// server's ordinary end), ConnectionClosed in a serve() handler (the peer
-// went away).
+// server's ordinary end), ConnectionClosed of reason `local` always (the
+// program closed it: close(), its Acceptor or server closing, the loop's end,
+// asyncio's cancel), any ConnectionClosed in a serve() handler (the peer went
+// away).
 bool ends_quietly(const std::exception_ptr& error, bool quiet_close) {
     try {
         std::rethrow_exception(error);
     } catch (const AcceptorClosed&) {
         return true;
-    } catch (const ConnectionClosed&) {
-        return quiet_close;
+    } catch (const ConnectionClosed& e) {
+        return quiet_close || e.reason() == CloseReason::local;
     } catch (...) {
         return false;
     }

@@ -1246,6 +1246,84 @@ TEST(CoroShutdown, AServerWaitingInAcceptEndsQuietly) {
     EXPECT_NO_THROW(loop.run_once(10ms));
 }
 
+Task<void> reads_until_closed(Stream s, int* ended) {
+    std::string line;
+    try {
+        while (co_await s.read_line(line)) {
+        }
+    } catch (...) {
+        ++*ended;
+        throw;
+    }
+}
+
+Task<void> accepts_and_spawns(EventLoop& loop, Acceptor& a, int* accepted, int* ended) {
+    for (;;) {
+        Stream s = co_await a.accept();
+        ++*accepted;
+        coro::spawn(loop, reads_until_closed(std::move(s), ended));
+    }
+}
+
+// asyncio's shape (a server task that spawns a task per connection): the
+// program's own end closes the connections (reason `local`, as a cancel), so
+// the handlers waiting on them end quietly, not as errors.
+TEST(CoroShutdown, HandlersSpawnedPerConnectionEndQuietlyWhenTheProgramCloses) {
+    // The Acceptor closed while the loop runs: run() throws nothing.
+    {
+        EVMUX_LOOP_OR_SKIP(loop);
+        int accepted = 0, ended = 0;
+        auto acceptor = std::make_unique<Acceptor>(loop, any_port);
+        coro::spawn(loop, accepts_and_spawns(loop, *acceptor, &accepted, &ended));
+        Fd a = dial(acceptor->local_address()), b = dial(acceptor->local_address());
+        ASSERT_TRUE(run_until(loop, [&] { return accepted == 2; }));
+        loop.run_once(5ms);
+        acceptor.reset();
+        EXPECT_NO_THROW(loop.run_once(10ms));
+        EXPECT_NO_THROW(loop.run_once(10ms));
+        EXPECT_EQ(ended, 2);
+    }
+    // The loop destroyed with the handlers reading: nothing on stderr.
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    int accepted = 0, ended = 0;
+    testing::internal::CaptureStderr();
+    {
+        EventLoop loop(std::move(sel));
+        Acceptor acceptor(loop, any_port);
+        coro::spawn(loop, accepts_and_spawns(loop, acceptor, &accepted, &ended));
+        Fd a = dial(acceptor.local_address());
+        EXPECT_TRUE(run_until(loop, [&] { return accepted == 1; }));
+        loop.run_once(5ms);
+    }
+    EXPECT_EQ(testing::internal::GetCapturedStderr(), "");
+    EXPECT_EQ(ended, 1);
+}
+
+// The peer's reset is no cancel: still the loop's exception handler's.
+TEST(CoroShutdown, AHandlerEndedByAResetIsStillReported) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    int accepted = 0, ended = 0;
+    Acceptor acceptor(loop, any_port);
+    coro::spawn(loop, accepts_and_spawns(loop, acceptor, &accepted, &ended));
+    {
+        Fd a = dial(acceptor.local_address());
+        ASSERT_TRUE(run_until(loop, [&] { return accepted == 1; }));
+        loop.run_once(5ms);
+        linger lg{1, 0};
+        ::setsockopt(a.get(), SOL_SOCKET, SO_LINGER, &lg, sizeof lg);
+    }  // closed with RST
+    bool caught = false;
+    for (int i = 0; i < 200 && !caught; ++i) {
+        try {
+            loop.run_once(10ms);
+        } catch (const coro::ConnectionClosed& e) {
+            caught = e.reason() == CloseReason::reset;
+        }
+    }
+    EXPECT_TRUE(caught);
+    EXPECT_EQ(ended, 1);
+}
+
 TEST(CoroShutdown, ARealExceptionAtTheEndIsStillReported) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     testing::internal::CaptureStderr();

@@ -188,11 +188,14 @@ inline Task<void> Promise<void>::get_return_object() noexcept {
 /// started from the loop (posted, so this never runs it inline), and its frame
 /// is freed when it ends. An exception that escapes it goes to the loop's
 /// exception handler (EventLoop::set_exception_handler(); by default run()
-/// rethrows it), except AcceptorClosed: a server task that waited in
-/// accept() ends quietly when its Acceptor closes. If the loop is destroyed first, a task not yet
-/// started is destroyed unstarted and a suspended one is destroyed where it waits (after the loop's
-/// connections have closed, so a read sees ConnectionClosed first). Any thread (the task then runs
-/// on the loop's thread only).
+/// rethrows it), except AcceptorClosed (a server task that waited in
+/// accept() ends quietly when its Acceptor closes) and ConnectionClosed of
+/// reason `local` (the program closed the connection: close(), its Acceptor
+/// or server closing, the loop's end), which end it quietly. If the loop is
+/// destroyed first, a task not yet started is destroyed unstarted and a
+/// suspended one is destroyed where it waits (after the loop's connections
+/// have closed, so a read sees ConnectionClosed first). Any thread (the task
+/// then runs on the loop's thread only).
 void spawn(EventLoop& loop, Task<void> task);
 
 // ---- sleeping ------------------------------------------------------------------
@@ -347,7 +350,8 @@ requires(!detail::is_task<std::remove_cvref_t<Awaitable>>) auto with_timeout(
 /// closed). what() reads like "read: connection closed (reset): Connection
 /// reset by peer"; for `tls` and `timeout` it has the connection's
 /// close_message() too: "read: connection closed (tls): TLS: unexpected eof
-/// while reading: Protocol error".
+/// while reading: Protocol error". One of reason `local` (the program's own
+/// close, as asyncio's cancel) ends a detached task quietly (spawn()).
 class ConnectionClosed : public std::system_error {
   public:
     /// `operation`: "read", "write", ...; `reason`, `err` as on_close had them;
