@@ -21,7 +21,9 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <type_traits>
+#include <variant>
 #include <vector>
 
 #include "evmux/coro.hpp"
@@ -870,6 +872,146 @@ TEST(CoroTimeout, AnAcceptTimedOutLeavesTheAcceptorUsable) {
     ASSERT_TRUE(run_until(loop, [&] { return out.done; }));
     ASSERT_FALSE(out.error);
     EXPECT_EQ(*out.value, "timed out, hi\n");
+}
+
+// ---- when_all ----------------------------------------------------------------------
+
+Task<std::string> text_after(EventLoop& loop, EventLoop::Duration d, std::string text) {
+    co_await coro::sleep(loop, d);
+    co_return text;
+}
+
+Task<void> logs_around_sleep(EventLoop& loop, EventLoop::Duration d, std::string* log, char name) {
+    *log += name;
+    co_await coro::sleep(loop, d);
+    *log += static_cast<char>(name - 'a' + 'A');
+}
+
+Task<int> fails_after(EventLoop& loop, EventLoop::Duration d) {
+    co_await coro::sleep(loop, d);
+    throw std::runtime_error("second failed");
+}
+
+template <class... T>
+auto all_of(Task<T>... tasks) {
+    return coro::when_all(std::move(tasks)...);
+}
+
+TEST(CoroWhenAll, ValuesInTheOrderGivenAndVoidAsMonostate) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    bool started = false, freed = false, flag = false;
+    auto [seven, answer42, nothing, text] =
+        run_task(loop, coro::when_all(seven_after(loop, 20ms, FrameGuard(&freed)), answer(&started),
+                                      set_flag(&flag), text_after(loop, 1ms, "x")));
+    EXPECT_EQ(seven, 7);
+    EXPECT_EQ(answer42, 42);
+    static_assert(std::is_same_v<decltype(nothing), std::monostate>);
+    EXPECT_EQ(text, "x");
+    EXPECT_TRUE(flag);
+    EXPECT_TRUE(freed);
+    EXPECT_EQ(run_task(loop, coro::when_all()), std::tuple<>());
+}
+
+TEST(CoroWhenAll, TheTasksRunSideBySide) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    // One after the other would log "aAbB"; side by side, b's short sleep ends
+    // inside a's long one (timer order, not timing).
+    std::string log;
+    run_task(loop, coro::when_all(logs_around_sleep(loop, 40ms, &log, 'a'),
+                                  logs_around_sleep(loop, 1ms, &log, 'b')));
+    EXPECT_EQ(log, "abBA");
+}
+
+TEST(CoroWhenAll, TheFirstExceptionDestroysTheOthersWhereTheyWaitAndIsRethrown) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    bool slow_freed = false, done_freed = false;
+    try {
+        run_task(loop, coro::when_all(seven_after(loop, 0ms, FrameGuard(&done_freed)),
+                                      seven_after(loop, 10s, FrameGuard(&slow_freed)),
+                                      fails_after(loop, 5ms)));
+        ADD_FAILURE() << "no exception";
+    } catch (const std::runtime_error& e) {
+        EXPECT_STREQ(e.what(), "second failed");
+    }
+    EXPECT_TRUE(slow_freed) << "the 10 s task was not destroyed";
+    EXPECT_TRUE(done_freed);
+    // Nothing of it wakes later (ASan: no use of a freed frame).
+    loop.run_once(20ms);
+}
+
+TEST(CoroWhenAll, AFailureWhileStartingLeavesTheRestUnstarted) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    bool started = false, freed = false;
+    EXPECT_THROW(run_task(loop, all_of(seven_after(loop, 10s, FrameGuard(&freed)), throws_inner(),
+                                       answer(&started))),
+                 std::runtime_error);
+    EXPECT_TRUE(freed);
+    EXPECT_FALSE(started);
+    EXPECT_THROW(run_task(loop, all_of(answer(&started), Task<int>())), std::logic_error)
+        << "an empty task, as co_await of one";
+}
+
+TEST(CoroWhenAll, AVectorOfTasks) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    std::vector<Task<std::string>> tasks;
+    for (int i = 0; i < 5; ++i)  // the later, the sooner done: the order is still the given one
+        tasks.push_back(text_after(loop, std::chrono::milliseconds(10 - 2 * i), std::to_string(i)));
+    EXPECT_EQ(run_task(loop, coro::when_all(std::move(tasks))),
+              (std::vector<std::string>{"0", "1", "2", "3", "4"}));
+
+    std::string log;
+    std::vector<Task<void>> voids;
+    voids.push_back(logs_around_sleep(loop, 20ms, &log, 'a'));
+    voids.push_back(logs_around_sleep(loop, 1ms, &log, 'b'));
+    run_task(loop, coro::when_all(std::move(voids)));
+    EXPECT_EQ(log, "abBA");
+
+    EXPECT_TRUE(run_task(loop, coro::when_all(std::vector<Task<int>>{})).empty());
+    run_task(loop, coro::when_all(std::vector<Task<void>>{}));
+
+    std::vector<Task<int>> failing;
+    bool freed = false;
+    failing.push_back(seven_after(loop, 10s, FrameGuard(&freed)));
+    failing.push_back(fails_after(loop, 1ms));
+    EXPECT_THROW(run_task(loop, coro::when_all(std::move(failing))), std::runtime_error);
+    EXPECT_TRUE(freed);
+}
+
+TEST(CoroWhenAll, ATimeoutAroundItDestroysEveryTask) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    bool a_freed = false, b_freed = false;
+    EXPECT_THROW(
+        run_task(loop, timed(loop, 20ms,
+                             coro::when_all(seven_after(loop, 10s, FrameGuard(&a_freed)),
+                                            seven_after(loop, 10s, FrameGuard(&b_freed))))),
+        coro::TimedOut);
+    EXPECT_TRUE(a_freed);
+    EXPECT_TRUE(b_freed);
+    loop.run_once(20ms);
+}
+
+Task<std::string> read_one_line(Stream& s) {
+    std::string line;
+    co_await s.read_line(line);
+    co_return line;
+}
+
+Task<void> write_text(Stream& s, std::string text) {
+    co_await s.write(text);
+}
+
+TEST(CoroWhenAll, AReaderAndAWriterOnOneStream) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Pair p(loop);
+    Outcome<std::tuple<std::string, std::monostate>> out;
+    spawn_capture(loop, coro::when_all(read_one_line(p.server), write_text(p.server, "ping\n")),
+                  &out);
+    EXPECT_EQ(recv_n(loop, p.client.get(), 5), "ping\n");  // written while the read waits
+    EXPECT_FALSE(out.done);
+    send_all(loop, p.client.get(), "pong\n");
+    ASSERT_TRUE(run_until(loop, [&] { return out.done; }));
+    ASSERT_FALSE(out.error);
+    EXPECT_EQ(std::get<0>(*out.value), "pong\n");
 }
 
 TEST(CoroStream, ShutdownWriteSendsFinAndForbidsWrites) {

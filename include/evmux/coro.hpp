@@ -29,8 +29,11 @@
 #include <string>
 #include <string_view>
 #include <system_error>
+#include <tuple>
 #include <type_traits>
 #include <utility>
+#include <variant>
+#include <vector>
 
 #include "evmux/address.hpp"
 #include "evmux/connection.hpp"
@@ -49,6 +52,7 @@ class Task;
 namespace detail {
 
 struct PromiseBase;
+struct WhenAllStart;
 // A detached task finished: its exception (if any) to the loop's handler,
 // then its frame is freed (the loop's tie owns it). Out of line, cold.
 void finish_detached(PromiseBase& promise) noexcept;
@@ -166,6 +170,7 @@ class [[nodiscard]] Task {
   private:
     friend struct detail::Promise<T>;
     friend void detail::start_detached(EventLoop&, Task<void>&&, bool);
+    friend struct detail::WhenAllStart;
     explicit Task(Handle h) noexcept : h_(h) {}
     void reset() noexcept {
         if (h_) std::exchange(h_, {}).destroy();
@@ -339,6 +344,142 @@ template <class Awaitable, class Rep, class Period>
 requires(!detail::is_task<std::remove_cvref_t<Awaitable>>) auto with_timeout(
     EventLoop& loop, std::chrono::duration<Rep, Period> limit, Awaitable&& operation) {
     return with_timeout(loop, limit, detail::await_as_task(operation));
+}
+
+// ---- running tasks side by side ----------------------------------------------------
+
+namespace detail {
+
+// What when_all() gives for a Task<T>: T, or std::monostate for void.
+template <class T>
+using WhenAllResult = std::conditional_t<std::is_void_v<T>, std::monostate, T>;
+
+// Shared by a when_all() and the small tasks that run its tasks.
+struct WhenAllState {
+    std::size_t pending = 0;          // runners not finished, +1 while they are being started
+    bool starting = false;            // the runners are being started (see WhenAllStart)
+    std::coroutine_handle<> waiting;  // when_all()'s own coroutine
+    std::exception_ptr error;         // the first failure
+    std::vector<Task<void>>* runners = nullptr;
+
+    // Runner `self`'s task threw: keep the first exception, destroy the other
+    // runners where they wait (their tasks with them), and let `self`'s
+    // finish resume when_all() (or, while starting, the start's end).
+    void fail(std::size_t self, std::exception_ptr e) noexcept {
+        error = std::move(e);
+        for (std::size_t i = 0; i < runners->size(); ++i)
+            if (i != self) (*runners)[i] = Task<void>();
+        pending = starting ? 2 : 1;
+    }
+};
+
+// A runner's last step: the last to finish resumes when_all() (symmetric
+// transfer); the others stay suspended here until when_all() destroys them.
+struct WhenAllFinish {
+    WhenAllState* state;
+    bool await_ready() const noexcept { return false; }
+    std::coroutine_handle<> await_suspend(std::coroutine_handle<>) const noexcept {
+        if (--state->pending == 0) return state->waiting;
+        return std::noop_coroutine();
+    }
+    void await_resume() const noexcept {}
+};
+
+// Runs `task`, its value into `slot`, its exception to the state.
+template <class T>
+Task<void> when_all_run(WhenAllState* state, std::size_t self, Task<T> task,
+                        std::optional<WhenAllResult<T>>* slot) {
+    try {
+        if constexpr (std::is_void_v<T>) {
+            co_await std::move(task);
+            slot->emplace();
+        } else {
+            slot->emplace(co_await std::move(task));
+        }
+    } catch (...) {
+        state->fail(self, std::current_exception());
+    }
+    co_await WhenAllFinish{state};
+}
+
+// Starts every runner in turn (each runs until it first waits), then
+// suspends when_all() until the last finishes; not at all if all finished
+// (or one failed) while starting. The +1 keeps a runner that finishes while
+// starting from resuming when_all() inside this call.
+struct WhenAllStart {
+    WhenAllState* state;
+    bool await_ready() const noexcept { return state->runners->empty(); }
+    bool await_suspend(std::coroutine_handle<> waiting) noexcept {
+        WhenAllState& s = *state;
+        s.waiting = waiting;
+        s.pending = s.runners->size() + 1;
+        s.starting = true;
+        for (std::size_t i = 0; i < s.runners->size() && !s.error; ++i) (*s.runners)[i].h_.resume();
+        s.starting = false;
+        return --s.pending != 0;
+    }
+    void await_resume() const noexcept {}
+};
+
+template <class... T, std::size_t... I>
+std::vector<Task<void>> when_all_runners(WhenAllState& state,
+                                         std::tuple<std::optional<WhenAllResult<T>>...>& slots,
+                                         std::index_sequence<I...>, Task<T>&&... tasks) {
+    std::vector<Task<void>> runners;
+    runners.reserve(sizeof...(T));
+    (runners.push_back(when_all_run(&state, I, std::move(tasks), &std::get<I>(slots))), ...);
+    return runners;
+}
+
+}  // namespace detail
+
+/// `auto [a, b] = co_await when_all(fetch(x), fetch(y))`: runs the tasks side
+/// by side on the loop (each started in turn, running until it first waits)
+/// and returns when all have finished, their values as a tuple in the order
+/// given (std::monostate for a Task<void>). The first exception destroys the
+/// others where they wait (their reads, writes, sleeps... cancelled, as when
+/// any Task is destroyed) and is rethrown: asyncio's TaskGroup, Asio's `&&`
+/// (asyncio.gather() would let the others run on, unwatched). Destroying the
+/// when_all() task (with_timeout() expiring) destroys them all. Lazily
+/// started, like every Task. Loop thread only; the tasks may use different
+/// streams or the same one (one read and one write at a time, as ever).
+template <class... T>
+Task<std::tuple<detail::WhenAllResult<T>...>> when_all(Task<T>... tasks) {
+    std::tuple<std::optional<detail::WhenAllResult<T>>...> slots;
+    detail::WhenAllState state;
+    std::vector<Task<void>> runners = detail::when_all_runners<T...>(
+        state, slots, std::index_sequence_for<T...>{}, std::move(tasks)...);
+    state.runners = &runners;
+    co_await detail::WhenAllStart{&state};
+    if (state.error) std::rethrow_exception(state.error);
+    co_return std::apply(
+        [](auto&... slot) { return std::tuple<detail::WhenAllResult<T>...>(std::move(*slot)...); },
+        slots);
+}
+
+/// `std::vector<T> values = co_await when_all(std::move(tasks))`: as above,
+/// for any number of tasks of one type, the values in the tasks' order (for
+/// Task<void>, when_all() returns nothing). No tasks: done at once.
+template <class T>
+Task<std::conditional_t<std::is_void_v<T>, void, std::vector<T>>> when_all(
+    std::vector<Task<T>> tasks) {
+    std::vector<std::optional<detail::WhenAllResult<T>>> slots(tasks.size());
+    detail::WhenAllState state;
+    std::vector<Task<void>> runners;
+    runners.reserve(tasks.size());
+    for (std::size_t i = 0; i < tasks.size(); ++i)
+        runners.push_back(detail::when_all_run(&state, i, std::move(tasks[i]), &slots[i]));
+    state.runners = &runners;
+    co_await detail::WhenAllStart{&state};
+    if (state.error) std::rethrow_exception(state.error);
+    if constexpr (std::is_void_v<T>) {
+        co_return;
+    } else {
+        std::vector<T> values;
+        values.reserve(slots.size());
+        for (auto& slot : slots) values.push_back(std::move(*slot));
+        co_return values;
+    }
 }
 
 // ---- errors ----------------------------------------------------------------------
