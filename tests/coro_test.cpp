@@ -892,6 +892,11 @@ Task<int> fails_after(EventLoop& loop, EventLoop::Duration d) {
     throw std::runtime_error("second failed");
 }
 
+Task<void> sleep_then_flag(EventLoop& loop, EventLoop::Duration d, bool* flag) {
+    co_await coro::sleep(loop, d);
+    *flag = true;
+}
+
 template <class... T>
 auto all_of(Task<T>... tasks) {
     return coro::when_all(std::move(tasks)...);
@@ -1012,6 +1017,85 @@ TEST(CoroWhenAll, AReaderAndAWriterOnOneStream) {
     ASSERT_TRUE(run_until(loop, [&] { return out.done; }));
     ASSERT_FALSE(out.error);
     EXPECT_EQ(std::get<0>(*out.value), "pong\n");
+}
+
+TEST(CoroWhenAny, TheFirstToFinishWinsAndTheOthersAreDestroyed) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    bool slow_freed = false, flag = false;
+    std::variant<int, std::string, std::monostate> first = run_task(
+        loop, coro::when_any(seven_after(loop, 10s, FrameGuard(&slow_freed)),
+                             text_after(loop, 5ms, "fast"), sleep_then_flag(loop, 1s, &flag)));
+    ASSERT_EQ(first.index(), 1u);
+    EXPECT_EQ(std::get<1>(first), "fast");
+    EXPECT_TRUE(slow_freed) << "the 10 s task was not destroyed";
+    loop.run_once(20ms);
+    EXPECT_FALSE(flag) << "a loser was resumed";
+
+    // Two of one type: the index tells them apart.
+    auto same = run_task(
+        loop, coro::when_any(text_after(loop, 30ms, "slow"), text_after(loop, 1ms, "quick")));
+    EXPECT_EQ(same.index(), 1u);
+    EXPECT_EQ(std::get<1>(same), "quick");
+}
+
+TEST(CoroWhenAny, AnExceptionFirstIsRethrown) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    bool freed = false;
+    try {
+        run_task(loop, coro::when_any(seven_after(loop, 10s, FrameGuard(&freed)),
+                                      fails_after(loop, 5ms)));
+        ADD_FAILURE() << "no exception";
+    } catch (const std::runtime_error& e) {
+        EXPECT_STREQ(e.what(), "second failed");
+    }
+    EXPECT_TRUE(freed);
+}
+
+TEST(CoroWhenAny, ATaskDoneWhileStartingWinsBeforeTheRestStart) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    bool second_started = false, third_started = false, freed = false;
+    auto first = run_task(loop, coro::when_any(seven_after(loop, 10s, FrameGuard(&freed)),
+                                               answer(&second_started), answer(&third_started)));
+    EXPECT_EQ(first.index(), 1u);
+    EXPECT_EQ(std::get<1>(first), 42);
+    EXPECT_TRUE(freed);
+    EXPECT_TRUE(second_started);
+    EXPECT_FALSE(third_started) << "destroyed unstarted";
+}
+
+TEST(CoroWhenAny, AVectorOfTasks) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    std::vector<Task<std::string>> tasks;
+    for (int i = 0; i < 4; ++i)
+        tasks.push_back(text_after(loop, std::chrono::milliseconds(i == 2 ? 1 : 5000),
+                                   "t" + std::to_string(i)));
+    auto [index, value] = run_task(loop, coro::when_any(std::move(tasks)));
+    EXPECT_EQ(index, 2u);
+    EXPECT_EQ(value, "t2");
+
+    std::string log;
+    std::vector<Task<void>> voids;
+    voids.push_back(logs_around_sleep(loop, 5s, &log, 'a'));
+    voids.push_back(logs_around_sleep(loop, 1ms, &log, 'b'));
+    EXPECT_EQ(run_task(loop, coro::when_any(std::move(voids))).first, 1u);
+    EXPECT_EQ(log, "abB");
+
+    EXPECT_THROW(run_task(loop, coro::when_any(std::vector<Task<int>>{})), std::invalid_argument);
+}
+
+TEST(CoroWhenAny, AReadOrAShutdownWhicheverComesFirst) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Pair p(loop);
+    bool stop = false;
+    Outcome<std::variant<std::string, std::monostate>> out;
+    spawn_capture(loop, coro::when_any(read_one_line(p.server), sleep_then_flag(loop, 1ms, &stop)),
+                  &out);
+    ASSERT_TRUE(run_until(loop, [&] { return out.done; }));
+    ASSERT_FALSE(out.error);
+    EXPECT_EQ(out.value->index(), 1u);
+    // The read was cancelled where it waited: the stream reads on.
+    send_all(loop, p.client.get(), "later\n");
+    EXPECT_EQ(run_task(loop, read_one_line(p.server)), "later\n");
 }
 
 TEST(CoroStream, ShutdownWriteSendsFinAndForbidsWrites) {

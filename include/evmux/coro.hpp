@@ -350,23 +350,29 @@ requires(!detail::is_task<std::remove_cvref_t<Awaitable>>) auto with_timeout(
 
 namespace detail {
 
-// What when_all() gives for a Task<T>: T, or std::monostate for void.
+// What when_all() and when_any() give for a Task<T>: T, or std::monostate
+// for void.
 template <class T>
 using WhenAllResult = std::conditional_t<std::is_void_v<T>, std::monostate, T>;
 
-// Shared by a when_all() and the small tasks that run its tasks.
+// Shared by a when_all() or when_any() and the small tasks (runners) that
+// run its tasks.
 struct WhenAllState {
     std::size_t pending = 0;          // runners not finished, +1 while they are being started
     bool starting = false;            // the runners are being started (see WhenAllStart)
+    bool any = false;                 // when_any(): the first to finish ends the others
+    bool decided = false;             // a runner ended the others (end_others())
+    std::size_t first = 0;            // that runner
     std::coroutine_handle<> waiting;  // when_all()'s own coroutine
     std::exception_ptr error;         // the first failure
     std::vector<Task<void>>* runners = nullptr;
 
-    // Runner `self`'s task threw: keep the first exception, destroy the other
+    // Runner `self` failed (or, in when_any(), finished): destroy the other
     // runners where they wait (their tasks with them), and let `self`'s
     // finish resume when_all() (or, while starting, the start's end).
-    void fail(std::size_t self, std::exception_ptr e) noexcept {
-        error = std::move(e);
+    void end_others(std::size_t self) noexcept {
+        decided = true;
+        first = self;
         for (std::size_t i = 0; i < runners->size(); ++i)
             if (i != self) (*runners)[i] = Task<void>();
         pending = starting ? 2 : 1;
@@ -396,29 +402,36 @@ Task<void> when_all_run(WhenAllState* state, std::size_t self, Task<T> task,
         } else {
             slot->emplace(co_await std::move(task));
         }
+        if (state->any) state->end_others(self);
     } catch (...) {
-        state->fail(self, std::current_exception());
+        state->error = std::current_exception();
+        state->end_others(self);
     }
     co_await WhenAllFinish{state};
 }
 
 // Starts every runner in turn (each runs until it first waits), then
 // suspends when_all() until the last finishes; not at all if all finished
-// (or one failed) while starting. The +1 keeps a runner that finishes while
+// (or one decided) while starting. The +1 keeps a runner that finishes while
 // starting from resuming when_all() inside this call.
 struct WhenAllStart {
     WhenAllState* state;
-    bool await_ready() const noexcept { return state->runners->empty(); }
+    std::vector<Task<void>>* runners;
+    bool await_ready() const noexcept { return runners->empty(); }
     bool await_suspend(std::coroutine_handle<> waiting) noexcept {
         WhenAllState& s = *state;
+        s.runners = runners;
         s.waiting = waiting;
         s.pending = s.runners->size() + 1;
         s.starting = true;
-        for (std::size_t i = 0; i < s.runners->size() && !s.error; ++i) (*s.runners)[i].h_.resume();
+        for (std::size_t i = 0; i < s.runners->size() && !s.decided; ++i)
+            (*s.runners)[i].h_.resume();
         s.starting = false;
         return --s.pending != 0;
     }
-    void await_resume() const noexcept {}
+    void await_resume() const {
+        if (state->error) std::rethrow_exception(state->error);
+    }
 };
 
 template <class... T, std::size_t... I>
@@ -429,6 +442,27 @@ std::vector<Task<void>> when_all_runners(WhenAllState& state,
     runners.reserve(sizeof...(T));
     (runners.push_back(when_all_run(&state, I, std::move(tasks), &std::get<I>(slots))), ...);
     return runners;
+}
+
+template <class T>
+std::vector<Task<void>> when_all_runners(WhenAllState& state, std::vector<Task<T>>& tasks,
+                                         std::vector<std::optional<WhenAllResult<T>>>& slots) {
+    std::vector<Task<void>> runners;
+    runners.reserve(tasks.size());
+    for (std::size_t i = 0; i < tasks.size(); ++i)
+        runners.push_back(when_all_run(&state, i, std::move(tasks[i]), &slots[i]));
+    return runners;
+}
+
+// when_any()'s variant, alternative `first` from its slot.
+template <class... T, std::size_t... I>
+std::variant<WhenAllResult<T>...> when_any_value(
+    std::size_t first, std::tuple<std::optional<WhenAllResult<T>>...>& slots,
+    std::index_sequence<I...>) {
+    std::optional<std::variant<WhenAllResult<T>...>> value;
+    ((first == I ? (value.emplace(std::in_place_index<I>, std::move(*std::get<I>(slots))), 0) : 0),
+     ...);
+    return std::move(*value);
 }
 
 }  // namespace detail
@@ -449,9 +483,7 @@ Task<std::tuple<detail::WhenAllResult<T>...>> when_all(Task<T>... tasks) {
     detail::WhenAllState state;
     std::vector<Task<void>> runners = detail::when_all_runners<T...>(
         state, slots, std::index_sequence_for<T...>{}, std::move(tasks)...);
-    state.runners = &runners;
-    co_await detail::WhenAllStart{&state};
-    if (state.error) std::rethrow_exception(state.error);
+    co_await detail::WhenAllStart{&state, &runners};
     co_return std::apply(
         [](auto&... slot) { return std::tuple<detail::WhenAllResult<T>...>(std::move(*slot)...); },
         slots);
@@ -465,13 +497,8 @@ Task<std::conditional_t<std::is_void_v<T>, void, std::vector<T>>> when_all(
     std::vector<Task<T>> tasks) {
     std::vector<std::optional<detail::WhenAllResult<T>>> slots(tasks.size());
     detail::WhenAllState state;
-    std::vector<Task<void>> runners;
-    runners.reserve(tasks.size());
-    for (std::size_t i = 0; i < tasks.size(); ++i)
-        runners.push_back(detail::when_all_run(&state, i, std::move(tasks[i]), &slots[i]));
-    state.runners = &runners;
-    co_await detail::WhenAllStart{&state};
-    if (state.error) std::rethrow_exception(state.error);
+    std::vector<Task<void>> runners = detail::when_all_runners(state, tasks, slots);
+    co_await detail::WhenAllStart{&state, &runners};
     if constexpr (std::is_void_v<T>) {
         co_return;
     } else {
@@ -480,6 +507,41 @@ Task<std::conditional_t<std::is_void_v<T>, void, std::vector<T>>> when_all(
         for (auto& slot : slots) values.push_back(std::move(*slot));
         co_return values;
     }
+}
+
+/// `auto v = co_await when_any(fetch(primary), fetch(backup))`: runs the
+/// tasks side by side as when_all() does and returns as soon as one has
+/// finished: its value as the std::variant's alternative of the same index
+/// (v.index() says which; std::monostate for a Task<void>), or its exception
+/// rethrown. The others are destroyed where they wait (cancelled, as when any
+/// Task is destroyed), never resumed: asyncio.wait(FIRST_COMPLETED) with the
+/// rest cancelled, Asio's `||` (which waits for a success instead). A task
+/// that finishes while being started wins before the later ones start.
+template <class... T>
+Task<std::variant<detail::WhenAllResult<T>...>> when_any(Task<T>... tasks) {
+    static_assert(sizeof...(T) > 0, "evmux::coro::when_any() of no tasks would never finish");
+    std::tuple<std::optional<detail::WhenAllResult<T>>...> slots;
+    detail::WhenAllState state;
+    state.any = true;
+    std::vector<Task<void>> runners = detail::when_all_runners<T...>(
+        state, slots, std::index_sequence_for<T...>{}, std::move(tasks)...);
+    co_await detail::WhenAllStart{&state, &runners};
+    co_return detail::when_any_value<T...>(state.first, slots, std::index_sequence_for<T...>{});
+}
+
+/// `auto [index, value] = co_await when_any(std::move(tasks))`: as above, for
+/// any number of tasks of one type: which finished first and its value
+/// (std::monostate for Task<void>). std::invalid_argument for no tasks.
+template <class T>
+Task<std::pair<std::size_t, detail::WhenAllResult<T>>> when_any(std::vector<Task<T>> tasks) {
+    if (tasks.empty()) throw std::invalid_argument("evmux::coro::when_any: no tasks");
+    std::vector<std::optional<detail::WhenAllResult<T>>> slots(tasks.size());
+    detail::WhenAllState state;
+    state.any = true;
+    std::vector<Task<void>> runners = detail::when_all_runners(state, tasks, slots);
+    co_await detail::WhenAllStart{&state, &runners};
+    co_return std::pair<std::size_t, detail::WhenAllResult<T>>(state.first,
+                                                               std::move(*slots[state.first]));
 }
 
 // ---- errors ----------------------------------------------------------------------
