@@ -1019,6 +1019,41 @@ TEST(CoroWhenAll, AReaderAndAWriterOnOneStream) {
     EXPECT_EQ(std::get<0>(*out.value), "pong\n");
 }
 
+Task<int> accepts_one(Acceptor& a) {
+    Stream s = co_await a.accept();
+    co_return 0;
+}
+
+Task<int> closes_after(EventLoop& loop, EventLoop::Duration d, Acceptor& a, bool* after) {
+    co_await coro::sleep(loop, d);
+    a.close();  // resumes the task waiting in a.accept() at once, from inside this call
+    *after = true;
+    co_await coro::sleep(loop, 0ms);
+    co_return 1;
+}
+
+// A task that ends another's wait from inside its own code (closing an
+// Acceptor resumes its waiting accept() there and then): the decision that
+// follows must not destroy the task still running below it on the stack
+// (ASan: use after free before).
+TEST(CoroWhenAny, ADecisionMadeInsideAnotherTaskDoesNotDestroyItUnderItself) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    bool after = false;
+    {
+        Acceptor acceptor(loop, any_port);
+        EXPECT_THROW(run_task(loop, coro::when_any(accepts_one(acceptor),
+                                                   closes_after(loop, 1ms, acceptor, &after))),
+                     coro::AcceptorClosed);  // the accept finished first, with this
+        EXPECT_TRUE(after) << "the closing task did not get back from close()";
+    }
+    after = false;
+    Acceptor acceptor(loop, any_port);
+    EXPECT_THROW(run_task(loop, coro::when_all(accepts_one(acceptor),
+                                               closes_after(loop, 1ms, acceptor, &after))),
+                 coro::AcceptorClosed);
+    EXPECT_TRUE(after);
+}
+
 TEST(CoroWhenAny, TheFirstToFinishWinsAndTheOthersAreDestroyed) {
     EVMUX_LOOP_OR_SKIP(loop);
     bool slow_freed = false, flag = false;

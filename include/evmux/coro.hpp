@@ -360,32 +360,67 @@ using WhenAllResult = std::conditional_t<std::is_void_v<T>, std::monostate, T>;
 struct WhenAllState {
     std::size_t pending = 0;          // runners not finished, +1 while they are being started
     bool starting = false;            // the runners are being started (see WhenAllStart)
-    bool any = false;                 // when_any(): the first to finish ends the others
-    bool decided = false;             // a runner ended the others (end_others())
+    bool any = false;                 // when_any(): the first to finish decides
+    bool decided = false;             // a runner failed (or, when_any(), finished) first
+    bool deferred = false;            // and settle() runs from the loop
     std::size_t first = 0;            // that runner
     std::coroutine_handle<> waiting;  // when_all()'s own coroutine
     std::exception_ptr error;         // the first failure
     std::vector<Task<void>>* runners = nullptr;
+    EventLoop* loop = nullptr;  // settle()'s
+    EventLoop::TimerId settle_timer = 0;
 
-    // Runner `self` failed (or, in when_any(), finished): destroy the other
-    // runners where they wait (their tasks with them), and let `self`'s
-    // finish resume when_all() (or, while starting, the start's end).
-    void end_others(std::size_t self) noexcept {
+    WhenAllState() = default;
+    WhenAllState(const WhenAllState&) = delete;
+    WhenAllState& operator=(const WhenAllState&) = delete;
+    ~WhenAllState() {
+        if (settle_timer != 0) loop->cancel(settle_timer);
+    }
+
+    // Runner `self` failed (`e`) or, in when_any(), finished, first. The
+    // others are destroyed where they wait, but not here: this may run inside
+    // another runner's code (closing an Acceptor resumes its accept() there
+    // and then), which must get back from that call. So settle() runs from
+    // the loop (a zero timer), as asyncio cancels from call_soon(). Off any
+    // running loop (a task driven by hand), at once.
+    void decide(std::size_t self, std::exception_ptr e) noexcept {
+        if (decided) return;  // a later one's value or exception is dropped
         decided = true;
         first = self;
+        error = std::move(e);
+        loop = ::evmux::detail::running_loop;
+        if (loop) {
+            try {
+                settle_timer = loop->call_after(EventLoop::Duration::zero(), [this] {
+                    settle_timer = 0;
+                    settle();
+                });
+                deferred = true;
+                return;
+            } catch (...) {  // no memory for the timer: at once, as off a loop
+            }
+        }
         for (std::size_t i = 0; i < runners->size(); ++i)
             if (i != self) (*runners)[i] = Task<void>();
-        pending = starting ? 2 : 1;
+        pending = starting ? 2 : 1;  // `self`'s finish (or the start's end) resumes
+    }
+
+    // From the loop: no runner is running. Destroy them all (the first is
+    // suspended in its finish) and resume when_all().
+    void settle() noexcept {
+        for (Task<void>& runner : *runners) runner = Task<void>();
+        waiting.resume();
     }
 };
 
 // A runner's last step: the last to finish resumes when_all() (symmetric
 // transfer); the others stay suspended here until when_all() destroys them.
+// After a deferred decision, settle() resumes it instead.
 struct WhenAllFinish {
     WhenAllState* state;
     bool await_ready() const noexcept { return false; }
     std::coroutine_handle<> await_suspend(std::coroutine_handle<>) const noexcept {
-        if (--state->pending == 0) return state->waiting;
+        if (--state->pending == 0 && !state->deferred) return state->waiting;
         return std::noop_coroutine();
     }
     void await_resume() const noexcept {}
@@ -402,18 +437,17 @@ Task<void> when_all_run(WhenAllState* state, std::size_t self, Task<T> task,
         } else {
             slot->emplace(co_await std::move(task));
         }
-        if (state->any) state->end_others(self);
+        if (state->any) state->decide(self, nullptr);
     } catch (...) {
-        state->error = std::current_exception();
-        state->end_others(self);
+        state->decide(self, std::current_exception());
     }
     co_await WhenAllFinish{state};
 }
 
-// Starts every runner in turn (each runs until it first waits), then
-// suspends when_all() until the last finishes; not at all if all finished
-// (or one decided) while starting. The +1 keeps a runner that finishes while
-// starting from resuming when_all() inside this call.
+// Starts every runner in turn (each runs until it first waits; none after
+// one decided), then suspends when_all() until the last finishes or settle()
+// runs; not at all if all finished while starting. The +1 keeps a runner
+// that finishes while starting from resuming when_all() inside this call.
 struct WhenAllStart {
     WhenAllState* state;
     std::vector<Task<void>>* runners;
@@ -427,7 +461,7 @@ struct WhenAllStart {
         for (std::size_t i = 0; i < s.runners->size() && !s.decided; ++i)
             (*s.runners)[i].h_.resume();
         s.starting = false;
-        return --s.pending != 0;
+        return --s.pending != 0 || s.deferred;
     }
     void await_resume() const {
         if (state->error) std::rethrow_exception(state->error);
@@ -472,8 +506,10 @@ std::variant<WhenAllResult<T>...> when_any_value(
 /// and returns when all have finished, their values as a tuple in the order
 /// given (std::monostate for a Task<void>). The first exception destroys the
 /// others where they wait (their reads, writes, sleeps... cancelled, as when
-/// any Task is destroyed) and is rethrown: asyncio's TaskGroup, Asio's `&&`
-/// (asyncio.gather() would let the others run on, unwatched). Destroying the
+/// any Task is destroyed; from the loop, once the code that raised it has
+/// returned, so a task whose own call ended the other's wait gets back from
+/// it) and is rethrown: asyncio's TaskGroup, Asio's `&&` (asyncio.gather()
+/// would let the others run on, unwatched). Destroying the
 /// when_all() task (with_timeout() expiring) destroys them all. Lazily
 /// started, like every Task. Loop thread only; the tasks may use different
 /// streams or the same one (one read and one write at a time, as ever).
@@ -514,9 +550,9 @@ Task<std::conditional_t<std::is_void_v<T>, void, std::vector<T>>> when_all(
 /// finished: its value as the std::variant's alternative of the same index
 /// (v.index() says which; std::monostate for a Task<void>), or its exception
 /// rethrown. The others are destroyed where they wait (cancelled, as when any
-/// Task is destroyed), never resumed: asyncio.wait(FIRST_COMPLETED) with the
-/// rest cancelled, Asio's `||` (which waits for a success instead). A task
-/// that finishes while being started wins before the later ones start.
+/// Task is destroyed; from the loop, as in when_all()), never resumed again:
+/// asyncio.wait(FIRST_COMPLETED) with the rest cancelled, Asio's `||` (which waits for a success
+/// instead). A task that finishes while being started wins before the later ones start.
 template <class... T>
 Task<std::variant<detail::WhenAllResult<T>...>> when_any(Task<T>... tasks) {
     static_assert(sizeof...(T) > 0, "evmux::coro::when_any() of no tasks would never finish");
