@@ -30,6 +30,8 @@ bool ends_quietly(const std::exception_ptr& error, bool quiet_close) {
         std::rethrow_exception(error);
     } catch (const AcceptorClosed&) {
         return true;
+    } catch (const QueueClosed&) {
+        return true;
     } catch (const ConnectionClosed& e) {
         return quiet_close || e.reason() == CloseReason::local;
     } catch (...) {
@@ -71,6 +73,28 @@ void spawn(EventLoop& loop, Task<void> task) {
     loop.post([&loop, holder] { detail::start_detached(loop, std::move(*holder), false); });
 }
 
+// ---- queues ----------------------------------------------------------------------
+
+namespace detail {
+
+void queue_wake(QueueWaiter* w, QueueList& woken) {
+    w->timer = w->loop->call_after(EventLoop::Duration::zero(), [w] {
+        w->timer = 0;
+        if (w->list) w->list->remove(w);
+        w->waiting.resume();
+    });
+    woken.push_back(w);
+}
+
+bool queue_leave(QueueWaiter* w) noexcept {
+    if (w->list) w->list->remove(w);
+    if (w->timer == 0) return false;
+    w->loop->cancel(std::exchange(w->timer, 0));
+    return true;
+}
+
+}  // namespace detail
+
 // ---- errors ----------------------------------------------------------------------
 
 namespace {
@@ -103,6 +127,8 @@ ConnectionClosed::ConnectionClosed(const char* operation, CloseReason reason, in
                         std::string(operation) + ": connection closed (" + to_string(reason) + ")" +
                             (detail.empty() ? "" : ": " + detail)),
       reason_(reason) {}
+
+QueueClosed::QueueClosed() : std::runtime_error("evmux::coro::Queue: closed") {}
 
 AcceptorClosed::AcceptorClosed()
     : std::system_error(ECANCELED, std::generic_category(), "accept: the acceptor is closed") {}

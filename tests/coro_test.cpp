@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -16,6 +17,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <new>
 #include <optional>
 #include <stdexcept>
@@ -1131,6 +1133,193 @@ TEST(CoroWhenAny, AReadOrAShutdownWhicheverComesFirst) {
     // The read was cancelled where it waited: the stream reads on.
     send_all(loop, p.client.get(), "later\n");
     EXPECT_EQ(run_task(loop, read_one_line(p.server)), "later\n");
+}
+
+// ---- queues ------------------------------------------------------------------------
+
+using coro::Queue;
+using coro::QueueClosed;
+
+Task<void> produce(EventLoop& loop, Queue<int>& q, int n, std::size_t* most) {
+    for (int i = 0; i < n; ++i) {
+        co_await q.put(i);
+        *most = std::max(*most, q.size());
+        if (i % 7 == 0) co_await coro::sleep(loop, 0ms);
+    }
+}
+
+Task<std::vector<int>> consume(EventLoop& loop, Queue<int>& q, int n, int* puts_waited) {
+    std::vector<int> got;
+    for (int i = 0; i < n; ++i) {
+        if (q.full()) ++*puts_waited;  // the producer cannot be ahead by more
+        got.push_back(co_await q.get());
+        if (i % 5 == 0) co_await coro::sleep(loop, 0ms);
+    }
+    co_return got;
+}
+
+TEST(CoroQueue, ValuesComeOutInOrderAndAFullQueueMakesPutWait) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Queue<int> q(loop, 3);
+    std::size_t most = 0;
+    int full_seen = 0;
+    [[maybe_unused]] auto [none, got] = run_task(
+        loop, coro::when_all(produce(loop, q, 500, &most), consume(loop, q, 500, &full_seen)));
+    std::vector<int> want(500);
+    for (int i = 0; i < 500; ++i) want[i] = i;
+    EXPECT_EQ(got, want);
+    EXPECT_LE(most, 3u) << "put() did not wait on a full queue";
+    EXPECT_GT(full_seen, 0) << "the queue never filled: the test did not test waiting";
+    EXPECT_TRUE(q.empty());
+}
+
+Task<int> get_one(Queue<int>& q) {
+    co_return co_await q.get();
+}
+
+TEST(CoroQueue, GetsWaitInOrderAndAreResumedFromTheLoop) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Queue<int> q(loop);
+    Outcome<int> a, b, c;
+    spawn_capture(loop, get_one(q), &a);
+    spawn_capture(loop, get_one(q), &b);
+    spawn_capture(loop, get_one(q), &c);
+    loop.run_once(0ms);
+    ASSERT_FALSE(a.done || b.done || c.done);
+    EXPECT_TRUE(q.try_put(1));
+    EXPECT_TRUE(q.try_put(2));
+    EXPECT_FALSE(a.done) << "resumed inside try_put()";
+    EXPECT_TRUE(q.empty()) << "a value for a waiting get() went into the queue";
+    ASSERT_TRUE(run_until(loop, [&] { return a.done && b.done; }));
+    EXPECT_EQ(a.value, 1);
+    EXPECT_EQ(b.value, 2);
+    EXPECT_FALSE(c.done);
+    EXPECT_TRUE(q.try_put(3));
+    ASSERT_TRUE(run_until(loop, [&] { return c.done; }));
+    EXPECT_EQ(c.value, 3);
+}
+
+TEST(CoroQueue, TryPutAndTryGet) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Queue<std::string> q(loop, 2);
+    EXPECT_EQ(q.try_get(), std::nullopt);
+    std::string first = "first", third = "third";
+    EXPECT_TRUE(q.try_put(std::move(first)));
+    EXPECT_TRUE(q.try_put(std::string("second")));
+    EXPECT_TRUE(q.full());
+    EXPECT_FALSE(q.try_put(std::move(third)));
+    EXPECT_EQ(third, "third") << "a refused try_put() took the value";
+    EXPECT_FALSE(q.try_put(third));
+    EXPECT_EQ(q.try_get(), "first");
+    EXPECT_EQ(q.try_get(), "second");
+    EXPECT_EQ(q.max_size(), 2u);
+
+    Queue<std::unique_ptr<int>> unbounded(loop);  // move-only items, no bound
+    for (int i = 0; i < 1000; ++i) ASSERT_TRUE(unbounded.try_put(std::make_unique<int>(i)));
+    EXPECT_EQ(unbounded.size(), 1000u);
+    EXPECT_EQ(*run_task(loop,
+                        [](Queue<std::unique_ptr<int>>& u) -> Task<std::unique_ptr<int>> {
+                            co_return co_await u.get();
+                        }(unbounded)),
+              0);
+}
+
+Task<void> put_one(Queue<int>& q, int v) {
+    co_await q.put(v);
+}
+
+Task<void> consume_until_closed(Queue<int>& q, std::vector<int>* got) {
+    for (;;) got->push_back(co_await q.get());
+}
+
+TEST(CoroQueue, CloseEndsWaitersButNotTheItemsLeft) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Queue<int> q(loop, 2);
+    ASSERT_TRUE(q.try_put(1));
+    ASSERT_TRUE(q.try_put(2));
+    Outcome<void> putter;
+    spawn_capture(loop, put_one(q, 3), &putter);
+    loop.run_once(0ms);
+    ASSERT_FALSE(putter.done);
+    q.close();
+    ASSERT_TRUE(run_until(loop, [&] { return putter.done; }));
+    EXPECT_THROW(std::rethrow_exception(putter.error), QueueClosed);
+    EXPECT_THROW(q.try_put(4), QueueClosed);
+    EXPECT_THROW(run_task(loop, put_one(q, 4)), QueueClosed);
+    EXPECT_EQ(run_task(loop, get_one(q)), 1);
+    EXPECT_EQ(q.try_get(), 2);
+    EXPECT_THROW(q.try_get(), QueueClosed);
+    EXPECT_THROW(run_task(loop, get_one(q)), QueueClosed);
+
+    // A consumer spawned on its own (no one awaits it) ends quietly when its
+    // queue closes: the program's way to say "no more".
+    Queue<int> jobs(loop);
+    std::vector<int> got;
+    coro::spawn(loop, consume_until_closed(jobs, &got));
+    loop.run_once(0ms);
+    for (int i = 0; i < 3; ++i) ASSERT_TRUE(jobs.try_put(i));
+    jobs.close();
+    EXPECT_NO_THROW(run_until(
+        loop, [&] { return false; }, 50ms));
+    EXPECT_EQ(got, (std::vector<int>{0, 1, 2}));
+}
+
+TEST(CoroQueue, AGetGivenUpOnLosesNothing) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Queue<int> q(loop);
+    // Timed out while waiting: it leaves the queue.
+    EXPECT_THROW(run_task(loop,
+                          [](EventLoop& l, Queue<int>& queue) -> Task<int> {
+                              co_return co_await coro::with_timeout(l, 5ms, queue.get());
+                          }(loop, q)),
+                 coro::TimedOut);
+    ASSERT_TRUE(q.try_put(7));
+    EXPECT_EQ(q.size(), 1u) << "the value went to a get() that had timed out";
+    EXPECT_EQ(q.try_get(), 7);
+
+    // Destroyed after a value was handed to it, before the loop resumed it:
+    // the value goes to the next waiting get(), or back to the front.
+    Task<int> first = get_one(q);
+    start_owned(first);
+    Outcome<int> second;
+    spawn_capture(loop, get_one(q), &second);
+    loop.run_once(0ms);
+    ASSERT_TRUE(q.try_put(8));  // to `first`, the first to wait
+    first = Task<int>();
+    ASSERT_TRUE(run_until(loop, [&] { return second.done; }));
+    EXPECT_EQ(second.value, 8);
+
+    Task<int> third = get_one(q);
+    start_owned(third);
+    ASSERT_TRUE(q.try_put(9));
+    ASSERT_TRUE(q.try_put(10));
+    third = Task<int>();
+    EXPECT_EQ(q.try_get(), 9) << "the value given back is not at the front";
+    EXPECT_EQ(q.try_get(), 10);
+    loop.run_once(10ms);  // the cancelled wake-up does not fire
+}
+
+TEST(CoroQueue, DestroyingTheQueueEndsItsWaiters) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    auto q = std::make_unique<Queue<int>>(loop, 1);
+    Outcome<int> handed, waiting;
+    spawn_capture(loop, get_one(*q), &handed);
+    spawn_capture(loop, get_one(*q), &waiting);
+    loop.run_once(0ms);
+    ASSERT_TRUE(q->try_put(5));  // handed to the first, not yet resumed
+    q.reset();
+    ASSERT_TRUE(run_until(loop, [&] { return handed.done && waiting.done; }));
+    EXPECT_EQ(handed.value, 5) << "a value handed over before the queue went was lost";
+    EXPECT_THROW(std::rethrow_exception(waiting.error), QueueClosed);
+
+    auto full = std::make_unique<Queue<int>>(loop, 1);
+    ASSERT_TRUE(full->try_put(1));
+    Outcome<void> putter;
+    spawn_capture(loop, put_one(*full, 2), &putter);
+    loop.run_once(0ms);
+    full.reset();
+    ASSERT_TRUE(run_until(loop, [&] { return putter.done; }));
+    EXPECT_THROW(std::rethrow_exception(putter.error), QueueClosed);
 }
 
 TEST(CoroStream, ShutdownWriteSendsFinAndForbidsWrites) {

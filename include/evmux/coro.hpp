@@ -580,6 +580,254 @@ Task<std::pair<std::size_t, detail::WhenAllResult<T>>> when_any(std::vector<Task
                                                                std::move(*slots[state.first]));
 }
 
+// ---- queues ------------------------------------------------------------------------
+
+/// A Queue was closed: put() on it, or get() once it is closed and empty
+/// (asyncio's QueueShutDown). Ends a detached task quietly (spawn()): closing
+/// a queue is how a program tells its consumers to finish.
+class QueueClosed : public std::runtime_error {
+  public:
+    /// what(): "evmux::coro::Queue: closed".
+    QueueClosed();
+};
+
+namespace detail {
+
+// A task waiting in a Queue's put() or get(): in the queue's putters or
+// getters until woken, then (in `woken`) until a zero timer on the loop
+// resumes it. The awaiter in the waiting coroutine's frame is the node.
+struct QueueWaiter {
+    QueueWaiter* prev = nullptr;
+    QueueWaiter* next = nullptr;
+    struct QueueList* list = nullptr;  // the list it is in, if any
+    EventLoop* loop = nullptr;
+    std::coroutine_handle<> waiting;
+    EventLoop::TimerId timer = 0;  // woken, not yet resumed
+};
+
+// A FIFO of waiters, linked through them (no allocation per wait).
+struct QueueList {
+    QueueWaiter* head = nullptr;
+    QueueWaiter* tail = nullptr;
+
+    bool empty() const noexcept { return head == nullptr; }
+    void push_back(QueueWaiter* w) noexcept {
+        w->list = this;
+        w->prev = tail;
+        w->next = nullptr;
+        (tail ? tail->next : head) = w;
+        tail = w;
+    }
+    void remove(QueueWaiter* w) noexcept {
+        (w->prev ? w->prev->next : head) = w->next;
+        (w->next ? w->next->prev : tail) = w->prev;
+        w->prev = w->next = nullptr;
+        w->list = nullptr;
+    }
+};
+
+// Moves `w` to `woken` and resumes it from the loop (a zero timer), never
+// inside the call that woke it: that call may be another task's, which must
+// get back from it first (as when_all() settles from the loop).
+void queue_wake(QueueWaiter* w, QueueList& woken);
+// A waiter going away (its frame destroyed, or resumed): out of its list, its
+// timer cancelled. True if it had been woken and not resumed.
+bool queue_leave(QueueWaiter* w) noexcept;
+
+}  // namespace detail
+
+/// A FIFO queue between coroutines on one loop (asyncio.Queue): `co_await
+/// q.put(v)` waits while the queue holds max_size() items; `T v = co_await
+/// q.get()` waits while it is empty. Waiters are served in the order they
+/// came, a value put while a get() waits goes straight to it, and a waiting
+/// task is resumed from the loop (a zero timer), never inside the put() or
+/// get() that woke it. close() ends it: waiting and later put()s throw
+/// QueueClosed, get()s return what is left and then throw QueueClosed;
+/// destroying the queue closes it. A task destroyed while it waits (a
+/// with_timeout(), when_all() or when_any() that gave up on it) leaves the
+/// queue as if it had not waited: a value handed to it and not yet received
+/// goes back to the front. (Under when_any(), a get() that finished after the
+/// winner was decided has received its value and it is dropped with the rest
+/// of that task: race a get() only against a task that cannot finish in the
+/// same turn, such as a sleep.) Loop thread only; from another thread,
+/// EventLoop::post() a try_put(). Not copyable or movable.
+template <class T>
+class Queue {
+    static_assert(std::is_move_constructible_v<T>, "evmux::coro::Queue<T>: T must be movable");
+
+  public:
+    /// A queue on `loop` of at most `max_size` items; 0: unbounded (put()
+    /// never waits).
+    explicit Queue(EventLoop& loop, std::size_t max_size = 0) noexcept
+        : loop_(loop), max_size_(max_size) {}
+    Queue(const Queue&) = delete;
+    Queue& operator=(const Queue&) = delete;
+    /// Closes the queue (see close()) and lets its waiters go: each is
+    /// resumed from the loop, as by close(), and touches the queue no more.
+    ~Queue() {
+        close();
+        while (detail::QueueWaiter* w = woken_.head) {
+            woken_.remove(w);  // its timer stays: it resumes as woken
+            static_cast<Waiter*>(w)->queue = nullptr;
+        }
+    }
+
+    /// `co_await q.put(std::move(v))`: v goes to the first waiting get(), or
+    /// to the back of the queue, waiting while it is full. QueueClosed if the
+    /// queue is closed (then, or while waiting: v is not put).
+    [[nodiscard]] auto put(T value) { return PutAwaiter(*this, std::move(value)); }
+    /// `T v = co_await q.get()`: the front item, waiting while there is none.
+    /// QueueClosed once the queue is closed and empty.
+    [[nodiscard]] auto get() { return GetAwaiter(*this); }
+
+    /// put() without waiting (asyncio's put_nowait()): false if the queue is
+    /// full (`value` is left as it was); QueueClosed if it is closed.
+    bool try_put(T&& value) {
+        if (closed_) throw QueueClosed();
+        if (!getters_.empty()) {
+            hand(std::move(value));
+        } else {
+            if (full()) return false;
+            items_.push_back(std::move(value));
+        }
+        return true;
+    }
+    /// try_put() of a copy.
+    bool try_put(const T& value) {
+        if (full() && getters_.empty() && !closed_) return false;
+        return try_put(T(value));
+    }
+    /// get() without waiting (asyncio's get_nowait()): the front item, or
+    /// nothing if the queue is empty; QueueClosed if it is closed and empty.
+    std::optional<T> try_get() {
+        if (items_.empty()) {
+            if (closed_) throw QueueClosed();
+            return std::nullopt;
+        }
+        return take();
+    }
+
+    /// No more put()s: every waiting put() and, the queue being empty then,
+    /// every waiting get() throws QueueClosed (resumed from the loop); the
+    /// items in it can still be got. Idempotent.
+    void close() {
+        closed_ = true;
+        while (getters_.head) wake(getters_.head);
+        while (putters_.head) wake(putters_.head);
+    }
+
+    /// True once close() has been called.
+    bool closed() const noexcept { return closed_; }
+    /// Items in the queue (not counting values on their way to a woken get()).
+    std::size_t size() const noexcept { return items_.size(); }
+    /// True if it holds no items.
+    bool empty() const noexcept { return items_.empty(); }
+    /// True if it holds max_size() items (never, unbounded).
+    bool full() const noexcept { return max_size_ != 0 && items_.size() >= max_size_; }
+    /// The bound given; 0: unbounded.
+    std::size_t max_size() const noexcept { return max_size_; }
+
+  private:
+    struct Waiter : detail::QueueWaiter {
+        Queue* queue;           // null once the queue is gone
+        std::optional<T> item;  // get(): handed to it; put(): what it puts
+        bool getter;            // a get()'s, not a put()'s
+        bool done = false;      // put(): its item went into the queue
+        Waiter(Queue& q, bool get) : queue(&q), getter(get) { loop = &q.loop_; }
+        Waiter(const Waiter&) = delete;
+        Waiter& operator=(const Waiter&) = delete;
+        // Destroyed while waiting: out of the queue. A get() woken with a
+        // value it never received gives it back.
+        ~Waiter() {
+            if (detail::queue_leave(this) && getter && queue && item)
+                queue->give_back(std::move(*item));
+        }
+        void await_suspend(std::coroutine_handle<> h, detail::QueueList& list) {
+            waiting = h;
+            list.push_back(this);
+        }
+    };
+
+    struct PutAwaiter : Waiter {
+        PutAwaiter(Queue& q, T&& value) : Waiter(q, false) { this->item.emplace(std::move(value)); }
+        bool await_ready() {
+            Queue& q = *this->queue;
+            if (q.closed_ || !q.getters_.empty() || !q.full()) {
+                if (!q.closed_) {
+                    q.try_put(std::move(*this->item));
+                    this->done = true;
+                }
+                return true;
+            }
+            return false;
+        }
+        void await_suspend(std::coroutine_handle<> h) {
+            Waiter::await_suspend(h, this->queue->putters_);
+        }
+        void await_resume() {
+            detail::queue_leave(this);
+            if (!this->done) throw QueueClosed();
+        }
+    };
+
+    struct GetAwaiter : Waiter {
+        explicit GetAwaiter(Queue& q) : Waiter(q, true) {}
+        bool await_ready() {
+            Queue& q = *this->queue;
+            if (!q.items_.empty()) this->item.emplace(q.take());
+            return this->item || q.closed_;
+        }
+        void await_suspend(std::coroutine_handle<> h) {
+            Waiter::await_suspend(h, this->queue->getters_);
+        }
+        T await_resume() {
+            detail::queue_leave(this);
+            if (!this->item) throw QueueClosed();
+            T value = std::move(*this->item);
+            this->item.reset();
+            return value;
+        }
+    };
+
+    // The front item; a waiting put() moves up into the room made.
+    T take() {
+        T value = std::move(items_.front());
+        items_.pop_front();
+        if (putters_.head) {
+            auto* p = static_cast<Waiter*>(putters_.head);
+            items_.push_back(std::move(*p->item));
+            p->done = true;
+            wake(p);
+        }
+        return value;
+    }
+    // `value` to the first waiting get().
+    void hand(T&& value) {
+        auto* g = static_cast<Waiter*>(getters_.head);
+        g->item.emplace(std::move(value));
+        wake(g);
+    }
+    // A woken get() went without its value: to the next one, or to the front.
+    void give_back(T&& value) {
+        if (!getters_.empty())
+            hand(std::move(value));
+        else
+            items_.push_front(std::move(value));
+    }
+    void wake(detail::QueueWaiter* w) {
+        w->list->remove(w);
+        detail::queue_wake(w, woken_);
+    }
+
+    EventLoop& loop_;
+    std::size_t max_size_;
+    std::deque<T> items_;
+    detail::QueueList getters_;
+    detail::QueueList putters_;
+    detail::QueueList woken_;
+    bool closed_ = false;
+};
+
 // ---- errors ----------------------------------------------------------------------
 
 /// A read or write on a connection that has closed, or that closes while the
