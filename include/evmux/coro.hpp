@@ -643,14 +643,14 @@ bool queue_leave(QueueWaiter* w) noexcept;
 /// task is resumed from the loop (a zero timer), never inside the put() or
 /// get() that woke it. close() ends it: waiting and later put()s throw
 /// QueueClosed, get()s return what is left and then throw QueueClosed;
-/// destroying the queue closes it. A task destroyed while it waits (a
-/// with_timeout(), when_all() or when_any() that gave up on it) leaves the
-/// queue as if it had not waited: a value handed to it and not yet received
-/// goes back to the front. (Under when_any(), a get() that finished after the
-/// winner was decided has received its value and it is dropped with the rest
-/// of that task: race a get() only against a task that cannot finish in the
-/// same turn, such as a sleep.) Loop thread only; from another thread,
-/// EventLoop::post() a try_put(). Not copyable or movable.
+/// destroying the queue closes it. A task destroyed while it waits in get()
+/// (a with_timeout(), when_all() or when_any() that gave up on it) takes
+/// nothing: a value handed to it and not yet received goes to the next
+/// waiting get(), or back to the front; a put() whose value went in stays
+/// put. (Under when_any(), a get() that received its value in the turn
+/// another task won in ran on and its task is destroyed with the value:
+/// with_timeout() has no such race, it ends the wait at once.) Loop thread only; from another
+/// thread, EventLoop::post() a try_put(). Not copyable or movable.
 template <class T>
 class Queue {
     static_assert(std::is_move_constructible_v<T>, "evmux::coro::Queue<T>: T must be movable");
