@@ -77,7 +77,7 @@ void spawn(EventLoop& loop, Task<void> task) {
 
 namespace detail {
 
-void queue_wake(QueueWaiter* w, QueueList& woken) {
+void wake_from_loop(WaitNode* w, WaitList& woken) {
     w->timer = w->loop->call_after(EventLoop::Duration::zero(), [w] {
         w->timer = 0;
         if (w->list) w->list->remove(w);
@@ -86,7 +86,7 @@ void queue_wake(QueueWaiter* w, QueueList& woken) {
     woken.push_back(w);
 }
 
-bool queue_leave(QueueWaiter* w) noexcept {
+bool leave_wait(WaitNode* w) noexcept {
     if (w->list) w->list->remove(w);
     if (w->timer == 0) return false;
     w->loop->cancel(std::exchange(w->timer, 0));

@@ -1322,6 +1322,60 @@ TEST(CoroQueue, DestroyingTheQueueEndsItsWaiters) {
     EXPECT_THROW(std::rethrow_exception(putter.error), QueueClosed);
 }
 
+// ---- events ------------------------------------------------------------------------
+
+Task<void> wait_for(coro::Event& ev) {
+    co_await ev.wait();
+}
+
+TEST(CoroEvent, SetWakesEveryWaiterFromTheLoopEvenIfClearedInBetween) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    coro::Event ev(loop);
+    EXPECT_FALSE(ev.is_set());
+    Outcome<void> a, b, c;
+    spawn_capture(loop, wait_for(ev), &a);
+    spawn_capture(loop, wait_for(ev), &b);
+    spawn_capture(loop, wait_for(ev), &c);
+    loop.run_once(0ms);
+    ASSERT_FALSE(a.done || b.done || c.done);
+    ev.set();
+    EXPECT_TRUE(ev.is_set());
+    EXPECT_FALSE(a.done) << "resumed inside set()";
+    ev.clear();  // too late for these three: set() woke them
+    ASSERT_TRUE(run_until(loop, [&] { return a.done && b.done && c.done; }));
+    EXPECT_FALSE(a.error || b.error || c.error);
+
+    Outcome<void> later;  // after clear(): waits for the next set()
+    spawn_capture(loop, wait_for(ev), &later);
+    loop.run_once(10ms);
+    EXPECT_FALSE(later.done);
+    ev.set();
+    ASSERT_TRUE(run_until(loop, [&] { return later.done; }));
+    run_task(loop, wait_for(ev));  // set: at once
+}
+
+TEST(CoroEvent, AWaiterGivenUpOnStopsWaitingAndTheEventsEndWakesTheRest) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    auto ev = std::make_unique<coro::Event>(loop);
+    EXPECT_THROW(run_task(loop,
+                          [](EventLoop& l, coro::Event& e) -> Task<void> {
+                              co_await coro::with_timeout(l, 5ms, wait_for(e));
+                          }(loop, *ev)),
+                 coro::TimedOut);
+    Outcome<void> woken, waiting;
+    spawn_capture(loop, wait_for(*ev), &woken);
+    loop.run_once(0ms);
+    ev->set();  // woken, not yet resumed
+    ev->clear();
+    spawn_capture(loop, wait_for(*ev), &waiting);
+    ASSERT_TRUE(run_until(loop, [&] { return woken.done; }));
+    loop.run_once(0ms);
+    ASSERT_FALSE(waiting.done) << "a wait after clear() returned";
+    ev.reset();
+    ASSERT_TRUE(run_until(loop, [&] { return waiting.done; }));
+    EXPECT_FALSE(waiting.error);
+}
+
 TEST(CoroStream, ShutdownWriteSendsFinAndForbidsWrites) {
     EVMUX_LOOP_OR_SKIP(loop);
     Pair p(loop);

@@ -593,32 +593,33 @@ class QueueClosed : public std::runtime_error {
 
 namespace detail {
 
-// A task waiting in a Queue's put() or get(): in the queue's putters or
-// getters until woken, then (in `woken`) until a zero timer on the loop
-// resumes it. The awaiter in the waiting coroutine's frame is the node.
-struct QueueWaiter {
-    QueueWaiter* prev = nullptr;
-    QueueWaiter* next = nullptr;
-    struct QueueList* list = nullptr;  // the list it is in, if any
+// A task waiting in a Queue's put() or get() (in the queue's putters or
+// getters) or an Event's wait(), until woken; then, in the owner's `woken`
+// list, until a zero timer on the loop resumes it. The awaiter in the
+// waiting coroutine's frame is the node.
+struct WaitNode {
+    WaitNode* prev = nullptr;
+    WaitNode* next = nullptr;
+    struct WaitList* list = nullptr;  // the list it is in, if any
     EventLoop* loop = nullptr;
     std::coroutine_handle<> waiting;
     EventLoop::TimerId timer = 0;  // woken, not yet resumed
 };
 
 // A FIFO of waiters, linked through them (no allocation per wait).
-struct QueueList {
-    QueueWaiter* head = nullptr;
-    QueueWaiter* tail = nullptr;
+struct WaitList {
+    WaitNode* head = nullptr;
+    WaitNode* tail = nullptr;
 
     bool empty() const noexcept { return head == nullptr; }
-    void push_back(QueueWaiter* w) noexcept {
+    void push_back(WaitNode* w) noexcept {
         w->list = this;
         w->prev = tail;
         w->next = nullptr;
         (tail ? tail->next : head) = w;
         tail = w;
     }
-    void remove(QueueWaiter* w) noexcept {
+    void remove(WaitNode* w) noexcept {
         (w->prev ? w->prev->next : head) = w->next;
         (w->next ? w->next->prev : tail) = w->prev;
         w->prev = w->next = nullptr;
@@ -629,10 +630,10 @@ struct QueueList {
 // Moves `w` to `woken` and resumes it from the loop (a zero timer), never
 // inside the call that woke it: that call may be another task's, which must
 // get back from it first (as when_all() settles from the loop).
-void queue_wake(QueueWaiter* w, QueueList& woken);
+void wake_from_loop(WaitNode* w, WaitList& woken);
 // A waiter going away (its frame destroyed, or resumed): out of its list, its
 // timer cancelled. True if it had been woken and not resumed.
-bool queue_leave(QueueWaiter* w) noexcept;
+bool leave_wait(WaitNode* w) noexcept;
 
 }  // namespace detail
 
@@ -666,7 +667,7 @@ class Queue {
     /// resumed from the loop, as by close(), and touches the queue no more.
     ~Queue() {
         close();
-        while (detail::QueueWaiter* w = woken_.head) {
+        while (detail::WaitNode* w = woken_.head) {
             woken_.remove(w);  // its timer stays: it resumes as woken
             static_cast<Waiter*>(w)->queue = nullptr;
         }
@@ -728,7 +729,7 @@ class Queue {
     std::size_t max_size() const noexcept { return max_size_; }
 
   private:
-    struct Waiter : detail::QueueWaiter {
+    struct Waiter : detail::WaitNode {
         Queue* queue;           // null once the queue is gone
         std::optional<T> item;  // get(): handed to it; put(): what it puts
         bool getter;            // a get()'s, not a put()'s
@@ -739,10 +740,10 @@ class Queue {
         // Destroyed while waiting: out of the queue. A get() woken with a
         // value it never received gives it back.
         ~Waiter() {
-            if (detail::queue_leave(this) && getter && queue && item)
+            if (detail::leave_wait(this) && getter && queue && item)
                 queue->give_back(std::move(*item));
         }
-        void await_suspend(std::coroutine_handle<> h, detail::QueueList& list) {
+        void await_suspend(std::coroutine_handle<> h, detail::WaitList& list) {
             waiting = h;
             list.push_back(this);
         }
@@ -765,7 +766,7 @@ class Queue {
             Waiter::await_suspend(h, this->queue->putters_);
         }
         void await_resume() {
-            detail::queue_leave(this);
+            detail::leave_wait(this);
             if (!this->done) throw QueueClosed();
         }
     };
@@ -781,7 +782,7 @@ class Queue {
             Waiter::await_suspend(h, this->queue->getters_);
         }
         T await_resume() {
-            detail::queue_leave(this);
+            detail::leave_wait(this);
             if (!this->item) throw QueueClosed();
             T value = std::move(*this->item);
             this->item.reset();
@@ -814,18 +815,74 @@ class Queue {
         else
             items_.push_front(std::move(value));
     }
-    void wake(detail::QueueWaiter* w) {
+    void wake(detail::WaitNode* w) {
         w->list->remove(w);
-        detail::queue_wake(w, woken_);
+        detail::wake_from_loop(w, woken_);
     }
 
     EventLoop& loop_;
     std::size_t max_size_;
     std::deque<T> items_;
-    detail::QueueList getters_;
-    detail::QueueList putters_;
-    detail::QueueList woken_;
+    detail::WaitList getters_;
+    detail::WaitList putters_;
+    detail::WaitList woken_;
     bool closed_ = false;
+};
+
+/// A flag tasks can wait for (asyncio's Event): `co_await ev.wait()` returns
+/// at once if the event is set, else when set() is called; clear() unsets it
+/// for later waits. Every waiter set() wakes is resumed from the loop (a zero
+/// timer), never inside set(), and returns even if clear() came in between
+/// (as asyncio's). A waiting task destroyed (a timeout, when_any()) simply
+/// stops waiting. Destroying the event wakes its waiters as set() would. Loop
+/// thread only; from another thread, EventLoop::post() a set(). Not copyable
+/// or movable.
+class Event {
+  public:
+    /// An unset event on `loop`.
+    explicit Event(EventLoop& loop) noexcept : loop_(loop) {}
+    Event(const Event&) = delete;
+    Event& operator=(const Event&) = delete;
+    /// Wakes the waiters (see the class comment), which touch it no more.
+    ~Event() {
+        set();
+        while (detail::WaitNode* w = woken_.head) woken_.remove(w);  // their timers stay
+    }
+
+    /// Sets it and wakes every waiting task, in the order they came.
+    void set() {
+        set_ = true;
+        while (detail::WaitNode* w = waiters_.head) {
+            waiters_.remove(w);
+            detail::wake_from_loop(w, woken_);
+        }
+    }
+    /// Unsets it: wait() waits again.
+    void clear() noexcept { set_ = false; }
+    /// True if set.
+    bool is_set() const noexcept { return set_; }
+    /// `co_await ev.wait()`: once it is set.
+    [[nodiscard]] auto wait() { return Waiter(*this); }
+
+  private:
+    struct Waiter : detail::WaitNode {
+        Event& event;
+        explicit Waiter(Event& e) noexcept : event(e) { loop = &e.loop_; }
+        Waiter(const Waiter&) = delete;
+        Waiter& operator=(const Waiter&) = delete;
+        ~Waiter() { detail::leave_wait(this); }
+        bool await_ready() const noexcept { return event.set_; }
+        void await_suspend(std::coroutine_handle<> h) {
+            waiting = h;
+            event.waiters_.push_back(this);
+        }
+        void await_resume() noexcept { detail::leave_wait(this); }
+    };
+
+    EventLoop& loop_;
+    detail::WaitList waiters_;
+    detail::WaitList woken_;
+    bool set_ = false;
 };
 
 // ---- errors ----------------------------------------------------------------------
