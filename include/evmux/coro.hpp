@@ -743,9 +743,9 @@ class Queue {
             if (detail::leave_wait(this) && getter && queue && item)
                 queue->give_back(std::move(*item));
         }
-        void await_suspend(std::coroutine_handle<> h, detail::WaitList& list) {
+        void await_suspend(std::coroutine_handle<> h, detail::WaitList& into) {
             waiting = h;
-            list.push_back(this);
+            into.push_back(this);
         }
     };
 
