@@ -194,9 +194,10 @@ inline Task<void> Promise<void>::get_return_object() noexcept {
 /// is freed when it ends. An exception that escapes it goes to the loop's
 /// exception handler (EventLoop::set_exception_handler(); by default run()
 /// rethrows it), except AcceptorClosed (a server task that waited in
-/// accept() ends quietly when its Acceptor closes) and ConnectionClosed of
-/// reason `local` (the program closed the connection: close(), its Acceptor
-/// or server closing, the loop's end), which end it quietly. If the loop is
+/// accept() ends quietly when its Acceptor closes), QueueClosed (a consumer
+/// whose Queue was closed) and ConnectionClosed of reason `local` (the
+/// program closed the connection: close(), its Acceptor or server closing,
+/// the loop's end), which end it quietly. If the loop is
 /// destroyed first, a task not yet started is destroyed unstarted and a
 /// suspended one is destroyed where it waits (after the loop's connections
 /// have closed, so a read sees ConnectionClosed first). Any thread (the task
