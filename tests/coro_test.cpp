@@ -1148,10 +1148,10 @@ Task<void> produce(EventLoop& loop, Queue<int>& q, int n, std::size_t* most) {
     }
 }
 
-Task<std::vector<int>> consume(EventLoop& loop, Queue<int>& q, int n, int* puts_waited) {
+Task<std::vector<int>> consume(EventLoop& loop, Queue<int>& q, int n, int* full_seen) {
     std::vector<int> got;
     for (int i = 0; i < n; ++i) {
-        if (q.full()) ++*puts_waited;  // the producer cannot be ahead by more
+        if (q.full()) ++*full_seen;  // the producer cannot be ahead by more
         got.push_back(co_await q.get());
         if (i % 5 == 0) co_await coro::sleep(loop, 0ms);
     }

@@ -752,16 +752,13 @@ class Queue {
 
     struct PutAwaiter : Waiter {
         PutAwaiter(Queue& q, T&& value) : Waiter(q, false) { this->item.emplace(std::move(value)); }
+        // Closed: at once, to throw. Else try_put(), which takes the value
+        // only when it succeeds; a full queue waits.
         bool await_ready() {
             Queue& q = *this->queue;
-            if (q.closed_ || !q.getters_.empty() || !q.full()) {
-                if (!q.closed_) {
-                    q.try_put(std::move(*this->item));
-                    this->done = true;
-                }
-                return true;
-            }
-            return false;
+            if (q.closed_) return true;
+            this->done = q.try_put(std::move(*this->item));
+            return this->done;
         }
         void await_suspend(std::coroutine_handle<> h) {
             Waiter::await_suspend(h, this->queue->putters_);
