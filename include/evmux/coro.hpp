@@ -607,7 +607,7 @@ struct WaitNode {
     EventLoop::TimerId timer = 0;  // woken, not yet resumed
 };
 
-// A FIFO of waiters, linked through them (no allocation per wait).
+// A FIFO of waiters, linked through them (the list allocates nothing).
 struct WaitList {
     WaitNode* head = nullptr;
     WaitNode* tail = nullptr;
