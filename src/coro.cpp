@@ -32,6 +32,8 @@ bool ends_quietly(const std::exception_ptr& error, bool quiet_close) {
         return true;
     } catch (const QueueClosed&) {
         return true;
+    } catch (const SemaphoreClosed&) {
+        return true;
     } catch (const ConnectionClosed& e) {
         return quiet_close || e.reason() == CloseReason::local;
     } catch (...) {
@@ -129,6 +131,93 @@ ConnectionClosed::ConnectionClosed(const char* operation, CloseReason reason, in
       reason_(reason) {}
 
 QueueClosed::QueueClosed() : std::runtime_error("evmux::coro::Queue: closed") {}
+
+SemaphoreClosed::SemaphoreClosed() : std::runtime_error("evmux::coro::Semaphore: closed") {}
+
+// ---- semaphores ------------------------------------------------------------------
+
+Semaphore::Permit::Permit(Semaphore& sem) noexcept {
+    sem.hold(this);
+}
+
+void Semaphore::Permit::take(Permit& other) noexcept {
+    Semaphore* sem = other.sem_;
+    if (!sem) return;
+    sem->unhold(&other);
+    sem->hold(this);
+}
+
+void Semaphore::Permit::release() noexcept {
+    Semaphore* sem = sem_;
+    if (!sem) return;
+    sem->unhold(this);
+    sem->give_back();
+}
+
+void Semaphore::hold(Permit* p) noexcept {
+    p->sem_ = this;
+    p->prev_ = nullptr;
+    p->next_ = held_;
+    if (held_) held_->prev_ = p;
+    held_ = p;
+}
+
+void Semaphore::unhold(Permit* p) noexcept {
+    (p->prev_ ? p->prev_->next_ : held_) = p->next_;
+    if (p->next_) p->next_->prev_ = p->prev_;
+    p->sem_ = nullptr;
+    p->prev_ = p->next_ = nullptr;
+}
+
+void Semaphore::give_back() noexcept {
+    if (auto* w = static_cast<Waiter*>(waiters_.head)) {
+        waiters_.remove(w);
+        w->granted = true;
+        detail::wake_from_loop(w, woken_);
+    } else {
+        ++free_;
+    }
+}
+
+Semaphore::~Semaphore() {
+    close();
+    while (detail::WaitNode* w = woken_.head) {
+        woken_.remove(w);  // its timer stays: it resumes as woken
+        static_cast<Waiter*>(w)->sem = nullptr;
+    }
+    while (held_) unhold(held_);
+}
+
+void Semaphore::close() {
+    closed_ = true;
+    while (detail::WaitNode* w = waiters_.head) {
+        waiters_.remove(w);
+        detail::wake_from_loop(w, woken_);  // not granted: throws
+    }
+}
+
+std::optional<Semaphore::Permit> Semaphore::try_acquire() {
+    if (closed_) throw SemaphoreClosed();
+    if (free_ == 0) return std::nullopt;  // none free while tasks wait: handed to them
+    --free_;
+    return Permit(*this);
+}
+
+bool Semaphore::Waiter::await_ready() {
+    if (sem->closed_) return true;  // to throw
+    if (sem->free_ == 0) return false;
+    --sem->free_;
+    granted = true;
+    return true;
+}
+
+Semaphore::Permit Semaphore::Waiter::await_resume() {
+    detail::leave_wait(this);
+    if (!granted) throw SemaphoreClosed();
+    granted = false;  // the permit's from here
+    // Handed over before the semaphore went: a permit that holds nothing.
+    return sem ? Permit(*sem) : Permit();
+}
 
 AcceptorClosed::AcceptorClosed()
     : std::system_error(ECANCELED, std::generic_category(), "accept: the acceptor is closed") {}

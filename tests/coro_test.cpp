@@ -1376,6 +1376,151 @@ TEST(CoroEvent, AWaiterGivenUpOnStopsWaitingAndTheEventsEndWakesTheRest) {
     EXPECT_FALSE(waiting.error);
 }
 
+// ---- semaphores --------------------------------------------------------------------
+
+using coro::Semaphore;
+using coro::SemaphoreClosed;
+
+// Holds a permit across a sleep, counting how many hold one at once.
+Task<void> hold_a_while(EventLoop& loop, Semaphore& sem, int* now, int* most, int* done) {
+    Semaphore::Permit permit = co_await sem.acquire();
+    *most = std::max(*most, ++*now);
+    co_await coro::sleep(loop, 1ms);
+    --*now;
+    ++*done;
+}
+
+TEST(CoroSemaphore, NoMoreThanItsPermitsAtOnceAndEveryoneGetsOne) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Semaphore sem(loop, 3);
+    int now = 0, most = 0, done = 0;
+    std::vector<Task<void>> tasks;
+    for (int i = 0; i < 20; ++i) tasks.push_back(hold_a_while(loop, sem, &now, &most, &done));
+    run_task(loop, coro::when_all(std::move(tasks)));
+    EXPECT_EQ(done, 20);
+    EXPECT_EQ(most, 3) << "more tasks held a permit at once than it has, or it never filled";
+    EXPECT_EQ(sem.available(), 3u) << "a permit was not given back";
+    EXPECT_FALSE(sem.locked());
+}
+
+Task<void> acquire_into(Semaphore& sem, std::vector<int>* order, int id, Semaphore::Permit* keep) {
+    Semaphore::Permit p = co_await sem.acquire();
+    order->push_back(id);
+    *keep = std::move(p);
+}
+
+TEST(CoroSemaphore, WaitersGetPermitsInOrderFromTheLoopAndNoLatecomerTakesOneFirst) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Semaphore sem(loop, 1);
+    std::optional<Semaphore::Permit> first = sem.try_acquire();
+    ASSERT_TRUE(first && first->held());
+    EXPECT_TRUE(sem.locked());
+    EXPECT_EQ(sem.try_acquire(), std::nullopt);
+    std::vector<int> order;
+    Semaphore::Permit a, b;
+    Outcome<void> ra, rb;
+    spawn_capture(loop, acquire_into(sem, &order, 1, &a), &ra);
+    spawn_capture(loop, acquire_into(sem, &order, 2, &b), &rb);
+    loop.run_once(0ms);
+    ASSERT_TRUE(order.empty());
+    first->release();
+    EXPECT_FALSE(first->held());
+    first->release();  // idempotent: nothing more given back
+    EXPECT_TRUE(order.empty()) << "resumed inside release()";
+    EXPECT_EQ(sem.try_acquire(), std::nullopt) << "a latecomer took the permit handed to a waiter";
+    ASSERT_TRUE(run_until(loop, [&] { return ra.done; }));
+    EXPECT_EQ(order, std::vector<int>{1});
+    EXPECT_TRUE(a.held());
+    loop.run_once(5ms);
+    EXPECT_FALSE(rb.done) << "two permits out of one";
+    Semaphore::Permit moved = std::move(a);  // the permit moves; a holds nothing
+    EXPECT_FALSE(a.held());
+    EXPECT_TRUE(moved.held());
+    moved = Semaphore::Permit();  // assigning over it gives it back
+    ASSERT_TRUE(run_until(loop, [&] { return rb.done; }));
+    EXPECT_EQ(order, (std::vector<int>{1, 2}));
+    b.release();
+    EXPECT_EQ(sem.available(), 1u);
+    EXPECT_FALSE(ra.error || rb.error);
+}
+
+Task<void> acquire_and_drop(Semaphore& sem) {
+    co_await sem.acquire();  // the permit goes back at once
+}
+
+TEST(CoroSemaphore, AWaiterGivenUpOnPassesItsPermitOn) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Semaphore sem(loop, 1);
+    std::optional<Semaphore::Permit> held = sem.try_acquire();
+    ASSERT_TRUE(held);
+    // Timed out while waiting: it leaves the line.
+    EXPECT_THROW(run_task(loop,
+                          [](EventLoop& l, Semaphore& s) -> Task<void> {
+                              co_await coro::with_timeout(l, 5ms, acquire_and_drop(s));
+                          }(loop, sem)),
+                 coro::TimedOut);
+    // Destroyed after the permit was handed to it, before it ran: the next
+    // waiter gets it; with none, it is free again.
+    Task<void> first = acquire_and_drop(sem);
+    start_owned(first);
+    Outcome<void> second;
+    spawn_capture(loop, acquire_and_drop(sem), &second);
+    loop.run_once(0ms);
+    held.reset();  // to `first`
+    first = Task<void>();
+    ASSERT_TRUE(run_until(loop, [&] { return second.done; }));
+    EXPECT_FALSE(second.error);
+    EXPECT_EQ(sem.available(), 1u);
+
+    Task<void> third = acquire_and_drop(sem);
+    held = sem.try_acquire();
+    start_owned(third);
+    held.reset();
+    third = Task<void>();
+    EXPECT_EQ(sem.available(), 1u) << "a permit handed to a destroyed waiter was lost";
+    loop.run_once(10ms);  // the cancelled wake-up does not fire
+}
+
+TEST(CoroSemaphore, CloseAndDestructionEndWaitersAndLeaveHeldPermitsHarmless) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    auto sem = std::make_unique<Semaphore>(loop, 2);
+    std::vector<int> order;
+    Semaphore::Permit handed, never;
+    Outcome<void> got, waiting;
+    std::optional<Semaphore::Permit> outliving = sem->try_acquire();
+    std::optional<Semaphore::Permit> held = sem->try_acquire();
+    spawn_capture(loop, acquire_into(*sem, &order, 1, &handed), &got);
+    spawn_capture(loop, acquire_into(*sem, &order, 2, &never), &waiting);
+    loop.run_once(0ms);
+    held.reset();  // handed to the first waiter, not yet resumed
+    sem.reset();   // the second waiter ends; the held permit outlives it
+    ASSERT_TRUE(run_until(loop, [&] { return got.done && waiting.done; }));
+    EXPECT_FALSE(got.error) << "a permit handed over before the semaphore went was lost";
+    EXPECT_EQ(order, std::vector<int>{1});
+    EXPECT_FALSE(handed.held());  // its semaphore is gone: it holds nothing
+    EXPECT_FALSE(outliving->held());
+    outliving.reset();  // gives back to nothing (ASan: no use after free)
+    EXPECT_THROW(std::rethrow_exception(waiting.error), SemaphoreClosed);
+
+    Semaphore closing(loop, 1);
+    std::optional<Semaphore::Permit> kept = closing.try_acquire();
+    Outcome<void> blocked;
+    spawn_capture(loop, acquire_and_drop(closing), &blocked);
+    loop.run_once(0ms);
+    closing.close();
+    ASSERT_TRUE(run_until(loop, [&] { return blocked.done; }));
+    EXPECT_THROW(std::rethrow_exception(blocked.error), SemaphoreClosed);
+    EXPECT_THROW(closing.try_acquire(), SemaphoreClosed);
+    EXPECT_THROW(run_task(loop, acquire_and_drop(closing)), SemaphoreClosed);
+    EXPECT_TRUE(kept->held());
+    kept.reset();
+
+    // A task spawned on its own that finds its semaphore closed ends quietly.
+    coro::spawn(loop, acquire_and_drop(closing));
+    EXPECT_NO_THROW(run_until(
+        loop, [&] { return false; }, 20ms));
+}
+
 TEST(CoroStream, ShutdownWriteSendsFinAndForbidsWrites) {
     EVMUX_LOOP_OR_SKIP(loop);
     Pair p(loop);

@@ -195,7 +195,7 @@ inline Task<void> Promise<void>::get_return_object() noexcept {
 /// exception handler (EventLoop::set_exception_handler(); by default run()
 /// rethrows it), except AcceptorClosed (a server task that waited in
 /// accept() ends quietly when its Acceptor closes), QueueClosed (a consumer
-/// whose Queue was closed) and ConnectionClosed of reason `local` (the
+/// whose Queue was closed), SemaphoreClosed and ConnectionClosed of reason `local` (the
 /// program closed the connection: close(), its Acceptor or server closing,
 /// the loop's end), which end it quietly. If the loop is
 /// destroyed first, a task not yet started is destroyed unstarted and a
@@ -881,6 +881,125 @@ class Event {
     detail::WaitList waiters_;
     detail::WaitList woken_;
     bool set_ = false;
+};
+
+// ---- semaphores --------------------------------------------------------------------
+
+/// A Semaphore was closed (or destroyed) while a task waited in acquire(), or
+/// acquire() was called after. Ends a detached task quietly (spawn()), as
+/// QueueClosed does.
+class SemaphoreClosed : public std::runtime_error {
+  public:
+    /// what(): "evmux::coro::Semaphore: closed".
+    SemaphoreClosed();
+};
+
+/// A bound on how many tasks do something at once (asyncio's
+/// BoundedSemaphore; with one permit, its Lock): `auto permit = co_await
+/// sem.acquire();` returns at once while a permit is free, else waits, and the
+/// permit goes back when `permit` is destroyed (or by permit.release()). A
+/// permit given back while tasks wait goes to the first of them, in the order
+/// they came (a task that calls acquire() later cannot take it first), and
+/// that task is resumed from the loop (a zero timer), never inside the
+/// release. A task destroyed while it waits (with_timeout(), when_any()) stops
+/// waiting; one destroyed after a permit was handed to it, before it ran,
+/// passes the permit on. close(), or the semaphore's destruction, ends the
+/// waiting acquire()s and later ones with SemaphoreClosed; permits still held
+/// stay harmless (after the destruction their release does nothing). Permits
+/// are the only way to give back, so more can never be free than the semaphore
+/// was made with. Loop thread only. Not copyable or movable.
+class Semaphore {
+  public:
+    /// A permit from acquire() or try_acquire(), given back once, when it is
+    /// destroyed or by release(). Movable; a moved-from or released permit
+    /// holds nothing.
+    class Permit {
+      public:
+        /// Holds nothing.
+        Permit() noexcept = default;
+        /// Takes `other`'s permit; `other` holds nothing.
+        Permit(Permit&& other) noexcept { take(other); }
+        /// Gives back the permit this holds, then takes `other`'s.
+        Permit& operator=(Permit&& other) noexcept {
+            if (this != &other) {
+                release();
+                take(other);
+            }
+            return *this;
+        }
+        Permit(const Permit&) = delete;
+        Permit& operator=(const Permit&) = delete;
+        ~Permit() { release(); }
+        /// Gives the permit back now (to the first waiting task, if any);
+        /// then it holds nothing. Idempotent.
+        void release() noexcept;
+        /// True until released or moved from (and while its semaphore lives).
+        bool held() const noexcept { return sem_ != nullptr; }
+
+      private:
+        friend class Semaphore;
+        explicit Permit(Semaphore& sem) noexcept;
+        void take(Permit& other) noexcept;  // other's place in the held list
+        Semaphore* sem_ = nullptr;
+        Permit* prev_ = nullptr;
+        Permit* next_ = nullptr;
+    };
+
+    /// At most `permits` permits held at once (0 is allowed: every acquire()
+    /// then waits until close()).
+    Semaphore(EventLoop& loop, std::size_t permits) noexcept : loop_(loop), free_(permits) {}
+    Semaphore(const Semaphore&) = delete;
+    Semaphore& operator=(const Semaphore&) = delete;
+    /// Closes it (see close()); its woken waiters and held permits touch it
+    /// no more.
+    ~Semaphore();
+
+    /// `Permit p = co_await sem.acquire()`: a permit, waiting while none is
+    /// free. SemaphoreClosed once closed.
+    [[nodiscard]] auto acquire() { return Waiter(*this); }
+    /// acquire() without waiting: a permit if one is free and no task waits
+    /// for one, else nothing. SemaphoreClosed once closed.
+    std::optional<Permit> try_acquire();
+    /// Every waiting and later acquire() throws SemaphoreClosed (the waiting
+    /// ones resumed from the loop); permits held are unaffected. Idempotent.
+    void close();
+
+    /// Permits free now (asyncio's `_value`).
+    std::size_t available() const noexcept { return free_; }
+    /// True if an acquire() would wait (asyncio's locked()).
+    bool locked() const noexcept { return free_ == 0; }
+    /// True once close() has been called.
+    bool closed() const noexcept { return closed_; }
+
+  private:
+    struct Waiter : detail::WaitNode {
+        Semaphore* sem;        // null once the semaphore is gone
+        bool granted = false;  // a permit is its: taken at once, or handed over
+        explicit Waiter(Semaphore& s) noexcept : sem(&s) { loop = &s.loop_; }
+        Waiter(const Waiter&) = delete;
+        Waiter& operator=(const Waiter&) = delete;
+        // Destroyed before it ran with a permit handed to it: passed on.
+        ~Waiter() {
+            if (detail::leave_wait(this) && granted && sem) sem->give_back();
+        }
+        bool await_ready();
+        void await_suspend(std::coroutine_handle<> h) {
+            waiting = h;
+            sem->waiters_.push_back(this);
+        }
+        Permit await_resume();
+    };
+
+    void give_back() noexcept;  // a permit to the first waiter, else free
+    void hold(Permit* p) noexcept;
+    void unhold(Permit* p) noexcept;
+
+    EventLoop& loop_;
+    std::size_t free_;  // never above 0 while tasks wait (give_back())
+    detail::WaitList waiters_;
+    detail::WaitList woken_;
+    Permit* held_ = nullptr;  // the permits out, linked through them
+    bool closed_ = false;
 };
 
 // ---- errors ----------------------------------------------------------------------
