@@ -613,6 +613,60 @@ Stream ConnectAwaiter::await_resume() {
 
 }  // namespace detail
 
+// ---- names --------------------------------------------------------------------------------
+
+namespace detail {
+
+struct ResolveState {
+    std::coroutine_handle<> waiting;  // the awaiting coroutine, until the outcome
+    std::error_code error;
+    std::vector<Address> addresses;
+    std::shared_ptr<ResolveQuery> query;
+    std::unique_ptr<Resolver> own;  // resolve(loop, ...)'s
+};
+
+ResolveAwaiter::ResolveAwaiter(Resolver& resolver, std::string_view host, std::string_view service)
+    : resolver_(&resolver), loop_(&resolver.loop()), host_(host), service_(service) {}
+
+ResolveAwaiter::ResolveAwaiter(EventLoop& loop, std::string_view host, std::string_view service,
+                               ResolverOptions options)
+    : loop_(&loop), host_(host), service_(service), options_(std::move(options)) {}
+
+ResolveAwaiter::~ResolveAwaiter() {
+    // Destroyed while waiting: the lookup is cancelled; its callback, which
+    // comes later from the loop (or, for a resolver of its own, from that
+    // resolver's destruction below), finds no one waiting.
+    if (!state_ || !state_->waiting) return;
+    state_->waiting = {};
+    if (state_->query) state_->query->cancel();
+    state_->own.reset();
+}
+
+void ResolveAwaiter::await_suspend(std::coroutine_handle<> waiting) {
+    auto state = std::make_shared<ResolveState>();
+    if (!resolver_) state->own = std::make_unique<Resolver>(*loop_, options_);
+    Resolver& resolver = resolver_ ? *resolver_ : *state->own;
+    // A weak reference: the callback lives in the query, which the state holds.
+    std::weak_ptr<ResolveState> weak = state;
+    state->query = resolver.resolve(host_, service_,
+                                    [weak](std::error_code ec, std::vector<Address> addresses) {
+                                        auto st = weak.lock();
+                                        if (!st || !st->waiting) return;
+                                        st->error = ec;
+                                        st->addresses = std::move(addresses);
+                                        std::exchange(st->waiting, {}).resume();
+                                    });
+    state->waiting = waiting;
+    state_ = std::move(state);
+}
+
+std::vector<Address> ResolveAwaiter::await_resume() {
+    if (state_->error) throw std::system_error(state_->error, "cannot resolve '" + host_ + "'");
+    return std::move(state_->addresses);
+}
+
+}  // namespace detail
+
 // ---- accept ------------------------------------------------------------------------------
 
 namespace detail {

@@ -1071,6 +1071,124 @@ TEST(CoroConnectByName, TheTimeoutCoversTheLookupAndDestroyingTheTaskCancelsIt) 
     EXPECT_EQ(resolver.pending(), 0u) << "the lookup was cancelled with the task";
 }
 
+// ---- coro::resolve() -------------------------------------------------------------
+
+// What a resolving coroutine ended with: the addresses as text, or the
+// exception's code and text.
+struct CoroResolved {
+    bool done = false;
+    std::vector<std::string> addresses;
+    std::error_code ec;
+    std::string what;
+};
+
+template <class Lookup>
+coro::Task<void> resolve_into(Lookup lookup, CoroResolved* out) {
+    try {
+        for (const Address& a : co_await lookup()) out->addresses.push_back(a.to_string());
+    } catch (const std::system_error& e) {
+        out->ec = e.code();
+        out->what = e.what();
+    } catch (const std::exception& e) {
+        out->what = std::string("other: ") + e.what();
+    }
+    out->done = true;
+}
+
+TEST(CoroResolve, AddressesInTheResolversOrderAndClearErrors) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    DnsResponder dns(names());
+    ResolverOptions o = asking(dns);
+    o.family = AF_INET;
+    Resolver resolver(loop, o);
+    CoroResolved two, unknown, service, empty, numeric;
+    coro::spawn(loop,
+                resolve_into([&] { return coro::resolve(resolver, "two.test", "443"); }, &two));
+    coro::spawn(loop, resolve_into([&] { return coro::resolve(resolver, "nosuch.invalid", "80"); },
+                                   &unknown));
+    coro::spawn(loop,
+                resolve_into([&] { return coro::resolve(resolver, "one.test", "80x"); }, &service));
+    coro::spawn(loop, resolve_into([&] { return coro::resolve(resolver, "", "80"); }, &empty));
+    coro::spawn(
+        loop, resolve_into([&] { return coro::resolve(resolver, "127.0.0.1", "http"); }, &numeric));
+    ASSERT_TRUE(run_until(loop, [&] {
+        return two.done && unknown.done && service.done && empty.done && numeric.done;
+    }));
+    EXPECT_EQ(two.what, "");
+    EXPECT_EQ(two.addresses, (std::vector<std::string>{"127.0.0.21:443", "127.0.0.22:443"}));
+    EXPECT_EQ(unknown.ec, ResolveErrc::not_found);
+    EXPECT_EQ(unknown.what, "cannot resolve 'nosuch.invalid': Domain name not found");
+    EXPECT_TRUE(unknown.addresses.empty());
+    EXPECT_EQ(service.ec, ResolveErrc::unknown_service);
+    EXPECT_EQ(service.what,
+              resolve_message("one.test", make_error_code(ResolveErrc::unknown_service)));
+    EXPECT_EQ(empty.what.rfind("other: ", 0), 0u) << empty.what;  // std::invalid_argument
+    EXPECT_EQ(numeric.addresses, std::vector<std::string>{"127.0.0.1:80"});
+    EXPECT_EQ(resolver.pending(), 0u);
+}
+
+TEST(CoroResolve, LocalhostWithAResolverOfItsOwn) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    CoroResolved local, asked;
+    coro::spawn(loop,
+                resolve_into([&] { return coro::resolve(loop, "localhost", "8080"); }, &local));
+    DnsResponder dns(names());
+    coro::spawn(
+        loop,
+        resolve_into([&] { return coro::resolve(loop, "both.test", "1", asking(dns)); }, &asked));
+    ASSERT_TRUE(run_until(loop, [&] { return local.done && asked.done; }));
+    EXPECT_EQ(local.what, "");
+    EXPECT_NE(std::find(local.addresses.begin(), local.addresses.end(), "127.0.0.1:8080"),
+              local.addresses.end())
+        << "localhost (/etc/hosts) did not give 127.0.0.1";
+    EXPECT_EQ(asked.what, "");
+    std::vector<std::string> sorted = asked.addresses;
+    std::sort(sorted.begin(), sorted.end());
+    EXPECT_EQ(sorted, (std::vector<std::string>{"127.0.0.31:1", "[::1]:1"}));
+}
+
+TEST(CoroResolve, ATimeoutOrTheTasksEndCancelsTheLookup) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    DnsResponder dns(names());
+    dns.set_silent(true);
+    Resolver resolver(loop, asking(dns, 2000ms, 3));
+    CoroResolved timed;
+    const auto start = std::chrono::steady_clock::now();
+    // with_timeout() of an awaitable in the co_await's own statement (it
+    // holds the awaitable by reference).
+    coro::spawn(loop, [](EventLoop& l, Resolver& r, CoroResolved* out) -> coro::Task<void> {
+        try {
+            co_await coro::with_timeout(l, 100ms, coro::resolve(r, "one.test", "80"));
+        } catch (const std::system_error& e) {
+            out->ec = e.code();
+            out->what = e.what();
+        }
+        out->done = true;
+    }(loop, resolver, &timed));
+    ASSERT_TRUE(run_until(loop, [&] { return timed.done; }));
+    EXPECT_GE(std::chrono::steady_clock::now() - start, 100ms);
+    EXPECT_EQ(timed.ec, std::errc::timed_out);
+    EXPECT_EQ(timed.what, "timed out after 100 ms: Connection timed out");
+    pump_for(loop, 10ms);
+    EXPECT_EQ(resolver.pending(), 0u) << "the lookup outlived its timeout";
+
+    // A task destroyed while its lookup (on a resolver of its own) is out.
+    const std::size_t asked_before = dns.questions();
+    bool resumed = false;
+    {
+        auto body = [](EventLoop& l, ResolverOptions o, bool* r) -> coro::Task<void> {
+            co_await coro::resolve(l, "two.test", "80", o);
+            *r = true;
+        };
+        coro::Task<void> t = body(loop, asking(dns, 2000ms, 3), &resumed);
+        auto awaiter = std::move(t).operator co_await();  // started as a co_await would
+        awaiter.await_suspend(std::noop_coroutine()).resume();
+        ASSERT_TRUE(run_until(loop, [&] { return dns.questions() > asked_before; }));
+    }
+    pump_for(loop, 20ms);
+    EXPECT_FALSE(resumed);
+}
+
 TEST(ServerByName, ListensOnLocalhost) {
     EVMUX_LOOP_OR_SKIP(loop);
     TcpServer server(loop, "localhost:0", echo_callbacks());

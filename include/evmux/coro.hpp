@@ -39,6 +39,7 @@
 #include "evmux/connection.hpp"
 #include "evmux/event_loop.hpp"
 #include "evmux/loop_group.hpp"
+#include "evmux/resolver.hpp"
 #include "evmux/selector.hpp"
 #include "evmux/server.hpp"
 
@@ -1471,6 +1472,55 @@ inline detail::ConnectAwaiter connect(EventLoop& loop, const Address& address,
 inline detail::ConnectAwaiter connect(EventLoop& loop, std::string_view target,
                                       ConnectOptions options = {}) {
     return detail::ConnectAwaiter(loop, target, options);
+}
+
+// ---- names ---------------------------------------------------------------------
+
+namespace detail {
+struct ResolveState;
+// co_await resolve(...).
+class ResolveAwaiter {
+  public:
+    ResolveAwaiter(Resolver& resolver, std::string_view host, std::string_view service);
+    ResolveAwaiter(EventLoop& loop, std::string_view host, std::string_view service,
+                   ResolverOptions options);
+    ResolveAwaiter(const ResolveAwaiter&) = delete;
+    ResolveAwaiter& operator=(const ResolveAwaiter&) = delete;
+    ~ResolveAwaiter();
+    bool await_ready() const noexcept { return false; }
+    void await_suspend(std::coroutine_handle<> waiting);
+    std::vector<Address> await_resume();
+
+  private:
+    Resolver* resolver_ = nullptr;  // null: one of its own, made on loop_
+    EventLoop* loop_ = nullptr;
+    std::string host_;
+    std::string service_;
+    ResolverOptions options_;
+    std::shared_ptr<ResolveState> state_;
+};
+}  // namespace detail
+
+/// `std::vector<Address> all = co_await resolve(resolver, "example.com",
+/// "443");` (asyncio's loop.getaddrinfo()): Resolver::resolve() awaited. The
+/// addresses, each with the port set, in the order to try them; on failure a
+/// std::system_error whose code() is the ResolveErrc and whose what() reads
+/// "cannot resolve 'nosuch.invalid': Domain name not found" (as
+/// resolve_message()); std::invalid_argument from the co_await for what
+/// resolve() refuses (an empty host, a numeric service over 65535...).
+/// Destroying the waiting task (with_timeout() expiring, when_any()) cancels
+/// the lookup. The resolver's loop is the task's.
+inline detail::ResolveAwaiter resolve(Resolver& resolver, std::string_view host,
+                                      std::string_view service) {
+    return detail::ResolveAwaiter(resolver, host, service);
+}
+
+/// resolve() with a Resolver of its own on `loop`, made for this lookup (it
+/// reads /etc/resolv.conf, unless options.servers says whom to ask): for a
+/// single lookup; keep a Resolver for many.
+inline detail::ResolveAwaiter resolve(EventLoop& loop, std::string_view host,
+                                      std::string_view service, ResolverOptions options = {}) {
+    return detail::ResolveAwaiter(loop, host, service, std::move(options));
 }
 
 // ---- accepting -----------------------------------------------------------------
