@@ -189,6 +189,11 @@ struct TcpServer::Shard {
         for (auto& c : snapshot()) c->close(mode);
     }
 
+    // Close the listener (stop_accepting()); the connections go on.
+    void stop_accepting() {
+        if (acceptor) acceptor->stop();
+    }
+
     // Stop accepting and close every connection gracefully.
     void begin_stop() {
         stopping = true;
@@ -351,6 +356,18 @@ void TcpServer::close_all(CloseMode mode) {
     }
 }
 
+void TcpServer::stop_accepting() {
+    accepting_.store(false, std::memory_order_release);
+    if (!on_group_) {
+        shards_[0]->stop_accepting();
+        return;
+    }
+    for (auto& shard : shards_) {
+        Shard* s = shard.get();
+        s->loop.post([s] { s->stop_accepting(); });
+    }
+}
+
 // A slot under max_connections for a new connection (always, with no limit).
 bool TcpServer::reserve_slot() {
     std::size_t n = open_.load(std::memory_order_relaxed);
@@ -369,6 +386,7 @@ void TcpServer::start_shard(std::size_t index) {
 }
 
 void TcpServer::begin_stop(std::size_t index) {
+    accepting_.store(false, std::memory_order_release);
     shards_[index]->begin_stop();
 }
 

@@ -18,7 +18,9 @@ LINK = re.compile(r"!?\[[^\]\n]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
 def prose(text: str) -> str:
     """The text with fenced and indented code blocks and inline code blanked
     (newlines kept, so that line numbers stay right)."""
-    text = re.sub(r"^```.*?^```", lambda m: "\n" * m.group(0).count("\n"), text, flags=re.S | re.M)
+    # A fence may be indented (a code block inside a list item).
+    text = re.sub(r"^[ \t]*```.*?^[ \t]*```", lambda m: "\n" * m.group(0).count("\n"), text,
+                  flags=re.S | re.M)
     text = re.sub(r"^(?: {4}|\t).*$", "", text, flags=re.M)
     return re.sub(r"`[^`\n]*`", "", text)
 

@@ -1862,6 +1862,71 @@ TEST(TcpServer, MaxConnections) {
     EXPECT_EQ(srv.stats().rejected, 1u);
 }
 
+// The first step of a graceful shutdown: the port closes, the connections
+// already open are served to their own end.
+TEST(TcpServer, StopAcceptingRefusesNewClientsAndKeepsServingTheOpenOnes) {
+    EVMUX_SELECTOR_OR_SKIP(sel);
+    std::atomic<int> closes{0};
+    Callbacks cb = echo_callbacks();
+    cb.on_close = [&](const ConnectionPtr&, CloseReason, int) { ++closes; };
+    ServerThread srv(std::move(sel), loopback4, cb);
+    Fd a = dial(srv.address());
+    Fd b = dial(srv.address());
+    ASSERT_TRUE(srv.wait_until([&] { return srv.server().connections_now() == 2; }));
+    EXPECT_TRUE(srv.call([&] { return srv.server().accepting(); }));
+    srv.call([&] {
+        srv.server().stop_accepting();
+        srv.server().stop_accepting();  // idempotent
+    });
+    EXPECT_FALSE(srv.server().accepting());
+    try {
+        Fd late = dial(srv.address());
+        ADD_FAILURE() << "a client was accepted after stop_accepting()";
+    } catch (const std::system_error& e) {
+        EXPECT_EQ(e.code(), std::errc::connection_refused) << e.what();
+    }
+    for (Fd* c : {&a, &b}) {  // still served, whole
+        const std::string msg = pattern(100000);
+        std::thread writer([&] { send_all(c->get(), msg); });
+        EXPECT_TRUE(recv_exact(c->get(), msg.size()) == msg);
+        writer.join();
+    }
+    a.reset();
+    ASSERT_TRUE(srv.wait_until([&] { return srv.server().connections_now() == 1; }));
+    EXPECT_EQ(closes.load(), 1);
+    // close_all() ends the rest; the server itself stays.
+    srv.call([&] { srv.server().close_all(CloseMode::graceful); });
+    bool eof = false;
+    EXPECT_EQ(recv_to_eof(b.get(), &eof), "");
+    EXPECT_TRUE(eof);
+    ASSERT_TRUE(srv.wait_until([&] { return srv.server().connections_now() == 0; }));
+    EXPECT_EQ(closes.load(), 2);
+    EXPECT_EQ(srv.stats().connections_total, 2u);
+}
+
+// A client the kernel had accepted into the backlog, not yet taken by the
+// server, sees the end when the listener closes (reset by the kernel; under
+// completion I/O the accept request may take it as it is cancelled, and it
+// is closed): nothing hangs, and it is never served.
+TEST(TcpServer, StopAcceptingEndsClientsLeftInTheBacklog) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    TcpServer server(loop, loopback4, echo_callbacks());
+    Fd waiting = dial(server.local_address());  // in the backlog: the loop has not run
+    server.stop_accepting();
+    loop.run_once(10ms);
+    char byte = 0;
+    ssize_t r = 0;
+    int err = 0;
+    do {  // (io_uring's task work on this thread can interrupt it)
+        r = ::recv(waiting.get(), &byte, 1, 0);
+        err = errno;
+    } while (r < 0 && err == EINTR);
+    EXPECT_TRUE(r == 0 || (r < 0 && err == ECONNRESET))
+        << "recv: " << r << ", " << std::strerror(err);
+    EXPECT_EQ(server.connections_now(), 0u);
+    EXPECT_EQ(server.stats().connections_total, 0u);
+}
+
 TEST(TcpServer, IdleTimeoutClosesOnlyIdleConnections) {
     EVMUX_SELECTOR_OR_SKIP(sel);
     ServerOptions opt;

@@ -340,6 +340,53 @@ bool eventually(F done) {
 // max_connections limits the whole group, not each loop: of n + k clients
 // exactly n are served and k see EOF (and are counted as rejected); once some
 // served ones close, new ones are served again.
+// stop_accepting() from another thread: every loop closes its listener
+// (after it, a task posted to each loop has run, so a connect is refused),
+// and every connection already open is still served.
+TEST_P(LoopGroupTest, StopAcceptingClosesEveryListenerAndKeepsServing) {
+    EVMUX_SELECTOR_OR_SKIP(probe);
+    EchoRecorder rec;  // outlives the group: its loops call into it until joined
+    LoopGroup group(2, test::backend_name());
+    ServerOptions opt;
+    opt.distribution = GetParam();
+    TcpServer& server = group.listen(Address::ip("127.0.0.1", 0), rec.callbacks(), opt);
+    constexpr int n = 8;
+    std::vector<Fd> clients;
+    for (int i = 0; i < n; ++i) {
+        clients.push_back(connect_blocking(server.local_address()));
+        send_all(clients.back().get(), "a");
+        ASSERT_EQ(read_n(clients.back().get(), 1), "a");
+    }
+    EXPECT_TRUE(server.accepting());
+    server.stop_accepting();
+    EXPECT_FALSE(server.accepting());
+    for (std::size_t i = 0; i < group.size(); ++i) {
+        std::promise<void> ran;
+        group.post(i, [&ran] { ran.set_value(); });
+        ASSERT_EQ(ran.get_future().wait_for(5s), std::future_status::ready);
+    }
+    try {
+        Fd late = connect_blocking(server.local_address());
+        ADD_FAILURE() << "a client was accepted after stop_accepting()";
+    } catch (const std::system_error& e) {
+        EXPECT_EQ(e.code(), std::errc::connection_refused) << e.what();
+    }
+    for (int i = 0; i < n; ++i) {
+        const std::string msg = "still served " + std::to_string(i);
+        send_all(clients[i].get(), msg);
+        EXPECT_EQ(read_n(clients[i].get(), msg.size()), msg);
+    }
+    EXPECT_EQ(server.connections_now(), static_cast<std::size_t>(n));
+    clients.clear();
+    const auto until = std::chrono::steady_clock::now() + 5s;
+    while (server.connections_now() != 0 && std::chrono::steady_clock::now() < until)
+        std::this_thread::sleep_for(1ms);
+    EXPECT_EQ(server.connections_now(), 0u) << "the connections did not end with their clients";
+    EXPECT_EQ(rec.closed.load(), n);
+    EXPECT_EQ(server.connections_total(), static_cast<std::uint64_t>(n));
+    group.stop();
+}
+
 TEST_P(LoopGroupTest, MaxConnectionsLimitsTheWholeGroup) {
     EVMUX_SELECTOR_OR_SKIP(probe);
     EchoRecorder rec;  // outlives the group: its loops call into it until joined

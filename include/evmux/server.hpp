@@ -167,6 +167,19 @@ class TcpServer {
     /// listening. On one loop: on its thread, at once. Over a LoopGroup: from
     /// any thread; each loop does its part when it next runs.
     void close_all(CloseMode mode = CloseMode::immediate);
+    /// Stop accepting, keep serving (asyncio's Server.close(), the first step
+    /// of a graceful shutdown): the listening socket is closed, so new clients
+    /// are refused (ECONNREFUSED; those still in the backlog see the end),
+    /// while the open connections go on to their own end, under the same
+    /// limits and idle timeout; connections_now() says when the last one has
+    /// gone, and close_all() ends the rest. Accepting does not resume; a Unix
+    /// socket file stays until the server is destroyed. Idempotent. On one
+    /// loop: on its thread, and the port is closed when it returns. Over a
+    /// LoopGroup: from any thread; each loop closes its listener when it next
+    /// runs (accepting() is false at once).
+    void stop_accepting();
+    /// True until stop_accepting() (or LoopGroup::stop()). Any thread.
+    bool accepting() const { return accepting_.load(std::memory_order_acquire); }
     /// The loop a one-loop server runs on (over a LoopGroup: loop 0).
     EventLoop& loop() const;
 
@@ -195,6 +208,7 @@ class TcpServer {
     Address local_;
     bool on_group_ = false;
     std::atomic<std::size_t> open_{0};  // all loops: the max_connections count
+    std::atomic<bool> accepting_{true};
     std::vector<std::unique_ptr<Shard>> shards_;
 };
 
