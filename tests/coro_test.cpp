@@ -1322,6 +1322,64 @@ TEST(CoroQueue, DestroyingTheQueueEndsItsWaiters) {
     EXPECT_THROW(std::rethrow_exception(putter.error), QueueClosed);
 }
 
+Task<void> join_of(Queue<int>& q) {
+    co_await q.join();
+}
+
+Task<void> work_through(EventLoop& loop, Queue<int>& q, int* processed) {
+    for (;;) {
+        const int job = co_await q.get();
+        co_await coro::sleep(loop, std::chrono::milliseconds(job % 3));
+        ++*processed;
+        q.task_done();
+    }
+}
+
+TEST(CoroQueue, JoinWaitsUntilEveryItemPutIsDone) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Queue<int> q(loop, 4);
+    run_task(loop, join_of(q));  // nothing put: at once
+    int processed = 0;
+    for (int w = 0; w < 3; ++w) coro::spawn(loop, work_through(loop, q, &processed));
+    int at_join = -1;
+    run_task(loop, [](Queue<int>& queue, int* done, int* seen) -> Task<void> {
+        for (int i = 0; i < 20; ++i) co_await queue.put(i);  // 4 at most: puts wait too
+        co_await queue.join();
+        *seen = *done;
+    }(q, &processed, &at_join));
+    EXPECT_EQ(at_join, 20) << "join() returned before every item was done";
+    EXPECT_EQ(q.unfinished(), 0u);
+    EXPECT_THROW(q.task_done(), std::logic_error);
+    q.close();
+    loop.run_once(0ms);  // the workers end quietly
+}
+
+TEST(CoroQueue, JoinersAreResumedFromTheLoopAndLetGoByTheQueuesEnd) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Queue<int> q(loop);
+    ASSERT_TRUE(q.try_put(1));
+    EXPECT_EQ(q.unfinished(), 1u);
+    Outcome<void> a, b;
+    spawn_capture(loop, join_of(q), &a);
+    loop.run_once(0ms);
+    ASSERT_FALSE(a.done);
+    EXPECT_EQ(q.try_get(), 1);
+    EXPECT_EQ(q.unfinished(), 1u) << "a get is not the item's end: task_done() is";
+    q.task_done();
+    EXPECT_FALSE(a.done) << "resumed inside task_done()";
+    ASSERT_TRUE(run_until(loop, [&] { return a.done; }));
+    EXPECT_FALSE(a.error);
+
+    auto gone = std::make_unique<Queue<int>>(loop);
+    ASSERT_TRUE(gone->try_put(2));
+    spawn_capture(loop, join_of(*gone), &b);
+    loop.run_once(0ms);
+    ASSERT_FALSE(b.done);
+    gone.reset();
+    ASSERT_TRUE(run_until(loop, [&] { return b.done; }));
+    EXPECT_FALSE(b.error);
+}
+
 // ---- events ------------------------------------------------------------------------
 
 Task<void> wait_for(coro::Event& ev) {

@@ -652,8 +652,10 @@ bool leave_wait(WaitNode* w) noexcept;
 /// waiting get(), or back to the front; a put() whose value went in stays
 /// put. (Under when_any(), a get() that received its value in the turn
 /// another task won in ran on and its task is destroyed with the value:
-/// with_timeout() has no such race, it ends the wait at once.) Loop thread only; from another
-/// thread, EventLoop::post() a try_put(). Not copyable or movable.
+/// with_timeout() has no such race, it ends the wait at once.) task_done()
+/// and join() count the items through to their end, as asyncio's do. Loop
+/// thread only; from another thread, EventLoop::post() a try_put(). Not
+/// copyable or movable.
 template <class T>
 class Queue {
     static_assert(std::is_move_constructible_v<T>, "evmux::coro::Queue<T>: T must be movable");
@@ -673,6 +675,8 @@ class Queue {
             woken_.remove(w);  // its timer stays: it resumes as woken
             static_cast<Waiter*>(w)->queue = nullptr;
         }
+        wake_joiners();
+        while (detail::WaitNode* w = joiners_woken_.head) joiners_woken_.remove(w);
     }
 
     /// `co_await q.put(std::move(v))`: v goes to the first waiting get(), or
@@ -693,6 +697,7 @@ class Queue {
             if (full()) return false;
             items_.push_back(std::move(value));
         }
+        ++unfinished_;
         return true;
     }
     /// try_put() of a copy.
@@ -718,6 +723,22 @@ class Queue {
         while (getters_.head) wake(getters_.head);
         while (putters_.head) wake(putters_.head);
     }
+
+    /// An item got from the queue has been dealt with (asyncio's
+    /// task_done()): when every item put has been, join() returns.
+    /// std::logic_error if called more often than items were put.
+    void task_done() {
+        if (unfinished_ == 0)
+            throw std::logic_error(
+                "evmux::coro::Queue::task_done(): called more times than items were put");
+        if (--unfinished_ == 0) wake_joiners();
+    }
+    /// `co_await q.join()`: until task_done() has been called for every item
+    /// put (at once if there is none); asyncio's join(). Waiters resumed from
+    /// the loop; the queue's destruction lets them go too.
+    [[nodiscard]] auto join() { return JoinAwaiter(*this); }
+    /// Items put and not yet marked task_done().
+    std::size_t unfinished() const noexcept { return unfinished_; }
 
     /// True once close() has been called.
     bool closed() const noexcept { return closed_; }
@@ -770,6 +791,20 @@ class Queue {
         }
     };
 
+    struct JoinAwaiter : detail::WaitNode {
+        Queue& q;
+        explicit JoinAwaiter(Queue& queue) noexcept : q(queue) { loop = &queue.loop_; }
+        JoinAwaiter(const JoinAwaiter&) = delete;
+        JoinAwaiter& operator=(const JoinAwaiter&) = delete;
+        ~JoinAwaiter() { detail::leave_wait(this); }
+        bool await_ready() const noexcept { return q.unfinished_ == 0; }
+        void await_suspend(std::coroutine_handle<> h) {
+            waiting = h;
+            q.joiners_.push_back(this);
+        }
+        void await_resume() noexcept { detail::leave_wait(this); }
+    };
+
     struct GetAwaiter : Waiter {
         explicit GetAwaiter(Queue& q) : Waiter(q, true) {}
         bool await_ready() {
@@ -797,6 +832,7 @@ class Queue {
             auto* p = static_cast<Waiter*>(putters_.head);
             items_.push_back(std::move(*p->item));
             p->done = true;
+            ++unfinished_;
             wake(p);
         }
         return value;
@@ -818,6 +854,12 @@ class Queue {
         w->list->remove(w);
         detail::wake_from_loop(w, woken_);
     }
+    void wake_joiners() {
+        while (detail::WaitNode* w = joiners_.head) {
+            joiners_.remove(w);
+            detail::wake_from_loop(w, joiners_woken_);
+        }
+    }
 
     EventLoop& loop_;
     std::size_t max_size_;
@@ -825,6 +867,9 @@ class Queue {
     detail::WaitList getters_;
     detail::WaitList putters_;
     detail::WaitList woken_;
+    detail::WaitList joiners_;        // in join()
+    detail::WaitList joiners_woken_;  // woken, not yet resumed
+    std::size_t unfinished_ = 0;      // put, not yet task_done()
     bool closed_ = false;
 };
 
