@@ -91,14 +91,16 @@ std::optional<std::string_view> Buffer::take_frame(Prefix prefix, std::size_t ma
     if (in.size() < head) return std::nullopt;
     std::size_t len = 0;
     for (std::size_t i = 0; i < head; ++i) len = len << 8 | static_cast<unsigned char>(in[i]);
-    if (len > max_size) {
-        throw FrameError(FrameError::Kind::frame_too_large, len, max_size,
-                         "evmux: frame of " + std::to_string(len) + " bytes over the limit of " +
-                             std::to_string(max_size) + " (" + name(prefix) + " length prefix)");
-    }
+    if (len > max_size) throw FrameError::too_large(len, max_size, prefix);
     if (in.size() - head < len) return std::nullopt;
     consume(head + len);
     return in.substr(head, len);
+}
+
+FrameError FrameError::too_large(std::size_t size, std::size_t limit, Prefix prefix) {
+    return FrameError(Kind::frame_too_large, size, limit,
+                      "evmux: frame of " + std::to_string(size) + " bytes over the limit of " +
+                          std::to_string(limit) + " (" + name(prefix) + " length prefix)");
 }
 
 void append_frame(std::string& out, Prefix prefix, std::string_view payload) {

@@ -230,9 +230,9 @@ TimedOut::TimedOut(EventLoop::Duration limit)
               " ms"),
       limit_(limit) {}
 
-IncompleteRead::IncompleteRead(std::size_t got, std::size_t wanted)
-    : std::runtime_error("read_exactly: end of stream after " + std::to_string(got) + " of " +
-                         std::to_string(wanted) + " bytes"),
+IncompleteRead::IncompleteRead(std::size_t got, std::size_t wanted, const char* operation)
+    : std::runtime_error(std::string(operation) + ": end of stream after " + std::to_string(got) +
+                         " of " + std::to_string(wanted) + " bytes"),
       got_(got),
       wanted_(wanted) {}
 
@@ -332,6 +332,27 @@ bool feed(ReadWait& r, const char*& p, std::size_t& n) {
                 r.status = Status::too_long;
                 complete = true;
             }
+            break;
+        }
+        case Kind::frame: {
+            if (r.got < r.head_len) {  // the prefix first, into `head`
+                k = std::min<std::size_t>(n, r.head_len - r.got);
+                std::memcpy(r.head + r.got, p, k);
+                if (r.got + k < r.head_len) break;
+                for (std::size_t i = 0; i < r.head_len; ++i)
+                    r.want = r.want << 8 | static_cast<unsigned char>(r.head[i]);
+                if (r.want > r.cap) {
+                    r.status = Status::too_long;
+                    complete = true;
+                    break;
+                }
+                r.got += k;
+                p += k;
+                n -= k;
+            }
+            k = std::min(n, r.want - r.line->size());
+            r.line->append(p, k);
+            complete = r.line->size() == r.want;
             break;
         }
     }
@@ -464,18 +485,44 @@ ReadExactlyString::ReadExactlyString(StreamCore* core, std::size_t n)
     if (n == 0) status = Status::done;
 }
 
+namespace {
+// Bytes a read took go back to the front of the stream's input.
+void give_back(StreamCore& c, const char* p, std::size_t n) noexcept {
+    if (n == 0) return;
+    try {
+        c.in.insert(c.in_start, p, n);
+    } catch (...) {  // out of memory: the bytes are lost, as they were before
+    }
+}
+}  // namespace
+
 void ReadWait::abandon() noexcept {
     registered = false;
     core->reader = nullptr;
+    if (kind == Kind::frame) {  // the prefix, then what came of the payload
+        give_back(*core, line->data(), line->size());
+        give_back(*core, head, std::min<std::size_t>(got, head_len));
+        line->clear();
+        return;
+    }
     // Waiting, it has taken every byte that arrived (the core keeps none then).
     const char* taken = kind == Kind::line ? line->data() : data;
     const std::size_t n = kind == Kind::line ? line->size() : kind == Kind::exactly ? got : 0;
-    if (n == 0) return;
-    try {
-        core->in.insert(core->in_start, taken, n);
-    } catch (...) {  // out of memory: the bytes are lost, as they were before
-    }
+    give_back(*core, taken, n);
     if (kind == Kind::line) line->clear();  // read_line(into): they are the stream's again
+}
+
+std::optional<std::string> ReadFrame::await_resume() {
+    if (status == Status::too_long) {
+        give_back(*core, head, head_len);  // unread: the stream as it was
+        throw FrameError::too_large(want, cap, head_len == 2 ? Prefix::u16_be : Prefix::u32_be);
+    }
+    check("read_frame");
+    if (status == Status::eof) {
+        if (got == 0) return std::nullopt;
+        throw IncompleteRead(got, head_len + want, "read_frame");
+    }
+    return std::move(payload);
 }
 
 std::string ReadExactlyString::await_resume() {

@@ -579,6 +579,117 @@ TEST(CoroStream, ReadLineBeyondItsLimitIsLineTooLong) {
     EXPECT_EQ(seen, "read_line: no newline within 8 bytes then 89\nok\n");
 }
 
+Task<std::vector<std::string>> read_frames(Stream& s, evmux::Prefix prefix, std::size_t max) {
+    std::vector<std::string> frames;
+    while (std::optional<std::string> f = co_await s.read_frame(prefix, max))
+        frames.push_back(std::move(*f));
+    co_return frames;
+}
+
+TEST(CoroStream, ReadFrameSplitAnywhereJoinedAndEmptyThenNothingAtTheEnd) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    for (const evmux::Prefix prefix : {evmux::Prefix::u16_be, evmux::Prefix::u32_be}) {
+        Pair p(loop);
+        const std::string big(prefix == evmux::Prefix::u16_be ? 65535 : 70000, 'x');
+        const std::vector<std::string> want = {"one", "", "three", big, "last"};
+        std::string wire;
+        for (const std::string& f : want) wire += evmux::frame(prefix, f);
+        Outcome<std::vector<std::string>> out;
+        spawn_capture(loop, read_frames(p.server, prefix, 1 << 20), &out);
+        // Split at every awkward place: inside a prefix, right after one, in a payload.
+        for (std::size_t at = 0; at < wire.size();) {
+            const std::size_t n = std::min<std::size_t>(at < 40 ? 1 : 9000, wire.size() - at);
+            send_all(loop, p.client.get(), std::string_view(wire).substr(at, n));
+            at += n;
+            loop.run_once(0ms);
+        }
+        ::shutdown(p.client.get(), SHUT_WR);
+        ASSERT_TRUE(run_until(loop, [&] { return out.done; }));
+        ASSERT_FALSE(out.error);
+        EXPECT_TRUE(*out.value == want) << "prefix " << (prefix == evmux::Prefix::u16_be ? 2 : 4);
+    }
+}
+
+TEST(CoroStream, ReadFrameEndingInsideAFrameIsIncompleteRead) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Pair p(loop);
+    send_all(loop, p.client.get(), evmux::frame(evmux::Prefix::u32_be, "0123456789").substr(0, 7));
+    ::shutdown(p.client.get(), SHUT_WR);
+    try {
+        run_task(loop, read_frames(p.server, evmux::Prefix::u32_be, 100));
+        ADD_FAILURE() << "no IncompleteRead";
+    } catch (const coro::IncompleteRead& e) {
+        EXPECT_EQ(e.got(), 7u);
+        EXPECT_EQ(e.wanted(), 14u);
+        EXPECT_STREQ(e.what(), "read_frame: end of stream after 7 of 14 bytes");
+    }
+    Pair q(loop);  // inside the prefix
+    send_all(loop, q.client.get(), std::string("\0", 1));
+    ::shutdown(q.client.get(), SHUT_WR);
+    EXPECT_THROW(run_task(loop, read_frames(q.server, evmux::Prefix::u16_be, 100)),
+                 coro::IncompleteRead);
+}
+
+TEST(CoroStream, ReadFrameOverItsLimitIsFrameErrorAndLeavesThePrefixUnread) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Pair p(loop);
+    // The prefix alone proves it: no payload byte need come.
+    send_all(loop, p.client.get(), std::string("\x00\x20\x00", 3));
+    Outcome<std::vector<std::string>> out;
+    spawn_capture(loop, read_frames(p.server, evmux::Prefix::u32_be, 1 << 20), &out);
+    loop.run_once(10ms);
+    EXPECT_FALSE(out.done) << "three bytes of a four-byte prefix said something";
+    send_all(loop, p.client.get(),
+             std::string("\x00"
+                         "abc",
+                         4));
+    ASSERT_TRUE(run_until(loop, [&] { return out.done; }));
+    try {
+        std::rethrow_exception(out.error);
+    } catch (const evmux::FrameError& e) {
+        EXPECT_EQ(e.kind(), evmux::FrameError::Kind::frame_too_large);
+        EXPECT_EQ(e.size(), 2097152u);
+        EXPECT_STREQ(e.what(),
+                     "evmux: frame of 2097152 bytes over the limit of 1048576 (u32_be length "
+                     "prefix)");
+    } catch (...) {
+        ADD_FAILURE() << "not a FrameError";
+    }
+    // Unread: the stream is as it was, prefix first.
+    EXPECT_EQ(run_task(loop,
+                       [](Stream& s) -> Task<std::string> {
+                           co_return co_await s.read_exactly(7);
+                       }(p.server)),
+              std::string("\x00\x20\x00\x00"
+                          "abc",
+                          7));
+}
+
+TEST(CoroStream, AReadFrameCancelledWhileWaitingLeavesItsBytesForTheNextRead) {
+    EVMUX_LOOP_OR_SKIP(loop);
+    Pair p(loop);
+    auto one = [](Stream& s) -> Task<std::optional<std::string>> {
+        co_return co_await s.read_frame(evmux::Prefix::u16_be, 100);
+    };
+    const std::string wire = evmux::frame(evmux::Prefix::u16_be, "hello, frames");
+    {
+        Task<std::optional<std::string>> t = one(p.server);
+        start_owned(t);
+        send_all(loop, p.client.get(), wire.substr(0, 1));  // half the prefix
+        for (int i = 0; i < 3; ++i) loop.run_once(5ms);
+        EXPECT_FALSE(t.done());
+    }
+    {
+        Task<std::optional<std::string>> t = one(p.server);
+        start_owned(t);
+        send_all(loop, p.client.get(), wire.substr(1, 6));  // the prefix's rest and "hello"
+        for (int i = 0; i < 3; ++i) loop.run_once(5ms);
+        EXPECT_FALSE(t.done());
+    }  // destroyed with the prefix and part of the payload taken: all given back
+    send_all(loop, p.client.get(), wire.substr(7));
+    EXPECT_EQ(run_task(loop, one(p.server)), std::optional<std::string>("hello, frames"));
+}
+
 TEST(CoroStream, ReadSomeAtEndOfStreamIsEmpty) {
     EVMUX_LOOP_OR_SKIP(loop);
     Pair p(loop);

@@ -42,6 +42,10 @@ class FrameError : public std::runtime_error {
     /// `what` is the message; `size` and `limit` as size() and limit().
     FrameError(Kind kind, std::size_t size, std::size_t limit, const std::string& what)
         : std::runtime_error(what), kind_(kind), size_(size), limit_(limit) {}
+    /// frame_too_large for a `prefix` announcing `size` bytes over `limit`:
+    /// "evmux: frame of 2097152 bytes over the limit of 1048576 (u32_be length
+    /// prefix)" (take_frame()'s, and coro::Stream::read_frame()'s).
+    static FrameError too_large(std::size_t size, std::size_t limit, Prefix prefix);
     /// Which limit was passed.
     Kind kind() const noexcept { return kind_; }
     /// line_too_long: the bytes held without a line end; frame_too_large: the

@@ -1087,8 +1087,9 @@ class AcceptorClosed : public std::system_error {
 /// "read_exactly: end of stream after 3 of 10 bytes".
 class IncompleteRead : public std::runtime_error {
   public:
-    /// `got` of `wanted` bytes had arrived.
-    IncompleteRead(std::size_t got, std::size_t wanted);
+    /// `got` of `wanted` bytes had arrived, in `operation` ("read_exactly",
+    /// "read_frame").
+    IncompleteRead(std::size_t got, std::size_t wanted, const char* operation = "read_exactly");
     /// Bytes read before the end (they are lost to the caller of the
     /// string-returning read_exactly; in the span form they are its first bytes).
     std::size_t got() const noexcept { return got_; }
@@ -1165,7 +1166,7 @@ struct StreamCore {
 // registered in the core while it waits; the core fills it and resumes the
 // coroutine; destroyed while waiting, it unregisters.
 struct ReadWait {
-    enum class Kind : std::uint8_t { view, some, exactly, line };
+    enum class Kind : std::uint8_t { view, some, exactly, line, frame };
     enum class Status : std::uint8_t { pending, done, eof, closed, too_long };
 
     ReadWait(StreamCore* stream, Kind wanted) noexcept : core(stream), kind(wanted) {}
@@ -1206,10 +1207,13 @@ struct ReadWait {
 
     StreamCore* core;
     std::coroutine_handle<> waiting;
-    const char* data = nullptr;  // view: the bytes; some, exactly: where to (as char*)
-    std::size_t cap = 0;         // some, exactly: room; line: the max
-    std::size_t got = 0;         // bytes delivered so far
-    std::string* line = nullptr;
+    const char* data = nullptr;   // view: the bytes; some, exactly: where to (as char*)
+    std::size_t cap = 0;          // some, exactly: room; line: the max
+    std::size_t got = 0;          // bytes delivered so far (a frame's: its prefix's too)
+    std::string* line = nullptr;  // line: the line; frame: the payload
+    std::size_t want = 0;         // frame: the payload's size, once its prefix is in
+    std::uint8_t head_len = 0;    // frame: the prefix's size
+    char head[4] = {};            // frame: the prefix's bytes
     Kind kind;
     Status status = Status::pending;
     bool registered = false;
@@ -1328,6 +1332,23 @@ struct ReadLine : ReadWait {
     std::string text;
 };
 
+// read_frame(prefix, max).
+struct ReadFrame : ReadWait {
+    ReadFrame(StreamCore* stream, Prefix prefix, std::size_t max) noexcept
+        : ReadWait(stream, Kind::frame) {
+        line = &payload;
+        cap = max;
+        head_len = prefix == Prefix::u16_be ? 2 : 4;
+    }
+    ReadFrame(const ReadFrame&) = delete;
+    ReadFrame& operator=(const ReadFrame&) = delete;
+    ~ReadFrame() {
+        if (registered) abandon();
+    }
+    std::optional<std::string> await_resume();
+    std::string payload;
+};
+
 // The wiring of stream connections: the callbacks that every stream's
 // connection gets (they find the stream in the connection's state slot).
 Callbacks stream_callbacks();
@@ -1408,6 +1429,20 @@ class Stream {
     /// empty, and what it had taken is the stream's next input.
     detail::ReadLineInto read_line(std::string& into, std::size_t max = default_max_line) {
         return detail::ReadLineInto(core_for("read_line"), into, max);
+    }
+    /// `std::optional<std::string> f = co_await s.read_frame(Prefix::u32_be,
+    /// 1 << 20);`: the payload of the next length-prefixed frame (the prefix
+    /// as Buffer::take_frame() reads it; write one with `s.write(frame(prefix,
+    /// payload))`); nothing at the end of the stream between frames,
+    /// IncompleteRead ("read_frame: end of stream after 7 of 14 bytes", the
+    /// prefix counted) inside one. A prefix announcing more than `max_size`
+    /// throws FrameError (frame_too_large, take_frame()'s text) as soon as it
+    /// is in, and leaves the prefix unread, so the stream is as it was: close
+    /// it. Cancelled (timed out), the bytes it had taken are the stream's
+    /// next input. The payload grows as it arrives (a prefix alone allocates
+    /// nothing).
+    detail::ReadFrame read_frame(Prefix prefix, std::size_t max_size) {
+        return detail::ReadFrame(core_for("read_frame"), prefix, max_size);
     }
 
     // ---- writing ----------------------------------------------------------------
