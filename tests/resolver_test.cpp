@@ -951,6 +951,20 @@ struct CoroConnected {
     std::string what;
 };
 
+/// The exception being handled, recorded: a std::system_error's code and
+/// text, any other's text after "other: ".
+template <class Out>
+void record_exception(Out* out) {
+    try {
+        throw;
+    } catch (const std::system_error& e) {
+        out->ec = e.code();
+        out->what = e.what();
+    } catch (const std::exception& e) {
+        out->what = std::string("other: ") + e.what();
+    }
+}
+
 coro::Task<void> connect_and_echo(EventLoop& loop, std::string target, ConnectOptions options,
                                   CoroConnected* out) {
     try {
@@ -958,11 +972,8 @@ coro::Task<void> connect_and_echo(EventLoop& loop, std::string target, ConnectOp
         out->peer = s.connection()->peer_address();
         co_await s.write("ping\n");
         out->echoed = co_await s.read_line();
-    } catch (const std::system_error& e) {
-        out->ec = e.code();
-        out->what = e.what();
-    } catch (const std::exception& e) {
-        out->what = std::string("other: ") + e.what();
+    } catch (...) {
+        record_exception(out);
     }
     out->done = true;
 }
@@ -1086,11 +1097,8 @@ template <class Lookup>
 coro::Task<void> resolve_into(Lookup lookup, CoroResolved* out) {
     try {
         for (const Address& a : co_await lookup()) out->addresses.push_back(a.to_string());
-    } catch (const std::system_error& e) {
-        out->ec = e.code();
-        out->what = e.what();
-    } catch (const std::exception& e) {
-        out->what = std::string("other: ") + e.what();
+    } catch (...) {
+        record_exception(out);
     }
     out->done = true;
 }
@@ -1159,9 +1167,8 @@ TEST(CoroResolve, ATimeoutOrTheTasksEndCancelsTheLookup) {
     coro::spawn(loop, [](EventLoop& l, Resolver& r, CoroResolved* out) -> coro::Task<void> {
         try {
             co_await coro::with_timeout(l, 100ms, coro::resolve(r, "one.test", "80"));
-        } catch (const std::system_error& e) {
-            out->ec = e.code();
-            out->what = e.what();
+        } catch (...) {
+            record_exception(out);
         }
         out->done = true;
     }(loop, resolver, &timed));
