@@ -639,240 +639,6 @@ bool leave_wait(WaitNode* w) noexcept;
 
 }  // namespace detail
 
-/// A FIFO queue between coroutines on one loop (asyncio.Queue): `co_await
-/// q.put(v)` waits while the queue holds max_size() items; `T v = co_await
-/// q.get()` waits while it is empty. Waiters are served in the order they
-/// came, a value put while a get() waits goes straight to it, and a waiting
-/// task is resumed from the loop (a zero timer), never inside the put() or
-/// get() that woke it. close() ends it: waiting and later put()s throw
-/// QueueClosed, get()s return what is left and then throw QueueClosed;
-/// destroying the queue closes it. A task destroyed while it waits in get()
-/// (a with_timeout(), when_all() or when_any() that gave up on it) takes
-/// nothing: a value handed to it and not yet received goes to the next
-/// waiting get(), or back to the front; a put() whose value went in stays
-/// put. (Under when_any(), a get() that received its value in the turn
-/// another task won in ran on and its task is destroyed with the value:
-/// with_timeout() has no such race, it ends the wait at once.) task_done()
-/// and join() count the items through to their end, as asyncio's do. Loop
-/// thread only; from another thread, EventLoop::post() a try_put(). Not
-/// copyable or movable.
-template <class T>
-class Queue {
-    static_assert(std::is_move_constructible_v<T>, "evmux::coro::Queue<T>: T must be movable");
-
-  public:
-    /// A queue on `loop` of at most `max_size` items; 0: unbounded (put()
-    /// never waits).
-    explicit Queue(EventLoop& loop, std::size_t max_size = 0) noexcept
-        : loop_(loop), max_size_(max_size) {}
-    Queue(const Queue&) = delete;
-    Queue& operator=(const Queue&) = delete;
-    /// Closes the queue (see close()) and lets its waiters go: each is
-    /// resumed from the loop, as by close(), and touches the queue no more.
-    ~Queue() {
-        close();
-        while (detail::WaitNode* w = woken_.head) {
-            woken_.remove(w);  // its timer stays: it resumes as woken
-            static_cast<Waiter*>(w)->queue = nullptr;
-        }
-        wake_joiners();
-        while (detail::WaitNode* w = joiners_woken_.head) joiners_woken_.remove(w);
-    }
-
-    /// `co_await q.put(std::move(v))`: v goes to the first waiting get(), or
-    /// to the back of the queue, waiting while it is full. QueueClosed if the
-    /// queue is closed (then, or while waiting: v is not put).
-    [[nodiscard]] auto put(T value) { return PutAwaiter(*this, std::move(value)); }
-    /// `T v = co_await q.get()`: the front item, waiting while there is none.
-    /// QueueClosed once the queue is closed and empty.
-    [[nodiscard]] auto get() { return GetAwaiter(*this); }
-
-    /// put() without waiting (asyncio's put_nowait()): false if the queue is
-    /// full (`value` is left as it was); QueueClosed if it is closed.
-    bool try_put(T&& value) {
-        if (closed_) throw QueueClosed();
-        if (!getters_.empty()) {
-            hand(std::move(value));
-        } else {
-            if (full()) return false;
-            items_.push_back(std::move(value));
-        }
-        ++unfinished_;
-        return true;
-    }
-    /// try_put() of a copy.
-    bool try_put(const T& value) {
-        if (full() && getters_.empty() && !closed_) return false;
-        return try_put(T(value));
-    }
-    /// get() without waiting (asyncio's get_nowait()): the front item, or
-    /// nothing if the queue is empty; QueueClosed if it is closed and empty.
-    std::optional<T> try_get() {
-        if (items_.empty()) {
-            if (closed_) throw QueueClosed();
-            return std::nullopt;
-        }
-        return take();
-    }
-
-    /// No more put()s: every waiting put() and, the queue being empty then,
-    /// every waiting get() throws QueueClosed (resumed from the loop); the
-    /// items in it can still be got. Idempotent.
-    void close() {
-        closed_ = true;
-        while (getters_.head) wake(getters_.head);
-        while (putters_.head) wake(putters_.head);
-    }
-
-    /// An item got from the queue has been dealt with (asyncio's
-    /// task_done()): when every item put has been, join() returns.
-    /// std::logic_error if called more often than items were put.
-    void task_done() {
-        if (unfinished_ == 0)
-            throw std::logic_error(
-                "evmux::coro::Queue::task_done(): called more times than items were put");
-        if (--unfinished_ == 0) wake_joiners();
-    }
-    /// `co_await q.join()`: until task_done() has been called for every item
-    /// put (at once if there is none); asyncio's join(). Waiters resumed from
-    /// the loop; the queue's destruction lets them go too.
-    [[nodiscard]] auto join() { return JoinAwaiter(*this); }
-    /// Items put and not yet marked task_done().
-    std::size_t unfinished() const noexcept { return unfinished_; }
-
-    /// True once close() has been called.
-    bool closed() const noexcept { return closed_; }
-    /// Items in the queue (not counting values on their way to a woken get()).
-    std::size_t size() const noexcept { return items_.size(); }
-    /// True if it holds no items.
-    bool empty() const noexcept { return items_.empty(); }
-    /// True if it holds max_size() items (never, unbounded).
-    bool full() const noexcept { return max_size_ != 0 && items_.size() >= max_size_; }
-    /// The bound given; 0: unbounded.
-    std::size_t max_size() const noexcept { return max_size_; }
-
-  private:
-    struct Waiter : detail::WaitNode {
-        Queue* queue;           // null once the queue is gone
-        std::optional<T> item;  // get(): handed to it; put(): what it puts
-        bool getter;            // a get()'s, not a put()'s
-        bool done = false;      // put(): its item went into the queue
-        Waiter(Queue& q, bool get) : queue(&q), getter(get) { loop = &q.loop_; }
-        Waiter(const Waiter&) = delete;
-        Waiter& operator=(const Waiter&) = delete;
-        // Destroyed while waiting: out of the queue. A get() woken with a
-        // value it never received gives it back.
-        ~Waiter() {
-            if (detail::leave_wait(this) && getter && queue && item)
-                queue->give_back(std::move(*item));
-        }
-        void await_suspend(std::coroutine_handle<> h, detail::WaitList& into) {
-            waiting = h;
-            into.push_back(this);
-        }
-    };
-
-    struct PutAwaiter : Waiter {
-        PutAwaiter(Queue& q, T&& value) : Waiter(q, false) { this->item.emplace(std::move(value)); }
-        // Closed: at once, to throw. Else try_put(), which takes the value
-        // only when it succeeds; a full queue waits.
-        bool await_ready() {
-            Queue& q = *this->queue;
-            if (q.closed_) return true;
-            this->done = q.try_put(std::move(*this->item));
-            return this->done;
-        }
-        void await_suspend(std::coroutine_handle<> h) {
-            Waiter::await_suspend(h, this->queue->putters_);
-        }
-        void await_resume() {
-            detail::leave_wait(this);
-            if (!this->done) throw QueueClosed();
-        }
-    };
-
-    struct JoinAwaiter : detail::WaitNode {
-        Queue& q;
-        explicit JoinAwaiter(Queue& queue) noexcept : q(queue) { loop = &queue.loop_; }
-        JoinAwaiter(const JoinAwaiter&) = delete;
-        JoinAwaiter& operator=(const JoinAwaiter&) = delete;
-        ~JoinAwaiter() { detail::leave_wait(this); }
-        bool await_ready() const noexcept { return q.unfinished_ == 0; }
-        void await_suspend(std::coroutine_handle<> h) {
-            waiting = h;
-            q.joiners_.push_back(this);
-        }
-        void await_resume() noexcept { detail::leave_wait(this); }
-    };
-
-    struct GetAwaiter : Waiter {
-        explicit GetAwaiter(Queue& q) : Waiter(q, true) {}
-        bool await_ready() {
-            Queue& q = *this->queue;
-            if (!q.items_.empty()) this->item.emplace(q.take());
-            return this->item || q.closed_;
-        }
-        void await_suspend(std::coroutine_handle<> h) {
-            Waiter::await_suspend(h, this->queue->getters_);
-        }
-        T await_resume() {
-            detail::leave_wait(this);
-            if (!this->item) throw QueueClosed();
-            T value = std::move(*this->item);
-            this->item.reset();
-            return value;
-        }
-    };
-
-    // The front item; a waiting put() moves up into the room made.
-    T take() {
-        T value = std::move(items_.front());
-        items_.pop_front();
-        if (putters_.head) {
-            auto* p = static_cast<Waiter*>(putters_.head);
-            items_.push_back(std::move(*p->item));
-            p->done = true;
-            ++unfinished_;
-            wake(p);
-        }
-        return value;
-    }
-    // `value` to the first waiting get().
-    void hand(T&& value) {
-        auto* g = static_cast<Waiter*>(getters_.head);
-        g->item.emplace(std::move(value));
-        wake(g);
-    }
-    // A woken get() went without its value: to the next one, or to the front.
-    void give_back(T&& value) {
-        if (!getters_.empty())
-            hand(std::move(value));
-        else
-            items_.push_front(std::move(value));
-    }
-    void wake(detail::WaitNode* w) {
-        w->list->remove(w);
-        detail::wake_from_loop(w, woken_);
-    }
-    void wake_joiners() {
-        while (detail::WaitNode* w = joiners_.head) {
-            joiners_.remove(w);
-            detail::wake_from_loop(w, joiners_woken_);
-        }
-    }
-
-    EventLoop& loop_;
-    std::size_t max_size_;
-    std::deque<T> items_;
-    detail::WaitList getters_;
-    detail::WaitList putters_;
-    detail::WaitList woken_;
-    detail::WaitList joiners_;        // in join()
-    detail::WaitList joiners_woken_;  // woken, not yet resumed
-    std::size_t unfinished_ = 0;      // put, not yet task_done()
-    bool closed_ = false;
-};
-
 /// A flag tasks can wait for (asyncio's Event): `co_await ev.wait()` returns
 /// at once if the event is set, else when set() is called; clear() unsets it
 /// for later waits. Every waiter set() wakes is resumed from the loop (a zero
@@ -927,6 +693,223 @@ class Event {
     detail::WaitList waiters_;
     detail::WaitList woken_;
     bool set_ = false;
+};
+
+/// A FIFO queue between coroutines on one loop (asyncio.Queue): `co_await
+/// q.put(v)` waits while the queue holds max_size() items; `T v = co_await
+/// q.get()` waits while it is empty. Waiters are served in the order they
+/// came, a value put while a get() waits goes straight to it, and a waiting
+/// task is resumed from the loop (a zero timer), never inside the put() or
+/// get() that woke it. close() ends it: waiting and later put()s throw
+/// QueueClosed, get()s return what is left and then throw QueueClosed;
+/// destroying the queue closes it. A task destroyed while it waits in get()
+/// (a with_timeout(), when_all() or when_any() that gave up on it) takes
+/// nothing: a value handed to it and not yet received goes to the next
+/// waiting get(), or back to the front; a put() whose value went in stays
+/// put. (Under when_any(), a get() that received its value in the turn
+/// another task won in ran on and its task is destroyed with the value:
+/// with_timeout() has no such race, it ends the wait at once.) task_done()
+/// and join() count the items through to their end, as asyncio's do. Loop
+/// thread only; from another thread, EventLoop::post() a try_put(). Not
+/// copyable or movable.
+template <class T>
+class Queue {
+    static_assert(std::is_move_constructible_v<T>, "evmux::coro::Queue<T>: T must be movable");
+
+  public:
+    /// A queue on `loop` of at most `max_size` items; 0: unbounded (put()
+    /// never waits).
+    explicit Queue(EventLoop& loop, std::size_t max_size = 0) noexcept
+        : loop_(loop), max_size_(max_size), finished_(loop) {
+        finished_.set();  // nothing put: join() returns at once (no waiter to wake)
+    }
+    Queue(const Queue&) = delete;
+    Queue& operator=(const Queue&) = delete;
+    /// Closes the queue (see close()) and lets its waiters go: each is
+    /// resumed from the loop, as by close(), and touches the queue no more.
+    ~Queue() {
+        close();
+        while (detail::WaitNode* w = woken_.head) {
+            woken_.remove(w);  // its timer stays: it resumes as woken
+            static_cast<Waiter*>(w)->queue = nullptr;
+        }
+    }  // finished_'s destruction lets the tasks in join() go
+
+    /// `co_await q.put(std::move(v))`: v goes to the first waiting get(), or
+    /// to the back of the queue, waiting while it is full. QueueClosed if the
+    /// queue is closed (then, or while waiting: v is not put).
+    [[nodiscard]] auto put(T value) { return PutAwaiter(*this, std::move(value)); }
+    /// `T v = co_await q.get()`: the front item, waiting while there is none.
+    /// QueueClosed once the queue is closed and empty.
+    [[nodiscard]] auto get() { return GetAwaiter(*this); }
+
+    /// put() without waiting (asyncio's put_nowait()): false if the queue is
+    /// full (`value` is left as it was); QueueClosed if it is closed.
+    bool try_put(T&& value) {
+        if (closed_) throw QueueClosed();
+        if (!getters_.empty()) {
+            hand(std::move(value));
+        } else {
+            if (full()) return false;
+            items_.push_back(std::move(value));
+        }
+        count_put();
+        return true;
+    }
+    /// try_put() of a copy.
+    bool try_put(const T& value) {
+        if (full() && getters_.empty() && !closed_) return false;
+        return try_put(T(value));
+    }
+    /// get() without waiting (asyncio's get_nowait()): the front item, or
+    /// nothing if the queue is empty; QueueClosed if it is closed and empty.
+    std::optional<T> try_get() {
+        if (items_.empty()) {
+            if (closed_) throw QueueClosed();
+            return std::nullopt;
+        }
+        return take();
+    }
+
+    /// No more put()s: every waiting put() and, the queue being empty then,
+    /// every waiting get() throws QueueClosed (resumed from the loop); the
+    /// items in it can still be got. Idempotent.
+    void close() {
+        closed_ = true;
+        while (getters_.head) wake(getters_.head);
+        while (putters_.head) wake(putters_.head);
+    }
+
+    /// An item got from the queue has been dealt with (asyncio's
+    /// task_done()): when every item put has been, join() returns.
+    /// std::logic_error if called more often than items were put.
+    void task_done() {
+        if (unfinished_ == 0)
+            throw std::logic_error(
+                "evmux::coro::Queue::task_done(): called more times than items were put");
+        if (--unfinished_ == 0) finished_.set();
+    }
+    /// `co_await q.join()`: until task_done() has been called for every item
+    /// put (at once if there is none); asyncio's join(). Waiters resumed from
+    /// the loop; the queue's destruction lets them go too.
+    [[nodiscard]] auto join() { return finished_.wait(); }
+    /// Items put and not yet marked task_done().
+    std::size_t unfinished() const noexcept { return unfinished_; }
+
+    /// True once close() has been called.
+    bool closed() const noexcept { return closed_; }
+    /// Items in the queue (not counting values on their way to a woken get()).
+    std::size_t size() const noexcept { return items_.size(); }
+    /// True if it holds no items.
+    bool empty() const noexcept { return items_.empty(); }
+    /// True if it holds max_size() items (never, unbounded).
+    bool full() const noexcept { return max_size_ != 0 && items_.size() >= max_size_; }
+    /// The bound given; 0: unbounded.
+    std::size_t max_size() const noexcept { return max_size_; }
+
+  private:
+    struct Waiter : detail::WaitNode {
+        Queue* queue;           // null once the queue is gone
+        std::optional<T> item;  // get(): handed to it; put(): what it puts
+        bool getter;            // a get()'s, not a put()'s
+        bool done = false;      // put(): its item went into the queue
+        Waiter(Queue& q, bool get) : queue(&q), getter(get) { loop = &q.loop_; }
+        Waiter(const Waiter&) = delete;
+        Waiter& operator=(const Waiter&) = delete;
+        // Destroyed while waiting: out of the queue. A get() woken with a
+        // value it never received gives it back.
+        ~Waiter() {
+            if (detail::leave_wait(this) && getter && queue && item)
+                queue->give_back(std::move(*item));
+        }
+        void await_suspend(std::coroutine_handle<> h, detail::WaitList& into) {
+            waiting = h;
+            into.push_back(this);
+        }
+    };
+
+    struct PutAwaiter : Waiter {
+        PutAwaiter(Queue& q, T&& value) : Waiter(q, false) { this->item.emplace(std::move(value)); }
+        // Closed: at once, to throw. Else try_put(), which takes the value
+        // only when it succeeds; a full queue waits.
+        bool await_ready() {
+            Queue& q = *this->queue;
+            if (q.closed_) return true;
+            this->done = q.try_put(std::move(*this->item));
+            return this->done;
+        }
+        void await_suspend(std::coroutine_handle<> h) {
+            Waiter::await_suspend(h, this->queue->putters_);
+        }
+        void await_resume() {
+            detail::leave_wait(this);
+            if (!this->done) throw QueueClosed();
+        }
+    };
+
+    struct GetAwaiter : Waiter {
+        explicit GetAwaiter(Queue& q) : Waiter(q, true) {}
+        bool await_ready() {
+            Queue& q = *this->queue;
+            if (!q.items_.empty()) this->item.emplace(q.take());
+            return this->item || q.closed_;
+        }
+        void await_suspend(std::coroutine_handle<> h) {
+            Waiter::await_suspend(h, this->queue->getters_);
+        }
+        T await_resume() {
+            detail::leave_wait(this);
+            if (!this->item) throw QueueClosed();
+            T value = std::move(*this->item);
+            this->item.reset();
+            return value;
+        }
+    };
+
+    // The front item; a waiting put() moves up into the room made.
+    T take() {
+        T value = std::move(items_.front());
+        items_.pop_front();
+        if (putters_.head) {
+            auto* p = static_cast<Waiter*>(putters_.head);
+            items_.push_back(std::move(*p->item));
+            p->done = true;
+            count_put();
+            wake(p);
+        }
+        return value;
+    }
+    // `value` to the first waiting get().
+    void hand(T&& value) {
+        auto* g = static_cast<Waiter*>(getters_.head);
+        g->item.emplace(std::move(value));
+        wake(g);
+    }
+    // A woken get() went without its value: to the next one, or to the front.
+    void give_back(T&& value) {
+        if (!getters_.empty())
+            hand(std::move(value));
+        else
+            items_.push_front(std::move(value));
+    }
+    void wake(detail::WaitNode* w) {
+        w->list->remove(w);
+        detail::wake_from_loop(w, woken_);
+    }
+    // An item went in: join() waits for it (asyncio's _finished event).
+    void count_put() noexcept {
+        if (unfinished_++ == 0) finished_.clear();
+    }
+
+    EventLoop& loop_;
+    std::size_t max_size_;
+    std::deque<T> items_;
+    detail::WaitList getters_;
+    detail::WaitList putters_;
+    detail::WaitList woken_;
+    Event finished_;              // set while unfinished_ is 0: join()'s
+    std::size_t unfinished_ = 0;  // put, not yet task_done()
+    bool closed_ = false;
 };
 
 // ---- semaphores --------------------------------------------------------------------
